@@ -1,0 +1,328 @@
+"""The hefeat command line: parse, call one public function, render a summary or --json."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from hefeat.errors import HefeatError
+
+STORE_HELP = "Store directory (default: $HEFEAT_STORE or stores/default)."
+
+
+class HefeatGroup(click.Group):
+    """Turns library errors into one-line click errors, in one place."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HefeatError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def store_option(f):
+    """--store PATH on every command."""
+    return click.option("--store", "store_path", default=None, envvar="HEFEAT_STORE", help=STORE_HELP)(f)
+
+
+def json_option(f):
+    """--json: print the summary as one JSON object."""
+    return click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")(f)
+
+
+def _store(path: str | None, *, create: bool = False):
+    from hefeat.store.catalog import DEFAULT_STORE, Store, open_store
+
+    if create:
+        return Store.init(path or DEFAULT_STORE)
+    return open_store(path)
+
+
+def emit(summary: dict, as_json: bool, text: str) -> None:
+    """Print a summary paragraph, or the summary as JSON."""
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(text)
+
+
+def _progress(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+def _run_text(s: dict, what: str) -> str:
+    parts = [f"{what}: {s['ok']} slides done, {s['already_done']} already done, {len(s['skipped'])} skipped, "
+             f"{len(s['failed'])} failed; {s['tiles']} tiles in {s['seconds']:.1f} s ({s['tiles_per_s']:.0f} tiles/s)."]
+    for sid, why in list(s["failed"].items())[:10]:
+        parts.append(f"  failed {sid}: {why}")
+    for sid, why in list(s["skipped"].items())[:10]:
+        parts.append(f"  skipped {sid}: {why}")
+    return "\n".join(parts)
+
+
+@click.group(cls=HefeatGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hefeat")
+def main():
+    """hefeat: H&E slides to a feature store, and the models fitted from it.
+
+    \b
+    Example:
+      hefeat demo                 # synthetic cohort -> stores/default, end to end
+      hefeat status               # what the store holds
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--slides", "n_slides", default=24, show_default=True, help="Number of slides.")
+@click.option("--genes", "n_genes", default=200, show_default=True, help="Number of genes.")
+@click.option("--signal-share", default=0.3, show_default=True, help="Share of genes driven by tissue composition.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--width-um", default=1600.0, show_default=True)
+@click.option("--height-um", default=1200.0, show_default=True)
+@json_option
+def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, as_json):
+    """Write a synthetic H&E cohort with known ground truth.
+
+    \b
+    Example:
+      hefeat synth data/demo --slides 24 --seed 0
+    """
+    from hefeat.slides.synth import make_cohort
+
+    s = make_cohort(out, n_slides=n_slides, n_genes=n_genes, signal_share=signal_share, seed=seed,
+                    width_um=width_um, height_um=height_um, progress=_progress(as_json))
+    emit(s, as_json, f"Wrote {s['slides']} slides ({s['patients']} patients), {s['genes']} genes "
+         f"({s['signal_genes']} signal), {s['spots']} spots and truth.json to {s['out']}.")
+
+
+@main.command()
+@store_option
+@json_option
+def init(store_path, as_json):
+    """Create a store (DuckDB catalog + folders); safe to repeat.
+
+    \b
+    Example:
+      hefeat init --store stores/brca
+    """
+    st = _store(store_path, create=True)
+    emit({"store": str(st.root)}, as_json, f"Store ready at {st.root}.")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.group()
+def ingest():
+    """Bring slides, expression, clinical data or spots into the store."""
+
+
+@ingest.command("slides")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--mpp", type=float, default=None, help="Level-0 µm/px for slides that state none.")
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None,
+              help="CSV with path or slide_id, and optional patient_id, site, mpp.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first bad slide.")
+@store_option
+@json_option
+def ingest_slides_cmd(paths, mpp, manifest, fail_fast, store_path, as_json):
+    """Register slide files (any format OpenSlide reads).
+
+    \b
+    Example:
+      hefeat ingest slides data/demo/slides/*.tiff
+      hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.499
+    """
+    from hefeat.store.ingest import ingest_slides
+
+    rep = ingest_slides(_store(store_path), list(paths), mpp=mpp, manifest=manifest, fail_fast=fail_fast,
+                        progress=_progress(as_json))
+    d = rep.to_dict()
+    text = f"Ingested {d['added']} slides ({d['unchanged']} already there, {len(d['failed'])} failed)."
+    for p, why in rep.failed.items():
+        text += f"\n  failed {p}: {why}"
+    emit(d, as_json, text)
+    if rep.failed and not rep.added and not rep.unchanged:
+        sys.exit(1)
+
+
+def _table_ingest(kind: str):
+    def cmd(path, store_path, as_json, allow_unmatched, **kw):
+        from hefeat.store import ingest as ing
+
+        fn = {"expression": ing.ingest_expression, "clinical": ing.ingest_clinical, "spots": ing.ingest_spots}[kind]
+        rep = fn(_store(store_path), path, allow_unmatched=allow_unmatched, **kw)
+        d = rep.to_dict()
+        note = f" {len(rep.unmatched)} ids matched no slide: {', '.join(rep.unmatched[:8])}." if rep.unmatched else ""
+        state = "unchanged (already ingested)" if rep.unchanged else f"{d['rows']} rows"
+        emit(d, as_json, f"Ingested {kind} from {path}: {state}.{note}")
+
+    return cmd
+
+
+@ingest.command("expression")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--dataset", default="expression", show_default=True, help="Name of this target table.")
+@click.option("--sample-col", default=None, help="Sample id column of a wide table (default: first column).")
+@click.option("--allow-unmatched", is_flag=True, help="Keep samples that match no slide (reported).")
+@store_option
+@json_option
+def ingest_expression_cmd(path, dataset, sample_col, allow_unmatched, store_path, as_json):
+    """Ingest bulk expression: wide samples x genes (CSV/TSV/Parquet) or long sample_id,gene,value.
+
+    \b
+    Example:
+      hefeat ingest expression data/demo/expression.parquet
+    """
+    _table_ingest("expression")(path, store_path, as_json, allow_unmatched, dataset=dataset, sample_col=sample_col)
+
+
+@ingest.command("clinical")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--allow-unmatched", is_flag=True)
+@store_option
+@json_option
+def ingest_clinical_cmd(path, allow_unmatched, store_path, as_json):
+    """Ingest a clinical table keyed by slide_id or patient_id (any other columns).
+
+    \b
+    Example:
+      hefeat ingest clinical data/demo/clinical.csv
+    """
+    _table_ingest("clinical")(path, store_path, as_json, allow_unmatched)
+
+
+@ingest.command("spots")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--allow-unmatched", is_flag=True)
+@store_option
+@json_option
+def ingest_spots_cmd(path, allow_unmatched, store_path, as_json):
+    """Ingest spatial spots: slide_id, spot_id, x, y (level-0 px) and one count column per gene.
+
+    \b
+    Example:
+      hefeat ingest spots data/demo/spots.parquet
+    """
+    _table_ingest("spots")(path, store_path, as_json, allow_unmatched)
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Target µm/px of the tiles.")
+@click.option("--size", type=int, default=224, show_default=True, help="Tile side in pixels at --mpp.")
+@click.option("--stride", type=int, default=None, help="Grid step in pixels at --mpp (default: --size).")
+@click.option("--tissue-threshold", type=float, default=None, help="Minimum Otsu tissue share per tile (default 0.5).")
+@click.option("--background", type=click.Choice(["otsu", "mean-rgb", "density"]), default=None,
+              help="Tile rule: otsu tissue share; mean-rgb (HE2RNA/PathoMCH); density top-N (Ektefaie).")
+@click.option("--max-background", type=float, default=None, help="mean-rgb rule: largest background share kept.")
+@click.option("--top-n", type=int, default=None, help="density rule: tiles kept per slide (default 200).")
+@click.option("--max-tiles", type=int, default=None, help="Random sample of at most N tiles per slide.")
+@click.option("--seed", type=int, default=None, help="Seed of the --max-tiles sample (recorded).")
+@click.option("--spots", is_flag=True, help="Spot-centred patches for slides that have spots.")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: all).")
+@click.option("--shard", default=None, help="I/N: this process tiles its share of the slides.")
+@click.option("--fail-fast", is_flag=True)
+@store_option
+@json_option
+def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n, max_tiles, seed, spots, slides,
+         shard, fail_fast, store_path, as_json):
+    """Tile every slide at a physical resolution, with QC columns per tile.
+
+    \b
+    Example:
+      hefeat tile --mpp 0.5 --size 224
+      hefeat tile --mpp 0.5 --size 224 --spots
+      hefeat tile --background density --top-n 200      # Ektefaie et al.
+    """
+    from hefeat.slides.run import run_tiling
+    from hefeat.slides.tiling import TilingParams
+
+    given = {"mpp": mpp, "size": size, "stride": stride, "tissue_threshold": tissue_threshold,
+             "background": background, "max_background": max_background, "top_n": top_n,
+             "max_tiles": max_tiles, "seed": seed, "spots": spots}
+    params = TilingParams(**{k: v for k, v in given.items() if v is not None})
+    s = run_tiling(_store(store_path), params, slides=_split(slides), shard=shard, fail_fast=fail_fast,
+                   progress=_progress(as_json)).to_dict()
+    emit(s, as_json, _run_text(s, f"Tiling {s['tiling_id']}") + f"\nQuery them: hefeat sql \"SELECT * FROM tiles WHERE tiling_id = '{s['tiling_id']}'\"")
+    if s["failed"] and not s["ok"] and not s["already_done"]:
+        sys.exit(1)
+
+
+def _split(v: str | None) -> list[str] | None:
+    return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@store_option
+@json_option
+def status(store_path, as_json):
+    """What the store holds: slides, tilings, extractions, models, failures.
+
+    \b
+    Example:
+      hefeat status --json
+    """
+    from hefeat.store.summary import store_status
+
+    s = store_status(_store(store_path))
+    emit(s, as_json, s.pop("text"))
+
+
+@main.command()
+@click.argument("query")
+@click.option("--limit", default=50, show_default=True, help="Rows shown in the text output.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write all rows to .csv or .parquet.")
+@store_option
+@json_option
+def sql(query, limit, out, store_path, as_json):
+    """Run SQL over the catalog and its views (tiles, status, tilings, extractions, features_index, ...).
+
+    \b
+    Example:
+      hefeat sql "SELECT slide_id, count(*) n, avg(sharpness) FROM tiles GROUP BY 1 ORDER BY 1"
+    """
+    import pandas as pd
+
+    df = _store(store_path).sql(query)
+    if out:
+        (df.to_parquet if out.endswith(".parquet") else functools.partial(df.to_csv, index=False))(out)
+    if as_json:
+        click.echo(df.to_json(orient="records", date_format="iso"))
+    else:
+        with pd.option_context("display.max_columns", 30, "display.width", 160):
+            click.echo(df.head(limit).to_string(index=False) if len(df) else "(no rows)")
+        if len(df) > limit:
+            click.echo(f"... {len(df)} rows in all (showing {limit}; --out to save them)")
+
+
+@main.command()
+@click.option("--data", default="data/demo", show_default=True, help="Where the synthetic cohort is written.")
+@click.option("--slides", "n_slides", default=24, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--encoder", default=None, help="Encoder for the demo extraction (default: a truncated resnet18).")
+@store_option
+@json_option
+def demo(data, n_slides, seed, encoder, store_path, as_json):
+    """Run the whole pipeline end to end on a synthetic cohort into stores/default.
+
+    \b
+    Example:
+      hefeat demo
+    """
+    from hefeat.demo import run_demo
+
+    s = run_demo(data_dir=data, store=store_path, n_slides=n_slides, seed=seed, encoder=encoder,
+                 echo=None if as_json else click.echo)
+    emit(s, as_json, s.pop("text", "Demo done."))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(prog_name=Path(sys.argv[0]).name)

@@ -1,0 +1,1 @@
+"""Slides: reading at physical resolution, tissue, tiling, QC and synthetic cohorts."""

@@ -1,0 +1,172 @@
+"""Read whole-slide images at a physical resolution (µm/px) with OpenSlide."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hefeat.errors import HefeatError
+
+# Ordered places where a slide may state its resolution.
+MPP_KEYS = (
+    ("openslide.mpp-x", "openslide.mpp-y"),
+    ("aperio.MPP", "aperio.MPP"),
+    ("hamamatsu.XResolution", "hamamatsu.YResolution"),
+    ("philips.DICOM_PIXEL_SPACING", None),
+)
+_UNIT_TO_UM = {"centimeter": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
+
+
+@dataclass(frozen=True)
+class MPP:
+    """A slide's level-0 resolution in µm/px and where it came from."""
+
+    x: float
+    y: float
+    source: str
+
+
+def _mpp_from_properties(props: dict[str, str]) -> MPP | None:
+    for kx, ky in MPP_KEYS:
+        if kx not in props:
+            continue
+        try:
+            if kx == "philips.DICOM_PIXEL_SPACING":  # '"0.000243" "0.000243"' in mm
+                vals = [float(v.strip('"')) * 1e3 for v in props[kx].split()]
+                return MPP(vals[1], vals[0], kx)
+            x = float(props[kx])
+            y = float(props.get(ky, x))
+            if kx.startswith("hamamatsu") and x > 100:  # stored as px per cm
+                x, y = 1e4 / x, 1e4 / y
+        except (ValueError, IndexError, ZeroDivisionError):
+            continue
+        if x > 0 and y > 0 and math.isfinite(x):
+            return MPP(x, y, kx)
+    unit = props.get("tiff.ResolutionUnit", "").lower()
+    if "tiff.XResolution" in props and unit in _UNIT_TO_UM:
+        try:
+            rx = float(props["tiff.XResolution"])
+            ry = float(props.get("tiff.YResolution", rx))
+            if rx > 0 and ry > 0:
+                return MPP(_UNIT_TO_UM[unit] / rx, _UNIT_TO_UM[unit] / ry, "tiff.XResolution")
+        except ValueError:
+            pass
+    return None
+
+
+class Slide:
+    """A whole-slide image opened read-only; coordinates are level-0 pixels everywhere.
+
+    Parameters
+    ----------
+    path : path to any file OpenSlide reads.
+    mpp : override for the level-0 µm/px, used when the file states none (or to correct it).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, mpp: float | None = None):
+        import openslide
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise HefeatError(f"Slide file not found: {self.path}")
+        if self.path.is_dir():
+            raise HefeatError(f"Expected a slide file, got a directory: {self.path}")
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except Exception as e:  # OpenSlideUnsupportedFormatError, OpenSlideError, OSError
+            raise HefeatError(
+                f"OpenSlide cannot open {self.path.name}: {type(e).__name__}: {e}. "
+                "Is the file complete and in a format OpenSlide reads?"
+            ) from None
+        self.properties = dict(self._osr.properties)
+        found = _mpp_from_properties(self.properties)
+        if mpp is not None:
+            if not (mpp > 0):
+                raise HefeatError(f"--mpp must be a positive number of µm/px, got {mpp}")
+            self.mpp = MPP(float(mpp), float(mpp), "override")
+        elif found is not None:
+            self.mpp = found
+        else:
+            self.close()
+            keys = ", ".join(k for k, _ in MPP_KEYS) + ", tiff.XResolution"
+            raise HefeatError(
+                f"Slide {self.path.name} has no MPP (looked at {keys}). "
+                "Pass --mpp 0.25 (the level-0 µm/px) or add an mpp column to the --manifest CSV."
+            )
+        self.dimensions: tuple[int, int] = self._osr.dimensions
+        self.level_count: int = self._osr.level_count
+        self.level_dimensions = self._osr.level_dimensions
+        self.level_downsamples = self._osr.level_downsamples
+        self.vendor = self.properties.get("openslide.vendor", "unknown")
+        op = self.properties.get("openslide.objective-power")
+        self.objective_power = float(op) if op else None
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the OpenSlide handle."""
+        if getattr(self, "_osr", None) is not None:
+            self._osr.close()
+            self._osr = None
+
+    # -- geometry --------------------------------------------------------------------------
+    def level0_size(self, size_px: int, mpp: float) -> float:
+        """Level-0 pixels spanned by `size_px` pixels at `mpp` µm/px."""
+        return size_px * mpp / self.mpp.x
+
+    def best_level(self, mpp: float) -> int:
+        """Deepest pyramid level whose resolution is at least as fine as `mpp` (never upsample)."""
+        target = mpp / self.mpp.x
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= target * 1.001:
+                best = i
+        return best
+
+    # -- pixels ----------------------------------------------------------------------------
+    def read(self, x: float, y: float, size_px: int, mpp: float) -> np.ndarray:
+        """RGB uint8 array (size_px, size_px, 3) of the square at level-0 (x, y) seen at `mpp`.
+
+        Reads the best pyramid level and resizes with antialiasing; outside the slide is white.
+        """
+        level = self.best_level(mpp)
+        ds = self.level_downsamples[level]
+        size0 = self.level0_size(size_px, mpp)
+        n = max(1, int(round(size0 / ds)))
+        region = self._osr.read_region((int(round(x)), int(round(y))), level, (n, n))
+        img = _rgba_to_rgb(region)
+        if n != size_px:
+            img = img.resize((size_px, size_px), Image.Resampling.LANCZOS if n > size_px else Image.Resampling.BILINEAR)
+        return np.asarray(img)
+
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide as an RGB uint8 array at roughly `mpp` µm/px (exact scale: self.mpp.x * w0 / w)."""
+        w0, h0 = self.dimensions
+        scale = self.mpp.x / mpp
+        w, h = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
+        level = self.best_level(mpp)
+        lw, lh = self.level_dimensions[level]
+        region = self._osr.read_region((0, 0), level, (lw, lh))
+        img = _rgba_to_rgb(region)
+        if (lw, lh) != (w, h):
+            img = img.resize((w, h), Image.Resampling.BOX)
+        return np.asarray(img)
+
+
+def _rgba_to_rgb(region: Image.Image) -> Image.Image:
+    """Composite OpenSlide's premultiplied RGBA on white (transparent = outside the scan)."""
+    if region.mode != "RGBA":
+        return region.convert("RGB")
+    bg = Image.new("RGB", region.size, (255, 255, 255))
+    bg.paste(region, mask=region.getchannel("A"))
+    return bg

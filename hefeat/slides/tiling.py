@@ -1,0 +1,188 @@
+"""Tile grids at a physical resolution, the papers' tile filters, and spot-centred patches."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from hefeat.errors import HefeatError, NoTissueError
+from hefeat.slides.qc import tile_qc
+from hefeat.slides.reader import Slide
+from hefeat.slides.tissue import TissueMask, detect_tissue
+
+BACKGROUND_RULES = ("otsu", "mean-rgb", "density")
+TILING_VERSION = 1  # bump when tile selection changes, so new runs get new tiling ids
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """Everything that decides which tiles a slide gets; its hash is the tiling id.
+
+    background: 'otsu' keeps tiles whose Otsu tissue fraction >= tissue_threshold;
+    'mean-rgb' (HE2RNA/PathoMCH) drops tiles whose share of pixels with mean RGB > rgb_background
+    exceeds max_background; 'density' (Ektefaie) keeps the top_n tiles by share of pixels with
+    R, G, B all < density_level.
+    """
+
+    mpp: float = 0.5
+    size: int = 224
+    stride: int | None = None
+    tissue_threshold: float = 0.5
+    background: str = "otsu"
+    max_background: float = 0.5
+    rgb_background: float = 220.0
+    density_level: int = 200
+    top_n: int | None = None
+    max_tiles: int | None = None
+    seed: int = 0
+    spots: bool = False
+    mask_mpp: float = 8.0
+    version: int = TILING_VERSION
+
+    def __post_init__(self):
+        if not (self.mpp > 0):
+            raise HefeatError(f"tile mpp must be > 0 µm/px, got {self.mpp}")
+        if self.size < 8:
+            raise HefeatError(f"tile size must be at least 8 px, got {self.size}")
+        if self.stride is not None and self.stride < 1:
+            raise HefeatError(f"stride must be >= 1 px, got {self.stride}")
+        if self.background not in BACKGROUND_RULES:
+            raise HefeatError(f"background rule {self.background!r} unknown; use one of {', '.join(BACKGROUND_RULES)}")
+        if not 0 <= self.tissue_threshold <= 1 or not 0 <= self.max_background <= 1:
+            raise HefeatError("tissue_threshold and max_background are shares in [0, 1]")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise HefeatError(f"max_tiles must be >= 1, got {self.max_tiles}")
+
+    def to_dict(self) -> dict:
+        """Parameters as a plain dict (the tiling id is derived from it)."""
+        return asdict(self)
+
+
+def _tissue_fraction(mask: TissueMask, slide_mpp: float, xs: np.ndarray, ys: np.ndarray, size0: float) -> np.ndarray:
+    """Tissue share of each tile (level-0 top-left xs, ys; side size0) from the mask's integral image."""
+    scale = slide_mpp / mask.mpp  # level-0 px -> mask px
+    h, w = mask.mask.shape
+    ii = np.zeros((h + 1, w + 1), np.float64)
+    ii[1:, 1:] = mask.mask.cumsum(0).cumsum(1)
+    x0 = np.clip(np.floor(xs * scale).astype(int), 0, w)
+    y0 = np.clip(np.floor(ys * scale).astype(int), 0, h)
+    x1 = np.clip(np.ceil((xs + size0) * scale).astype(int), 0, w)
+    y1 = np.clip(np.ceil((ys + size0) * scale).astype(int), 0, h)
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    s = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    # Area outside the slide counts as background.
+    full = np.maximum(np.ceil(size0 * scale) ** 2, 1)
+    return np.clip(s / np.maximum(area, full), 0, 1)
+
+
+def grid(slide: Slide, params: TilingParams) -> pd.DataFrame:
+    """Every grid position over the slide: x, y (level-0 top-left), row, col, size0."""
+    size0 = slide.level0_size(params.size, params.mpp)
+    step0 = slide.level0_size(params.stride or params.size, params.mpp)
+    w0, h0 = slide.dimensions
+    ncol = max(0, int(np.floor((w0 - size0) / step0)) + 1)
+    nrow = max(0, int(np.floor((h0 - size0) / step0)) + 1)
+    rows, cols = np.mgrid[0:nrow, 0:ncol]
+    rows, cols = rows.ravel(), cols.ravel()
+    return pd.DataFrame(
+        {
+            "x": np.round(cols * step0).astype(np.int64),
+            "y": np.round(rows * step0).astype(np.int64),
+            "row": rows.astype(np.int32),
+            "col": cols.astype(np.int32),
+            "size0": np.full(rows.size, size0, np.float64),
+        }
+    )
+
+
+def _qc_all(slide: Slide, df: pd.DataFrame, params: TilingParams, threads: int) -> pd.DataFrame:
+    """Read every tile of `df` at the target resolution (in scan order) and add QC columns."""
+
+    def one(xy):
+        rgb = slide.read(xy[0], xy[1], params.size, params.mpp)
+        return tile_qc(rgb, rgb_background=params.rgb_background, density_level=params.density_level)
+
+    coords = list(zip(df["x"].tolist(), df["y"].tolist(), strict=True))
+    if threads > 1 and len(coords) > 8:
+        with ThreadPoolExecutor(threads) as ex:  # OpenSlide reads release the GIL
+            rows = list(ex.map(one, coords, chunksize=4))
+    else:
+        rows = [one(c) for c in coords]
+    qc = pd.DataFrame(rows, index=df.index)
+    return pd.concat([df, qc], axis=1)
+
+
+def _finish(df: pd.DataFrame, params: TilingParams) -> pd.DataFrame:
+    if params.max_tiles is not None and len(df) > params.max_tiles:
+        rng = np.random.default_rng(params.seed)
+        keep = np.sort(rng.choice(len(df), params.max_tiles, replace=False))
+        df = df.iloc[keep]
+    df = df.sort_values(["row", "col"], kind="stable").reset_index(drop=True)
+    df.insert(0, "tile_id", np.arange(len(df), dtype=np.int64))
+    float_cols = ["tissue_frac", "sharpness", "mean_r", "mean_g", "mean_b", "background_frac", "density"]
+    for c in float_cols:
+        df[c] = df[c].astype(np.float32)
+    return df
+
+
+def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None) -> tuple[pd.DataFrame, TissueMask]:
+    """Tissue tiles of one slide with QC columns (one row per tile, tile_id = scan order).
+
+    Raises NoTissueError when no tile passes the rules.
+    """
+    if params.spots:
+        raise HefeatError("spot tilings come from spot_tiles(), not tile_slide()")
+    threads = threads or min(4, os.cpu_count() or 1)
+    thumb = slide.thumbnail(params.mask_mpp)
+    mask_mpp = slide.mpp.x * slide.dimensions[0] / thumb.shape[1]
+    tissue = detect_tissue(thumb, mask_mpp)
+    if not tissue.mask.any():
+        raise NoTissueError(f"no tissue found (Otsu threshold {tissue.threshold:.3f} on saturation)")
+    df = grid(slide, params)
+    df["tissue_frac"] = _tissue_fraction(tissue, slide.mpp.x, df["x"].to_numpy(), df["y"].to_numpy(), df["size0"].iloc[0] if len(df) else 0.0)
+    prefilter = params.tissue_threshold if params.background == "otsu" else 1e-9
+    df = df[df["tissue_frac"] >= prefilter]
+    if df.empty:
+        raise NoTissueError(f"no tile reaches tissue fraction {prefilter:g}")
+    df = _qc_all(slide, df, params, threads)
+    if params.background == "mean-rgb":
+        df = df[df["background_frac"] <= params.max_background]
+    elif params.background == "density":
+        n = params.top_n or 200
+        df = df.sort_values(["density", "row", "col"], ascending=[False, True, True]).head(n)
+        df = df[df["density"] > 0]
+    if df.empty:
+        raise NoTissueError(f"no tile passes the {params.background!r} background rule")
+    return _finish(df, params), tissue
+
+
+def spot_tiles(slide: Slide, spots: pd.DataFrame, params: TilingParams, *, threads: int | None = None) -> pd.DataFrame:
+    """One patch per spot, centred on the spot's level-0 (x, y); keeps spot_id and a grid row/col."""
+    if spots.empty:
+        raise HefeatError("this slide has no spots; ingest a spots table first (hefeat ingest spots)")
+    threads = threads or min(4, os.cpu_count() or 1)
+    size0 = slide.level0_size(params.size, params.mpp)
+    sp = spots.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
+    df = pd.DataFrame(
+        {
+            "spot_id": sp["spot_id"].astype(str),
+            "x": np.round(sp["x"].to_numpy() - size0 / 2).astype(np.int64),
+            "y": np.round(sp["y"].to_numpy() - size0 / 2).astype(np.int64),
+            "row": _dense_rank(sp["y"].to_numpy()),
+            "col": _dense_rank(sp["x"].to_numpy()),
+            "size0": np.full(len(sp), size0),
+        }
+    )
+    df["tissue_frac"] = np.float32(np.nan)
+    df = _qc_all(slide, df, params, threads)
+    return _finish(df, params)
+
+
+def _dense_rank(v: np.ndarray, tol: float = 2.0) -> np.ndarray:
+    """Grid index of each coordinate: positions within `tol` px share an index."""
+    u = np.unique(np.round(v / tol))
+    return np.searchsorted(u, np.round(v / tol)).astype(np.int32)

@@ -1,0 +1,94 @@
+"""Tissue detection: Otsu on the saturation of a low-resolution thumbnail, then cleanup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+# Below this saturation nothing is tissue, whatever Otsu says (a blank slide has only noise).
+MIN_SATURATION = 0.07
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Boolean mask of shape (h, w) over the slide, `mpp` µm per mask pixel, and the threshold used."""
+
+    mask: np.ndarray
+    mpp: float
+    threshold: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of the slide area that is tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation in [0, 1] of an RGB uint8 image (h, w, 3)."""
+    rgb = rgb.astype(np.float32)
+    mx = rgb.max(axis=2)
+    mn = rgb.min(axis=2)
+    return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1.0), 0.0)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold on values in [0, 1] (maximises between-class variance)."""
+    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mt = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w0 / w0[-1] - m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = 0
+    # Every cut inside an empty gap scores the same; take the middle of that plateau.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(edges[int(round(best.mean())) + 1])
+
+
+def clean_mask(mask: np.ndarray, *, min_object_px: int, max_hole_px: int) -> np.ndarray:
+    """Drop connected components smaller than `min_object_px` and fill holes smaller than `max_hole_px`."""
+    mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
+    lab, n = ndi.label(mask)
+    if n:
+        sizes = np.bincount(lab.ravel())
+        keep = sizes >= min_object_px
+        keep[0] = False
+        mask = keep[lab]
+    holes_lab, nh = ndi.label(~mask)
+    if nh:
+        sizes = np.bincount(holes_lab.ravel())
+        border = np.unique(np.concatenate([holes_lab[0], holes_lab[-1], holes_lab[:, 0], holes_lab[:, -1]]))
+        fill = sizes < max_hole_px
+        fill[0] = False
+        fill[border] = False  # background touching the border is not a hole
+        mask = mask | fill[holes_lab]
+    return mask
+
+
+def detect_tissue(
+    thumb: np.ndarray,
+    mpp: float,
+    *,
+    min_object_um2: float = 20_000.0,
+    max_hole_um2: float = 20_000.0,
+) -> TissueMask:
+    """Tissue mask of an RGB thumbnail (h, w, 3) taken at `mpp` µm/px."""
+    sat = saturation(thumb)
+    # Near-white and near-black pixels (background, pen, scanner edges) never set the threshold.
+    gray = thumb.mean(axis=2)
+    usable = sat[(gray > 20) & (gray < 250)]
+    thr = otsu_threshold(usable) if usable.size > 16 else 1.0
+    thr = max(thr, MIN_SATURATION)
+    mask = (sat > thr) & (gray > 20)
+    px_area = mpp * mpp
+    mask = clean_mask(
+        mask,
+        min_object_px=max(1, int(min_object_um2 / px_area)),
+        max_hole_px=max(1, int(max_hole_um2 / px_area)),
+    )
+    return TissueMask(mask=mask, mpp=mpp, threshold=thr)

@@ -1,0 +1,55 @@
+"""Shared fixtures: a small synthetic cohort and a tiled store built once per session."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+CMU = DATA / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def cmu_svs() -> Path:
+    """OpenSlide's CMU-1-Small-Region.svs (real Aperio H&E, CC0)."""
+    assert CMU.exists(), f"missing test slide {CMU}"
+    return CMU
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """An 8-slide synthetic cohort (one slide at 0.25 µm/px, three with spots)."""
+    from hefeat.slides.synth import make_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    make_cohort(out, n_slides=8, n_genes=60, seed=1, width_um=1200, height_um=900)
+    return out
+
+
+def build_store(root: Path, cohort: Path, *, spots: bool = True):
+    """Init, ingest the cohort and tile it (default + spot tilings)."""
+    from hefeat.slides.run import run_tiling
+    from hefeat.slides.tiling import TilingParams
+    from hefeat.store.catalog import Store
+    from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_slides, ingest_spots
+
+    st = Store.init(root)
+    ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff"))))
+    ingest_clinical(st, cohort / "clinical.csv")
+    ingest_expression(st, cohort / "expression.parquet")
+    ingest_spots(st, cohort / "spots.parquet")
+    t = run_tiling(st, TilingParams())
+    s = run_tiling(st, TilingParams(spots=True)) if spots else None
+    return st, t.extra["tiling_id"], (s.extra["tiling_id"] if s else None)
+
+
+@pytest.fixture(scope="session")
+def tiled(tmp_path_factory, cohort):
+    """(store, tiling_id, spot_tiling_id) over the session cohort. Treat as read-only."""
+    return build_store(tmp_path_factory.mktemp("store"), cohort)

@@ -1,0 +1,79 @@
+"""The CLI: thin commands, --json summaries, clear errors with non-zero exits."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+from click.testing import CliRunner
+
+from hefeat.cli import main
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def js(*args):
+    return json.loads(run(*args, "--json").output.strip().splitlines()[-1])
+
+
+def test_cli_end_to_end(tmp_path, cohort, cmu_svs):
+    st = tmp_path / "st"
+    assert js("init", "--store", st)["store"] == str(st)
+    slides = sorted(glob.glob(str(cohort / "slides" / "*.tiff")))
+    assert js("ingest", "slides", *slides, "--store", st)["added"] == 8
+    assert js("ingest", "slides", cmu_svs, "--mpp", "0.499", "--store", st)["added"] == 1
+    assert js("ingest", "slides", *slides, "--store", st)["unchanged"] == 8
+    assert js("ingest", "expression", cohort / "expression.parquet", "--store", st)["rows"] == 8 * 60
+    assert js("ingest", "clinical", cohort / "clinical.csv", "--store", st)["rows"] == 8
+    assert js("ingest", "spots", cohort / "spots.parquet", "--store", st)["rows"] > 50
+    t = js("tile", "--mpp", "0.5", "--size", "224", "--store", st)
+    assert t["ok"] == 9 and t["failed"] == {}
+    assert js("tile", "--mpp", "0.5", "--size", "224", "--store", st)["already_done"] == 9
+    s = js("tile", "--mpp", "0.5", "--size", "224", "--spots", "--store", st)
+    assert s["ok"] == 3 and len(s["without_spots"]) == 6
+    status = js("status", "--store", st)
+    assert status["slides"] == 9 and len(status["tilings"]) == 2
+    rows = js("sql", "SELECT slide_id, count(*) n, avg(sharpness) s FROM tiles GROUP BY 1 ORDER BY 1", "--store", st)
+    assert len(rows) == 9 and all(r["n"] > 0 for r in rows)
+    text = run("status", "--store", st).output
+    assert "9 slides" in text
+
+
+def test_cli_errors_are_one_line_and_nonzero(tmp_path, cohort):
+    st = tmp_path / "st"
+    run("init", "--store", st)
+    r = run("ingest", "slides", tmp_path / "missing.svs", "--store", st, ok=False)
+    assert r.exit_code != 0 and "not found" in r.output
+    r = run("ingest", "expression", cohort / "expression.parquet", "--store", st, ok=False)
+    assert r.exit_code != 0 and "match no slide" in r.output
+    r = run("tile", "--store", st, ok=False)
+    assert r.exit_code != 0 and "No slides" in r.output
+    r = run("sql", "SELECT nope FROM nowhere", "--store", st, ok=False)
+    assert r.exit_code != 0 and "SQL failed" in r.output
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = run("init", "--store", f, ok=False)
+    assert r.exit_code != 0 and "is a file" in r.output
+    r = run("status", "--store", tmp_path / "nostore", ok=False)
+    assert r.exit_code != 0 and "hefeat init" in r.output
+
+
+def test_every_command_has_help_with_example():
+    from hefeat.cli import main as group
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path
+
+    for path in walk(group, []):
+        out = run(*path, "--help").output
+        assert "Example" in out, path
+        assert "--store" in out or path == ["synth"], path

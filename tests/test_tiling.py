@@ -1,0 +1,81 @@
+"""Tiling: grid geometry, the papers' background rules, sampling, spots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hefeat.errors import HefeatError, NoTissueError
+from hefeat.slides.reader import Slide
+from hefeat.slides.synth import blank_slide
+from hefeat.slides.tiling import TilingParams, grid, spot_tiles, tile_slide
+
+
+@pytest.fixture
+def s01(cohort):
+    with Slide(cohort / "slides" / "S01.tiff") as s:
+        yield s
+
+
+def test_grid_covers_slide_without_overlap(s01):
+    p = TilingParams(mpp=0.5, size=224)
+    g = grid(s01, p)
+    size0 = 224 * 0.5 / s01.mpp.x
+    assert (g["x"] + size0 <= s01.dimensions[0] + 1).all()
+    assert np.diff(np.unique(g["x"])).min() == pytest.approx(size0, abs=1)
+    g2 = grid(s01, TilingParams(mpp=0.5, size=224, stride=112))
+    assert len(g2) > 3 * len(g)
+
+
+def test_tile_ids_are_scan_order_and_qc_present(s01):
+    df, _ = tile_slide(s01, TilingParams())
+    assert df["tile_id"].tolist() == list(range(len(df)))
+    assert (df.sort_values(["row", "col"])["tile_id"].to_numpy() == np.arange(len(df))).all()
+    for c in ("tissue_frac", "sharpness", "mean_r", "mean_g", "mean_b", "background_frac", "density"):
+        assert df[c].notna().all(), c
+    assert (df["tissue_frac"] >= 0.5).all()
+
+
+def test_background_rules(s01):
+    otsu, _ = tile_slide(s01, TilingParams())
+    rgb, _ = tile_slide(s01, TilingParams(background="mean-rgb", max_background=0.1))
+    assert (rgb["background_frac"] <= 0.1).all()
+    dens, _ = tile_slide(s01, TilingParams(background="density", top_n=7))
+    assert len(dens) == 7
+    # The top-7 by density are the densest tiles among all candidates.
+    loose, _ = tile_slide(s01, TilingParams(background="mean-rgb", max_background=1.0))
+    assert sorted(dens["density"])[0] >= sorted(loose["density"])[-7] - 1e-6
+    assert 0 < len(rgb) <= len(loose)
+    assert len(otsu) > 0
+
+
+def test_max_tiles_sample_is_seeded(s01):
+    a, _ = tile_slide(s01, TilingParams(max_tiles=10, seed=3))
+    b, _ = tile_slide(s01, TilingParams(max_tiles=10, seed=3))
+    c, _ = tile_slide(s01, TilingParams(max_tiles=10, seed=4))
+    assert len(a) == 10
+    pd.testing.assert_frame_equal(a, b)
+    assert not a[["x", "y"]].equals(c[["x", "y"]])
+
+
+def test_blank_slide_raises_no_tissue(tmp_path):
+    with Slide(blank_slide(tmp_path / "blank.tiff")) as s, pytest.raises(NoTissueError):
+        tile_slide(s, TilingParams())
+
+
+def test_spot_tiles_are_centred(s01):
+    spots = pd.DataFrame({"spot_id": ["a", "b"], "x": [1000.0, 1200.0], "y": [800.0, 800.0]})
+    df = spot_tiles(s01, spots, TilingParams(spots=True))
+    size0 = 224 * 0.5 / s01.mpp.x
+    assert df["x"].tolist() == [round(1000 - size0 / 2), round(1200 - size0 / 2)]
+    assert df["col"].tolist() == [0, 1] and df["spot_id"].tolist() == ["a", "b"]
+    with pytest.raises(HefeatError, match="no spots"):
+        spot_tiles(s01, spots.iloc[:0], TilingParams(spots=True))
+
+
+def test_bad_params_are_rejected():
+    with pytest.raises(HefeatError, match="background rule"):
+        TilingParams(background="magic")
+    with pytest.raises(HefeatError):
+        TilingParams(mpp=0)

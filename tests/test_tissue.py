@@ -1,0 +1,53 @@
+"""Tissue detection and QC measures against hand-computed answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hefeat.slides.qc import background_share, mean_rgb, sharpness, tissue_density
+from hefeat.slides.tissue import clean_mask, detect_tissue, otsu_threshold
+
+
+def test_otsu_splits_two_modes():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0.1, 0.02, 5000), rng.normal(0.6, 0.05, 5000)]).clip(0, 1)
+    assert 0.2 < otsu_threshold(v) < 0.5
+
+
+def test_clean_mask_drops_specks_and_fills_holes():
+    m = np.zeros((100, 100), bool)
+    m[20:80, 20:80] = True
+    m[40:44, 40:44] = False  # small hole
+    m[5:7, 90:92] = True  # speck
+    out = clean_mask(m, min_object_px=50, max_hole_px=50)
+    assert out[41, 41] and not out[6, 91]
+    assert out[20:80, 20:80].all()
+
+
+def test_detect_tissue_on_synthetic_thumbnail():
+    img = np.full((200, 300, 3), 243, np.uint8)
+    img[50:150, 100:200] = (200, 120, 190)  # pink tissue block
+    t = detect_tissue(img, 8.0, min_object_um2=1000, max_hole_um2=1000)
+    assert t.mask[60:140, 110:190].all()
+    assert not t.mask[:40].any()
+    assert t.fraction == pytest.approx(100 * 100 / (200 * 300), rel=0.1)
+
+
+def test_blank_image_has_no_tissue():
+    rng = np.random.default_rng(1)
+    img = np.clip(rng.normal(244, 2, (200, 200, 3)), 0, 255).astype(np.uint8)
+    assert not detect_tissue(img, 8.0).mask.any()
+
+
+def test_qc_measures_known_values():
+    flat = np.full((32, 32, 3), (10, 20, 30), np.uint8)
+    assert sharpness(flat) == 0.0
+    assert mean_rgb(flat) == (10.0, 20.0, 30.0)
+    checker = np.indices((32, 32)).sum(0) % 2 * 255
+    rgb = np.repeat(checker[..., None], 3, 2).astype(np.uint8)
+    assert sharpness(rgb) > 1e5
+    half = np.zeros((10, 10, 3), np.uint8)
+    half[:5] = 255
+    assert background_share(half) == 0.5
+    assert tissue_density(half) == 0.5
