@@ -260,6 +260,105 @@ def _split(v: str | None) -> list[str] | None:
 
 # ---------------------------------------------------------------------------------------------
 @main.command()
+@click.option("--encoder", default="resnet50", show_default=True, help="timm model name or hf-hub:ORG/NAME.")
+@click.option("--weights", default=None, help="imagenet (default), none (random, seeded) or a weights file.")
+@click.option("--layer", default=None, help="Truncate at this stage, then global-average-pool (e.g. layer3).")
+@click.option("--tiling", "tiling_id", default=None, help="Tiling id (default: the store's only tissue tiling).")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: all tiled slides).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: available CPUs - 1).")
+@click.option("--shard", default=None, help="I/N: this process embeds its share of the slides (SLURM arrays).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--tta", is_flag=True, help="Average over the 8 rotations/reflections (ST-Net).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for --weights none.")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
+@click.option("--fail-fast", is_flag=True)
+@store_option
+@json_option
+def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, workers, shard, engine, tta, compile_,
+            dtype, seed, device, fail_fast, store_path, as_json):
+    """Embed every tile of a tiling into per-slide HDF5 files (resumable, shardable).
+
+    \b
+    Example:
+      hefeat extract --encoder resnet50 --weights imagenet
+      hefeat extract --encoder resnet50 --layer layer3 --weights imagenet   # 1024-d (CLAM/TRIDENT)
+      hefeat extract --encoder densenet121 --tiling <tid> --tta              # ST-Net, spot tiles
+      hefeat extract --encoder resnet50 --weights w.safetensors --shard 3/16
+    """
+    from hefeat.extract.pipeline import ExtractOptions, run_extraction
+
+    opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
+                         fail_fast=fail_fast, progress=_progress(as_json))
+    kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,
+              dtype=dtype, seed=seed, slides=_split(slides), options=opt)
+    st = _store(store_path)
+    if engine == "ray":
+        from hefeat.extract.ray_engine import run_extraction_ray
+
+        s = run_extraction_ray(st, shard=shard, **kw).to_dict()
+    else:
+        s = run_extraction(st, shard=shard, **kw).to_dict()
+    emit(s, as_json, _run_text(s, f"Extraction {s['extraction_id']} ({s.get('encoder')}, {s.get('dim')}-d)"))
+    if s["failed"] and not s["ok"] and not s["already_done"]:
+        sys.exit(1)
+
+
+@main.group("export")
+def export_group():
+    """Export store data for other tools."""
+
+
+@export_group.command("h5")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--extraction", "extraction_id", required=True)
+@store_option
+@json_option
+def export_h5_cmd(outdir, extraction_id, store_path, as_json):
+    """Per-slide HDF5 (features [N, D], coords [N, 2]) that CLAM/TRIDENT-style tools read.
+
+    \b
+    Example:
+      hefeat export h5 --extraction e1234abcd out/features
+    """
+    from hefeat.extract.interop import export_h5
+
+    s = export_h5(_store(store_path), extraction_id, outdir)
+    emit(s, as_json, f"Exported {s['slides']} slides ({s['tiles']} tiles) to {s['out']}.")
+
+
+@main.group("import")
+def import_group():
+    """Import data made by other tools."""
+
+
+@import_group.command("h5")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--encoder", required=True, help="Name of the encoder that made the features.")
+@click.option("--patch-size-level0", type=float, default=None, help="Tile side in level-0 px if the files lack it.")
+@click.option("--allow-unmatched", is_flag=True)
+@store_option
+@json_option
+def import_h5_cmd(folder, encoder, patch_size_level0, allow_unmatched, store_path, as_json):
+    """Bring existing per-slide HDF5 features (one <slide_id>.h5 per slide) into the store.
+
+    \b
+    Example:
+      hefeat import h5 clam_out/h5_files --encoder resnet50-trunc
+    """
+    from hefeat.extract.interop import import_h5
+
+    s = import_h5(_store(store_path), folder, encoder=encoder, patch_size_level0=patch_size_level0,
+                  allow_unmatched=allow_unmatched)
+    emit(s, as_json, f"Imported {s['slides']} slides ({s['new']} new, {s['tiles']} tiles, {s['dim']}-d) as "
+         f"extraction {s['extraction_id']} on tiling {s['tiling_id']}.")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
 @store_option
 @json_option
 def status(store_path, as_json):

@@ -1,8 +1,26 @@
-"""Demo stages beyond tiling (extraction, models, exploration), added as they land."""
+"""Demo stages beyond tiling (extraction, models, exploration)."""
 
 from __future__ import annotations
+
+# The demo's encoder: a truncated ResNet-18 (256-d) so the demo runs in minutes on a laptop CPU.
+# Random init (seeded) because no model hub is assumed reachable; pass --encoder/--weights for real runs.
+DEMO_ENCODER = {"encoder": "resnet18", "layer": "layer3", "weights": "none"}
 
 
 def later_stages(store, out: dict, data, *, encoder=None, say=print) -> dict:
     """Run the demo's later stages; returns extra summary fields."""
-    return {"lines": []}
+    from hefeat.extract.pipeline import run_extraction
+
+    enc = dict(DEMO_ENCODER)
+    if encoder:
+        enc = {"encoder": encoder, "layer": None, "weights": "none"}
+    lines = []
+    say(f"[4] extracting features ({enc['encoder']}{' ' + enc['layer'] if enc['layer'] else ''}, weights {enc['weights']})")
+    ex = run_extraction(store, tiling_id=out["tiling_id"], **enc)
+    sp = run_extraction(store, tiling_id=out["spot_tiling_id"], **enc)
+    res = {"extraction_id": ex.extra["extraction_id"], "spot_extraction_id": sp.extra["extraction_id"],
+           "dim": ex.extra["dim"]}
+    lines.append(f"Features: extraction {res['extraction_id']} ({ex.extra['dim']}-d, {ex.tiles + 0} new tiles at "
+                 f"{ex.tiles_per_s:.0f} tiles/s), spot extraction {res['spot_extraction_id']}.")
+    res["lines"] = lines
+    return res

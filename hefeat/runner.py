@@ -52,7 +52,7 @@ def shard_slides(slide_ids: list[str], shard: str | None) -> list[str]:
     except ValueError:
         raise HefeatError(f"--shard expects I/N like 3/16, got {shard!r}") from None
     if not (n >= 1 and 1 <= i <= n):
-        raise HefeatError(f"--shard {shard}: need 1 <= I <= N")
+        raise HefeatError(f"--shard {shard}: expected I/N with 1 <= I <= N")
     return [s for k, s in enumerate(sorted(slide_ids)) if k % n == i - 1]
 
 

@@ -77,3 +77,23 @@ def test_every_command_has_help_with_example():
         out = run(*path, "--help").output
         assert "Example" in out, path
         assert "--store" in out or path == ["synth"], path
+
+
+def test_cli_extract_export_import(tmp_path, tiled, cohort):
+    import shutil
+
+    st0, tid, _ = tiled
+    st = tmp_path / "st"
+    shutil.copytree(st0.root, st)
+    e = js("extract", "--encoder", "resnet18", "--layer", "layer2", "--weights", "none", "--tiling", tid,
+           "--precision", "fp32", "--batch-size", "32", "--store", st)
+    assert e["ok"] == 8 and e["dim"] == 128 and e["failed"] == {}
+    assert set(e["timings"]) == {"read_wait_s", "compute_s", "write_s"}
+    x = js("export", "h5", tmp_path / "h5", "--extraction", e["extraction_id"], "--store", st)
+    assert x["slides"] == 8
+    r = run("extract", "--encoder", "nosuchnet", "--weights", "none", "--tiling", tid, "--store", st, ok=False)
+    assert r.exit_code != 0 and "Unknown encoder" in r.output
+    r = run("extract", "--encoder", "resnet18", "--store", st, ok=False)  # imagenet weights, hub offline
+    assert r.exit_code != 0 and "unreachable" in r.output and "--weights none" in r.output
+    runs = js("sql", "SELECT command, tiles_per_s FROM runs WHERE command = 'extract'", "--store", st)
+    assert runs and runs[0]["tiles_per_s"] > 0

@@ -147,7 +147,7 @@ class Slide:
         img = _rgba_to_rgb(region)
         if n != size_px:
             img = img.resize((size_px, size_px), Image.Resampling.LANCZOS if n > size_px else Image.Resampling.BILINEAR)
-        return np.asarray(img)
+        return np.array(img)
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide as an RGB uint8 array at roughly `mpp` µm/px (exact scale: self.mpp.x * w0 / w)."""

@@ -1,0 +1,1 @@
+"""Extraction: encoders, the batched tile pipeline, feature files and interop."""

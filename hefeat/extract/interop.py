@@ -1,0 +1,127 @@
+"""Per-slide HDF5 interop with CLAM/TRIDENT-style tools: export a store's features, import existing ones."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hefeat.errors import HefeatError
+from hefeat.runner import _now
+from hefeat.store.atomic import atomic_path, write_json
+from hefeat.store.catalog import Store
+from hefeat.store.features import FeatureFileWriter
+from hefeat.store.ids import content_id
+from hefeat.store.tables import write_parquet
+
+
+def export_h5(store: Store, extraction_id: str, outdir: str | os.PathLike) -> dict:
+    """Copy an extraction's per-slide HDF5 files (features [N, D], coords [N, 2] + attrs) to `outdir`."""
+    import h5py
+
+    ext = store.extraction(extraction_id)
+    rows = store.sql("SELECT slide_id, n_tiles FROM features_index WHERE extraction_id = ? ORDER BY 1", [extraction_id])
+    if rows.empty:
+        raise HefeatError(f"Extraction {extraction_id} has no finished slides to export")
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise HefeatError(f"Export target {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    power = store.sql("SELECT slide_id, objective_power FROM slides").set_index("slide_id")["objective_power"]
+    for sid in rows["slide_id"]:
+        with atomic_path(out / f"{sid}.h5") as tmp:
+            shutil.copyfile(store.features_path(extraction_id, sid), tmp)
+            with h5py.File(tmp, "r+") as f:
+                c = f["coords"]
+                c.attrs["patch_level"] = 0
+                c.attrs["level0_magnification"] = float(power.get(sid) or 0.0)
+                c.attrs["target_magnification"] = 10.0 / float(ext["mpp"]) if ext.get("mpp") else 0.0
+    rows.to_csv(out / "manifest.csv", index=False)
+    return {"extraction_id": extraction_id, "out": str(out), "slides": len(rows), "tiles": int(rows["n_tiles"].sum())}
+
+
+def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_size_level0: float | None = None,
+              allow_unmatched: bool = False) -> dict:
+    """Bring per-slide HDF5 features (features, coords; one file per slide named <slide_id>.h5) into the store.
+
+    Creates an 'imported' tiling from the coordinates and an extraction over it; ids derive from the
+    files' content, so importing the same folder twice does nothing new.
+    """
+    import h5py
+
+    store.require()
+    files = sorted(Path(folder).glob("*.h5"))
+    if not files:
+        raise HefeatError(f"No .h5 files in {folder}")
+    known = set(store.sql("SELECT slide_id FROM slides")["slide_id"])
+    unmatched = sorted(f.stem for f in files if f.stem not in known)
+    if unmatched and not allow_unmatched:
+        raise HefeatError(f"{len(unmatched)} files match no slide in the store: {', '.join(unmatched[:8])}. "
+                          "Ingest those slides first (file name = slide_id) or pass --allow-unmatched.")
+    files = [f for f in files if f.stem in known]
+    coords_hash, feats_hash = hashlib.sha256(), hashlib.sha256()
+    loaded = []
+    dim = None
+    for f in files:
+        try:
+            with h5py.File(f, "r") as h:
+                if "features" not in h or "coords" not in h:
+                    raise HefeatError(f"{f.name} lacks a 'features' or 'coords' dataset")
+                X = h["features"][:]
+                C = h["coords"][:].astype(np.int64)
+                attrs = {**dict(h.attrs), **dict(h["coords"].attrs)}
+        except OSError as e:
+            raise HefeatError(f"Cannot read {f.name}: {e}") from None
+        if X.ndim != 2 or C.shape != (len(X), 2):
+            raise HefeatError(f"{f.name}: features {X.shape} and coords {C.shape} do not match ([N, D] and [N, 2])")
+        if dim is not None and X.shape[1] != dim:
+            raise HefeatError(f"{f.name} has {X.shape[1]}-d features, others {dim}-d: one encoder per import")
+        dim = X.shape[1]
+        size0 = patch_size_level0 or attrs.get("patch_size_level0")
+        if size0 is None:
+            steps = np.diff(np.unique(C[:, 0]))
+            size0 = float(steps.min()) if len(steps) else float(attrs.get("patch_size", 224))
+        coords_hash.update(f.stem.encode() + C.tobytes())
+        feats_hash.update(f.stem.encode() + np.ascontiguousarray(X).tobytes())
+        loaded.append((f.stem, X, C, float(size0), attrs))
+    tid = content_id({"imported": coords_hash.hexdigest(), "encoder": encoder}, prefix="t")
+    first = loaded[0][4]
+    tparams = {"tiling_id": tid, "mpp": float(first.get("mpp", 0.0) or 0.0), "size": int(first.get("patch_size", 0) or 0),
+               "background": "imported", "spots": False, "created": _now(),
+               "params": {"imported_from": str(Path(folder).absolute()), "encoder": encoder}}
+    if not (store.tiling_dir(tid) / "_tiling.json").exists():
+        write_json(store.tiling_dir(tid) / "_tiling.json", tparams)
+    eid = content_id({"tiling": tid, "features": feats_hash.hexdigest(), "encoder": encoder}, prefix="e")
+    edir = store.extraction_dir(eid)
+    if not (edir / "_extraction.json").exists():
+        write_json(edir / "_extraction.json", {
+            "extraction_id": eid, "tiling_id": tid, "encoder": encoder, "layer": first.get("layer") or None,
+            "weights": "imported", "weights_digest": str(first.get("weights_digest", "unknown")), "dim": int(dim),
+            "precision": "imported", "tta": False, "dtype": str(loaded[0][1].dtype), "imported": True,
+            "patch_size": tparams["size"], "mpp": tparams["mpp"], "created": _now()})
+    n_new = 0
+    for sid, X, C, size0, _attrs in loaded:
+        if store.features_path(eid, sid).exists():
+            continue
+        tiles = pd.DataFrame({"tiling_id": tid, "slide_id": sid, "tile_id": np.arange(len(C), dtype=np.int64),
+                              "x": C[:, 0], "y": C[:, 1], "size0": size0,
+                              "row": np.round(C[:, 1] / size0).astype(np.int32),
+                              "col": np.round(C[:, 0] / size0).astype(np.int32)})
+        write_parquet(tiles, store.tiles_path(tid, sid))
+        store.write_status("tiling", tid, sid, {"state": "ok", "reason": None, "seconds": 0.0, "n_tiles": len(C),
+                                                "finished_at": _now()})
+        w = FeatureFileWriter(store.features_path(eid, sid), len(X), X.shape[1], dtype=str(X.dtype), coords=C,
+                              attrs={"encoder": encoder, "dim": int(dim), "patch_size_level0": size0,
+                                     "tiling_id": tid, "extraction_id": eid, "slide_id": sid})
+        w.write(0, X)
+        w.commit()
+        store.write_status("extraction", eid, sid, {"state": "ok", "reason": None, "seconds": 0.0, "n_tiles": len(X),
+                                                    "finished_at": _now(), "dim": int(dim),
+                                                    "path": str(store.features_path(eid, sid))})
+        n_new += 1
+    return {"extraction_id": eid, "tiling_id": tid, "slides": len(loaded), "new": n_new, "unmatched": unmatched,
+            "dim": int(dim), "tiles": int(sum(len(x[1]) for x in loaded))}

@@ -1,0 +1,53 @@
+"""Run extraction on Ray: the same per-slide work, one shard per Ray task, over every GPU/node Ray sees."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from hefeat.errors import HefeatError
+from hefeat.runner import RunSummary
+from hefeat.store.catalog import Store
+
+
+def run_extraction_ray(store: Store, *, shards: int | None = None, address: str | None = None, **kwargs) -> RunSummary:
+    """Split the slides into shards and run `run_extraction` for each on Ray Data (local Ray if no address)."""
+    try:
+        import ray
+    except ImportError:
+        raise HefeatError("--engine ray needs Ray: pip install 'hefeat[ray]'") from None
+    if kwargs.pop("shard", None):
+        raise HefeatError("--shard and --engine ray do not combine: Ray does the sharding")
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    n = shards or max(gpus, 1 if gpus else max(1, cpus // 2))
+    root = str(store.root)
+
+    def work(row: dict) -> dict:
+        from hefeat.extract.pipeline import run_extraction
+
+        s = run_extraction(Store(root), shard=row["shard"], **kwargs)
+        return {"summary": json.dumps(dataclasses.asdict(s), default=str)}
+
+    import ray.data
+
+    items = [{"shard": f"{i + 1}/{n}"} for i in range(n)]
+    out = ray.data.from_items(items, override_num_blocks=n).map(
+        work, num_gpus=1 if gpus else 0, num_cpus=1, concurrency=n).take_all()
+    merged = RunSummary("extraction", "")
+    for r in out:
+        d = json.loads(r["summary"])
+        merged.run_key = d["run_key"]
+        merged.ok += d["ok"]
+        merged.done += d["done"]
+        merged.busy += d["busy"]
+        merged.failed.update(d["failed"])
+        merged.tiles += d["tiles"]
+        merged.seconds = max(merged.seconds, d["seconds"])
+        merged.extra.setdefault("shards", []).append({"ok": len(d["ok"]), "tiles": d["tiles"], "seconds": d["seconds"]})
+        merged.extra.update({k: v for k, v in d["extra"].items() if k in ("extraction_id", "tiling_id", "dim", "encoder")})
+    merged.extra.update({"engine": "ray", "n_shards": n, "gpus": gpus})
+    return merged

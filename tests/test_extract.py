@@ -1,0 +1,241 @@
+"""Extraction: equality with a direct timm forward pass, resume, shards, interop, bad input."""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hefeat.errors import HefeatError
+from hefeat.extract.pipeline import ExtractOptions, dihedral, run_extraction
+from hefeat.slides.reader import Slide
+from hefeat.slides.run import run_tiling
+from hefeat.slides.tiling import TilingParams
+from hefeat.store.catalog import Store
+from hefeat.store.features import load_features, read_features, slide_means
+from hefeat.store.ingest import ingest_slides
+
+ENC = dict(encoder="resnet18", weights="none", layer="layer2")
+
+
+def _store(root, cohort, n=None, copy=False):
+    paths = sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:n]
+    if copy:
+        (root / "slides").mkdir(parents=True)
+        paths = [shutil.copy(p, root / "slides") for p in paths]
+    st = Store.init(root / "st")
+    ingest_slides(st, paths)
+    tid = run_tiling(st, TilingParams()).extra["tiling_id"]
+    return st, tid
+
+
+def _all_features(st, eid):
+    ids = st.sql("SELECT slide_id FROM features_index WHERE extraction_id = ? ORDER BY 1", [eid])["slide_id"]
+    return {s: read_features(st.features_path(eid, s)) for s in ids}
+
+
+@pytest.fixture(scope="module")
+def extracted(tiled):
+    st, tid, _ = tiled
+    s = run_extraction(st, tiling_id=tid, precision="fp32", dtype="float32", options=ExtractOptions(batch_size=16), **ENC)
+    return st, tid, s
+
+
+def test_embeddings_equal_direct_timm_forward(extracted):
+    """Stored features equal a hand-written timm forward pass on the same tiles (fp32)."""
+    import timm
+
+    st, tid, s = extracted
+    eid = s.extra["extraction_id"]
+    assert s.failed == {} and len(s.ok) == 8
+    meta, X = load_features(st, eid, slides=["S02"])
+    row = st.slides(["S02"]).iloc[0]
+    torch.manual_seed(0)
+    full = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    net = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(2,))
+    net.load_state_dict({k: v for k, v in full.state_dict().items() if k in net.state_dict()})
+    net.eval()
+    with Slide(row["path"]) as sl:
+        imgs = np.stack([sl.read(x, y, 224, 0.5) for x, y in meta[["x", "y"]].to_numpy()[:6]])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = net(x)[-1].mean((2, 3)).numpy()
+    np.testing.assert_allclose(X[:6], want, rtol=1e-4, atol=1e-4)
+    assert X.shape[1] == 128
+
+
+def test_feature_file_layout_and_sql_join(extracted):
+    st, tid, s = extracted
+    eid = s.extra["extraction_id"]
+    with h5py.File(st.features_path(eid, "S01"), "r") as f:
+        assert f["features"].dtype == np.float32 and f["features"].chunks is None  # contiguous
+        n = f["features"].shape[0]
+        assert f["coords"].shape == (n, 2)
+        assert f.attrs["encoder"] == "resnet18" and f.attrs["dim"] == 128 and f.attrs["tiling_id"] == tid
+        assert f.attrs["patch_size"] == 224 and f.attrs["mpp"] == 0.5
+        coords = f["coords"][:]
+    tiles = st.tiles(tid, "S01")
+    np.testing.assert_array_equal(coords, tiles[["x", "y"]].to_numpy())
+    j = st.sql("SELECT t.slide_id, count(*) n, any_value(f.dim) dim FROM tiles t JOIN features_index f "
+               "ON t.slide_id = f.slide_id AND t.tiling_id = ? AND f.extraction_id = ? GROUP BY 1", [tid, eid])
+    assert len(j) == 8 and (j["dim"] == 128).all()
+    meta, X = load_features(st, eid, f"SELECT slide_id, tile_id FROM tiles WHERE tiling_id = '{tid}' AND tile_id % 3 = 0 ORDER BY slide_id DESC, tile_id")
+    full = {sid: read_features(st.features_path(eid, sid)) for sid in meta["slide_id"].unique()}
+    for i, r in enumerate(meta.itertuples()):
+        np.testing.assert_array_equal(X[i], full[r.slide_id][r.tile_id])
+    ids, M = slide_means(st, eid)
+    np.testing.assert_allclose(M[ids.index("S01")], full["S01"].mean(0) if "S01" in full else read_features(st.features_path(eid, "S01")).mean(0), rtol=1e-5)
+    ext = st.sql("SELECT * FROM extractions").iloc[0]
+    assert ext["batch_size"] == 16 and ext["precision"] == "fp32"
+
+
+def test_rerun_does_nothing_and_precision_changes_id(extracted):
+    st, tid, s = extracted
+    again = run_extraction(st, tiling_id=tid, precision="fp32", dtype="float32", **ENC)
+    assert again.ok == [] and len(again.done) == 8 and again.extra["extraction_id"] == s.extra["extraction_id"]
+    other = run_extraction(st, tiling_id=tid, precision="bf16", slides=["S01"], **ENC)
+    assert other.extra["extraction_id"] != s.extra["extraction_id"]
+    bf = read_features(st.features_path(other.extra["extraction_id"], "S01"))
+    fp = read_features(st.features_path(s.extra["extraction_id"], "S01"))
+    assert np.corrcoef(bf.ravel(), fp.ravel())[0, 1] > 0.99
+
+
+SLOW_EXTRACT = textwrap.dedent("""
+    import sys, time
+    import hefeat.extract.pipeline as p
+    from hefeat.store.catalog import Store
+    real = p.embed_batch
+    def slow(*a, **k):
+        time.sleep(0.15)
+        return real(*a, **k)
+    p.embed_batch = slow
+    p.run_extraction(Store(sys.argv[1]), encoder="resnet18", weights="none", layer="layer2", precision="fp32",
+                     options=p.ExtractOptions(batch_size=8, workers=1))
+""")
+
+
+def test_kill_mid_run_then_resume_is_byte_identical(tmp_path, cohort):
+    st, tid = _store(tmp_path / "a", cohort)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACT, str(st.root)])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(glob.glob(str(st.root / "features" / "*" / "*.h5"))) < 2:
+        time.sleep(0.02)
+    time.sleep(0.2)  # land inside a slide
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(glob.glob(str(st.root / "features" / "*" / "*.h5")))
+    assert 2 <= n_before < 8
+    s = run_extraction(st, precision="fp32", options=ExtractOptions(batch_size=8), **ENC)
+    assert len(s.done) == n_before and len(s.ok) == 8 - n_before and s.failed == {}
+    ref, _ = _store(tmp_path / "b", cohort)
+    r = run_extraction(ref, precision="fp32", options=ExtractOptions(batch_size=8), **ENC)
+    assert r.extra["extraction_id"] == s.extra["extraction_id"]
+    a, b = _all_features(st, s.extra["extraction_id"]), _all_features(ref, r.extra["extraction_id"])
+    assert a.keys() == b.keys() and len(a) == 8
+    for k in a:
+        assert a[k].tobytes() == b[k].tobytes(), k
+    assert not list((st.root / "features").glob("*/.*tmp-*"))
+
+
+def test_shards_together_equal_unsharded(extracted, tmp_path, cohort):
+    st, tid = _store(tmp_path, cohort)
+    parts = [run_extraction(st, shard=f"{i}/3", precision="fp32", dtype="float32", **ENC) for i in (1, 2, 3)]
+    got = sorted(sum((p.ok for p in parts), []))
+    assert got == [f"S0{i}" for i in range(1, 9)]
+    assert len({p.extra["extraction_id"] for p in parts}) == 1
+    ref_st, _, ref = extracted
+    a, b = _all_features(st, parts[0].extra["extraction_id"]), _all_features(ref_st, ref.extra["extraction_id"])
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(HefeatError, match="I/N"):
+        run_extraction(st, shard="4/3", **ENC)
+
+
+def test_export_import_round_trip(extracted, tmp_path, cohort):
+    from hefeat.extract.interop import export_h5, import_h5
+
+    st, tid, s = extracted
+    eid = s.extra["extraction_id"]
+    out = export_h5(st, eid, tmp_path / "h5")
+    assert out["slides"] == 8
+    with h5py.File(tmp_path / "h5" / "S03.h5", "r") as f:
+        assert set(f) == {"features", "coords"} and f["coords"].attrs["patch_size"] == 224
+        assert f["coords"].attrs["patch_level"] == 0
+    other = Store.init(tmp_path / "other")
+    ingest_slides(other, sorted(glob.glob(str(cohort / "slides" / "*.tiff"))))
+    imp = import_h5(other, tmp_path / "h5", encoder="resnet18-layer2")
+    assert imp["slides"] == 8 and imp["new"] == 8 and imp["dim"] == 128
+    assert import_h5(other, tmp_path / "h5", encoder="resnet18-layer2")["new"] == 0
+    m1, X1 = load_features(st, eid)
+    m2, X2 = load_features(other, imp["extraction_id"])
+    np.testing.assert_array_equal(X1, X2)
+    np.testing.assert_array_equal(m1[["x", "y"]].to_numpy(), m2[["x", "y"]].to_numpy())
+    with pytest.raises(HefeatError, match="No .h5"):
+        import_h5(other, tmp_path, encoder="x")
+
+
+def test_tta_is_rotation_invariant(tiled):
+    """With 8-fold dihedral TTA the embedding of a tile equals that of its 90° rotation."""
+    from hefeat.extract.encoders import create_encoder
+    from hefeat.extract.pipeline import DeviceTransform, embed_batch
+
+    enc = create_encoder("resnet18", weights="none", layer="layer2")
+    tr = DeviceTransform(enc.config, "cpu")
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 224, 224, 3), dtype=np.uint8))
+    rot = torch.rot90(img, 1, dims=(1, 2)).contiguous()
+    a = embed_batch(enc, tr, img, device="cpu", precision="fp32", tta=True)
+    b = embed_batch(enc, tr, rot, device="cpu", precision="fp32", tta=True)
+    c = embed_batch(enc, tr, img, device="cpu", precision="fp32", tta=False)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c)
+    assert len(dihedral(torch.zeros(1, 3, 4, 4))) == 8
+
+
+def test_corrupt_slide_among_good_ones(tmp_path, cohort):
+    st, tid = _store(tmp_path, cohort, n=3, copy=True)
+    bad = tmp_path / "slides" / "S02.tiff"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:1000] + b"\0" * (len(data) - 1000))  # same size, garbage inside
+    s = run_extraction(st, precision="fp32", **ENC)
+    assert list(s.failed) == ["S02"] and sorted(s.ok) == ["S01", "S03"]
+    row = st.sql("SELECT state, reason FROM status WHERE stage = 'extraction' AND slide_id = 'S02'").iloc[0]
+    assert row.state == "failed" and row.reason
+    with pytest.raises(HefeatError, match="S02"):
+        run_extraction(st, precision="fp32", options=ExtractOptions(fail_fast=True), **ENC)
+
+
+def test_bad_requests_write_nothing(tmp_path, cohort):
+    st, tid = _store(tmp_path, cohort, n=1)
+    with pytest.raises(HefeatError, match="does not exist"):
+        run_extraction(st, tiling_id="tnope", **ENC)
+    with pytest.raises(HefeatError, match="Unknown encoder"):
+        run_extraction(st, encoder="resnet5O", weights="none")
+    with pytest.raises(HefeatError, match="not found"):
+        run_extraction(st, encoder="resnet18", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(HefeatError, match="not tiled"):
+        run_extraction(st, slides=["S09"], **ENC)
+    assert not list((st.root / "features").iterdir())
+
+
+def test_ray_engine_matches_local(extracted, tmp_path, cohort):
+    pytest.importorskip("ray")
+    from hefeat.extract.ray_engine import run_extraction_ray
+
+    st, tid = _store(tmp_path, cohort)
+    s = run_extraction_ray(st, shards=2, precision="fp32", dtype="float32",
+                           options=ExtractOptions(workers=0, batch_size=16), **ENC)
+    assert sorted(s.ok) == [f"S0{i}" for i in range(1, 9)] and s.extra["n_shards"] == 2
+    ref_st, _, ref = extracted
+    a, b = _all_features(st, s.extra["extraction_id"]), _all_features(ref_st, ref.extra["extraction_id"])
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k])
