@@ -390,7 +390,7 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    timings = {"read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+    timings = {"read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "loop_s": 0.0}
     if not jobs:
         return timings
     if device.startswith("cuda"):
@@ -417,6 +417,7 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
     writer = _Writer(store, eid, jobs, open_writer, info)
     writer.start()
     bar = tqdm(total=len(ds), disable=not opt.progress, desc=f"extract {eid}", unit="tile")
+    t_loop = time.perf_counter()
     try:
         it = iter(loader)
         while True:
@@ -449,6 +450,7 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
         bar.close()
         writer.q.put(None)
         writer.join()
+        timings["loop_s"] = time.perf_counter() - t_loop
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             if j.writer is not None:
                 j.writer.abort()
