@@ -358,6 +358,126 @@ def import_h5_cmd(folder, encoder, patch_size_level0, allow_unmatched, store_pat
 
 
 # ---------------------------------------------------------------------------------------------
+def _load_config(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise HefeatError(f"Config not found: {path}")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    if "method" not in cfg:
+        raise HefeatError(f"Config {path} needs a 'method' key (genes, he2rna, transfer, spots, traits, receptors)")
+    return cfg
+
+
+@main.group(invoke_without_command=True)
+@click.option("--config", "config_path", default=None, help="A recipe (configs/*.yaml) naming method and parameters.")
+@click.option("--extraction", "extraction_id", default=None, help="With --config: the extraction to fit on.")
+@click.option("--truth", default=None, help="With --config: a synthetic cohort's truth.json.")
+@store_option
+@json_option
+@click.pass_context
+def fit(ctx, config_path, extraction_id, truth, store_path, as_json):
+    """Fit a model from the store: genes (EMO), he2rna, transfer, ...
+
+    \b
+    Example:
+      hefeat fit genes --extraction e1234 --split patient-kfold:5
+      hefeat fit --config configs/emo.yaml --extraction e1234
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not config_path:
+        click.echo(ctx.get_help())
+        return
+    from hefeat.learn.recipes import run_recipe
+
+    over = {k: v for k, v in {"extraction_id": extraction_id, "truth": truth}.items() if v}
+    s = run_recipe(_store(store_path), _load_config(config_path), overrides=over)
+    emit(s, as_json, _fit_text(s))
+
+
+def _fit_text(s: dict) -> str:
+    keys = [k for k in ("n_genes", "n_significant", "n_r2_above_0.2", "signal_recall", "null_false_calls",
+                        "proliferation_spearman_r", "median_pearson_r", "auc") if k in s]
+    vals = ", ".join(f"{k} = {s[k]:.3g}" if isinstance(s[k], float) else f"{k} = {s[k]}" for k in keys)
+    cached = " (already fitted: loaded from the store)" if s.get("cached") else ""
+    return f"Model {s['model_id']} ({s.get('kind')}){cached}: {vals}. Report: hefeat report {s['model_id']}"
+
+
+@fit.command("genes")
+@click.option("--extraction", "extraction_id", required=True)
+@click.option("--target", "dataset", default="expression", show_default=True, help="Expression dataset name.")
+@click.option("--genes", default="all", show_default=True, help="all, or a file with one gene per line.")
+@click.option("--min-variance", default=0.01, show_default=True, help="Keep genes with training variance above this.")
+@click.option("--median-positive", is_flag=True, help="Also require training median > 0.")
+@click.option("--transform", type=click.Choice(["log1p", "log10p", "log2p", "none"]), default="log1p", show_default=True)
+@click.option("--split", default="patient-kfold:5", show_default=True, help="patient-kfold:K or holdout:FILE.")
+@click.option("--level", type=click.Choice(["slide", "tile"]), default="slide", show_default=True)
+@click.option("--pca", type=int, default=None, help="Principal components of the features fitted first.")
+@click.option("--cohort-col", default=None, help="Median-shift cohorts defined by this column (EMO), e.g. site.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None, help="Synthetic truth.json.")
+@click.option("--force", is_flag=True, help="Refit even if this exact model exists.")
+@store_option
+@json_option
+def fit_genes_cmd(extraction_id, dataset, genes, min_variance, median_positive, transform, split, level, pca,
+                  cohort_col, seed, truth, force, store_path, as_json):
+    """Per-gene ridge heads on slide-mean embeddings (EMO-average), cross-validated by patient.
+
+    \b
+    Example:
+      hefeat fit genes --extraction e1234 --truth data/demo/truth.json --json
+    """
+    from hefeat.learn.emo import GenesParams, fit_genes
+
+    gene_list = None if genes == "all" else [g.strip() for g in Path(genes).read_text().split() if g.strip()]
+    p = GenesParams(extraction_id=extraction_id, dataset=dataset, genes=gene_list, min_variance=min_variance,
+                    median_positive=median_positive, transform=transform, split=split, level=level, pca=pca,
+                    cohort_col=cohort_col, seed=seed)
+    s = fit_genes(_store(store_path), p, truth=truth, force=force)
+    emit(s, as_json, _fit_text(s))
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: all with features).")
+@click.option("--top", default=20, show_default=True, help="Genes (best first) with tile-level predictions.")
+@store_option
+@json_option
+def predict(model_id, slides, top, store_path, as_json):
+    """Slide- and tile-level predictions of a model, written into the store (predictions view).
+
+    \b
+    Example:
+      hefeat predict gen-0123abcd --top 10
+    """
+    from hefeat.learn.predict import predict_model
+
+    s = predict_model(_store(store_path), model_id, slides=_split(slides), top=top)
+    emit(s, as_json, f"Predictions of {model_id}: {s['slides']} slides, {s['tiles']} tiles. "
+         f"Query: hefeat sql \"SELECT * FROM predictions WHERE model_id = '{model_id}'\"")
+
+
+@main.command("report")
+@click.argument("model_id")
+@click.option("--out", default=None, help="Folder for the PNG plots (default: the model's folder).")
+@store_option
+@json_option
+def report_cmd(model_id, out, store_path, as_json):
+    """Metrics, plots (PNG) and the headline of a fitted model.
+
+    \b
+    Example:
+      hefeat report gen-0123abcd
+    """
+    from hefeat.learn.report import report
+
+    s = report(_store(store_path), model_id, out)
+    emit(s, as_json, s["headline"] + "\nPlots: " + ", ".join(s["files"]))
+
+
+# ---------------------------------------------------------------------------------------------
 @main.command()
 @store_option
 @json_option

@@ -1,0 +1,118 @@
+"""Data access for stage 2: targets joined to slides/patients, transforms, train-only filters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from hefeat.errors import HefeatError
+from hefeat.store.catalog import Store
+from hefeat.store.features import slide_means
+
+TRANSFORMS = ("log10p", "log1p", "log2p", "none")
+
+
+def transform_values(v: np.ndarray, how: str) -> np.ndarray:
+    """log10(1+x) (HE2RNA), log1p, log2(1+x), or none."""
+    if how == "log10p":
+        return np.log10(1 + v)
+    if how == "log1p":
+        return np.log1p(v)
+    if how == "log2p":
+        return np.log2(1 + v)
+    if how == "none":
+        return v
+    raise HefeatError(f"Unknown transform {how!r}; use one of {', '.join(TRANSFORMS)}")
+
+
+def expression_table(store: Store, dataset: str = "expression", genes: list[str] | None = None) -> pd.DataFrame:
+    """Wide targets: one row per sample_id, one column per gene."""
+    known = store.sql("SELECT DISTINCT dataset FROM expression")["dataset"].tolist()
+    if dataset not in known:
+        raise HefeatError(f"No target table {dataset!r} in the store (have: {', '.join(known) or 'none'}); "
+                          "ingest one with hefeat ingest expression")
+    q = "SELECT sample_id, gene, value FROM expression WHERE dataset = ?"
+    long = store.sql(q, [dataset])
+    wide = long.pivot(index="sample_id", columns="gene", values="value")
+    if genes is not None:
+        missing = sorted(set(genes) - set(wide.columns))
+        if missing:
+            raise HefeatError(f"Genes not in {dataset!r}: {', '.join(missing[:10])}")
+        wide = wide[genes]
+    return wide
+
+
+@dataclass
+class SlideLevelData:
+    """Rows = samples (or patients): ids, groups (patient), features X (n, d), targets Y (n, g)."""
+
+    ids: np.ndarray
+    groups: np.ndarray
+    slides: list[list[str]]
+    X: np.ndarray
+    Y: np.ndarray
+    genes: list[str]
+    sites: np.ndarray
+
+
+def slide_level_data(store: Store, extraction_id: str, *, dataset: str = "expression", genes: list[str] | None = None,
+                     level: str = "sample", transform: str = "log1p") -> SlideLevelData:
+    """Mean embedding per slide joined to targets; a sample with several slides averages them.
+
+    level='patient' averages samples (features and targets) per patient.
+    """
+    if level not in ("sample", "patient"):
+        raise HefeatError("level must be 'sample' or 'patient'")
+    wide = expression_table(store, dataset, genes)
+    if wide.isna().any().any():
+        bad = wide.columns[wide.isna().any()].tolist()
+        raise HefeatError(f"Targets contain NaN for genes {bad[:5]} (or samples missing genes); impute or drop them")
+    smap = store.sql("SELECT s.sample_id, s.slide_id, s.patient_id, sl.site FROM samples s JOIN slides sl "
+                     "USING (slide_id) WHERE s.dataset = ?", [dataset])
+    store.extraction(extraction_id)
+    sids, M = slide_means(store, extraction_id)
+    pos = {s: i for i, s in enumerate(sids)}
+    smap = smap[smap["slide_id"].isin(pos) & smap["sample_id"].isin(wide.index)]
+    if smap.empty:
+        raise HefeatError(f"No sample of {dataset!r} has a slide with features in extraction {extraction_id}")
+    key = "sample_id" if level == "sample" else "patient_id"
+    rows = []
+    for k, g in smap.groupby(key, sort=True):
+        x = M[[pos[s] for s in g["slide_id"].unique()]].mean(0)
+        y = transform_values(wide.loc[g["sample_id"].unique()].to_numpy(float), transform).mean(0)
+        rows.append((k, g["patient_id"].iloc[0], sorted(g["slide_id"].unique()), x, y, g["site"].iloc[0]))
+    return SlideLevelData(
+        ids=np.array([r[0] for r in rows]), groups=np.array([r[1] for r in rows]), slides=[r[2] for r in rows],
+        X=np.stack([r[3] for r in rows]).astype(np.float64), Y=np.stack([r[4] for r in rows]),
+        genes=list(wide.columns), sites=np.array([str(r[5]) for r in rows]),
+    )
+
+
+def train_gene_filter(Y_train: np.ndarray, *, min_variance: float = 0.01, median_positive: bool = False) -> np.ndarray:
+    """Boolean mask of genes kept, computed on training targets only."""
+    keep = Y_train.var(0, ddof=1) > min_variance
+    if median_positive:
+        keep &= np.median(Y_train, 0) > 0
+    return keep
+
+
+def median_shift(Y: np.ndarray, cohort: np.ndarray, fit_idx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """EMO's cross-cohort correction: shift each cohort by the difference of per-gene medians to the
+    largest cohort, medians computed on `fit_idx` (train + validation) only; applies to all rows."""
+    cohort = np.asarray(cohort).astype(str)
+    fit_c = cohort[fit_idx]
+    names, counts = np.unique(fit_c, return_counts=True)
+    ref = names[np.argmax(counts)]
+    ref_med = np.median(Y[fit_idx][fit_c == ref], 0)
+    out = Y.copy()
+    offsets = {}
+    for c in np.unique(cohort):
+        rows = fit_idx[fit_c == c]
+        if c == ref or len(rows) == 0:
+            offsets[c] = np.zeros(Y.shape[1])
+            continue
+        offsets[c] = ref_med - np.median(Y[rows], 0)
+        out[cohort == c] += offsets[c]
+    return out, offsets

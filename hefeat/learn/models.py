@@ -1,0 +1,68 @@
+"""Fitted models in the store: models/<model_id>/{model.json, index.json, arrays.npz, *.parquet}."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hefeat import __version__
+from hefeat.errors import HefeatError
+from hefeat.store.atomic import atomic_path, read_json, write_json
+from hefeat.store.catalog import Store
+from hefeat.store.ids import content_id
+from hefeat.store.tables import write_parquet
+
+
+def model_id(kind: str, params: dict) -> str:
+    """Content-derived id: the same method, inputs and parameters give the same model id."""
+    return content_id({"kind": kind, "params": params, "code": __version__}, prefix=f"{kind[:3]}-")
+
+
+def model_exists(store: Store, mid: str) -> bool:
+    """Whether a finished model with this id is in the store."""
+    return (store.model_dir(mid) / "index.json").exists()
+
+
+def save_model(store: Store, mid: str, *, kind: str, params: dict, summary: dict, arrays: dict | None = None,
+               tables: dict[str, pd.DataFrame] | None = None, extraction_id: str | None = None,
+               seconds: float | None = None) -> Path:
+    """Write a model's files; index.json goes last so a model is visible only when complete."""
+    d = store.model_dir(mid)
+    d.mkdir(parents=True, exist_ok=True)
+    if arrays:
+        with atomic_path(d / "arrays.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    for name, df in (tables or {}).items():
+        write_parquet(df, d / f"{name}.parquet")
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json(d / "model.json", {"model_id": mid, "kind": kind, "params": params, "summary": summary,
+                                  "extraction_id": extraction_id, "created": created, "seconds": seconds,
+                                  "code_version": __version__, "tables": sorted(tables or {})})
+    flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    write_json(d / "index.json", {"model_id": mid, "kind": kind, "extraction_id": extraction_id, "created": created,
+                                  "seconds": seconds, **flat})
+    return d
+
+
+def load_model(store: Store, mid: str) -> dict:
+    """model.json plus arrays (dict of ndarrays) of a stored model."""
+    d = store.model_dir(mid)
+    if not (d / "index.json").exists():
+        known = [p.parent.name for p in (store.root / "models").glob("*/index.json")]
+        raise HefeatError(f"No model {mid!r} in the store. Known: {', '.join(sorted(known)[:10]) or 'none'}")
+    meta = read_json(d / "model.json")
+    if (d / "arrays.npz").exists():
+        with np.load(d / "arrays.npz", allow_pickle=False) as z:
+            meta["arrays"] = {k: z[k] for k in z.files}
+    return meta
+
+
+def load_table(store: Store, mid: str, name: str) -> pd.DataFrame:
+    """A stored table of a model (metrics, predictions, ...)."""
+    p = store.model_dir(mid) / f"{name}.parquet"
+    if not p.exists():
+        raise HefeatError(f"Model {mid} has no table {name!r}")
+    return pd.read_parquet(p)

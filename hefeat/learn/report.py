@@ -1,0 +1,106 @@
+"""`hefeat report`: metric tables, PNG plots and the headline the way each paper reports it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hefeat.learn.models import load_model
+from hefeat.store.catalog import Store
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
+    """Write PNG plots for a model into `out` (default models/<id>/report) and return its headline."""
+    meta = load_model(store, mid)
+    kind = meta["kind"]
+    out = Path(out) if out else store.model_dir(mid) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    s = dict(meta["summary"])
+    files = []
+    if kind in ("genes", "he2rna"):
+        files += _gene_plots(store, mid, out, meta)
+        s["headline"] = (f"{s['n_significant']} of {s['n_genes']} genes significant at FDR 0.05 "
+                         f"(one-sided, {s['split']}); {s.get('n_r2_above_0.2', 'n/a')} genes with R² > 0.2")
+        if "proliferation_spearman_r" in s:
+            s["headline"] += f"; proliferation score Spearman r = {s['proliferation_spearman_r']:.2f}"
+    else:
+        s.setdefault("headline", f"{kind} model {mid}")
+    s["files"] = [str(f) for f in files]
+    return s
+
+
+def _gene_plots(store: Store, mid: str, out: Path, meta: dict) -> list[Path]:
+    plt = _plt()
+    d = store.model_dir(mid)
+    m = pd.read_parquet(d / "metrics.parquet")
+    files = []
+    r_col = "spearman_r" if "spearman_r" in m else "pearson_r"
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(m[r_col].dropna(), bins=40, color="#7b3f9e")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"{r_col.replace('_', ' ')} (held-out)")
+    ax.set_ylabel("genes")
+    ax.set_title(f"{meta['kind']} {mid}: {int(m['significant'].sum())} significant")
+    fig.tight_layout()
+    files.append(out / "r_distribution.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    oof_p = d / "oof_predictions.parquet"
+    if oof_p.exists():
+        oof = pd.read_parquet(oof_p)
+        truth = _measured(store, meta, oof)
+        top = m.sort_values(r_col, ascending=False)["gene"].head(6).tolist()
+        if truth is not None and top:
+            fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+            for ax, g in zip(axes.ravel(), top, strict=False):
+                ax.scatter(truth[g], oof[g], s=12, color="#c2185b")
+                ax.set_title(f"{g} r={m.set_index('gene').loc[g, r_col]:.2f}", fontsize=9)
+                ax.set_xlabel("measured")
+                ax.set_ylabel("predicted")
+            fig.tight_layout()
+            files.append(out / "top_genes.png")
+            fig.savefig(files[-1], dpi=110)
+            plt.close(fig)
+            from hefeat.learn.emo import ALIASES, PAM50_PROLIFERATION
+
+            prol = [g for g in oof.columns if ALIASES.get(g, g) in PAM50_PROLIFERATION]
+            if len(prol) >= 3:
+                fig, ax = plt.subplots(figsize=(4, 4))
+                ax.scatter(truth[prol].mean(1), oof[prol].mean(1), s=14, color="#283593")
+                ax.set_xlabel("measured proliferation score")
+                ax.set_ylabel("predicted proliferation score")
+                fig.tight_layout()
+                files.append(out / "proliferation.png")
+                fig.savefig(files[-1], dpi=110)
+                plt.close(fig)
+    return files
+
+
+def _measured(store: Store, meta: dict, oof: pd.DataFrame) -> pd.DataFrame | None:
+    """Measured (transformed) targets aligned with the out-of-fold table."""
+    from hefeat.learn.data import slide_level_data
+
+    p = meta["params"]
+    try:
+        data = slide_level_data(store, p["extraction_id"], dataset=p.get("dataset", "expression"),
+                                transform=p.get("transform", "log1p"))
+    except Exception:
+        return None
+    df = pd.DataFrame(data.Y, columns=data.genes, index=data.ids)
+    return df.loc[oof["sample_id"].to_numpy()].reset_index(drop=True) if set(oof["sample_id"]) <= set(df.index) else None
+
+
+def headline_rows(m: pd.DataFrame) -> np.ndarray:  # pragma: no cover - helper for notebooks
+    """Genes with R² > 0.2 and BH FDR < 0.001 (EMO's rule for the test set)."""
+    return m[(m["r2"] > 0.2) & (m["spearman_p_bh"] < 0.001)]["gene"].to_numpy()

@@ -1,0 +1,169 @@
+"""Statistics shared by every method: per-gene correlations, errors, corrections, nulls, CIs.
+
+A prediction "works" only if it correlates positively with the measurement, so p-values for
+correlations are one-sided (r > 0) by default: cross-validated predictions of a pure-noise target
+correlate negatively with it, and a two-sided test would call those genes significant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from scipy import stats as ss
+
+CORRECTIONS = {"bh": "fdr_bh", "bonferroni": "bonferroni", "holm": "holm", "holm-sidak": "holm-sidak"}
+
+
+def _rank(a: np.ndarray) -> np.ndarray:
+    return ss.rankdata(a, axis=0)
+
+
+def columnwise_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Pearson r of each column of pred (n, g) with the same column of true (n, g); NaN if constant."""
+    p = pred - pred.mean(0)
+    t = true - true.mean(0)
+    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (p * t).sum(0) / den
+    return np.where(den > 0, r, np.nan)
+
+
+def columnwise_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman rho per column (Pearson on average ranks)."""
+    return columnwise_pearson(_rank(pred), _rank(true))
+
+
+def r_pvalue(r: np.ndarray, n: int, alternative: str = "greater") -> np.ndarray:
+    """p-value of correlation r over n pairs (t-test with n - 2 dof); one-sided 'greater' by default."""
+    r = np.clip(np.asarray(r, float), -0.9999999, 0.9999999)
+    t = r * np.sqrt((n - 2) / (1 - r**2))
+    if alternative == "greater":
+        p = ss.t.sf(t, n - 2)
+    elif alternative == "less":
+        p = ss.t.cdf(t, n - 2)
+    elif alternative == "two-sided":
+        p = 2 * ss.t.sf(np.abs(t), n - 2)
+    else:
+        raise ValueError(f"alternative must be greater, less or two-sided, got {alternative!r}")
+    return np.where(np.isnan(r), 1.0, p)
+
+
+def correct(p: np.ndarray, method: str = "bh", alpha: float = 0.05) -> np.ndarray:
+    """Adjusted p-values (statsmodels): bh, bonferroni, holm, holm-sidak."""
+    from statsmodels.stats.multitest import multipletests
+
+    if method not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}")
+    p = np.asarray(p, float)
+    out = np.ones_like(p)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], alpha=alpha, method=CORRECTIONS[method])[1]
+    return out
+
+
+def r2_score_cols(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Coefficient of determination per column (1 - SSE/SST); can be negative."""
+    sse = ((true - pred) ** 2).sum(0)
+    sst = ((true - true.mean(0)) ** 2).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sst > 0, 1 - sse / sst, np.nan)
+
+
+def rmse_cols(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Root mean squared error per column."""
+    return np.sqrt(((true - pred) ** 2).mean(0))
+
+
+def gene_metrics(pred: np.ndarray, true: np.ndarray, genes: list[str], *, split: str,
+                 alternative: str = "greater") -> pd.DataFrame:
+    """Per-gene Pearson/Spearman r with one-sided p, BH/Bonferroni/Holm/Holm–Šidák, R², RMSE."""
+    n = len(true)
+    pr = columnwise_pearson(pred, true)
+    sr = columnwise_spearman(pred, true)
+    df = pd.DataFrame({"gene": genes, "n": n, "pearson_r": pr, "spearman_r": sr,
+                       "pearson_p": r_pvalue(pr, n, alternative), "spearman_p": r_pvalue(sr, n, alternative),
+                       "r2": r2_score_cols(pred, true), "rmse": rmse_cols(pred, true)})
+    for m in CORRECTIONS:
+        df[f"spearman_p_{m.replace('-', '_')}"] = correct(df["spearman_p"].to_numpy(), m)
+    df["pearson_p_bh"] = correct(df["pearson_p"].to_numpy(), "bh")
+    df["split"] = split
+    return df
+
+
+def permutation_null(fit_predict: Callable[[np.ndarray], np.ndarray], Y: np.ndarray, *, n_perm: int = 1,
+                     seed: int = 0) -> np.ndarray:
+    """Spearman r of predictions refitted on targets permuted across samples; shape (n_perm, g)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_perm):
+        Yp = Y[rng.permutation(len(Y))]
+        out.append(columnwise_spearman(fit_predict(Yp), Yp))
+    return np.asarray(out)
+
+
+def empirical_p(r: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """One-sided p-value of each r against a pooled null distribution of correlations: P(null >= r)."""
+    pool = np.sort(np.asarray(null, float).ravel())
+    pool = pool[~np.isnan(pool)]
+    ge = len(pool) - np.searchsorted(pool, np.asarray(r, float), side="left")
+    return (ge + 1) / (len(pool) + 1)
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95, groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of stat(indices) over n samples (resampling groups if given)."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    if groups is not None:
+        ug = np.unique(groups)
+        members = {g: np.flatnonzero(groups == g) for g in ug}
+    for _ in range(n_boot):
+        if groups is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([members[g] for g in rng.choice(ug, len(ug))])
+        v = stat(idx)
+        if v is not None and np.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return (float("nan"), float("nan"))
+    a = (1 - level) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def auc_with_ci(y: np.ndarray, score: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
+                groups: np.ndarray | None = None) -> dict:
+    """ROC AUC with a 95 % percentile bootstrap CI."""
+    from sklearn.metrics import roc_auc_score
+
+    y, score = np.asarray(y), np.asarray(score)
+    if len(np.unique(y)) < 2:
+        return {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": len(y)}
+
+    def stat(idx):
+        return roc_auc_score(y[idx], score[idx]) if len(np.unique(y[idx])) == 2 else None
+
+    lo, hi = bootstrap_ci(stat, len(y), n_boot=n_boot, seed=seed, groups=groups)
+    return {"auc": float(roc_auc_score(y, score)), "ci_low": lo, "ci_high": hi, "n": int(len(y))}
+
+
+def gene_set_score(r_by_gene: pd.Series, gene_set: list[str], *, n_random: int = 10_000, seed: int = 0) -> dict:
+    """Mean r of a gene set vs the mean r of random gene lists of the same length (HE2RNA's check)."""
+    r = r_by_gene.dropna()
+    members = [g for g in gene_set if g in r.index]
+    if not members:
+        raise ValueError("none of the gene set's genes has a metric")
+    obs = float(r[members].mean())
+    rng = np.random.default_rng(seed)
+    vals = r.to_numpy()
+    rand = np.array([vals[rng.choice(len(vals), len(members), replace=False)].mean() for _ in range(n_random)])
+    return {"n_genes": len(members), "mean_r": obs, "random_mean": float(rand.mean()),
+            "p_value": float(((rand >= obs).sum() + 1) / (n_random + 1))}
+
+
+def sign_test(n_positive: int, n: int) -> float:
+    """One-sided binomial test P(X >= n_positive | n, p = 0.5) (ST-Net's per-gene test over patients)."""
+    return float(ss.binomtest(n_positive, n, 0.5, alternative="greater").pvalue) if n else 1.0
