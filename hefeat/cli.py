@@ -439,6 +439,67 @@ def fit_genes_cmd(extraction_id, dataset, genes, min_variance, median_positive, 
     emit(s, as_json, _fit_text(s))
 
 
+@fit.command("he2rna")
+@click.option("--extraction", "extraction_id", required=True)
+@click.option("--target", "dataset", default="expression", show_default=True)
+@click.option("--supertiles", default=100, show_default=True, help="Super-tiles per slide (0 = train on all tiles).")
+@click.option("--ks", default=None, help="Comma-separated k list (default 1,2,5,...,100 or the all-tiles list).")
+@click.option("--hidden", default="256", show_default=True, help="Hidden layer sizes, comma-separated.")
+@click.option("--dropout", default=0.25, show_default=True)
+@click.option("--epochs", default=100, show_default=True)
+@click.option("--patience", default=10, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--folds", default=5, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--force", is_flag=True)
+@store_option
+@json_option
+def fit_he2rna_cmd(extraction_id, dataset, supertiles, ks, hidden, dropout, epochs, patience, lr, folds, seed, truth,
+                   force, store_path, as_json):
+    """HE2RNA: super-tiles, per-tile MLP, random top-k; 5-fold patient CV vs an untrained-model null.
+
+    \b
+    Example:
+      hefeat fit he2rna --extraction e1234 --supertiles 100 --ks 1,2,5,10,20,50,100
+    """
+    from hefeat.learn.he2rna import ALL_TILE_KS, SUPERTILE_KS, He2rnaParams, fit_he2rna
+
+    k_list = [int(k) for k in ks.split(",")] if ks else list(SUPERTILE_KS if supertiles else ALL_TILE_KS)
+    p = He2rnaParams(extraction_id=extraction_id, dataset=dataset, supertiles=supertiles or None, ks=k_list,
+                     hidden=[int(h) for h in hidden.split(",")], dropout=dropout, epochs=epochs, patience=patience,
+                     lr=lr, folds=folds, seed=seed)
+    s = fit_he2rna(_store(store_path), p, truth=truth, force=force)
+    emit(s, as_json, _fit_text(s))
+
+
+@fit.command("transfer")
+@click.option("--from", "from_model", required=True, help="An expression model (genes or he2rna) trained on the store.")
+@click.option("--label", required=True, help="Binary clinical column, e.g. msi_status.")
+@click.option("--b-shares", default="0.3,0.5", show_default=True, help="Sizes of hospital B (share of patients).")
+@click.option("--splits", "n_splits", default=10, show_default=True, help="Random A/B splits per size (paper: 50).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True)
+@store_option
+@json_option
+def fit_transfer_cmd(from_model, label, b_shares, n_splits, seed, force, store_path, as_json):
+    """Transcriptomic representation (hospital A) vs raw features vs autoencoder for a label at hospital B.
+
+    \b
+    Example:
+      hefeat fit transfer --from gen-0123abcd --label msi_status --splits 50
+    """
+    from hefeat.learn.transfer import TransferParams, fit_transfer
+
+    p = TransferParams(from_model=from_model, label=label, b_shares=[float(x) for x in b_shares.split(",")],
+                       n_splits=n_splits, seed=seed)
+    s = fit_transfer(_store(store_path), p, force=force)
+    text = f"Transfer {s['model_id']} ({label}): " + ", ".join(f"{k} = {v:.3f}" for k, v in s.items() if k.startswith("auc_"))
+    for t in s.get("tests", []):
+        text += f"\n  B share {t['b_share']}: {t['comparison']}: median AUC diff {t['median_diff']:+.3f}, Wilcoxon p = {t['wilcoxon_p']:.3g}"
+    emit(s, as_json, text)
+
+
 @main.command()
 @click.argument("model_id")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all with features).")

@@ -53,3 +53,25 @@ def build_store(root: Path, cohort: Path, *, spots: bool = True):
 def tiled(tmp_path_factory, cohort):
     """(store, tiling_id, spot_tiling_id) over the session cohort. Treat as read-only."""
     return build_store(tmp_path_factory.mktemp("store"), cohort)
+
+
+@pytest.fixture(scope="session")
+def cohort24(tmp_path_factory) -> Path:
+    """A 24-slide cohort for the statistical tests (known signal/null genes, survival, labels)."""
+    from hefeat.slides.synth import make_cohort
+
+    out = tmp_path_factory.mktemp("cohort24")
+    make_cohort(out, n_slides=24, n_genes=80, seed=7, width_um=1200, height_um=900)
+    return out
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory, cohort24):
+    """(store, extraction_id, spot_extraction_id, truth path) over cohort24, features from a truncated ResNet-18."""
+    from hefeat.extract.pipeline import run_extraction
+
+    st, tid, stid = build_store(tmp_path_factory.mktemp("store24"), cohort24)
+    enc = dict(encoder="resnet18", layer="layer3", weights="none", precision="bf16")
+    eid = run_extraction(st, tiling_id=tid, **enc).extra["extraction_id"]
+    seid = run_extraction(st, tiling_id=stid, **enc).extra["extraction_id"]
+    return st, eid, seid, cohort24 / "truth.json"

@@ -97,3 +97,38 @@ def test_cli_extract_export_import(tmp_path, tiled, cohort):
     assert r.exit_code != 0 and "unreachable" in r.output and "--weights none" in r.output
     runs = js("sql", "SELECT command, tiles_per_s FROM runs WHERE command = 'extract'", "--store", st)
     assert runs and runs[0]["tiles_per_s"] > 0
+
+
+def test_cli_fit_predict_report_and_recipe(learned, tmp_path):
+    st, eid, _, truth = learned
+    s = js("fit", "genes", "--extraction", eid, "--truth", truth, "--store", st.root)
+    assert {"model_id", "n_genes", "n_significant", "n_r2_above_0.2", "signal_recall", "null_false_calls"} <= set(s)
+    p = js("predict", s["model_id"], "--top", "2", "--store", st.root)
+    assert p["slides"] == 24
+    r = js("report", s["model_id"], "--out", tmp_path / "rep", "--store", st.root)
+    assert "genes significant at FDR 0.05" in r["headline"]
+    assert all((tmp_path / "rep" / f).exists() for f in ("r_distribution.png", "top_genes.png", "proliferation.png"))
+    c = js("fit", "--config", "configs/emo.yaml", "--extraction", eid, "--truth", truth, "--store", st.root)
+    assert c["kind"] == "genes" and c["signal_recall"] > 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: genes\nparams: {nonsense: 1}\n")
+    res = run("fit", "--config", bad, "--extraction", eid, "--store", st.root, ok=False)
+    assert res.exit_code != 0 and "Unknown parameters" in res.output
+
+
+def test_every_recipe_loads_and_validates():
+    """Each configs/*.yaml names a known method and only known parameters."""
+    import dataclasses
+    import pathlib
+
+    import yaml
+
+    from hefeat.learn.recipes import METHODS, param_class
+
+    for path in sorted(pathlib.Path("configs").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        if path.name == "demo.yaml":
+            continue
+        assert cfg["method"] in METHODS, path
+        names = {f.name for f in dataclasses.fields(param_class(cfg["method"]))}
+        assert set(cfg.get("params") or {}) <= names | {"truth"}, path

@@ -148,6 +148,13 @@ def predict_bags(net, X: np.ndarray, M: np.ndarray, ks: list[int], *, batch: int
 def train_net(X: np.ndarray, M: np.ndarray, Y: np.ndarray, Xv: np.ndarray, Mv: np.ndarray, Yv: np.ndarray,
               p: He2rnaParams, *, seed: int) -> tuple[object, dict]:
     """Train with random-k top-k and early stopping on the validation bags; returns the best net."""
+    from hefeat.learn.torchutil import flush_denormals
+
+    with flush_denormals():
+        return _train_loop(X, M, Y, Xv, Mv, Yv, p, seed=seed)
+
+
+def _train_loop(X, M, Y, Xv, Mv, Yv, p: He2rnaParams, *, seed: int):
     import torch
 
     torch.manual_seed(seed)

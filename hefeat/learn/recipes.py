@@ -14,7 +14,7 @@ def run_recipe(store: Store, cfg: dict, overrides: dict | None = None) -> dict:
     method = cfg.pop("method")
     params = {**(cfg.get("params") or {}), **(overrides or {})}
     truth = params.pop("truth", None)
-    if "extraction_id" not in params or not params["extraction_id"]:
+    if method != "transfer" and not params.get("extraction_id"):
         eids = store.sql("SELECT extraction_id FROM extractions ORDER BY created")["extraction_id"].tolist()
         if len(eids) != 1:
             raise HefeatError("The recipe names no extraction_id and the store has "
@@ -28,7 +28,12 @@ def run_recipe(store: Store, cfg: dict, overrides: dict | None = None) -> dict:
         from hefeat.learn.he2rna import He2rnaParams, fit_he2rna
 
         return fit_he2rna(store, _build(He2rnaParams, params), truth=truth)
-    raise HefeatError(f"Unknown or not yet available method {method!r}; available: genes, he2rna")
+    if method == "transfer":
+        from hefeat.learn.transfer import TransferParams, fit_transfer
+
+        params.pop("extraction_id", None)
+        return fit_transfer(store, _build(TransferParams, params))
+    raise HefeatError(f"Unknown or not yet available method {method!r}; available: genes, he2rna, transfer")
 
 
 def _build(cls, params: dict):
@@ -39,3 +44,20 @@ def _build(cls, params: dict):
     if unknown:
         raise HefeatError(f"Unknown parameters for {cls.__name__}: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
     return cls(**params)
+
+
+def param_class(method: str):
+    """The parameter dataclass of a method."""
+    if method == "genes":
+        from hefeat.learn.emo import GenesParams
+
+        return GenesParams
+    if method == "he2rna":
+        from hefeat.learn.he2rna import He2rnaParams
+
+        return He2rnaParams
+    if method == "transfer":
+        from hefeat.learn.transfer import TransferParams
+
+        return TransferParams
+    raise HefeatError(f"Unknown method {method!r}")
