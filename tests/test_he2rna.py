@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from hefeat.learn.he2rna import He2rnaParams, fit_he2rna, pad_bags, predict_bags, predict_he2rna, supertiles, topk_mean
+from hefeat.learn.he2rna import (
+    He2rnaParams,
+    fit_he2rna,
+    pad_bags,
+    predict_bags,
+    predict_he2rna,
+    supertiles,
+    topk_mean,
+)
 
 
 def test_topk_hand_computed():

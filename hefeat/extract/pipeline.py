@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -318,6 +319,8 @@ def run_extraction(
     if not meta_path.exists():
         write_json(meta_path, {
             "extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer, "weights": cfg.weights,
+            "weights_source": str(Path(weights).absolute()) if weights and Path(weights).exists() else (weights or "imagenet"),
+            "seed": seed,
             "weights_digest": cfg.weights_digest, "dim": cfg.dim, "precision": prec, "tta": tta, "dtype": dtype,
             "transform": {"input_size": list(cfg.input_size), "mean": list(cfg.mean), "std": list(cfg.std),
                           "interpolation": cfg.interpolation},

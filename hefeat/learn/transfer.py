@@ -51,7 +51,6 @@ def _mlp(sizes: list[int], code_at: int | None = None):
 
 
 def _train(net, X: np.ndarray, T: np.ndarray, *, epochs: int, lr: float, seed: int):
-    import torch
 
     from hefeat.learn.torchutil import flush_denormals
 

@@ -57,6 +57,12 @@ _EMPTY = {
     "NULL::VARCHAR AS created WHERE false",
     "predictions": "SELECT NULL::VARCHAR AS model_id, NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id WHERE false",
     "runs": "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS command, NULL::DOUBLE AS seconds WHERE false",
+    "indexes": "SELECT NULL::VARCHAR AS index_id, NULL::VARCHAR AS extraction_id, NULL::VARCHAR AS type, "
+    "NULL::BIGINT AS n_vectors, NULL::DOUBLE AS recall_at_10 WHERE false",
+    "umap": "SELECT NULL::VARCHAR AS umap_id, NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id, "
+    "NULL::FLOAT AS umap_x, NULL::FLOAT AS umap_y WHERE false",
+    "neighbors": "SELECT NULL::VARCHAR AS query_id, NULL::VARCHAR AS index_id, NULL::INTEGER AS rank, "
+    "NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id, NULL::FLOAT AS distance WHERE false",
 }
 
 
@@ -81,7 +87,7 @@ class Store:
         store = cls(root)
         if store.root.exists() and not store.root.is_dir():
             raise HefeatError(f"Store path {store.root} is a file, not a directory. Choose another --store.")
-        for sub in ("tiles", "features", "models", "predictions", "runs", "status", "exports"):
+        for sub in ("tiles", "features", "models", "predictions", "runs", "status", "indexes", "umaps"):
             (store.root / sub).mkdir(parents=True, exist_ok=True)
         with store.connect(write=True, views=False) as con:
             for stmt in SCHEMA:
@@ -125,7 +131,7 @@ class Store:
             con.close()
 
     def _glob_view(self, con, name: str, pattern: Path, reader: str) -> None:
-        if any(pattern.parent.parent.glob(f"{pattern.parent.name}/{pattern.name}")):
+        if any(self.root.glob(str(pattern.relative_to(self.root)))):
             src = f"{reader}({_q(pattern)}, union_by_name=true, hive_partitioning=false)"
             con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {src}")
         else:
@@ -140,6 +146,9 @@ class Store:
         self._glob_view(con, "models", r / "models" / "*" / "index.json", "read_json_auto")
         self._glob_view(con, "predictions", r / "predictions" / "model=*" / "slide=*.parquet", "read_parquet")
         self._glob_view(con, "runs", r / "runs" / "*" / "run.json", "read_json_auto")
+        self._glob_view(con, "indexes", r / "indexes" / "*" / "index.json", "read_json_auto")
+        self._glob_view(con, "umap", r / "umaps" / "umap=*.parquet", "read_parquet")
+        self._glob_view(con, "neighbors", r / "indexes" / "*" / "queries" / "*.parquet", "read_parquet")
         con.execute(
             "CREATE OR REPLACE TEMP VIEW features_index AS SELECT id AS extraction_id, slide_id, n_tiles, "
             "path, dim FROM status WHERE stage = 'extraction' AND state = 'ok'"
@@ -194,6 +203,14 @@ class Store:
     def predictions_path(self, model_id: str, slide_id: str) -> Path:
         """Per-slide predictions Parquet of one model."""
         return self.root / "predictions" / f"model={model_id}" / f"slide={check_id(slide_id)}.parquet"
+
+    def index_dir(self, index_id: str) -> Path:
+        """Folder of one neighbour index (faiss file, id map, provenance)."""
+        return self.root / "indexes" / check_id(index_id, "index_id")
+
+    def umap_path(self, umap_id: str) -> Path:
+        """Parquet of one UMAP's coordinates."""
+        return self.root / "umaps" / f"umap={check_id(umap_id, 'umap_id')}.parquet"
 
     def run_dir(self, run_id: str) -> Path:
         """Folder of one run's record."""

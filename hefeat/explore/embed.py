@@ -1,0 +1,40 @@
+"""Embed an image file with the exact encoder of an extraction (for query-by-image)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hefeat.errors import HefeatError
+from hefeat.store.catalog import Store
+
+
+def embed_image(store: Store, extraction_id: str, path: str) -> np.ndarray:
+    """Embedding (dim,) of an RGB image, resized to the tiling's patch size, with the extraction's encoder."""
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from hefeat.extract.encoders import create_encoder
+    from hefeat.extract.pipeline import DeviceTransform, embed_batch
+
+    ext = store.extraction(extraction_id)
+    if ext.get("imported"):
+        raise HefeatError(f"Extraction {extraction_id} was imported; hefeat cannot re-create its encoder to embed images")
+    if not Path(path).exists():
+        raise HefeatError(f"Image not found: {path}")
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise HefeatError(f"Cannot read image {path}: {e}") from None
+    size = int(ext["patch_size"])
+    arr = np.array(img.resize((size, size), Image.Resampling.LANCZOS))
+    enc = create_encoder(ext["encoder"], weights=ext.get("weights_source", ext["weights"]), layer=ext.get("layer"),
+                         seed=int(ext.get("seed", 0)))
+    if enc.config.weights_digest != ext["weights_digest"]:
+        raise HefeatError(f"The encoder re-created for {extraction_id} has other weights than the extraction "
+                          f"(digest {enc.config.weights_digest} != {ext['weights_digest']}); is the weights file changed?")
+    x = torch.from_numpy(arr[None])
+    f = embed_batch(enc, DeviceTransform(enc.config, "cpu"), x, device="cpu", precision=ext["precision"],
+                    tta=bool(ext.get("tta")))
+    return f[0].numpy()

@@ -1,0 +1,262 @@
+"""Cohort-wide nearest-neighbour search over a store's embeddings with faiss.
+
+Indexes are built slide by slide (never the whole store in memory for IVF/PQ), trained on a seeded
+sample, stored with their provenance and the recall@10 measured at build time against exact search.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pandas as pd
+
+from hefeat.errors import HefeatError
+from hefeat.store.atomic import atomic_path, read_json, write_json
+from hefeat.store.catalog import Store
+from hefeat.store.features import iter_slide_features, read_features
+from hefeat.store.ids import content_id
+from hefeat.store.tables import write_parquet
+
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+
+
+def _prep(x: np.ndarray, metric: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32)
+    if metric == "cosine":
+        n = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.maximum(n, 1e-12)
+    return x
+
+
+def choose_type(n: int, dim: int, *, memory_bytes: int | None = None) -> str:
+    """flat up to 100k vectors; IVF-Flat while raw vectors fit in half the memory; IVF-PQ beyond."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n <= 100_000:
+        return "flat"
+    if n * dim * 4 < memory_bytes / 2:
+        return "ivf"
+    return "ivfpq"
+
+
+def _make(kind: str, dim: int, metric: str, n: int, *, nlist: int | None, pq_m: int | None, hnsw_m: int):
+    import faiss
+
+    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
+    if kind == "hnsw":
+        idx = faiss.IndexHNSWFlat(dim, hnsw_m, mt)
+        idx.hnsw.efConstruction = 80
+        idx.hnsw.efSearch = 64
+        return idx
+    nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
+    quant = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
+    if kind == "ivf":
+        idx = faiss.IndexIVFFlat(quant, dim, nlist, mt)
+    elif kind == "ivfpq":
+        m = pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim // 2 or m == 1)
+        idx = faiss.IndexIVFPQ(quant, dim, nlist, m, 8, mt)
+    else:
+        raise HefeatError(f"index type must be one of {', '.join(INDEX_TYPES)}")
+    idx.nprobe = max(1, min(nlist, 16 if kind == "ivf" else 32))
+    return idx
+
+
+def _catalog(store: Store, eid: str) -> pd.DataFrame:
+    store.extraction(eid)
+    fi = store.sql("SELECT slide_id, n_tiles FROM features_index WHERE extraction_id = ? ORDER BY slide_id", [eid])
+    if fi.empty:
+        raise HefeatError(f"Extraction {eid} has no finished slides")
+    fi["offset"] = np.concatenate([[0], np.cumsum(fi["n_tiles"].to_numpy())[:-1]])
+    return fi
+
+
+def _sample(store: Store, eid: str, fi: pd.DataFrame, n: int, seed: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of vectors (and their global ids), reading one slide at a time."""
+    total = int(fi["n_tiles"].sum())
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(total, min(n, total), replace=False))
+    out, ids = [], []
+    for r in fi.itertuples():
+        sel = pick[(pick >= r.offset) & (pick < r.offset + r.n_tiles)]
+        if len(sel):
+            out.append(read_features(store.features_path(eid, r.slide_id), sel - r.offset))
+            ids.append(sel)
+    return _prep(np.concatenate(out), metric), np.concatenate(ids)
+
+
+def exact_knn(store: Store, eid: str, fi: pd.DataFrame, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Exact top-k global ids for `queries`, streaming the store slide by slide."""
+    best_d = np.full((len(queries), k), -np.inf if metric == "cosine" else np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    for r, (_, F) in zip(fi.itertuples(), iter_slide_features(store, eid, fi["slide_id"].tolist()), strict=True):
+        V = _prep(F, metric)
+        if metric == "cosine":
+            d = queries @ V.T
+        else:
+            d = (queries**2).sum(1)[:, None] - 2 * queries @ V.T + (V**2).sum(1)[None]
+        ids = np.arange(r.offset, r.offset + len(V))
+        D = np.concatenate([best_d, d], 1)
+        I = np.concatenate([best_i, np.broadcast_to(ids, d.shape)], 1)
+        order = np.argsort(-D if metric == "cosine" else D, axis=1, kind="stable")[:, :k]
+        best_d, best_i = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+    return best_i
+
+
+def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric: str = "cosine",
+                sample: int = 100_000, seed: int = 0, nlist: int | None = None, pq_m: int | None = None,
+                hnsw_m: int = 32, n_queries: int = 200, force: bool = False) -> dict:
+    """Build (or find) a neighbour index over an extraction; returns its provenance with recall@10."""
+    import faiss
+
+    if index not in INDEX_TYPES:
+        raise HefeatError(f"--index must be one of {', '.join(INDEX_TYPES)}")
+    if metric not in ("cosine", "l2"):
+        raise HefeatError("--metric must be cosine or l2")
+    fi = _catalog(store, extraction_id)
+    n = int(fi["n_tiles"].sum())
+    dim = int(store.extraction(extraction_id)["dim"])
+    kind = choose_type(n, dim) if index == "auto" else index
+    params = {"extraction_id": extraction_id, "type": kind, "metric": metric, "sample": sample, "seed": seed,
+              "nlist": nlist, "pq_m": pq_m, "hnsw_m": hnsw_m, "n": n}
+    iid = content_id(params, prefix="i")
+    d = store.index_dir(iid)
+    if (d / "index.json").exists() and not force:
+        return {**read_json(d / "index.json"), "cached": True}
+    t0 = time.perf_counter()
+    idx = _make(kind, dim, metric, n, nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m)
+    train, train_ids = _sample(store, extraction_id, fi, sample, seed, metric)
+    if not idx.is_trained:
+        if len(train) < getattr(idx, "nlist", 1):
+            raise HefeatError(f"{n} vectors are too few to train a {kind} index; use --index flat")
+        idx.train(train)
+    for _r, (_, F) in zip(fi.itertuples(), iter_slide_features(store, extraction_id, fi["slide_id"].tolist()), strict=True):
+        idx.add(_prep(F, metric))  # ids are insertion order = global ids
+    build_s = time.perf_counter() - t0
+    # Recall@10 on held-out queries (vectors not used to train) against exact search.
+    rng = np.random.default_rng(seed + 1)
+    held = np.setdiff1d(np.arange(n), train_ids) if len(train_ids) < n else np.arange(n)
+    qids = np.sort(rng.choice(held, min(n_queries, len(held)), replace=False))
+    Q = np.concatenate([read_features(store.features_path(extraction_id, r.slide_id),
+                                      qids[(qids >= r.offset) & (qids < r.offset + r.n_tiles)] - r.offset)
+                        for r in fi.itertuples()])
+    Q = _prep(Q, metric)
+    k = min(10, n)
+    exact = exact_knn(store, extraction_id, fi, Q, k, metric)
+    t = time.perf_counter()
+    _, approx = idx.search(Q, k)
+    query_ms = (time.perf_counter() - t) / len(Q) * 1000
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact, strict=True)]))
+    d.mkdir(parents=True, exist_ok=True)
+    with atomic_path(d / "index.faiss") as tmp:
+        faiss.write_index(idx, str(tmp))
+    ids = pd.concat([pd.DataFrame({"global_id": np.arange(r.offset, r.offset + r.n_tiles), "slide_id": r.slide_id,
+                                   "tile_id": np.arange(r.n_tiles)}) for r in fi.itertuples()], ignore_index=True)
+    write_parquet(ids, d / "ids.parquet")
+    meta = {"index_id": iid, "extraction_id": extraction_id, "type": kind, "metric": metric, "n_vectors": n,
+            "dim": dim, "recall_at_10": recall, "build_seconds": round(build_s, 3), "query_ms": round(query_ms, 4),
+            "params": params, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(d / "index.json", meta)
+    return {**meta, "cached": False}
+
+
+def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None) -> dict:
+    if index_id:
+        p = store.index_dir(index_id) / "index.json"
+        if not p.exists():
+            raise HefeatError(f"No index {index_id!r} in the store; build one with hefeat neighbors build")
+        meta = read_json(p)
+        if extraction_id and meta["extraction_id"] != extraction_id:
+            raise HefeatError(f"Index {index_id} was built for extraction {meta['extraction_id']}, not {extraction_id}")
+        return meta
+    rows = store.sql("SELECT index_id FROM indexes WHERE extraction_id = ? ORDER BY created DESC", [extraction_id])
+    if rows.empty:
+        raise HefeatError(f"No neighbour index for extraction {extraction_id}; run: hefeat neighbors build --extraction {extraction_id}")
+    return read_json(store.index_dir(rows["index_id"].iloc[0]) / "index.json")
+
+
+def load_index(store: Store, meta: dict):
+    """The faiss index and its global-id -> (slide_id, tile_id) table."""
+    import faiss
+
+    d = store.index_dir(meta["index_id"])
+    return faiss.read_index(str(d / "index.faiss")), pd.read_parquet(d / "ids.parquet")
+
+
+def query(store: Store, *, extraction_id: str | None = None, index_id: str | None = None,
+          tile: tuple[str, int] | None = None, image: str | None = None, slide: str | None = None,
+          vector: np.ndarray | None = None, k: int = 20, exclude_same_slide: bool = False,
+          write: bool = False) -> pd.DataFrame:
+    """Nearest tiles to a tile, an image file, a slide's mean embedding or a vector; joined with slide metadata."""
+    meta = _resolve_index(store, extraction_id, index_id)
+    eid = meta["extraction_id"]
+    idx, ids = load_index(store, meta)
+    src_slide = None
+    if tile is not None:
+        sid, tid = tile
+        n = store.sql("SELECT n_tiles FROM features_index WHERE extraction_id = ? AND slide_id = ?", [eid, sid])
+        if n.empty or not (0 <= int(tid) < int(n.iloc[0, 0])):
+            raise HefeatError(f"Tile {sid}:{tid} does not exist in extraction {eid}")
+        q = read_features(store.features_path(eid, sid), np.array([int(tid)]))
+        src_slide = sid
+    elif image is not None:
+        from hefeat.explore.embed import embed_image
+
+        q = embed_image(store, eid, image)[None]
+    elif slide is not None:
+        q = read_features(store.features_path(eid, slide)).mean(0, keepdims=True)
+        src_slide = slide
+    elif vector is not None:
+        q = np.asarray(vector, np.float32)[None]
+    else:
+        raise HefeatError("Give a tile (SLIDE:TILE_ID), an image file, a slide or a vector to query")
+    extra = int(ids.groupby("slide_id").size().max()) if exclude_same_slide and src_slide else 0
+    kk = min(k + extra, idx.ntotal)
+    D, I = idx.search(_prep(q, meta["metric"]), kk)
+    res = ids.iloc[I[0][I[0] >= 0]].reset_index(drop=True)
+    dist = D[0][I[0] >= 0]
+    res["distance"] = (1 - dist) if meta["metric"] == "cosine" else np.sqrt(np.maximum(dist, 0))
+    if exclude_same_slide and src_slide:
+        res = res[res["slide_id"] != src_slide]
+    res = res.head(k).reset_index(drop=True)
+    res.insert(0, "rank", np.arange(1, len(res) + 1))
+    tid_ = store.extraction(eid)["tiling_id"]
+    meta_tiles = store.sql(f"SELECT slide_id, tile_id, x, y FROM tiles WHERE tiling_id = '{tid_}'")
+    res = res.merge(meta_tiles, on=["slide_id", "tile_id"], how="left")
+    res = res.merge(store.sql("SELECT slide_id, patient_id, site FROM slides"), on="slide_id", how="left")
+    res = res.drop(columns=["global_id"]).sort_values("rank").reset_index(drop=True)
+    if write:
+        qid = content_id({"index": meta["index_id"], "tile": tile, "image": image, "slide": slide, "k": k,
+                          "x": exclude_same_slide}, prefix="q")
+        out = res.assign(query_id=qid, index_id=meta["index_id"])
+        write_parquet(out, store.index_dir(meta["index_id"]) / "queries" / f"{qid}.parquet")
+        res.attrs["query_id"] = qid
+    return res
+
+
+def latent_vs_physical(store: Store, extraction_id: str, *, n: int = 500, seed: int = 0, index_id: str | None = None) -> dict:
+    """ST-Net's check: how often a tile's nearest latent neighbour (not itself) is a physically adjacent tile."""
+    meta = _resolve_index(store, extraction_id, index_id)
+    idx, ids = load_index(store, meta)
+    tid = store.extraction(extraction_id)["tiling_id"]
+    grid = store.sql(f"SELECT slide_id, tile_id, row, col FROM tiles WHERE tiling_id = '{tid}'")
+    ids = ids.merge(grid, on=["slide_id", "tile_id"], how="left")
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(ids), min(n, len(ids)), replace=False)
+    fi = _catalog(store, extraction_id)
+    Q = np.concatenate([read_features(store.features_path(extraction_id, r.slide_id),
+                                      np.sort(pick)[(np.sort(pick) >= r.offset) & (np.sort(pick) < r.offset + r.n_tiles)] - r.offset)
+                        for r in fi.itertuples()])
+    pick = np.sort(pick)
+    _, I = idx.search(_prep(Q, meta["metric"]), 2)
+    adj = same = 0
+    for q, row in zip(pick, I, strict=True):
+        nb = row[1] if row[0] == q else row[0]
+        a, b = ids.iloc[q], ids.iloc[nb]
+        if a.slide_id == b.slide_id:
+            same += 1
+            adj += int(abs(a.row - b.row) <= 1 and abs(a.col - b.col) <= 1)
+    return {"n_queries": len(pick), "adjacent_share": adj / len(pick), "same_slide_share": same / len(pick)}
