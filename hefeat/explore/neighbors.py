@@ -100,9 +100,9 @@ def exact_knn(store: Store, eid: str, fi: pd.DataFrame, queries: np.ndarray, k: 
             d = (queries**2).sum(1)[:, None] - 2 * queries @ V.T + (V**2).sum(1)[None]
         ids = np.arange(r.offset, r.offset + len(V))
         D = np.concatenate([best_d, d], 1)
-        I = np.concatenate([best_i, np.broadcast_to(ids, d.shape)], 1)
+        idx_all = np.concatenate([best_i, np.broadcast_to(ids, d.shape)], 1)
         order = np.argsort(-D if metric == "cosine" else D, axis=1, kind="stable")[:, :k]
-        best_d, best_i = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        best_d, best_i = np.take_along_axis(D, order, 1), np.take_along_axis(idx_all, order, 1)
     return best_i
 
 
@@ -215,9 +215,9 @@ def query(store: Store, *, extraction_id: str | None = None, index_id: str | Non
         raise HefeatError("Give a tile (SLIDE:TILE_ID), an image file, a slide or a vector to query")
     extra = int(ids.groupby("slide_id").size().max()) if exclude_same_slide and src_slide else 0
     kk = min(k + extra, idx.ntotal)
-    D, I = idx.search(_prep(q, meta["metric"]), kk)
-    res = ids.iloc[I[0][I[0] >= 0]].reset_index(drop=True)
-    dist = D[0][I[0] >= 0]
+    D, nn = idx.search(_prep(q, meta["metric"]), kk)
+    res = ids.iloc[nn[0][nn[0] >= 0]].reset_index(drop=True)
+    dist = D[0][nn[0] >= 0]
     res["distance"] = (1 - dist) if meta["metric"] == "cosine" else np.sqrt(np.maximum(dist, 0))
     if exclude_same_slide and src_slide:
         res = res[res["slide_id"] != src_slide]
@@ -251,9 +251,9 @@ def latent_vs_physical(store: Store, extraction_id: str, *, n: int = 500, seed: 
                                       np.sort(pick)[(np.sort(pick) >= r.offset) & (np.sort(pick) < r.offset + r.n_tiles)] - r.offset)
                         for r in fi.itertuples()])
     pick = np.sort(pick)
-    _, I = idx.search(_prep(Q, meta["metric"]), 2)
+    _, nn = idx.search(_prep(Q, meta["metric"]), 2)
     adj = same = 0
-    for q, row in zip(pick, I, strict=True):
+    for q, row in zip(pick, nn, strict=True):
         nb = row[1] if row[0] == q else row[0]
         a, b = ids.iloc[q], ids.iloc[nb]
         if a.slide_id == b.slide_id:

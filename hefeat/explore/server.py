@@ -81,8 +81,9 @@ def create_app(store: Store):
             abort(400)
         tid = store.extraction(extraction)["tiling_id"]
         buf = io.BytesIO()
-        render_heatmap(store, slide, f"SELECT tile_id, {col} FROM tiles WHERE tiling_id = '{tid}'", buf,
-                       tiling_id=tid)
+        store.slides([slide])  # unknown slide -> clear error
+        render_heatmap(store, slide, f"SELECT tile_id, {col} FROM tiles WHERE tiling_id = '{tid}' "
+                       f"AND slide_id = '{slide}'", buf, tiling_id=tid)
         return Response(buf.getvalue(), mimetype="image/png")
 
     @app.get("/files/<path:path>")
