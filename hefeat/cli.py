@@ -500,6 +500,159 @@ def fit_transfer_cmd(from_model, label, b_shares, n_splits, seed, force, store_p
     emit(s, as_json, text)
 
 
+@fit.command("spots")
+@click.option("--extraction", "extraction_id", required=True, help="An extraction on a spot tiling.")
+@click.option("--genes", default="top:250", show_default=True, help="top:N by mean, all, a file or a comma list.")
+@click.option("--head", type=click.Choice(["ridge", "mlp"]), default="ridge", show_default=True)
+@click.option("--cv", type=click.Choice(["leave-one-patient-out"]), default="leave-one-patient-out", show_default=True)
+@click.option("--region-labels", default=None, help="CSV/Parquet slide_id, spot_id, label for the region baseline.")
+@click.option("--bulk", "bulk_dataset", default="expression", show_default=True, help="Bulk dataset for pseudo-bulk.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True)
+@store_option
+@json_option
+def fit_spots_cmd(extraction_id, genes, head, cv, region_labels, bulk_dataset, seed, force, store_path, as_json):
+    """ST-Net-style spot heads, leave-one-patient-out, sign test over patients.
+
+    \b
+    Example:
+      hefeat fit spots --extraction e5678 --genes top:250 --cv leave-one-patient-out
+    """
+    from hefeat.learn.spots import SpotsParams, fit_spots
+
+    s = fit_spots(_store(store_path), SpotsParams(extraction_id=extraction_id, genes=genes, head=head,
+                                                  region_labels=region_labels, bulk_dataset=bulk_dataset, seed=seed),
+                  force=force)
+    emit(s, as_json, f"Spot model {s['model_id']}: {s['genes_passing_sign_test']} of {s['n_genes']} genes pass the sign "
+         f"test over {s['n_patients']} patients (Holm); median r {s['median_r_model']:.3f} "
+         f"(colour/texture baseline {s['median_r_qc_baseline']:.3f}).")
+
+
+@fit.command("traits")
+@click.option("--extraction", "extraction_id", required=True)
+@click.option("--trait", "traits", multiple=True, required=True, help="Gene/miRNA of the expression table; repeat.")
+@click.option("--exclude-mid", default="20,80", show_default=True, help="Percentiles kept out of training (OOD).")
+@click.option("--splits", default=5, show_default=True)
+@click.option("--test-share", default=0.1, show_default=True)
+@click.option("--head", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True)
+@store_option
+@json_option
+def fit_traits_cmd(extraction_id, traits, exclude_mid, splits, test_share, head, seed, force, store_path, as_json):
+    """PathoMCH trait tile classifiers; binary trait maps for every slide.
+
+    \b
+    Example:
+      hefeat fit traits --extraction e1234 --trait MKI67 --trait miR-17 --exclude-mid 20,80
+    """
+    from hefeat.learn.traits import TraitsParams, fit_traits
+
+    lo, hi = (float(x) for x in exclude_mid.split(","))
+    s = fit_traits(_store(store_path), TraitsParams(extraction_id=extraction_id, traits=list(traits),
+                                                    exclude_mid=[lo, hi], splits=splits, test_share=test_share,
+                                                    head=head, seed=seed), force=force)
+    text = f"Traits model {s['model_id']}: " + ", ".join(f"{k} = {v:.3f}" for k, v in s.items() if "auc" in k and isinstance(v, float))
+    emit(s, as_json, text)
+
+
+@fit.command("receptors")
+@click.option("--extraction", "extraction_id", required=True)
+@click.option("--label", required=True, help="Clinical column: er_status, pr_status, her2_status, pam50, ...")
+@click.option("--split", type=click.Choice(["site"]), default="site", show_default=True)
+@click.option("--tiles", default="top:200", show_default=True, help="top:N densest tiles per slide, or all.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True)
+@store_option
+@json_option
+def fit_receptors_cmd(extraction_id, label, split, tiles, seed, force, store_path, as_json):
+    """Site-grouped slide classifiers (Ektefaie et al.): patient AUC with a 95 % bootstrap CI.
+
+    \b
+    Example:
+      hefeat fit receptors --extraction e1234 --label er_status --split site --tiles top:200
+    """
+    from hefeat.learn.receptors import ReceptorParams, fit_receptors
+
+    s = fit_receptors(_store(store_path), ReceptorParams(extraction_id=extraction_id, label=label, split=split,
+                                                         tiles=tiles, seed=seed), force=force)
+    if "patient_auc_ci_low" in s:
+        text = (f"Receptor model {s['model_id']} ({label}): patient AUC {s['patient_auc']:.3f} "
+                f"[{s['patient_auc_ci_low']:.3f}, {s['patient_auc_ci_high']:.3f}] on test sites {s['test_sites']}")
+    else:
+        text = f"Receptor model {s['model_id']} ({label}): top-1 {s['top1']:.3f}, top-2 {s['top2']:.3f}"
+    emit(s, as_json, text)
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--slide", required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@store_option
+@json_option
+def cartography(model_id, slide, out, store_path, as_json):
+    """Per-trait and combined trait maps of a slide (PNG) from a traits model.
+
+    \b
+    Example:
+      hefeat cartography tra-0123abcd --slide S01 --out map.png
+    """
+    from hefeat.learn.traits import cartography as carto
+
+    s = carto(_store(store_path), model_id, slide, out)
+    emit(s, as_json, f"Cartography of {slide} ({s['tiles']} tiles, HTI {s['hti']:.3f}): {out}")
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write .parquet or .csv here.")
+@store_option
+@json_option
+def hti(model_id, out, store_path, as_json):
+    """Heterogeneity index per slide from a traits model, joined with clinical data.
+
+    \b
+    Example:
+      hefeat hti tra-0123abcd --out hti.parquet
+    """
+    from hefeat.learn.traits import hti_table
+
+    df = hti_table(_store(store_path), model_id, out)
+    s = {"model_id": model_id, "n_slides": len(df), "hti": df[["slide_id", "hti"]].to_dict("records"),
+         "mean_hti": float(df["hti"].mean())}
+    emit(s, as_json, f"HTI for {len(df)} slides (mean {s['mean_hti']:.3f})" + (f": {out}" if out else "") + "\n"
+         + df[["slide_id", "hti", "positive_tiles"]].to_string(index=False))
+
+
+@main.command()
+@click.option("--model", "model_id", default=None, help="Traits model (default: the latest).")
+@click.option("--by", default="hti", show_default=True)
+@click.option("--threshold", default=0.5, show_default=True)
+@click.option("--time-col", default="survival_months", show_default=True)
+@click.option("--event-col", default="event", show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Kaplan–Meier PNG.")
+@store_option
+@json_option
+def survival(model_id, by, threshold, time_col, event_col, out, store_path, as_json):
+    """Kaplan–Meier curves and log-rank test for HTI above vs below a threshold.
+
+    \b
+    Example:
+      hefeat survival --by hti --threshold 0.5 --out km.png
+    """
+    from hefeat.learn.traits import survival as surv
+
+    st = _store(store_path)
+    if not model_id:
+        m = st.sql("SELECT model_id FROM models WHERE kind = 'traits' ORDER BY created DESC")
+        if m.empty:
+            raise HefeatError("No traits model in the store; run hefeat fit traits first")
+        model_id = m["model_id"].iloc[0]
+    s = surv(st, model_id, by=by, threshold=threshold, time_col=time_col, event_col=event_col, out=out)
+    emit(s, as_json, f"{by} > {threshold}: {s['n_high']} patients vs {s['n_low']}; log-rank p = {s['logrank_p']:.3g}"
+         + (f"; plot {out}" if out else ""))
+
+
 @main.command()
 @click.argument("model_id")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all with features).")

@@ -56,22 +56,22 @@ def tiled(tmp_path_factory, cohort):
 
 
 @pytest.fixture(scope="session")
-def cohort24(tmp_path_factory) -> Path:
-    """A 24-slide cohort for the statistical tests (known signal/null genes, survival, labels)."""
+def cohort40(tmp_path_factory) -> Path:
+    """A 40-slide cohort (small slides) for the statistical tests: signal/null genes, spots, survival, labels."""
     from hefeat.slides.synth import make_cohort
 
-    out = tmp_path_factory.mktemp("cohort24")
-    make_cohort(out, n_slides=24, n_genes=80, seed=7, width_um=1200, height_um=900)
+    out = tmp_path_factory.mktemp("cohort40")
+    make_cohort(out, n_slides=40, n_genes=80, seed=7, width_um=1000, height_um=750)
     return out
 
 
 @pytest.fixture(scope="session")
-def learned(tmp_path_factory, cohort24):
-    """(store, extraction_id, spot_extraction_id, truth path) over cohort24, features from a truncated ResNet-18."""
+def learned(tmp_path_factory, cohort40):
+    """(store, extraction_id, spot_extraction_id, truth path) over cohort40, features from a truncated ResNet-18."""
     from hefeat.extract.pipeline import run_extraction
 
-    st, tid, stid = build_store(tmp_path_factory.mktemp("store24"), cohort24)
+    st, tid, stid = build_store(tmp_path_factory.mktemp("store40"), cohort40)
     enc = dict(encoder="resnet18", layer="layer3", weights="none", precision="bf16")
     eid = run_extraction(st, tiling_id=tid, **enc).extra["extraction_id"]
     seid = run_extraction(st, tiling_id=stid, **enc).extra["extraction_id"]
-    return st, eid, seid, cohort24 / "truth.json"
+    return st, eid, seid, cohort40 / "truth.json"

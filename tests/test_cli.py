@@ -104,7 +104,7 @@ def test_cli_fit_predict_report_and_recipe(learned, tmp_path):
     s = js("fit", "genes", "--extraction", eid, "--truth", truth, "--store", st.root)
     assert {"model_id", "n_genes", "n_significant", "n_r2_above_0.2", "signal_recall", "null_false_calls"} <= set(s)
     p = js("predict", s["model_id"], "--top", "2", "--store", st.root)
-    assert p["slides"] == 24
+    assert p["slides"] == 40
     r = js("report", s["model_id"], "--out", tmp_path / "rep", "--store", st.root)
     assert "genes significant at FDR 0.05" in r["headline"]
     assert all((tmp_path / "rep" / f).exists() for f in ("r_distribution.png", "top_genes.png", "proliferation.png"))

@@ -34,7 +34,7 @@ def test_tile_level_variant_and_predictions(learned):
     s = fit_genes(st, GenesParams(extraction_id=eid, level="tile", split="patient-kfold:3"), truth=truth)
     assert s["signal_recall"] >= 0.5 and s["level"] == "tile"
     out = predict_genes(st, s["model_id"], top=3)
-    assert out["slides"] == 24 and len(out["tile_genes"]) == 3
+    assert out["slides"] == 40 and len(out["tile_genes"]) == 3
     p = st.sql(f"SELECT * FROM predictions WHERE model_id = '{s['model_id']}'")
     assert len(p) == out["tiles"] and set(out["tile_genes"]) <= set(p.columns)
     # EMO-average: the slide prediction is the mean of the tile predictions (linear heads).

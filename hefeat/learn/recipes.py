@@ -33,7 +33,13 @@ def run_recipe(store: Store, cfg: dict, overrides: dict | None = None) -> dict:
 
         params.pop("extraction_id", None)
         return fit_transfer(store, _build(TransferParams, params))
-    raise HefeatError(f"Unknown or not yet available method {method!r}; available: genes, he2rna, transfer")
+    if method in ("spots", "traits", "receptors"):
+        fit = {"spots": ("hefeat.learn.spots", "fit_spots"), "traits": ("hefeat.learn.traits", "fit_traits"),
+               "receptors": ("hefeat.learn.receptors", "fit_receptors")}[method]
+        import importlib
+
+        return getattr(importlib.import_module(fit[0]), fit[1])(store, _build(param_class(method), params))
+    raise HefeatError(f"Unknown method {method!r}; available: {', '.join(METHODS)}")
 
 
 def _build(cls, params: dict):
@@ -60,4 +66,16 @@ def param_class(method: str):
         from hefeat.learn.transfer import TransferParams
 
         return TransferParams
+    if method == "spots":
+        from hefeat.learn.spots import SpotsParams
+
+        return SpotsParams
+    if method == "traits":
+        from hefeat.learn.traits import TraitsParams
+
+        return TraitsParams
+    if method == "receptors":
+        from hefeat.learn.receptors import ReceptorParams
+
+        return ReceptorParams
     raise HefeatError(f"Unknown method {method!r}")

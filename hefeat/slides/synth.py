@@ -240,7 +240,7 @@ def make_truth(n_genes: int, signal_share: float, rng: np.random.Generator) -> d
 
 
 def cohort_specs(n_slides: int, seed: int, *, width_um: float, height_um: float, share_025: float = 1 / 6,
-                 spot_share: float = 1 / 3, n_sites: int = 4) -> list[SlideSpec]:
+                 spot_share: float = 1 / 2, n_sites: int = 4) -> list[SlideSpec]:
     """Slides, patients (a few with two slides) and sites of a cohort, deterministic from `seed`."""
     rng = np.random.default_rng(seed)
     specs, p = [], 0
@@ -268,6 +268,20 @@ def _heterogeneity(comp: np.ndarray) -> float:
     return float(-(c * np.log(c)).sum() / np.log(len(CLASSES)))
 
 
+def _spot_shares(mu: np.ndarray, W: np.ndarray, comp: np.ndarray) -> np.ndarray:
+    """Expected share of each gene in a spot's counts. Null genes keep a fixed share (so normalising by
+    the spot total gives them no composition signal); signal genes split the remaining mass by
+    2 ** (mu + W . composition)."""
+    sig = (W != 0).any(1)
+    base = 2.0**mu
+    share = base / base.sum()
+    sig_mass = share[sig].sum()
+    r = 2.0 ** (mu[sig] + W[sig] @ comp)
+    share = share.copy()
+    share[sig] = sig_mass * r / r.sum()
+    return share
+
+
 def _spots_for(spec: SlideSpec, cls: np.ndarray, truth: dict, rng: np.random.Generator, spacing_um: float,
                diameter_um: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     W = np.asarray(truth["weights"])
@@ -289,10 +303,8 @@ def _spots_for(spec: SlideSpec, cls: np.ndarray, truth: dict, rng: np.random.Gen
             if tissue.mean() < 0.5:
                 continue
             comp = np.array([(vals[tissue] == k).mean() for k in range(len(CLASSES))])
-            log2 = mu + W @ comp
-            rate = 2.0**log2
-            depth = rng.uniform(3000, 8000)
-            c = rng.poisson(depth * rate / rate.sum())
+            depth = rng.uniform(20_000, 40_000)  # UMIs per spot, Visium-like
+            c = rng.poisson(depth * _spot_shares(mu, W, comp))
             rows.append({
                 "slide_id": spec.slide_id, "spot_id": f"{spec.slide_id}_{j}x{i}",
                 "x": x / spec.mpp, "y": y / spec.mpp,
@@ -326,7 +338,7 @@ def make_cohort(
     width_um: float = 1600.0,
     height_um: float = 1200.0,
     spot_spacing_um: float = 100.0,
-    spot_diameter_um: float = 55.0,
+    spot_diameter_um: float = 100.0,
     workers: int | None = None,
     progress: bool = False,
 ) -> dict:
@@ -360,9 +372,9 @@ def make_cohort(
     for s in specs:
         c = comp[s.slide_id]
         het = _heterogeneity(c)
-        hazard = 0.02 * np.exp(3.0 * (het - 0.6))
+        hazard = 0.02 * np.exp(8.0 * (het - 0.6))
         t = rng.exponential(1 / hazard)
-        censor = rng.uniform(24, 120)
+        censor = rng.uniform(36, 120)
         msi = int(c[2] + rng.normal(0, 0.05) > 0.3)
         er = int(c[0] + rng.normal(0, 0.08) > 0.3)
         pam50 = ["LumA", "LumB", "Her2", "Basal"][int(np.argmax([c[1] + 0.2 * er, c[0] * er, c[0] * (1 - er), c[2] + c[3]]))]
