@@ -32,5 +32,53 @@ def later_stages(store, out: dict, data, *, encoder=None, say=print) -> dict:
     lines.append(f"Per-gene heads {g['model_id']}: {g['n_significant']} of {g['n_genes']} genes significant at FDR 0.05; "
                  f"found {g['signal_recall']:.0%} of the {g['n_signal_evaluated']} true signal genes, "
                  f"called {g['null_false_calls']} of {g['n_null_evaluated']} null genes.")
+    res.update(_spatial_and_exploration(store, res, data, say, lines))
     res["lines"] = lines
     return res
+
+
+def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> dict:
+    """Spot heads with a map, trait maps + HTI survival plot, a neighbour index and a UMAP PNG."""
+    import numpy as np
+    import pandas as pd
+
+    from hefeat.explore.neighbors import build_index, query
+    from hefeat.explore.umap_map import plot_umap, run_umap
+    from hefeat.learn.spots import SpotsParams, fit_spots, spot_maps
+    from hefeat.learn.traits import TraitsParams, cartography, fit_traits, survival
+
+    out = store.reports_dir("demo")
+    extra: dict = {}
+    say("[6] ST-Net-style spot heads (leave-one-patient-out)")
+    t = pd.read_parquet(data / "truth" / "spots.parquet")
+    t["label"] = np.where(t["frac_tumour"] > 0.5, "tumour", "normal")
+    t[["slide_id", "spot_id", "label"]].to_csv(out / "spot_regions.csv", index=False)
+    sp = fit_spots(store, SpotsParams(extraction_id=res["spot_extraction_id"], genes="top:50",
+                                      region_labels=str(out / "spot_regions.csv")))
+    m = pd.read_parquet(store.model_dir(sp["model_id"]) / "metrics.parquet")
+    gene = m.sort_values("mean_r_model", ascending=False)["gene"].iloc[0]
+    sid = sorted(p.name.removeprefix("slide=").removesuffix(".parquet")
+                 for p in store.predictions_path(sp["model_id"], "x").parent.glob("slide=*.parquet"))[0]
+    spot_maps(store, sp["model_id"], sid, gene, out / "spot_map.png")
+    extra.update(spots_model_id=sp["model_id"], genes_passing_sign_test=sp["genes_passing_sign_test"])
+    lines.append(f"Spot heads {sp['model_id']}: {sp['genes_passing_sign_test']} of {sp['n_genes']} genes pass the sign "
+                 f"test over {sp['n_patients']} patients; map of {gene} on {sid}: {out / 'spot_map.png'}")
+    say("[7] trait maps (MKI67, miR-17), heterogeneity index, survival")
+    tr = fit_traits(store, TraitsParams(extraction_id=res["extraction_id"], exclude_mid=[30, 70], test_share=0.2))
+    cartography(store, tr["model_id"], "S01", out / "cartography_S01.png")
+    sv = survival(store, tr["model_id"], threshold=0.5, out=out / "hti_survival.png")
+    extra.update(traits_model_id=tr["model_id"], logrank_p=sv["logrank_p"])
+    lines.append(f"Traits {tr['model_id']}: held-out AUC MKI67 {tr['heldout_auc_MKI67']:.2f}, miR-17 "
+                 f"{tr['heldout_auc_miR-17']:.2f}; HTI > 0.5 vs <= 0.5 log-rank p = {sv['logrank_p']:.3g} "
+                 f"({out / 'hti_survival.png'})")
+    say("[8] neighbour index and UMAP")
+    ix = build_index(store, res["extraction_id"])
+    nb = query(store, extraction_id=res["extraction_id"], tile=("S01", 0), k=5, exclude_same_slide=True, write=True)
+    u = run_umap(store, res["extraction_id"], sample=5000, pca=50)
+    plot_umap(store, u["umap_id"], out / "umap.png", thumbnails=6,
+              color_sql="SELECT slide_id, tile_id, sharpness AS color FROM tiles")
+    extra.update(index_id=ix["index_id"], recall_at_10=ix["recall_at_10"], umap_id=u["umap_id"])
+    lines.append(f"Neighbours: index {ix['index_id']} ({ix['type']}, recall@10 {ix['recall_at_10']:.3f}); "
+                 f"nearest other-slide tile to S01:0 is {nb.iloc[0]['slide_id']}:{nb.iloc[0]['tile_id']}. "
+                 f"UMAP: {out / 'umap.png'}. Browse it all: hefeat explore")
+    return extra

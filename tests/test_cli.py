@@ -35,7 +35,7 @@ def test_cli_end_to_end(tmp_path, cohort, cmu_svs):
     assert t["ok"] == 9 and t["failed"] == {}
     assert js("tile", "--mpp", "0.5", "--size", "224", "--store", st)["already_done"] == 9
     s = js("tile", "--mpp", "0.5", "--size", "224", "--spots", "--store", st)
-    assert s["ok"] == 3 and len(s["without_spots"]) == 6
+    assert s["ok"] == 4 and len(s["without_spots"]) == 5
     status = js("status", "--store", st)
     assert status["slides"] == 9 and len(status["tilings"]) == 2
     rows = js("sql", "SELECT slide_id, count(*) n, avg(sharpness) s FROM tiles GROUP BY 1 ORDER BY 1", "--store", st)

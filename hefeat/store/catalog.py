@@ -212,6 +212,12 @@ class Store:
         """Parquet of one UMAP's coordinates."""
         return self.root / "umaps" / f"umap={check_id(umap_id, 'umap_id')}.parquet"
 
+    def reports_dir(self, name: str) -> Path:
+        """Folder for PNG reports (e.g. the demo's figures)."""
+        d = self.root / "reports" / check_id(name, "report")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
     def run_dir(self, run_id: str) -> Path:
         """Folder of one run's record."""
         return self.root / "runs" / run_id
