@@ -8,7 +8,6 @@ proliferation score = mean of the 11 PAM50 proliferation genes.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.learn.data import SlideLevelData, median_shift, slide_level_data, train_gene_filter
-from hefeat.learn.models import load_model, model_exists, model_id, save_model
+from hefeat.learn.models import load_model, model_exists, model_id, save_model, truth_scores
 from hefeat.learn.ridge import DEFAULT_ALPHAS, RidgeHeads
 from hefeat.learn.splits import assert_disjoint, parse_split
 from hefeat.learn.stats import columnwise_spearman, gene_metrics, r_pvalue
@@ -183,14 +182,7 @@ def _summary(store: Store, mid: str, truth, *, cached: bool) -> dict:
     s["cached"] = cached
     s["seconds"] = meta.get("seconds")
     if truth:
-        t = json.loads(Path(truth).read_text())
-        m = pd.read_parquet(store.model_dir(mid) / "metrics.parquet").set_index("gene")
-        sig = set(m.index[m["significant"]])
-        signal = [x for x in t["signal_genes"] if x in m.index]
-        null = [x for x in t["null_genes"] if x in m.index]
-        s["signal_recall"] = len(sig & set(signal)) / max(len(signal), 1)
-        s["null_false_calls"] = len(sig & set(null))
-        s["n_signal_evaluated"], s["n_null_evaluated"] = len(signal), len(null)
+        s.update(truth_scores(store, mid, truth))
     return s
 
 

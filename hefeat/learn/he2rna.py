@@ -9,7 +9,6 @@ uses all of them. The output bias starts at the training mean expression.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.learn.data import expression_table, train_gene_filter, transform_values
-from hefeat.learn.models import load_model, model_exists, model_id, save_model
+from hefeat.learn.models import load_model, model_exists, model_id, save_model, truth_scores
 from hefeat.learn.splits import assert_disjoint, group_holdout, group_kfold
 from hefeat.learn.stats import columnwise_pearson, correct, empirical_p, r2_score_cols, r_pvalue
 from hefeat.store.catalog import Store
@@ -347,10 +346,5 @@ def _summary(store: Store, mid: str, truth, *, cached: bool) -> dict:
     meta = load_model(store, mid)
     s = {**meta["summary"], "cached": cached, "seconds": meta.get("seconds")}
     if truth:
-        t = json.loads(Path(truth).read_text())
-        m = pd.read_parquet(store.model_dir(mid) / "metrics.parquet").set_index("gene")
-        sig = set(m.index[m["significant"]])
-        signal = [x for x in t["signal_genes"] if x in m.index]
-        s["signal_recall"] = len(sig & set(signal)) / max(len(signal), 1)
-        s["null_false_calls"] = len(sig & {x for x in t["null_genes"] if x in m.index})
+        s.update(truth_scores(store, mid, truth))
     return s

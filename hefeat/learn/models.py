@@ -66,3 +66,16 @@ def load_table(store: Store, mid: str, name: str) -> pd.DataFrame:
     if not p.exists():
         raise HefeatError(f"Model {mid} has no table {name!r}")
     return pd.read_parquet(p)
+
+
+def truth_scores(store: Store, mid: str, truth: str | Path) -> dict:
+    """Against a synthetic cohort's truth.json: share of signal genes called significant, null genes called."""
+    import json
+
+    t = json.loads(Path(truth).read_text())
+    m = load_table(store, mid, "metrics").set_index("gene")
+    sig = set(m.index[m["significant"]])
+    signal = [x for x in t["signal_genes"] if x in m.index]
+    null = [x for x in t["null_genes"] if x in m.index]
+    return {"signal_recall": len(sig & set(signal)) / max(len(signal), 1), "null_false_calls": len(sig & set(null)),
+            "n_signal_evaluated": len(signal), "n_null_evaluated": len(null)}
