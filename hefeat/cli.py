@@ -416,13 +416,16 @@ def _fit_text(s: dict) -> str:
 @click.option("--level", type=click.Choice(["slide", "tile"]), default="slide", show_default=True)
 @click.option("--pca", type=int, default=None, help="Principal components of the features fitted first.")
 @click.option("--cohort-col", default=None, help="Median-shift cohorts defined by this column (EMO), e.g. site.")
+@click.option("--unit", type=click.Choice(["sample", "patient"]), default="sample", show_default=True,
+              help="patient: average a patient's slides and samples into one row.")
+@click.option("--permutations", default=0, show_default=True, help="Permuted-target refits for an empirical null.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None, help="Synthetic truth.json.")
 @click.option("--force", is_flag=True, help="Refit even if this exact model exists.")
 @store_option
 @json_option
 def fit_genes_cmd(extraction_id, dataset, genes, min_variance, median_positive, transform, split, level, pca,
-                  cohort_col, seed, truth, force, store_path, as_json):
+                  cohort_col, unit, permutations, seed, truth, force, store_path, as_json):
     """Per-gene ridge heads on slide-mean embeddings (EMO-average), cross-validated by patient.
 
     \b
@@ -434,7 +437,7 @@ def fit_genes_cmd(extraction_id, dataset, genes, min_variance, median_positive, 
     gene_list = None if genes == "all" else [g.strip() for g in Path(genes).read_text().split() if g.strip()]
     p = GenesParams(extraction_id=extraction_id, dataset=dataset, genes=gene_list, min_variance=min_variance,
                     median_positive=median_positive, transform=transform, split=split, level=level, pca=pca,
-                    cohort_col=cohort_col, seed=seed)
+                    cohort_col=cohort_col, unit=unit, permutations=permutations, seed=seed)
     s = fit_genes(_store(store_path), p, truth=truth, force=force)
     emit(s, as_json, _fit_text(s))
 

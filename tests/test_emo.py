@@ -118,3 +118,17 @@ def test_bad_inputs(learned, tmp_path):
     pd.DataFrame({"sample_id": ["X1", "X2"], "A": [1.0, 2.0]}).to_csv(tmp_path / "none.csv", index=False)
     with pytest.raises(HefeatError, match="match no slide"):
         ingest_expression(st, tmp_path / "none.csv", dataset="nomatch")
+
+
+def test_patient_unit_and_permutation_null(learned):
+    """Patients with two slides become one row; a permuted-target null leaves signal genes significant."""
+    st, eid, _, truth = learned
+    n_pat = st.sql("SELECT count(DISTINCT patient_id) FROM slides").iloc[0, 0]
+    s = fit_genes(st, GenesParams(extraction_id=eid, unit="patient", permutations=2), truth=truth)
+    assert s["n_samples"] == n_pat < 40 and s["unit"] == "patient"
+    m = pd.read_parquet(st.model_dir(s["model_id"]) / "metrics.parquet")
+    sig = m[m["gene"].isin(__import__("json").loads(truth.read_text())["signal_genes"])]
+    assert (sig["p_permutation_bh"] < 0.05).mean() > 0.5
+    assert s["proliferation_set_p"] < 0.05 and s["proliferation_set_mean_r"] > s["proliferation_set_random_mean_r"]
+    with pytest.raises(HefeatError, match="unit"):
+        fit_genes(st, GenesParams(extraction_id=eid, unit="slidez"))

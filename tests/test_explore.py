@@ -64,7 +64,7 @@ def test_exact_index_matches_brute_force(clustered):
 def test_approximate_indexes_reach_recall(clustered, kind):
     st, eid, _ = clustered
     meta = build_index(st, eid, index=kind, metric="cosine", sample=2000)
-    assert meta["recall_at_10"] >= (0.9 if kind != "ivfpq" else 0.5), meta
+    assert meta["recall_at_10"] >= 0.9, meta  # IVF-PQ re-ranks its candidates exactly from the feature files
     assert meta["type"] == kind
     rows = st.sql("SELECT index_id, type, recall_at_10 FROM indexes")
     assert meta["index_id"] in set(rows["index_id"])

@@ -41,7 +41,8 @@ def choose_type(n: int, dim: int, *, memory_bytes: int | None = None) -> str:
     return "ivfpq"
 
 
-def _make(kind: str, dim: int, metric: str, n: int, *, nlist: int | None, pq_m: int | None, hnsw_m: int):
+def _make(kind: str, dim: int, metric: str, n: int, *, nlist: int | None, pq_m: int | None, hnsw_m: int,
+          n_train: int | None = None):
     import faiss
 
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
@@ -52,12 +53,14 @@ def _make(kind: str, dim: int, metric: str, n: int, *, nlist: int | None, pq_m: 
         idx.hnsw.efConstruction = 80
         idx.hnsw.efSearch = 64
         return idx
-    nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
+    # ~4 sqrt(n) lists, but never more than the training sample supports (faiss wants >= 39 points a list)
+    nlist = nlist or max(1, min(int(4 * np.sqrt(n)), (n_train or n) // 39 or 1))
     quant = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
     if kind == "ivf":
         idx = faiss.IndexIVFFlat(quant, dim, nlist, mt)
     elif kind == "ivfpq":
-        m = pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim // 2 or m == 1)
+        # 8-d sub-vectors, 8 bits each (dim/8 bytes a vector: 32x smaller than float32)
+        m = pq_m or next(m for m in (128, 64, 32, 16, 8, 4, 2, 1) if (dim % m == 0 and dim // m >= 8) or m == 1)
         idx = faiss.IndexIVFPQ(quant, dim, nlist, m, 8, mt)
     else:
         raise HefeatError(f"index type must be one of {', '.join(INDEX_TYPES)}")
@@ -106,6 +109,38 @@ def exact_knn(store: Store, eid: str, fi: pd.DataFrame, queries: np.ndarray, k: 
     return best_i
 
 
+RERANK_FACTOR = 50  # IVF-PQ: k x 50 candidates re-ranked with exact distances read from the feature files
+
+
+def rerank(store: Store, eid: str, ids: pd.DataFrame, queries: np.ndarray, cand: np.ndarray, k: int,
+           metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (distance, global id) top-k among candidate ids, reading only the candidate rows per slide."""
+    flat = np.unique(cand[cand >= 0])
+    rows = ids.iloc[flat]
+    vec = np.empty((len(flat), queries.shape[1]), np.float32)
+    for sid, idx in rows.groupby("slide_id").indices.items():
+        vec[idx] = read_features(store.features_path(eid, sid), rows["tile_id"].to_numpy()[idx])
+    vec = _prep(vec, metric)
+    pos = np.searchsorted(flat, np.where(cand >= 0, cand, flat[0]))
+    D = np.empty((len(queries), k), np.float32)
+    top = np.full((len(queries), k), -1, np.int64)
+    for q in range(len(queries)):
+        c = pos[q][cand[q] >= 0]
+        v = vec[c]
+        d = v @ queries[q] if metric == "cosine" else ((v - queries[q]) ** 2).sum(1)
+        o = np.argsort(-d if metric == "cosine" else d, kind="stable")[:k]
+        D[q, :len(o)], top[q, :len(o)] = d[o], flat[c[o]]
+    return D, top
+
+
+def _search(store: Store, meta: dict, idx, ids: pd.DataFrame, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index search; IVF-PQ candidates are re-ranked exactly from the feature files."""
+    if meta["type"] != "ivfpq":
+        return idx.search(Q, k)
+    _, cand = idx.search(Q, min(k * RERANK_FACTOR, idx.ntotal))
+    return rerank(store, meta["extraction_id"], ids, Q, cand, k, meta["metric"])
+
+
 def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric: str = "cosine",
                 sample: int = 100_000, seed: int = 0, nlist: int | None = None, pq_m: int | None = None,
                 hnsw_m: int = 32, n_queries: int = 200, force: bool = False) -> dict:
@@ -127,7 +162,7 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     if (d / "index.json").exists() and not force:
         return {**read_json(d / "index.json"), "cached": True}
     t0 = time.perf_counter()
-    idx = _make(kind, dim, metric, n, nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m)
+    idx = _make(kind, dim, metric, n, nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, n_train=min(sample, n))
     train, train_ids = _sample(store, extraction_id, fi, sample, seed, metric)
     if not idx.is_trained:
         if len(train) < getattr(idx, "nlist", 1):
@@ -146,15 +181,15 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     Q = _prep(Q, metric)
     k = min(10, n)
     exact = exact_knn(store, extraction_id, fi, Q, k, metric)
+    ids = pd.concat([pd.DataFrame({"global_id": np.arange(r.offset, r.offset + r.n_tiles), "slide_id": r.slide_id,
+                                   "tile_id": np.arange(r.n_tiles)}) for r in fi.itertuples()], ignore_index=True)
     t = time.perf_counter()
-    _, approx = idx.search(Q, k)
+    _, approx = _search(store, {"type": kind, "extraction_id": extraction_id, "metric": metric}, idx, ids, Q, k)
     query_ms = (time.perf_counter() - t) / len(Q) * 1000
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact, strict=True)]))
     d.mkdir(parents=True, exist_ok=True)
     with atomic_path(d / "index.faiss") as tmp:
         faiss.write_index(idx, str(tmp))
-    ids = pd.concat([pd.DataFrame({"global_id": np.arange(r.offset, r.offset + r.n_tiles), "slide_id": r.slide_id,
-                                   "tile_id": np.arange(r.n_tiles)}) for r in fi.itertuples()], ignore_index=True)
     write_parquet(ids, d / "ids.parquet")
     meta = {"index_id": iid, "extraction_id": extraction_id, "type": kind, "metric": metric, "n_vectors": n,
             "dim": dim, "recall_at_10": recall, "build_seconds": round(build_s, 3), "query_ms": round(query_ms, 4),
@@ -215,7 +250,7 @@ def query(store: Store, *, extraction_id: str | None = None, index_id: str | Non
         raise HefeatError("Give a tile (SLIDE:TILE_ID), an image file, a slide or a vector to query")
     extra = int(ids.groupby("slide_id").size().max()) if exclude_same_slide and src_slide else 0
     kk = min(k + extra, idx.ntotal)
-    D, nn = idx.search(_prep(q, meta["metric"]), kk)
+    D, nn = _search(store, meta, idx, ids, _prep(q, meta["metric"]), kk)
     res = ids.iloc[nn[0][nn[0] >= 0]].reset_index(drop=True)
     dist = D[0][nn[0] >= 0]
     res["distance"] = (1 - dist) if meta["metric"] == "cosine" else np.sqrt(np.maximum(dist, 0))
@@ -251,7 +286,7 @@ def latent_vs_physical(store: Store, extraction_id: str, *, n: int = 500, seed: 
                                       np.sort(pick)[(np.sort(pick) >= r.offset) & (np.sort(pick) < r.offset + r.n_tiles)] - r.offset)
                         for r in fi.itertuples()])
     pick = np.sort(pick)
-    _, nn = idx.search(_prep(Q, meta["metric"]), 2)
+    _, nn = _search(store, meta, idx, ids[["global_id", "slide_id", "tile_id"]], _prep(Q, meta["metric"]), 2)
     adj = same = 0
     for q, row in zip(pick, nn, strict=True):
         nb = row[1] if row[0] == q else row[0]

@@ -20,7 +20,14 @@ from hefeat.learn.data import SlideLevelData, median_shift, slide_level_data, tr
 from hefeat.learn.models import load_model, model_exists, model_id, save_model, truth_scores
 from hefeat.learn.ridge import DEFAULT_ALPHAS, RidgeHeads
 from hefeat.learn.splits import assert_disjoint, parse_split
-from hefeat.learn.stats import columnwise_spearman, gene_metrics, r_pvalue
+from hefeat.learn.stats import (
+    columnwise_spearman,
+    correct,
+    empirical_p,
+    gene_metrics,
+    gene_set_score,
+    r_pvalue,
+)
 from hefeat.store.catalog import Store
 
 PAM50_PROLIFERATION = ("BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2", "TYMS", "UBE2C")
@@ -42,12 +49,14 @@ class GenesParams:
     pca: int | None = None
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     cohort_col: str | None = None
+    unit: str = "sample"
+    permutations: int = 0
     fdr: float = 0.05
     seed: int = 0
 
 
 def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.ndarray, test: np.ndarray,
-                        keep: np.ndarray, alpha_slide: np.ndarray) -> np.ndarray:
+                        keep: np.ndarray, alpha_slide: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """EMO tile-level variant: heads trained on tiles with their slide's targets, predictions averaged per slide."""
     from hefeat.learn.ridge import fit_ridge_heads
     from hefeat.store.features import read_features
@@ -58,7 +67,7 @@ def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.
             for sid in data.slides[r]:
                 f = read_features(store.features_path(eid, sid))
                 Xs.append(f)
-                Ys.append(np.repeat(data.Y[r:r + 1, keep], len(f), 0))
+                Ys.append(np.repeat(Y[r:r + 1, keep], len(f), 0))
                 owner.append(np.full(len(f), r))
         return np.concatenate(Xs), np.concatenate(Ys), np.concatenate(owner)
 
@@ -88,8 +97,12 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
     mid = model_id("genes", pdict)
     if model_exists(store, mid) and not force:
         return _summary(store, mid, truth, cached=True)
+    if params.unit not in ("sample", "patient"):
+        raise HefeatError("--unit must be sample (one row per sample) or patient (slides and samples averaged)")
+    if params.level == "tile" and params.unit == "patient":
+        raise HefeatError("--level tile trains on each slide's tiles with its own sample's targets; use --unit sample")
     data = slide_level_data(store, params.extraction_id, dataset=params.dataset, genes=params.genes,
-                            transform=params.transform)
+                            transform=params.transform, level=params.unit)
     n, g = data.Y.shape
     if n < 6:
         raise HefeatError(f"Only {n} samples have both targets and features; per-gene heads need at least 6")
@@ -100,25 +113,7 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
     cohort = None
     if params.cohort_col:
         cohort = _cohort_labels(store, data, params.cohort_col)
-    oof = np.full((n, g), np.nan)
-    kept = np.ones(g, bool)
-    alphas = np.zeros((len(folds), g))
-    fold_of = np.full(n, "", object)
-    for i, f in enumerate(folds):
-        assert_disjoint(data.groups, f.train, f.test)
-        Y = data.Y
-        if cohort is not None:
-            Y, _ = median_shift(Y, cohort, f.train)
-        keep = train_gene_filter(Y[f.train], min_variance=params.min_variance, median_positive=params.median_positive)
-        kept &= keep
-        heads = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(data.X[f.train], Y[f.train][:, keep])
-        alphas[i, keep] = heads.alpha_
-        if params.level == "slide":
-            oof[np.ix_(f.test, np.flatnonzero(keep))] = heads.predict(data.X[f.test])
-        else:
-            oof[np.ix_(f.test, np.flatnonzero(keep))] = _tile_level_predict(store, params.extraction_id, data, f.train,
-                                                                             f.test, keep, heads.alpha_)
-        fold_of[f.test] = f.name
+    oof, kept, alphas, fold_of = _cross_validate(store, params, data, folds, cohort, data.Y)
     if not kept.any():
         raise HefeatError(f"No gene passes the training-set filter (variance > {params.min_variance}"
                           f"{', median > 0' if params.median_positive else ''})")
@@ -129,15 +124,30 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
     metrics = gene_metrics(oof[:, evaluated], Yeval[:, evaluated], genes, split=split_name)
     metrics["alpha_median"] = np.median(alphas[:, evaluated], 0)
     metrics["significant"] = metrics["spearman_p_bh"] < params.fdr
+    if params.permutations:
+        # Null from permuted targets: the whole CV refitted on targets shuffled across samples.
+        rng = np.random.default_rng(params.seed + 1)
+        null = []
+        for _ in range(params.permutations):
+            Yp = data.Y[rng.permutation(n)]
+            po, _, _, _ = _cross_validate(store, params, data, folds, cohort, Yp)
+            null.append(columnwise_spearman(po[:, evaluated], Yp[:, evaluated]))
+        metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), np.concatenate(null))
+        metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
     # The deployed model: refit on every sample (metrics above are out-of-fold and stay honest).
     Yall = Yeval[:, evaluated]
     final = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(data.X, Yall)
     prolif = _proliferation(oof[:, evaluated], Yeval[:, evaluated], genes)
+    members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
+    if len(members) >= 3 and len(genes) > len(members) + 5:
+        gs = gene_set_score(metrics.set_index("gene")["spearman_r"], members, n_random=2000, seed=params.seed)
+        prolif.update(proliferation_set_mean_r=gs["mean_r"], proliferation_set_random_mean_r=gs["random_mean"],
+                      proliferation_set_p=gs["p_value"])
     summary = {
         "model_id": mid, "kind": "genes", "extraction_id": params.extraction_id, "n_samples": int(n),
         "n_genes": len(genes), "n_significant": int(metrics["significant"].sum()),
         "n_r2_above_0.2": int((metrics["r2"] > 0.2).sum()), "split": split_name, "level": params.level,
-        "median_spearman_r": float(metrics["spearman_r"].median()), **prolif,
+        "median_spearman_r": float(metrics["spearman_r"].median()), "unit": params.unit, **prolif,
     }
     oof_df = pd.DataFrame(oof[:, evaluated], columns=genes)
     oof_df.insert(0, "fold", fold_of)
@@ -151,6 +161,32 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
                tables={"metrics": metrics, "oof_predictions": oof_df}, extraction_id=params.extraction_id,
                seconds=round(time.perf_counter() - t0, 3))
     return _summary(store, mid, truth, cached=False)
+
+
+def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, folds, cohort, Ytarget: np.ndarray):
+    """Out-of-fold predictions; filters, median shifts and penalties use each fold's training part only."""
+    n, g = Ytarget.shape
+    oof = np.full((n, g), np.nan)
+    kept = np.ones(g, bool)
+    alphas = np.zeros((len(folds), g))
+    fold_of = np.full(n, "", object)
+    for i, f in enumerate(folds):
+        assert_disjoint(data.groups, f.train, f.test)
+        Y = Ytarget
+        if cohort is not None:
+            Y, _ = median_shift(Y, cohort, f.train)
+        keep = train_gene_filter(Y[f.train], min_variance=params.min_variance, median_positive=params.median_positive)
+        kept &= keep
+        heads = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(data.X[f.train], Y[f.train][:, keep])
+        alphas[i, keep] = heads.alpha_
+        cols = np.flatnonzero(keep)
+        if params.level == "slide":
+            oof[np.ix_(f.test, cols)] = heads.predict(data.X[f.test])
+        else:
+            oof[np.ix_(f.test, cols)] = _tile_level_predict(store, params.extraction_id, data, f.train, f.test, keep,
+                                                            heads.alpha_, Y)
+        fold_of[f.test] = f.name
+    return oof, kept, alphas, fold_of
 
 
 def _cohort_labels(store: Store, data: SlideLevelData, col: str) -> np.ndarray:

@@ -34,6 +34,22 @@ def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
                          f"(one-sided, {s['split']}); {s.get('n_r2_above_0.2', 'n/a')} genes with R² > 0.2")
         if "proliferation_spearman_r" in s:
             s["headline"] += f"; proliferation score Spearman r = {s['proliferation_spearman_r']:.2f}"
+    elif kind == "spots":
+        s["headline"] = (f"{s['genes_passing_sign_test']} of {s['n_genes']} genes have r > 0 in enough of "
+                         f"{s['n_patients']} patients (binomial sign test, Holm; leave-one-patient-out); median r "
+                         f"{s['median_r_model']:.3f} vs colour/texture baseline {s['median_r_qc_baseline']:.3f}")
+    elif kind == "traits":
+        aucs = {k.removeprefix("heldout_auc_"): v for k, v in s.items() if k.startswith("heldout_auc_")}
+        s["headline"] = "slide AUC on held-out slides (test + OOD): " + ", ".join(f"{t} {v:.3f}" for t, v in aucs.items())
+    elif kind == "receptors":
+        if "patient_auc_ci_low" in s:
+            s["headline"] = (f"{s['label']}: patient AUC {s['patient_auc']:.3f} (95 % CI {s['patient_auc_ci_low']:.3f}-"
+                             f"{s['patient_auc_ci_high']:.3f}) on test sites {s['test_sites']}")
+        else:
+            s["headline"] = f"{s['label']}: top-1 {s['top1']:.3f}, top-2 {s['top2']:.3f} on test sites {s['test_sites']}"
+    elif kind == "transfer":
+        s["headline"] = f"{s['label']}: " + ", ".join(f"{k.removeprefix('auc_')} {v:.3f}" for k, v in s.items()
+                                                       if k.startswith("auc_")) + f"; min Wilcoxon p {s['min_wilcoxon_p']:.3g}"
     else:
         s.setdefault("headline", f"{kind} model {mid}")
     s["files"] = [str(f) for f in files]
