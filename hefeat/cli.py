@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -935,5 +934,4 @@ def demo(data, n_slides, seed, encoder, store_path, as_json):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(prog_name=Path(sys.argv[0]).name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from hefeat.learn.models import load_model
@@ -116,7 +115,3 @@ def _measured(store: Store, meta: dict, oof: pd.DataFrame) -> pd.DataFrame | Non
     df = pd.DataFrame(data.Y, columns=data.genes, index=data.ids)
     return df.loc[oof["sample_id"].to_numpy()].reset_index(drop=True) if set(oof["sample_id"]) <= set(df.index) else None
 
-
-def headline_rows(m: pd.DataFrame) -> np.ndarray:  # pragma: no cover - helper for notebooks
-    """Genes with R² > 0.2 and BH FDR < 0.001 (EMO's rule for the test set)."""
-    return m[(m["r2"] > 0.2) & (m["spearman_p_bh"] < 0.001)]["gene"].to_numpy()
