@@ -226,11 +226,12 @@ def ingest_spots_cmd(path, allow_unmatched, store_path, as_json):
 @click.option("--spots", is_flag=True, help="Spot-centred patches for slides that have spots.")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all).")
 @click.option("--shard", default=None, help="I/N: this process tiles its share of the slides.")
+@click.option("--qc-thumbnails", is_flag=True, help="Write reports/qc-<tiling>/<slide>.png: mask outline and tiles.")
 @click.option("--fail-fast", is_flag=True)
 @store_option
 @json_option
 def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n, max_tiles, seed, spots, slides,
-         shard, fail_fast, store_path, as_json):
+         shard, qc_thumbnails, fail_fast, store_path, as_json):
     """Tile every slide at a physical resolution, with QC columns per tile.
 
     \b
@@ -247,7 +248,7 @@ def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n,
              "max_tiles": max_tiles, "seed": seed, "spots": spots}
     params = TilingParams(**{k: v for k, v in given.items() if v is not None})
     s = run_tiling(_store(store_path), params, slides=_split(slides), shard=shard, fail_fast=fail_fast,
-                   progress=_progress(as_json)).to_dict()
+                   progress=_progress(as_json), qc_thumbnails=qc_thumbnails).to_dict()
     emit(s, as_json, _run_text(s, f"Tiling {s['tiling_id']}") + f"\nQuery them: hefeat sql \"SELECT * FROM tiles WHERE tiling_id = '{s['tiling_id']}'\"")
     if s["failed"] and not s["ok"] and not s["already_done"]:
         sys.exit(1)

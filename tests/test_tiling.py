@@ -79,3 +79,23 @@ def test_bad_params_are_rejected():
         TilingParams(background="magic")
     with pytest.raises(HefeatError):
         TilingParams(mpp=0)
+
+
+def test_qc_thumbnails(tmp_path, cohort):
+    """--qc-thumbnails writes one picture per tiled slide; it is not a tiling parameter (same id)."""
+    import glob
+
+    from PIL import Image
+
+    from hefeat.slides.run import run_tiling, tiling_id
+    from hefeat.store.catalog import Store
+    from hefeat.store.ingest import ingest_slides
+
+    st = Store.init(tmp_path / "st")
+    ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2])
+    s = run_tiling(st, TilingParams(), qc_thumbnails=True)
+    assert s.extra["tiling_id"] == tiling_id(TilingParams())
+    for sid in ("S01", "S02"):
+        p = st.qc_thumbnail_path(s.extra["tiling_id"], sid)
+        im = np.asarray(Image.open(p).convert("RGB"))
+        assert im.shape[0] > 100 and (np.abs(im.astype(int) - [67, 160, 71]).sum(2) < 60).any()  # tile edges drawn

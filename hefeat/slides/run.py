@@ -47,8 +47,12 @@ def run_tiling(
     fail_fast: bool = False,
     progress: bool = False,
     threads: int | None = None,
+    qc_thumbnails: bool = False,
 ) -> RunSummary:
-    """Tile the store's slides (or `slides`) with `params`; skips slides already tiled."""
+    """Tile the store's slides (or `slides`) with `params`; skips slides already tiled.
+
+    qc_thumbnails writes reports/qc-<tiling>/<slide>.png (thumbnail, mask outline, tiles) per tiled slide.
+    """
     store.require()
     tid = tiling_id(params)
     table = store.slides(slides)
@@ -85,10 +89,15 @@ def run_tiling(
     def step(sid: str) -> dict:
         row = table.loc[sid]
         with open_catalog_slide(row) as slide:
+            tissue = None
             if params.spots:
                 df = spot_tiles(slide, spots[spots["slide_id"] == sid], params, threads=threads)
             else:
-                df, _ = tile_slide(slide, params, threads=threads)
+                df, tissue = tile_slide(slide, params, threads=threads)
+            if qc_thumbnails:
+                from hefeat.slides.qc_thumbnail import write_qc_thumbnail
+
+                write_qc_thumbnail(slide, tissue, df, store.qc_thumbnail_path(tid, sid))
         df.insert(0, "slide_id", sid)
         df.insert(0, "tiling_id", tid)
         write_parquet(df, store.tiles_path(tid, sid))

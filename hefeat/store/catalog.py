@@ -212,6 +212,10 @@ class Store:
         """Parquet of one UMAP's coordinates."""
         return self.root / "umaps" / f"umap={check_id(umap_id, 'umap_id')}.parquet"
 
+    def qc_thumbnail_path(self, tiling_id: str, slide_id: str) -> Path:
+        """QC picture (thumbnail, mask outline, tiles) of one slide in one tiling."""
+        return self.root / "reports" / f"qc-{tiling_id}" / f"{check_id(slide_id)}.png"
+
     def reports_dir(self, name: str) -> Path:
         """Folder for PNG reports (e.g. the demo's figures)."""
         d = self.root / "reports" / check_id(name, "report")
