@@ -132,3 +132,46 @@ def test_every_recipe_loads_and_validates():
         assert cfg["method"] in METHODS, path
         names = {f.name for f in dataclasses.fields(param_class(cfg["method"]))}
         assert set(cfg.get("params") or {}) <= names | {"truth"}, path
+
+
+def test_cli_spatial_and_exploration_commands(learned, tmp_path):
+    """Issue 5/6 commands end to end through the CLI, asserting on their --json summaries."""
+    st, eid, seid, _ = learned
+    S = ("--store", st.root)
+    sp = js("fit", "spots", "--extraction", seid, "--genes", "top:20", *S)
+    assert {"model_id", "genes_passing_sign_test", "n_patients"} <= set(sp)
+    tr = js("fit", "traits", "--extraction", eid, "--trait", "MKI67", "--trait", "miR-17", "--exclude-mid", "30,70",
+            "--test-share", "0.2", *S)
+    assert {"test_auc_MKI67", "test_auc_miR-17", "heldout_auc_MKI67"} <= set(tr)
+    h = js("hti", tr["model_id"], "--out", tmp_path / "hti.parquet", *S)
+    assert h["n_slides"] == 40 and (tmp_path / "hti.parquet").exists()
+    sv = js("survival", "--model", tr["model_id"], "--by", "hti", "--threshold", "0.5", "--out", tmp_path / "km.png", *S)
+    assert 0 <= sv["logrank_p"] <= 1 and (tmp_path / "km.png").exists()
+    c = js("cartography", tr["model_id"], "--slide", "S02", "--out", tmp_path / "c.png", *S)
+    assert 0 <= c["hti"] <= 1
+    rc = js("fit", "receptors", "--extraction", eid, "--label", "er_status", "--split", "site", "--tiles", "top:50", *S)
+    assert {"patient_auc", "patient_auc_ci_low", "patient_auc_ci_high"} <= set(rc)
+    rep = js("report", rc["model_id"], *S)
+    assert "patient AUC" in rep["headline"]
+    b = js("neighbors", "build", "--extraction", eid, "--index", "flat", *S)
+    assert {"index_id", "type", "n_vectors", "recall_at_10"} <= set(b) and b["type"] == "flat"
+    q = js("neighbors", "query", "--extraction", eid, "--tile", "S03:2", "-k", "5", "--exclude-same-slide", *S)
+    assert len(q) == 5 and all(r["slide_id"] != "S03" for r in q) and {"slide_id", "tile_id", "distance"} <= set(q[0])
+    pc = js("neighbors", "query", "--extraction", eid, "--physical-check", *S)
+    assert 0 <= pc["adjacent_share"] <= pc["same_slide_share"] <= 1
+    u = js("umap", "--extraction", eid, "--sample", "300", "--pca", "10", "--out", tmp_path / "u.png",
+           "--color", "SELECT slide_id, tile_id, mean_r AS color FROM tiles", *S)
+    assert u["n"] == 300 and u["color"] == "continuous"
+    tid = st.extraction(eid)["tiling_id"]
+    hm = js("heatmap", "--slide", "S01", "--value", f"SELECT tile_id, density FROM tiles WHERE slide_id = 'S01' AND tiling_id = '{tid}'",
+            "--tiling", tid, "--out", tmp_path / "h.png", *S)
+    assert hm["column"] == "density" and hm["tiles"] > 0
+    r = run("heatmap", "--slide", "S01", "--value", "SELECT tile_id, density FROM tiles WHERE slide_id = 'S01'",
+            "--out", tmp_path / "x.png", *S, ok=False)
+    assert r.exit_code != 0 and "--tiling" in r.output  # two tilings: tile ids are ambiguous
+    t = js("tiles", "show", "--tile", "S01:0", "--tiling", tid, "--out", tmp_path / "t.png", *S)
+    assert t["shape"] == [224, 224, 3]
+    r = run("neighbors", "query", "--extraction", eid, "--tile", "S01:99999", *S, ok=False)
+    assert r.exit_code != 0 and "does not exist" in r.output
+    r = run("fit", "traits", "--extraction", eid, "--trait", "NOPE", *S, ok=False)
+    assert r.exit_code != 0 and "not in the expression table" in r.output
