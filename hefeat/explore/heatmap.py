@@ -50,7 +50,7 @@ def render_heatmap(store: Store, slide_id: str, value_sql: str, out: str | Path 
 
     vals = heatmap_values(store, slide_id, value_sql, tiling_id=tiling_id)
     row = store.slides([slide_id]).iloc[0]
-    with open_catalog_slide(row) as s:
+    with open_catalog_slide(row, verify=False) as s:
         thumb = s.thumbnail(mpp)
         scale = thumb.shape[1] / s.dimensions[0]
     overlay = np.full(thumb.shape[:2], np.nan)

@@ -6,8 +6,10 @@ sample, stored with their provenance and the recall@10 measured at build time ag
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,12 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.store.atomic import atomic_path, read_json, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.features import iter_slide_features, read_features
+from hefeat.store.features import (
+    feature_offsets,
+    iter_slide_features,
+    read_features,
+    read_global_rows,
+)
 from hefeat.store.ids import content_id
 from hefeat.store.tables import write_parquet
 
@@ -68,27 +75,11 @@ def _make(kind: str, dim: int, metric: str, n: int, *, nlist: int | None, pq_m: 
     return idx
 
 
-def _catalog(store: Store, eid: str) -> pd.DataFrame:
-    store.extraction(eid)
-    fi = store.sql("SELECT slide_id, n_tiles FROM features_index WHERE extraction_id = ? ORDER BY slide_id", [eid])
-    if fi.empty:
-        raise HefeatError(f"Extraction {eid} has no finished slides")
-    fi["offset"] = np.concatenate([[0], np.cumsum(fi["n_tiles"].to_numpy())[:-1]])
-    return fi
-
-
 def _sample(store: Store, eid: str, fi: pd.DataFrame, n: int, seed: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """A seeded sample of vectors (and their global ids), reading one slide at a time."""
     total = int(fi["n_tiles"].sum())
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(total, min(n, total), replace=False))
-    out, ids = [], []
-    for r in fi.itertuples():
-        sel = pick[(pick >= r.offset) & (pick < r.offset + r.n_tiles)]
-        if len(sel):
-            out.append(read_features(store.features_path(eid, r.slide_id), sel - r.offset))
-            ids.append(sel)
-    return _prep(np.concatenate(out), metric), np.concatenate(ids)
+    pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    return _prep(read_global_rows(store, eid, fi, pick), metric), pick
 
 
 def exact_knn(store: Store, eid: str, fi: pd.DataFrame, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
@@ -151,7 +142,7 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
         raise HefeatError(f"--index must be one of {', '.join(INDEX_TYPES)}")
     if metric not in ("cosine", "l2"):
         raise HefeatError("--metric must be cosine or l2")
-    fi = _catalog(store, extraction_id)
+    fi = feature_offsets(store, extraction_id)
     n = int(fi["n_tiles"].sum())
     dim = int(store.extraction(extraction_id)["dim"])
     kind = choose_type(n, dim) if index == "auto" else index
@@ -175,10 +166,7 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     rng = np.random.default_rng(seed + 1)
     held = np.setdiff1d(np.arange(n), train_ids) if len(train_ids) < n else np.arange(n)
     qids = np.sort(rng.choice(held, min(n_queries, len(held)), replace=False))
-    Q = np.concatenate([read_features(store.features_path(extraction_id, r.slide_id),
-                                      qids[(qids >= r.offset) & (qids < r.offset + r.n_tiles)] - r.offset)
-                        for r in fi.itertuples()])
-    Q = _prep(Q, metric)
+    Q = _prep(read_global_rows(store, extraction_id, fi, qids), metric)
     k = min(10, n)
     exact = exact_knn(store, extraction_id, fi, Q, k, metric)
     ids = pd.concat([pd.DataFrame({"global_id": np.arange(r.offset, r.offset + r.n_tiles), "slide_id": r.slide_id,
@@ -214,11 +202,16 @@ def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None
 
 
 def load_index(store: Store, meta: dict):
-    """The faiss index and its global-id -> (slide_id, tile_id) table."""
+    """The faiss index and its global-id -> (slide_id, tile_id) table (cached while the files are unchanged)."""
+    p = store.index_dir(meta["index_id"]) / "index.faiss"
+    return _load_index_files(str(p), p.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_index_files(path: str, _mtime_ns: int):
     import faiss
 
-    d = store.index_dir(meta["index_id"])
-    return faiss.read_index(str(d / "index.faiss")), pd.read_parquet(d / "ids.parquet")
+    return faiss.read_index(path), pd.read_parquet(Path(path).with_name("ids.parquet"))
 
 
 def query(store: Store, *, extraction_id: str | None = None, index_id: str | None = None,
@@ -259,7 +252,8 @@ def query(store: Store, *, extraction_id: str | None = None, index_id: str | Non
     res = res.head(k).reset_index(drop=True)
     res.insert(0, "rank", np.arange(1, len(res) + 1))
     tid_ = store.extraction(eid)["tiling_id"]
-    meta_tiles = store.sql(f"SELECT slide_id, tile_id, x, y FROM tiles WHERE tiling_id = '{tid_}'")
+    meta_tiles = pd.concat([store.tiles(tid_, s)[["tile_id", "x", "y"]].assign(slide_id=s)
+                            for s in res["slide_id"].unique()], ignore_index=True)
     res = res.merge(meta_tiles, on=["slide_id", "tile_id"], how="left")
     res = res.merge(store.sql("SELECT slide_id, patient_id, site FROM slides"), on="slide_id", how="left")
     res = res.drop(columns=["global_id"]).sort_values("rank").reset_index(drop=True)
@@ -279,13 +273,8 @@ def latent_vs_physical(store: Store, extraction_id: str, *, n: int = 500, seed: 
     tid = store.extraction(extraction_id)["tiling_id"]
     grid = store.sql(f"SELECT slide_id, tile_id, row, col FROM tiles WHERE tiling_id = '{tid}'")
     ids = ids.merge(grid, on=["slide_id", "tile_id"], how="left")
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(ids), min(n, len(ids)), replace=False)
-    fi = _catalog(store, extraction_id)
-    Q = np.concatenate([read_features(store.features_path(extraction_id, r.slide_id),
-                                      np.sort(pick)[(np.sort(pick) >= r.offset) & (np.sort(pick) < r.offset + r.n_tiles)] - r.offset)
-                        for r in fi.itertuples()])
-    pick = np.sort(pick)
+    pick = np.sort(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False))
+    Q = read_global_rows(store, extraction_id, feature_offsets(store, extraction_id), pick)
     _, nn = _search(store, meta, idx, ids[["global_id", "slide_id", "tile_id"]], _prep(Q, meta["metric"]), 2)
     adj = same = 0
     for q, row in zip(pick, nn, strict=True):

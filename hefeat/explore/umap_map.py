@@ -11,28 +11,19 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.explore.plots import is_categorical, pyplot
 from hefeat.store.catalog import Store
-from hefeat.store.features import read_features
+from hefeat.store.features import feature_offsets, read_global_rows
 from hefeat.store.ids import content_id
 from hefeat.store.tables import write_parquet
 
 
 def sample_tiles(store: Store, eid: str, n: int | None, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     """A seeded sample of (slide_id, tile_id) rows and their embeddings, read slide by slide."""
-    fi = store.sql("SELECT slide_id, n_tiles FROM features_index WHERE extraction_id = ? ORDER BY slide_id", [eid])
-    if fi.empty:
-        store.extraction(eid)
-        raise HefeatError(f"Extraction {eid} has no finished slides")
+    fi = feature_offsets(store, eid)
     total = int(fi["n_tiles"].sum())
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(total, min(n or total, total), replace=False))
-    offs = np.concatenate([[0], np.cumsum(fi["n_tiles"])])
-    rows, X = [], []
-    for i, r in enumerate(fi.itertuples()):
-        sel = pick[(pick >= offs[i]) & (pick < offs[i + 1])] - offs[i]
-        if len(sel):
-            X.append(read_features(store.features_path(eid, r.slide_id), sel))
-            rows.append(pd.DataFrame({"slide_id": r.slide_id, "tile_id": sel}))
-    return pd.concat(rows, ignore_index=True), np.concatenate(X)
+    pick = np.sort(np.random.default_rng(seed).choice(total, min(n or total, total), replace=False))
+    slide = np.searchsorted(fi["offset"].to_numpy(), pick, side="right") - 1
+    rows = pd.DataFrame({"slide_id": fi["slide_id"].to_numpy()[slide], "tile_id": pick - fi["offset"].to_numpy()[slide]})
+    return rows, read_global_rows(store, eid, fi, pick)
 
 
 def run_umap(store: Store, extraction_id: str, *, sample: int | None = 100_000, pca: int | None = 50, seed: int = 0,

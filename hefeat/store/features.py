@@ -120,6 +120,27 @@ def iter_slide_features(store: Store, extraction_id: str, slides: list[str] | No
         yield sid, read_features(_feature_file(store, extraction_id, sid))
 
 
+def feature_offsets(store: Store, extraction_id: str) -> pd.DataFrame:
+    """Finished slides of an extraction in slide order with n_tiles and their first global row id (offset)."""
+    store.extraction(extraction_id)
+    fi = store.sql("SELECT slide_id, n_tiles FROM features_index WHERE extraction_id = ? ORDER BY slide_id", [extraction_id])
+    if fi.empty:
+        raise HefeatError(f"Extraction {extraction_id} has no finished slides")
+    fi["offset"] = np.concatenate([[0], np.cumsum(fi["n_tiles"].to_numpy())[:-1]])
+    return fi
+
+
+def read_global_rows(store: Store, extraction_id: str, offsets: pd.DataFrame, global_ids: np.ndarray) -> np.ndarray:
+    """Feature rows (float32) for sorted global row ids, reading only the slides that hold them."""
+    global_ids = np.asarray(global_ids, np.int64)
+    parts = []
+    for r in offsets.itertuples():
+        sel = global_ids[(global_ids >= r.offset) & (global_ids < r.offset + r.n_tiles)]
+        if len(sel):
+            parts.append(read_features(store.features_path(extraction_id, r.slide_id), sel - r.offset))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
 def slide_means(store: Store, extraction_id: str, slides: list[str] | None = None) -> tuple[list[str], np.ndarray]:
     """Mean embedding per slide (streamed: one slide in memory at a time)."""
     ids, rows = [], []
