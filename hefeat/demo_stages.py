@@ -55,7 +55,9 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     t[["slide_id", "spot_id", "label"]].to_csv(out / "spot_regions.csv", index=False)
     sp = fit_spots(store, SpotsParams(extraction_id=res["spot_extraction_id"], genes="top:50",
                                       region_labels=str(out / "spot_regions.csv")))
-    m = pd.read_parquet(store.model_dir(sp["model_id"]) / "metrics.parquet")
+    from hefeat.learn.models import load_table
+
+    m = load_table(store, sp["model_id"], "metrics")
     gene = m.sort_values("mean_r_model", ascending=False)["gene"].iloc[0]
     sid = sorted(p.name.removeprefix("slide=").removesuffix(".parquet")
                  for p in store.predictions_path(sp["model_id"], "x").parent.glob("slide=*.parquet"))[0]

@@ -116,3 +116,14 @@ def median_shift(Y: np.ndarray, cohort: np.ndarray, fit_idx: np.ndarray) -> tupl
         offsets[c] = ref_med - np.median(Y[rows], 0)
         out[cohort == c] += offsets[c]
     return out, offsets
+
+
+def clinical_by_slide(store: Store) -> pd.DataFrame:
+    """One row per slide: slide_id, patient_id, site and the clinical columns (slide- or patient-keyed table)."""
+    slides = store.sql("SELECT slide_id, patient_id, site FROM slides")
+    if "clinical" not in set(store.sql("SHOW TABLES")["name"]):
+        return slides
+    clin = store.sql("SELECT * FROM clinical")
+    key = "slide_id" if "slide_id" in clin.columns else "patient_id"
+    extra = clin.drop(columns=[c for c in ("slide_id", "patient_id", "site") if c in clin.columns and c != key])
+    return slides.merge(extra, on=key, how="left")

@@ -16,8 +16,21 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.data import SlideLevelData, median_shift, slide_level_data, train_gene_filter
-from hefeat.learn.models import load_model, model_exists, model_id, save_model, truth_scores
+from hefeat.learn.data import (
+    SlideLevelData,
+    clinical_by_slide,
+    median_shift,
+    slide_level_data,
+    train_gene_filter,
+)
+from hefeat.learn.models import (
+    load_model,
+    load_table,
+    model_exists,
+    model_id,
+    model_summary,
+    save_model,
+)
 from hefeat.learn.ridge import DEFAULT_ALPHAS, RidgeHeads
 from hefeat.learn.splits import assert_disjoint, parse_split
 from hefeat.learn.stats import (
@@ -56,7 +69,7 @@ class GenesParams:
 
 
 def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.ndarray, test: np.ndarray,
-                        keep: np.ndarray, alpha_slide: np.ndarray, Y: np.ndarray) -> np.ndarray:
+                        keep: np.ndarray, alpha_slide: np.ndarray, Y: np.ndarray, cache: dict) -> np.ndarray:
     """EMO tile-level variant: heads trained on tiles with their slide's targets, predictions averaged per slide."""
     from hefeat.learn.ridge import fit_ridge_heads
     from hefeat.store.features import read_features
@@ -65,7 +78,9 @@ def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.
         Xs, Ys, owner = [], [], []
         for r in rows:
             for sid in data.slides[r]:
-                f = read_features(store.features_path(eid, sid))
+                if sid not in cache:  # every fold (and permutation) reuses a slide's tiles
+                    cache[sid] = read_features(store.features_path(eid, sid))
+                f = cache[sid]
                 Xs.append(f)
                 Ys.append(np.repeat(Y[r:r + 1, keep], len(f), 0))
                 owner.append(np.full(len(f), r))
@@ -96,7 +111,7 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
     pdict = asdict(params)
     mid = model_id("genes", pdict)
     if model_exists(store, mid) and not force:
-        return _summary(store, mid, truth, cached=True)
+        return model_summary(store, mid, cached=True, truth=truth)
     if params.unit not in ("sample", "patient"):
         raise HefeatError("--unit must be sample (one row per sample) or patient (slides and samples averaged)")
     if params.level == "tile" and params.unit == "patient":
@@ -113,7 +128,8 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
     cohort = None
     if params.cohort_col:
         cohort = _cohort_labels(store, data, params.cohort_col)
-    oof, kept, alphas, fold_of = _cross_validate(store, params, data, folds, cohort, data.Y)
+    tiles_cache: dict = {}
+    oof, kept, alphas, fold_of = _cross_validate(store, params, data, folds, cohort, data.Y, tiles_cache)
     if not kept.any():
         raise HefeatError(f"No gene passes the training-set filter (variance > {params.min_variance}"
                           f"{', median > 0' if params.median_positive else ''})")
@@ -130,7 +146,7 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
         null = []
         for _ in range(params.permutations):
             Yp = data.Y[rng.permutation(n)]
-            po, _, _, _ = _cross_validate(store, params, data, folds, cohort, Yp)
+            po, _, _, _ = _cross_validate(store, params, data, folds, cohort, Yp, tiles_cache)
             null.append(columnwise_spearman(po[:, evaluated], Yp[:, evaluated]))
         metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), np.concatenate(null))
         metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
@@ -160,11 +176,15 @@ def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = N
     save_model(store, mid, kind="genes", params=pdict, summary=summary, arrays=arrays,
                tables={"metrics": metrics, "oof_predictions": oof_df}, extraction_id=params.extraction_id,
                seconds=round(time.perf_counter() - t0, 3))
-    return _summary(store, mid, truth, cached=False)
+    return model_summary(store, mid, cached=False, truth=truth)
 
 
-def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, folds, cohort, Ytarget: np.ndarray):
-    """Out-of-fold predictions; filters, median shifts and penalties use each fold's training part only."""
+def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, folds, cohort, Ytarget: np.ndarray,
+                    cache: dict):
+    """Out-of-fold predictions; filters, median shifts and penalties use each fold's training part only.
+
+    `cache` keeps each slide's tile features for the tile-level variant across folds and permutations.
+    """
     n, g = Ytarget.shape
     oof = np.full((n, g), np.nan)
     kept = np.ones(g, bool)
@@ -184,7 +204,7 @@ def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, fol
             oof[np.ix_(f.test, cols)] = heads.predict(data.X[f.test])
         else:
             oof[np.ix_(f.test, cols)] = _tile_level_predict(store, params.extraction_id, data, f.train, f.test, keep,
-                                                            heads.alpha_, Y)
+                                                            heads.alpha_, Y, cache)
         fold_of[f.test] = f.name
     return oof, kept, alphas, fold_of
 
@@ -192,13 +212,11 @@ def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, fol
 def _cohort_labels(store: Store, data: SlideLevelData, col: str) -> np.ndarray:
     if col == "site":
         return data.sites
-    clin = store.sql("SELECT * FROM clinical")
+    clin = clinical_by_slide(store)
     if col not in clin.columns:
         raise HefeatError(f"Cohort column {col!r} is neither 'site' nor a clinical column")
-    key = "slide_id" if "slide_id" in clin.columns else "patient_id"
-    m = clin.set_index(key)[col].astype(str)
-    vals = [m.get(s[0] if key == "slide_id" else g, "NA") for s, g in zip(data.slides, data.groups, strict=True)]
-    return np.array(vals)
+    m = clin.set_index("slide_id")[col]
+    return np.array([str(m[s[0]]) if s[0] in m.index and pd.notna(m[s[0]]) else "NA" for s in data.slides])
 
 
 def _proliferation(pred: np.ndarray, true: np.ndarray, genes: list[str]) -> dict:
@@ -212,16 +230,6 @@ def _proliferation(pred: np.ndarray, true: np.ndarray, genes: list[str]) -> dict
             "proliferation_p": float(r_pvalue(np.array([r]), len(p))[0])}
 
 
-def _summary(store: Store, mid: str, truth, *, cached: bool) -> dict:
-    meta = load_model(store, mid)
-    s = dict(meta["summary"])
-    s["cached"] = cached
-    s["seconds"] = meta.get("seconds")
-    if truth:
-        s.update(truth_scores(store, mid, truth))
-    return s
-
-
 def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, top: int = 20,
                   genes: list[str] | None = None) -> dict:
     """Tile-level (EMO-spatial) predictions for the best genes into predictions/, slide-level for all genes."""
@@ -233,7 +241,7 @@ def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, to
     all_genes = [str(x) for x in A["genes"]]
     eid = meta["extraction_id"]
     tid = store.extraction(eid)["tiling_id"]
-    metrics = pd.read_parquet(store.model_dir(mid) / "metrics.parquet")
+    metrics = load_table(store, mid, "metrics")
     chosen = genes or metrics.sort_values("spearman_r", ascending=False)["gene"].head(top).tolist()
     missing = sorted(set(chosen) - set(all_genes))
     if missing:

@@ -18,7 +18,14 @@ import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.learn.data import expression_table, train_gene_filter, transform_values
-from hefeat.learn.models import load_model, model_exists, model_id, save_model, truth_scores
+from hefeat.learn.models import (
+    load_model,
+    load_table,
+    model_exists,
+    model_id,
+    model_summary,
+    save_model,
+)
 from hefeat.learn.splits import assert_disjoint, group_holdout, group_kfold
 from hefeat.learn.stats import columnwise_pearson, correct, empirical_p, r2_score_cols, r_pvalue
 from hefeat.store.catalog import Store
@@ -235,7 +242,7 @@ def fit_he2rna(store: Store, p: He2rnaParams, *, truth: str | Path | None = None
     pdict = asdict(p)
     mid = model_id("he2rna", pdict)
     if model_exists(store, mid) and not force:
-        return _summary(store, mid, truth, cached=True)
+        return model_summary(store, mid, cached=True, truth=truth)
     store.extraction(p.extraction_id)
     ids, slides, groups, Y, genes = _samples(store, p)
     keep = train_gene_filter(Y, min_variance=p.min_variance, median_positive=p.median_positive) & (Y.std(0) > 0)
@@ -294,7 +301,7 @@ def fit_he2rna(store: Store, p: He2rnaParams, *, truth: str | Path | None = None
     save_model(store, mid, kind="he2rna", params=pdict, summary=summary, arrays={"genes": np.array(gsel)},
                tables={"metrics": metrics, "oof_predictions": oof_df, "training": pd.DataFrame(info)},
                extraction_id=p.extraction_id, seconds=round(time.perf_counter() - t0, 3))
-    return _summary(store, mid, truth, cached=False)
+    return model_summary(store, mid, cached=False, truth=truth)
 
 
 def load_net(store: Store, mid: str):
@@ -320,7 +327,7 @@ def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, t
     net, meta, genes = load_net(store, mid)
     eid = meta["extraction_id"]
     tid = store.extraction(eid)["tiling_id"]
-    m = pd.read_parquet(store.model_dir(mid) / "metrics.parquet")
+    m = load_table(store, mid, "metrics")
     chosen = m.sort_values("pearson_r", ascending=False)["gene"].head(top).tolist()
     cols = [genes.index(g) for g in chosen]
     ks = meta["params"]["ks"]
@@ -340,11 +347,3 @@ def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, t
     sp.index.name = "slide_id"
     write_parquet(sp.reset_index(), store.model_dir(mid) / "slide_predictions.parquet")
     return {"model_id": mid, "slides": len(rows), "tiles": n, "tile_genes": chosen}
-
-
-def _summary(store: Store, mid: str, truth, *, cached: bool) -> dict:
-    meta = load_model(store, mid)
-    s = {**meta["summary"], "cached": cached, "seconds": meta.get("seconds")}
-    if truth:
-        s.update(truth_scores(store, mid, truth))
-    return s

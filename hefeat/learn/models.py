@@ -79,3 +79,12 @@ def truth_scores(store: Store, mid: str, truth: str | Path) -> dict:
     null = [x for x in t["null_genes"] if x in m.index]
     return {"signal_recall": len(sig & set(signal)) / max(len(signal), 1), "null_false_calls": len(sig & set(null)),
             "n_signal_evaluated": len(signal), "n_null_evaluated": len(null)}
+
+
+def model_summary(store: Store, mid: str, *, cached: bool, truth: str | Path | None = None) -> dict:
+    """A stored model's summary with whether it was loaded instead of fitted, its fit time and truth scores."""
+    meta = load_model(store, mid)
+    s = {**meta["summary"], "cached": cached, "seconds": meta.get("seconds")}
+    if truth:
+        s.update(truth_scores(store, mid, truth))
+    return s

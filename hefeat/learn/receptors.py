@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.models import load_model, model_exists, model_id, save_model
+from hefeat.learn.classifiers import tile_classifier
+from hefeat.learn.data import clinical_by_slide
+from hefeat.learn.models import model_exists, model_id, model_summary, save_model
 from hefeat.learn.splits import assert_disjoint, site_split
 from hefeat.learn.stats import auc_with_ci
 from hefeat.store.catalog import Store
@@ -41,22 +43,11 @@ class ReceptorParams:
     seed: int = 0
 
 
-def _clf(C: float):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
-
-
 def _labels(store: Store, label: str) -> pd.DataFrame:
-    tables = set(store.sql("SHOW TABLES")["name"])
-    clin = store.sql("SELECT * FROM clinical") if "clinical" in tables else pd.DataFrame()
+    clin = clinical_by_slide(store)
     if label not in clin.columns:
         raise HefeatError(f"Label {label!r} is not a column of the clinical table")
-    slides = store.sql("SELECT slide_id, patient_id, site FROM slides")
-    key = "slide_id" if "slide_id" in clin.columns else "patient_id"
-    df = slides.merge(clin[[key, label]], on=key, how="inner").dropna(subset=[label])
+    df = clin[["slide_id", "patient_id", "site", label]].dropna(subset=[label]).reset_index(drop=True)
     df["site"] = df["site"].fillna("unknown")
     return df.rename(columns={label: "y"})
 
@@ -81,7 +72,7 @@ def fit_receptors(store: Store, p: ReceptorParams, *, force: bool = False) -> di
     pdict = asdict(p)
     mid = model_id("receptors", pdict)
     if model_exists(store, mid) and not force:
-        return {**load_model(store, mid)["summary"], "cached": True}
+        return model_summary(store, mid, cached=True)
     store.extraction(p.extraction_id)
     lab = _labels(store, p.label)
     done = set(store.sql("SELECT slide_id FROM features_index WHERE extraction_id = ?", [p.extraction_id])["slide_id"])
@@ -104,7 +95,7 @@ def fit_receptors(store: Store, p: ReceptorParams, *, force: bool = False) -> di
     trm = np.isin(owner, f.train)
     if len(np.unique(y[trm])) < len(classes):
         raise HefeatError("The training sites do not contain every class; try another --seed")
-    clf = _clf(p.C).fit(X[trm], y[trm])
+    clf = tile_classifier(C=p.C).fit(X[trm], y[trm])
     prob = clf.predict_proba(X)
     out = {"model_id": mid, "kind": "receptors", "extraction_id": p.extraction_id, "label": p.label,
            "classes": ",".join(classes), "split": f"site seed={p.seed}",
@@ -166,5 +157,5 @@ def _expression_baseline(store: Store, p: ReceptorParams, lab: pd.DataFrame, f, 
     te = m[m["slide_id"].isin(lab.loc[f.test, "slide_id"])]
     if te["yc"].nunique() < 2 or tr["yc"].nunique() < 2:
         return None
-    clf = _clf(p.C).fit(wide.loc[tr["sample_id"]].to_numpy(), tr["yc"])
+    clf = tile_classifier(C=p.C).fit(wide.loc[tr["sample_id"]].to_numpy(), tr["yc"])
     return float(roc_auc_score(te["yc"], clf.predict_proba(wide.loc[te["sample_id"]].to_numpy())[:, 1]))

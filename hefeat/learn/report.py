@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hefeat.learn.models import load_model
+from hefeat.learn.models import load_model, load_table
 from hefeat.store.catalog import Store
 
 
@@ -58,7 +58,7 @@ def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
 def _gene_plots(store: Store, mid: str, out: Path, meta: dict) -> list[Path]:
     plt = _plt()
     d = store.model_dir(mid)
-    m = pd.read_parquet(d / "metrics.parquet")
+    m = load_table(store, mid, "metrics")
     files = []
     r_col = "spearman_r" if "spearman_r" in m else "pearson_r"
     fig, ax = plt.subplots(figsize=(5, 3.5))

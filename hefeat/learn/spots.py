@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.models import load_model, model_exists, model_id, save_model
+from hefeat.learn.models import model_exists, model_id, model_summary, save_model
 from hefeat.learn.ridge import DEFAULT_ALPHAS, fit_ridge_heads
 from hefeat.learn.splits import assert_disjoint, leave_one_group_out
 from hefeat.learn.stats import columnwise_pearson, correct, sign_test
@@ -163,7 +163,7 @@ def fit_spots(store: Store, p: SpotsParams, *, force: bool = False) -> dict:
     pdict = asdict(p)
     mid = model_id("spots", pdict)
     if model_exists(store, mid) and not force:
-        return {**load_model(store, mid)["summary"], "cached": True}
+        return model_summary(store, mid, cached=True)
     d = load_spots(store, p.extraction_id, p.genes)
     patients = d.meta["patient_id"].to_numpy().astype(str)
     if len(np.unique(patients)) < 3:

@@ -19,9 +19,17 @@ import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.learn.aggregate import majority_vote
-from hefeat.learn.data import expression_table, transform_values
+from hefeat.learn.classifiers import tile_classifier
+from hefeat.learn.data import clinical_by_slide, expression_table, transform_values
 from hefeat.learn.hti import combination_codes, hti
-from hefeat.learn.models import load_model, load_table, model_exists, model_id, save_model
+from hefeat.learn.models import (
+    load_model,
+    load_table,
+    model_exists,
+    model_id,
+    model_summary,
+    save_model,
+)
 from hefeat.learn.splits import assert_disjoint, group_holdout
 from hefeat.store.catalog import Store
 from hefeat.store.features import read_features
@@ -45,20 +53,6 @@ class TraitsParams:
     seed: int = 0
 
 
-def _tile_classifier(head: str, seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if head == "logistic":
-        return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
-    if head == "mlp":
-        return make_pipeline(StandardScaler(), MLPClassifier((64,), alpha=1e-2, max_iter=300, early_stopping=True,
-                                                             random_state=seed))
-    raise HefeatError("--head must be logistic or mlp")
-
-
 def _slide_auc(y: np.ndarray, score: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -71,7 +65,7 @@ def fit_traits(store: Store, p: TraitsParams, *, force: bool = False) -> dict:
     pdict = asdict(p)
     mid = model_id("traits", pdict)
     if model_exists(store, mid) and not force:
-        return {**load_model(store, mid)["summary"], "cached": True}
+        return model_summary(store, mid, cached=True)
     ext = store.extraction(p.extraction_id)
     lo, hi = p.exclude_mid
     if not 0 <= lo < 50 < hi <= 100:
@@ -114,7 +108,7 @@ def fit_traits(store: Store, p: TraitsParams, *, force: bool = False) -> dict:
                 continue
             Xtr = np.concatenate([feats[smap.at[i, "slide_id"]][tile_ids[smap.at[i, "slide_id"]]] for i in tr])
             ytr = np.concatenate([np.full(len(tile_ids[smap.at[i, "slide_id"]]), label[i]) for i in tr])
-            clf = _tile_classifier(p.head, p.seed + s).fit(Xtr, ytr)
+            clf = tile_classifier(p.head, C=0.05, seed=p.seed + s, max_iter=2000).fit(Xtr, ytr)
             val_auc = _slide_auc(label[va], np.array([_frac_pos(clf, feats[smap.at[i, "slide_id"]]) for i in va]))
             models.append((val_auc if np.isfinite(val_auc) else 0.0, s, clf))
         if not models:
@@ -175,13 +169,7 @@ def hti_table(store: Store, mid: str, out: str | Path | None = None) -> pd.DataF
         rows.append({"slide_id": sid, "hti": hti(B), "n_tiles": len(B), "positive_tiles": int(B.any(1).sum()),
                      **{f"share_{t}": float(df[t].mean()) for t in traits}})
     res = pd.DataFrame(rows)
-    res = res.merge(store.sql("SELECT slide_id, patient_id, site FROM slides"), on="slide_id", how="left")
-    tables = set(store.sql("SHOW TABLES")["name"])
-    if "clinical" in tables:
-        clin = store.sql("SELECT * FROM clinical")
-        key = "slide_id" if "slide_id" in clin.columns else "patient_id"
-        res = res.merge(clin.drop(columns=[c for c in ("patient_id", "site") if c in clin.columns and key == "slide_id"]),
-                        on=key, how="left")
+    res = res.merge(clinical_by_slide(store), on="slide_id", how="left")
     res.insert(0, "model_id", mid)
     write_parquet(res, store.model_dir(mid) / "hti.parquet")
     if out:

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.data import slide_level_data
-from hefeat.learn.models import load_model, model_exists, model_id, save_model
+from hefeat.learn.data import clinical_by_slide, slide_level_data
+from hefeat.learn.models import load_model, model_exists, model_id, model_summary, save_model
 from hefeat.store.catalog import Store
 
 ARMS = ("raw", "representation", "autoencoder")
@@ -128,7 +128,7 @@ def fit_transfer(store: Store, p: TransferParams, *, force: bool = False) -> dic
     pdict = asdict(p)
     mid = model_id("transfer", pdict)
     if model_exists(store, mid) and not force:
-        return {**load_model(store, mid)["summary"], "cached": True}
+        return model_summary(store, mid, cached=True)
     sp = src["params"]
     genes = [str(g) for g in src["arrays"]["genes"]]
     data = slide_level_data(store, sp["extraction_id"], dataset=sp.get("dataset", "expression"), genes=genes,
@@ -175,13 +175,9 @@ def fit_transfer(store: Store, p: TransferParams, *, force: bool = False) -> dic
 
 
 def _labels(store: Store, data, label: str) -> np.ndarray:
-    clin = store.sql("SELECT * FROM clinical") if "clinical" in set(store.sql("SHOW TABLES")["name"]) else pd.DataFrame()
+    clin = clinical_by_slide(store)
     if label not in clin.columns:
         raise HefeatError(f"Label {label!r} is not a clinical column; ingest a clinical table that has it")
-    if "slide_id" in clin.columns:
-        m = clin.set_index("slide_id")[label]
-        vals = [m.get(s[0], np.nan) for s in data.slides]
-    else:
-        m = clin.set_index("patient_id")[label]
-        vals = [m.get(g, np.nan) for g in data.groups]
+    m = clin.set_index("slide_id")[label]
+    vals = [m.get(s[0], np.nan) for s in data.slides]
     return pd.to_numeric(pd.Series(vals), errors="coerce").to_numpy(float)
