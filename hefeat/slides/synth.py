@@ -101,9 +101,10 @@ def _sprite(ry: float, rx: float) -> np.ndarray:
     return np.clip((1.0 - d) * max(ry, rx) + 0.5, 0, 1)
 
 
-def render_slide(spec: SlideSpec) -> np.ndarray:
-    """RGB uint8 image (H, W, 3) of the slide at spec.mpp µm/px."""
-    _, fields, _ = slide_layout(spec)
+def render_slide(spec: SlideSpec, fields: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 image (H, W, 3) of the slide at spec.mpp µm/px (fields: slide_layout's, if already made)."""
+    if fields is None:
+        _, fields, _ = slide_layout(spec)
     H, W = int(round(spec.height_um / spec.mpp)), int(round(spec.width_um / spec.mpp))
     cls = _classes_from_fields(np.stack([_resize_f(f, H, W) for f in fields]))
     tissue = cls != 255
@@ -318,14 +319,18 @@ def _spots_for(spec: SlideSpec, cls: np.ndarray, truth: dict, rng: np.random.Gen
 
 
 def _make_one(args) -> dict:
-    spec, out = args
-    rgb = render_slide(spec)
+    """One slide, in a worker: layout once, then the image, the class map and (if any) its spots."""
+    spec, out, truth, spacing_um, diameter_um = args
+    cls, fields, info = slide_layout(spec)
+    rgb = render_slide(spec, fields)
     levels = write_pyramid_tiff(Path(out) / "slides" / f"{spec.slide_id}.tiff", rgb, spec.mpp)
-    cls, _, info = slide_layout(spec)
     np.savez_compressed(Path(out) / "truth" / f"{spec.slide_id}.classes.npz", classes=cls, mpp=CLASS_MPP,
                         class_names=np.array(CLASSES))
+    spots = None
+    if spec.has_spots:
+        spots = _spots_for(spec, cls, truth, np.random.default_rng(spec.seed + 3), spacing_um, diameter_um)
     return {"slide_id": spec.slide_id, "levels": levels, "composition": info["composition"].tolist(),
-            "shape": list(rgb.shape[:2])}
+            "shape": list(rgb.shape[:2]), "spots": spots}
 
 
 def make_cohort(
@@ -352,7 +357,7 @@ def make_cohort(
     truth = make_truth(n_genes, signal_share, rng)
     specs = cohort_specs(n_slides, seed, width_um=width_um, height_um=height_um)
     workers = workers or min(len(specs), os.cpu_count() or 1)
-    jobs = [(s, str(out)) for s in specs]
+    jobs = [(s, str(out), truth, spot_spacing_um, spot_diameter_um) for s in specs]
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
             results = list(tqdm(ex.map(_make_one, jobs), total=len(jobs), disable=not progress, desc="slides"))
@@ -387,14 +392,8 @@ def make_cohort(
     pd.DataFrame([{"slide_id": s.slide_id, "patient_id": s.patient_id, "site": s.site, "mpp": s.mpp}
                   for s in specs]).to_csv(out / "manifest.csv", index=False)
 
-    spot_frames, spot_truth = [], []
-    for s in specs:
-        if not s.has_spots:
-            continue
-        cls, _, _ = slide_layout(s)
-        sp, st = _spots_for(s, cls, truth, np.random.default_rng(s.seed + 3), spot_spacing_um, spot_diameter_um)
-        spot_frames.append(sp)
-        spot_truth.append(st)
+    spot_frames = [r["spots"][0] for r in results if r["spots"] is not None]
+    spot_truth = [r["spots"][1] for r in results if r["spots"] is not None]
     if spot_frames:
         pd.concat(spot_frames, ignore_index=True).to_parquet(out / "spots.parquet", index=False)
         pd.concat(spot_truth, ignore_index=True).to_parquet(out / "truth" / "spots.parquet", index=False)
