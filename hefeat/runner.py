@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hefeat.errors import HefeatError, NoTissueError
 from hefeat.store.catalog import Store
+from hefeat.store.runs import timestamp
 
 
 @dataclass
@@ -145,14 +146,14 @@ def run_slides(
                 n = int(info.get("n_tiles", 0))
                 store.write_status(stage, run_key, sid, {
                     "state": "ok", "reason": None, "seconds": round(sec, 4), "n_tiles": n,
-                    "tiles_per_s": round(n / sec, 2) if sec > 0 else None, "finished_at": _now(), **info,
+                    "tiles_per_s": round(n / sec, 2) if sec > 0 else None, "finished_at": timestamp(), **info,
                 })
                 summary.ok.append(sid)
                 summary.tiles += n
             except NoTissueError as e:
                 store.write_status(stage, run_key, sid, {
                     "state": "skipped", "reason": f"no tissue: {e}", "seconds": round(time.perf_counter() - t, 4),
-                    "n_tiles": 0, "finished_at": _now()})
+                    "n_tiles": 0, "finished_at": timestamp()})
                 summary.skipped[sid] = f"no tissue: {e}"
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -160,7 +161,7 @@ def run_slides(
                 msg = str(e) if isinstance(e, HefeatError) else f"{type(e).__name__}: {e}"
                 store.write_status(stage, run_key, sid, {
                     "state": "failed", "reason": msg, "seconds": round(time.perf_counter() - t, 4),
-                    "n_tiles": 0, "finished_at": _now()})
+                    "n_tiles": 0, "finished_at": timestamp()})
                 summary.failed[sid] = msg
                 if fail_fast:
                     raise HefeatError(f"{stage} failed on slide {sid}: {msg}") from e
@@ -171,6 +172,3 @@ def run_slides(
         summary.seconds = time.perf_counter() - t0
     return summary
 
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -24,6 +24,7 @@ from hefeat.store.features import (
     read_global_rows,
 )
 from hefeat.store.ids import content_id
+from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
 
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
@@ -181,7 +182,7 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     write_parquet(ids, d / "ids.parquet")
     meta = {"index_id": iid, "extraction_id": extraction_id, "type": kind, "metric": metric, "n_vectors": n,
             "dim": dim, "recall_at_10": recall, "build_seconds": round(build_s, 3), "query_ms": round(query_ms, 4),
-            "params": params, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "params": params, "created": timestamp()}
     write_json(d / "index.json", meta)
     return {**meta, "cached": False}
 

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.runner import _now
 from hefeat.store.atomic import atomic_path, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.features import FeatureFileWriter
 from hefeat.store.ids import content_id
+from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
 
 
@@ -91,7 +91,7 @@ def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_si
     tid = content_id({"imported": coords_hash.hexdigest(), "encoder": encoder}, prefix="t")
     first = loaded[0][4]
     tparams = {"tiling_id": tid, "mpp": float(first.get("mpp", 0.0) or 0.0), "size": int(first.get("patch_size", 0) or 0),
-               "background": "imported", "spots": False, "created": _now(),
+               "background": "imported", "spots": False, "created": timestamp(),
                "params": {"imported_from": str(Path(folder).absolute()), "encoder": encoder}}
     if not (store.tiling_dir(tid) / "_tiling.json").exists():
         write_json(store.tiling_dir(tid) / "_tiling.json", tparams)
@@ -102,7 +102,7 @@ def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_si
             "extraction_id": eid, "tiling_id": tid, "encoder": encoder, "layer": first.get("layer") or None,
             "weights": "imported", "weights_digest": str(first.get("weights_digest", "unknown")), "dim": int(dim),
             "precision": "imported", "tta": False, "dtype": str(loaded[0][1].dtype), "imported": True,
-            "patch_size": tparams["size"], "mpp": tparams["mpp"], "created": _now()})
+            "patch_size": tparams["size"], "mpp": tparams["mpp"], "created": timestamp()})
     n_new = 0
     for sid, X, C, size0, _attrs in loaded:
         if store.features_path(eid, sid).exists():
@@ -113,14 +113,14 @@ def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_si
                               "col": np.round(C[:, 0] / size0).astype(np.int32)})
         write_parquet(tiles, store.tiles_path(tid, sid))
         store.write_status("tiling", tid, sid, {"state": "ok", "reason": None, "seconds": 0.0, "n_tiles": len(C),
-                                                "finished_at": _now()})
+                                                "finished_at": timestamp()})
         w = FeatureFileWriter(store.features_path(eid, sid), len(X), X.shape[1], dtype=str(X.dtype), coords=C,
                               attrs={"encoder": encoder, "dim": int(dim), "patch_size_level0": size0,
                                      "tiling_id": tid, "extraction_id": eid, "slide_id": sid})
         w.write(0, X)
         w.commit()
         store.write_status("extraction", eid, sid, {"state": "ok", "reason": None, "seconds": 0.0, "n_tiles": len(X),
-                                                    "finished_at": _now(), "dim": int(dim),
+                                                    "finished_at": timestamp(), "dim": int(dim),
                                                     "path": str(store.features_path(eid, sid))})
         n_new += 1
     return {"extraction_id": eid, "tiling_id": tid, "slides": len(loaded), "new": n_new, "unmatched": unmatched,

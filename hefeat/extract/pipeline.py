@@ -21,12 +21,12 @@ import numpy as np
 from hefeat import __version__
 from hefeat.errors import HefeatError
 from hefeat.extract.encoders import Encoder, EncoderConfig, create_encoder
-from hefeat.runner import RunSummary, SlideClaim, _now, shard_slides
+from hefeat.runner import RunSummary, SlideClaim, shard_slides
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.features import FeatureFileWriter
 from hefeat.store.ids import content_id
-from hefeat.store.runs import record_run
+from hefeat.store.runs import record_run, timestamp
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -242,7 +242,7 @@ class _Writer(threading.Thread):
             n = len(job.coords)
             self.store.write_status("extraction", self.eid, job.slide_id, {
                 "state": "ok", "reason": None, "seconds": round(sec, 4), "n_tiles": n,
-                "tiles_per_s": round(n / sec, 2) if sec > 0 else None, "finished_at": _now(),
+                "tiles_per_s": round(n / sec, 2) if sec > 0 else None, "finished_at": timestamp(),
                 "path": str(self.store.features_path(self.eid, job.slide_id)), **self.info})
             self.ok.append(job.slide_id)
             self.tiles += n
@@ -255,7 +255,7 @@ class _Writer(threading.Thread):
             job.writer = None
         self.store.write_status("extraction", self.eid, job.slide_id, {
             "state": "failed", "reason": msg, "seconds": round(time.perf_counter() - job.start, 4),
-            "n_tiles": 0, "finished_at": _now()})
+            "n_tiles": 0, "finished_at": timestamp()})
         self.failed[job.slide_id] = msg
 
 
@@ -325,7 +325,7 @@ def run_extraction(
             "transform": {"input_size": list(cfg.input_size), "mean": list(cfg.mean), "std": list(cfg.std),
                           "interpolation": cfg.interpolation},
             "patch_size": tiling["size"], "mpp": tiling["mpp"], "code_version": __version__,
-            "batch_size": opt.batch_size, "created": _now(),
+            "batch_size": opt.batch_size, "created": timestamp(),
         })
     summary = RunSummary("extraction", eid)
     t0 = time.perf_counter()
@@ -355,7 +355,7 @@ def run_extraction(
             except Exception as e:
                 msg = str(e) if isinstance(e, HefeatError) else f"{type(e).__name__}: {e}"
                 store.write_status("extraction", eid, sid, {"state": "failed", "reason": msg, "seconds": 0.0,
-                                                            "n_tiles": 0, "finished_at": _now()})
+                                                            "n_tiles": 0, "finished_at": timestamp()})
                 summary.failed[sid] = msg
                 if opt.fail_fast:
                     raise HefeatError(f"extraction failed on slide {sid}: {msg}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from hefeat.errors import HefeatError
 from hefeat.store.atomic import atomic_path, read_json, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.ids import content_id
+from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
 
 
@@ -37,7 +37,7 @@ def save_model(store: Store, mid: str, *, kind: str, params: dict, summary: dict
             np.savez(f, **arrays)
     for name, df in (tables or {}).items():
         write_parquet(df, d / f"{name}.parquet")
-    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    created = timestamp()
     write_json(d / "model.json", {"model_id": mid, "kind": kind, "params": params, "summary": summary,
                                   "extraction_id": extraction_id, "created": created, "seconds": seconds,
                                   "code_version": __version__, "tables": sorted(tables or {})})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +13,7 @@ from hefeat.slides.tiling import TilingParams, spot_tiles, tile_slide
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.ids import content_id, file_fingerprint
-from hefeat.store.runs import record_run
+from hefeat.store.runs import record_run, timestamp
 from hefeat.store.tables import write_parquet
 
 
@@ -75,7 +74,7 @@ def run_tiling(
     meta = tdir / "_tiling.json"
     if not meta.exists():
         write_json(meta, {"tiling_id": tid, "mpp": params.mpp, "size": params.size, "background": params.background,
-                          "spots": params.spots, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "params": params.to_dict()})
+                          "spots": params.spots, "created": timestamp(), "params": params.to_dict()})
 
     def is_done(sid: str) -> bool:
         if store.tiles_path(tid, sid).exists():

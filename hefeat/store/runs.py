@@ -11,12 +11,17 @@ from hefeat.store.atomic import write_json
 from hefeat.store.catalog import Store
 
 
+def timestamp() -> str:
+    """Local time as recorded in status rows, provenance and run records (ISO, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def record_run(store: Store, command: str, summary: dict, *, params: dict | None = None) -> str:
     """Write a run record; returns its run_id."""
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     write_json(store.run_dir(run_id) / "run.json", {
         "run_id": run_id, "command": command, "host": socket.gethostname(), "pid": os.getpid(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": summary.get("seconds"),
+        "finished_at": timestamp(), "seconds": summary.get("seconds"),
         "tiles": summary.get("tiles"), "tiles_per_s": summary.get("tiles_per_s"),
         "summary": summary, "params": params or {},
     })
