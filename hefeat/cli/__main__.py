@@ -1,0 +1,5 @@
+"""python -m hefeat.cli"""
+
+from hefeat.cli import main
+
+main(prog_name="hefeat")

@@ -1,0 +1,83 @@
+"""Shared pieces of the CLI: the root group, --store/--json options, summary rendering."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from hefeat.errors import HefeatError
+
+STORE_HELP = "Store directory (default: $HEFEAT_STORE or stores/default)."
+
+
+class HefeatGroup(click.Group):
+    """Turns library errors into one-line click errors, in one place."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HefeatError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def store_option(f):
+    """--store PATH on every command."""
+    return click.option("--store", "store_path", default=None, envvar="HEFEAT_STORE", help=STORE_HELP)(f)
+
+
+def json_option(f):
+    """--json: print the summary as one JSON object."""
+    return click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")(f)
+
+
+def get_store(path: str | None, *, create: bool = False):
+    """The store at --store (created with create=True)."""
+    from hefeat.store.catalog import DEFAULT_STORE, Store, open_store
+
+    if create:
+        return Store.init(path or DEFAULT_STORE)
+    return open_store(path)
+
+
+def emit(summary: dict, as_json: bool, text: str) -> None:
+    """Print a summary paragraph, or the summary as JSON."""
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(text)
+
+
+def progress_enabled(as_json: bool) -> bool:
+    """Progress bars only for a human at a terminal."""
+    return not as_json and sys.stderr.isatty()
+
+
+def run_text(s: dict, what: str) -> str:
+    """Text summary of a per-slide run."""
+    parts = [f"{what}: {s['ok']} slides done, {s['already_done']} already done, {len(s['skipped'])} skipped, "
+             f"{len(s['failed'])} failed; {s['tiles']} tiles in {s['seconds']:.1f} s ({s['tiles_per_s']:.0f} tiles/s)."]
+    for sid, why in list(s["failed"].items())[:10]:
+        parts.append(f"  failed {sid}: {why}")
+    for sid, why in list(s["skipped"].items())[:10]:
+        parts.append(f"  skipped {sid}: {why}")
+    return "\n".join(parts)
+
+
+@click.group(cls=HefeatGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hefeat")
+def main():
+    """hefeat: H&E slides to a feature store, and the models fitted from it.
+
+    \b
+    Example:
+      hefeat demo                 # synthetic cohort -> stores/default, end to end
+      hefeat status               # what the store holds
+    """
+
+
+def split_ids(v: str | None) -> list[str] | None:
+    """Comma-separated ids -> list (None when not given)."""
+    return [x.strip() for x in v.split(",") if x.strip()] if v else None
+

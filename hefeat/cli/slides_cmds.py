@@ -1,0 +1,188 @@
+"""Stage-1 commands: synth, tile, extract, export/import of HDF5."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hefeat.cli.common import (
+    emit,
+    get_store,
+    json_option,
+    main,
+    progress_enabled,
+    run_text,
+    split_ids,
+    store_option,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--slides", "n_slides", default=24, show_default=True, help="Number of slides.")
+@click.option("--genes", "n_genes", default=200, show_default=True, help="Number of genes.")
+@click.option("--signal-share", default=0.3, show_default=True, help="Share of genes driven by tissue composition.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--width-um", default=1600.0, show_default=True)
+@click.option("--height-um", default=1200.0, show_default=True)
+@json_option
+def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, as_json):
+    """Write a synthetic H&E cohort with known ground truth.
+
+    \b
+    Example:
+      hefeat synth data/demo --slides 24 --seed 0
+    """
+    from hefeat.slides.synth import make_cohort
+
+    s = make_cohort(out, n_slides=n_slides, n_genes=n_genes, signal_share=signal_share, seed=seed,
+                    width_um=width_um, height_um=height_um, progress=progress_enabled(as_json))
+    emit(s, as_json, f"Wrote {s['slides']} slides ({s['patients']} patients), {s['genes']} genes "
+         f"({s['signal_genes']} signal), {s['spots']} spots and truth.json to {s['out']}.")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Target µm/px of the tiles.")
+@click.option("--size", type=int, default=224, show_default=True, help="Tile side in pixels at --mpp.")
+@click.option("--stride", type=int, default=None, help="Grid step in pixels at --mpp (default: --size).")
+@click.option("--tissue-threshold", type=float, default=None, help="Minimum Otsu tissue share per tile (default 0.5).")
+@click.option("--background", type=click.Choice(["otsu", "mean-rgb", "density"]), default=None,
+              help="Tile rule: otsu tissue share; mean-rgb (HE2RNA/PathoMCH); density top-N (Ektefaie).")
+@click.option("--max-background", type=float, default=None, help="mean-rgb rule: largest background share kept.")
+@click.option("--top-n", type=int, default=None, help="density rule: tiles kept per slide (default 200).")
+@click.option("--max-tiles", type=int, default=None, help="Random sample of at most N tiles per slide.")
+@click.option("--seed", type=int, default=None, help="Seed of the --max-tiles sample (recorded).")
+@click.option("--spots", is_flag=True, help="Spot-centred patches for slides that have spots.")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: all).")
+@click.option("--shard", default=None, help="I/N: this process tiles its share of the slides.")
+@click.option("--qc-thumbnails", is_flag=True, help="Write reports/qc-<tiling>/<slide>.png: mask outline and tiles.")
+@click.option("--fail-fast", is_flag=True)
+@store_option
+@json_option
+def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n, max_tiles, seed, spots, slides,
+         shard, qc_thumbnails, fail_fast, store_path, as_json):
+    """Tile every slide at a physical resolution, with QC columns per tile.
+
+    \b
+    Example:
+      hefeat tile --mpp 0.5 --size 224
+      hefeat tile --mpp 0.5 --size 224 --spots
+      hefeat tile --background density --top-n 200      # Ektefaie et al.
+    """
+    from hefeat.slides.run import run_tiling
+    from hefeat.slides.tiling import TilingParams
+
+    given = {"mpp": mpp, "size": size, "stride": stride, "tissue_threshold": tissue_threshold,
+             "background": background, "max_background": max_background, "top_n": top_n,
+             "max_tiles": max_tiles, "seed": seed, "spots": spots}
+    params = TilingParams(**{k: v for k, v in given.items() if v is not None})
+    s = run_tiling(get_store(store_path), params, slides=split_ids(slides), shard=shard, fail_fast=fail_fast,
+                   progress=progress_enabled(as_json), qc_thumbnails=qc_thumbnails).to_dict()
+    emit(s, as_json, run_text(s, f"Tiling {s['tiling_id']}") + f"\nQuery them: hefeat sql \"SELECT * FROM tiles WHERE tiling_id = '{s['tiling_id']}'\"")
+    if s["failed"] and not s["ok"] and not s["already_done"]:
+        sys.exit(1)
+
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--encoder", default="resnet50", show_default=True, help="timm model name or hf-hub:ORG/NAME.")
+@click.option("--weights", default=None, help="imagenet (default), none (random, seeded) or a weights file.")
+@click.option("--layer", default=None, help="Truncate at this stage, then global-average-pool (e.g. layer3).")
+@click.option("--tiling", "tiling_id", default=None, help="Tiling id (default: the store's only tissue tiling).")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: all tiled slides).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: available CPUs - 1).")
+@click.option("--shard", default=None, help="I/N: this process embeds its share of the slides (SLURM arrays).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--tta", is_flag=True, help="Average over the 8 rotations/reflections (ST-Net).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for --weights none.")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
+@click.option("--fail-fast", is_flag=True)
+@store_option
+@json_option
+def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, workers, shard, engine, tta, compile_,
+            dtype, seed, device, fail_fast, store_path, as_json):
+    """Embed every tile of a tiling into per-slide HDF5 files (resumable, shardable).
+
+    \b
+    Example:
+      hefeat extract --encoder resnet50 --weights imagenet
+      hefeat extract --encoder resnet50 --layer layer3 --weights imagenet   # 1024-d (CLAM/TRIDENT)
+      hefeat extract --encoder densenet121 --tiling <tid> --tta              # ST-Net, spot tiles
+      hefeat extract --encoder resnet50 --weights w.safetensors --shard 3/16
+    """
+    from hefeat.extract.pipeline import ExtractOptions, run_extraction
+
+    opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
+                         fail_fast=fail_fast, progress=progress_enabled(as_json))
+    kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,
+              dtype=dtype, seed=seed, slides=split_ids(slides), options=opt)
+    st = get_store(store_path)
+    if engine == "ray":
+        from hefeat.extract.ray_engine import run_extraction_ray
+
+        s = run_extraction_ray(st, shard=shard, **kw).to_dict()
+    else:
+        s = run_extraction(st, shard=shard, **kw).to_dict()
+    emit(s, as_json, run_text(s, f"Extraction {s['extraction_id']} ({s.get('encoder')}, {s.get('dim')}-d)"))
+    if s["failed"] and not s["ok"] and not s["already_done"]:
+        sys.exit(1)
+
+
+@main.group("export")
+def export_group():
+    """Export store data for other tools."""
+
+
+@export_group.command("h5")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--extraction", "extraction_id", required=True)
+@store_option
+@json_option
+def export_h5_cmd(outdir, extraction_id, store_path, as_json):
+    """Per-slide HDF5 (features [N, D], coords [N, 2]) that CLAM/TRIDENT-style tools read.
+
+    \b
+    Example:
+      hefeat export h5 --extraction e1234abcd out/features
+    """
+    from hefeat.extract.interop import export_h5
+
+    s = export_h5(get_store(store_path), extraction_id, outdir)
+    emit(s, as_json, f"Exported {s['slides']} slides ({s['tiles']} tiles) to {s['out']}.")
+
+
+@main.group("import")
+def import_group():
+    """Import data made by other tools."""
+
+
+@import_group.command("h5")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--encoder", required=True, help="Name of the encoder that made the features.")
+@click.option("--patch-size-level0", type=float, default=None, help="Tile side in level-0 px if the files lack it.")
+@click.option("--allow-unmatched", is_flag=True)
+@store_option
+@json_option
+def import_h5_cmd(folder, encoder, patch_size_level0, allow_unmatched, store_path, as_json):
+    """Bring existing per-slide HDF5 features (one <slide_id>.h5 per slide) into the store.
+
+    \b
+    Example:
+      hefeat import h5 clam_out/h5_files --encoder resnet50-trunc
+    """
+    from hefeat.extract.interop import import_h5
+
+    s = import_h5(get_store(store_path), folder, encoder=encoder, patch_size_level0=patch_size_level0,
+                  allow_unmatched=allow_unmatched)
+    emit(s, as_json, f"Imported {s['slides']} slides ({s['new']} new, {s['tiles']} tiles, {s['dim']}-d) as "
+         f"extraction {s['extraction_id']} on tiling {s['tiling_id']}.")
+
+
