@@ -8,6 +8,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Precision calibrations cached per test session, never in the user's ~/.cache.
+os.environ.setdefault("HEFEAT_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="hefeat-test-cache-"))
 
 import pytest  # noqa: E402
 

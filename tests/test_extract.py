@@ -239,3 +239,47 @@ def test_ray_engine_matches_local(extracted, tmp_path, cohort):
     a, b = _all_features(st, s.extra["extraction_id"]), _all_features(ref_st, ref.extra["extraction_id"])
     for k in b:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_non_finite_batch_fails_its_slide(tmp_path, cohort, monkeypatch):
+    """A batch whose embeddings come out NaN fails its slide (reason recorded, no file); the others finish."""
+    import hefeat.extract.pipeline as p
+
+    st, tid = _store(tmp_path, cohort, n=3)
+    real, calls = p.embed_batch, []
+
+    def nan_on_third(*a, **k):
+        out = real(*a, **k).clone()
+        calls.append(len(out))
+        if len(calls) == 3:
+            out[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(p, "embed_batch", nan_on_third)
+    s = run_extraction(st, precision="fp32", options=ExtractOptions(batch_size=8, workers=0), **ENC)
+    assert len(s.failed) == 1 and len(s.ok) == 2
+    (bad, reason), = s.failed.items()
+    assert "non-finite" in reason and "tile" in reason
+    eid = s.extra["extraction_id"]
+    assert not st.features_path(eid, bad).exists()
+    row = st.sql("SELECT state, reason FROM status WHERE stage = 'extraction' AND slide_id = ?", [bad]).iloc[0]
+    assert row.state == "failed" and "non-finite" in row.reason
+    for sid in s.ok:
+        assert np.isfinite(read_features(st.features_path(eid, sid))).all()
+    monkeypatch.setattr(p, "embed_batch", real)
+    again = run_extraction(st, precision="fp32", options=ExtractOptions(batch_size=8, workers=0), **ENC)
+    assert again.ok == [bad]  # a failed slide is retried, and succeeds when the numbers are finite
+
+
+def test_auto_precision_is_measured_and_recorded(tiled):
+    """--precision auto: the choice, its source and reason are in the summary and the extraction record."""
+    import json
+
+    st, tid, _ = tiled
+    s = run_extraction(st, tiling_id=tid, slides=["S01"], options=ExtractOptions(batch_size=8), **ENC)
+    pc = s.extra["precision_choice"]
+    assert s.extra["precision"] in ("fp32", "bf16") and pc["source"] in ("measured", "cache") and pc["reason"]
+    meta = json.loads((st.extraction_dir(s.extra["extraction_id"]) / "_extraction.json").read_text())
+    assert meta["precision_choice"]["precision"] == s.extra["precision"]
+    assert {t["candidate"] for t in meta["precision_choice"]["trials"]} >= {"fp32/cl", "fp32/nchw"}
+    assert meta["encoder_mpp"] == 0.5 and meta["transform"]["plan"]["fit"] == "identity"

@@ -94,8 +94,11 @@ def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n,
 @click.option("--layer", default=None, help="Truncate at this stage, then global-average-pool (e.g. layer3).")
 @click.option("--tiling", "tiling_id", default=None, help="Tiling id (default: the store's only tissue tiling).")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all tiled slides).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: measured on this machine (fastest numerically sound; cached; recorded).")
+@click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 64; on GPUs with auto: measured).")
+@click.option("--fit", type=click.Choice(["auto", "identity", "crop", "resize", "native"]), default="auto", show_default=True,
+              help="How tiles become the encoder's input size; auto refuses resizes that change µm/px by > 10 %.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers (default: available CPUs - 1).")
 @click.option("--shard", default=None, help="I/N: this process embeds its share of the slides (SLURM arrays).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
@@ -107,8 +110,8 @@ def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n,
 @click.option("--fail-fast", is_flag=True)
 @store_option
 @json_option
-def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, workers, shard, engine, tta, compile_,
-            dtype, seed, device, fail_fast, store_path, as_json):
+def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, fit, workers, shard, engine, tta,
+            compile_, dtype, seed, device, fail_fast, store_path, as_json):
     """Embed every tile of a tiling into per-slide HDF5 files (resumable, shardable).
 
     \b
@@ -123,7 +126,7 @@ def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, w
     opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
                          fail_fast=fail_fast, progress=progress_enabled(as_json))
     kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,
-              dtype=dtype, seed=seed, slides=split_ids(slides), options=opt)
+              dtype=dtype, seed=seed, slides=split_ids(slides), fit=fit, options=opt)
     st = get_store(store_path)
     if engine == "ray":
         from hefeat.extract.ray_engine import run_extraction_ray

@@ -30,6 +30,8 @@ class EncoderConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    crop_pct: float = 1.0
+    fixed_input_size: bool = False
 
     def to_dict(self) -> dict:
         """Plain-dict form (for provenance and ids)."""
@@ -108,6 +110,11 @@ class Encoder:
         self.config = config
         self.truncated = truncated
 
+    def to(self, *args, **kwargs) -> Encoder:
+        """Move or re-format the network (torch.nn.Module.to semantics); returns self."""
+        self.net.to(*args, **kwargs)
+        return self
+
     def __call__(self, x):
         """x: float tensor (B, 3, H, W), already normalised. Returns (B, dim)."""
         out = self.net(x)
@@ -148,6 +155,7 @@ def create_encoder(name: str, *, weights: str | None = None, layer: str | None =
         _load_into(full, load_state_dict_file(weights), Path(weights).name)
     full.eval()
     data_cfg = timm.data.resolve_model_data_config(full)
+    fixed_size = bool((getattr(full, "pretrained_cfg", None) or {}).get("fixed_input_size", False))
     truncated = layer is not None
     if truncated:
         net = timm.create_model(name, pretrained=False, features_only=True)
@@ -173,6 +181,8 @@ def create_encoder(name: str, *, weights: str | None = None, layer: str | None =
         weights_digest=_state_digest(net), dim=dim, input_size=(int(h), int(w)),
         mean=tuple(float(v) for v in data_cfg["mean"]), std=tuple(float(v) for v in data_cfg["std"]),
         interpolation=str(data_cfg.get("interpolation", "bilinear")),
+        crop_pct=float(data_cfg.get("crop_pct") or 1.0),
+        fixed_input_size=fixed_size,
     )
     return Encoder(net, config, truncated)
 

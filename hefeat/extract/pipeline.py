@@ -8,7 +8,7 @@ slide's features do not depend on which other slides ran with it (resume is byte
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import queue
 import threading
@@ -20,7 +20,16 @@ import numpy as np
 
 from hefeat import __version__
 from hefeat.errors import HefeatError
+from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute side lives in compute.py)
+    DeviceTransform,
+    InputPlan,
+    check_finite,
+    dihedral,
+    embed_batch,
+    plan_input,
+)
 from hefeat.extract.encoders import Encoder, EncoderConfig, create_encoder
+from hefeat.extract.precision import CHOICES, PrecisionChoice, select_precision
 from hefeat.runner import RunSummary, SlideClaim, shard_slides
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
@@ -28,7 +37,10 @@ from hefeat.store.features import FeatureFileWriter
 from hefeat.store.ids import content_id
 from hefeat.store.runs import record_run, timestamp
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = CHOICES
+DEFAULT_BATCH = 64
+GPU_BATCH_LADDER = (64, 128, 256, 512)
+CALIBRATION_TILES = {"cpu": 8, "cuda": 64}
 
 
 def default_workers() -> int:
@@ -49,24 +61,14 @@ def resolve_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """Concrete precision for 'auto': bf16 on GPUs that support it (else fp16); bf16 on AVX-512 CPUs."""
-    import torch
+def extraction_id(tiling_id: str, cfg: EncoderConfig, *, precision: str, tta: bool, dtype: str,
+                  inputs: dict | None = None) -> str:
+    """Content-derived id over tiling, encoder, weights digest, layer, transform, precision, TTA and dtype.
 
-    if precision not in PRECISIONS:
-        raise HefeatError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "bf16" if ("AVX512" in cap or "AMX" in cap) else "fp32"
-
-
-def extraction_id(tiling_id: str, cfg: EncoderConfig, *, precision: str, tta: bool, dtype: str) -> str:
-    """Content-derived id over tiling, encoder, weights digest, layer, transform, precision, TTA and dtype."""
+    `inputs` holds what else changes the pixels the encoder sees (input plan, stain normalisation).
+    """
     return content_id({"tiling": tiling_id, "encoder": cfg.to_dict(), "precision": precision, "tta": tta,
-                       "dtype": dtype, "code": __version__.rsplit(".", 1)[0]}, prefix="e")
+                       "dtype": dtype, "inputs": inputs or {}, "code": __version__.rsplit(".", 1)[0]}, prefix="e")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,61 +142,6 @@ def _worker_init(_):
 # ----------------------------------------------------------------------------------------------
 # Compute
 # ----------------------------------------------------------------------------------------------
-class DeviceTransform:
-    """uint8 NHWC batch -> normalised float NCHW (channels-last) on the device, per the encoder config."""
-
-    def __init__(self, cfg: EncoderConfig, device: str):
-        import torch
-
-        self.size = cfg.input_size
-        self.mode = "bicubic" if cfg.interpolation == "bicubic" else "bilinear"
-        self.mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255.0
-        self.device = device
-
-    def __call__(self, x_uint8):
-        import torch
-        import torch.nn.functional as F
-
-        x = x_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        if tuple(x.shape[-2:]) != tuple(self.size):
-            x = F.interpolate(x, size=self.size, mode=self.mode, antialias=True, align_corners=False).clamp_(0, 255)
-        x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
-
-
-def dihedral(x):
-    """The 8 rotations/reflections of a NCHW batch."""
-    import torch
-
-    out = []
-    for flip in (False, True):
-        base = torch.flip(x, dims=(3,)) if flip else x
-        out.extend(torch.rot90(base, k, dims=(2, 3)) for k in range(4))
-    return out
-
-
-def autocast_context(device: str, precision: str):
-    """torch.autocast for bf16/fp16, a null context for fp32."""
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
-
-
-def embed_batch(enc: Encoder, transform: DeviceTransform, x_uint8, *, device: str, precision: str, tta: bool = False):
-    """Embeddings (B, dim) float32 tensor on the device for a uint8 NHWC batch."""
-    import torch
-
-    x = transform(x_uint8)
-    with torch.inference_mode(), autocast_context(device, precision):
-        if tta:
-            return torch.stack([enc(v).float() for v in dihedral(x)]).mean(0)
-        return enc(x).float()
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +213,7 @@ class _Writer(threading.Thread):
 class ExtractOptions:
     """How to run an extraction (none of these change the features except those in the id)."""
 
-    batch_size: int = 64
+    batch_size: int | None = None  # None: DEFAULT_BATCH, or measured on GPUs with --precision auto
     workers: int | None = None
     device: str | None = None
     compile: bool = False
@@ -288,15 +235,20 @@ def run_extraction(
     seed: int = 0,
     slides: list[str] | None = None,
     shard: str | None = None,
+    fit: str = "auto",
     options: ExtractOptions | None = None,
 ) -> RunSummary:
-    """Embed every tile of a tiling with an encoder into per-slide HDF5 files; resumable."""
+    """Embed every tile of a tiling with an encoder into per-slide HDF5 files; resumable.
+
+    precision 'auto' is measured on this machine (see hefeat.extract.precision) and recorded;
+    `fit` says how tiles become the encoder's input size (see hefeat.extract.compute.plan_input).
+    """
 
     opt = options or ExtractOptions()
     store.require()
     if dtype not in ("float16", "float32"):
         raise HefeatError(f"--dtype must be float16 or float32, got {dtype!r}")
-    if opt.batch_size < 1:
+    if opt.batch_size is not None and opt.batch_size < 1:
         raise HefeatError("--batch-size must be >= 1")
     tid = tiling_id or _default_tiling(store)
     tiling = store.tiling(tid)
@@ -308,10 +260,16 @@ def run_extraction(
         tiled = [s for s in tiled if s in set(slides)]
     ids = shard_slides(tiled, shard)
     device = resolve_device(opt.device)
-    prec = resolve_precision(precision, device)
     enc = create_encoder(encoder, weights=weights, layer=layer, seed=seed)
     cfg = enc.config
-    eid = extraction_id(tid, cfg, precision=prec, tta=tta, dtype=dtype)
+    plan = plan_input(int(tiling["size"]), float(tiling["mpp"]), cfg, fit=fit)
+    transform = DeviceTransform(cfg, device, plan=plan)
+    choice = choose_precision(enc, transform, store, tid, ids, device=device, requested=precision,
+                              batch_size=opt.batch_size)
+    prec = choice.precision
+    opt = dataclasses.replace(opt, batch_size=opt.batch_size or choice.batch_size or DEFAULT_BATCH)
+    inputs = {"plan": plan.to_dict()}
+    eid = extraction_id(tid, cfg, precision=prec, tta=tta, dtype=dtype, inputs=inputs)
     edir = store.extraction_dir(eid)
     edir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(edir)
@@ -322,10 +280,11 @@ def run_extraction(
             "weights_source": str(Path(weights).absolute()) if weights and Path(weights).exists() else (weights or "imagenet"),
             "seed": seed,
             "weights_digest": cfg.weights_digest, "dim": cfg.dim, "precision": prec, "tta": tta, "dtype": dtype,
+            "precision_choice": choice.to_dict(),
             "transform": {"input_size": list(cfg.input_size), "mean": list(cfg.mean), "std": list(cfg.std),
-                          "interpolation": cfg.interpolation},
-            "patch_size": tiling["size"], "mpp": tiling["mpp"], "code_version": __version__,
-            "batch_size": opt.batch_size, "created": timestamp(),
+                          "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct, **inputs},
+            "patch_size": tiling["size"], "mpp": tiling["mpp"], "encoder_mpp": plan.encoder_mpp,
+            "code_version": __version__, "batch_size": opt.batch_size, "created": timestamp(),
         })
     summary = RunSummary("extraction", eid)
     t0 = time.perf_counter()
@@ -365,18 +324,59 @@ def run_extraction(
 
         info = {"dim": cfg.dim, "batch_size": opt.batch_size, "precision": prec, "device": device}
         timings = _extract_jobs(store, eid, jobs, enc, tiling, cfg, device=device, precision=prec, tta=tta,
-                                dtype=dtype, opt=opt, info=info, summary=summary)
+                                dtype=dtype, opt=opt, info=info, summary=summary, transform=transform)
     finally:
         for c in claims:
             c.release()
     summary.seconds = time.perf_counter() - t0
     summary.extra.update({"extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer,
                           "dim": cfg.dim, "precision": prec, "device": device, "batch_size": opt.batch_size,
-                          "timings": timings})
+                          "precision_choice": {k: choice.to_dict()[k] for k in ("source", "reason", "channels_last")},
+                          "encoder_mpp": plan.encoder_mpp, "fit": plan.fit, "timings": timings})
     summary.extra["run_id"] = record_run(store, "extract", summary.to_dict(), params={
         "encoder": encoder, "weights": weights, "layer": layer, "precision": prec, "tta": tta, "dtype": dtype,
         "batch_size": opt.batch_size, "workers": opt.workers, "shard": shard})
     return summary
+
+
+def calibration_tiles(store: Store, tiling_id: str, slide_ids: list[str], n: int) -> np.ndarray | None:
+    """Up to `n` real tiles (n, size, size, 3) uint8 from the first slide of `slide_ids` that has tiles."""
+    from hefeat.slides.run import open_catalog_slide
+
+    tiling = store.tiling(tiling_id)
+    rows = store.slides(slide_ids[:4]).set_index("slide_id") if slide_ids else None
+    for sid in slide_ids[:4]:
+        try:
+            tiles = store.tiles(tiling_id, sid).head(n)
+            if tiles.empty:
+                continue
+            with open_catalog_slide(rows.loc[sid], verify=False) as s:
+                return np.stack([s.read(x, y, int(tiling["size"]), float(tiling["mpp"]))
+                                 for x, y in tiles[["x", "y"]].to_numpy()])
+        except Exception:  # an unreadable slide fails later with its own reason
+            continue
+    return None
+
+
+def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, tiling_id: str, slide_ids: list[str], *,
+                     device: str, requested: str, batch_size: int | None) -> PrecisionChoice:
+    """Resolve --precision for this encoder on this device, calibrating on real tiles of the run when 'auto'."""
+    import torch
+
+    enc.to(device)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    n = CALIBRATION_TILES.get(kind, 8)
+    imgs = calibration_tiles(store, tiling_id, slide_ids, n) if requested == "auto" else None
+    if imgs is None:  # nothing to read (all done, or a fixed precision): uniform noise has the right shape
+        size = transform.plan.tile_px if transform.plan else transform.size[0]
+        imgs = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        sample = transform(torch.from_numpy(imgs))
+    ladder = GPU_BATCH_LADDER if kind == "cuda" and batch_size is None else (None,)
+    choice = select_precision(enc, sample, device=device, requested=requested, batch_sizes=ladder,
+                              model_key={**enc.config.to_dict(), "plan": transform.plan.to_dict() if transform.plan else None})
+    transform.channels_last = choice.channels_last
+    return choice
 
 
 def _default_tiling(store: Store) -> str:
@@ -388,7 +388,8 @@ def _default_tiling(store: Store) -> str:
     return str(t["tiling_id"].iloc[0])
 
 
-def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta, dtype, opt, info, summary) -> dict:
+def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta, dtype, opt, info, summary,
+                  transform: DeviceTransform) -> dict:
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -398,10 +399,9 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
         return timings
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
-    enc.net.to(device).to(memory_format=torch.channels_last)
+    enc.net.to(device).to(memory_format=torch.channels_last if transform.channels_last else torch.contiguous_format)
     if opt.compile:
         enc.net = torch.compile(enc.net)
-    transform = DeviceTransform(cfg, device)
     ds = TileDataset(jobs, int(tiling["size"]), float(tiling["mpp"]))
     workers = default_workers() if opt.workers is None else opt.workers
     loader = DataLoader(ds, batch_sampler=per_slide_batches(ds.offsets, opt.batch_size), num_workers=workers,
@@ -445,8 +445,16 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
                 continue
             t = time.perf_counter()
             feats = embed_batch(enc, transform, imgs, device=device, precision=precision, tta=tta)
+            bad_rows = check_finite(feats, int(ts[0]), precision)
             rows = feats.cpu().numpy()
             timings["compute_s"] += time.perf_counter() - t
+            if bad_rows:  # fails this slide through the writer's failure path; the batch goes on
+                job.failed = "pending"
+                _put(writer, (k, 0, None, bad_rows))
+                if opt.fail_fast:
+                    raise HefeatError(f"extraction failed on slide {job.slide_id}: {bad_rows}")
+                bar.update(len(ks))
+                continue
             _put(writer, (k, int(ts[0]), rows, None))
             bar.update(len(ks))
     finally:

@@ -1,0 +1,132 @@
+"""Precision by measurement: the decision on injected timings, capability exclusions, the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hefeat.extract.precision as P
+from hefeat.errors import HefeatError
+from hefeat.extract.precision import Candidate, Trial, candidates, decide, select_precision
+
+
+def T(prec, rate, err=0.0, cl=True, finite=True):
+    return Trial(Candidate(prec, cl), rate, err, finite)
+
+
+def test_decide_picks_bf16_when_measured_faster_and_sound():
+    """avx512_bf16 CPU (this one): bf16 about 2x fp32 with 0.3 % error -> bf16."""
+    c, why = decide([T("fp32", 19.4), T("fp32", 13.0, cl=False), T("bf16", 28.1, 0.003), T("bf16", 23.0, 0.003, cl=False)])
+    assert (c.precision, c.channels_last) == ("bf16", True)
+    assert "1.45x the best fp32" in why
+
+
+def test_decide_keeps_fp32_where_bf16_is_emulated():
+    """The issue's Xeon without avx512_bf16: bf16 half the fp32 speed -> fp32."""
+    c, _ = decide([T("fp32", 9.9), T("bf16", 5.0, 0.003)])
+    assert c.precision == "fp32"
+
+
+def test_decide_needs_more_than_the_margin():
+    c, why = decide([T("fp32", 10.0), T("bf16", 10.0 * (1 + P.MARGIN / 2), 0.003)])
+    assert c.precision == "fp32" and "not faster by" in why
+    c, _ = decide([T("fp32", 10.0), T("bf16", 10.0 * (1 + 2 * P.MARGIN), 0.003)])
+    assert c.precision == "bf16"
+
+
+def test_decide_rejects_unsound_candidates():
+    """fp16 fastest but overflowing (non-finite) or too far from fp32: the next sound one wins."""
+    c, why = decide([T("fp32", 10.0), T("fp16", 40.0, finite=False, err=float("inf")), T("bf16", 20.0, 0.004)])
+    assert c.precision == "bf16" and "fp16/cl rejected: non-finite" in why
+    c, why = decide([T("fp32", 10.0), T("fp16", 40.0, 0.3), T("bf16", 20.0, 0.2)])
+    assert c.precision == "fp32" and "relative error 30.00%" in why
+    with pytest.raises(HefeatError, match="no fp32"):
+        decide([T("bf16", 20.0, 0.001)])
+
+
+def test_decide_prefers_the_faster_memory_format():
+    c, _ = decide([T("fp32", 10.0, cl=True), T("fp32", 14.0, cl=False)])
+    assert (c.precision, c.channels_last) == ("fp32", False)
+
+
+def test_capabilities_exclude_only_what_cannot_run_natively():
+    cpu_slow_fp16 = {"kind": "cpu", "name": "x", "bf16": "emulated", "fp16": "slow"}
+    cands, excl = candidates(cpu_slow_fp16)
+    assert {c.precision for c in cands} == {"fp32", "bf16"}  # emulated bf16 is measured, not guessed
+    assert "fp16" in excl and "native" in excl["fp16"]
+    t4 = {"kind": "cuda", "name": "T4", "bf16": "no", "fp16": "native"}
+    cands, excl = candidates(t4, batch_sizes=(64, 128))
+    assert {c.precision for c in cands} == {"fp32", "fp16"} and "bf16" in excl
+    assert {c.batch_size for c in cands} == {64, 128}
+    h100 = {"kind": "cuda", "name": "H100", "bf16": "native", "fp16": "native"}
+    assert {c.precision for c in candidates(h100)[0]} == {"fp32", "bf16", "fp16"}
+
+
+def test_this_cpu_reports_its_bf16_support():
+    caps = P.device_capabilities("cpu")
+    flags = P._cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert caps["bf16"] == "native"
+    assert caps["kind"] == "cpu" and caps["name"]
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten()).eval()
+
+
+def test_auto_decides_from_measurements_and_caches(tmp_path, monkeypatch):
+    """select_precision('auto') follows the (injected) measurements, then answers from the cache."""
+    monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_measure(model, sample, cands, **kw):
+        calls.append([c.label for c in cands])
+        return [Trial(c, 30.0 if c.precision == "bf16" and c.channels_last else 10.0,
+                      0.004 if c.precision == "bf16" else 0.0) for c in cands]
+
+    monkeypatch.setattr(P, "measure", fake_measure)
+    monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
+    x = torch.rand(4, 3, 16, 16)
+    a = select_precision(_tiny(), x, device="cpu", model_key={"m": "tiny"})
+    assert (a.precision, a.channels_last, a.source) == ("bf16", True, "measured") and len(calls) == 1
+    assert "fp16" in a.excluded and a.to_dict()["trials"]
+    b = select_precision(_tiny(), x, device="cpu", model_key={"m": "tiny"})
+    assert (b.precision, b.source) == ("bf16", "cache") and len(calls) == 1
+    c = select_precision(_tiny(), x, device="cpu", model_key={"m": "other"})
+    assert c.source == "measured" and len(calls) == 2
+    fixed = select_precision(_tiny(), x, device="cpu", requested="fp32")
+    assert (fixed.precision, fixed.source) == ("fp32", "requested") and len(calls) == 2
+    with pytest.raises(HefeatError, match="--precision"):
+        select_precision(_tiny(), x, device="cpu", requested="fp8")
+
+
+def test_real_calibration_checks_numerics_against_fp32(tmp_path, monkeypatch):
+    """A real (tiny) calibration: fp32 and every timed candidate are finite and close to fp32."""
+    monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
+    ch = select_precision(_tiny(), torch.rand(8, 3, 32, 32), device="cpu", model_key={"m": "tiny-real"})
+    assert ch.precision in ("fp32", "bf16") and ch.source == "measured"
+    labels = {t["candidate"] for t in ch.trials}
+    assert {"fp32/cl", "fp32/nchw"} <= labels
+    for t in ch.trials:
+        assert t["rel_err"] is not None and t["rel_err"] <= P.TOLERANCE[t["candidate"].split("/")[0]]
+    assert (tmp_path / "precision.json").exists() and ch.key in (tmp_path / "precision.json").read_text()
+
+
+def test_measure_drops_a_hopeless_candidate_after_one_pass(monkeypatch):
+    """A kernel 100x slower costs one warm-up pass of a few rows, not a calibration."""
+    import time
+
+    def step(model, x):
+        if torch.is_autocast_enabled('cpu'):
+            time.sleep(0.2)
+        return model(x)
+
+    model = _tiny()
+    trials = P.measure(model, torch.rand(8, 3, 16, 16), [Candidate("fp32", False), Candidate("bf16", False)],
+                       device="cpu", step=step)
+    slow = [t for t in trials if t.candidate.precision == "bf16"][0]
+    assert slow.tiles_per_s == 0.0 and "not timed" in slow.note
+    c, _ = decide(trials)
+    assert c.precision == "fp32"
