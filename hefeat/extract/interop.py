@@ -13,7 +13,7 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.store.atomic import atomic_path, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.features import FeatureFileWriter
+from hefeat.store.features import FeatureFileWriter, refresh_aggregates
 from hefeat.store.ids import content_id
 from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
@@ -36,6 +36,8 @@ def export_h5(store: Store, extraction_id: str, outdir: str | os.PathLike) -> di
         with atomic_path(out / f"{sid}.h5") as tmp:
             shutil.copyfile(store.features_path(extraction_id, sid), tmp)
             with h5py.File(tmp, "r+") as f:
+                if "aggregates" in f:  # hefeat's own slide sums: not part of the CLAM/TRIDENT layout
+                    del f["aggregates"]
                 c = f["coords"]
                 c.attrs["patch_level"] = 0
                 c.attrs["level0_magnification"] = float(power.get(sid) or 0.0)
@@ -123,5 +125,7 @@ def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_si
                                                     "finished_at": timestamp(), "dim": int(dim),
                                                     "path": str(store.features_path(eid, sid))})
         n_new += 1
+    if n_new:
+        refresh_aggregates(store, eid)
     return {"extraction_id": eid, "tiling_id": tid, "slides": len(loaded), "new": n_new, "unmatched": unmatched,
             "dim": int(dim), "tiles": int(sum(len(x[1]) for x in loaded))}

@@ -33,7 +33,7 @@ from hefeat.extract.precision import CHOICES, PrecisionChoice, select_precision
 from hefeat.runner import RunSummary, SlideClaim, shard_slides
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.features import FeatureFileWriter
+from hefeat.store.features import FeatureFileWriter, refresh_aggregates
 from hefeat.store.ids import content_id
 from hefeat.store.runs import record_run, timestamp
 
@@ -328,6 +328,8 @@ def run_extraction(
     finally:
         for c in claims:
             c.release()
+    if summary.ok:
+        refresh_aggregates(store, eid)  # the consolidated slide table reads in one go
     summary.seconds = time.perf_counter() - t0
     summary.extra.update({"extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer,
                           "dim": cfg.dim, "precision": prec, "device": device, "batch_size": opt.batch_size,

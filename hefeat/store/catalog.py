@@ -188,6 +188,10 @@ class Store:
         """Feature HDF5 of one slide in one extraction."""
         return self.extraction_dir(extraction_id) / f"{check_id(slide_id)}.h5"
 
+    def aggregates_path(self, extraction_id: str) -> Path:
+        """Consolidated slide table of one extraction: file identity, byte offsets and aggregates per slide."""
+        return self.extraction_dir(extraction_id) / "_aggregates.h5"
+
     def status_dir(self, stage: str, run_key: str) -> Path:
         """Folder of per-slide status files of one stage (tiling/extraction) and id."""
         return self.root / "status" / f"{stage}={run_key}"
