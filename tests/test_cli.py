@@ -160,15 +160,18 @@ def test_cli_spatial_and_exploration_commands(learned, tmp_path):
     pc = js("neighbors", "query", "--extraction", eid, "--physical-check", *S)
     assert 0 <= pc["adjacent_share"] <= pc["same_slide_share"] <= 1
     u = js("umap", "--extraction", eid, "--sample", "300", "--pca", "10", "--out", tmp_path / "u.png",
-           "--color", "SELECT slide_id, tile_id, mean_r AS color FROM tiles", *S)
-    assert u["n"] == 300 and u["color"] == "continuous"
+           "--color", "mean_r", *S)
+    assert u["n"] == 300 and u["color"] == "continuous" and "mean red" in u["label"]
+    r = run("umap", "--extraction", eid, "--sample", "300", "--pca", "10", "--out", tmp_path / "u.png",
+            "--color", "SELECT slide_id, tile_id, mean_r AS color FROM tiles", *S, ok=False)
+    assert r.exit_code != 0 and "tiling_id" in r.output  # two tilings: tile ids are ambiguous
     tid = st.extraction(eid)["tiling_id"]
     hm = js("heatmap", "--slide", "S01", "--value", f"SELECT tile_id, density FROM tiles WHERE slide_id = 'S01' AND tiling_id = '{tid}'",
             "--tiling", tid, "--out", tmp_path / "h.png", *S)
     assert hm["column"] == "density" and hm["tiles"] > 0
     r = run("heatmap", "--slide", "S01", "--value", "SELECT tile_id, density FROM tiles WHERE slide_id = 'S01'",
             "--out", tmp_path / "x.png", *S, ok=False)
-    assert r.exit_code != 0 and "--tiling" in r.output  # two tilings: tile ids are ambiguous
+    assert r.exit_code != 0 and "tiling_id" in r.output  # two tilings: tile ids are ambiguous
     t = js("tiles", "show", "--tile", "S01:0", "--tiling", tid, "--out", tmp_path / "t.png", *S)
     assert t["shape"] == [224, 224, 3]
     r = run("neighbors", "query", "--extraction", eid, "--tile", "S01:99999", *S, ok=False)

@@ -90,6 +90,20 @@ def test_neighbours_share_tissue_class(learned):
     assert share > 0.55 and share > base + 0.1, (share, base)
 
 
+def test_neighbour_exclusions(learned):
+    """The query tile is not its own neighbour unless asked; same-slide/patient exclusion still returns k rows."""
+    st, eid, _, _ = learned
+    build_index(st, eid)
+    pat = dict(st.sql("SELECT slide_id, patient_id FROM slides").to_numpy())
+    me = query(st, extraction_id=eid, tile=("S02", 4), k=5, include_self=True)
+    assert (me["slide_id"][0], me["tile_id"][0]) == ("S02", 4) and me["distance"][0] < 1e-4
+    res = query(st, extraction_id=eid, tile=("S02", 4), k=5)
+    assert len(res) == 5 and not ((res["slide_id"] == "S02") & (res["tile_id"] == 4)).any()
+    assert res["distance"].is_monotonic_increasing and (res["distance"] > 0).all()
+    other = query(st, extraction_id=eid, tile=("S02", 4), k=5, exclude_same_patient=True)
+    assert len(other) == 5 and (other["slide_id"].map(pat) != pat["S02"]).all()
+
+
 def _tile_classes(st, eid, truth_path):
     """The generator's majority class under each tile (from truth/<slide>.classes.npz)."""
     tid = st.extraction(eid)["tiling_id"]
@@ -109,36 +123,66 @@ def _tile_classes(st, eid, truth_path):
 def test_umap_purity_and_plot(learned, tmp_path):
     st, eid, _, truth = learned
     u = run_umap(st, eid, sample=600, pca=20)
-    assert u["n"] == 600 and run_umap(st, eid, sample=600, pca=20)["cached"]
+    again = run_umap(st, eid, sample=600, pca=20)
+    assert u["n"] == 600 and again["cached"] and again["umap_id"] == u["umap_id"] and not again["stale"]
     cls = _tile_classes(st, eid, truth)
     m = st.sql(f"SELECT * FROM umap WHERE umap_id = '{u['umap_id']}'").merge(cls, on=["slide_id", "tile_id"])
     tumour = (m["cls"] == 0).to_numpy()
     # Tumour vs rest, ST-Net style 2-means purity; measured ~0.8, majority share ~0.6.
     purity = cluster_purity(m[["umap_x", "umap_y"]].to_numpy(), tumour, k=2)
     assert purity > max(tumour.mean(), 1 - tumour.mean()) + 0.05
-    out = plot_umap(st, u["umap_id"], tmp_path / "u.png", color_sql="SELECT slide_id, tile_id, sharpness AS color FROM tiles")
-    assert out["color"] == "continuous" and (tmp_path / "u.png").stat().st_size > 10_000
-    cat = plot_umap(st, u["umap_id"], tmp_path / "c.png", color_sql="SELECT slide_id, tile_id, slide_id AS color FROM tiles")
+    out = plot_umap(st, u["umap_id"], tmp_path / "u.png", color="sharpness")
+    assert out["color"] == "continuous" and "Laplacian" in out["label"]
+    cat = plot_umap(st, u["umap_id"], tmp_path / "c.png", color="slides.site")
     assert cat["color"] == "categorical"
-    with pytest.raises(HefeatError, match="no rows"):
-        plot_umap(st, u["umap_id"], tmp_path / "x.png", color_sql="SELECT slide_id, tile_id, 1 AS color FROM tiles WHERE false")
-    with pytest.raises(HefeatError, match="SQL failed"):
-        plot_umap(st, u["umap_id"], tmp_path / "x.png", color_sql="SELECT nope FROM")
-
-
-def test_heatmap_pixels_land_on_the_tile(learned):
-    st, eid, _, _ = learned
     tid = st.extraction(eid)["tiling_id"]
-    t = st.sql(f"SELECT * FROM tiles WHERE tiling_id = '{tid}' AND slide_id = 'S03' ORDER BY tile_id")
-    one = int(t["tile_id"].iloc[len(t) // 2])
-    r = render_heatmap(st, "S03", f"SELECT tile_id, CASE WHEN tile_id = {one} THEN 1.0 ELSE NULL END AS v "
-                                  f"FROM tiles WHERE tiling_id = '{tid}' AND slide_id = 'S03' AND tile_id = {one}", tiling_id=tid)
-    ov, s = r["overlay"], r["scale"]
-    row = t[t["tile_id"] == one].iloc[0]
-    ys, xs = np.nonzero(~np.isnan(ov))
-    assert abs(xs.min() - row.x * s) <= 1 and abs(ys.min() - row.y * s) <= 1
-    assert abs(xs.max() + 1 - (row.x + row.size0) * s) <= 1.5
-    assert (~np.isnan(ov)).sum() == pytest.approx((row.size0 * s) ** 2, rel=0.15)
+    with pytest.raises(HefeatError, match="no rows"):
+        plot_umap(st, u["umap_id"], tmp_path / "x.png",
+                  color=f"SELECT tiling_id, slide_id, tile_id, 1 AS color FROM tiles WHERE tiling_id = '{tid}' AND false")
+    with pytest.raises(HefeatError, match="SQL failed"):
+        plot_umap(st, u["umap_id"], tmp_path / "x.png", color="SELECT nope FROM")
+    with pytest.raises(HefeatError, match="No column 'nope'"):
+        plot_umap(st, u["umap_id"], tmp_path / "x.png", color="nope")
+
+
+def test_values_never_mix_tilings(learned):
+    """Two tilings share tile ids 0..n: every way of naming a value resolves to the extraction's tiling only."""
+    from hefeat.explore.values import values_for
+
+    st, eid, seid, _ = learned
+    tid, stid = st.extraction(eid)["tiling_id"], st.extraction(seid)["tiling_id"]
+    sid = "S01"
+    keys = st.tiles(tid, sid)[["tile_id", "sharpness"]].assign(slide_id=sid)
+    spot = st.tiles(stid, sid)[["tile_id", "sharpness"]]
+    assert len(set(keys["tile_id"]) & set(spot["tile_id"])) > 5  # the ids really overlap
+    want = keys["sharpness"].to_numpy()
+    by_name, _ = values_for(st, "sharpness", keys, tiling_id=tid)
+    np.testing.assert_allclose(by_name.to_numpy(float), want)
+    both = "SELECT tiling_id, slide_id, tile_id, sharpness AS color FROM tiles"  # rows of BOTH tilings
+    by_sql, _ = values_for(st, both, keys, tiling_id=tid)
+    np.testing.assert_allclose(by_sql.to_numpy(float), want)
+    named = f"SELECT slide_id, tile_id, sharpness FROM tiles WHERE tiling_id = '{tid}'"
+    np.testing.assert_allclose(values_for(st, named, keys, tiling_id=tid)[0].to_numpy(float), want)
+    with pytest.raises(HefeatError, match="is on tiling"):
+        values_for(st, named.replace(tid, stid), keys, tiling_id=tid)
+    with pytest.raises(HefeatError, match="names no tiling"):
+        values_for(st, "SELECT slide_id, tile_id, sharpness FROM tiles", keys, tiling_id=tid)
+    site, v = values_for(st, "slides.site", keys, tiling_id=tid)
+    assert v.source == "slides" and site.nunique() == 1 and site.notna().all()
+
+
+def test_tile_show_and_heatmap_resolve_the_tiling(learned):
+    from hefeat.explore.tiles import tile_row
+
+    st, eid, seid, _ = learned
+    tid, stid = st.extraction(eid)["tiling_id"], st.extraction(seid)["tiling_id"]
+    a, b = tile_row(st, "S01", 3, extraction_id=eid), tile_row(st, "S01", 3, extraction_id=seid)
+    assert (a["tiling_id"], b["tiling_id"]) == (tid, stid) and (a["x"], a["y"]) != (b["x"], b["y"])
+    with pytest.raises(HefeatError, match="2 tilings"):
+        tile_row(st, "S01", 3)
+    q = f"SELECT tile_id, density FROM tiles WHERE slide_id = 'S01' AND tiling_id = '{stid}'"
+    r = render_heatmap(st, "S01", q)  # the tiling named in the query, no --tiling needed
+    assert r["tiling_id"] == stid and r["with_value"] == len(st.tiles(stid, "S01"))
 
 
 def test_bad_queries(learned, clustered):
@@ -153,9 +197,13 @@ def test_bad_queries(learned, clustered):
     with pytest.raises(HefeatError, match="was built for extraction"):
         query(st, extraction_id="eother", index_id=other, tile=("S01", 0))
     with pytest.raises(HefeatError, match="2 tilings"):
-        render_heatmap(st, "S01", "SELECT tile_id, sharpness FROM tiles")
-    with pytest.raises(HefeatError, match="several rows per tile_id"):
+        render_heatmap(st, "S01", "sharpness")
+    with pytest.raises(HefeatError, match="names no tiling"):
         render_heatmap(st, "S01", "SELECT tile_id, sharpness FROM tiles", tiling_id=st.extraction(eid)["tiling_id"])
+    with pytest.raises(HefeatError, match="several rows per"):
+        render_heatmap(st, "S01", "SELECT tiling_id, tile_id, sharpness FROM tiles", extraction_id=eid)
+    with pytest.raises(HefeatError, match="k must be"):
+        query(st, extraction_id=eid, tile=("S01", 0), k=0)
 
 
 def test_query_by_image_finds_the_tile(learned, tmp_path):

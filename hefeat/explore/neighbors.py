@@ -215,52 +215,78 @@ def _load_index_files(path: str, _mtime_ns: int):
     return faiss.read_index(path), pd.read_parquet(Path(path).with_name("ids.parquet"))
 
 
+def _keys(ids: pd.DataFrame, global_ids: np.ndarray) -> pd.DataFrame:
+    """(slide_id, tile_id) rows of global ids."""
+    return ids.iloc[global_ids][["slide_id", "tile_id"]].reset_index(drop=True)
+
+
 def query(store: Store, *, extraction_id: str | None = None, index_id: str | None = None,
           tile: tuple[str, int] | None = None, image: str | None = None, slide: str | None = None,
           vector: np.ndarray | None = None, k: int = 20, exclude_same_slide: bool = False,
-          write: bool = False) -> pd.DataFrame:
-    """Nearest tiles to a tile, an image file, a slide's mean embedding or a vector; joined with slide metadata."""
+          exclude_same_patient: bool = False, include_self: bool = False, write: bool = False) -> pd.DataFrame:
+    """Nearest tiles to a tile, an image file, a slide's mean embedding or a vector; joined with slide metadata.
+
+    A query tile is never its own neighbour unless include_self; same-slide / same-patient exclusion
+    applies to tile and slide queries. `distance` is 1 - cosine similarity (cosine) or Euclidean (l2).
+    """
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= 1000:
+        raise HefeatError(f"k must be an integer from 1 to 1000 (got {k!r})")
     meta = _resolve_index(store, extraction_id, index_id)
     eid = meta["extraction_id"]
     idx, ids = load_index(store, meta)
-    src_slide = None
+    src_slide, self_key = None, None
     if tile is not None:
         sid, tid = tile
         n = store.sql("SELECT n_tiles FROM features_index WHERE extraction_id = ? AND slide_id = ?", [eid, sid])
         if n.empty or not (0 <= int(tid) < int(n.iloc[0, 0])):
             raise HefeatError(f"Tile {sid}:{tid} does not exist in extraction {eid}")
         q = read_features(store.features_path(eid, sid), np.array([int(tid)]))
-        src_slide = sid
+        src_slide, self_key = sid, (sid, int(tid))
     elif image is not None:
         from hefeat.explore.embed import embed_image
 
         q = embed_image(store, eid, image)[None]
     elif slide is not None:
+        if not store.features_path(eid, slide).exists():
+            raise HefeatError(f"Slide {slide} has no features in extraction {eid}")
         q = read_features(store.features_path(eid, slide)).mean(0, keepdims=True)
         src_slide = slide
     elif vector is not None:
         q = np.asarray(vector, np.float32)[None]
     else:
         raise HefeatError("Give a tile (SLIDE:TILE_ID), an image file, a slide or a vector to query")
-    extra = int(ids.groupby("slide_id").size().max()) if exclude_same_slide and src_slide else 0
-    kk = min(k + extra, idx.ntotal)
-    D, nn = _search(store, meta, idx, ids, _prep(q, meta["metric"]), kk)
-    res = ids.iloc[nn[0][nn[0] >= 0]].reset_index(drop=True)
-    dist = D[0][nn[0] >= 0]
-    res["distance"] = (1 - dist) if meta["metric"] == "cosine" else np.sqrt(np.maximum(dist, 0))
-    if exclude_same_slide and src_slide:
-        res = res[res["slide_id"] != src_slide]
-    res = res.head(k).reset_index(drop=True)
+    slides_meta = store.sql("SELECT slide_id, patient_id, site FROM slides")
+    patient_of = dict(zip(slides_meta["slide_id"], slides_meta["patient_id"], strict=True))
+    src_patient = patient_of.get(src_slide) if src_slide else None
+    Q = _prep(q, meta["metric"])
+    kk = min(k + 1, idx.ntotal)
+    while True:  # widen the search until k neighbours survive the exclusions (or the index is exhausted)
+        D, nn = _search(store, meta, idx, ids, Q, kk)
+        ok = nn[0] >= 0
+        res = _keys(ids, nn[0][ok])
+        dist = D[0][ok]
+        res["distance"] = np.maximum(1 - dist, 0) if meta["metric"] == "cosine" else np.sqrt(np.maximum(dist, 0))
+        keep = np.ones(len(res), bool)
+        if self_key and not include_self:
+            keep &= ~((res["slide_id"] == self_key[0]) & (res["tile_id"] == self_key[1])).to_numpy()
+        if exclude_same_slide and src_slide:
+            keep &= (res["slide_id"] != src_slide).to_numpy()
+        if exclude_same_patient and src_patient is not None:
+            keep &= (res["slide_id"].map(patient_of) != src_patient).to_numpy()
+        if keep.sum() >= k or kk >= idx.ntotal:
+            break
+        kk = min(kk * 4, idx.ntotal)
+    res = res[keep].head(k).reset_index(drop=True)
     res.insert(0, "rank", np.arange(1, len(res) + 1))
     tid_ = store.extraction(eid)["tiling_id"]
     meta_tiles = pd.concat([store.tiles(tid_, s)[["tile_id", "x", "y"]].assign(slide_id=s)
                             for s in res["slide_id"].unique()], ignore_index=True)
     res = res.merge(meta_tiles, on=["slide_id", "tile_id"], how="left")
-    res = res.merge(store.sql("SELECT slide_id, patient_id, site FROM slides"), on="slide_id", how="left")
-    res = res.drop(columns=["global_id"]).sort_values("rank").reset_index(drop=True)
+    res = res.merge(slides_meta, on="slide_id", how="left").sort_values("rank").reset_index(drop=True)
+    res.attrs.update(index_id=meta["index_id"], metric=meta["metric"], extraction_id=eid, tiling_id=tid_)
     if write:
         qid = content_id({"index": meta["index_id"], "tile": tile, "image": image, "slide": slide, "k": k,
-                          "x": exclude_same_slide}, prefix="q")
+                          "x": exclude_same_slide, "p": exclude_same_patient, "self": include_self}, prefix="q")
         out = res.assign(query_id=qid, index_id=meta["index_id"])
         write_parquet(out, store.index_dir(meta["index_id"]) / "queries" / f"{qid}.parquet")
         res.attrs["query_id"] = qid

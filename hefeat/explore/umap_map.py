@@ -1,7 +1,12 @@
-"""UMAP of a store's embeddings (PCA first), stored for SQL, plotted coloured by any SQL expression."""
+"""UMAP of a store's embeddings (PCA first, k-means clusters alongside), stored for SQL and the explorer.
+
+A UMAP's id hashes its parameters AND the fingerprint of the extraction's data, so adding or
+re-extracting a slide gives a new UMAP; a stored one is reported as cached.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.explore.plots import is_categorical, pyplot
 from hefeat.store.catalog import Store
 from hefeat.store.features import feature_offsets, read_global_rows
 from hefeat.store.ids import content_id
-from hefeat.store.tables import write_parquet
+
+META_KEY = b"hefeat.umap"
 
 
 def sample_tiles(store: Store, eid: str, n: int | None, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -26,16 +31,80 @@ def sample_tiles(store: Store, eid: str, n: int | None, seed: int) -> tuple[pd.D
     return rows, read_global_rows(store, eid, fi, pick)
 
 
+def data_fingerprint(store: Store, extraction_id: str) -> str:
+    """Fingerprint of an extraction's finished slide set and feature files (changes when data changes)."""
+    from hefeat.store import ids
+
+    fn = getattr(ids, "extraction_fingerprint", None)
+    if fn is not None:
+        return fn(store, extraction_id)
+    fi = feature_offsets(store, extraction_id)
+    files = [store.features_path(extraction_id, s) for s in fi["slide_id"]]
+    return content_id({"slides": fi["slide_id"].tolist(), "n": fi["n_tiles"].tolist(),
+                       "files": [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]}, prefix="f")
+
+
+def write_umap(store: Store, umap_id: str, rows: pd.DataFrame, meta: dict) -> None:
+    """Write UMAP rows (slide_id, tile_id, umap_x, umap_y, cluster) with their provenance, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hefeat.store.atomic import atomic_path
+
+    df = rows.reset_index(drop=True)
+    df.insert(0, "point", np.arange(len(df), dtype=np.int64))
+    df.insert(0, "extraction_id", meta["extraction_id"])
+    df.insert(0, "umap_id", umap_id)
+    t = pa.Table.from_pandas(df, preserve_index=False)
+    t = t.replace_schema_metadata({**(t.schema.metadata or {}), META_KEY: json.dumps(meta, default=str).encode()})
+    with atomic_path(store.umap_path(umap_id)) as tmp:
+        pq.write_table(t, tmp, compression="zstd")
+
+
+def umap_info(store: Store, umap_id: str) -> dict:
+    """Provenance of a stored UMAP, and whether the extraction's data changed since (stale)."""
+    import pyarrow.parquet as pq
+
+    p = store.umap_path(umap_id)
+    if not p.exists():
+        raise HefeatError(f"No UMAP {umap_id!r} in the store; compute one with hefeat umap --extraction <eid>")
+    raw = (pq.read_schema(p).metadata or {}).get(META_KEY)
+    meta = json.loads(raw) if raw else {"umap_id": umap_id}
+    if "fingerprint" in meta:
+        try:
+            meta["stale"] = data_fingerprint(store, meta["extraction_id"]) != meta["fingerprint"]
+        except HefeatError:
+            meta["stale"] = True
+    return meta
+
+
+def list_umaps(store: Store, extraction_id: str) -> list[dict]:
+    """Stored UMAPs of an extraction, newest first, each with its provenance and staleness."""
+    out = []
+    for p in sorted((store.umap_path("x").parent).glob("umap=*.parquet")):
+        info = umap_info(store, p.stem.removeprefix("umap="))
+        if info.get("extraction_id") == extraction_id:
+            out.append(info)
+    return sorted(out, key=lambda m: m.get("created", ""), reverse=True)
+
+
 def run_umap(store: Store, extraction_id: str, *, sample: int | None = 100_000, pca: int | None = 50, seed: int = 0,
-             n_neighbors: int = 15, min_dist: float = 0.1, force: bool = False) -> dict:
+             n_neighbors: int = 15, min_dist: float = 0.1, clusters: int = 8, force: bool = False) -> dict:
     """Compute (or find) a UMAP of the extraction; coordinates go to umaps/ (the `umap` view)."""
+    from hefeat.store.runs import timestamp
+
+    for name, v, lo in (("sample", sample, 5), ("pca", pca, 2), ("n_neighbors", n_neighbors, 2), ("clusters", clusters, 1)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or v < lo):
+            raise HefeatError(f"{name} must be an integer >= {lo} (got {v!r})")
+    if not 0 <= float(min_dist) <= 1:
+        raise HefeatError(f"min_dist must be in [0, 1] (got {min_dist!r})")
+    fp = data_fingerprint(store, extraction_id)
     params = {"extraction_id": extraction_id, "sample": sample, "pca": pca, "seed": seed,
-              "n_neighbors": n_neighbors, "min_dist": min_dist}
-    uid = content_id(params, prefix="u")
-    path = store.umap_path(uid)
-    if path.exists() and not force:
-        df = pd.read_parquet(path)
-        return {"umap_id": uid, "n": len(df), "cached": True, **params}
+              "n_neighbors": n_neighbors, "min_dist": min_dist, "clusters": clusters}
+    uid = content_id({**params, "fingerprint": fp}, prefix="u")
+    if store.umap_path(uid).exists() and not force:
+        info = umap_info(store, uid)
+        return {**info, "umap_id": uid, "cached": True}
     t0 = time.perf_counter()
     rows, X = sample_tiles(store, extraction_id, sample, seed)
     if len(X) < 5:
@@ -45,80 +114,67 @@ def run_umap(store: Store, extraction_id: str, *, sample: int | None = 100_000, 
 
         X = PCA(n_components=min(pca, len(X) - 1), random_state=seed).fit_transform(X)
     import umap
+    from sklearn.cluster import KMeans
 
     emb = umap.UMAP(n_neighbors=min(n_neighbors, len(X) - 1), min_dist=min_dist, random_state=seed).fit_transform(X)
     rows["umap_x"], rows["umap_y"] = emb[:, 0].astype(np.float32), emb[:, 1].astype(np.float32)
-    rows.insert(0, "extraction_id", extraction_id)
-    rows.insert(0, "umap_id", uid)
-    write_parquet(rows, path)
-    return {"umap_id": uid, "n": len(rows), "cached": False, "seconds": round(time.perf_counter() - t0, 2), **params}
+    rows["cluster"] = KMeans(n_clusters=min(clusters, len(X)), n_init=3, random_state=seed).fit_predict(X).astype(np.int16)
+    ext = store.extraction(extraction_id)
+    meta = {"umap_id": uid, **params, "fingerprint": fp, "n": len(rows), "n_slides": int(rows["slide_id"].nunique()),
+            "tiling_id": ext["tiling_id"], "encoder": ext.get("encoder"), "layer": ext.get("layer"),
+            "seconds": round(time.perf_counter() - t0, 2), "created": timestamp()}
+    write_umap(store, uid, rows, meta)
+    return {**meta, "stale": False, "cached": False}
 
 
-def color_values(store: Store, umap_rows: pd.DataFrame, color_sql: str | None) -> pd.Series | None:
-    """Join the result of a colour query (slide_id, tile_id, color) onto UMAP rows."""
-    if not color_sql:
-        return None
-    c = store.sql(color_sql)
-    if "color" not in c.columns or "tile_id" not in c.columns:
-        raise HefeatError("The --color query must return tile_id and color columns (and slide_id across slides)")
-    if c.empty:
-        raise HefeatError("The --color query returned no rows")
-    key = ["slide_id", "tile_id"] if "slide_id" in c.columns else ["tile_id"]
-    m = umap_rows.merge(c[key + ["color"]].drop_duplicates(key), on=key, how="left")
-    if m["color"].isna().all():
-        raise HefeatError("No row of the --color query matches a tile in this UMAP (check slide_id/tile_id)")
-    return m["color"]
+def describe(info: dict) -> str:
+    """What a UMAP shows, in words (for titles): encoder, tiles, slides."""
+    enc = info.get("encoder") or "features"
+    if info.get("layer"):
+        enc += f" {info['layer']}"
+    return f"Tile embeddings ({enc}) of {info.get('n', '?'):,} tiles from {info.get('n_slides', '?')} slides"
 
 
-def plot_umap(store: Store, umap_id: str, out: str | Path, *, color_sql: str | None = None,
-              thumbnails: int = 0, title: str | None = None) -> dict:
-    """PNG scatter of a stored UMAP, coloured by a SQL query; optional tile thumbnails at cluster centres."""
-    path = store.umap_path(umap_id)
-    if not path.exists():
-        raise HefeatError(f"No UMAP {umap_id!r}; run hefeat umap first")
-    rows = pd.read_parquet(path)
-    col = color_values(store, rows, color_sql)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6))
-    kind = "none"
-    if col is None:
-        ax.scatter(rows["umap_x"], rows["umap_y"], s=4, c="#555")
-    elif is_categorical(col):
-        kind = "categorical"
-        for v in sorted(col.dropna().unique(), key=str):
-            m = (col == v).to_numpy()
-            ax.scatter(rows.loc[m, "umap_x"], rows.loc[m, "umap_y"], s=5, label=str(v))
-        ax.legend(markerscale=3, fontsize=8, loc="best")
-    else:
-        kind = "continuous"
-        sc = ax.scatter(rows["umap_x"], rows["umap_y"], s=5, c=pd.to_numeric(col), cmap="viridis")
-        fig.colorbar(sc, ax=ax)
-    if thumbnails:
-        _thumbnails(store, rows, ax, thumbnails)
-    ax.set_xlabel("UMAP 1")
-    ax.set_ylabel("UMAP 2")
-    ax.set_title(title or f"UMAP {umap_id}")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return {"umap_id": umap_id, "out": str(out), "points": len(rows), "color": kind}
+def plot_umap(store: Store, umap_id: str, out: str | Path, *, color: str | None = None, thumbnails: int = 0,
+              title: str | None = None) -> dict:
+    """PNG scatter of a stored UMAP coloured by a value spec (see explore.values); optional linked tiles."""
+    from hefeat.explore.values import values_for
+    from hefeat.figures.umap import umap_scatter
+
+    info = umap_info(store, umap_id)
+    rows = pd.read_parquet(store.umap_path(umap_id))
+    tid = info.get("tiling_id") or store.extraction(rows["extraction_id"].iloc[0])["tiling_id"]
+    values, label = None, ""
+    if color:
+        values, val = values_for(store, color, rows, tiling_id=tid)
+        label = val.title
+    thumbs = _thumbnails(store, rows, thumbnails) if thumbnails else []
+    what = describe(info)
+    sub = (f"UMAP {umap_id} of extraction {info.get('extraction_id')} on tiling {tid}; PCA {info.get('pca')}, "
+           f"n_neighbors {info.get('n_neighbors')}, min_dist {info.get('min_dist')}, seed {info.get('seed')}")
+    if info.get("stale"):
+        sub += " — STALE: the extraction's data changed since"
+    r = umap_scatter(rows[["umap_x", "umap_y"]].to_numpy(), values,
+                     title=title or (what + (f", coloured by {label}" if color else "")),
+                     color_label=label, subtitle=sub, thumbnails=thumbs, out=out)
+    return {"umap_id": umap_id, "out": str(out), "points": len(rows), "color": r["color"], "label": label,
+            "stale": bool(info.get("stale", False))}
 
 
-def _thumbnails(store: Store, rows: pd.DataFrame, ax, n: int) -> None:
-    """Tile images at the points nearest to k-means centres of the UMAP."""
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+def _thumbnails(store: Store, rows: pd.DataFrame, n: int) -> list[tuple[int, np.ndarray]]:
+    """Tile images of the points nearest to k-means centres of the 2-D map."""
     from sklearn.cluster import KMeans
 
     from hefeat.explore.tiles import tile_image
 
     eid = rows["extraction_id"].iloc[0]
     xy = rows[["umap_x", "umap_y"]].to_numpy()
-    km = KMeans(n_clusters=min(n, len(rows)), n_init=1, random_state=0).fit(xy)
+    km = KMeans(n_clusters=min(n, len(rows)), n_init=3, random_state=0).fit(xy)
+    out = []
     for c in km.cluster_centers_:
         i = int(np.argmin(((xy - c) ** 2).sum(1)))
-        img = tile_image(store, rows["slide_id"].iloc[i], int(rows["tile_id"].iloc[i]), extraction_id=eid)
-        ax.add_artist(AnnotationBbox(OffsetImage(img, zoom=0.25), xy[i], frameon=True, pad=0.1))
+        out.append((i, tile_image(store, rows["slide_id"].iloc[i], int(rows["tile_id"].iloc[i]), extraction_id=eid)))
+    return out
 
 
 def cluster_purity(X: np.ndarray, labels: np.ndarray, k: int = 2, seed: int = 0) -> float:
@@ -131,13 +187,14 @@ def cluster_purity(X: np.ndarray, labels: np.ndarray, k: int = 2, seed: int = 0)
     return float(hit / len(labels))
 
 
-def umap_purity(store: Store, umap_id: str, label_sql: str, k: int = 2) -> float:
-    """2-means (k-means) purity of a stored UMAP against labels from SQL (slide_id, tile_id, label)."""
+def umap_purity(store: Store, umap_id: str, label: str, k: int = 2) -> float:
+    """2-means (k-means) purity of a stored UMAP against labels given by a value spec (e.g. a clinical column)."""
+    from hefeat.explore.values import values_for
+
+    info = umap_info(store, umap_id)
     rows = pd.read_parquet(store.umap_path(umap_id))
-    lab = store.sql(label_sql)
-    if not {"tile_id", "label"} <= set(lab.columns):
-        raise HefeatError("The purity query must return slide_id, tile_id and label")
-    m = rows.merge(lab, on=[c for c in ("slide_id", "tile_id") if c in lab.columns], how="inner")
-    if m.empty:
-        raise HefeatError("The purity query matches no tile of this UMAP")
-    return cluster_purity(m[["umap_x", "umap_y"]].to_numpy(), m["label"].to_numpy(), k=k)
+    lab, _ = values_for(store, label, rows, tiling_id=info.get("tiling_id") or store.extraction(info["extraction_id"])["tiling_id"])
+    ok = lab.notna().to_numpy()
+    if not ok.any():
+        raise HefeatError("The purity labels match no tile of this UMAP")
+    return cluster_purity(rows.loc[ok, ["umap_x", "umap_y"]].to_numpy(), lab[ok].astype(str).to_numpy(), k=k)

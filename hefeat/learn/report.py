@@ -10,15 +10,6 @@ from hefeat.learn.models import load_model, load_table
 from hefeat.store.catalog import Store
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
     """Write PNG plots for a model into `out` (default models/<id>/report) and return its headline."""
     meta = load_model(store, mid)
@@ -56,49 +47,46 @@ def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
 
 
 def _gene_plots(store: Store, mid: str, out: Path, meta: dict) -> list[Path]:
-    plt = _plt()
+    from hefeat.figures.metrics import predicted_vs_measured, r_distribution
+
     d = store.model_dir(mid)
     m = load_table(store, mid, "metrics")
     files = []
     r_col = "spearman_r" if "spearman_r" in m else "pearson_r"
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.hist(m[r_col].dropna(), bins=40, color="#7b3f9e")
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel(f"{r_col.replace('_', ' ')} (held-out)")
-    ax.set_ylabel("genes")
-    ax.set_title(f"{meta['kind']} {mid}: {int(m['significant'].sum())} significant")
-    fig.tight_layout()
+    sig = m[m["significant"]] if "significant" in m else m.iloc[:0]
+    thr = float(sig[r_col].min()) if len(sig) else None
+    null = load_table(store, mid, "null")[r_col].to_numpy() if "null" in meta.get("tables", []) else None
+    split = meta.get("summary", {}).get("split", "cross-validation")
     files.append(out / "r_distribution.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    r_distribution(m[r_col].to_numpy(), metric=r_col.replace("_", " "), r_null=null, threshold=thr,
+                   threshold_label="smallest r significant at FDR 0.05",
+                   title=f"{meta['kind']} model {mid}: {len(sig)} of {len(m)} genes significant ({split})",
+                   out=files[-1])
     oof_p = d / "oof_predictions.parquet"
     if oof_p.exists():
         oof = pd.read_parquet(oof_p)
         truth = _measured(store, meta, oof)
         top = m.sort_values(r_col, ascending=False)["gene"].head(6).tolist()
+        units = meta.get("params", {}).get("transform", "") + " expression"
         if truth is not None and top:
-            fig, axes = plt.subplots(2, 3, figsize=(9, 6))
-            for ax, g in zip(axes.ravel(), top, strict=False):
-                ax.scatter(truth[g], oof[g], s=12, color="#c2185b")
-                ax.set_title(f"{g} r={m.set_index('gene').loc[g, r_col]:.2f}", fontsize=9)
-                ax.set_xlabel("measured")
-                ax.set_ylabel("predicted")
-            fig.tight_layout()
+            rs = m.set_index("gene")[r_col]
             files.append(out / "top_genes.png")
-            fig.savefig(files[-1], dpi=110)
-            plt.close(fig)
+            predicted_vs_measured([{"name": g, "measured": truth[g], "predicted": oof[g], "stat": f"r = {rs[g]:.2f}"}
+                                   for g in top], units=units.strip(), out=files[-1],
+                                  title=f"The {len(top)} genes with the highest held-out {r_col.replace('_', ' ')} of "
+                                        f"{len(m)} (model {mid}; out-of-fold predictions)")
             from hefeat.learn.emo import ALIASES, PAM50_PROLIFERATION
 
             prol = [g for g in oof.columns if ALIASES.get(g, g) in PAM50_PROLIFERATION]
             if len(prol) >= 3:
-                fig, ax = plt.subplots(figsize=(4, 4))
-                ax.scatter(truth[prol].mean(1), oof[prol].mean(1), s=14, color="#283593")
-                ax.set_xlabel("measured proliferation score")
-                ax.set_ylabel("predicted proliferation score")
-                fig.tight_layout()
                 files.append(out / "proliferation.png")
-                fig.savefig(files[-1], dpi=110)
-                plt.close(fig)
+                from scipy.stats import spearmanr
+
+                a, b = truth[prol].mean(1), oof[prol].mean(1)
+                predicted_vs_measured([{"name": "proliferation score", "measured": a, "predicted": b,
+                                        "stat": f"Spearman r = {spearmanr(a, b)[0]:.2f}"}],
+                                      units=f"mean of {len(prol)} PAM50 genes", out=files[-1],
+                                      title=f"Proliferation score, out-of-fold (model {mid})")
     return files
 
 

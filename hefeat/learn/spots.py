@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.models import model_exists, model_id, model_summary, save_model
+from hefeat.learn.models import (
+    load_model,
+    load_table,
+    model_exists,
+    model_id,
+    model_summary,
+    save_model,
+)
 from hefeat.learn.ridge import DEFAULT_ALPHAS, fit_ridge_heads
 from hefeat.learn.splits import assert_disjoint, leave_one_group_out
 from hefeat.learn.stats import columnwise_pearson, correct, sign_test
@@ -200,7 +207,7 @@ def fit_spots(store: Store, p: SpotsParams, *, force: bool = False) -> dict:
                "head": p.head}
     if base_region is not None:
         summary["median_r_region_baseline"] = float(genes["mean_r_region_baseline"].median())
-    _write_spot_predictions(store, mid, d, pred, genes)
+    _write_spot_predictions(store, mid, d, pred, genes, base_qc)
     save_model(store, mid, kind="spots", params=pdict, summary=summary, tables={"metrics": genes, "per_patient": per},
                extraction_id=p.extraction_id, seconds=round(time.perf_counter() - t0, 3))
     return {**summary, "cached": False}
@@ -279,39 +286,74 @@ def _pseudo_bulk(store: Store, dataset: str | None, d: SpotData, pred: np.ndarra
                          "pseudo_bulk_slides": len(pb)})
 
 
-def _write_spot_predictions(store: Store, mid: str, d: SpotData, pred: np.ndarray, genes: pd.DataFrame) -> None:
+def _write_spot_predictions(store: Store, mid: str, d: SpotData, pred: np.ndarray, genes: pd.DataFrame,
+                            baseline: np.ndarray | None = None) -> None:
     top = genes.sort_values("mean_r_model", ascending=False)["gene"].head(20).tolist()
     cols = [d.genes.index(g) for g in top]
     for sid, idx in d.meta.groupby("slide_id").groups.items():
         idx = np.asarray(idx)
         m = d.meta.loc[idx, ["tile_id", "spot_id", "x", "y", "row", "col"]].reset_index(drop=True)
-        df = pd.concat([m, pd.DataFrame(pred[np.ix_(idx, cols)], columns=top),
-                        pd.DataFrame(d.Y[np.ix_(idx, cols)], columns=[f"measured_{g}" for g in top])], axis=1)
+        parts = [m, pd.DataFrame(pred[np.ix_(idx, cols)], columns=top),
+                 pd.DataFrame(d.Y[np.ix_(idx, cols)], columns=[f"measured_{g}" for g in top])]
+        if baseline is not None:  # the colour/texture baseline's held-out prediction, drawn next to the model's
+            parts.append(pd.DataFrame(baseline[np.ix_(idx, cols)], columns=[f"baseline_{g}" for g in top]))
+        df = pd.concat(parts, axis=1)
         df.insert(0, "slide_id", sid)
         df.insert(0, "model_id", mid)
         write_parquet(df, store.predictions_path(mid, sid))
 
 
-def spot_maps(store: Store, mid: str, slide_id: str, gene: str, out: str | Path) -> dict:
-    """Predicted and measured expression of a gene on a slide's spots, side by side (PNG)."""
-    from hefeat.explore.plots import pyplot
+TARGET_UNITS = "log share of the spot's counts, log((n+1)/Σ(n+1))"
+
+
+def spot_maps(store: Store, mid: str, slide_id: str, gene: str, out: str | Path, *, why: str | None = None) -> dict:
+    """Measured, predicted and colour/texture-baseline expression of a gene on a slide's spots over its H&E (PNG).
+
+    why: how the gene was chosen, stated in the title (e.g. "best of 50 genes by held-out r").
+    """
+    from hefeat.explore.thumbnail import slide_image
+    from hefeat.figures.spatial import spot_map
 
     p = store.predictions_path(mid, slide_id)
     if not p.exists():
         raise HefeatError(f"Model {mid} has no spot predictions for slide {slide_id}")
     df = pd.read_parquet(p)
     if gene not in df.columns:
-        raise HefeatError(f"Gene {gene} is not among the mapped genes of {mid}: {', '.join(c for c in df.columns if c.startswith('measured_'))[:200]}")
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    r = float(np.corrcoef(df[gene], df[f"measured_{gene}"])[0, 1])
-    for ax, col, title in ((axes[0], f"measured_{gene}", "measured"), (axes[1], gene, f"predicted (r = {r:.2f})")):
-        sc = ax.scatter(df["x"], -df["y"], c=df[col], s=40, marker="s", cmap="viridis")
-        ax.set_title(f"{slide_id} {gene}: {title}")
-        ax.set_aspect("equal")
-        ax.set_axis_off()
-        fig.colorbar(sc, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return {"out": str(out), "r": r, "spots": len(df)}
+        mapped = [c.removeprefix("measured_") for c in df.columns if c.startswith("measured_")]
+        raise HefeatError(f"Gene {gene} is not among the mapped genes of {mid}: {', '.join(mapped)[:200]}")
+    meta = load_model(store, mid)
+    tid = store.extraction(meta["extraction_id"])["tiling_id"]
+    df = df.merge(store.tiles(tid, slide_id)[["tile_id", "size0"]], on="tile_id", how="left")
+    c = df[["x", "y"]].to_numpy(float) + df[["size0"]].to_numpy(float) / 2
+    if len(c) > 1:
+        from scipy.spatial import cKDTree
+
+        gaps = cKDTree(c).query(c, k=2)[0][:, 1]  # centre-to-centre distance to the nearest other spot
+    else:
+        gaps = df["size0"].to_numpy(float)
+    diameter = float(min(np.median(gaps) * 0.85, df["size0"].median()))
+    rows = store.slides([slide_id]).iloc[0]
+    mpp = max(float(rows["width"]), float(rows["height"])) * float(rows["mpp_x"]) / 1400
+    img = slide_image(store, slide_id, mpp)
+
+    def r_of(col: str) -> float:
+        return float(np.corrcoef(df[col], df[f"measured_{gene}"])[0, 1])
+
+    r = r_of(gene)
+    panels = {"measured": df[f"measured_{gene}"].to_numpy(), f"predicted (r = {r:.2f})": df[gene].to_numpy()}
+    rb = None
+    if f"baseline_{gene}" in df.columns:
+        rb = r_of(f"baseline_{gene}")
+        panels[f"colour/texture baseline (r = {rb:.2f})"] = df[f"baseline_{gene}"].to_numpy()
+    m = load_table(store, mid, "metrics").set_index("gene")
+    cohort = ""
+    if gene in m.index:
+        g = m.loc[gene]
+        cohort = (f"; mean r over held-out patients: model {g['mean_r_model']:.2f} vs colour/texture baseline "
+                  f"{g['mean_r_qc_baseline']:.2f}")
+    title = f"{gene} on slide {slide_id}" + (f" ({why})" if why else "")
+    note = (f"r: Pearson correlation with the measured values over this slide's {len(df)} spots; predictions are "
+            f"leave-one-patient-out{cohort}." + ("" if rb is not None else " The colour/texture baseline's map is not "
+                                                 "stored with this model (refit to draw it)."))
+    res = spot_map(img, c, diameter, panels, label=TARGET_UNITS, title=title, note=note, out=out)
+    return {"out": str(out), "r": r, "r_baseline": rb, "spots": len(df), **res}

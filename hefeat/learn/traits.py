@@ -180,7 +180,6 @@ def hti_table(store: Store, mid: str, out: str | Path | None = None) -> pd.DataF
 def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5, time_col: str = "survival_months",
              event_col: str = "event", out: str | Path | None = None) -> dict:
     """Kaplan–Meier curves and log-rank test for patients above vs at/below `threshold` of `by`."""
-    from lifelines import KaplanMeierFitter
     from lifelines.statistics import logrank_test
 
     res = hti_table(store, mid)
@@ -197,20 +196,15 @@ def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5,
     lr = logrank_test(pat.loc[hi, "t"], pat.loc[~hi, "t"], pat.loc[hi, "e"], pat.loc[~hi, "e"])
     med = {}
     if out:
-        from hefeat.explore.plots import pyplot
+        from hefeat.figures.survival import kaplan_meier
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for name, m in ((f"{by} > {threshold}", hi), (f"{by} ≤ {threshold}", ~hi)):
-            km = KaplanMeierFitter(label=f"{name} (n={int(m.sum())})").fit(pat.loc[m, "t"], pat.loc[m, "e"])
-            km.plot_survival_function(ax=ax, ci_show=False)
-            med[name] = float(km.median_survival_time_)
-        ax.set_xlabel(time_col)
-        ax.set_ylabel("survival probability")
-        ax.set_title(f"log-rank p = {lr.p_value:.3g}")
-        fig.tight_layout()
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
+        groups = {f"{by} > {threshold}": hi, f"{by} ≤ {threshold}": ~hi}
+        what = "HTI (heterogeneity of trait maps)" if by == "hti" else f"{by} (trait maps)"
+        title = (f"Survival of {len(pat)} patients: {what} > {threshold} vs ≤ {threshold}\n"
+                 f"traits model {mid}; patients without {time_col} or {event_col} left out")
+        med = kaplan_meier({k: (pat.loc[m, "t"].to_numpy(), pat.loc[m, "e"].to_numpy()) for k, m in groups.items()},
+                           title=title, time_label=time_col.replace("_", " "), p_value=float(lr.p_value),
+                           out=out)["median_survival"]
     events_hi = pat.loc[hi, "e"].sum() / pat.loc[hi, "t"].sum()
     events_lo = pat.loc[~hi, "e"].sum() / pat.loc[~hi, "t"].sum()
     return {"model_id": mid, "by": by, "threshold": threshold, "n_high": int(hi.sum()), "n_low": int((~hi).sum()),
@@ -218,11 +212,10 @@ def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5,
             "median_survival": med, "out": str(out) if out else None}
 
 
-def cartography(store: Store, mid: str, slide_id: str, out: str | Path) -> dict:
-    """Per-trait binary maps and the combined colour map of a slide on its tile grid (PNG)."""
-    from matplotlib.colors import ListedColormap
-
-    from hefeat.explore.plots import pyplot
+def cartography(store: Store, mid: str, slide_id: str, out: str | Path, *, mpp: float | None = None) -> dict:
+    """Per-trait binary maps and the combined map of a slide over its H&E, with legends and HTI (PNG)."""
+    from hefeat.explore.thumbnail import slide_image
+    from hefeat.figures.spatial import trait_maps
 
     meta = load_model(store, mid)
     traits = meta["params"]["traits"]
@@ -230,29 +223,16 @@ def cartography(store: Store, mid: str, slide_id: str, out: str | Path) -> dict:
     if not p.exists():
         raise HefeatError(f"Model {mid} has no tile map for slide {slide_id}")
     df = pd.read_parquet(p)
-    R, C = int(df["row"].max()) + 1, int(df["col"].max()) + 1
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(traits) + 1, figsize=(3.6 * (len(traits) + 1), 3.4))
-    for ax, t in zip(axes, traits, strict=False):
-        g = np.full((R, C), np.nan)
-        g[df["row"], df["col"]] = df[t].astype(float)
-        ax.imshow(g, cmap=ListedColormap(["#d9d9d9", "#c2185b"]), vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{t}: {df[t].mean():.0%} positive")
-        ax.set_axis_off()
-    n_comb = 2 ** len(traits)
-    g = np.full((R, C), np.nan)
-    g[df["row"], df["col"]] = df["combination"]
-    colors = ["#eeeeee"] + list(plt.get_cmap("tab10").colors)[: n_comb - 1]
-    axes[-1].imshow(g, cmap=ListedColormap(colors), vmin=0, vmax=n_comb - 1, interpolation="nearest")
+    tid = store.extraction(meta["extraction_id"])["tiling_id"]
+    df = df.merge(store.tiles(tid, slide_id)[["tile_id", "size0"]], on="tile_id", how="left")
+    row = store.slides([slide_id]).iloc[0]
+    img = slide_image(store, slide_id, mpp or max(float(row["width"]), float(row["height"])) * float(row["mpp_x"]) / 1000)
     B = df[traits].to_numpy(bool)
-    axes[-1].set_title(f"combined, HTI = {hti(B):.2f}")
-    axes[-1].set_axis_off()
-    from matplotlib.patches import Patch
-
-    labels = ["none"] + ["+".join(t for k, t in enumerate(traits) if c >> k & 1) for c in range(1, n_comb)]
-    axes[-1].legend(handles=[Patch(color=colors[i], label=labels[i]) for i in range(n_comb)], fontsize=7,
-                    loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return {"model_id": mid, "slide_id": slide_id, "out": str(out), "hti": hti(B), "tiles": len(df)}
+    h = hti(B)
+    title = (f"Trait maps of slide {slide_id} (traits model {mid}): tiles predicted high/low per trait; "
+             f"HTI = {h:.2f}")
+    note = (f"HTI (heterogeneity index, PathoMCH): normalised Shannon entropy of the {2 ** len(traits) - 1} "
+            "combinations of high traits over tiles high for at least one trait; 0 = one combination, 1 = all equally "
+            "common. A tile is 'high' when the ensemble's majority vote calls it above the cohort median.")
+    r = trait_maps(img, df, {t: B[:, k] for k, t in enumerate(traits)}, title=title, note=note, out=out)
+    return {"model_id": mid, "slide_id": slide_id, "out": str(out), "hti": h, "tiles": len(df), **r}
