@@ -16,6 +16,7 @@ from hefeat.figures.metrics import (
     predicted_vs_measured,
     r_distribution,
     roc_curves,
+    transfer_comparison,
 )
 from hefeat.figures.spatial import SlideImage, spot_map, tile_overlay, trait_maps
 from hefeat.figures.survival import kaplan_meier
@@ -96,7 +97,9 @@ def test_metric_figures_match_sklearn():
     y = rng.integers(0, 2, 200)
     s = y + rng.normal(0, 1, 200)
     buf = io.BytesIO()
-    res = roc_curves({"model": (y, s)}, title="t", n_boot=200, out=buf)
+    res = roc_curves([{"label": "model", "y_true": y, "score": s},
+                      {"label": "given", "fpr": [0, 0.5, 1], "tpr": [0, 0.8, 1], "auc": 0.65, "ci_low": 0.6, "ci_high": 0.7,
+                       "n_pos": 10, "n_neg": 12}], title="t", n_boot=200, out=buf)
     _png(buf)
     auc, lo, hi = res["model"]
     assert auc == pytest.approx(roc_auc_score(y, s)) and lo < auc < hi
@@ -107,8 +110,13 @@ def test_metric_figures_match_sklearn():
                           title="t", out=io.BytesIO())
     comparison(pd.DataFrame({"name": ["a", "b"], "auc": [0.6, 0.8], "lo": [0.5, 0.7], "hi": [0.7, 0.9]}), value="auc",
                lo="lo", hi="hi", reference=0.5, reference_label="chance", title="t", out=io.BytesIO())
-    learning_curves({"val": pd.DataFrame({"epoch": [1, 2, 3], "loss": [1.0, 0.5, 0.6]})}, x="epoch", y="loss",
-                    best={"val": 2}, title="t", out=io.BytesIO())
+    h = pd.DataFrame({"fold": [0, 0, 0, 1, 1, 1], "epoch": [1, 2, 3] * 2, "train_loss": [1.0, 0.6, 0.4, 1.1, 0.7, 0.5],
+                      "val_loss": [1.0, 0.5, 0.6, 1.2, 0.6, 0.7]})
+    assert learning_curves(h, title="t", out=io.BytesIO())["best"] == 2
+    rows = pd.DataFrame({"b_share": [0.1, 0.1, 0.5, 0.5] * 2, "split": [0, 1] * 4, "arm": ["a"] * 4 + ["b"] * 4,
+                         "auc": [0.6, 0.62, 0.7, 0.72, 0.55, 0.5, 0.6, 0.65]})
+    tests = pd.DataFrame({"b_share": [0.1], "comparison": ["a vs b"], "wilcoxon_p": [0.04], "median_diff": [0.08]})
+    assert transfer_comparison(rows, tests=tests, title="t", out=io.BytesIO())["arms"] == ["a", "b"]
 
 
 def test_umap_scatter_links_thumbnails():

@@ -186,44 +186,50 @@ def run_user_sql(store: Store, sql: str) -> pd.DataFrame:
 def sql_values(store: Store, sql: str, *, tiling_id: str | None, slide_id: str | None = None) -> tuple[pd.DataFrame, str, str]:
     """(rows slide_id?, tile_id, value), the value column's name and the tiling the rows belong to.
 
-    The tiling comes from the query's tiling_id column, else from a tiling id named in its text, else
-    from the store having one tiling; rows are never joined across tilings.
+    The tiling is the one asked for (the query then sees `tiles` through that tiling only), else the
+    query's tiling_id column, else a tiling id named in its text, else the store's only tiling; rows
+    are never joined across tilings.
     """
-    v = run_user_sql(store, sql)
+    from hefeat.store.features import _scoped_query
+
+    named = named_tilings(store, sql)
+    if tiling_id is None:
+        if len(named) > 1:
+            raise HefeatError(f"The query names several tilings ({', '.join(named)}); return tiling_id or pass "
+                              "--tiling/--extraction")
+        tiling_id = named[0] if named else None
+    if tiling_id is None:
+        v = run_user_sql(store, sql)
+        if "tiling_id" in v.columns:
+            got = sorted(v["tiling_id"].dropna().unique())
+            if len(got) != 1:
+                raise HefeatError(f"The query returns tiles of {len(got)} tilings ({', '.join(got)}); filter one "
+                                  "(WHERE tiling_id = ...) or pass --tiling/--extraction")
+            tiling_id = got[0]
+        else:
+            all_t = store.sql("SELECT tiling_id FROM tilings")["tiling_id"].tolist()
+            if len(all_t) > 1:
+                raise HefeatError(f"The query returns no tiling_id and names no tiling, and the store has {len(all_t)} "
+                                  f"tilings ({', '.join(all_t)}), whose tile ids overlap. Pass --extraction or --tiling, "
+                                  "add tiling_id to the SELECT, or filter WHERE tiling_id = '<tiling_id>'")
+            tiling_id = all_t[0] if all_t else None
+    else:
+        other = [t for t in named if t != tiling_id]
+        if other and tiling_id not in named:
+            raise HefeatError(f"The query is on tiling {other[0]}, but these tiles are of tiling {tiling_id}")
+        v = run_user_sql(store, _scoped_query(sql, tiling_id))  # `tiles` = this tiling's tiles only
     if "tile_id" not in v.columns:
         raise HefeatError("The query must return tile_id, slide_id and one value column")
     vcols = [c for c in v.columns if c not in ID_COLS]
     if not vcols:
         raise HefeatError("The query returns no value column besides ids (tiling_id, slide_id, tile_id)")
     col = "color" if "color" in vcols else "value" if "value" in vcols else vcols[0]
+    if "tiling_id" in v.columns and tiling_id is not None:
+        other = sorted(set(v["tiling_id"].dropna().astype(str)) - {tiling_id})
+        if other:
+            raise HefeatError(f"The query returns tiles of tiling {', '.join(other)}, not of tiling {tiling_id}")
     if slide_id is not None and "slide_id" in v.columns:
         v = v[v["slide_id"] == slide_id]
-    if "tiling_id" in v.columns:
-        got = sorted(v["tiling_id"].dropna().unique())
-        if tiling_id is None:
-            if len(got) != 1:
-                raise HefeatError(f"The query returns tiles of {len(got)} tilings ({', '.join(got)}); filter one "
-                                  "(WHERE tiling_id = ...) or pass --tiling/--extraction")
-            tiling_id = got[0]
-        if len(v) and tiling_id not in got:
-            raise HefeatError(f"The query returns tiles of tiling {', '.join(got)}, not of tiling {tiling_id}")
-        v = v[v["tiling_id"] == tiling_id]
-    else:
-        named = named_tilings(store, sql)
-        if len(named) > 1:
-            raise HefeatError(f"The query names several tilings ({', '.join(named)}); return tiling_id so rows can be told apart")
-        if named:
-            if tiling_id is not None and named[0] != tiling_id:
-                raise HefeatError(f"The query is on tiling {named[0]}, but this is tiling {tiling_id}")
-            tiling_id = named[0]
-        else:
-            all_t = store.sql("SELECT tiling_id FROM tilings")["tiling_id"].tolist()
-            if len(all_t) > 1:
-                want = tiling_id or "<tiling_id>"
-                raise HefeatError(f"The query returns no tiling_id and names no tiling, and the store has {len(all_t)} "
-                                  f"tilings ({', '.join(all_t)}), whose tile ids overlap. Add tiling_id to the SELECT "
-                                  f"or WHERE tiling_id = '{want}'")
-            tiling_id = tiling_id or (all_t[0] if all_t else None)
     if v.empty:
         raise HefeatError("The query returned no rows" + (f" for slide {slide_id}" if slide_id else "")
                           + (f" on tiling {tiling_id}" if tiling_id else ""))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from hefeat.figures.base import Out, category_colors, fmt, pyplot, save
+from hefeat.figures.base import Out, category_colors, fmt, pyplot, save, wrap
 
 NULL_MODE_NOTE = ("Genes without signal centre below r = 0: cross-validation predicts each held-out fold "
                   "from the other folds, whose mean moves opposite to the held-out fold's, so null "
@@ -98,39 +98,48 @@ def _bootstrap_roc(y: np.ndarray, s: np.ndarray, grid: np.ndarray, n_boot: int, 
     return np.array(aucs), np.array(tprs)
 
 
-def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str, out: Out = None,
-               n_boot: int = 500, seed: int = 0) -> dict:
-    """ROC curves with bootstrap 95 % bands and AUC (95 % CI) in the legend; chance diagonal drawn.
+def roc_curves(curves: list[dict], *, title: str, out: Out = None, n_boot: int = 500, seed: int = 0) -> dict:
+    """ROC curves with AUC (95 % CI) and group sizes in the legend; chance diagonal drawn.
 
-    curves: name -> (y_true 0/1, score). Returns {name: (auc, ci_low, ci_high)}.
+    Each curve is either {label, y_true, score} (curve, AUC and a bootstrap 95 % band computed here)
+    or precomputed {label, fpr, tpr, auc, ci_low, ci_high, n_pos, n_neg}. Returns {label: (auc, lo, hi)}.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    fig, ax = plt.subplots(figsize=(5.4, 5.2))
     grid = np.linspace(0, 1, 101)
-    res = {}
-    for (name, (y, s)), color in zip(curves.items(), category_colors(len(curves)), strict=True):
-        y, s = np.asarray(y).astype(int), np.asarray(s, float)
-        if len(np.unique(y)) < 2:
-            res[name] = (float("nan"),) * 3
-            continue
-        f, t, _ = roc_curve(y, s)
-        auc = float(roc_auc_score(y, s))
-        aucs, tprs = _bootstrap_roc(y, s, grid, n_boot, seed)
-        lo, hi = (np.percentile(aucs, [2.5, 97.5]) if len(aucs) else (np.nan, np.nan))
+    res, banded = {}, False
+    for c, color in zip(curves, category_colors(len(curves)), strict=True):
+        name = c["label"]
+        if "fpr" in c:
+            f, t, auc = np.asarray(c["fpr"]), np.asarray(c["tpr"]), float(c["auc"])
+            lo, hi, npos, nneg = c.get("ci_low", np.nan), c.get("ci_high", np.nan), c.get("n_pos"), c.get("n_neg")
+        else:
+            y, sc = np.asarray(c["y_true"]).astype(int), np.asarray(c["score"], float)
+            npos, nneg = int(y.sum()), int(len(y) - y.sum())
+            if npos == 0 or nneg == 0:
+                res[name] = (float("nan"),) * 3
+                continue
+            f, t, _ = roc_curve(y, sc)
+            auc = float(roc_auc_score(y, sc))
+            aucs, tprs = _bootstrap_roc(y, sc, grid, n_boot, seed)
+            lo, hi = np.percentile(aucs, [2.5, 97.5]) if len(aucs) else (np.nan, np.nan)
+            if len(tprs):
+                ax.fill_between(grid, *np.percentile(tprs, [2.5, 97.5], axis=0), color=color, alpha=0.15, lw=0)
+                banded = True
         res[name] = (auc, float(lo), float(hi))
-        ax.plot(f, t, color=color, lw=1.6,
-                label=f"{name}: AUC {auc:.2f} ({lo:.2f}–{hi:.2f}); n = {len(y)} ({int(y.sum())} positive)")
-        if len(tprs):
-            ax.fill_between(grid, *np.percentile(tprs, [2.5, 97.5], axis=0), color=color, alpha=0.15, lw=0)
+        ci = f" ({lo:.2f}–{hi:.2f})" if np.isfinite(lo) else ""
+        size = f"; {npos} positive / {nneg} negative" if npos is not None else ""
+        ax.plot(f, t, color=color, lw=1.6, label=f"{name}: AUC {auc:.2f}{ci}{size}")
     ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="chance (AUC 0.5)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title + f"\nbands: 95 % bootstrap CI ({n_boot} resamples)", fontsize=9)
+    sub = f"AUC with 95 % CI; bands: 95 % bootstrap ({n_boot} resamples)" if banded else "AUC with 95 % CI"
+    ax.set_title(wrap(title, 60) + "\n" + sub, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save(fig, out)
@@ -172,24 +181,68 @@ def comparison(rows: pd.DataFrame, *, value: str, title: str, out: Out = None, r
     return {"rows": len(df)}
 
 
-def learning_curves(curves: dict[str, pd.DataFrame], *, x: str, y: str, title: str, out: Out = None,
-                    best: dict[str, float] | None = None, ylabel: str | None = None) -> dict:
-    """One line per curve (e.g. train and validation loss per epoch), best epoch marked.
+def learning_curves(history: pd.DataFrame, *, title: str, out: Out = None, x: str = "epoch",
+                    metrics: list[str] | None = None, best: float | None = None) -> dict:
+    """Training curves: one line per metric (e.g. train_loss, val_loss) against `x`, best epoch marked.
 
-    curves: name -> DataFrame with columns `x` and `y`; best: name -> x of the chosen checkpoint.
+    history: one row per (fold?, epoch) with numeric metric columns; with a `fold` column each fold is
+    a thin line and the mean over folds a thick one. best: the x of the kept checkpoint (default: the
+    minimum of the mean val_loss when present).
     """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    for (name, df), color in zip(curves.items(), category_colors(len(curves)), strict=True):
-        ax.plot(df[x], df[y], color=color, lw=1.5, marker="o", ms=3, label=name)
-        if best and name in best:
-            b = df.loc[(df[x] - best[name]).abs().idxmin()]
-            ax.plot([b[x]], [b[y]], marker="*", ms=12, color=color, mec="k",
-                    label=f"{name}: chosen at {x} {fmt(b[x])} ({y} {fmt(b[y])})")
+    metrics = metrics or [c for c in history.columns if c not in (x, "fold") and pd.api.types.is_numeric_dtype(history[c])]
+    fig, ax = plt.subplots(figsize=(6.2, 4.0))
+    mean = history.groupby(x)[metrics].mean().reset_index()
+    for m, color in zip(metrics, category_colors(len(metrics)), strict=True):
+        if "fold" in history.columns:
+            for _, g in history.groupby("fold"):
+                ax.plot(g[x], g[m], color=color, lw=0.6, alpha=0.4)
+        n_f = history["fold"].nunique() if "fold" in history.columns else 1
+        ax.plot(mean[x], mean[m], color=color, lw=1.8, marker="o", ms=3,
+                label=m.replace("_", " ") + (f" (mean of {n_f} folds; thin: each fold)" if n_f > 1 else ""))
+    if best is None and "val_loss" in mean:
+        best = float(mean.loc[mean["val_loss"].idxmin(), x])
+    if best is not None:
+        ax.axvline(best, color="k", ls="--", lw=0.8, label=f"kept checkpoint: {x} {fmt(best)}")
     ax.set_xlabel(x)
-    ax.set_ylabel(ylabel or y)
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(", ".join(m.replace("_", " ") for m in metrics))
+    ax.set_title(wrap(title, 70), fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save(fig, out)
-    return {"curves": len(curves)}
+    return {"metrics": metrics, "best": best}
+
+
+def transfer_comparison(aucs: pd.DataFrame, *, title: str, out: Out = None, tests: pd.DataFrame | None = None,
+                        x: str = "b_share", arm: str = "arm", value: str = "auc") -> dict:
+    """AUC (or another score) of each arm against the training share of task B, over random splits.
+
+    aucs: one row per (x, split, arm) with `value`; each split is a dot, the median a line with the
+    interquartile band. tests: optional rows (x, comparison, wilcoxon_p, median_diff) printed under
+    each x. Chance (0.5) is drawn.
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    arms = list(dict.fromkeys(aucs[arm]))
+    xs = sorted(aucs[x].unique())
+    for k, (a_name, color) in enumerate(zip(arms, category_colors(len(arms)), strict=True)):
+        d = aucs[aucs[arm] == a_name]
+        q = d.groupby(x)[value].quantile([0.25, 0.5, 0.75]).unstack()
+        jitter = (k - (len(arms) - 1) / 2) * 0.006 * (max(xs) - min(xs) or 1)
+        ax.scatter(d[x] + jitter, d[value], s=10, color=color, alpha=0.5, edgecolors="none")
+        n = int(d.groupby(x).size().min())
+        ax.plot(q.index, q[0.5], color=color, lw=1.8, marker="o", ms=4, label=f"{a_name} (median of {n} splits)")
+        ax.fill_between(q.index, q[0.25], q[0.75], color=color, alpha=0.15, lw=0)
+    ax.axhline(0.5, color="k", ls="--", lw=0.8, label="chance (0.5)")
+    if tests is not None and len(tests):
+        for xv, g in tests.groupby(x):
+            txt = "\n".join(f"{r.comparison}: p={r.wilcoxon_p:.2g}" for r in g.itertuples())
+            ax.annotate(txt, (xv, 0), xycoords=("data", "axes fraction"), xytext=(0, 4), textcoords="offset points",
+                        fontsize=6, ha="center", va="bottom")
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(f"{value.upper() if value == 'auc' else value} on held-out data")
+    ax.set_title(wrap(title, 80) + "\nband: interquartile range over splits; dots: single splits", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    save(fig, out)
+    return {"arms": arms, "points": len(aucs)}
