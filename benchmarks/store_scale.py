@@ -125,6 +125,7 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
             os.link(src, p)
         paths.append(str(p))
     g = np.random.default_rng(seed)
+    latent = _slide_latent(seed, n_slides)
     patients = [f"P{i:05d}" for i in range(n_slides)]
     for i in np.flatnonzero(g.random(n_slides) < 0.1)[1:]:  # ~10 % of patients have a second slide
         patients[i] = patients[i - 1]
@@ -135,6 +136,17 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
     ingest_slides(st, paths, manifest=manifest)
     times["ingest_slides_s"] = time.perf_counter() - t
 
+    # Expression (before any status file exists): genes driven by the slides' latent factors, samples = slides.
+    W = g.normal(size=(latent.shape[1], genes)) * (g.random(genes) < 0.3)
+    Y = np.exp(latent @ W * 0.3 + g.normal(size=(n_slides, genes)) * 0.5 + 2).astype(np.float32)
+    gene_names = [f"G{j:05d}" for j in range(genes)]
+    expr = pd.DataFrame(Y, columns=gene_names)
+    expr.insert(0, "sample_id", ids)
+    epath = root.parent / f"expression-{n_slides}.parquet"
+    expr.to_parquet(epath, index=False)
+    t = time.perf_counter()
+    ingest_expression(st, epath)
+    times["ingest_expression_s"] = time.perf_counter() - t
     counts = dict(zip(ids, _tile_counts(n_slides, tiles, seed).tolist(), strict=True))
     params = TilingParams(mpp=0.5, size=224)
     tid = tiling_id(params)
@@ -157,7 +169,6 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
         "weights_digest": "none", "dim": dim, "precision": "fp32", "tta": False, "dtype": "float16",
         "patch_size": params.size, "mpp": params.mpp, "code_version": __version__, "created": timestamp()})
     feats = _Features(dim, seed)
-    latent = _slide_latent(seed, n_slides)
 
     def extract_step(sid: str) -> dict:
         i = int(sid[1:])
@@ -183,17 +194,6 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
     _after_extraction(st, eid)
     times["extraction_s"] = time.perf_counter() - t
 
-    # Expression: genes driven by the slides' latent factors (so the fit has signal), samples = slides.
-    W = g.normal(size=(latent.shape[1], genes)) * (g.random(genes) < 0.3)
-    Y = np.exp(latent @ W * 0.3 + g.normal(size=(n_slides, genes)) * 0.5 + 2).astype(np.float32)
-    gene_names = [f"G{j:05d}" for j in range(genes)]
-    expr = pd.DataFrame(Y, columns=gene_names)
-    expr.insert(0, "sample_id", ids)
-    epath = root.parent / f"expression-{n_slides}.parquet"
-    expr.to_parquet(epath, index=False)
-    t = time.perf_counter()
-    ingest_expression(st, epath)
-    times["ingest_expression_s"] = time.perf_counter() - t
     times["fabricate_s"] = time.perf_counter() - t_all
     info = {"slides": n_slides, "tiles": int(sum(counts.values())), "dim": dim, "genes": genes, "seed": seed,
             "tiles_per_slide": list(tiles), "tiling_id": tid, "extraction_id": eid, "format": FORMAT,
@@ -389,6 +389,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep a store fabricated earlier with the same parameters")
     ap.add_argument("--neighbors", action="store_true", help="also build and query a neighbour index at the largest size")
     ap.add_argument("--no-fit", action="store_true", help="skip fit genes")
+    ap.add_argument("--fabricate-only", action="store_true", help="build (or --reuse) the stores, measure nothing")
     ap.add_argument("--mem-gb", type=float, default=12.0, help="address-space cap per child (protects a shared machine)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write all results to this file")
     a = ap.parse_args()
@@ -414,10 +415,14 @@ def main() -> None:
             info = fabricate(root, n, tiles=tiles, dim=a.dim, genes=a.genes, seed=a.seed)
             print(f"[{n}] fabricated: {json.dumps(info)}", flush=True)
         infos[n] = info
+        if a.fabricate_only:
+            continue
         results[n] = measure(root, info, a)
         for r in results[n]:
             print(f"[{n}] {r['name']}: {_fmt(r)}  rss {r.get('rss_mb', 0):.0f} MB  {r.get('note', '')}", flush=True)
     header["load_after"] = os.getloadavg()
+    if a.fabricate_only:
+        return
     print()
     print(table(results))
     print(f"\nload average before {header['load_before']}, after {header['load_after']}")

@@ -57,7 +57,8 @@ def test_exact_index_matches_brute_force(clustered):
         ref = np.argsort(((X - X[g]) ** 2).sum(1), kind="stable")[:10]
         assert nn[0][0] == g
         assert set(nn[0]) == set(ref)
-        assert ids.iloc[g]["slide_id"] == sid and ids.iloc[g]["tile_id"] == tid
+        key = ids.keys(np.array([g])).iloc[0]
+        assert key["slide_id"] == sid and key["tile_id"] == tid
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])

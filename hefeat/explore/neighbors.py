@@ -1,7 +1,9 @@
 """Cohort-wide nearest-neighbour search over a store's embeddings with faiss.
 
-Indexes are built slide by slide (never the whole store in memory for IVF/PQ), trained on a seeded
-sample, stored with their provenance and the recall@10 measured at build time against exact search.
+An index is built in one streaming pass over the feature files (never the whole store in memory for
+IVF/PQ), trained on a seeded sample, stored with its provenance, the fingerprint of the data it holds
+and the recall@10 measured at build time against exact search. Faiss ids are global row ids: slide
+order, then tile_id; per-slide offsets map them back to (slide_id, tile_id).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +21,10 @@ from hefeat.errors import HefeatError
 from hefeat.store.atomic import atomic_path, read_json, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.features import (
-    feature_offsets,
     iter_slide_features,
     read_features,
     read_global_rows,
+    slide_table,
 )
 from hefeat.store.ids import content_id
 from hefeat.store.runs import timestamp
@@ -39,12 +42,12 @@ def _prep(x: np.ndarray, metric: str) -> np.ndarray:
 
 
 def choose_type(n: int, dim: int, *, memory_bytes: int | None = None) -> str:
-    """flat up to 100k vectors; IVF-Flat while raw vectors fit in half the memory; IVF-PQ beyond."""
+    """flat up to 100k vectors; IVF-Flat while raw float32 vectors take under a quarter of the memory; IVF-PQ beyond."""
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if n <= 100_000:
         return "flat"
-    if n * dim * 4 < memory_bytes / 2:
+    if n * dim * 4 < memory_bytes / 4:
         return "ivf"
     return "ivfpq"
 
@@ -76,43 +79,113 @@ def _make(kind: str, dim: int, metric: str, n: int, *, nlist: int | None, pq_m: 
     return idx
 
 
-def _sample(store: Store, eid: str, fi: pd.DataFrame, n: int, seed: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded sample of vectors (and their global ids), reading one slide at a time."""
-    total = int(fi["n_tiles"].sum())
-    pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
-    return _prep(read_global_rows(store, eid, fi, pick), metric), pick
+@dataclass(frozen=True)
+class TileIds:
+    """Global row id <-> (slide_id, tile_id) of an index: its slides in order and each one's first global row.
+
+    Global id g of slide i is offsets[i] + tile_id; 10,000 slides take 10,000 rows, not one row per tile.
+    """
+
+    slide_ids: np.ndarray  # (n_slides,) str
+    offsets: np.ndarray  # (n_slides + 1,) int64; offsets[-1] = number of vectors
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_tiles(self) -> np.ndarray:
+        """Tiles per slide (index order)."""
+        return np.diff(self.offsets)
+
+    def keys(self, global_ids: np.ndarray) -> pd.DataFrame:
+        """global_id, slide_id, tile_id of global row ids (in the given order)."""
+        g = np.asarray(global_ids, np.int64)
+        if len(g) and (g.min() < 0 or g.max() >= len(self)):
+            raise HefeatError(f"global row ids outside 0..{len(self) - 1}")
+        s = np.searchsorted(self.offsets, g, side="right") - 1
+        return pd.DataFrame({"global_id": g, "slide_id": self.slide_ids[s], "tile_id": g - self.offsets[s]})
+
+    def global_id(self, slide_id: str, tile_id: int) -> int:
+        """Global row id of one tile; a clear error if the index does not hold it."""
+        i = int(np.searchsorted(self.slide_ids, slide_id))
+        if i >= len(self.slide_ids) or self.slide_ids[i] != slide_id or not 0 <= int(tile_id) < self.n_tiles[i]:
+            raise HefeatError(f"Tile {slide_id}:{tile_id} is not in this index")
+        return int(self.offsets[i]) + int(tile_id)
+
+    def to_frame(self) -> pd.DataFrame:
+        """slide_id, offset, n_tiles (what is stored next to the index)."""
+        return pd.DataFrame({"slide_id": self.slide_ids, "offset": self.offsets[:-1], "n_tiles": self.n_tiles})
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> TileIds:
+        """From a slide_id/offset/n_tiles frame (slides sorted)."""
+        n = df["n_tiles"].to_numpy(np.int64)
+        return cls(df["slide_id"].to_numpy(object).astype(str), np.concatenate([[0], np.cumsum(n)]).astype(np.int64))
 
 
-def exact_knn(store: Store, eid: str, fi: pd.DataFrame, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """Exact top-k global ids for `queries`, streaming the store slide by slide."""
-    best_d = np.full((len(queries), k), -np.inf if metric == "cosine" else np.inf, np.float32)
-    best_i = np.full((len(queries), k), -1, np.int64)
-    for r, (_, F) in zip(fi.itertuples(), iter_slide_features(store, eid, fi["slide_id"].tolist()), strict=True):
-        V = _prep(F, metric)
-        if metric == "cosine":
-            d = queries @ V.T
-        else:
-            d = (queries**2).sum(1)[:, None] - 2 * queries @ V.T + (V**2).sum(1)[None]
-        ids = np.arange(r.offset, r.offset + len(V))
-        D = np.concatenate([best_d, d], 1)
-        idx_all = np.concatenate([best_i, np.broadcast_to(ids, d.shape)], 1)
-        order = np.argsort(-D if metric == "cosine" else D, axis=1, kind="stable")[:, :k]
-        best_d, best_i = np.take_along_axis(D, order, 1), np.take_along_axis(idx_all, order, 1)
-    return best_i
+def _offsets_frame(ids: TileIds) -> pd.DataFrame:
+    return ids.to_frame()[["slide_id", "n_tiles", "offset"]]
+
+
+def _read_rows(store: Store, eid: str, ids: TileIds, global_ids: np.ndarray, metric: str) -> np.ndarray:
+    """Prepared float32 vectors of sorted global ids, reading only the blocks that hold them."""
+    return _prep(read_global_rows(store, eid, _offsets_frame(ids), global_ids), metric)
+
+
+class _ExactTopK:
+    """Exact top-k of a few query vectors, updated chunk by chunk during the build's single pass."""
+
+    def __init__(self, Q: np.ndarray, k: int, metric: str):
+        self.Q, self.k, self.metric = Q, k, metric
+        self.q2 = (Q**2).sum(1)[:, None]
+        self.score = np.full((len(Q), k), -np.inf, np.float32)  # higher is nearer
+        self.ids = np.full((len(Q), k), -1, np.int64)
+
+    def update(self, V: np.ndarray, first_id: int) -> None:
+        s = self.Q @ V.T
+        if self.metric == "l2":
+            s = -(self.q2 - 2 * s + (V**2).sum(1)[None])
+        kk = min(self.k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        S = np.concatenate([self.score, np.take_along_axis(s, part, 1)], 1)
+        gid = np.concatenate([self.ids, part + first_id], 1)
+        order = np.lexsort((gid, -S), axis=1)[:, :self.k]  # nearest first, ties by global id
+        self.score, self.ids = np.take_along_axis(S, order, 1), np.take_along_axis(gid, order, 1)
+
+
+def exact_knn(store: Store, eid: str, ids: TileIds, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Exact top-k global ids for prepared `queries`, streaming the extraction slide by slide."""
+    top = _ExactTopK(queries, k, metric)
+    for start, V in _stream(store, eid, ids, metric):
+        top.update(V, start)
+    return top.ids
+
+
+STREAM_ROWS = 131_072  # vectors per chunk of the build's pass (~128 MB at 256-d float32 plus the exact-search block)
+
+
+def _stream(store: Store, eid: str, ids: TileIds, metric: str):
+    """(first global id, prepared float32 vectors) in chunks of whole slides, one pass in global-id order."""
+    batch: list[np.ndarray] = []
+    start = pos = 0
+    for _sid, F in iter_slide_features(store, eid, list(ids.slide_ids)):
+        batch.append(F)
+        pos += len(F)
+        if pos - start >= STREAM_ROWS:
+            yield start, _prep(np.concatenate(batch) if len(batch) > 1 else batch[0], metric)
+            batch, start = [], pos
+    if batch:
+        yield start, _prep(np.concatenate(batch) if len(batch) > 1 else batch[0], metric)
 
 
 RERANK_FACTOR = 50  # IVF-PQ: k x 50 candidates re-ranked with exact distances read from the feature files
 
 
-def rerank(store: Store, eid: str, ids: pd.DataFrame, queries: np.ndarray, cand: np.ndarray, k: int,
+def rerank(store: Store, eid: str, ids: TileIds, queries: np.ndarray, cand: np.ndarray, k: int,
            metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact (distance, global id) top-k among candidate ids, reading only the candidate rows per slide."""
+    """Exact (score, global id) top-k among candidate ids, reading only the candidate rows per slide."""
     flat = np.unique(cand[cand >= 0])
-    rows = ids.iloc[flat]
-    vec = np.empty((len(flat), queries.shape[1]), np.float32)
-    for sid, idx in rows.groupby("slide_id").indices.items():
-        vec[idx] = read_features(store.features_path(eid, sid), rows["tile_id"].to_numpy()[idx])
-    vec = _prep(vec, metric)
+    vec = _read_rows(store, eid, ids, flat, metric)
     pos = np.searchsorted(flat, np.where(cand >= 0, cand, flat[0]))
     D = np.empty((len(queries), k), np.float32)
     top = np.full((len(queries), k), -1, np.int64)
@@ -125,7 +198,7 @@ def rerank(store: Store, eid: str, ids: pd.DataFrame, queries: np.ndarray, cand:
     return D, top
 
 
-def _search(store: Store, meta: dict, idx, ids: pd.DataFrame, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _search(store: Store, meta: dict, idx, ids: TileIds, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Index search; IVF-PQ candidates are re-ranked exactly from the feature files."""
     if meta["type"] != "ivfpq":
         return idx.search(Q, k)
@@ -133,61 +206,82 @@ def _search(store: Store, meta: dict, idx, ids: pd.DataFrame, Q: np.ndarray, k: 
     return rerank(store, meta["extraction_id"], ids, Q, cand, k, meta["metric"])
 
 
+def data_fingerprint(store: Store, extraction_id: str, table=None) -> str:
+    """Fingerprint of the extraction's finished slides and their feature files (part of every index id)."""
+    t = table or slide_table(store, extraction_id)
+    return content_id({"slides": [(f.slide_id, f.n, f.key[1], f.key[2]) for f in t.files]}, length=16)
+
+
 def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric: str = "cosine",
                 sample: int = 100_000, seed: int = 0, nlist: int | None = None, pq_m: int | None = None,
-                hnsw_m: int = 32, n_queries: int = 200, force: bool = False) -> dict:
-    """Build (or find) a neighbour index over an extraction; returns its provenance with recall@10."""
+                hnsw_m: int = 32, n_queries: int = 200, force: bool = False, progress: bool = False) -> dict:
+    """Build (or find) a neighbour index over an extraction in one streaming pass; returns provenance with recall@10.
+
+    A seeded sample trains IVF/PQ (read sparsely), then every vector is read once, in global-id order,
+    and added; the same pass computes exact neighbours of `n_queries` held-out vectors, so recall@10
+    is measured without a second pass. Global ids map back to tiles through per-slide offsets.
+    """
     import faiss
+    from tqdm import tqdm
 
     if index not in INDEX_TYPES:
         raise HefeatError(f"--index must be one of {', '.join(INDEX_TYPES)}")
     if metric not in ("cosine", "l2"):
         raise HefeatError("--metric must be cosine or l2")
-    fi = feature_offsets(store, extraction_id)
-    n = int(fi["n_tiles"].sum())
+    table = slide_table(store, extraction_id)
+    if not table.files:
+        raise HefeatError(f"Extraction {extraction_id} has no finished slides")
+    ids = TileIds(np.array(table.slide_ids, dtype=object).astype(str),
+                  np.concatenate([[0], np.cumsum([f.n for f in table.files])]).astype(np.int64))
+    n = len(ids)
     dim = int(store.extraction(extraction_id)["dim"])
     kind = choose_type(n, dim) if index == "auto" else index
+    fp = data_fingerprint(store, extraction_id, table)
     params = {"extraction_id": extraction_id, "type": kind, "metric": metric, "sample": sample, "seed": seed,
-              "nlist": nlist, "pq_m": pq_m, "hnsw_m": hnsw_m, "n": n}
+              "nlist": nlist, "pq_m": pq_m, "hnsw_m": hnsw_m, "n": n, "data": fp}
     iid = content_id(params, prefix="i")
     d = store.index_dir(iid)
     if (d / "index.json").exists() and not force:
         return {**read_json(d / "index.json"), "cached": True}
     t0 = time.perf_counter()
-    idx = _make(kind, dim, metric, n, nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, n_train=min(sample, n))
-    train, train_ids = _sample(store, extraction_id, fi, sample, seed, metric)
-    if not idx.is_trained:
-        if len(train) < getattr(idx, "nlist", 1):
-            raise HefeatError(f"{n} vectors are too few to train a {kind} index; use --index flat")
-        idx.train(train)
-    for _r, (_, F) in zip(fi.itertuples(), iter_slide_features(store, extraction_id, fi["slide_id"].tolist()), strict=True):
-        idx.add(_prep(F, metric))  # ids are insertion order = global ids
-    build_s = time.perf_counter() - t0
-    # Recall@10 on held-out queries (vectors not used to train) against exact search.
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed)
+    train_ids = np.sort(rng.choice(n, min(sample, n), replace=False))
     held = np.setdiff1d(np.arange(n), train_ids) if len(train_ids) < n else np.arange(n)
-    qids = np.sort(rng.choice(held, min(n_queries, len(held)), replace=False))
-    Q = _prep(read_global_rows(store, extraction_id, fi, qids), metric)
+    qids = np.sort(np.random.default_rng(seed + 1).choice(held, min(n_queries, len(held)), replace=False))
     k = min(10, n)
-    exact = exact_knn(store, extraction_id, fi, Q, k, metric)
-    ids = pd.concat([pd.DataFrame({"global_id": np.arange(r.offset, r.offset + r.n_tiles), "slide_id": r.slide_id,
-                                   "tile_id": np.arange(r.n_tiles)}) for r in fi.itertuples()], ignore_index=True)
+    Q = _read_rows(store, extraction_id, ids, qids, metric)
+    idx = _make(kind, dim, metric, n, nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, n_train=len(train_ids))
+    if not idx.is_trained:
+        if len(train_ids) < getattr(idx, "nlist", 1):
+            raise HefeatError(f"{n} vectors are too few to train a {kind} index; use --index flat")
+        idx.train(_read_rows(store, extraction_id, ids, train_ids, metric))
+    train_s = time.perf_counter() - t0
+    exact = _ExactTopK(Q, k, metric)
+    bar = tqdm(total=n, disable=not progress, desc=f"index {iid}", unit="vec")
+    for start, V in _stream(store, extraction_id, ids, metric):
+        idx.add(V)  # faiss ids are insertion order = global ids
+        exact.update(V, start)
+        bar.update(len(V))
+    bar.close()
+    build_s = time.perf_counter() - t0
     t = time.perf_counter()
     _, approx = _search(store, {"type": kind, "extraction_id": extraction_id, "metric": metric}, idx, ids, Q, k)
-    query_ms = (time.perf_counter() - t) / len(Q) * 1000
-    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact, strict=True)]))
+    query_ms = (time.perf_counter() - t) / max(len(Q), 1) * 1000
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact.ids, strict=True)]))
     d.mkdir(parents=True, exist_ok=True)
     with atomic_path(d / "index.faiss") as tmp:
         faiss.write_index(idx, str(tmp))
-    write_parquet(ids, d / "ids.parquet")
+    write_parquet(ids.to_frame(), d / "offsets.parquet")
     meta = {"index_id": iid, "extraction_id": extraction_id, "type": kind, "metric": metric, "n_vectors": n,
-            "dim": dim, "recall_at_10": recall, "build_seconds": round(build_s, 3), "query_ms": round(query_ms, 4),
-            "params": params, "created": timestamp()}
+            "dim": dim, "recall_at_10": recall, "recall_queries": int(len(Q)), "build_seconds": round(build_s, 3),
+            "train_seconds": round(train_s, 3), "query_ms": round(query_ms, 4), "nlist": getattr(idx, "nlist", None),
+            "data_fingerprint": fp, "params": params, "created": timestamp()}
     write_json(d / "index.json", meta)
     return {**meta, "cached": False}
 
 
 def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None) -> dict:
+    """The index asked for, or the extraction's newest one; an index over older data is refused, never used."""
     if index_id:
         p = store.index_dir(index_id) / "index.json"
         if not p.exists():
@@ -195,15 +289,27 @@ def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None
         meta = read_json(p)
         if extraction_id and meta["extraction_id"] != extraction_id:
             raise HefeatError(f"Index {index_id} was built for extraction {meta['extraction_id']}, not {extraction_id}")
+        if meta.get("data_fingerprint") != data_fingerprint(store, meta["extraction_id"]):
+            raise HefeatError(f"Index {index_id} was built before extraction {meta['extraction_id']}'s slides changed; "
+                              f"rebuild it: hefeat neighbors build --extraction {meta['extraction_id']}")
         return meta
     rows = store.sql("SELECT index_id FROM indexes WHERE extraction_id = ? ORDER BY created DESC", [extraction_id])
     if rows.empty:
         raise HefeatError(f"No neighbour index for extraction {extraction_id}; run: hefeat neighbors build --extraction {extraction_id}")
-    return read_json(store.index_dir(rows["index_id"].iloc[0]) / "index.json")
+    fp = data_fingerprint(store, extraction_id)
+    for iid in rows["index_id"]:
+        meta = read_json(store.index_dir(iid) / "index.json")
+        if meta.get("data_fingerprint") == fp:
+            return meta
+    raise HefeatError(f"The neighbour indexes of extraction {extraction_id} were built before its slides changed; "
+                      f"rebuild: hefeat neighbors build --extraction {extraction_id}")
 
 
 def load_index(store: Store, meta: dict):
-    """The faiss index and its global-id -> (slide_id, tile_id) table (cached while the files are unchanged)."""
+    """The faiss index and its TileIds (global id -> slide, tile); cached while the files are unchanged.
+
+    IVF indexes are memory-mapped, so a query process does not read the whole index first.
+    """
     p = store.index_dir(meta["index_id"]) / "index.faiss"
     return _load_index_files(str(p), p.stat().st_mtime_ns)
 
@@ -212,12 +318,20 @@ def load_index(store: Store, meta: dict):
 def _load_index_files(path: str, _mtime_ns: int):
     import faiss
 
-    return faiss.read_index(path), pd.read_parquet(Path(path).with_name("ids.parquet"))
+    try:
+        idx = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:  # index types without a memory-mapped reader
+        idx = faiss.read_index(path)
+    off = Path(path).with_name("offsets.parquet")
+    if not off.exists():
+        raise HefeatError(f"Index {Path(path).parent.name} was built by an older hefeat (no offsets); rebuild it "
+                          "with hefeat neighbors build --force")
+    return idx, TileIds.from_frame(pd.read_parquet(off))
 
 
-def _keys(ids: pd.DataFrame, global_ids: np.ndarray) -> pd.DataFrame:
+def _keys(ids: TileIds, global_ids: np.ndarray) -> pd.DataFrame:
     """(slide_id, tile_id) rows of global ids."""
-    return ids.iloc[global_ids][["slide_id", "tile_id"]].reset_index(drop=True)
+    return ids.keys(global_ids)[["slide_id", "tile_id"]]
 
 
 def query(store: Store, *, extraction_id: str | None = None, index_id: str | None = None,
@@ -237,9 +351,10 @@ def query(store: Store, *, extraction_id: str | None = None, index_id: str | Non
     src_slide, self_key = None, None
     if tile is not None:
         sid, tid = tile
-        n = store.sql("SELECT n_tiles FROM features_index WHERE extraction_id = ? AND slide_id = ?", [eid, sid])
-        if n.empty or not (0 <= int(tid) < int(n.iloc[0, 0])):
-            raise HefeatError(f"Tile {sid}:{tid} does not exist in extraction {eid}")
+        try:
+            ids.global_id(sid, int(tid))
+        except HefeatError:
+            raise HefeatError(f"Tile {sid}:{tid} does not exist in extraction {eid}") from None
         q = read_features(store.features_path(eid, sid), np.array([int(tid)]))
         src_slide, self_key = sid, (sid, int(tid))
     elif image is not None:
@@ -298,16 +413,15 @@ def latent_vs_physical(store: Store, extraction_id: str, *, n: int = 500, seed: 
     meta = _resolve_index(store, extraction_id, index_id)
     idx, ids = load_index(store, meta)
     tid = store.extraction(extraction_id)["tiling_id"]
-    grid = store.sql(f"SELECT slide_id, tile_id, row, col FROM tiles WHERE tiling_id = '{tid}'")
-    ids = ids.merge(grid, on=["slide_id", "tile_id"], how="left")
     pick = np.sort(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False))
-    Q = read_global_rows(store, extraction_id, feature_offsets(store, extraction_id), pick)
-    _, nn = _search(store, meta, idx, ids[["global_id", "slide_id", "tile_id"]], _prep(Q, meta["metric"]), 2)
-    adj = same = 0
-    for q, row in zip(pick, nn, strict=True):
-        nb = row[1] if row[0] == q else row[0]
-        a, b = ids.iloc[q], ids.iloc[nb]
-        if a.slide_id == b.slide_id:
-            same += 1
-            adj += int(abs(a.row - b.row) <= 1 and abs(a.col - b.col) <= 1)
-    return {"n_queries": len(pick), "adjacent_share": adj / len(pick), "same_slide_share": same / len(pick)}
+    Q = _read_rows(store, extraction_id, ids, pick, meta["metric"])
+    _, nn = _search(store, meta, idx, ids, Q, 2)
+    nb = np.where(nn[:, 0] == pick, nn[:, 1], nn[:, 0])
+    a, b = ids.keys(pick), ids.keys(nb)
+    grid = pd.concat([store.tiles(tid, s)[["tile_id", "row", "col"]].assign(slide_id=s)
+                      for s in sorted(set(a["slide_id"]) | set(b["slide_id"]))], ignore_index=True)
+    a = a.merge(grid, on=["slide_id", "tile_id"], how="left")
+    b = b.merge(grid, on=["slide_id", "tile_id"], how="left")
+    same = (a["slide_id"] == b["slide_id"]).to_numpy()
+    adj = same & ((a["row"] - b["row"]).abs() <= 1).to_numpy() & ((a["col"] - b["col"]).abs() <= 1).to_numpy()
+    return {"n_queries": len(pick), "adjacent_share": float(adj.mean()), "same_slide_share": float(same.mean())}
