@@ -190,7 +190,7 @@ def sql_values(store: Store, sql: str, *, tiling_id: str | None, slide_id: str |
     query's tiling_id column, else a tiling id named in its text, else the store's only tiling; rows
     are never joined across tilings.
     """
-    from hefeat.store.features import _scoped_query
+    from hefeat.store.features import scoped_query
 
     named = named_tilings(store, sql)
     if tiling_id is None:
@@ -217,7 +217,7 @@ def sql_values(store: Store, sql: str, *, tiling_id: str | None, slide_id: str |
         other = [t for t in named if t != tiling_id]
         if other and tiling_id not in named:
             raise HefeatError(f"The query is on tiling {other[0]}, but these tiles are of tiling {tiling_id}")
-        v = run_user_sql(store, _scoped_query(sql, tiling_id))  # `tiles` = this tiling's tiles only
+        v = run_user_sql(store, scoped_query(sql, tiling_id))  # `tiles` = this tiling's tiles only
     if "tile_id" not in v.columns:
         raise HefeatError("The query must return tile_id, slide_id and one value column")
     vcols = [c for c in v.columns if c not in ID_COLS]

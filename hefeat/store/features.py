@@ -489,7 +489,7 @@ class FeatureChunk:
     features: np.ndarray
 
 
-def _scoped_query(query: str, tiling_id: str) -> str:
+def scoped_query(query: str, tiling_id: str) -> str:
     """The query with `tiles` seen only through this tiling (a CTE shadowing the view)."""
     q = query.strip().rstrip(";").strip()
     cte = f"tiles AS (SELECT * FROM tiles WHERE tiling_id = '{tiling_id}')"
@@ -503,7 +503,7 @@ def _scoped_query(query: str, tiling_id: str) -> str:
 
 def _query_rows(store: Store, extraction_id: str, tiling_id: str, query: str) -> pd.DataFrame:
     """Rows of a tile query, resolved to the extraction's tiling; refused when they are another tiling's."""
-    meta = store.sql(_scoped_query(query, tiling_id))
+    meta = store.sql(scoped_query(query, tiling_id))
     if not {"slide_id", "tile_id"} <= set(meta.columns):
         raise HefeatError(f"The query must return slide_id and tile_id columns (it returned: {', '.join(meta.columns)})")
     if "tiling_id" in meta.columns:
