@@ -146,6 +146,25 @@ def test_umap_purity_and_plot(learned, tmp_path):
         plot_umap(st, u["umap_id"], tmp_path / "x.png", color="nope")
 
 
+def test_umap_id_follows_the_data(tmp_path):
+    """Adding a slide gives a new UMAP; the unchanged store finds the stored one and says "cached"; the old one is stale."""
+    from hefeat.explore.umap_map import umap_info
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    st, eid = _vector_store(tmp_path, X[:200], 100)
+    a = run_umap(st, eid, sample=None, pca=None, n_neighbors=10)
+    b = run_umap(st, eid, sample=None, pca=None, n_neighbors=10)
+    assert b["cached"] and b["umap_id"] == a["umap_id"] and not a["cached"]
+    w = FeatureFileWriter(st.features_path(eid, "V900"), 100, 8, dtype="float32", coords=np.zeros((100, 2)), attrs={})
+    w.write(0, X[200:])
+    w.commit()
+    st.write_status("extraction", eid, "V900", {"state": "ok", "n_tiles": 100, "dim": 8, "path": str(st.features_path(eid, "V900"))})
+    c = run_umap(st, eid, sample=None, pca=None, n_neighbors=10)
+    assert not c["cached"] and c["umap_id"] != a["umap_id"] and c["n"] == 300
+    assert umap_info(st, a["umap_id"])["stale"] and not umap_info(st, c["umap_id"])["stale"]
+
+
 def test_values_never_mix_tilings(learned):
     """Two tilings share tile ids 0..n: every way of naming a value resolves to the extraction's tiling only."""
     from hefeat.explore.values import values_for

@@ -194,19 +194,25 @@ def tiles_show(tile, extraction_id, tiling_id, out, store_path, as_json):
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (default: this machine only).")
 @click.option("--port", default=8765, show_default=True)
+@click.option("--allow-host", multiple=True, help="Extra Host header names to accept (e.g. a tunnel's name).")
+@click.option("--threads", default=4, show_default=True)
 @store_option
-def explore(host, port, store_path):
-    """A local web page over the store: UMAP with tile hover, neighbours on click, heatmaps.
+def explore(host, port, allow_host, threads, store_path):
+    """A local, read-only web page over the store: slide viewer with overlays, latent-space map, neighbours.
+
+    Served by waitress on 127.0.0.1; requests naming another Host are refused. Computing a UMAP or an
+    index is an explicit button (POST) or `hefeat umap` / `hefeat neighbors build`.
 
     \b
     Example:
+      hefeat umap --extraction e1234 && hefeat neighbors build --extraction e1234
       hefeat explore --port 8765     # then open http://127.0.0.1:8765
     """
     from hefeat.explore.server import serve
 
-    click.echo(f"hefeat explorer on http://{host}:{port} (Ctrl-C to stop)")
-    serve(get_store(store_path), host=host, port=port)
+    click.echo(f"hefeat explorer on http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port} (Ctrl-C to stop)")
+    serve(get_store(store_path), host=host, port=port, threads=threads, allow_hosts=tuple(allow_host))
 
 

@@ -177,8 +177,30 @@ def named_tilings(store: Store, sql: str) -> list[str]:
     return [t for t in known if re.search(rf"\b{re.escape(t)}\b", sql)]
 
 
+def single_select(sql: str) -> str:
+    """The query if it is exactly one SELECT statement (DuckDB's parser decides); a one-line error otherwise."""
+    import json
+
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        j = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    finally:
+        con.close()
+    if j.get("error"):
+        msg = (j.get("error_message") or "not a SELECT").splitlines()[0]
+        if j.get("error_type") == "parser":
+            raise HefeatError(f"SQL failed: {msg}")
+        raise HefeatError("Only one SELECT query is allowed here (no COPY, ATTACH, SET, INSTALL or writes)")
+    if len(j.get("statements", [])) != 1:
+        raise HefeatError("Only one SELECT query is allowed here (no ';'-separated statements)")
+    return sql
+
+
 def run_user_sql(store: Store, sql: str) -> pd.DataFrame:
-    """A user's query, through the store's read-only sandbox when it has one."""
+    """A user's single SELECT, through the store's read-only sandbox when it has one."""
+    single_select(sql)
     runner = getattr(store, "sql_readonly", None) or store.sql
     return runner(sql)
 
@@ -300,6 +322,27 @@ def _rows(store: Store, val: Value, tiling_id: str, slides: list[str]) -> pd.Dat
         u = pd.read_parquet(p, columns=["slide_id", "tile_id", "cluster"])
         return u.rename(columns={"cluster": "value"})
     raise HefeatError(f"Cannot read values of {val.spec}")
+
+
+def cohort_range(store: Store, val: Value, tiling_id: str, lo: float = 2.0, hi: float = 98.0) -> tuple[float, float] | None:
+    """The lo-th..hi-th percentile of a numeric value over the whole tiling (one colour scale for every slide).
+
+    None for SQL values and UMAP clusters (their range is the drawn tiles').
+    """
+    q = f"quantile_cont(v, {lo / 100}), quantile_cont(v, {hi / 100})"
+    if val.source == "tiles":
+        r = store.sql(f"SELECT {q} FROM (SELECT {_ident(val.column)}::DOUBLE AS v FROM tiles WHERE tiling_id = ?)", [tiling_id])
+    elif val.source == "model":
+        r = store.sql(f"SELECT {q} FROM (SELECT TRY_CAST({_ident(val.column)} AS DOUBLE) AS v FROM predictions "
+                      "WHERE model_id = ?)", [val.model_id])
+    elif val.source in ("slides", "clinical"):
+        rows = _rows(store, val, tiling_id, [])
+        v = pd.to_numeric(rows["value"], errors="coerce").dropna()
+        return (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else None
+    else:
+        return None
+    a, b = r.iloc[0, 0], r.iloc[0, 1]
+    return (float(a), float(b)) if pd.notna(a) and pd.notna(b) and b > a else None
 
 
 def numeric_or_categories(values: pd.Series) -> tuple[str, np.ndarray, list[str]]:
