@@ -109,6 +109,7 @@ class Encoder:
         self.net = net
         self.config = config
         self.truncated = truncated
+        self.provenance: dict | None = None  # flat str/int facts about where the weights came from (a fine-tuning job)
 
     def to(self, *args, **kwargs) -> Encoder:
         """Move or re-format the network (torch.nn.Module.to semantics); returns self."""
@@ -123,13 +124,20 @@ class Encoder:
         return out
 
 
-def create_encoder(name: str, *, weights: str | None = None, layer: str | None = None, seed: int = 0) -> Encoder:
+def create_encoder(name: str, *, weights: str | None = None, layer: str | None = None, seed: int = 0,
+                   store=None) -> Encoder:
     """Build an encoder: timm model `name`, weights 'imagenet' | path | 'none', optional stage `layer`.
 
+    'finetuned:<job_id>[:<fold>]' is the backbone of a fine-tuning job in `store` (hefeat.finetune).
     Unknown names, missing/ill-fitting weight files and an unreachable hub raise HefeatError.
     """
     import timm
     import torch
+
+    if name.startswith("finetuned:"):
+        from hefeat.finetune.register import finetuned_encoder
+
+        return finetuned_encoder(store, name, layer=layer, seed=seed)
 
     weights = weights or "imagenet"
     is_hub = name.startswith("hf-hub:")

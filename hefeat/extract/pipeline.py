@@ -260,7 +260,7 @@ def run_extraction(
         tiled = [s for s in tiled if s in set(slides)]
     ids = shard_slides(tiled, shard)
     device = resolve_device(opt.device)
-    enc = create_encoder(encoder, weights=weights, layer=layer, seed=seed)
+    enc = create_encoder(encoder, weights=weights, layer=layer, seed=seed, store=store)
     cfg = enc.config
     plan = plan_input(int(tiling["size"]), float(tiling["mpp"]), cfg, fit=fit)
     transform = DeviceTransform(cfg, device, plan=plan)
@@ -285,6 +285,7 @@ def run_extraction(
                           "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct, **inputs},
             "patch_size": tiling["size"], "mpp": tiling["mpp"], "encoder_mpp": plan.encoder_mpp,
             "code_version": __version__, "batch_size": opt.batch_size, "created": timestamp(),
+            **{f"source_{k}": v for k, v in (enc.provenance or {}).items()},
         })
     summary = RunSummary("extraction", eid)
     t0 = time.perf_counter()

@@ -56,6 +56,8 @@ _EMPTY = {
     "models": "SELECT NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, NULL::VARCHAR AS extraction_id, "
     "NULL::VARCHAR AS created WHERE false",
     "predictions": "SELECT NULL::VARCHAR AS model_id, NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id WHERE false",
+    "jobs": "SELECT NULL::VARCHAR AS job_id, NULL::VARCHAR AS task, NULL::VARCHAR AS status, "
+    "NULL::VARCHAR AS backbone, NULL::VARCHAR AS created WHERE false",
     "runs": "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS command, NULL::DOUBLE AS seconds WHERE false",
     "indexes": "SELECT NULL::VARCHAR AS index_id, NULL::VARCHAR AS extraction_id, NULL::VARCHAR AS type, "
     "NULL::BIGINT AS n_vectors, NULL::DOUBLE AS recall_at_10 WHERE false",
@@ -146,6 +148,7 @@ class Store:
         self._glob_view(con, "models", r / "models" / "*" / "index.json", "read_json_auto")
         self._glob_view(con, "predictions", r / "predictions" / "model=*" / "slide=*.parquet", "read_parquet")
         self._glob_view(con, "runs", r / "runs" / "*" / "run.json", "read_json_auto")
+        self._glob_view(con, "jobs", r / "jobs" / "*" / "index.json", "read_json_auto")
         self._glob_view(con, "indexes", r / "indexes" / "*" / "index.json", "read_json_auto")
         self._glob_view(con, "umap", r / "umaps" / "umap=*.parquet", "read_parquet")
         self._glob_view(con, "neighbors", r / "indexes" / "*" / "queries" / "*.parquet", "read_parquet")
@@ -225,6 +228,10 @@ class Store:
         d = self.root / "reports" / check_id(name, "report")
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def job_dir(self, job_id: str) -> Path:
+        """Folder of one fine-tuning job (recipe, folds, checkpoints, logs, registered encoder)."""
+        return self.root / "jobs" / check_id(job_id, "job_id")
 
     def run_dir(self, run_id: str) -> Path:
         """Folder of one run's record."""

@@ -1,0 +1,366 @@
+"""A fine-tuning job: folds from the frozen fits' split functions, one resumable training per fold,
+held-out evaluation against frozen features on the same folds, and the results back in the store.
+
+jobs/<job_id>/  job.json (recipe, data fingerprints, folds and their patients, status), index.json
+                fold=<name>/  last.pt (resume), best.pt (kept), metrics.csv/.json, predictions.npz, done.json
+                encoder/      backbone.safetensors + encoder.json (the registered encoder's provenance)
+models/<job_id>/ the job as a model (kind finetune-<task>): summary, metrics tables, per-output heads
+predictions/model=<job_id>/   held-out tile/spot predictions, in the predictions view
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pandas as pd
+
+from hefeat import __version__
+from hefeat.errors import HefeatError
+from hefeat.finetune import ddp
+from hefeat.finetune.faults import fault_point
+from hefeat.finetune.recipe import Recipe, RunOptions
+from hefeat.finetune.targets import TaskData, load_task
+from hefeat.finetune.tasks import baseline_predict, evaluate, fold_targets, output_bias
+from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
+from hefeat.store.catalog import Store
+from hefeat.store.ids import content_id
+from hefeat.store.runs import timestamp
+
+JOB_PREFIX = "ft-"
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(str(p.dtype).encode() + str(p.shape).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprints(data: TaskData) -> dict:
+    """Content fingerprints of everything a job reads: slide files, tiles, targets/labels, units."""
+    s = data.samples
+    return {
+        "tiling_id": data.tiling["tiling_id"],
+        "slides": _digest(data.slides["slide_id"].to_numpy(str), data.slides["fingerprint"].to_numpy(str),
+                          data.slides["mpp_x"].to_numpy(float)),
+        "tiles": _digest(s["slide_id"].to_numpy(str), s["tile_id"].to_numpy(np.int64), s[["x", "y"]].to_numpy(np.int64)),
+        "targets": _digest(list(data.outputs), data.train_targets, np.asarray(data.unit_targets, np.float64)),
+        "units": _digest(data.units["unit_id"].to_numpy(str), data.units["patient_id"].to_numpy(str)),
+        "n_samples": len(s), "n_units": len(data.units),
+    }
+
+
+def job_id(recipe: Recipe, fingerprints: dict, precision: str) -> str:
+    """Content-derived: the recipe, the resolved precision, the data fingerprints and the code version."""
+    return content_id({"recipe": recipe.to_dict(), "precision": precision, "data": fingerprints,
+                       "code": __version__.rsplit(".", 1)[0]}, prefix=JOB_PREFIX)
+
+
+def make_folds(r: Recipe, data: TaskData):
+    """FoldPlans (sample indices) from hefeat.learn.splits over the units, plus a patient-grouped validation part."""
+    from hefeat.finetune.train import FoldPlan
+    from hefeat.learn.splits import assert_disjoint, group_holdout, parse_split, site_split
+
+    ids = data.units["unit_id"].to_numpy(str)
+    groups = data.units["patient_id"].to_numpy(str)
+    folds = [site_split(data.units["site"].to_numpy(str), seed=r.seed)] if r.split == "site" else \
+        parse_split(r.split, ids, groups, seed=r.seed)
+    if r.folds:
+        names = [f.name for f in folds]
+        unknown = [f for f in r.folds if f not in names]
+        if unknown:
+            raise HefeatError(f"Empty split: no fold named {', '.join(unknown)} in split {r.split!r}; "
+                              f"folds are {', '.join(names)}")
+        folds = [f for f in folds if f.name in r.folds]
+    unit_of = data.unit_of
+    labelled = ~np.isnan(data.train_targets).all(1)
+    plans = []
+    for f in folds:
+        tr, te = np.asarray(f.train), np.asarray(f.test)
+        va = np.asarray(f.val) if f.val is not None else np.zeros(0, np.int64)
+        if f.val is None and r.val_share > 0 and len(np.unique(groups[tr])) >= 2:
+            h = group_holdout(groups[tr], r.val_share, seed=r.seed)
+            tr, va = tr[h.train], tr[h.test]
+        assert_disjoint(groups, tr, va, te)
+        train = np.flatnonzero(np.isin(unit_of, tr) & labelled)
+        val = np.flatnonzero(np.isin(unit_of, va) & labelled)
+        test = np.flatnonzero(np.isin(unit_of, te))
+        if len(train) == 0 or len(test) == 0:
+            raise HefeatError(f"Empty split: fold {f.name} of {r.split!r} has {len(train)} labelled training and "
+                              f"{len(test)} test samples; use another split or more slides")
+        plans.append(FoldPlan(f.name, train, val, test))
+    if not plans:
+        raise HefeatError(f"Empty split: {r.split!r} gives no folds")
+    return plans
+
+
+def run_job(store: Store, recipe: Recipe, options: RunOptions | None = None) -> dict:
+    """Train every fold of a recipe (resuming what a crash left), evaluate, and commit the job to the store."""
+    import torch
+
+    opts = options or RunOptions()
+    store.require()
+    threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    d = ddp.setup(opts.device)
+    try:
+        return _run(store, recipe, opts, d)
+    finally:
+        ddp.teardown(d)
+        torch.set_num_threads(threads)
+
+
+def _precision(recipe: Recipe, device: str) -> str:
+    from hefeat.extract.pipeline import resolve_precision
+
+    return resolve_precision(recipe.precision, device)
+
+
+def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
+    from hefeat.extract.pipeline import default_workers
+    from hefeat.finetune.data import TileImages, TileSource
+    from hefeat.finetune.train import FoldSetup, predict_fold, train_fold
+    from hefeat.learn.models import model_exists, model_summary
+
+    t0 = time.perf_counter()
+    data = load_task(store, r)
+    plans = make_folds(r, data)
+    precision = _precision(r, d.device)
+    fps = data_fingerprints(data)
+    jid = job_id(r, fps, precision)
+    if model_exists(store, jid) and not opts.force:
+        return {**model_summary(store, jid, cached=True), "job_id": jid}
+    jdir = store.job_dir(jid)
+    split_name = f"{r.split} seed={r.seed}"
+    if d.main:
+        jdir.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(jdir)
+        job = {"job_id": jid, "task": r.task, "status": "running", "recipe": r.to_dict(), "precision": precision,
+               "data": fps, "split": split_name, "folds": _fold_record(data, plans), "code_version": __version__,
+               "device": d.device, "processes": d.world, "created": _created(jdir), "updated": timestamp()}
+        write_json(jdir / "job.json", job)
+        write_json(jdir / "index.json", _index(job))
+    ddp.barrier(d)
+    _check_slides(data, d)
+    source = TileSource.from_samples(data.samples, data.slides, size=int(data.tiling["size"]), mpp=float(data.tiling["mpp"]))
+    workers = default_workers() if opts.workers is None else opts.workers
+    n_out = len(data.outputs)
+    base = FoldSetup(recipe=r, kind=data.kind, n_out=n_out, targets=data.train_targets, slide_of=source.slide_of,
+                     dataset=TileImages(source), fold_dir=jdir, job_id=jid, precision=precision, dist=d,
+                     options=opts, workers=workers)
+    oof = np.full((len(data.samples), n_out), np.nan)
+    fold_of = np.full(len(data.samples), "", object)
+    kept = np.ones(n_out, bool)
+    results = {}
+    for plan in plans:
+        fdir = jdir / f"fold={plan.name}"
+        s = _replace(base, fold_dir=fdir)
+        if d.main:
+            fdir.mkdir(parents=True, exist_ok=True)
+            clean_stale_tmp(fdir)
+        if not (fdir / "done.json").exists():
+            ft = fold_targets(data, plan.train, min_variance=r.min_variance, standardize=r.standardize_targets)
+            res = train_fold(s, plan, ft, output_bias(data.kind, data, plan.train, ft))
+            pred = predict_fold(s, plan, ft)
+            if d.main:
+                with atomic_path(fdir / "predictions.npz") as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, test=plan.test, pred=pred)
+                fault_point("fold-done")
+                write_json(fdir / "done.json", {**res, "fold": plan.name, "targets": ft.to_dict(),
+                                                "finished": timestamp()})
+                (fdir / "last.pt").unlink(missing_ok=True)
+            ddp.barrier(d)
+        done = read_json(fdir / "done.json")
+        with np.load(fdir / "predictions.npz") as z:
+            if not np.array_equal(z["test"], plan.test):
+                raise HefeatError(f"Fold {plan.name} of job {jid} was predicted on other samples; delete {fdir} to redo it")
+            oof[plan.test] = z["pred"]
+        fold_of[plan.test] = plan.name
+        kept &= np.asarray(done["targets"]["mask"], bool)
+        results[plan.name] = done
+    tested = fold_of != ""
+    summary, tables = evaluate(r.task, data, oof, tested, kept=kept, split=split_name)
+    if r.baseline != "none":
+        F = _baseline_features(store, r, data, jid, base, plans)
+        bpred = np.full_like(oof, np.nan)
+        for plan in plans:
+            bpred[plan.test] = baseline_predict(r.task, data, F, np.concatenate([plan.train, plan.val]), plan.test,
+                                                seed=r.seed)
+        bsum, btab = evaluate(r.task, data, bpred, tested, kept=kept, split=split_name)
+        summary.update({f"frozen_{k}": v for k, v in bsum.items() if k != "split"})
+        tables["frozen_vs_finetuned"] = _compare(r.task, tables["metrics"], btab["metrics"])
+    if r.task == "genes":
+        summary.update(_emo_cost(r, int(kept.sum()), results))
+    if not d.main:
+        return {"job_id": jid, "rank": d.rank}
+    fault_point("job-commit")
+    return _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables, jid, precision, t0)
+
+
+def _emo_cost(r: Recipe, genes: int, results: dict) -> dict:
+    """EMO's per-gene CNNs vs this one network: FLOPs counted on the backbone, throughput measured here."""
+    from hefeat.finetune.cost import emo_cost, forward_flops
+    from hefeat.finetune.train import build_net
+
+    net, cfg = build_net(r, 1)
+    flops = forward_flops(net.backbone, cfg.input_size[0])
+    hist = pd.concat([pd.DataFrame(v["history"]) for v in results.values()])
+    per_net = float(np.mean([v["steps"] for v in results.values()])) * r.batch_size
+    return emo_cost(flops, cfg.dim, genes, images_per_s=_f(hist["images_per_s"].median()), images_per_network=per_net)
+
+
+def _replace(s, **kw):
+    import dataclasses
+
+    return dataclasses.replace(s, **kw)
+
+
+def _created(jdir) -> str:
+    p = jdir / "job.json"
+    return read_json(p)["created"] if p.exists() else timestamp()
+
+
+def _index(job: dict) -> dict:
+    return {k: job.get(k) for k in ("job_id", "task", "status", "precision", "split", "device", "processes",
+                                    "created", "updated")} | {"backbone": job["recipe"]["backbone"]}
+
+
+def _fold_record(data: TaskData, plans) -> list[dict]:
+    pats = data.samples["patient_id"].to_numpy(str)
+    return [{"name": p.name, "n_train": len(p.train), "n_val": len(p.val), "n_test": len(p.test),
+             "train_patients": sorted(set(pats[p.train])), "val_patients": sorted(set(pats[p.val])),
+             "test_patients": sorted(set(pats[p.test]))} for p in plans]
+
+
+def _check_slides(data: TaskData, d: ddp.Dist) -> None:
+    """Every slide opens and is the file that was ingested (fingerprint), checked once per job, split over ranks."""
+    from hefeat.slides.run import open_catalog_slide
+
+    for _, row in data.slides.iloc[d.rank::d.world].iterrows():
+        try:
+            with open_catalog_slide(row, verify=True):
+                pass
+        except HefeatError as e:
+            raise HefeatError(f"slide {row['slide_id']}: {e}") from None
+
+
+def _baseline_features(store: Store, r: Recipe, data: TaskData, jid: str, base, plans) -> np.ndarray:
+    """Frozen features of every sample: the job's initial backbone (cached in the job folder) or an extraction."""
+    if r.baseline != "init":
+        from hefeat.store.features import read_features
+
+        ext = store.extraction(r.baseline)
+        if ext["tiling_id"] != data.tiling["tiling_id"]:
+            raise HefeatError(f"Baseline extraction {r.baseline} is on tiling {ext['tiling_id']}, the job on "
+                              f"{data.tiling['tiling_id']}; use an extraction of the same tiling or baseline: init")
+        F = np.zeros((len(data.samples), int(ext["dim"])), np.float32)
+        for sid, idx in data.samples.groupby("slide_id", sort=False).indices.items():
+            p = store.features_path(r.baseline, sid)
+            if not p.exists():
+                raise HefeatError(f"Baseline extraction {r.baseline} has no features for slide {sid}")
+            F[idx] = read_features(p, data.samples["tile_id"].to_numpy()[idx])
+        return F
+    import torch
+
+    from hefeat.extract.pipeline import DeviceTransform
+    from hefeat.finetune.train import build_net, infer
+
+    path = store.job_dir(jid) / "baseline_features.npy"
+    if path.exists():
+        return np.load(path)
+    net, cfg = build_net(r, len(data.outputs))
+    bb = net.backbone.to(base.dist.device).to(memory_format=torch.channels_last).eval()
+    every = np.arange(len(data.samples))
+    F = infer(base, lambda v: bb(v).float().cpu().numpy(), every, DeviceTransform(cfg, base.dist.device),
+              tta=r.tta, width=cfg.dim).astype(np.float32)
+    if base.dist.main:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, F)
+    return F
+
+
+def _compare(task: str, fine: pd.DataFrame, frozen: pd.DataFrame) -> pd.DataFrame:
+    """Per output: the headline metric fine-tuned vs frozen on the same folds."""
+    if task == "spots":
+        key, cols = "gene", ["mean_r", "n_positive", "works"]
+    elif task == "genes":
+        key, cols = "gene", ["spearman_r", "r2", "significant"]
+    else:
+        key = ["label", "slides"] if "label" in fine.columns else None
+        if key is None:
+            return pd.concat([fine.assign(model="fine-tuned"), frozen.assign(model="frozen")], ignore_index=True)
+        cols = ["auc_mean_prob", "ci_low", "ci_high", "auc_fraction_positive"]
+    a = fine[([key] if isinstance(key, str) else key) + cols]
+    b = frozen[([key] if isinstance(key, str) else key) + cols]
+    out = a.merge(b, on=key, suffixes=("_finetuned", "_frozen"))
+    first = cols[0]
+    out[f"{first}_difference"] = out[f"{first}_finetuned"] - out[f"{first}_frozen"]
+    return out
+
+
+def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables, jid, precision, t0) -> dict:
+    """Predictions into the predictions view, the registered encoder, the job as a model, job.json finished."""
+    from hefeat.finetune.register import export_encoder
+    from hefeat.learn.models import model_summary, save_model
+
+    jdir = store.job_dir(jid)
+    reg = r.register_fold or plans[0].name
+    if reg not in results:
+        raise HefeatError(f"register_fold {reg!r} is not a fold of this job ({', '.join(results)})")
+    enc = export_encoder(store, jid, reg, r, data, results, precision)
+    heads = enc.pop("heads")
+    _write_predictions(store, jid, r.task, data, oof, fold_of, kept, tables)
+    history = pd.concat([pd.DataFrame(v["history"]).assign(fold=k) for k, v in results.items()], ignore_index=True)
+    summary.update({"model_id": jid, "job_id": jid, "kind": f"finetune-{r.task}", "task": r.task,
+                    "backbone": r.backbone, "weights": r.weights, "precision": precision, "folds": len(plans),
+                    "epochs_run": int(history.groupby("fold")["epoch"].max().sum()),
+                    "encoder": enc["encoder"], "register_fold": reg,
+                    "images_per_s": _f(history["images_per_s"].median())})
+    seconds = round(time.perf_counter() - t0, 3)
+    save_model(store, jid, kind=f"finetune-{r.task}", params=r.to_dict(), summary=summary, arrays=heads,
+               tables={**tables, "history": history}, seconds=seconds)
+    job = read_json(jdir / "job.json")
+    job.update(status="finished", updated=timestamp(), summary=summary, encoder=enc, seconds=seconds)
+    write_json(jdir / "job.json", job)
+    write_json(jdir / "index.json", _index(job))
+    return {**model_summary(store, jid, cached=False), "job_id": jid}
+
+
+def _f(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def _write_predictions(store, jid, task, data, oof, fold_of, kept, tables, top: int = 50) -> None:
+    """Held-out predictions per slide (tiles or spots) into predictions/model=<job_id>/ (the predictions view)."""
+    from hefeat.store.tables import write_parquet
+
+    m = tables["metrics"]
+    if task in ("spots", "genes"):
+        col = "mean_r" if task == "spots" else "spearman_r"
+        names = m.sort_values(col, ascending=False)["gene"].head(top).tolist()
+    else:
+        names = list(data.outputs)
+    cols = [data.outputs.index(n) for n in names]
+    pref = "p_" if task == "classify" else ""
+    tested = fold_of != ""
+    s = data.samples
+    keep_cols = [c for c in ("tile_id", "spot_id", "x", "y", "row", "col") if c in s.columns]
+    for sid, idx in s[tested].groupby("slide_id", sort=True).groups.items():
+        idx = np.asarray(idx)
+        df = s.loc[idx, keep_cols].reset_index(drop=True)
+        df = pd.concat([df, pd.DataFrame(oof[np.ix_(idx, cols)], columns=[pref + n for n in names])], axis=1)
+        df.insert(0, "fold", fold_of[idx])
+        df.insert(0, "slide_id", sid)
+        df.insert(0, "model_id", jid)
+        write_parquet(df, store.predictions_path(jid, sid))
