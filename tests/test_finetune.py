@@ -186,3 +186,146 @@ def test_kill9_mid_epoch_then_resume_is_bitwise_identical(ft_store, tmp_path):
     pb = np.load(fold / "predictions.npz")["pred"]
     assert np.array_equal(pa, pb)
     assert not list(fold.glob(".*tmp-*"))  # the killed process's temporary files were cleaned up
+
+
+def test_registered_encoder_extracts_reproduces_the_head_and_fit_genes_runs(spots_job, ft_store, tmp_path):
+    """`hefeat extract --encoder finetuned:<job>` gives the fine-tuned backbone's features with provenance;
+    features @ gene_head == the job's own held-out prediction; stage-2 methods run on them."""
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+    from hefeat.finetune.register import gene_head
+    from hefeat.learn.emo import GenesParams, fit_genes
+    from hefeat.store.features import read_features
+
+    root, s = spots_job
+    dst = tmp_path / "store"
+    shutil.copytree(root, dst)
+    st = Store(dst)
+    jid = s["job_id"]
+    run = CliRunner().invoke(main, ["extract", "--encoder", f"finetuned:{jid}", "--tiling", ft_store[1], "--precision",
+                                    "fp32", "--dtype", "float32", "--workers", "0", "--store", str(dst), "--json"])
+    assert run.exit_code == 0, run.output
+    eid = json.loads(run.output)["extraction_id"]
+    ext = st.extraction(eid)
+    assert (ext["encoder"], ext["dim"], ext["source_job_id"], ext["source_fold"]) == (f"finetuned:{jid}:fold1", 64, jid, "fold1")
+    job = json.loads((st.job_dir(jid) / "job.json").read_text())
+    assert ext["source_train_patients"].split(",") == job["folds"][0]["train_patients"]
+    pred = st.sql(f"SELECT * FROM predictions WHERE model_id = '{jid}'")
+    gene = pd.read_parquet(st.model_dir(jid) / "metrics.parquet").sort_values("mean_r").iloc[-1]["gene"]
+    w, b = gene_head(st, jid, gene)
+    for sid, g in pred.groupby("slide_id"):
+        F = read_features(st.features_path(eid, sid), g["tile_id"].to_numpy())
+        np.testing.assert_allclose(F @ w + b, g[gene].to_numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(HefeatError, match="has no output 'NOPE'"):
+        gene_head(st, jid, "NOPE")
+    # Every stage-2 method reads it like any extraction: per-gene heads on slide means (EMO-average).
+    tiles_eid = run_extraction_cli(dst, f"finetuned:{jid}", ft_store[2])
+    g = fit_genes(st, GenesParams(extraction_id=tiles_eid, split="patient-kfold:3"))
+    assert g["n_genes"] > 10 and g["n_samples"] == 8 and np.isfinite(g["median_spearman_r"])
+
+
+def run_extraction_cli(store_root: Path, encoder: str, tiling: str) -> str:
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+
+    run = CliRunner().invoke(main, ["extract", "--encoder", encoder, "--tiling", tiling, "--precision", "fp32",
+                                    "--workers", "0", "--store", str(store_root), "--json"])
+    assert run.exit_code == 0, run.output
+    return json.loads(run.output)["extraction_id"]
+
+
+def test_emo_one_network_many_genes_with_readable_heads_and_cost(ft_store, tmp_path):
+    """EMO as one multi-output network: slide prediction = mean of tile predictions; every gene's head is a
+    row of the last layer; the cost ratio vs per-gene CNNs comes from counted FLOPs."""
+    st = _copy(ft_store, tmp_path)
+    r = _recipe("genes", tiling_id=ft_store[2], split="patient-kfold:2", folds=["fold1"], epochs=2, val_share=0.0,
+                steps_per_epoch=3)
+    s = run_job(st, r, RunOptions(workers=0, threads=1))
+    m = pd.read_parquet(st.model_dir(s["job_id"]) / "metrics.parquet")
+    oof = pd.read_parquet(st.model_dir(s["job_id"]) / "oof_predictions.parquet")
+    assert 40 < s["n_genes"] == len(m) <= 60  # genes with training variance > 0.01 (as hefeat fit genes)
+    assert {"spearman_r", "spearman_p_bh", "r2", "significant"} <= set(m.columns)
+    assert len(oof) == s["n_samples"] > 0 and set(oof.columns) >= {"sample_id", "patient_id", "MKI67"}
+    # Slide prediction = mean of that slide's held-out tile predictions (tile rows in the predictions view).
+    tiles = st.sql(f"SELECT slide_id, MKI67 FROM predictions WHERE model_id = '{s['job_id']}'")
+    means = tiles.groupby("slide_id")["MKI67"].mean()
+    smap = st.sql("SELECT sample_id, slide_id FROM samples").set_index("sample_id")["slide_id"]
+    np.testing.assert_allclose(oof.set_index("sample_id")["MKI67"], means.loc[smap.loc[oof["sample_id"]]].to_numpy(),
+                               rtol=1e-6)
+    # Cost: genes x (backbone + 1 output) / (backbone + genes outputs), with FLOPs counted by torch.
+    g, d, f = s["genes"], s["head_dim"], s["backbone_gflops_per_image"] * 1e9
+    assert g == s["n_genes"] and d == 64
+    assert s["cost_ratio_per_gene_vs_one_network"] == pytest.approx(g * (f + 2 * d) / (f + 2 * d * g))
+    assert 1 < s["cost_ratio_at_paper_genes"] <= 17_695
+    assert s["paper_gpu_hours_as_one_network"] == pytest.approx(300_000 / s["cost_ratio_at_paper_genes"])
+    assert s["measured_images_per_s"] > 0 and s["images_per_network"] == 2 * 3 * 16
+
+
+def test_trait_classifier_with_ood_slides_and_cli(ft_store, tmp_path):
+    """PathoMCH-style: every tile labelled by its slide's trait (above the median); mid-percentile slides never
+    train but are scored; slide AUC with CI for the fine-tuned and the frozen model; CLI run/status/list."""
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+
+    st = _copy(ft_store, tmp_path)
+    cfg = tmp_path / "traits.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({"task": "classify", "params": {
+        **TINY, "tiling_id": ft_store[2], "labels": ["trait:MKI67", "clinical:er_status"], "exclude_mid": [30, 70],
+        "split": "patient-kfold:2", "epochs": 2, "val_share": 0.3, "schedule": "plateau", "patience": 5}}))
+    cli = CliRunner()
+    run = cli.invoke(main, ["finetune", "run", "--config", str(cfg), "--workers", "0", "--threads", "1",
+                            "--store", str(st.root), "--json"])
+    assert run.exit_code == 0, run.output
+    s = json.loads(run.output)
+    jid = s["job_id"]
+    assert s["kind"] == "finetune-classify" and s["n_slides"] == 8 and s["folds"] == 2
+    for lab in ("MKI67", "er_status"):
+        assert 0 <= s[f"auc_{lab}"] <= 1 and f"frozen_auc_{lab}" in s
+    m = pd.read_parquet(st.model_dir(jid) / "metrics.parquet")
+    assert set(m["slides"]) == {"all", "in_distribution"}  # MKI67's mid slides are scored but never trained on
+    data_job = json.loads((st.job_dir(jid) / "job.json").read_text())
+    assert sum(f["n_test"] for f in data_job["folds"]) == len(st.sql(f"SELECT * FROM predictions WHERE model_id = '{jid}'"))
+    again = cli.invoke(main, ["finetune", "run", "--config", str(cfg), "--store", str(st.root), "--json"])
+    assert json.loads(again.output)["cached"] is True and json.loads(again.output)["job_id"] == jid
+    status = json.loads(cli.invoke(main, ["finetune", "status", jid, "--store", str(st.root), "--json"]).output)
+    assert [f["state"] for f in status["folds"]] == ["finished", "finished"] and status["status"] == "finished"
+    listed = json.loads(cli.invoke(main, ["finetune", "list", "--store", str(st.root), "--json"]).output)
+    assert [j["job_id"] for j in listed["jobs"]] == [jid]
+    bad = cli.invoke(main, ["finetune", "run", "--config", str(cfg), "--set", "backbone=resnet_nope", "--store",
+                            str(st.root)])
+    assert bad.exit_code != 0 and "unknown backbone 'resnet_nope'" in bad.output and bad.output.count("\n") == 1
+
+
+def test_ddp_two_processes_gloo_shard_by_slide(ft_store, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each epoch the training slides are split between the ranks
+    (whole slides, disjoint, together all of them), and both ranks end with identical weights."""
+    import yaml
+
+    st = _copy(ft_store, tmp_path)
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(yaml.safe_dump({"task": "spots", "params": {
+        **TINY, "tiling_id": ft_store[1], "split": "patient-kfold:2", "folds": ["fold2"], "epochs": 2,
+        "val_share": 0.0, "batch_size": 8, "genes": "top:20", "baseline": "none"}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hefeat.cli",
+           "finetune", "run", "--config", str(cfg), "--store", str(st.root), "--workers", "0", "--threads", "1",
+           "--device", "cpu", "--json"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    job = json.loads((st.job_dir(s["job_id"]) / "job.json").read_text())
+    assert job["processes"] == 2 and job["status"] == "finished"
+    done = json.loads((st.job_dir(s["job_id"]) / "fold=fold2" / "done.json").read_text())
+    a, b = done["final_weights_digest_per_rank"]
+    assert a == b and done["processes"] == 2
+    pats = ",".join(repr(x) for x in job["folds"][0]["train_patients"])
+    train_slides = set(st.sql(f"SELECT DISTINCT t.slide_id FROM tiles t JOIN slides USING (slide_id) WHERE "
+                              f"t.tiling_id = '{ft_store[1]}' AND patient_id IN ({pats})")["slide_id"])
+    assert len(done["slides_per_rank_per_epoch"]) == 2
+    for r0, r1 in done["slides_per_rank_per_epoch"]:
+        assert r0 and r1 and not set(r0) & set(r1) and set(r0) | set(r1) == train_slides

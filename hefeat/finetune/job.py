@@ -168,6 +168,8 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
         if not (fdir / "done.json").exists():
             ft = fold_targets(data, plan.train, min_variance=r.min_variance, standardize=r.standardize_targets)
             res = train_fold(s, plan, ft, output_bias(data.kind, data, plan.train, ft))
+            res["slides_per_rank_per_epoch"] = [[[source.slide_ids[k] for k in rank] for rank in ep]
+                                                for ep in res["slides_per_rank_per_epoch"]]
             pred = predict_fold(s, plan, ft)
             if d.main:
                 with atomic_path(fdir / "predictions.npz") as tmp, open(tmp, "wb") as fh:

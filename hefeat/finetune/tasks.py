@@ -196,7 +196,7 @@ def _eval_classify(data: TaskData, pred, tested, split):
     trained = ~np.isnan(data.train_targets)  # a unit is "extreme" (in-distribution) if its label trains
     in_dist = pd.DataFrame(trained).groupby(data.unit_of, sort=True).any().reindex(units).to_numpy()
     for j, name in enumerate(data.outputs):
-        ok = ~np.isnan(U[:, j])
+        ok = ~np.isnan(U[:, j]) & np.isfinite(up[:, j])  # no score: that fold's training had one class only
         for subset, sel in (("all", ok), ("in_distribution", ok & in_dist[:, j])):
             if subset == "in_distribution" and sel.sum() == ok.sum():
                 continue

@@ -184,6 +184,9 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
         batches = epoch_batches(s.slide_of, plan.train, global_batch=r.batch_size, accumulate=r.accumulate,
                                 steps=steps, seed=r.seed, epoch=e, rank=d.rank, world=d.world)
         first = state["step_in_epoch"]
+        if first == 0:  # which slides each rank reads this epoch (whole slides per rank)
+            mine = sorted({int(k) for b in batches for k in s.slide_of[b]})
+            state.setdefault("shards", []).append(ddp.gather(d, mine))
         loader = make_loader(s.dataset, batches[first * r.accumulate:], workers=s.workers, pin=pin,
                              seed=int(counter_generator(r.seed, e, 3).initial_seed()))
         it = iter(loader)
@@ -255,9 +258,21 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
             write_history(s.fold_dir, state["history"])
     if d.main:
         save_checkpoint(s.fold_dir / "final.pt", {"model": net.state_dict(), "epoch": state["epoch"]})
-    ddp.barrier(d)
+    digests = ddp.gather(d, weights_digest(net))
     return {"history": state["history"], "best_epoch": state["best_epoch"], "stopped_early": bool(state["stopped"]),
-            "steps": state["global_step"], "steps_per_epoch": steps}
+            "steps": state["global_step"], "steps_per_epoch": steps, "processes": d.world,
+            "final_weights_digest_per_rank": digests, "slides_per_rank_per_epoch": state.get("shards", [])}
+
+
+def weights_digest(net) -> str:
+    """sha256 of the model's tensors (every rank of a DDP job must agree)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_history(fold_dir: Path, history: list[dict]) -> None:
