@@ -51,6 +51,11 @@ class TileImages:
     def __len__(self) -> int:
         return len(self.src.slide_of)
 
+    def close(self) -> None:
+        """Close the open slides (before DataLoader workers fork: they must not share file handles)."""
+        while self._open:
+            self._open.popitem()[1].close()
+
     def _slide(self, k: int):
         from hefeat.slides.reader import Slide
 

@@ -117,10 +117,34 @@ def run_job(store: Store, recipe: Recipe, options: RunOptions | None = None) -> 
         torch.set_num_threads(threads)
 
 
-def _precision(recipe: Recipe, device: str) -> str:
-    from hefeat.extract.pipeline import resolve_precision
+def choose_precision(r: Recipe, data: TaskData, dataset, train: np.ndarray, d: ddp.Dist):
+    """(PrecisionChoice, InputPlan): the extraction's measured AMP choice, timed on a training step over
+    real training tiles (rank 0 decides, every rank follows), and how tiles become the backbone's input."""
+    import copy
 
-    return resolve_precision(recipe.precision, device)
+    import torch
+
+    from hefeat.extract.compute import DeviceTransform, plan_input
+    from hefeat.extract.precision import select_precision
+    from hefeat.finetune.data import micro_batch_size
+    from hefeat.finetune.train import build_net, training_step
+
+    net, cfg = build_net(r, len(data.outputs))
+    plan = plan_input(int(data.tiling["size"]), float(data.tiling["mpp"]), cfg, fit=r.fit)
+    choice = None
+    if d.main:
+        n = min(16, max(2, micro_batch_size(r.batch_size, r.accumulate, d.world))) if r.precision == "auto" else 2
+        pick = train[np.linspace(0, len(train) - 1, n).astype(int)]
+        imgs = torch.stack([dataset[int(i)][0] for i in pick]) if r.precision == "auto" else \
+            torch.zeros((n, plan.tile_px, plan.tile_px, 3), dtype=torch.uint8)
+        probe = copy.deepcopy(net).to(d.device).train()
+        sample = DeviceTransform(cfg, d.device, plan=plan)(imgs)
+        key = {"backbone": r.backbone, "weights": r.weights, "plan": plan.to_dict(), "outputs": len(data.outputs),
+               "mode": "train"}
+        choice = select_precision(probe, sample, device=d.device, requested=r.precision, model_key=key,
+                                  step=training_step)
+        dataset.close()
+    return ddp.broadcast(d, choice), plan
 
 
 def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
@@ -132,7 +156,10 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     t0 = time.perf_counter()
     data = load_task(store, r)
     plans = make_folds(r, data)
-    precision = _precision(r, d.device)
+    source = TileSource.from_samples(data.samples, data.slides, size=int(data.tiling["size"]), mpp=float(data.tiling["mpp"]))
+    dataset = TileImages(source)
+    choice, input_plan = choose_precision(r, data, dataset, plans[0].train, d)
+    precision = choice.precision
     fps = data_fingerprints(data)
     jid = job_id(r, fps, precision)
     if model_exists(store, jid) and not opts.force:
@@ -143,18 +170,18 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
         jdir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(jdir)
         job = {"job_id": jid, "task": r.task, "status": "running", "recipe": r.to_dict(), "precision": precision,
+               "precision_choice": choice.to_dict(), "input_plan": input_plan.to_dict(),
                "data": fps, "split": split_name, "folds": _fold_record(data, plans), "code_version": __version__,
                "device": d.device, "processes": d.world, "created": _created(jdir), "updated": timestamp()}
         write_json(jdir / "job.json", job)
         write_json(jdir / "index.json", _index(job))
     ddp.barrier(d)
     _check_slides(data, d)
-    source = TileSource.from_samples(data.samples, data.slides, size=int(data.tiling["size"]), mpp=float(data.tiling["mpp"]))
     workers = default_workers() if opts.workers is None else opts.workers
     n_out = len(data.outputs)
     base = FoldSetup(recipe=r, kind=data.kind, n_out=n_out, targets=data.train_targets, slide_of=source.slide_of,
-                     dataset=TileImages(source), fold_dir=jdir, job_id=jid, precision=precision, dist=d,
-                     options=opts, workers=workers)
+                     dataset=dataset, fold_dir=jdir, job_id=jid, precision=precision, dist=d,
+                     options=opts, workers=workers, input_plan=input_plan, channels_last=choice.channels_last)
     oof = np.full((len(data.samples), n_out), np.nan)
     fold_of = np.full(len(data.samples), "", object)
     kept = np.ones(n_out, bool)
@@ -271,16 +298,16 @@ def _baseline_features(store: Store, r: Recipe, data: TaskData, jid: str, base, 
         return F
     import torch
 
-    from hefeat.extract.pipeline import DeviceTransform
-    from hefeat.finetune.train import build_net, infer
+    from hefeat.finetune.train import build_net, infer, make_transform
 
     path = store.job_dir(jid) / "baseline_features.npy"
     if path.exists():
         return np.load(path)
     net, cfg = build_net(r, len(data.outputs))
-    bb = net.backbone.to(base.dist.device).to(memory_format=torch.channels_last).eval()
+    fmt = torch.channels_last if base.channels_last else torch.contiguous_format
+    bb = net.backbone.to(base.dist.device).to(memory_format=fmt).eval()
     every = np.arange(len(data.samples))
-    F = infer(base, lambda v: bb(v).float().cpu().numpy(), every, DeviceTransform(cfg, base.dist.device),
+    F = infer(base, lambda v: bb(v).float().cpu().numpy(), every, make_transform(base, cfg),
               tta=r.tta, width=cfg.dim).astype(np.float32)
     if base.dist.main:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:

@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "plateau")
 AUGMENTATIONS = ("dihedral", "hed", "brightness_contrast")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FITS = ("auto", "identity", "crop", "resize", "native")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Recipe:
     """What a fine-tuning job trains (see configs/*-finetune.yaml for the papers' values).
 
     genes: 'top:N' (highest mean), 'all', a file or 'A,B,C'; default top:250 for spots, all for genes.
+    fit: how tiles become the backbone's input, as extraction's --fit (auto refuses a resize that
+    changes µm/px by more than 10 %; resize/crop/native say what to do instead).
     task: 'spots' (ST-Net: spot patches -> log-normalised counts), 'genes' (EMO: tiles with their
     sample's bulk expression, one output per gene), 'classify' (PathoMCH/receptors: tiles with their
     slide's label). labels (classify): 'trait:GENE' (high = above the cohort median of the expression
@@ -36,6 +39,7 @@ class Recipe:
     backbone: str = "densenet121"
     weights: str = "imagenet"
     input_size: int | None = None
+    fit: str = "auto"
     dropout: float = 0.0
     # targets
     dataset: str = "expression"
@@ -94,7 +98,7 @@ def _check(r: Recipe) -> None:
     if r.task not in TASKS:
         _fail(f"task {r.task!r} unknown; use one of {', '.join(TASKS)}")
     for name, value, allowed in (("optimizer", r.optimizer, OPTIMIZERS), ("schedule", r.schedule, SCHEDULES),
-                                 ("precision", r.precision, PRECISIONS)):
+                                 ("precision", r.precision, PRECISIONS), ("fit", r.fit, FITS)):
         if value not in allowed:
             _fail(f"{name} {value!r} unknown; use one of {', '.join(allowed)}")
     bad = [a for a in r.augment if a not in AUGMENTATIONS]

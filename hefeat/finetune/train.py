@@ -93,10 +93,26 @@ def make_scheduler(r: Recipe, opt, total_steps: int):
 
 
 def autocast(device: str, precision: str):
-    """Mixed precision context of the extraction pipeline (bf16/fp16 autocast, or nothing for fp32)."""
-    from hefeat.extract.pipeline import autocast_context
+    """Mixed precision context of the extraction (hefeat.extract.precision): bf16/fp16 autocast, or none."""
+    from hefeat.extract.precision import autocast as _autocast
 
-    return autocast_context(device, precision)
+    return _autocast(device, precision)
+
+
+def make_transform(s: FoldSetup, cfg):
+    """The extraction's device transform (input plan, mean/std, memory format) for this job."""
+    from hefeat.extract.compute import DeviceTransform
+
+    return DeviceTransform(cfg, s.dist.device, plan=s.input_plan, channels_last=s.channels_last)
+
+
+def training_step(model, x):
+    """One forward + backward (what AMP calibration times for training); returns the output."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        out = model(x)
+        out.float().square().mean().backward()
+    return out.detach()
 
 
 @dataclass
@@ -125,6 +141,8 @@ class FoldSetup:
     dist: ddp.Dist
     options: RunOptions
     workers: int
+    input_plan: object = None  # hefeat.extract.compute.InputPlan: how tiles become the backbone's input
+    channels_last: bool = True
 
 
 def _new_state() -> dict:
@@ -136,15 +154,13 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
     """Train (or resume) one fold; leaves best.pt (best validation epoch), final.pt (last epoch) and the logs."""
     from tqdm import tqdm
 
-    from hefeat.extract.pipeline import DeviceTransform
-
     r, d = s.recipe, s.dist
     dev = d.device
     if dev.startswith("cuda"):
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     net, cfg = build_net(r, s.n_out, bias)
-    net = net.to(dev).to(memory_format=torch.channels_last)
+    net = net.to(dev).to(memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
     model = ddp.wrap(net, d)
     opt = make_optimizer(r, net.parameters())
     steps = steps_per_epoch(len(plan.train), r.batch_size, r.steps_per_epoch)
@@ -165,7 +181,7 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
             scaler.load_state_dict(ck["scaler"])
         state = ck["state"]
         restore_rng(ck["rng"][d.rank])
-    transform = DeviceTransform(cfg, dev)
+    transform = make_transform(s, cfg)
     aug = Augmenter(r.augment, mean=transform.mean, std=transform.std, hed_sigma=r.hed_sigma, jitter=r.jitter)
     targets = torch.as_tensor(s.targets)
     micro_batch_size(r.batch_size, r.accumulate, d.world)  # fails early with the fix
@@ -312,7 +328,7 @@ def infer(s: FoldSetup, fn, idx: np.ndarray, transform, *, tta: bool, width: int
 
     Samples are split over ranks by slide and gathered back, so every rank gets the full array.
     """
-    from hefeat.extract.pipeline import dihedral
+    from hefeat.extract.compute import dihedral
 
     bs = s.options.eval_batch_size or max(1, micro_batch_size(s.recipe.batch_size, s.recipe.accumulate, s.dist.world))
     batches = eval_batches(s.slide_of, idx, bs, rank=s.dist.rank, world=s.dist.world)
@@ -337,13 +353,12 @@ def infer(s: FoldSetup, fn, idx: np.ndarray, transform, *, tta: bool, width: int
 
 def predict_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets) -> np.ndarray:
     """Held-out predictions (len(plan.test), n_out) of the fold's best weights, with the recipe's TTA."""
-    from hefeat.extract.pipeline import DeviceTransform
-
     net, cfg = build_net(s.recipe, s.n_out)
     ck = load_checkpoint(s.fold_dir / "best.pt")
     if ck is None:
         raise HefeatError(f"Fold {plan.name} has no best.pt; its training did not finish an epoch")
     net.load_state_dict(ck["model"])
-    net = net.to(s.dist.device).to(memory_format=torch.channels_last).eval()
-    transform = DeviceTransform(cfg, s.dist.device)
+    net = net.to(s.dist.device).to(memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
+    net.eval()
+    transform = make_transform(s, cfg)
     return infer(s, lambda v: activate(s.kind, net(v), ft), plan.test, transform, tta=s.recipe.tta, width=s.n_out)
