@@ -335,3 +335,20 @@ def test_ddp_two_processes_gloo_shard_by_slide(ft_store, tmp_path):
     assert len(done["slides_per_rank_per_epoch"]) == 2
     for r0, r1 in done["slides_per_rank_per_epoch"]:
         assert r0 and r1 and not set(r0) & set(r1) and set(r0) | set(r1) == train_slides
+
+
+def test_report_gives_learning_curves_headline_and_frozen_vs_finetuned(spots_job, tmp_path):
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+
+    root, s = spots_job
+    run = CliRunner().invoke(main, ["report", s["job_id"], "--out", str(tmp_path), "--store", str(root), "--json"])
+    assert run.exit_code == 0, run.output
+    rep = json.loads(run.output)
+    assert rep["headline"].startswith(f"{s['genes_passing_sign_test']} of {s['n_genes']} genes have r > 0 in enough of 2")
+    assert f"{s['frozen_median_r']:.3f} frozen" in rep["headline"]
+    assert sorted(Path(f).name for f in rep["files"]) == ["frozen_vs_finetuned.png", "learning_curves.png"]
+    assert all(Path(f).stat().st_size > 10_000 for f in rep["files"])
+    t = pd.DataFrame(rep["frozen_vs_finetuned"])
+    assert {"gene", "mean_r_finetuned", "mean_r_frozen", "mean_r_difference"} <= set(t.columns) and len(t) == 50

@@ -26,6 +26,8 @@ def headline(s: dict) -> str:
         if frozen:
             h += (f" fine-tuned vs {_n(s.get('frozen_median_r'))} frozen ({s.get('frozen_genes_passing_sign_test')} genes "
                   f"pass) on the same folds")
+        if s["n_patients"] < 5:  # 0.5 ** n: four patients all positive give p = 0.0625
+            h += f" (with {s['n_patients']} held-out patients the sign test cannot reach p < 0.05: it needs 5)"
         return h
     if task == "genes":
         h = (f"{s['n_significant']} of {s['n_genes']} genes significant at FDR 0.05 (one-sided Spearman over "
@@ -78,16 +80,15 @@ def report_job(store: Store, jid: str, out: str | Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = []
     hist = load_table(store, jid, "history")
-    for fold, h in list(hist.groupby("fold", sort=False))[:8]:
-        curves = {"train loss": h[["epoch", "train_loss"]].rename(columns={"train_loss": "loss"})}
-        if h["val_loss"].notna().any():
-            curves["validation loss"] = h[["epoch", "val_loss"]].rename(columns={"val_loss": "loss"})
-        best = int(h["best_epoch"].iloc[-1])
-        p = out / f"learning_{fold}.png"
-        learning_curves(curves, x="epoch", y="loss", title=f"{jid} {fold}: {s['backbone']}, {s['kind']}", out=p,
-                        best={k: best for k in curves}, ylabel="loss (standardised targets)" if s["task"] != "classify"
-                        else "loss (cross-entropy)")
-        files.append(str(p))
+    cols = ["train_loss"] + (["val_loss"] if hist["val_loss"].notna().any() else [])
+    one = hist["fold"].nunique() == 1
+    p = out / "learning_curves.png"
+    loss = "standardised targets, MSE" if s["task"] != "classify" else "cross-entropy"
+    learning_curves(hist[["fold", "epoch", *cols]].astype({c: float for c in cols}), metrics=cols, out=p,
+                    best=float(hist["best_epoch"].iloc[-1]) if one else None,
+                    title=f"{jid}: {s['backbone']} fine-tuned ({s['kind']}), loss on {loss}, "
+                          f"{hist['fold'].nunique()} fold(s) of {s['split']}")
+    files.append(str(p))
     table = pd.DataFrame()
     if (store.model_dir(jid) / "frozen_vs_finetuned.parquet").exists():
         table = load_table(store, jid, "frozen_vs_finetuned")
@@ -98,7 +99,7 @@ def report_job(store: Store, jid: str, out: str | Path | None = None) -> dict:
             ci = rows["lo"].notna().all()
             comparison(rows.rename(columns={"value": metric}), value=metric, label="name", group="model",
                        lo="lo" if ci else None, hi="hi" if ci else None, out=p,
-                       title=f"{jid}: held-out {metric} on the same folds ({s['split']})",
+                       title=f"{jid}: held-out {metric}, fine-tuned vs frozen, same folds",
                        reference=0.5 if s["task"] == "classify" else 0.0,
                        reference_label="chance" if s["task"] == "classify" else "r = 0")
             files.append(str(p))

@@ -14,6 +14,10 @@ def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
     """Write PNG plots for a model into `out` (default models/<id>/report) and return its headline."""
     meta = load_model(store, mid)
     kind = meta["kind"]
+    if kind.startswith("finetune-"):  # fine-tuning jobs (hefeat.finetune); moves into the method registry
+        from hefeat.finetune.report import report_job
+
+        return report_job(store, mid, out)
     out = Path(out) if out else store.model_dir(mid) / "report"
     out.mkdir(parents=True, exist_ok=True)
     s = dict(meta["summary"])
