@@ -352,3 +352,35 @@ def test_report_gives_learning_curves_headline_and_frozen_vs_finetuned(spots_job
     assert all(Path(f).stat().st_size > 10_000 for f in rep["files"])
     t = pd.DataFrame(rep["frozen_vs_finetuned"])
     assert {"gene", "mean_r_finetuned", "mean_r_frozen", "mean_r_difference"} <= set(t.columns) and len(t) == 50
+
+
+def test_predict_applies_the_network_to_unseen_slides_and_refuses_in_sample_ones(spots_job, tmp_path):
+    """`hefeat predict <job_id>` runs the registered fold's network on slides without predictions; a held-out
+    slide whose predictions are removed gets exactly them back; slides of training patients are refused."""
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+
+    root, s = spots_job
+    dst = tmp_path / "store"
+    shutil.copytree(root, dst)
+    st = Store(dst)
+    jid = s["job_id"]
+    before = st.sql(f"SELECT * FROM predictions WHERE model_id = '{jid}' ORDER BY slide_id, tile_id")
+    victim = before["slide_id"].iloc[0]
+    st.predictions_path(jid, victim).unlink()
+    cli = CliRunner()
+    run = cli.invoke(main, ["predict", jid, "--store", str(dst), "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    job = json.loads((st.job_dir(jid) / "job.json").read_text())
+    trained = set(job["folds"][0]["train_patients"])
+    assert out["slides"] == 1 and out["skipped_in_sample"] and \
+        set(st.slides(out["skipped_in_sample"])["patient_id"]) <= trained
+    after = st.sql(f"SELECT * FROM predictions WHERE model_id = '{jid}' ORDER BY slide_id, tile_id")
+    v0, v1 = before[before["slide_id"] == victim], after[after["slide_id"] == victim]
+    assert set(v1["fold"]) == {"applied:fold1"} and len(v1) == len(v0) == out["tiles"]
+    genes = [c for c in v0.columns if c not in ("model_id", "slide_id", "fold", "tile_id", "spot_id", "x", "y", "row", "col")]
+    np.testing.assert_allclose(v1[genes].to_numpy(float), v0[genes].to_numpy(float), rtol=1e-5, atol=1e-6)
+    bad = cli.invoke(main, ["predict", jid, "--slides", out["skipped_in_sample"][0], "--store", str(dst)])
+    assert bad.exit_code != 0 and "would be in-sample" in bad.output

@@ -345,7 +345,7 @@ def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables,
         raise HefeatError(f"register_fold {reg!r} is not a fold of this job ({', '.join(results)})")
     enc = export_encoder(store, jid, reg, r, data, results, precision)
     heads = enc.pop("heads")
-    _write_predictions(store, jid, r.task, data, oof, fold_of, kept, tables)
+    write_slide_predictions(store, jid, r.task, data.outputs, data.samples, oof, fold_of, tables["metrics"])
     history = pd.concat([pd.DataFrame(v["history"]).assign(fold=k) for k, v in results.items()], ignore_index=True)
     summary.update({"model_id": jid, "job_id": jid, "kind": f"finetune-{r.task}", "task": r.task,
                     "backbone": r.backbone, "weights": r.weights, "precision": precision, "folds": len(plans),
@@ -370,26 +370,28 @@ def _f(v):
     return v if np.isfinite(v) else None
 
 
-def _write_predictions(store, jid, task, data, oof, fold_of, kept, tables, top: int = 50) -> None:
-    """Held-out predictions per slide (tiles or spots) into predictions/model=<job_id>/ (the predictions view)."""
+def write_slide_predictions(store, jid, task, outputs, samples, pred, fold_of, metrics, top: int = 20) -> None:
+    """Per-slide predictions (tiles or spots; rows with a fold label) into predictions/model=<job_id>/.
+
+    Regression: the `top` outputs by held-out metric (every output's head is in the model's arrays);
+    classification: every output's probability (p_<label>).
+    """
     from hefeat.store.tables import write_parquet
 
-    m = tables["metrics"]
     if task in ("spots", "genes"):
         col = "mean_r" if task == "spots" else "spearman_r"
-        names = m.sort_values(col, ascending=False)["gene"].head(top).tolist()
+        names = metrics.sort_values(col, ascending=False)["gene"].head(top).tolist()
     else:
-        names = list(data.outputs)
-    cols = [data.outputs.index(n) for n in names]
+        names = list(outputs)
+    cols = [list(outputs).index(n) for n in names]
     pref = "p_" if task == "classify" else ""
-    tested = fold_of != ""
-    s = data.samples
-    keep_cols = [c for c in ("tile_id", "spot_id", "x", "y", "row", "col") if c in s.columns]
-    for sid, idx in s[tested].groupby("slide_id", sort=True).groups.items():
+    keep = [c for c in ("tile_id", "spot_id", "x", "y", "row", "col") if c in samples.columns]
+    tested = np.asarray(fold_of) != ""
+    for sid, idx in samples[tested].groupby("slide_id", sort=True).groups.items():
         idx = np.asarray(idx)
-        df = s.loc[idx, keep_cols].reset_index(drop=True)
-        df = pd.concat([df, pd.DataFrame(oof[np.ix_(idx, cols)], columns=[pref + n for n in names])], axis=1)
-        df.insert(0, "fold", fold_of[idx])
+        df = samples.loc[idx, keep].reset_index(drop=True)
+        df = pd.concat([df, pd.DataFrame(pred[np.ix_(idx, cols)], columns=[pref + n for n in names])], axis=1)
+        df.insert(0, "fold", np.asarray(fold_of)[idx])
         df.insert(0, "slide_id", sid)
         df.insert(0, "model_id", jid)
         write_parquet(df, store.predictions_path(jid, sid))

@@ -10,6 +10,10 @@ from hefeat.store.catalog import Store
 def predict_model(store: Store, mid: str, *, slides: list[str] | None = None, top: int = 20) -> dict:
     """Write a model's predictions into the store; returns counts."""
     kind = load_model(store, mid)["kind"]
+    if kind.startswith("finetune-"):  # fine-tuning jobs (hefeat.finetune); moves into the method registry
+        from hefeat.finetune.predict import predict_job
+
+        return predict_job(store, mid, slides=slides, top=top)
     if kind == "genes":
         from hefeat.learn.emo import predict_genes
 
