@@ -384,3 +384,47 @@ def test_predict_applies_the_network_to_unseen_slides_and_refuses_in_sample_ones
     np.testing.assert_allclose(v1[genes].to_numpy(float), v0[genes].to_numpy(float), rtol=1e-5, atol=1e-6)
     bad = cli.invoke(main, ["predict", jid, "--slides", out["skipped_in_sample"][0], "--store", str(dst)])
     assert bad.exit_code != 0 and "would be in-sample" in bad.output
+
+
+def _killed_child(store_root: Path, recipe, fault: str) -> int:
+    """Run the job in a forked child that SIGKILLs itself at `fault`; returns its exit code."""
+    import multiprocessing as mp
+
+    def child():
+        os.environ["HEFEAT_FAULT"] = fault
+        run_job(Store(store_root), recipe, RunOptions(workers=0, threads=1, checkpoint_every=3))
+        os._exit(0)
+
+    p = mp.get_context("fork").Process(target=child)
+    p.start()
+    p.join(600)
+    return p.exitcode
+
+
+def test_crash_at_every_commit_point_then_resume_gives_the_uninterrupted_result(ft_store, tmp_path):
+    """One chain of crashes, each run resuming what the previous one left: inside a checkpoint write
+    (temporary file written, not renamed), right after a rename, after an epoch's evaluation but before
+    its checkpoint, after a fold's predictions but before the fold is marked done, and after every fold
+    but before the job's results are committed. The last run finishes; everything equals a clean run."""
+    import torch
+
+    r = _recipe("spots", tiling_id=ft_store[1], split="patient-kfold:2", epochs=2, val_share=0.3, dropout=0.2,
+                batch_size=8, genes="top:20", baseline="none")
+    ref = _copy(ft_store, tmp_path / "ref")
+    s = run_job(ref, r, RunOptions(workers=0, threads=1, checkpoint_every=3))
+    crash = _copy(ft_store, tmp_path / "crash")
+    jdir = crash.job_dir(s["job_id"])
+    for fault in ("ckpt-tmp@3", "ckpt-renamed@6", "epoch-end@1", "fold-done", "job-commit"):
+        assert _killed_child(crash.root, r, fault) == -9, fault
+        assert not (crash.model_dir(s["job_id"]) / "index.json").exists()  # never looks finished
+    assert (jdir / "fold=fold1" / "done.json").exists() and (jdir / "fold=fold2" / "done.json").exists()
+    got = run_job(crash, r, RunOptions(workers=0, threads=1, checkpoint_every=3))
+    assert got["cached"] is False and got["job_id"] == s["job_id"]
+    for fold in ("fold1", "fold2"):
+        a = torch.load(ref.job_dir(s["job_id"]) / f"fold={fold}" / "final.pt", weights_only=True)["model"]
+        b = torch.load(jdir / f"fold={fold}" / "final.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = pd.read_parquet(ref.model_dir(s["job_id"]) / "metrics.parquet")
+    mb = pd.read_parquet(crash.model_dir(s["job_id"]) / "metrics.parquet")
+    pd.testing.assert_frame_equal(ma, mb, check_exact=True)
+    assert not [p for p in jdir.rglob("*") if ".tmp-" in p.name]  # dead processes' temporary files are gone
