@@ -57,8 +57,9 @@ def main() -> None:
     # HE2RNA: one epoch on super-tiles.
     import torch
 
-    from hefeat.learn.he2rna import He2rnaParams, make_net, topk_mean
-    from hefeat.learn.torchutil import flush_denormals
+    from hefeat.learn.he2rna import He2rnaParams
+    from hefeat.learn.nets import make_net, topk_mean
+    from hefeat.learn.threads import training_threads
 
     n, T, d, G = a.he2rna_slides, 100, a.dim, 2_000
     Xs = torch.randn(n, d, T)
@@ -68,7 +69,7 @@ def main() -> None:
     net = make_net(d, G, p.hidden, p.dropout)
     opt = torch.optim.Adam(net.parameters(), lr=p.lr)
     g = np.random.default_rng(0)
-    with flush_denormals():
+    with training_threads():
         t = time.perf_counter()
         for idx in np.array_split(g.permutation(n), n // p.batch_size):
             k = int(g.choice(p.ks))

@@ -23,9 +23,10 @@ def later_stages(store, out: dict, data, *, encoder=None, say=print) -> dict:
     lines.append(f"Features: extraction {res['extraction_id']} ({ex.extra['dim']}-d, {ex.tiles + 0} new tiles at "
                  f"{ex.tiles_per_s:.0f} tiles/s), spot extraction {res['spot_extraction_id']}.")
     say("[5] per-gene ridge heads (EMO-average), 5-fold patient CV")
-    from hefeat.learn.emo import GenesParams, fit_genes, predict_genes
+    from hefeat.learn.emo import GenesParams, predict_genes
+    from hefeat.learn.registry import fit_model
 
-    g = fit_genes(store, GenesParams(extraction_id=res["extraction_id"]), truth=data / "truth.json")
+    g = fit_model(store, "genes", GenesParams(extraction_id=res["extraction_id"]), truth=data / "truth.json")
     predict_genes(store, g["model_id"], top=5)
     res.update({"genes_model_id": g["model_id"], "n_genes": g["n_genes"], "n_significant": g["n_significant"],
                 "signal_recall": g["signal_recall"], "null_false_calls": g["null_false_calls"]})
@@ -44,8 +45,9 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
 
     from hefeat.explore.neighbors import build_index, query
     from hefeat.explore.umap_map import plot_umap, run_umap
-    from hefeat.learn.spots import SpotsParams, fit_spots, spot_maps
-    from hefeat.learn.traits import TraitsParams, cartography, fit_traits, survival
+    from hefeat.learn.registry import fit_model
+    from hefeat.learn.spots import SpotsParams, spot_maps
+    from hefeat.learn.traits import TraitsParams, cartography, survival
 
     out = store.reports_dir("demo")
     extra: dict = {}
@@ -53,8 +55,8 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     t = pd.read_parquet(data / "truth" / "spots.parquet")
     t["label"] = np.where(t["frac_tumour"] > 0.5, "tumour", "normal")
     t[["slide_id", "spot_id", "label"]].to_csv(out / "spot_regions.csv", index=False)
-    sp = fit_spots(store, SpotsParams(extraction_id=res["spot_extraction_id"], genes="top:50",
-                                      region_labels=str(out / "spot_regions.csv")))
+    sp = fit_model(store, "spots", SpotsParams(extraction_id=res["spot_extraction_id"], genes="top:50",
+                                               region_labels=str(out / "spot_regions.csv")))
     from hefeat.learn.models import load_table
 
     m = load_table(store, sp["model_id"], "metrics")
@@ -68,14 +70,28 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     extra.update(spots_model_id=sp["model_id"], genes_passing_sign_test=sp["genes_passing_sign_test"])
     lines.append(f"Spot heads {sp['model_id']}: {sp['genes_passing_sign_test']} of {sp['n_genes']} genes pass the sign "
                  f"test over {sp['n_patients']} patients; map of {gene} on {sid}: {out / 'spot_map.png'}")
-    say("[7] trait maps (MKI67, miR-17), heterogeneity index, survival")
-    tr = fit_traits(store, TraitsParams(extraction_id=res["extraction_id"], exclude_mid=[30, 70], test_share=0.2))
-    cartography(store, tr["model_id"], "S01", out / "cartography_S01.png")
-    sv = survival(store, tr["model_id"], threshold=0.5, out=out / "hti_survival.png")
-    extra.update(traits_model_id=tr["model_id"], logrank_p=sv["logrank_p"])
+    say("[7] trait maps (MKI67, miR-17), heterogeneity index, survival on held-out patients")
+    from hefeat.errors import HefeatError
+
+    tr = fit_model(store, "traits", TraitsParams(extraction_id=res["extraction_id"], exclude_mid=(30, 70),
+                                                 test_share=0.2))
+    from hefeat.learn.models import load_table
+
+    held = load_table(store, tr["model_id"], "slides").query("heldout")["slide_id"]
+    carto_slide = held.iloc[0] if len(held) else "S01"  # a slide no trait model trained on: an out-of-sample map
+    cartography(store, tr["model_id"], carto_slide, out / f"cartography_{carto_slide}.png")
+    try:
+        sv = survival(store, tr["model_id"], threshold=0.5, out=out / "hti_survival.png")
+        surv_text = (f"HTI > 0.5 vs <= 0.5 on held-out patients only ({sv['n_high']} vs {sv['n_low']}; "
+                     f"{sv['n_excluded_trained']} trained-on excluded, {sv['n_skipped_hti_zero']} with HTI 0 skipped): "
+                     f"log-rank p = {sv['logrank_p']:.3g} ({out / 'hti_survival.png'})")
+        extra.update(logrank_p=sv["logrank_p"], logrank_n_high=sv["n_high"], logrank_n_low=sv["n_low"])
+    except HefeatError as e:  # too few held-out patients on one side: say so instead of a p-value
+        surv_text = f"no HTI survival test: {e}"
+        extra.update(logrank_p=None)
+    extra.update(traits_model_id=tr["model_id"])
     lines.append(f"Traits {tr['model_id']}: held-out AUC MKI67 {tr['heldout_auc_MKI67']:.2f}, miR-17 "
-                 f"{tr['heldout_auc_miR-17']:.2f}; HTI > 0.5 vs <= 0.5 log-rank p = {sv['logrank_p']:.3g} "
-                 f"({out / 'hti_survival.png'})")
+                 f"{tr['heldout_auc_miR-17']:.2f}; {surv_text}")
     say("[8] neighbour index and UMAP")
     ix = build_index(store, res["extraction_id"])
     nb = query(store, extraction_id=res["extraction_id"], tile=("S01", 0), k=5, exclude_same_slide=True, write=True)

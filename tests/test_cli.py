@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import pathlib
 
+import pandas as pd
 from click.testing import CliRunner
 
 from hefeat.cli import main
@@ -99,7 +101,7 @@ def test_cli_extract_export_import(tmp_path, tiled, cohort):
     assert runs and runs[0]["tiles_per_s"] > 0
 
 
-def test_cli_fit_predict_report_and_recipe(learned, tmp_path):
+def test_cli_fit_predict_report(learned, tmp_path):
     st, eid, _, truth = learned
     s = js("fit", "genes", "--extraction", eid, "--truth", truth, "--store", st.root)
     assert {"model_id", "n_genes", "n_significant", "n_r2_above_0.2", "signal_recall", "null_false_calls"} <= set(s)
@@ -108,30 +110,79 @@ def test_cli_fit_predict_report_and_recipe(learned, tmp_path):
     r = js("report", s["model_id"], "--out", tmp_path / "rep", "--store", st.root)
     assert "genes significant at FDR 0.05" in r["headline"]
     assert all((tmp_path / "rep" / f).exists() for f in ("r_distribution.png", "top_genes.png", "proliferation.png"))
-    c = js("fit", "--config", "configs/emo.yaml", "--extraction", eid, "--truth", truth, "--store", st.root)
-    assert c["kind"] == "genes" and c["signal_recall"] > 0.5
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("method: genes\nparams: {nonsense: 1}\n")
-    res = run("fit", "--config", bad, "--extraction", eid, "--store", st.root, ok=False)
-    assert res.exit_code != 0 and "Unknown parameters" in res.output
 
 
-def test_every_recipe_loads_and_validates():
-    """Each configs/*.yaml names a known method and only known parameters."""
-    import dataclasses
-    import pathlib
+# Overrides that make every recipe run on the 40-slide synthetic store in seconds: the store's tiling
+# and tiny encoder (so both are reused), and smaller numbers where a recipe's would take minutes.
+TINY_ENCODER = "encoder={name: resnet18, layer: layer3, weights: none, precision: bf16}"
+FAST = {
+    "he2rna": ["params.epochs=5", "params.folds=3", "params.n_untrained=1", "params.supertiles=10"],
+    "receptors": ["params.n_boot=100", "params.tiles=top:50"],
+    "stnet": ["params.genes=top:20"],
+    "traits": ["params.exclude_mid=[30, 70]", "params.test_share=0.2", "params.splits=3", "params.ensemble=1"],
+    "transfer": ["params.n_splits=2", "params.epochs=30", "params.b_shares=[0.5]",
+                 "params.from_model={recipe: he2rna, params: {epochs: 5, folds: 3, n_untrained: 1, supertiles: 10}}"],
+}
 
-    import yaml
 
-    from hefeat.learn.recipes import METHODS, param_class
+def test_every_recipe_runs_end_to_end(learned, tmp_path, monkeypatch):
+    """Each configs/*.yaml through `hefeat run` (tiling + extraction reused, method fitted), from any directory."""
+    import shutil
 
-    for path in sorted(pathlib.Path("configs").glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text())
-        if path.name == "demo.yaml" or path.name.endswith("-finetune.yaml"):  # fine-tuning: tests/test_finetune.py
-            continue
-        assert cfg["method"] in METHODS, path
-        names = {f.name for f in dataclasses.fields(param_class(cfg["method"]))}
-        assert set(cfg.get("params") or {}) <= names | {"truth"}, path
+    from hefeat.learn.recipes import list_recipes
+    from hefeat.learn.registry import get_method
+
+    st0, eid, seid, _ = learned
+    root = tmp_path / "st"
+    shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
+    names = sorted(p.stem for p in pathlib.Path("configs").glob("*.yaml") if not p.stem.endswith("-finetune"))
+    assert names == [n for n in list_recipes() if not n.endswith("-finetune")]
+    monkeypatch.chdir(tmp_path)  # packaged recipes: no configs/ folder here
+    for name in names:
+        spot = name == "stnet"
+        over = ["--set", TINY_ENCODER, "--set", "tiling={mpp: 0.5, size: 224" + (", spots: true}" if spot else "}")]
+        for o in FAST.get(name, []):
+            over += ["--set", o]
+        s = js("run", name, *over, "--store", root)
+        rec = s["recipe"]
+        assert rec["recipe"] == name and rec["overrides"] and s["model_id"].startswith(get_method(s["kind"]).prefix)
+        if name == "transfer":
+            assert rec["requires"]["from_model"]["recipe"] == "he2rna"
+        else:
+            assert rec["extraction_id"] == (seid if spot else eid), name  # the store's own, reused
+            assert rec["extracted"]["new"] == 0 and rec["tiled"]["new"] == 0, name
+
+
+def test_run_tiles_and_extracts_at_the_recipes_resolution(tiled, tmp_path, monkeypatch):
+    """`hefeat run emo` tiles at 0.226 µm/px x 598 px and extracts, then reuses both; a mismatching
+    extraction is refused; unknown keys are errors."""
+    import shutil
+
+    st0, tid, _ = tiled
+    root = tmp_path / "st"
+    shutil.copytree(st0.root, root)
+    monkeypatch.chdir(tmp_path)
+    enc = ["--set", "encoder={name: resnet18, layer: layer1, weights: none, precision: fp32, fit: resize}"]
+    s = js("run", "emo", *enc, "--store", root)
+    rec = s["recipe"]
+    assert rec["tiling"] == {"mpp": 0.226, "size": 598} and rec["tiled"]["new"] == 8 and rec["extracted"]["new"] == 8
+    ext = js("sql", f"SELECT * FROM extractions WHERE extraction_id = '{rec['extraction_id']}'", "--store", root)[0]
+    assert ext["encoder"] == "resnet18" and ext["tiling_id"] == rec["tiling_id"] != tid
+    again = js("run", "emo", *enc, "--store", root)
+    assert again["cached"] and again["recipe"]["tiled"]["reused"] == 8 and again["recipe"]["extracted"]["reused"] == 8
+    assert js("fit", "--config", "emo", *enc, "--extraction", rec["extraction_id"], "--store", root)["cached"]
+    r = run("fit", "--config", "stnet", "--extraction", rec["extraction_id"], "--store", root, ok=False)
+    assert r.exit_code != 0 and "does not match extraction" in r.output and "hefeat run stnet" in r.output
+    for bad, msg in (("method: genes\nfoo: 1\n", "unknown key(s) foo"),
+                     ("method: genes\ntiling: {mppp: 1}\nencoder: {name: resnet18}\n", "unknown tiling key(s) mppp"),
+                     ("method: genes\ntiling: {mpp: 1}\nencoder: {name: resnet18, nme: 2}\n", "unknown encoder key(s) nme"),
+                     ("method: genes\nparams: {nonsense: 1}\n", "unknown parameters for genes: nonsense")):
+        f = tmp_path / "bad.yaml"
+        f.write_text(bad)
+        r = run("run", f, "--store", root, ok=False)
+        assert r.exit_code != 0 and msg in r.output, r.output
+    r = run("run", "nosuch", "--store", root, ok=False)
+    assert r.exit_code != 0 and "emo" in r.output  # lists the packaged recipes
 
 
 def test_cli_spatial_and_exploration_commands(learned, tmp_path):
@@ -142,17 +193,23 @@ def test_cli_spatial_and_exploration_commands(learned, tmp_path):
     assert {"model_id", "genes_passing_sign_test", "n_patients"} <= set(sp)
     tr = js("fit", "traits", "--extraction", eid, "--trait", "MKI67", "--trait", "miR-17", "--exclude-mid", "30,70",
             "--test-share", "0.2", *S)
-    assert {"test_auc_MKI67", "test_auc_miR-17", "heldout_auc_MKI67"} <= set(tr)
+    assert {"test_auc_MKI67", "test_auc_miR-17", "heldout_auc_MKI67"} <= set(tr) and tr["model_id"].startswith("trt-")
     h = js("hti", tr["model_id"], "--out", tmp_path / "hti.parquet", *S)
-    assert h["n_slides"] == 40 and (tmp_path / "hti.parquet").exists()
+    assert h["n_slides"] == 40 and len(pd.read_parquet(tmp_path / "hti.parquet")) == 40
     sv = js("survival", "--model", tr["model_id"], "--by", "hti", "--threshold", "0.5", "--out", tmp_path / "km.png", *S)
-    assert 0 <= sv["logrank_p"] <= 1 and (tmp_path / "km.png").exists()
+    assert 0 <= sv["logrank_p"] <= 1 and sv["n_high"] + sv["n_low"] <= tr["n_heldout_patients"]
+    rt = js("report", tr["model_id"], "--out", tmp_path / "trt", *S)
+    assert {"roc.png", "hti_survival.png"} <= {pathlib.Path(f).name for f in rt["files"]}
     c = js("cartography", tr["model_id"], "--slide", "S02", "--out", tmp_path / "c.png", *S)
     assert 0 <= c["hti"] <= 1
     rc = js("fit", "receptors", "--extraction", eid, "--label", "er_status", "--split", "site", "--tiles", "top:50", *S)
     assert {"patient_auc", "patient_auc_ci_low", "patient_auc_ci_high"} <= set(rc)
     rep = js("report", rc["model_id"], *S)
-    assert "patient AUC" in rep["headline"]
+    assert "patient AUC" in rep["headline"] and any(f.endswith("roc.png") for f in rep["files"])
+    rs = js("report", sp["model_id"], *S)
+    assert "sign test" in rs["headline"] and any(f.endswith("spot_map.png") for f in rs["files"])
+    r = run("predict", rc["model_id"], *S, ok=False)
+    assert r.exit_code != 0 and "no separate prediction step" in r.output
     b = js("neighbors", "build", "--extraction", eid, "--index", "flat", *S)
     assert {"index_id", "type", "n_vectors", "recall_at_10"} <= set(b) and b["type"] == "flat"
     q = js("neighbors", "query", "--extraction", eid, "--tile", "S03:2", "-k", "5", "--exclude-same-slide", *S)

@@ -199,7 +199,8 @@ def test_registered_encoder_extracts_reproduces_the_head_and_fit_genes_runs(spot
 
     from hefeat.cli import main
     from hefeat.finetune.register import gene_head
-    from hefeat.learn.emo import GenesParams, fit_genes
+    from hefeat.learn.emo import GenesParams
+    from hefeat.learn.registry import fit_model
     from hefeat.store.features import read_features
 
     root, s = spots_job
@@ -225,7 +226,7 @@ def test_registered_encoder_extracts_reproduces_the_head_and_fit_genes_runs(spot
         gene_head(st, jid, "NOPE")
     # Every stage-2 method reads it like any extraction: per-gene heads on slide means (EMO-average).
     tiles_eid = run_extraction_cli(dst, f"finetuned:{jid}", ft_store[2])
-    g = fit_genes(st, GenesParams(extraction_id=tiles_eid, split="patient-kfold:3"))
+    g = fit_model(st, "genes", GenesParams(extraction_id=tiles_eid, split="patient-kfold:3"))
     assert g["n_genes"] > 10 and g["n_samples"] == 8 and np.isfinite(g["median_spearman_r"])
 
 

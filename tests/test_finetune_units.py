@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from hefeat.errors import HefeatError
-from hefeat.finetune.data import epoch_batches, eval_batches, micro_batch_size, shard_by_slide, steps_per_epoch
+from hefeat.finetune.data import (
+    epoch_batches,
+    eval_batches,
+    micro_batch_size,
+    shard_by_slide,
+    steps_per_epoch,
+)
 
 
 def _slides(n_slides=5, per=7):

@@ -1,8 +1,10 @@
-"""Stage-2 commands: fit, predict, report, cartography, hti, survival."""
+"""Stage-2 commands: fit (one subcommand per registered method), run (recipes), predict, report,
+cartography, hti, survival. Every method's options, text and dispatch come from the registry."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+import typing
 
 import click
 
@@ -11,240 +13,196 @@ from hefeat.cli.common import (
     get_store,
     json_option,
     main,
+    progress_enabled,
     split_ids,
     store_option,
 )
 from hefeat.errors import HefeatError
 
+SET_HELP = "Override a recipe value: section.key=value (YAML), e.g. encoder.name=resnet18 or params.seed=3; repeat."
+
 
 # ---------------------------------------------------------------------------------------------
-def _load_config(path: str) -> dict:
-    import yaml
+# fit <method>: generated from the registry
+# ---------------------------------------------------------------------------------------------
+def _option(f: dataclasses.Field, tp) -> click.Option:
+    """A click option for one Params field; unset options stay None so the dataclass default applies."""
+    from hefeat.learn.registry import _is_optional
 
-    p = Path(path)
-    if not p.exists():
-        raise HefeatError(f"Config not found: {path}")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    if "method" not in cfg:
-        raise HefeatError(f"Config {path} needs a 'method' key (genes, he2rna, transfer, spots, traits, receptors)")
-    return cfg
+    meta = f.metadata
+    flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    default = None if required else f.default
+    _, base = _is_optional(tp)
+    help_ = meta.get("help", "")
+    if base is bool and not required:
+        help_ += f"  [default: {'on' if default else 'off'}]"
+    elif default is not None:
+        shown = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in default) if isinstance(default, tuple) \
+            else default
+        help_ += f"  [default: {shown}]"
+    kw: dict = {"help": help_, "required": required, "default": None}
+    if base is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", f.name], **kw, show_default=False) if not required else \
+            click.Option([flag, f.name], is_flag=True, help=help_)
+    if meta.get("choices"):
+        kw["type"] = click.Choice([str(c) for c in meta["choices"]])
+    elif base in (int, float) and not meta.get("parse"):
+        kw["type"] = base
+    if meta.get("multiple"):
+        kw["multiple"] = True
+        kw["default"] = ()
+    return click.Option([flag, f.name], **kw)
 
 
-@main.group(invoke_without_command=True)
-@click.option("--config", "config_path", default=None, help="A recipe (configs/*.yaml) naming method and parameters.")
-@click.option("--extraction", "extraction_id", default=None, help="With --config: the extraction to fit on.")
+def fit_command(method) -> click.Command:
+    """The `hefeat fit <name>` command of a registered method, its options from the Params fields."""
+    hints = typing.get_type_hints(method.params)
+    params = [_option(f, hints[f.name]) for f in dataclasses.fields(method.params) if f.metadata.get("cli", True)]
+    names = {f.name for f in dataclasses.fields(method.params)}
+    params.append(click.Option(["--force"], is_flag=True, help="Refit even if this exact model exists."))
+    if method.truth:
+        params.append(click.Option(["--truth"], type=click.Path(exists=True, dir_okay=False), default=None,
+                                   help="A synthetic cohort's truth.json: score the gene calls against it."))
+
+    def callback(store_path, as_json, force=False, truth=None, **kw):
+        from hefeat.learn.registry import fit_model, fit_text, make_params
+
+        values = {k: v for k, v in kw.items() if k in names and v is not None and v != ()}
+        p = make_params(method.params, values)
+        s = fit_model(get_store(store_path), method, p, force=force, truth=truth)
+        emit(s, as_json, fit_text(s))
+
+    doc = f"{method.summary}\n\n\b\nExample:\n  {method.example or 'hefeat fit ' + method.name + ' --help'}"
+    cmd = click.Command(method.name, callback=callback, params=params, help=doc, short_help=method.summary)
+    return _with_common(cmd)
+
+
+def _with_common(cmd: click.Command) -> click.Command:
+    cmd.params.append(click.Option(["--store", "store_path"], default=None, envvar="HEFEAT_STORE",
+                                   help="Store directory (default: $HEFEAT_STORE or stores/default)."))
+    cmd.params.append(click.Option(["--json", "as_json"], is_flag=True, help="Print the summary as one JSON object."))
+    return cmd
+
+
+class FitGroup(click.Group):
+    """`hefeat fit`: one subcommand per registered method, looked up when used."""
+
+    def list_commands(self, ctx) -> list[str]:
+        from hefeat.learn.registry import fittable
+
+        return sorted(fittable())
+
+    def get_command(self, ctx, name: str):
+        from hefeat.learn.registry import fittable
+
+        m = fittable().get(name)
+        return fit_command(m) if m else None
+
+
+@main.group(cls=FitGroup, invoke_without_command=True)
+@click.option("--config", "config_path", default=None, help="A recipe: a packaged name (emo, he2rna, ...) or a YAML file.")
+@click.option("--extraction", "extraction_id", default=None, help="With --config: fit this extraction (checked against the recipe).")
+@click.option("--set", "sets", multiple=True, help=SET_HELP)
 @click.option("--truth", default=None, help="With --config: a synthetic cohort's truth.json.")
+@click.option("--force", is_flag=True, help="With --config: refit even if this exact model exists.")
 @store_option
 @json_option
 @click.pass_context
-def fit(ctx, config_path, extraction_id, truth, store_path, as_json):
-    """Fit a model from the store: genes (EMO), he2rna, transfer, ...
+def fit(ctx, config_path, extraction_id, sets, truth, force, store_path, as_json):
+    """Fit a model from the store: one subcommand per method, or a recipe with --config.
 
     \b
     Example:
       hefeat fit genes --extraction e1234 --split patient-kfold:5
-      hefeat fit --config configs/emo.yaml --extraction e1234
+      hefeat fit --config emo --extraction e1234
     """
     if ctx.invoked_subcommand is not None:
         return
     if not config_path:
         click.echo(ctx.get_help())
         return
-    from hefeat.learn.recipes import run_recipe
-
-    over = {k: v for k, v in {"extraction_id": extraction_id, "truth": truth}.items() if v}
-    s = run_recipe(get_store(store_path), _load_config(config_path), overrides=over)
-    emit(s, as_json, _fit_text(s))
+    _run(config_path, sets, extraction_id, truth, force, store_path, as_json)
 
 
-def _fit_text(s: dict) -> str:
-    keys = [k for k in ("n_genes", "n_significant", "n_r2_above_0.2", "signal_recall", "null_false_calls",
-                        "proliferation_spearman_r", "median_pearson_r", "auc") if k in s]
-    vals = ", ".join(f"{k} = {s[k]:.3g}" if isinstance(s[k], float) else f"{k} = {s[k]}" for k in keys)
-    cached = " (already fitted: loaded from the store)" if s.get("cached") else ""
-    return f"Model {s['model_id']} ({s.get('kind')}){cached}: {vals}. Report: hefeat report {s['model_id']}"
+def _run(ref, sets, extraction_id, truth, force, store_path, as_json):
+    from hefeat.learn.recipes import load_recipe, run_recipe
+    from hefeat.learn.registry import fit_text
+
+    recipe = load_recipe(ref, list(sets))
+    s = run_recipe(get_store(store_path), recipe, extraction_id=extraction_id, truth=truth, force=force,
+                   progress=progress_enabled(as_json))
+    r = s["recipe"]
+    how = (f"Recipe {r['recipe']}: extraction {r.get('extraction_id')}" +
+           (f" (tiling {r['tiling_id']}: {r['tiled']['new']} slides tiled, {r['tiled']['reused']} reused; "
+            f"{r['extracted']['new']} extracted, {r['extracted']['reused']} reused)" if "tiling_id" in r else "")
+           + (f"; overrides: {', '.join(r['overrides'])}" if r["overrides"] else ""))
+    emit(s, as_json, how + "\n" + fit_text(s))
 
 
-@fit.command("genes")
-@click.option("--extraction", "extraction_id", required=True)
-@click.option("--target", "dataset", default="expression", show_default=True, help="Expression dataset name.")
-@click.option("--genes", default="all", show_default=True, help="all, or a file with one gene per line.")
-@click.option("--min-variance", default=0.01, show_default=True, help="Keep genes with training variance above this.")
-@click.option("--median-positive", is_flag=True, help="Also require training median > 0.")
-@click.option("--transform", type=click.Choice(["log1p", "log10p", "log2p", "none"]), default="log1p", show_default=True)
-@click.option("--split", default="patient-kfold:5", show_default=True, help="patient-kfold:K or holdout:FILE.")
-@click.option("--level", type=click.Choice(["slide", "tile"]), default="slide", show_default=True)
-@click.option("--pca", type=int, default=None, help="Principal components of the features fitted first.")
-@click.option("--cohort-col", default=None, help="Median-shift cohorts defined by this column (EMO), e.g. site.")
-@click.option("--unit", type=click.Choice(["sample", "patient"]), default="sample", show_default=True,
-              help="patient: average a patient's slides and samples into one row.")
-@click.option("--permutations", default=0, show_default=True, help="Permuted-target refits for an empirical null.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None, help="Synthetic truth.json.")
+@main.command("run")
+@click.argument("recipe")
+@click.option("--set", "sets", multiple=True, help=SET_HELP)
+@click.option("--extraction", "extraction_id", default=None, help="Fit this extraction instead (must match the recipe).")
+@click.option("--truth", default=None, help="A synthetic cohort's truth.json (gene-level methods).")
 @click.option("--force", is_flag=True, help="Refit even if this exact model exists.")
 @store_option
 @json_option
-def fit_genes_cmd(extraction_id, dataset, genes, min_variance, median_positive, transform, split, level, pca,
-                  cohort_col, unit, permutations, seed, truth, force, store_path, as_json):
-    """Per-gene ridge heads on slide-mean embeddings (EMO-average), cross-validated by patient.
+def run_cmd(recipe, sets, extraction_id, truth, force, store_path, as_json):
+    """Run a paper end to end from a recipe: tile at its resolution, extract with its encoder, fit.
+
+    Work already in the store (same tiling, same extraction, same model) is reused. RECIPE is a
+    packaged recipe name (see configs/: demo, emo, he2rna, receptors, stnet, traits, transfer) or a
+    YAML file.
 
     \b
     Example:
-      hefeat fit genes --extraction e1234 --truth data/demo/truth.json --json
+      hefeat run emo
+      hefeat run he2rna --set encoder.name=resnet18 --set encoder.weights=none
     """
-    from hefeat.learn.emo import GenesParams, fit_genes
-
-    gene_list = None if genes == "all" else [g.strip() for g in Path(genes).read_text().split() if g.strip()]
-    p = GenesParams(extraction_id=extraction_id, dataset=dataset, genes=gene_list, min_variance=min_variance,
-                    median_positive=median_positive, transform=transform, split=split, level=level, pca=pca,
-                    cohort_col=cohort_col, unit=unit, permutations=permutations, seed=seed)
-    s = fit_genes(get_store(store_path), p, truth=truth, force=force)
-    emit(s, as_json, _fit_text(s))
+    _run(recipe, sets, extraction_id, truth, force, store_path, as_json)
 
 
-@fit.command("he2rna")
-@click.option("--extraction", "extraction_id", required=True)
-@click.option("--target", "dataset", default="expression", show_default=True)
-@click.option("--supertiles", default=100, show_default=True, help="Super-tiles per slide (0 = train on all tiles).")
-@click.option("--ks", default=None, help="Comma-separated k list (default 1,2,5,...,100 or the all-tiles list).")
-@click.option("--hidden", default="256", show_default=True, help="Hidden layer sizes, comma-separated.")
-@click.option("--dropout", default=0.25, show_default=True)
-@click.option("--epochs", default=100, show_default=True)
-@click.option("--patience", default=10, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--folds", default=5, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--force", is_flag=True)
+# ---------------------------------------------------------------------------------------------
+# Using a model
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model_id")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: all with features).")
+@click.option("--top", default=20, show_default=True, help="Genes (best first) with tile-level predictions.")
 @store_option
 @json_option
-def fit_he2rna_cmd(extraction_id, dataset, supertiles, ks, hidden, dropout, epochs, patience, lr, folds, seed, truth,
-                   force, store_path, as_json):
-    """HE2RNA: super-tiles, per-tile MLP, random top-k; 5-fold patient CV vs an untrained-model null.
+def predict(model_id, slides, top, store_path, as_json):
+    """Slide- and tile-level predictions of a model, written into the store (predictions view).
 
     \b
     Example:
-      hefeat fit he2rna --extraction e1234 --supertiles 100 --ks 1,2,5,10,20,50,100
+      hefeat predict gen-0123abcd --top 10
     """
-    from hefeat.learn.he2rna import ALL_TILE_KS, SUPERTILE_KS, He2rnaParams, fit_he2rna
+    from hefeat.learn.registry import predict_model
 
-    k_list = [int(k) for k in ks.split(",")] if ks else list(SUPERTILE_KS if supertiles else ALL_TILE_KS)
-    p = He2rnaParams(extraction_id=extraction_id, dataset=dataset, supertiles=supertiles or None, ks=k_list,
-                     hidden=[int(h) for h in hidden.split(",")], dropout=dropout, epochs=epochs, patience=patience,
-                     lr=lr, folds=folds, seed=seed)
-    s = fit_he2rna(get_store(store_path), p, truth=truth, force=force)
-    emit(s, as_json, _fit_text(s))
+    s = predict_model(get_store(store_path), model_id, slides=split_ids(slides), top=top)
+    emit(s, as_json, f"Predictions of {model_id}: {s['slides']} slides, {s['tiles']} tiles. "
+         f"Query: hefeat sql \"SELECT * FROM predictions WHERE model_id = '{model_id}'\"")
 
 
-@fit.command("transfer")
-@click.option("--from", "from_model", required=True, help="An expression model (genes or he2rna) trained on the store.")
-@click.option("--label", required=True, help="Binary clinical column, e.g. msi_status.")
-@click.option("--b-shares", default="0.3,0.5", show_default=True, help="Sizes of hospital B (share of patients).")
-@click.option("--splits", "n_splits", default=10, show_default=True, help="Random A/B splits per size (paper: 50).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--force", is_flag=True)
+@main.command("report")
+@click.argument("model_id")
+@click.option("--out", default=None, help="Folder for the PNG plots (default: the model's folder).")
 @store_option
 @json_option
-def fit_transfer_cmd(from_model, label, b_shares, n_splits, seed, force, store_path, as_json):
-    """Transcriptomic representation (hospital A) vs raw features vs autoencoder for a label at hospital B.
+def report_cmd(model_id, out, store_path, as_json):
+    """Headline and plots (PNG) of a fitted model, the way its paper reports it.
 
     \b
     Example:
-      hefeat fit transfer --from gen-0123abcd --label msi_status --splits 50
+      hefeat report gen-0123abcd
     """
-    from hefeat.learn.transfer import TransferParams, fit_transfer
+    from hefeat.learn.report import report
 
-    p = TransferParams(from_model=from_model, label=label, b_shares=[float(x) for x in b_shares.split(",")],
-                       n_splits=n_splits, seed=seed)
-    s = fit_transfer(get_store(store_path), p, force=force)
-    text = f"Transfer {s['model_id']} ({label}): " + ", ".join(f"{k} = {v:.3f}" for k, v in s.items() if k.startswith("auc_"))
-    for t in s.get("tests", []):
-        text += f"\n  B share {t['b_share']}: {t['comparison']}: median AUC diff {t['median_diff']:+.3f}, Wilcoxon p = {t['wilcoxon_p']:.3g}"
-    emit(s, as_json, text)
-
-
-@fit.command("spots")
-@click.option("--extraction", "extraction_id", required=True, help="An extraction on a spot tiling.")
-@click.option("--genes", default="top:250", show_default=True, help="top:N by mean, all, a file or a comma list.")
-@click.option("--head", type=click.Choice(["ridge", "mlp"]), default="ridge", show_default=True)
-@click.option("--cv", type=click.Choice(["leave-one-patient-out"]), default="leave-one-patient-out", show_default=True)
-@click.option("--region-labels", default=None, help="CSV/Parquet slide_id, spot_id, label for the region baseline.")
-@click.option("--bulk", "bulk_dataset", default="expression", show_default=True, help="Bulk dataset for pseudo-bulk.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--force", is_flag=True)
-@store_option
-@json_option
-def fit_spots_cmd(extraction_id, genes, head, cv, region_labels, bulk_dataset, seed, force, store_path, as_json):
-    """ST-Net-style spot heads, leave-one-patient-out, sign test over patients.
-
-    \b
-    Example:
-      hefeat fit spots --extraction e5678 --genes top:250 --cv leave-one-patient-out
-    """
-    from hefeat.learn.spots import SpotsParams, fit_spots
-
-    s = fit_spots(get_store(store_path), SpotsParams(extraction_id=extraction_id, genes=genes, head=head,
-                                                  region_labels=region_labels, bulk_dataset=bulk_dataset, seed=seed),
-                  force=force)
-    emit(s, as_json, f"Spot model {s['model_id']}: {s['genes_passing_sign_test']} of {s['n_genes']} genes pass the sign "
-         f"test over {s['n_patients']} patients (Holm); median r {s['median_r_model']:.3f} "
-         f"(colour/texture baseline {s['median_r_qc_baseline']:.3f}).")
-
-
-@fit.command("traits")
-@click.option("--extraction", "extraction_id", required=True)
-@click.option("--trait", "traits", multiple=True, required=True, help="Gene/miRNA of the expression table; repeat.")
-@click.option("--exclude-mid", default="20,80", show_default=True, help="Percentiles kept out of training (OOD).")
-@click.option("--splits", default=5, show_default=True)
-@click.option("--test-share", default=0.1, show_default=True)
-@click.option("--head", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--force", is_flag=True)
-@store_option
-@json_option
-def fit_traits_cmd(extraction_id, traits, exclude_mid, splits, test_share, head, seed, force, store_path, as_json):
-    """PathoMCH trait tile classifiers; binary trait maps for every slide.
-
-    \b
-    Example:
-      hefeat fit traits --extraction e1234 --trait MKI67 --trait miR-17 --exclude-mid 20,80
-    """
-    from hefeat.learn.traits import TraitsParams, fit_traits
-
-    lo, hi = (float(x) for x in exclude_mid.split(","))
-    s = fit_traits(get_store(store_path), TraitsParams(extraction_id=extraction_id, traits=list(traits),
-                                                    exclude_mid=[lo, hi], splits=splits, test_share=test_share,
-                                                    head=head, seed=seed), force=force)
-    text = f"Traits model {s['model_id']}: " + ", ".join(f"{k} = {v:.3f}" for k, v in s.items() if "auc" in k and isinstance(v, float))
-    emit(s, as_json, text)
-
-
-@fit.command("receptors")
-@click.option("--extraction", "extraction_id", required=True)
-@click.option("--label", required=True, help="Clinical column: er_status, pr_status, her2_status, pam50, ...")
-@click.option("--split", type=click.Choice(["site"]), default="site", show_default=True)
-@click.option("--tiles", default="top:200", show_default=True, help="top:N densest tiles per slide, or all.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--force", is_flag=True)
-@store_option
-@json_option
-def fit_receptors_cmd(extraction_id, label, split, tiles, seed, force, store_path, as_json):
-    """Site-grouped slide classifiers (Ektefaie et al.): patient AUC with a 95 % bootstrap CI.
-
-    \b
-    Example:
-      hefeat fit receptors --extraction e1234 --label er_status --split site --tiles top:200
-    """
-    from hefeat.learn.receptors import ReceptorParams, fit_receptors
-
-    s = fit_receptors(get_store(store_path), ReceptorParams(extraction_id=extraction_id, label=label, split=split,
-                                                         tiles=tiles, seed=seed), force=force)
-    if "patient_auc_ci_low" in s:
-        text = (f"Receptor model {s['model_id']} ({label}): patient AUC {s['patient_auc']:.3f} "
-                f"[{s['patient_auc_ci_low']:.3f}, {s['patient_auc_ci_high']:.3f}] on test sites {s['test_sites']}")
-    else:
-        text = f"Receptor model {s['model_id']} ({label}): top-1 {s['top1']:.3f}, top-2 {s['top2']:.3f}"
-    emit(s, as_json, text)
+    s = report(get_store(store_path), model_id, out)
+    notes = "".join(f"\n  note: {n}" for n in s.get("notes") or [])
+    emit(s, as_json, s["headline"] + notes + "\nPlots: " + (", ".join(s["files"]) or "none"))
 
 
 @main.command()
@@ -258,7 +216,7 @@ def cartography(model_id, slide, out, store_path, as_json):
 
     \b
     Example:
-      hefeat cartography tra-0123abcd --slide S01 --out map.png
+      hefeat cartography trt-0123abcd --slide S01 --out map.png
     """
     from hefeat.learn.traits import cartography as carto
 
@@ -274,17 +232,28 @@ def cartography(model_id, slide, out, store_path, as_json):
 def hti(model_id, out, store_path, as_json):
     """Heterogeneity index per slide from a traits model, joined with clinical data.
 
+    Slides of patients a trait model trained on have in-sample maps: their HTI is shown apart and
+    never enters survival.
+
     \b
     Example:
-      hefeat hti tra-0123abcd --out hti.parquet
+      hefeat hti trt-0123abcd --out hti.csv
     """
     from hefeat.learn.traits import hti_table
 
     df = hti_table(get_store(store_path), model_id, out)
-    s = {"model_id": model_id, "n_slides": len(df), "hti": df[["slide_id", "hti"]].to_dict("records"),
-         "mean_hti": float(df["hti"].mean())}
-    emit(s, as_json, f"HTI for {len(df)} slides (mean {s['mean_hti']:.3f})" + (f": {out}" if out else "") + "\n"
-         + df[["slide_id", "hti", "positive_tiles"]].to_string(index=False))
+    held = df[df["heldout"]]
+    s = {"model_id": model_id, "n_slides": len(df), "n_heldout_slides": len(held),
+         "hti": df[["slide_id", "hti", "heldout"]].to_dict("records"),
+         "mean_hti_heldout": float(held["hti"].mean()) if len(held) else None,
+         "mean_hti_trained": float(df.loc[~df["heldout"], "hti"].mean()) if (~df["heldout"]).any() else None}
+    text = (f"HTI for {len(df)} slides: held-out (test + OOD for every trait) {len(held)} slides, mean "
+            f"{s['mean_hti_heldout'] if s['mean_hti_heldout'] is None else round(s['mean_hti_heldout'], 3)}; "
+            f"trained on {len(df) - len(held)}, mean "
+            f"{s['mean_hti_trained'] if s['mean_hti_trained'] is None else round(s['mean_hti_trained'], 3)} "
+            "(in-sample maps)" + (f": {out}" if out else "") + "\n"
+            + df[["slide_id", "hti", "positive_tiles", "heldout"]].to_string(index=False))
+    emit(s, as_json, text)
 
 
 @main.command()
@@ -293,11 +262,16 @@ def hti(model_id, out, store_path, as_json):
 @click.option("--threshold", default=0.5, show_default=True)
 @click.option("--time-col", default="survival_months", show_default=True)
 @click.option("--event-col", default="event", show_default=True)
+@click.option("--max-follow-up", type=float, default=None,
+              help="Cap follow-up here, in the time column's unit (default: 10 years, unit from the column name).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Kaplan–Meier PNG.")
 @store_option
 @json_option
-def survival(model_id, by, threshold, time_col, event_col, out, store_path, as_json):
-    """Kaplan–Meier curves and log-rank test for HTI above vs below a threshold.
+def survival(model_id, by, threshold, time_col, event_col, max_follow_up, out, store_path, as_json):
+    """Kaplan–Meier curves and log-rank test for HTI above vs below a threshold, on held-out patients.
+
+    As in PathoMCH: patients a trait model trained on are excluded, HTI = 0 is skipped, follow-up
+    is capped at 10 years.
 
     \b
     Example:
@@ -311,46 +285,10 @@ def survival(model_id, by, threshold, time_col, event_col, out, store_path, as_j
         if m.empty:
             raise HefeatError("No traits model in the store; run hefeat fit traits first")
         model_id = m["model_id"].iloc[0]
-    s = surv(st, model_id, by=by, threshold=threshold, time_col=time_col, event_col=event_col, out=out)
-    emit(s, as_json, f"{by} > {threshold}: {s['n_high']} patients vs {s['n_low']}; log-rank p = {s['logrank_p']:.3g}"
-         + (f"; plot {out}" if out else ""))
-
-
-@main.command()
-@click.argument("model_id")
-@click.option("--slides", default=None, help="Comma-separated slide ids (default: all with features).")
-@click.option("--top", default=20, show_default=True, help="Genes (best first) with tile-level predictions.")
-@store_option
-@json_option
-def predict(model_id, slides, top, store_path, as_json):
-    """Slide- and tile-level predictions of a model, written into the store (predictions view).
-
-    \b
-    Example:
-      hefeat predict gen-0123abcd --top 10
-    """
-    from hefeat.learn.predict import predict_model
-
-    s = predict_model(get_store(store_path), model_id, slides=split_ids(slides), top=top)
-    emit(s, as_json, f"Predictions of {model_id}: {s['slides']} slides, {s['tiles']} tiles. "
-         f"Query: hefeat sql \"SELECT * FROM predictions WHERE model_id = '{model_id}'\"")
-
-
-@main.command("report")
-@click.argument("model_id")
-@click.option("--out", default=None, help="Folder for the PNG plots (default: the model's folder).")
-@store_option
-@json_option
-def report_cmd(model_id, out, store_path, as_json):
-    """Metrics, plots (PNG) and the headline of a fitted model.
-
-    \b
-    Example:
-      hefeat report gen-0123abcd
-    """
-    from hefeat.learn.report import report
-
-    s = report(get_store(store_path), model_id, out)
-    emit(s, as_json, s["headline"] + "\nPlots: " + ", ".join(s["files"]))
-
-
+    s = surv(st, model_id, by=by, threshold=threshold, time_col=time_col, event_col=event_col,
+             max_follow_up=max_follow_up, out=out)
+    text = (f"Held-out patients, {by} > {threshold}: {s['n_high']} vs {s['n_low']}; log-rank p = {s['logrank_p']:.3g} "
+            f"({s['n_excluded_trained']} trained-on patients excluded, {s['n_skipped_hti_zero']} with HTI = 0 skipped, "
+            f"{s['n_censored_at_cap']} censored at {s['max_follow_up']:g})" + (f"; plot {out}" if out else ""))
+    text += "".join(f"\n  note: {n}" for n in s["notes"])
+    emit(s, as_json, text)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from hefeat.errors import HefeatError
 
 
-def tile_classifier(head: str = "logistic", *, C: float = 1.0, seed: int = 0, max_iter: int = 3000):
-    """Standardise, then logistic regression (penalty 1/C) or a small MLP (64 hidden, early stopping)."""
+def tile_classifier(head: str = "logistic", *, C: float = 1.0, seed: int = 0, max_iter: int = 3000, hidden: int = 64):
+    """Standardise, then logistic regression (inverse L2 penalty C) or an MLP with `hidden` units.
+
+    The MLP has L2 penalty 1e-2 and stops early on 10 % of its training tiles (`max_iter` epochs at most).
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
@@ -15,6 +18,6 @@ def tile_classifier(head: str = "logistic", *, C: float = 1.0, seed: int = 0, ma
     if head == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     if head == "mlp":
-        return make_pipeline(StandardScaler(), MLPClassifier((64,), alpha=1e-2, max_iter=300, early_stopping=True,
-                                                             random_state=seed))
+        return make_pipeline(StandardScaler(), MLPClassifier((hidden,), alpha=1e-2, max_iter=max_iter,
+                                                             early_stopping=True, random_state=seed))
     raise HefeatError("--head must be logistic or mlp")

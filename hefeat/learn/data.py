@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +58,11 @@ class SlideLevelData:
     sites: np.ndarray
 
 
-def slide_level_data(store: Store, extraction_id: str, *, dataset: str = "expression", genes: list[str] | None = None,
-                     level: str = "sample", transform: str = "log1p") -> SlideLevelData:
-    """Mean embedding per slide joined to targets; a sample with several slides averages them.
+def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expression", genes: list[str] | None = None,
+                   level: str = "sample", transform: str = "log1p") -> SlideLevelData:
+    """Targets per sample (or patient) whose slides have features in the extraction; X left empty (0 columns).
 
-    level='patient' averages samples (features and targets) per patient.
+    level='patient' averages a patient's samples (targets) and lists all its slides.
     """
     if level not in ("sample", "patient"):
         raise HefeatError("level must be 'sample' or 'patient'")
@@ -71,23 +72,34 @@ def slide_level_data(store: Store, extraction_id: str, *, dataset: str = "expres
         raise HefeatError(f"Targets contain NaN for genes {bad[:5]} (or samples missing genes); impute or drop them")
     smap = store.sql("SELECT s.sample_id, s.slide_id, s.patient_id, sl.site FROM samples s JOIN slides sl "
                      "USING (slide_id) WHERE s.dataset = ?", [dataset])
-    store.extraction(extraction_id)
-    sids, M = slide_means(store, extraction_id)
-    pos = {s: i for i, s in enumerate(sids)}
-    smap = smap[smap["slide_id"].isin(pos) & smap["sample_id"].isin(wide.index)]
+    done = set(finished_slides(store, extraction_id))
+    smap = smap[smap["slide_id"].isin(done) & smap["sample_id"].isin(wide.index)]
     if smap.empty:
         raise HefeatError(f"No sample of {dataset!r} has a slide with features in extraction {extraction_id}")
     key = "sample_id" if level == "sample" else "patient_id"
-    rows = []
+    ids, groups, slides, ys, sites = [], [], [], [], []
     for k, g in smap.groupby(key, sort=True):
-        x = M[[pos[s] for s in g["slide_id"].unique()]].mean(0)
-        y = transform_values(wide.loc[g["sample_id"].unique()].to_numpy(float), transform).mean(0)
-        rows.append((k, g["patient_id"].iloc[0], sorted(g["slide_id"].unique()), x, y, g["site"].iloc[0]))
-    return SlideLevelData(
-        ids=np.array([r[0] for r in rows]), groups=np.array([r[1] for r in rows]), slides=[r[2] for r in rows],
-        X=np.stack([r[3] for r in rows]).astype(np.float64), Y=np.stack([r[4] for r in rows]),
-        genes=list(wide.columns), sites=np.array([str(r[5]) for r in rows]),
-    )
+        ids.append(k)
+        groups.append(g["patient_id"].iloc[0])
+        slides.append(sorted(g["slide_id"].unique()))
+        ys.append(transform_values(wide.loc[g["sample_id"].unique()].to_numpy(float), transform).mean(0))
+        sites.append(str(g["site"].iloc[0]))
+    return SlideLevelData(ids=np.array(ids), groups=np.array(groups), slides=slides, X=np.zeros((len(ids), 0)),
+                          Y=np.stack(ys), genes=list(wide.columns), sites=np.array(sites))
+
+
+def slide_level_data(store: Store, extraction_id: str, *, dataset: str = "expression", genes: list[str] | None = None,
+                     level: str = "sample", transform: str = "log1p") -> SlideLevelData:
+    """Mean embedding per slide joined to targets; a sample with several slides averages them.
+
+    level='patient' averages samples (features and targets) per patient.
+    """
+    data = sample_targets(store, extraction_id, dataset=dataset, genes=genes, level=level, transform=transform)
+    needed = sorted({s for ss in data.slides for s in ss})
+    sids, M = slide_means(store, extraction_id, needed)
+    pos = {s: i for i, s in enumerate(sids)}
+    data.X = np.stack([M[[pos[s] for s in ss]].mean(0) for ss in data.slides]).astype(np.float64)
+    return data
 
 
 def train_gene_filter(Y_train: np.ndarray, *, min_variance: float = 0.01, median_positive: bool = False) -> np.ndarray:
@@ -127,3 +139,104 @@ def clinical_by_slide(store: Store) -> pd.DataFrame:
     key = "slide_id" if "slide_id" in clin.columns else "patient_id"
     extra = clin.drop(columns=[c for c in ("slide_id", "patient_id", "site") if c in clin.columns and c != key])
     return slides.merge(extra, on=key, how="left")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles: the one path every tile-level method reads embeddings through
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SlideTiles:
+    """One slide's tiles: metadata (tile_id, x, y and the columns asked for) and embeddings (n, dim)."""
+
+    slide_id: str
+    tiles: pd.DataFrame
+    X: np.ndarray
+
+
+def slide_tiles(store: Store, extraction_id: str, slides: list[str] | None = None, *,
+                columns: tuple[str, ...] = ()) -> Iterator[SlideTiles]:
+    """Stream (slide, tile metadata, embeddings) one finished slide at a time, through the store's reads.
+
+    `columns` adds tile-table columns (row, col, density, spot_id, QC ...) joined on tile_id.
+    """
+    from hefeat.store.features import iter_slide_features
+
+    tid = store.extraction(extraction_id)["tiling_id"]
+    want = ["tile_id", "x", "y", *[c for c in columns if c not in ("tile_id", "x", "y")]]
+    for sid, X in iter_slide_features(store, extraction_id, slides):
+        t = store.tiles(tid, sid)
+        missing = [c for c in want if c not in t.columns]
+        if missing:
+            raise HefeatError(f"Tiling {tid} has no column(s) {', '.join(missing)} (slide {sid})")
+        t = t[want].reset_index(drop=True)
+        if len(t) != len(X):
+            raise HefeatError(f"Slide {sid}: {len(X)} embeddings but {len(t)} tiles in tiling {tid}; re-extract it")
+        yield SlideTiles(sid, t, X)
+
+
+def finished_slides(store: Store, extraction_id: str) -> list[str]:
+    """Slides whose features are finished in an extraction (sorted)."""
+    from hefeat.store.features import slide_table
+
+    return sorted(slide_table(store, extraction_id).slide_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input fingerprints: a model id changes when any data it read changes (contract 2)
+# ---------------------------------------------------------------------------------------------
+CLINICAL_PARAMS = ("label", "cohort_col", "time_col", "event_col")
+
+
+def input_fingerprints(store: Store, params) -> dict[str, str]:
+    """Fingerprints of the inputs a method's params name: features, target tables, slides, clinical columns."""
+    ids = _fingerprints()
+    fp: dict[str, str] = {"slides": ids.slide_set_fingerprint(store)}
+    eid = getattr(params, "extraction_id", None)
+    if eid:
+        store.extraction(eid)
+        fp["features"] = ids.extraction_fingerprint(store, eid)
+    known = None
+    for name in ("dataset", "bulk_dataset"):
+        ds = getattr(params, name, None)
+        if ds:
+            if known is None:
+                known = set(store.sql("SELECT DISTINCT dataset FROM expression")["dataset"])
+            if ds in known:
+                fp[f"target:{ds}"] = ids.expression_fingerprint(store, ds)
+    cols = sorted({v for n in CLINICAL_PARAMS if isinstance(v := getattr(params, n, None), str) and v and v != "site"})
+    if cols and "clinical" in set(store.sql("SHOW TABLES")["name"]):
+        have = set(store.sql("SELECT * FROM clinical LIMIT 0").columns)
+        cols = [c for c in cols if c in have]
+        if cols:
+            fp["clinical"] = ids.clinical_fingerprint(store, cols)
+    return fp
+
+
+def _fingerprints():
+    """The store's fingerprint functions (hefeat.store.ids); an interim stat-based version until they land."""
+    from hefeat.store import ids
+
+    if hasattr(ids, "extraction_fingerprint"):
+        return ids
+    import types
+
+    def extraction_fingerprint(store, eid):
+        rows = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(store.extraction_dir(eid).glob("*.h5"))
+                if not p.name.startswith("_")]  # _aggregates.h5 is a cache the reads refresh
+        return ids.content_id({"files": rows})
+
+    def expression_fingerprint(store, ds):
+        df = store.sql("SELECT sample_id, gene, value FROM expression WHERE dataset = ? ORDER BY 1, 2", [ds])
+        return ids.content_id({"rows": pd.util.hash_pandas_object(df, index=False).sum()})
+
+    def slide_set_fingerprint(store):
+        df = store.sql("SELECT slide_id, fingerprint, patient_id, site FROM slides ORDER BY 1")
+        return ids.content_id({"rows": df.astype(str).values.tolist()})
+
+    def clinical_fingerprint(store, cols):
+        key = "slide_id" if "slide_id" in store.sql("SELECT * FROM clinical LIMIT 0").columns else "patient_id"
+        df = store.sql("SELECT " + ", ".join(f'"{c}"' for c in [key, *cols]) + " FROM clinical ORDER BY 1")
+        return ids.content_id({"rows": df.astype(str).values.tolist()})
+
+    return types.SimpleNamespace(extraction_fingerprint=extraction_fingerprint, expression_fingerprint=expression_fingerprint,
+                                 slide_set_fingerprint=slide_set_fingerprint, clinical_fingerprint=clinical_fingerprint)

@@ -8,78 +8,229 @@ proliferation score = mean of the 11 PAM50 proliferation genes.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.data import (
-    SlideLevelData,
-    clinical_by_slide,
-    median_shift,
-    slide_level_data,
-    train_gene_filter,
-)
-from hefeat.learn.models import (
-    load_model,
-    load_table,
-    model_exists,
-    model_id,
-    model_summary,
-    save_model,
-)
-from hefeat.learn.ridge import DEFAULT_ALPHAS, RidgeHeads
-from hefeat.learn.splits import assert_disjoint, parse_split
-from hefeat.learn.stats import (
-    columnwise_spearman,
-    correct,
-    empirical_p,
-    gene_metrics,
-    gene_set_score,
-    r_pvalue,
+from hefeat.learn.data import SlideLevelData
+from hefeat.learn.registry import (
+    FitResult,
+    Method,
+    NotEstimable,
+    Params,
+    check_range,
+    param,
+    register,
 )
 from hefeat.store.catalog import Store
 
 PAM50_PROLIFERATION = ("BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2", "TYMS", "UBE2C")
 ALIASES = {"CDCA1": "NUF2", "KNTC2": "NDC80"}
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
+SPLIT_KINDS = ("patient-kfold", "holdout", "loo", "leave-one-patient-out")
 
 
-@dataclass
-class GenesParams:
+def gene_list(value: str) -> tuple[str, ...] | None:
+    """--genes: 'all' (None), a file with one gene per line, or a comma-separated list."""
+    if value == "all":
+        return None
+    p = Path(value)
+    if p.exists():
+        return tuple(g.strip() for g in p.read_text().split() if g.strip())
+    if "," in value or value.replace("-", "").replace(".", "").isalnum():
+        return tuple(g.strip() for g in value.split(",") if g.strip())
+    raise HefeatError(f"--genes: {value!r} is neither 'all', a file nor a comma-separated gene list")
+
+
+def check_split(spec: str) -> None:
+    """Validate a split spec's syntax (the data decide the rest)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in SPLIT_KINDS:
+        raise HefeatError(f"Unknown split {spec!r}: use patient-kfold:5, holdout:FILE or leave-one-patient-out")
+    if kind == "patient-kfold" and arg and not arg.isdigit():
+        raise HefeatError(f"patient-kfold needs an integer k, got {arg!r}")
+    if kind == "holdout" and not arg:
+        raise HefeatError("holdout needs a file: holdout:test_patients.txt")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenesParams(Params):
     """Parameters of `hefeat fit genes` (all recorded with the model)."""
 
-    extraction_id: str
-    dataset: str = "expression"
-    genes: list[str] | None = None
-    min_variance: float = 0.01
-    median_positive: bool = False
-    transform: str = "log1p"
-    split: str = "patient-kfold:5"
-    level: str = "slide"
-    pca: int | None = None
-    alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
-    cohort_col: str | None = None
-    unit: str = "sample"
-    permutations: int = 0
-    fdr: float = 0.05
-    seed: int = 0
+    extraction_id: str = param(help="Extraction whose slide-mean embeddings are the features.", flag="--extraction")
+    dataset: str = param("expression", "Expression dataset (target table).", flag="--target")
+    genes: tuple[str, ...] | None = param(None, "all, a file with one gene per line, or A,B,C.", parse=gene_list)
+    min_variance: float = param(0.01, "Keep genes whose variance on the training fold exceeds this.")
+    median_positive: bool = param(False, "Also require a training-fold median > 0.")
+    transform: Literal["log1p", "log10p", "log2p", "none"] = param("log1p", "Target transform.",
+                                                                   choices=("log1p", "log10p", "log2p", "none"))
+    split: str = param("patient-kfold:5", "patient-kfold:K, holdout:FILE or leave-one-patient-out.")
+    level: Literal["slide", "tile"] = param("slide", "slide: EMO-average; tile: heads on tiles with slide targets.",
+                                            choices=("slide", "tile"))
+    pca: int | None = param(None, "Principal components of the features fitted first (training fold only).")
+    alphas: tuple[float, ...] = param(DEFAULT_ALPHAS, "Candidate ridge penalties (each gene picks by LOO).")
+    cohort_col: str | None = param(None, "Median-shift cohorts defined by this column (EMO), e.g. site.")
+    unit: Literal["sample", "patient"] = param("sample", "patient: average a patient's slides and samples.",
+                                               choices=("sample", "patient"))
+    permutations: int = param(0, "Permuted-target refits of the whole CV for an empirical null.")
+    fdr: float = param(0.05, "False discovery rate at which a gene is called significant (BH, one-sided).")
+    r2_threshold: float = param(0.2, "R² reported as 'genes with R² above' (the paper's 0.2).")
+    n_random_sets: int = param(2000, "Random gene lists for the proliferation-set null.")
+    seed: int = param(0, "Seed of the folds, PCA and permutations.")
+
+    def validate(self) -> None:
+        check_split(self.split)
+        check_range("--fdr", self.fdr, 0, 1, lo_open=True, hi_open=True)
+        check_range("--min-variance", self.min_variance, 0)
+        check_range("--permutations", self.permutations, 0)
+        check_range("--n-random-sets", self.n_random_sets, 1)
+        if not self.alphas or min(self.alphas) <= 0:
+            raise HefeatError("--alphas must be positive penalties")
+        if self.pca is not None:
+            check_range("--pca", self.pca, 1)
+        if self.level == "tile" and self.unit == "patient":
+            raise HefeatError("--level tile trains on each slide's tiles with its own sample's targets; use --unit sample")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fit: data assembly -> estimator (RidgeHeads) -> cross-validated evaluation -> FitResult
+# ----------------------------------------------------------------------------------------------
+def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
+    """Cross-validated per-gene heads; per-gene metrics, out-of-fold predictions, the refitted heads."""
+    from hefeat.learn.data import median_shift, slide_level_data
+    from hefeat.learn.ridge import RidgeHeads
+    from hefeat.learn.splits import parse_split
+    from hefeat.learn.stats import (
+        columnwise_spearman,
+        correct,
+        empirical_p,
+        gene_metrics,
+        gene_set_score,
+    )
+
+    p = params
+    data = slide_level_data(store, p.extraction_id, dataset=p.dataset, genes=list(p.genes) if p.genes else None,
+                            transform=p.transform, level=p.unit)
+    n, _ = data.Y.shape
+    if n < 6:
+        raise NotEstimable(f"Only {n} samples have both targets and features; per-gene heads need at least 6 "
+                           "(ingest more samples or extract the missing slides)")
+    const = np.ptp(data.Y, 0) <= 1e-12 * (1 + np.abs(data.Y).max(0))
+    if const.all():
+        raise NotEstimable("Every gene is constant across samples: nothing to predict")
+    folds = parse_split(p.split, data.ids, data.groups, seed=p.seed)
+    cohort = _cohort_labels(store, data, p.cohort_col) if p.cohort_col else None
+    tiles_cache: dict = {}
+    oof, kept, alphas, fold_of = _cross_validate(store, p, data, folds, cohort, data.Y, tiles_cache)
+    if not kept.any():
+        raise NotEstimable(f"No gene passes the training-fold filter (variance > {p.min_variance}"
+                           f"{', median > 0' if p.median_positive else ''}) in every fold; lower --min-variance")
+    evaluated = np.flatnonzero(~np.isnan(oof).any(0) & kept)
+    genes = [data.genes[j] for j in evaluated]
+    # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
+    Yeval = data.Y if cohort is None else median_shift(data.Y, cohort, np.arange(n))[0]
+    split_name = f"{p.split} seed={p.seed}"
+    metrics = gene_metrics(oof[:, evaluated], Yeval[:, evaluated], genes, split=split_name)
+    metrics["alpha_median"] = np.median(alphas[:, evaluated], 0)
+    metrics["significant"] = metrics["spearman_p_bh"] < p.fdr
+    if p.permutations:
+        # Null from permuted targets: the whole CV refitted on targets shuffled across samples.
+        rng = np.random.default_rng([p.seed, 1])
+        null = []
+        for _ in range(p.permutations):
+            Yp = data.Y[rng.permutation(n)]
+            po, _, _, _ = _cross_validate(store, p, data, folds, cohort, Yp, tiles_cache)
+            null.append(columnwise_spearman(po[:, evaluated], Yp[:, evaluated]))
+        null = np.concatenate(null)
+        metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), null)
+        metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
+    # The deployed model: refit on every sample (metrics above are out-of-fold and stay honest).
+    final = RidgeHeads(p.alphas, pca=p.pca, random_state=p.seed).fit(data.X, Yeval[:, evaluated])
+    prolif = _proliferation(oof[:, evaluated], Yeval[:, evaluated], genes)
+    members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
+    if len(members) >= 3 and len(genes) > len(members) + 5:
+        gs = gene_set_score(metrics.set_index("gene")["spearman_r"], members, n_random=p.n_random_sets, seed=p.seed)
+        prolif.update(proliferation_set_mean_r=gs["mean_r"], proliferation_set_random_mean_r=gs["random_mean"],
+                      proliferation_set_p=gs["p_value"])
+    summary = {
+        "extraction_id": p.extraction_id, "n_samples": int(n), "n_genes": len(genes),
+        "n_significant": int(metrics["significant"].sum()), "fdr": p.fdr,
+        "n_r2_above_0.2": int((metrics["r2"] > p.r2_threshold).sum()), "r2_threshold": p.r2_threshold,
+        "split": split_name, "level": p.level, "median_spearman_r": float(metrics["spearman_r"].median()),
+        "unit": p.unit, **prolif,
+    }
+    oof_df = pd.DataFrame(oof[:, evaluated], columns=genes)
+    oof_df.insert(0, "fold", fold_of)
+    oof_df.insert(0, "patient_id", data.groups)
+    oof_df.insert(0, "sample_id", data.ids)
+    arrays = {"coef": final.coef_.astype(np.float32), "intercept": final.intercept_, "alpha": final.alpha_,
+              "genes": np.array(genes)}
+    if final.pca_ is not None:
+        arrays.update(pca_components=final.pca_.components_, pca_mean=final.pca_.mean_)
+    notes = []
+    if len(genes) < kept.size:
+        notes.append(f"{kept.size - len(genes)} of {kept.size} genes failed the training-fold filter in some fold "
+                     "and are not evaluated")
+    tables = {"metrics": metrics, "oof_predictions": oof_df}
+    if p.permutations:  # per-gene r under permuted targets: the null the report draws
+        tables["null"] = pd.DataFrame({"spearman_r": null})
+    return FitResult(summary=summary, arrays=arrays, tables=tables, extraction_id=p.extraction_id, notes=notes)
+
+
+def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, folds, cohort, Ytarget: np.ndarray,
+                    cache: dict):
+    """Out-of-fold predictions; filters, median shifts and penalties use each fold's training part only.
+
+    `cache` keeps each slide's tile features for the tile-level variant across folds and permutations.
+    """
+    from hefeat.learn.data import median_shift, train_gene_filter
+    from hefeat.learn.ridge import RidgeHeads
+    from hefeat.learn.splits import assert_disjoint
+
+    n, g = Ytarget.shape
+    oof = np.full((n, g), np.nan)
+    kept = np.ones(g, bool)
+    alphas = np.zeros((len(folds), g))
+    fold_of = np.full(n, "", object)
+    for i, f in enumerate(folds):
+        assert_disjoint(data.groups, f.train, f.test)
+        Y = Ytarget
+        if cohort is not None:
+            Y, _ = median_shift(Y, cohort, f.train)
+        keep = train_gene_filter(Y[f.train], min_variance=params.min_variance, median_positive=params.median_positive)
+        kept &= keep
+        if not keep.any():
+            continue
+        heads = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(data.X[f.train], Y[f.train][:, keep])
+        alphas[i, keep] = heads.alpha_
+        cols = np.flatnonzero(keep)
+        if params.level == "slide":
+            oof[np.ix_(f.test, cols)] = heads.predict(data.X[f.test])
+        else:
+            oof[np.ix_(f.test, cols)] = _tile_level_predict(store, params.extraction_id, data, f.train, f.test, keep,
+                                                            heads.alpha_, Y, cache)
+        fold_of[f.test] = f.name
+    return oof, kept, alphas, fold_of
 
 
 def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.ndarray, test: np.ndarray,
                         keep: np.ndarray, alpha_slide: np.ndarray, Y: np.ndarray, cache: dict) -> np.ndarray:
     """EMO tile-level variant: heads trained on tiles with their slide's targets, predictions averaged per slide."""
+    from hefeat.learn.data import slide_tiles
     from hefeat.learn.ridge import fit_ridge_heads
-    from hefeat.store.features import read_features
+
+    need = sorted({sid for r in np.concatenate([train, test]) for sid in data.slides[r]} - set(cache))
+    for st in slide_tiles(store, eid, need):  # every fold (and permutation) reuses a slide's tiles
+        cache[st.slide_id] = st.X
 
     def tiles_of(rows):
         Xs, Ys, owner = [], [], []
         for r in rows:
             for sid in data.slides[r]:
-                if sid not in cache:  # every fold (and permutation) reuses a slide's tiles
-                    cache[sid] = read_features(store.features_path(eid, sid))
                 f = cache[sid]
                 Xs.append(f)
                 Ys.append(np.repeat(Y[r:r + 1, keep], len(f), 0))
@@ -103,113 +254,9 @@ def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.
     return out
 
 
-def fit_genes(store: Store, params: GenesParams, *, truth: str | Path | None = None, force: bool = False) -> dict:
-    """Cross-validated per-gene heads; stores the model, per-gene metrics and out-of-fold predictions."""
-    t0 = time.perf_counter()
-    if params.level not in ("slide", "tile"):
-        raise HefeatError("--level must be slide or tile")
-    pdict = asdict(params)
-    mid = model_id("genes", pdict)
-    if model_exists(store, mid) and not force:
-        return model_summary(store, mid, cached=True, truth=truth)
-    if params.unit not in ("sample", "patient"):
-        raise HefeatError("--unit must be sample (one row per sample) or patient (slides and samples averaged)")
-    if params.level == "tile" and params.unit == "patient":
-        raise HefeatError("--level tile trains on each slide's tiles with its own sample's targets; use --unit sample")
-    data = slide_level_data(store, params.extraction_id, dataset=params.dataset, genes=params.genes,
-                            transform=params.transform, level=params.unit)
-    n, g = data.Y.shape
-    if n < 6:
-        raise HefeatError(f"Only {n} samples have both targets and features; per-gene heads need at least 6")
-    const = np.ptp(data.Y, 0) <= 1e-12 * (1 + np.abs(data.Y).max(0))
-    if const.all():
-        raise HefeatError("Every gene is constant across samples: nothing to predict")
-    folds = parse_split(params.split, data.ids, data.groups, seed=params.seed)
-    cohort = None
-    if params.cohort_col:
-        cohort = _cohort_labels(store, data, params.cohort_col)
-    tiles_cache: dict = {}
-    oof, kept, alphas, fold_of = _cross_validate(store, params, data, folds, cohort, data.Y, tiles_cache)
-    if not kept.any():
-        raise HefeatError(f"No gene passes the training-set filter (variance > {params.min_variance}"
-                          f"{', median > 0' if params.median_positive else ''})")
-    evaluated = np.flatnonzero(~np.isnan(oof).any(0) & kept)
-    genes = [data.genes[j] for j in evaluated]
-    Yeval = data.Y if cohort is None else median_shift(data.Y, cohort, np.arange(n))[0]
-    split_name = f"{params.split} seed={params.seed}"
-    metrics = gene_metrics(oof[:, evaluated], Yeval[:, evaluated], genes, split=split_name)
-    metrics["alpha_median"] = np.median(alphas[:, evaluated], 0)
-    metrics["significant"] = metrics["spearman_p_bh"] < params.fdr
-    if params.permutations:
-        # Null from permuted targets: the whole CV refitted on targets shuffled across samples.
-        rng = np.random.default_rng(params.seed + 1)
-        null = []
-        for _ in range(params.permutations):
-            Yp = data.Y[rng.permutation(n)]
-            po, _, _, _ = _cross_validate(store, params, data, folds, cohort, Yp, tiles_cache)
-            null.append(columnwise_spearman(po[:, evaluated], Yp[:, evaluated]))
-        metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), np.concatenate(null))
-        metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
-    # The deployed model: refit on every sample (metrics above are out-of-fold and stay honest).
-    Yall = Yeval[:, evaluated]
-    final = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(data.X, Yall)
-    prolif = _proliferation(oof[:, evaluated], Yeval[:, evaluated], genes)
-    members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
-    if len(members) >= 3 and len(genes) > len(members) + 5:
-        gs = gene_set_score(metrics.set_index("gene")["spearman_r"], members, n_random=2000, seed=params.seed)
-        prolif.update(proliferation_set_mean_r=gs["mean_r"], proliferation_set_random_mean_r=gs["random_mean"],
-                      proliferation_set_p=gs["p_value"])
-    summary = {
-        "model_id": mid, "kind": "genes", "extraction_id": params.extraction_id, "n_samples": int(n),
-        "n_genes": len(genes), "n_significant": int(metrics["significant"].sum()),
-        "n_r2_above_0.2": int((metrics["r2"] > 0.2).sum()), "split": split_name, "level": params.level,
-        "median_spearman_r": float(metrics["spearman_r"].median()), "unit": params.unit, **prolif,
-    }
-    oof_df = pd.DataFrame(oof[:, evaluated], columns=genes)
-    oof_df.insert(0, "fold", fold_of)
-    oof_df.insert(0, "patient_id", data.groups)
-    oof_df.insert(0, "sample_id", data.ids)
-    arrays = {"coef": final.fit_.coef.astype(np.float32), "intercept": final.fit_.intercept, "alpha": final.alpha_,
-              "genes": np.array(genes)}
-    if final.pca_ is not None:
-        arrays.update(pca_components=final.pca_.components_, pca_mean=final.pca_.mean_)
-    save_model(store, mid, kind="genes", params=pdict, summary=summary, arrays=arrays,
-               tables={"metrics": metrics, "oof_predictions": oof_df}, extraction_id=params.extraction_id,
-               seconds=round(time.perf_counter() - t0, 3))
-    return model_summary(store, mid, cached=False, truth=truth)
-
-
-def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, folds, cohort, Ytarget: np.ndarray,
-                    cache: dict):
-    """Out-of-fold predictions; filters, median shifts and penalties use each fold's training part only.
-
-    `cache` keeps each slide's tile features for the tile-level variant across folds and permutations.
-    """
-    n, g = Ytarget.shape
-    oof = np.full((n, g), np.nan)
-    kept = np.ones(g, bool)
-    alphas = np.zeros((len(folds), g))
-    fold_of = np.full(n, "", object)
-    for i, f in enumerate(folds):
-        assert_disjoint(data.groups, f.train, f.test)
-        Y = Ytarget
-        if cohort is not None:
-            Y, _ = median_shift(Y, cohort, f.train)
-        keep = train_gene_filter(Y[f.train], min_variance=params.min_variance, median_positive=params.median_positive)
-        kept &= keep
-        heads = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(data.X[f.train], Y[f.train][:, keep])
-        alphas[i, keep] = heads.alpha_
-        cols = np.flatnonzero(keep)
-        if params.level == "slide":
-            oof[np.ix_(f.test, cols)] = heads.predict(data.X[f.test])
-        else:
-            oof[np.ix_(f.test, cols)] = _tile_level_predict(store, params.extraction_id, data, f.train, f.test, keep,
-                                                            heads.alpha_, Y, cache)
-        fold_of[f.test] = f.name
-    return oof, kept, alphas, fold_of
-
-
 def _cohort_labels(store: Store, data: SlideLevelData, col: str) -> np.ndarray:
+    from hefeat.learn.data import clinical_by_slide
+
     if col == "site":
         return data.sites
     clin = clinical_by_slide(store)
@@ -220,6 +267,8 @@ def _cohort_labels(store: Store, data: SlideLevelData, col: str) -> np.ndarray:
 
 
 def _proliferation(pred: np.ndarray, true: np.ndarray, genes: list[str]) -> dict:
+    from hefeat.learn.stats import columnwise_spearman, r_pvalue
+
     names = [ALIASES.get(g, g) for g in genes]
     idx = [i for i, g in enumerate(names) if g in PAM50_PROLIFERATION]
     if len(idx) < 3:
@@ -230,17 +279,20 @@ def _proliferation(pred: np.ndarray, true: np.ndarray, genes: list[str]) -> dict
             "proliferation_p": float(r_pvalue(np.array([r]), len(p))[0])}
 
 
+# ----------------------------------------------------------------------------------------------
+# Predict, headline, registration
+# ----------------------------------------------------------------------------------------------
 def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, top: int = 20,
                   genes: list[str] | None = None) -> dict:
     """Tile-level (EMO-spatial) predictions for the best genes into predictions/, slide-level for all genes."""
-    from hefeat.store.features import iter_slide_features
+    from hefeat.learn.data import slide_tiles
+    from hefeat.learn.models import load_model, load_table
     from hefeat.store.tables import write_parquet
 
     meta = load_model(store, mid)
     A = meta["arrays"]
     all_genes = [str(x) for x in A["genes"]]
     eid = meta["extraction_id"]
-    tid = store.extraction(eid)["tiling_id"]
     metrics = load_table(store, mid, "metrics")
     chosen = genes or metrics.sort_values("spearman_r", ascending=False)["gene"].head(top).tolist()
     missing = sorted(set(chosen) - set(all_genes))
@@ -249,19 +301,66 @@ def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, to
     cols = [all_genes.index(x) for x in chosen]
     coef, b = A["coef"].astype(np.float64), A["intercept"]
     slide_rows, n_tiles = [], 0
-    for sid, F in iter_slide_features(store, eid, slides):
-        X = F.astype(np.float64)
+    for st in slide_tiles(store, eid, slides):
+        X = st.X.astype(np.float64)
         if "pca_components" in A:
             X = (X - A["pca_mean"]) @ A["pca_components"].T
-        tile_pred = X[:, :] @ coef[:, cols] + b[cols]
-        tiles = store.tiles(tid, sid)[["tile_id", "x", "y"]]
-        df = pd.concat([tiles.reset_index(drop=True), pd.DataFrame(tile_pred, columns=chosen)], axis=1)
-        df.insert(0, "slide_id", sid)
+        tile_pred = X @ coef[:, cols] + b[cols]
+        df = pd.concat([st.tiles, pd.DataFrame(tile_pred, columns=chosen)], axis=1)
+        df.insert(0, "slide_id", st.slide_id)
         df.insert(0, "model_id", mid)
-        write_parquet(df, store.predictions_path(mid, sid))
-        slide_rows.append(pd.Series(X.mean(0) @ coef + b, index=all_genes, name=sid))
+        write_parquet(df, store.predictions_path(mid, st.slide_id))
+        slide_rows.append(pd.Series(X.mean(0) @ coef + b, index=all_genes, name=st.slide_id))
         n_tiles += len(df)
     slide_df = pd.DataFrame(slide_rows)
     slide_df.index.name = "slide_id"
     write_parquet(slide_df.reset_index(), store.model_dir(mid) / "slide_predictions.parquet")
     return {"model_id": mid, "slides": len(slide_rows), "tiles": n_tiles, "tile_genes": chosen}
+
+
+def gene_headline(s: dict) -> str:
+    """Headline of a gene-level model (genes, he2rna): calls at the FDR, R² count, proliferation."""
+    fdr = s.get("fdr", 0.05)
+    test = "one-sided" if s["kind"] == "genes" else "vs the untrained-model null"
+    text = (f"{s['n_significant']} of {s['n_genes']} genes significant at FDR {fdr:g} ({test}, {s['split']}); "
+            f"{s.get('n_r2_above_0.2', 'n/a')} genes with R² > {s.get('r2_threshold', 0.2):g}")
+    if "proliferation_spearman_r" in s:
+        text += f"; proliferation score Spearman r = {s['proliferation_spearman_r']:.2f}"
+    return text
+
+
+TRANSFORM_TEXT = {"log1p": "log(1 + x)", "log10p": "log10(1 + x)", "log2p": "log2(1 + x)", "none": "x"}
+
+
+def expression_units(params: dict, column: str) -> str:
+    """Units of a gene column of a gene-level model's tile predictions."""
+    what = "measured" if column.startswith("measured_") else "predicted"
+    x = f"{params.get('dataset', 'expression')} value"
+    return f"{what} {TRANSFORM_TEXT.get(params.get('transform', 'log1p'), '?').replace('x', x)}"
+
+
+def _holdout_file(store: Store, p: GenesParams) -> dict:
+    """A holdout split's file content is an input: a changed file must change the model id."""
+    kind, _, arg = p.split.partition(":")
+    if kind != "holdout":
+        return {}
+    path = Path(arg)
+    if not path.exists():
+        raise HefeatError(f"Holdout file not found: {arg}")
+    import hashlib
+
+    return {"holdout": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+def _plots(store: Store, mid: str, out: Path) -> list[Path]:
+    from hefeat.learn.report import gene_plots
+
+    return gene_plots(store, mid, out)
+
+
+register(Method(
+    name="genes", prefix="gen-", params=GenesParams, fit=fit_genes, headline=gene_headline, predict=predict_genes,
+    plots=_plots, inputs=_holdout_file, truth=True, units=expression_units,
+    summary="Per-gene ridge heads on slide-mean embeddings (EMO-average), cross-validated by patient.",
+    example="hefeat fit genes --extraction e1234 --split patient-kfold:5 --truth data/demo/truth.json",
+))

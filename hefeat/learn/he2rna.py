@@ -5,61 +5,102 @@ cluster). An MLP of 1x1 convolutions scores every (super-)tile per gene; a slide
 the mean of its k highest tile scores, k drawn at random from `ks` at each training step and averaged
 over every k at inference. Padding never enters the top-k, and a slide with fewer than k real tiles
 uses all of them. The output bias starts at the training mean expression.
+
+`predict` scores a slide exactly as cross-validation did: the same super-tiles (same seed), the same
+k-averaged top-k. Per-tile scores of every raw tile are written too (virtual spatialisation), but the
+slide value is never a top-k over raw tiles when the model was trained on super-tiles.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.data import expression_table, train_gene_filter, transform_values
-from hefeat.learn.models import (
-    load_model,
-    load_table,
-    model_exists,
-    model_id,
-    model_summary,
-    save_model,
+from hefeat.learn.emo import expression_units, gene_headline, gene_list
+from hefeat.learn.registry import (
+    FitResult,
+    Method,
+    NotEstimable,
+    Params,
+    check_range,
+    param,
+    register,
 )
-from hefeat.learn.splits import assert_disjoint, group_holdout, group_kfold
-from hefeat.learn.stats import columnwise_pearson, correct, empirical_p, r2_score_cols, r_pvalue
 from hefeat.store.catalog import Store
 
 SUPERTILE_KS = (1, 2, 5, 10, 20, 50, 100)
 ALL_TILE_KS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
-@dataclass
-class He2rnaParams:
+def _supertile_count(v: str) -> int | None:
+    return None if v.strip() in ("0", "none", "None") else int(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class He2rnaParams(Params):
     """Parameters of `hefeat fit he2rna` (recorded with the model)."""
 
-    extraction_id: str
-    dataset: str = "expression"
-    genes: list[str] | None = None
-    transform: str = "log10p"
-    median_positive: bool = True
-    min_variance: float = 0.0
-    supertiles: int | None = 100
-    ks: list[int] = field(default_factory=lambda: list(SUPERTILE_KS))
-    hidden: list[int] = field(default_factory=lambda: [256])
-    dropout: float = 0.25
-    epochs: int = 100
-    patience: int = 10
-    lr: float = 1e-3
-    batch_size: int = 16
-    weight_decay: float = 1e-4
-    folds: int = 5
-    n_untrained: int = 3
-    seed: int = 0
+    extraction_id: str = param(help="Extraction whose tile embeddings make the bags.", flag="--extraction")
+    dataset: str = param("expression", "Expression dataset (target table).", flag="--target")
+    genes: tuple[str, ...] | None = param(None, "all, a file with one gene per line, or A,B,C.", parse=gene_list)
+    transform: str = param("log10p", "Target transform (HE2RNA: log10(1 + x)).",
+                           choices=("log10p", "log1p", "log2p", "none"))
+    median_positive: bool = param(True, "Keep genes with training-fold median > 0 (the paper's filter).")
+    min_variance: float = param(0.0, "Keep genes with training-fold variance above this.")
+    supertiles: int | None = param(100, "Super-tiles per slide (k-means on coordinates); 0 = all tiles.",
+                                   parse=_supertile_count)
+    ks: tuple[int, ...] | None = param(None, "k list of the top-k (default: the paper's list for super-tiles or tiles).")
+    hidden: tuple[int, ...] = param((256,), "Hidden layer sizes.")
+    dropout: float = param(0.25, "Dropout between layers.")
+    epochs: int = param(100, "Maximum epochs.")
+    patience: int = param(10, "Early stopping: epochs without validation improvement.")
+    lr: float = param(1e-3, "Adam learning rate.")
+    batch_size: int = param(16, "Slides per step.")
+    weight_decay: float = param(1e-4, "Adam weight decay.")
+    folds: int = param(5, "Patient-grouped cross-validation folds.")
+    val_share: float = param(0.2, "Share of each training fold's patients held out for early stopping.")
+    n_untrained: int = param(3, "Untrained networks per fold (the null of the per-gene test).")
+    fdr: float = param(0.05, "FDR at which a gene is called significant (BH on p vs the untrained null).")
+    r2_threshold: float = param(0.2, "R² reported as 'genes with R² above'.")
+    seed: int = param(0, "Seed of folds, inner splits, k-means, initialisations and null networks.")
+
+    def validate(self) -> None:
+        if self.supertiles == 0:  # 0 = train on all tiles
+            object.__setattr__(self, "supertiles", None)
+        if self.ks is None:
+            object.__setattr__(self, "ks", SUPERTILE_KS if self.supertiles else ALL_TILE_KS)
+        if not self.ks or min(self.ks) < 1:
+            raise HefeatError("--ks must be positive integers")
+        if self.supertiles is not None:
+            check_range("--supertiles", self.supertiles, 1)
+        if not self.hidden or min(self.hidden) < 1:
+            raise HefeatError("--hidden must be positive layer sizes")
+        check_range("--dropout", self.dropout, 0, 1, hi_open=True)
+        check_range("--epochs", self.epochs, 1)
+        check_range("--patience", self.patience, 1)
+        check_range("--lr", self.lr, 0, lo_open=True)
+        check_range("--batch-size", self.batch_size, 1)
+        check_range("--weight-decay", self.weight_decay, 0)
+        check_range("--folds", self.folds, 2)
+        check_range("--val-share", self.val_share, 0, 1, lo_open=True, hi_open=True)
+        check_range("--n-untrained", self.n_untrained, 1)
+        check_range("--fdr", self.fdr, 0, 1, lo_open=True, hi_open=True)
+
+    def estimator(self, seed: int):
+        """The network estimator with these hyperparameters."""
+        from hefeat.learn.nets import He2rnaRegressor
+
+        return He2rnaRegressor(self.hidden, dropout=self.dropout, ks=self.ks, epochs=self.epochs,
+                               patience=self.patience, lr=self.lr, batch_size=self.batch_size,
+                               weight_decay=self.weight_decay, val_share=self.val_share, random_state=seed)
 
 
 # ----------------------------------------------------------------------------------------------
-# Super-tiles
+# Data: one bag of (super-)tiles per sample
 # ----------------------------------------------------------------------------------------------
 def supertiles(features: np.ndarray, coords: np.ndarray, n_clusters: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k-means on tile coordinates; returns (mean feature per cluster (c, d), cluster of each tile (n,))."""
@@ -78,272 +119,153 @@ def supertiles(features: np.ndarray, coords: np.ndarray, n_clusters: int, *, see
     return (sums[keep] / counts[keep, None]).astype(np.float32), lab
 
 
-def pad_bags(bags: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack variable-length bags (t_i, d) into (b, T, d) with a boolean mask (b, T)."""
-    T = max(len(b) for b in bags)
-    d = bags[0].shape[1]
-    X = np.zeros((len(bags), T, d), np.float32)
-    M = np.zeros((len(bags), T), bool)
-    for i, b in enumerate(bags):
-        X[i, :len(b)] = b
-        M[i, :len(b)] = True
-    return X, M
+def slide_bag(X: np.ndarray, tiles: pd.DataFrame, p: He2rnaParams) -> np.ndarray:
+    """One slide's bag as the model sees it: its super-tiles (seeded k-means on x, y) or its tiles."""
+    if not p.supertiles:
+        return np.ascontiguousarray(X, np.float32)
+    return supertiles(X, tiles[["x", "y"]].to_numpy(), p.supertiles, seed=p.seed)[0]
+
+
+def sample_bags(store: Store, p: He2rnaParams, slides_per_sample: list[list[str]]) -> list[np.ndarray]:
+    """Bags of every sample (its slides' bags concatenated), read through the store's feature loading."""
+    from hefeat.learn.data import slide_tiles
+
+    wanted = sorted({s for ss in slides_per_sample for s in ss})
+    per_slide = {st.slide_id: slide_bag(st.X, st.tiles, p) for st in slide_tiles(store, p.extraction_id, wanted)}
+    return [np.concatenate([per_slide[s] for s in ss]) for ss in slides_per_sample]
 
 
 # ----------------------------------------------------------------------------------------------
-# Model
+# Fit
 # ----------------------------------------------------------------------------------------------
-def topk_mean(scores, mask, k: int):
-    """Mean of each slide's k highest tile scores per gene; scores (B, G, T), mask (B, T) -> (B, G).
-
-    Padded tiles are -inf before the top-k so they never displace a real tile (even a negative one);
-    a slide with fewer than k real tiles averages all of them.
-    """
-    import torch
-
-    B, G, T = scores.shape
-    kk = min(k, T)
-    s = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    top = s.topk(kk, dim=2).values
-    k_eff = mask.sum(1).clamp(max=kk).clamp(min=1)
-    keep = torch.arange(kk, device=scores.device)[None, :] < k_eff[:, None]
-    top = torch.where(keep[:, None, :], top, torch.zeros((), dtype=top.dtype, device=top.device))
-    return top.sum(2) / k_eff[:, None].to(top.dtype)
-
-
-def make_net(d_in: int, n_genes: int, hidden: list[int], dropout: float, bias_init: np.ndarray | None = None,
-             feat_mean: np.ndarray | None = None, feat_std: np.ndarray | None = None):
-    """The per-tile MLP as 1x1 convolutions: (B, d, T) -> (B, G, T); inputs standardised first."""
-    import torch
-    from torch import nn
-
-    norm = nn.Conv1d(d_in, d_in, 1, groups=d_in)  # fixed per-feature (x - mean) / std, saved with the net
-    with torch.no_grad():
-        m = torch.zeros(d_in) if feat_mean is None else torch.as_tensor(feat_mean, dtype=torch.float32)
-        sd = torch.ones(d_in) if feat_std is None else torch.as_tensor(feat_std, dtype=torch.float32)
-        norm.weight.copy_((1 / sd).view(d_in, 1, 1))
-        norm.bias.copy_(-m / sd)
-    norm.requires_grad_(False)
-    layers, d = [norm], d_in
-    for h in hidden:
-        layers += [nn.Conv1d(d, h, 1), nn.ReLU(), nn.Dropout(dropout)]
-        d = h
-    last = nn.Conv1d(d, n_genes, 1)
-    if bias_init is not None:
-        with torch.no_grad():
-            last.bias.copy_(torch.as_tensor(bias_init, dtype=torch.float32))
-    layers.append(last)
-    return nn.Sequential(*layers)
-
-
-def predict_bags(net, X: np.ndarray, M: np.ndarray, ks: list[int], *, batch: int = 64) -> np.ndarray:
-    """Inference: slide predictions averaged over every k in `ks`; (b, G)."""
-    import torch
-
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(X), batch):
-            x = torch.from_numpy(X[i:i + batch]).transpose(1, 2)
-            m = torch.from_numpy(M[i:i + batch])
-            s = net(x)
-            out.append(torch.stack([topk_mean(s, m, k) for k in ks]).mean(0).numpy())
-    return np.concatenate(out)
-
-
-def train_net(X: np.ndarray, M: np.ndarray, Y: np.ndarray, Xv: np.ndarray, Mv: np.ndarray, Yv: np.ndarray,
-              p: He2rnaParams, *, seed: int) -> tuple[object, dict]:
-    """Train with random-k top-k and early stopping on the validation bags; returns the best net."""
-    from hefeat.learn.torchutil import flush_denormals
-
-    with flush_denormals():
-        return _train_loop(X, M, Y, Xv, Mv, Yv, p, seed=seed)
-
-
-def _train_loop(X, M, Y, Xv, Mv, Yv, p: He2rnaParams, *, seed: int):
-    import torch
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    real = X[M]
-    net = make_net(X.shape[2], Y.shape[1], p.hidden, p.dropout, bias_init=Y.mean(0),
-                   feat_mean=real.mean(0), feat_std=real.std(0) + 1e-6)
-    opt = torch.optim.Adam([q for q in net.parameters() if q.requires_grad], lr=p.lr, weight_decay=p.weight_decay)
-    Xt, Mt, Yt = torch.from_numpy(X).transpose(1, 2), torch.from_numpy(M), torch.from_numpy(Y.astype(np.float32))
-    best, best_state, bad, epochs = np.inf, None, 0, 0
-    for epoch in range(p.epochs):
-        net.train()
-        for idx in np.array_split(rng.permutation(len(X)), max(1, int(np.ceil(len(X) / p.batch_size)))):
-            k = int(rng.choice(p.ks))
-            pred = topk_mean(net(Xt[idx]), Mt[idx], k)
-            loss = ((pred - Yt[idx]) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        val = float(((predict_bags(net, Xv, Mv, p.ks) - Yv) ** 2).mean())
-        epochs = epoch + 1
-        if val < best - 1e-6:
-            best, bad = val, 0
-            best_state = {k: v.clone() for k, v in net.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= p.patience:
-                break
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    return net, {"epochs": epochs, "best_val_mse": best}
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-def _bags(store: Store, eid: str, slides_per_sample: list[list[str]], p: He2rnaParams) -> list[np.ndarray]:
-    from hefeat.store.features import read_features
-
-    tid = store.extraction(eid)["tiling_id"]
-    bags = []
-    for slides in slides_per_sample:
-        parts = []
-        for sid in slides:
-            F = read_features(store.features_path(eid, sid))
-            if p.supertiles:
-                C = store.tiles(tid, sid)[["x", "y"]].to_numpy()
-                F, _ = supertiles(F, C, p.supertiles, seed=p.seed)
-            parts.append(F)
-        bags.append(np.concatenate(parts))
-    return bags
-
-
-def _samples(store: Store, p: He2rnaParams):
-    wide = expression_table(store, p.dataset, p.genes)
-    smap = store.sql("SELECT sample_id, slide_id, patient_id FROM samples WHERE dataset = ?", [p.dataset])
-    done = set(store.sql("SELECT slide_id FROM features_index WHERE extraction_id = ?", [p.extraction_id])["slide_id"])
-    smap = smap[smap["slide_id"].isin(done) & smap["sample_id"].isin(wide.index)]
-    if smap.empty:
-        raise HefeatError(f"No sample of {p.dataset!r} has features in extraction {p.extraction_id}")
-    g = smap.groupby("sample_id", sort=True)
-    ids = np.array(list(g.groups))
-    slides = [sorted(g.get_group(s)["slide_id"]) for s in ids]
-    groups = np.array([g.get_group(s)["patient_id"].iloc[0] for s in ids])
-    Y = transform_values(wide.loc[ids].to_numpy(float), p.transform)
-    if np.isnan(Y).any():
-        raise HefeatError("Targets contain NaN; impute or drop those genes/samples")
-    return ids, slides, groups, Y, list(wide.columns)
-
-
-# ----------------------------------------------------------------------------------------------
-# The fit
-# ----------------------------------------------------------------------------------------------
-def fit_he2rna(store: Store, p: He2rnaParams, *, truth: str | Path | None = None, force: bool = False) -> dict:
+def fit_he2rna(store: Store, p: He2rnaParams, model_id: str) -> FitResult:
     """5-fold patient-grouped CV of HE2RNA; per-gene Pearson R vs an untrained-model null; final refit."""
     import torch
 
-    t0 = time.perf_counter()
-    pdict = asdict(p)
-    mid = model_id("he2rna", pdict)
-    if model_exists(store, mid) and not force:
-        return model_summary(store, mid, cached=True, truth=truth)
-    store.extraction(p.extraction_id)
-    ids, slides, groups, Y, genes = _samples(store, p)
-    keep = train_gene_filter(Y, min_variance=p.min_variance, median_positive=p.median_positive) & (Y.std(0) > 0)
-    if not keep.any():
-        raise HefeatError("No gene passes the filters (median > 0, variance)")
-    bags = _bags(store, p.extraction_id, slides, p)
-    X, M = pad_bags(bags)
+    from hefeat.learn.data import sample_targets, train_gene_filter
+    from hefeat.learn.nets import derive_seed
+    from hefeat.learn.splits import assert_disjoint, group_kfold
+    from hefeat.learn.stats import columnwise_pearson, correct, empirical_p, r2_score_cols, r_pvalue
+    from hefeat.store.atomic import atomic_path
+
+    data = sample_targets(store, p.extraction_id, dataset=p.dataset, genes=list(p.genes) if p.genes else None,
+                          transform=p.transform)
+    ids, groups, Y, genes = data.ids, data.groups, data.Y.astype(np.float32), data.genes
+    n_pat = len(np.unique(groups))
+    if n_pat < max(3, p.folds):
+        raise NotEstimable(f"{n_pat} patients have targets and features; {p.folds}-fold CV needs at least "
+                           f"{max(3, p.folds)} (lower --folds or add slides)")
+    bags = sample_bags(store, p, data.slides)
     n, G = len(ids), len(genes)
-    folds = group_kfold(groups, min(p.folds, len(np.unique(groups))), seed=p.seed)
+    folds = group_kfold(groups, p.folds, seed=p.seed)
     oof = np.full((n, G), np.nan)
     null_oof = [np.full((n, G), np.nan) for _ in range(p.n_untrained)]
-    info = []
+    history = []
+    kept = np.ones(G, bool)
     for i, f in enumerate(folds):
         assert_disjoint(groups, f.train, f.test)
-        fk = train_gene_filter(Y[f.train], min_variance=p.min_variance, median_positive=p.median_positive) & keep
-        inner = group_holdout(groups[f.train], 0.2, seed=p.seed + i)
-        tr, va = f.train[inner.train], f.train[inner.test]
-        net, h = train_net(X[tr], M[tr], Y[tr][:, fk], X[va], M[va], Y[va][:, fk], p, seed=p.seed + i)
-        oof[np.ix_(f.test, np.flatnonzero(fk))] = predict_bags(net, X[f.test], M[f.test], p.ks)
+        # The gene filter sees the training fold only.
+        fk = train_gene_filter(Y[f.train], min_variance=p.min_variance, median_positive=p.median_positive)
+        kept &= fk
+        if not fk.any():
+            continue
+        cols = np.flatnonzero(fk)
+        tr_bags = [bags[j] for j in f.train]
+        te_bags = [bags[j] for j in f.test]
+        est = p.estimator(derive_seed(p.seed, 10, i)).fit(tr_bags, Y[f.train][:, fk], groups[f.train])
+        oof[np.ix_(f.test, cols)] = est.predict(te_bags)
+        history.append(est.history_.assign(fold=f.name))
         for u in range(p.n_untrained):  # the untrained model of the same architecture: HE2RNA's null
-            torch.manual_seed(10_000 + 97 * i + u)
-            real = X[tr][M[tr]]
-            un = make_net(X.shape[2], int(fk.sum()), p.hidden, p.dropout, bias_init=Y[tr][:, fk].mean(0),
-                          feat_mean=real.mean(0), feat_std=real.std(0) + 1e-6)
-            null_oof[u][np.ix_(f.test, np.flatnonzero(fk))] = predict_bags(un, X[f.test], M[f.test], p.ks)
-        info.append({"fold": f.name, **h})
-    ev = np.flatnonzero(~np.isnan(oof).any(0))
+            un = p.estimator(derive_seed(p.seed, 20, i, u)).set_params(epochs=0)
+            null_oof[u][np.ix_(f.test, cols)] = un.fit(tr_bags, Y[f.train][:, fk], groups[f.train]).predict(te_bags)
+    ev = np.flatnonzero(~np.isnan(oof).any(0) & kept)
+    if not len(ev):
+        raise NotEstimable("No gene passes the training-fold filters (median > 0, variance) in every fold; "
+                           "use --no-median-positive or a lower --min-variance")
     gsel = [genes[j] for j in ev]
-    r = columnwise_pearson(oof[:, ev], Y[:, ev])
-    null = np.concatenate([columnwise_pearson(nr[:, ev], Y[:, ev]) for nr in null_oof]) if null_oof else np.array([0.0])
+    r = np.nan_to_num(columnwise_pearson(oof[:, ev], Y[:, ev]), nan=0.0)
+    null = np.concatenate([np.nan_to_num(columnwise_pearson(nr[:, ev], Y[:, ev]), nan=0.0) for nr in null_oof])
     p_null = empirical_p(r, null)
+    split = f"patient-kfold:{len(folds)} seed={p.seed}"
     metrics = pd.DataFrame({"gene": gsel, "n": n, "pearson_r": r, "pearson_p": r_pvalue(r, n),
                             "p_vs_untrained": p_null, "r2": r2_score_cols(oof[:, ev], Y[:, ev])})
     metrics["p_bh"] = correct(p_null, "bh")
     metrics["p_holm_sidak"] = correct(p_null, "holm-sidak")
-    metrics["significant"] = metrics["p_bh"] < 0.05
-    split = f"patient-kfold:{len(folds)} seed={p.seed}"
+    metrics["significant"] = metrics["p_bh"] < p.fdr
     metrics["split"] = split
-    # Final model on all samples (20 % of patients for early stopping).
-    final_split = group_holdout(groups, 0.2, seed=p.seed)
-    net, h = train_net(X[final_split.train], M[final_split.train], Y[final_split.train][:, ev],
-                       X[final_split.test], M[final_split.test], Y[final_split.test][:, ev], p, seed=p.seed)
-    store.model_dir(mid).mkdir(parents=True, exist_ok=True)
-    from hefeat.store.atomic import atomic_path
-
-    with atomic_path(store.model_dir(mid) / "net.pt") as tmp:
-        torch.save(net.state_dict(), tmp)
-    summary = {"model_id": mid, "kind": "he2rna", "extraction_id": p.extraction_id, "n_samples": int(n),
-               "n_genes": len(gsel), "n_significant": int(metrics["significant"].sum()),
-               "n_r2_above_0.2": int((metrics["r2"] > 0.2).sum()), "median_pearson_r": float(np.nanmedian(r)),
-               "median_untrained_r": float(np.nanmedian(null)), "split": split,
-               "d_in": int(X.shape[2]), "epochs_final": h["epochs"]}
+    # The deployed model: every sample (val_share of the patients for early stopping).
+    final = p.estimator(derive_seed(p.seed, 30)).fit(bags, Y[:, ev], groups)
+    history.append(final.history_.assign(fold="final"))
+    store.model_dir(model_id).mkdir(parents=True, exist_ok=True)
+    with atomic_path(store.model_dir(model_id) / "net.pt") as tmp:
+        torch.save(final.state_dict(), tmp)
+    summary = {"extraction_id": p.extraction_id, "n_samples": int(n), "n_genes": len(gsel),
+               "n_significant": int(metrics["significant"].sum()), "fdr": p.fdr,
+               "n_r2_above_0.2": int((metrics["r2"] > p.r2_threshold).sum()), "r2_threshold": p.r2_threshold,
+               "median_pearson_r": float(np.median(r)), "median_untrained_r": float(np.median(null)), "split": split,
+               "d_in": final.d_in_, "epochs_final": final.n_epochs_,
+               "bag": f"{p.supertiles} super-tiles" if p.supertiles else "all tiles"}
     oof_df = pd.DataFrame(oof[:, ev], columns=gsel)
     oof_df.insert(0, "patient_id", groups)
     oof_df.insert(0, "sample_id", ids)
-    save_model(store, mid, kind="he2rna", params=pdict, summary=summary, arrays={"genes": np.array(gsel)},
-               tables={"metrics": metrics, "oof_predictions": oof_df, "training": pd.DataFrame(info)},
-               extraction_id=p.extraction_id, seconds=round(time.perf_counter() - t0, 3))
-    return model_summary(store, mid, cached=False, truth=truth)
+    notes = []
+    if len(ev) < G:
+        notes.append(f"{G - len(ev)} of {G} genes failed the training-fold filter in some fold and are not evaluated")
+    return FitResult(summary=summary, arrays={"genes": np.array(gsel)}, extraction_id=p.extraction_id, notes=notes,
+                     tables={"metrics": metrics, "oof_predictions": oof_df,
+                             "training": pd.concat(history, ignore_index=True)})
 
 
-def load_net(store: Store, mid: str):
-    """The final HE2RNA network of a stored model, and its model.json."""
+def load_estimator(store: Store, mid: str):
+    """(fitted He2rnaRegressor, params, model.json, genes) of a stored HE2RNA model."""
     import torch
 
+    from hefeat.learn.models import load_model
+    from hefeat.learn.registry import make_params
+
     meta = load_model(store, mid)
-    p = meta["params"]
+    p = make_params(He2rnaParams, meta["params"])
     genes = [str(g) for g in meta["arrays"]["genes"]]
-    net = make_net(int(meta["summary"]["d_in"]), len(genes), p["hidden"], p["dropout"])
-    net.load_state_dict(torch.load(store.model_dir(mid) / "net.pt", weights_only=True))
-    net.eval()
-    return net, meta, genes
+    state = torch.load(store.model_dir(mid) / "net.pt", weights_only=True)
+    est = p.estimator(p.seed).load_state(state, int(meta["summary"]["d_in"]), len(genes))
+    return est, p, meta, genes
 
 
 def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, top: int = 20) -> dict:
-    """Tile scores of every tile (virtual spatialisation) for the best genes, and slide predictions."""
-    import torch
-
-    from hefeat.store.features import iter_slide_features
+    """Slide predictions as in cross-validation (same bags, k-averaged top-k) and every tile's score."""
+    from hefeat.learn.data import slide_tiles
+    from hefeat.learn.models import load_table
     from hefeat.store.tables import write_parquet
 
-    net, meta, genes = load_net(store, mid)
-    eid = meta["extraction_id"]
-    tid = store.extraction(eid)["tiling_id"]
+    est, p, meta, genes = load_estimator(store, mid)
     m = load_table(store, mid, "metrics")
     chosen = m.sort_values("pearson_r", ascending=False)["gene"].head(top).tolist()
     cols = [genes.index(g) for g in chosen]
-    ks = meta["params"]["ks"]
     rows, n = [], 0
-    for sid, F in iter_slide_features(store, eid, slides):
-        with torch.no_grad():
-            s = net(torch.from_numpy(F[None]).transpose(1, 2))[0].numpy().T  # (tiles, G)
-        tiles = store.tiles(tid, sid)[["tile_id", "x", "y"]].reset_index(drop=True)
-        df = pd.concat([tiles, pd.DataFrame(s[:, cols], columns=chosen)], axis=1)
-        df.insert(0, "slide_id", sid)
+    for st in slide_tiles(store, meta["extraction_id"], slides):
+        s = est.tile_scores(st.X)
+        df = pd.concat([st.tiles, pd.DataFrame(s[:, cols], columns=chosen)], axis=1)
+        df.insert(0, "slide_id", st.slide_id)
         df.insert(0, "model_id", mid)
-        write_parquet(df, store.predictions_path(mid, sid))
-        mask = np.ones((1, len(F)), bool)
-        rows.append(pd.Series(predict_bags(net, F[None], mask, ks)[0], index=genes, name=sid))
+        write_parquet(df, store.predictions_path(mid, st.slide_id))
+        rows.append(pd.Series(est.predict([slide_bag(st.X, st.tiles, p)])[0], index=genes, name=st.slide_id))
         n += len(df)
     sp = pd.DataFrame(rows)
     sp.index.name = "slide_id"
     write_parquet(sp.reset_index(), store.model_dir(mid) / "slide_predictions.parquet")
-    return {"model_id": mid, "slides": len(rows), "tiles": n, "tile_genes": chosen}
+    return {"model_id": mid, "slides": len(rows), "tiles": n, "tile_genes": chosen,
+            "slide_value": f"k-averaged top-k over {meta['summary'].get('bag', 'the training bags')} (as in CV)"}
+
+
+def _plots(store: Store, mid: str, out: Path) -> list[Path]:
+    from hefeat.learn.report import gene_plots, learning_curve_plot
+
+    return gene_plots(store, mid, out) + learning_curve_plot(store, mid, out, "training")
+
+
+register(Method(
+    name="he2rna", prefix="he2-", params=He2rnaParams, fit=fit_he2rna, headline=gene_headline, predict=predict_he2rna,
+    plots=_plots, truth=True, units=expression_units,
+    summary="HE2RNA: super-tiles, per-tile MLP, random top-k; patient CV vs an untrained-model null.",
+    example="hefeat fit he2rna --extraction e1234 --supertiles 100 --ks 1,2,5,10,20,50,100",
+))

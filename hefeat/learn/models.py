@@ -16,9 +16,9 @@ from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
 
 
-def model_id(kind: str, params: dict) -> str:
-    """Content-derived id: the same method, inputs and parameters give the same model id."""
-    return content_id({"kind": kind, "params": params, "code": __version__}, prefix=f"{kind[:3]}-")
+def model_id(prefix: str, kind: str, params: dict, inputs: dict) -> str:
+    """Content-derived id: the same method, parameters and input data (fingerprints) give the same id."""
+    return content_id({"kind": kind, "params": params, "inputs": inputs, "code": __version__}, prefix=prefix)
 
 
 def model_exists(store: Store, mid: str) -> bool:
@@ -26,9 +26,20 @@ def model_exists(store: Store, mid: str) -> bool:
     return (store.model_dir(mid) / "index.json").exists()
 
 
+def discard_model(store: Store, mid: str) -> None:
+    """Remove a model's files and predictions (before a refit); index.json goes first so it is never half-visible."""
+    import shutil
+
+    d = store.model_dir(mid)
+    if (d / "index.json").exists():
+        (d / "index.json").unlink()
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(store.predictions_path(mid, "x").parent, ignore_errors=True)
+
+
 def save_model(store: Store, mid: str, *, kind: str, params: dict, summary: dict, arrays: dict | None = None,
                tables: dict[str, pd.DataFrame] | None = None, extraction_id: str | None = None,
-               seconds: float | None = None) -> Path:
+               inputs: dict | None = None, seconds: float | None = None) -> Path:
     """Write a model's files; index.json goes last so a model is visible only when complete."""
     d = store.model_dir(mid)
     d.mkdir(parents=True, exist_ok=True)
@@ -39,8 +50,8 @@ def save_model(store: Store, mid: str, *, kind: str, params: dict, summary: dict
         write_parquet(df, d / f"{name}.parquet")
     created = timestamp()
     write_json(d / "model.json", {"model_id": mid, "kind": kind, "params": params, "summary": summary,
-                                  "extraction_id": extraction_id, "created": created, "seconds": seconds,
-                                  "code_version": __version__, "tables": sorted(tables or {})})
+                                  "extraction_id": extraction_id, "inputs": inputs or {}, "created": created,
+                                  "seconds": seconds, "code_version": __version__, "tables": sorted(tables or {})})
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
     write_json(d / "index.json", {"model_id": mid, "kind": kind, "extraction_id": extraction_id, "created": created,
                                   "seconds": seconds, **flat})

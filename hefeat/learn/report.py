@@ -1,4 +1,8 @@
-"""`hefeat report`: metric tables, PNG plots and the headline the way each paper reports it."""
+"""`hefeat report`: the headline the way each paper reports it, and each method's plots (PNG).
+
+The registry says what a model kind reports (its `headline` and `plots`); this module gathers the
+data each figure needs from the stored model and calls the figure functions (hefeat.figures).
+"""
 
 from __future__ import annotations
 
@@ -11,59 +15,41 @@ from hefeat.store.catalog import Store
 
 
 def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
-    """Write PNG plots for a model into `out` (default models/<id>/report) and return its headline."""
-    meta = load_model(store, mid)
-    kind = meta["kind"]
-    if kind.startswith("finetune-"):  # fine-tuning jobs (hefeat.finetune); moves into the method registry
-        from hefeat.finetune.report import report_job
+    """Write a model's PNG plots into `out` (default models/<id>/report) and return its summary and headline."""
+    from hefeat.learn.registry import method_of
 
-        return report_job(store, mid, out)
+    m, meta = method_of(store, mid)
+    if m.report is not None:
+        return m.report(store, mid, out)
     out = Path(out) if out else store.model_dir(mid) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    s = dict(meta["summary"])
-    files = []
-    if kind in ("genes", "he2rna"):
-        files += _gene_plots(store, mid, out, meta)
-        s["headline"] = (f"{s['n_significant']} of {s['n_genes']} genes significant at FDR 0.05 "
-                         f"(one-sided, {s['split']}); {s.get('n_r2_above_0.2', 'n/a')} genes with R² > 0.2")
-        if "proliferation_spearman_r" in s:
-            s["headline"] += f"; proliferation score Spearman r = {s['proliferation_spearman_r']:.2f}"
-    elif kind == "spots":
-        s["headline"] = (f"{s['genes_passing_sign_test']} of {s['n_genes']} genes have r > 0 in enough of "
-                         f"{s['n_patients']} patients (binomial sign test, Holm; leave-one-patient-out); median r "
-                         f"{s['median_r_model']:.3f} vs colour/texture baseline {s['median_r_qc_baseline']:.3f}")
-    elif kind == "traits":
-        aucs = {k.removeprefix("heldout_auc_"): v for k, v in s.items() if k.startswith("heldout_auc_")}
-        s["headline"] = "slide AUC on held-out slides (test + OOD): " + ", ".join(f"{t} {v:.3f}" for t, v in aucs.items())
-    elif kind == "receptors":
-        if "patient_auc_ci_low" in s:
-            s["headline"] = (f"{s['label']}: patient AUC {s['patient_auc']:.3f} (95 % CI {s['patient_auc_ci_low']:.3f}-"
-                             f"{s['patient_auc_ci_high']:.3f}) on test sites {s['test_sites']}")
-        else:
-            s["headline"] = f"{s['label']}: top-1 {s['top1']:.3f}, top-2 {s['top2']:.3f} on test sites {s['test_sites']}"
-    elif kind == "transfer":
-        s["headline"] = f"{s['label']}: " + ", ".join(f"{k.removeprefix('auc_')} {v:.3f}" for k, v in s.items()
-                                                       if k.startswith("auc_")) + f"; min Wilcoxon p {s['min_wilcoxon_p']:.3g}"
-    else:
-        s.setdefault("headline", f"{kind} model {mid}")
+    s = {**meta["summary"], "model_id": mid, "kind": m.name}
+    s["headline"] = m.headline(s)
+    files = m.plots(store, mid, out) if m.plots else []
     s["files"] = [str(f) for f in files]
     return s
 
 
-def _gene_plots(store: Store, mid: str, out: Path, meta: dict) -> list[Path]:
+# ----------------------------------------------------------------------------------------------
+# Gene-level models (genes, he2rna)
+# ----------------------------------------------------------------------------------------------
+def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
+    """Held-out r per gene, predicted vs measured for the best genes, the proliferation score."""
     from hefeat.figures.metrics import predicted_vs_measured, r_distribution
 
+    meta = load_model(store, mid)
     d = store.model_dir(mid)
     m = load_table(store, mid, "metrics")
     files = []
     r_col = "spearman_r" if "spearman_r" in m else "pearson_r"
     sig = m[m["significant"]] if "significant" in m else m.iloc[:0]
     thr = float(sig[r_col].min()) if len(sig) else None
+    fdr = meta["summary"].get("fdr", 0.05)
     null = load_table(store, mid, "null")[r_col].to_numpy() if "null" in meta.get("tables", []) else None
     split = meta.get("summary", {}).get("split", "cross-validation")
     files.append(out / "r_distribution.png")
     r_distribution(m[r_col].to_numpy(), metric=r_col.replace("_", " "), r_null=null, threshold=thr,
-                   threshold_label="smallest r significant at FDR 0.05",
+                   threshold_label=f"smallest r significant at FDR {fdr:g}",
                    title=f"{meta['kind']} model {mid}: {len(sig)} of {len(m)} genes significant ({split})",
                    out=files[-1])
     oof_p = d / "oof_predictions.parquet"
@@ -96,14 +82,123 @@ def _gene_plots(store: Store, mid: str, out: Path, meta: dict) -> list[Path]:
 
 def _measured(store: Store, meta: dict, oof: pd.DataFrame) -> pd.DataFrame | None:
     """Measured (transformed) targets aligned with the out-of-fold table."""
-    from hefeat.learn.data import slide_level_data
+    from hefeat.errors import HefeatError
+    from hefeat.learn.data import sample_targets
 
     p = meta["params"]
     try:
-        data = slide_level_data(store, p["extraction_id"], dataset=p.get("dataset", "expression"),
-                                transform=p.get("transform", "log1p"))
-    except Exception:
+        data = sample_targets(store, p["extraction_id"], dataset=p.get("dataset", "expression"),
+                              transform=p.get("transform", "log1p"), level=p.get("unit", "sample"))
+    except HefeatError:
         return None
     df = pd.DataFrame(data.Y, columns=data.genes, index=data.ids)
     return df.loc[oof["sample_id"].to_numpy()].reset_index(drop=True) if set(oof["sample_id"]) <= set(df.index) else None
 
+
+# ----------------------------------------------------------------------------------------------
+# Learning curves (he2rna, spots --head mlp)
+# ----------------------------------------------------------------------------------------------
+def learning_curve_plot(store: Store, mid: str, out: Path, table: str) -> list[Path]:
+    """Training (and validation) loss per epoch of each fold's network, the mean over folds thick."""
+    from hefeat.figures.metrics import learning_curves
+
+    meta = load_model(store, mid)
+    if table not in meta.get("tables", []):
+        return []
+    h = load_table(store, mid, table)
+    if h.empty:
+        return []
+    cv = h[h["fold"] != "final"]
+    f = out / "learning_curves.png"
+    learning_curves(cv if len(cv) else h, out=f,
+                    title=f"{meta['kind']} model {mid}: mean squared error per epoch in each cross-validation fold "
+                          "(validation = patients held out of that fold's training for early stopping)")
+    return [f]
+
+
+# ----------------------------------------------------------------------------------------------
+# ROC curves (receptors, traits)
+# ----------------------------------------------------------------------------------------------
+def roc_plot(store: Store, mid: str, out: Path) -> list[Path]:
+    """Patient-level ROC with bootstrap bands for the test and validation sites (binary labels)."""
+    from hefeat.figures.metrics import roc_curves
+
+    meta = load_model(store, mid)
+    s = meta["summary"]
+    classes = s["classes"].split(",")
+    if "patient_scores" not in meta.get("tables", []) or len(classes) != 2:
+        return []
+    sc = load_table(store, mid, "patient_scores")
+    curves = [{"label": f"{part} sites" + (f" ({s['test_sites']})" if part == "test" else " (model choice)"),
+               "y_true": g["y"].to_numpy(), "score": g[f"p_{classes[1]}"].to_numpy()}
+              for part, g in sc.groupby("part", sort=False)]
+    f = out / "roc.png"
+    roc_curves(curves, out=f, seed=meta["params"].get("seed", 0), n_boot=meta["params"].get("n_boot", 500),
+               title=f"{s['label']} = {classes[1]} per patient (mean tile probability), site-grouped split, model {mid}")
+    return [f]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer
+# ----------------------------------------------------------------------------------------------
+def transfer_plot(store: Store, mid: str, out: Path) -> list[Path]:
+    """AUC of each representation per hospital-B size over the random A/B splits, Wilcoxon p under each size."""
+    from hefeat.figures.metrics import transfer_comparison
+
+    meta = load_model(store, mid)
+    a = load_table(store, mid, "aucs")
+    f = out / "transfer.png"
+    transfer_comparison(a, tests=load_table(store, mid, "tests"), out=f,
+                        title=f"{meta['summary']['label']} at hospital B: AUC ({meta['params']['folds']}-fold CV on B) "
+                              f"over {a['split'].nunique()} random A/B patient splits per size (model {mid})")
+    return [f]
+
+
+# ----------------------------------------------------------------------------------------------
+# Spatial (spots, traits)
+# ----------------------------------------------------------------------------------------------
+def spot_map_plot(store: Store, mid: str, out: Path) -> list[Path]:
+    """Map of the best gene on the slide with the most spots: measured, predicted, baseline."""
+    from hefeat.learn.spots import spot_maps
+
+    m = load_table(store, mid, "metrics")
+    gene = m.sort_values("mean_r_model", ascending=False)["gene"].iloc[0]
+    folder = store.predictions_path(mid, "x").parent
+    sids = sorted(p.name.removeprefix("slide=").removesuffix(".parquet") for p in folder.glob("slide=*.parquet"))
+    if not sids:
+        return []
+    sizes = {s: len(pd.read_parquet(folder / f"slide={s}.parquet", columns=["tile_id"])) for s in sids}
+    sid = max(sids, key=lambda s: (sizes[s], s))
+    f = out / "spot_map.png"
+    spot_maps(store, mid, sid, gene, f)
+    return [f]
+
+
+def trait_plots(store: Store, mid: str, out: Path) -> list[Path]:
+    """Cartography of a held-out slide, held-out ROC per trait, HTI survival when the clinical data allow."""
+    from hefeat.errors import HefeatError
+    from hefeat.figures.metrics import roc_curves
+    from hefeat.learn.traits import HELD_OUT, cartography, survival
+
+    meta = load_model(store, mid)
+    traits = meta["params"]["traits"]
+    sl = load_table(store, mid, "slides")
+    files = []
+    held = sl[sl["heldout"]]
+    sid = (held if len(held) else sl)["slide_id"].iloc[0]
+    files.append(out / f"cartography_{sid}.png")
+    cartography(store, mid, sid, files[-1])
+    curves = []
+    for t in traits:
+        h = sl[sl[f"part_{t}"].isin(HELD_OUT)]
+        curves.append({"label": f"{t} (test + OOD slides)", "y_true": h[f"label_{t}"].to_numpy(),
+                       "score": h[f"score_{t}"].to_numpy()})
+    files.append(out / "roc.png")
+    roc_curves(curves, out=files[-1], seed=meta["params"].get("seed", 0),
+               title=f"Trait high vs low per slide (share of tiles called positive) on held-out slides, model {mid}")
+    try:
+        survival(store, mid, out=out / "hti_survival.png")
+        files.append(out / "hti_survival.png")
+    except HefeatError:
+        pass  # no survival columns, or every held-out patient on one side: the headline says what exists
+    return files

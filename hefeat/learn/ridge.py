@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
 
 from hefeat.errors import HefeatError
 
@@ -77,8 +78,8 @@ def fit_ridge_heads(X: np.ndarray, Y: np.ndarray, *, alphas=DEFAULT_ALPHAS, dtyp
     return RidgeFit(coef=coef, intercept=intercept, alpha=best_a, loo_mse=best_mse)
 
 
-class RidgeHeads:
-    """Estimator form: one ridge head per target, penalty per target by efficient LOO.
+class RidgeHeads(RegressorMixin, BaseEstimator):
+    """Estimator form (scikit-learn compatible): one ridge head per target, penalty per target by efficient LOO.
 
     Parameters
     ----------
@@ -92,7 +93,7 @@ class RidgeHeads:
         self.random_state = random_state
 
     def fit(self, X: np.ndarray, Y: np.ndarray) -> RidgeHeads:
-        """Fit on X (n, p) and Y (n, g); returns self."""
+        """Fit on X of shape (n, p) and Y of shape (n, g); returns self."""
         X = np.asarray(X, np.float64)
         if self.pca:
             from sklearn.decomposition import PCA
@@ -104,10 +105,11 @@ class RidgeHeads:
             self.pca_ = None
         self.fit_ = fit_ridge_heads(X, Y, alphas=self.alphas)
         self.alpha_ = self.fit_.alpha
+        self.coef_, self.intercept_ = self.fit_.coef, self.fit_.intercept
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predictions (n, g)."""
+        """Predictions of shape (n, g) for X of shape (n, p)."""
         X = np.asarray(X, np.float64)
         if self.pca_ is not None:
             X = self.pca_.transform(X)

@@ -5,47 +5,85 @@ per-gene penalty (or a small MLP), bias = mean expression. Leave-one-patient-out
 patient Pearson r and RMSE; a gene "works" when r > 0 in enough patients (one-sided binomial sign
 test, p = 0.5, Holm–Bonferroni over genes); the same against 3x3-smoothed expression; AUROC of
 top-25 % vs bottom-25 % spots; pseudo-bulk vs bulk; region-label and colour/texture baselines.
+The top-N genes are chosen by mean expression over all spots, as ST-Net did (an unsupervised choice
+that never looks at how well a gene is predicted).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.models import (
-    load_model,
-    load_table,
-    model_exists,
-    model_id,
-    model_summary,
-    save_model,
+from hefeat.learn.registry import (
+    FitResult,
+    Method,
+    NotEstimable,
+    Params,
+    check_range,
+    param,
+    register,
 )
-from hefeat.learn.ridge import DEFAULT_ALPHAS, fit_ridge_heads
-from hefeat.learn.splits import assert_disjoint, leave_one_group_out
-from hefeat.learn.stats import columnwise_pearson, correct, sign_test
 from hefeat.store.catalog import Store
-from hefeat.store.features import read_features
 from hefeat.store.tables import write_parquet
 
 QC_FEATURES = ["mean_r", "mean_g", "mean_b", "sharpness", "density", "background_frac"]
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 
 
-@dataclass
-class SpotsParams:
+def gene_spec(v: str) -> str:
+    """Validate --genes: top:N, all, a file or a comma list (checked against the counts at fit time)."""
+    kind, _, n = v.partition(":")
+    if kind == "top" and not (n.isdigit() and int(n) > 0):
+        raise HefeatError(f"--genes top:N needs N > 0, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpotsParams(Params):
     """Parameters of `hefeat fit spots` (recorded with the model)."""
 
-    extraction_id: str
-    genes: str = "top:250"
-    head: str = "ridge"
-    region_labels: str | None = None
-    bulk_dataset: str | None = "expression"
-    top_maps: int = 5
-    seed: int = 0
+    extraction_id: str = param(help="An extraction on a spot tiling.", flag="--extraction")
+    genes: str = param("top:250", "top:N by mean, all, a file or a comma list.", parse=gene_spec)
+    head: str = param("ridge", "ridge (per-gene LOO penalty) or mlp.", choices=("ridge", "mlp"))
+    cv: str = param("leave-one-patient-out", "Cross-validation (ST-Net: leave-one-patient-out).",
+                    choices=("leave-one-patient-out",))
+    alphas: tuple[float, ...] = param(DEFAULT_ALPHAS, "Candidate ridge penalties (--head ridge).")
+    mlp_hidden: int = param(256, "Hidden units of the MLP head.")
+    mlp_dropout: float = param(0.2, "Dropout of the MLP head.")
+    mlp_epochs: int = param(60, "Epochs of the MLP head.")
+    mlp_lr: float = param(1e-3, "Adam learning rate of the MLP head.")
+    mlp_weight_decay: float = param(1e-4, "Adam weight decay of the MLP head.")
+    mlp_batch_size: int = param(64, "Spots per step of the MLP head.")
+    region_labels: str | None = param(None, "CSV/Parquet slide_id, spot_id, label for the region baseline.")
+    bulk_dataset: str | None = param("expression", "Bulk dataset for pseudo-bulk (none: skip).", flag="--bulk")
+    map_genes: int = param(20, "Genes (best first) whose spot predictions are written for maps.")
+    alpha: float = param(0.05, "Significance level of the sign test after Holm's correction.")
+    seed: int = param(0, "Seed of the MLP head.")
+
+    def validate(self) -> None:
+        gene_spec(self.genes)
+        if not self.alphas or min(self.alphas) <= 0:
+            raise HefeatError("--alphas must be positive penalties")
+        for name in ("mlp_hidden", "mlp_epochs", "mlp_batch_size", "map_genes"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_range("--mlp-dropout", self.mlp_dropout, 0, 1, hi_open=True)
+        check_range("--mlp-lr", self.mlp_lr, 0, lo_open=True)
+        check_range("--alpha", self.alpha, 0, 1, lo_open=True, hi_open=True)
+
+    def estimator(self):
+        """The spot head with these hyperparameters."""
+        if self.head == "ridge":
+            from hefeat.learn.ridge import RidgeHeads
+
+            return RidgeHeads(self.alphas)
+        from hefeat.learn.nets import SpotMLP
+
+        return SpotMLP(self.mlp_hidden, dropout=self.mlp_dropout, epochs=self.mlp_epochs, lr=self.mlp_lr,
+                       weight_decay=self.mlp_weight_decay, batch_size=self.mlp_batch_size, random_state=self.seed)
 
 
 @dataclass
@@ -80,11 +118,12 @@ def load_spots(store: Store, eid: str, genes_spec: str) -> SpotData:
         raise HefeatError("No spot counts in the store; ingest them with hefeat ingest spots")
     wide = counts.pivot_table(index=["slide_id", "spot_id"], columns="gene", values="count", aggfunc="first")
     pats = store.sql("SELECT slide_id, patient_id FROM slides").set_index("slide_id")["patient_id"]
+    from hefeat.learn.data import slide_tiles
+
     metas, Xs = [], []
-    for sid in fi:
-        t = store.tiles(ext["tiling_id"], sid)
-        metas.append(t.assign(slide_id=sid, patient_id=pats[sid]))
-        Xs.append(read_features(store.features_path(eid, sid)))
+    for st in slide_tiles(store, eid, list(fi), columns=("spot_id", "row", "col", *QC_FEATURES)):
+        metas.append(st.tiles.assign(slide_id=st.slide_id, patient_id=pats[st.slide_id]))
+        Xs.append(st.X)
     meta = pd.concat(metas, ignore_index=True)
     X = np.concatenate(Xs)
     key = pd.MultiIndex.from_frame(meta[["slide_id", "spot_id"]])
@@ -122,34 +161,6 @@ def smooth3x3(meta: pd.DataFrame, Y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mlp_fit_predict(Xtr, Ytr, Xte, seed: int) -> np.ndarray:
-    import torch
-
-    from hefeat.learn.torchutil import flush_denormals
-
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(Xtr.shape[1], 256), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                              torch.nn.Linear(256, Ytr.shape[1]))
-    with torch.no_grad():
-        net[-1].bias.copy_(torch.as_tensor(Ytr.mean(0), dtype=torch.float32))  # bias = mean expression
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    x = torch.as_tensor((Xtr - mu) / sd, dtype=torch.float32)
-    y = torch.as_tensor(Ytr, dtype=torch.float32)
-    rng = np.random.default_rng(seed)
-    with flush_denormals():
-        net.train()
-        for _ in range(60):
-            for b in np.array_split(rng.permutation(len(x)), max(1, len(x) // 64)):
-                loss = ((net(x[b]) - y[b]) ** 2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        net.eval()
-        with torch.no_grad():
-            return net(torch.as_tensor((Xte - mu) / sd, dtype=torch.float32)).numpy()
-
-
 def _region_labels(store: Store, meta: pd.DataFrame, path: str | None) -> np.ndarray | None:
     if not path:
         return None
@@ -162,30 +173,31 @@ def _region_labels(store: Store, meta: pd.DataFrame, path: str | None) -> np.nda
     return m["label"].astype(str).to_numpy()
 
 
-def fit_spots(store: Store, p: SpotsParams, *, force: bool = False) -> dict:
-    """Leave-one-patient-out spot heads with ST-Net's evaluation; stores metrics and spot predictions."""
-    t0 = time.perf_counter()
-    if p.head not in ("ridge", "mlp"):
-        raise HefeatError("--head must be ridge or mlp")
-    pdict = asdict(p)
-    mid = model_id("spots", pdict)
-    if model_exists(store, mid) and not force:
-        return model_summary(store, mid, cached=True)
+def fit_spots(store: Store, p: SpotsParams, model_id: str) -> FitResult:
+    """Leave-one-patient-out spot heads with ST-Net's evaluation; metrics and spot predictions."""
+    from sklearn.base import clone
+
+    from hefeat.learn.ridge import fit_ridge_heads
+    from hefeat.learn.splits import assert_disjoint, leave_one_group_out
+
     d = load_spots(store, p.extraction_id, p.genes)
     patients = d.meta["patient_id"].to_numpy().astype(str)
-    if len(np.unique(patients)) < 3:
-        raise HefeatError("Leave-one-patient-out needs spots from at least 3 patients")
+    n_pat = len(np.unique(patients))
+    if n_pat < 3:
+        raise NotEstimable(f"Leave-one-patient-out needs spots from at least 3 patients, found {n_pat}")
     region = _region_labels(store, d.meta, p.region_labels)
     folds = leave_one_group_out(patients)
     pred = np.zeros_like(d.Y)
     base_qc = np.zeros_like(d.Y)
     base_region = np.zeros_like(d.Y) if region is not None else None
+    history = []
+    base = p.estimator()
     for f in folds:
         assert_disjoint(patients, f.train, f.test)
-        if p.head == "ridge":
-            pred[f.test] = fit_ridge_heads(d.X[f.train], d.Y[f.train], alphas=DEFAULT_ALPHAS).predict(d.X[f.test])
-        else:
-            pred[f.test] = _mlp_fit_predict(d.X[f.train], d.Y[f.train], d.X[f.test], p.seed)
+        est = clone(base).fit(d.X[f.train], d.Y[f.train])
+        pred[f.test] = est.predict(d.X[f.test])
+        if hasattr(est, "history_"):
+            history.append(est.history_.assign(fold=f.name))
         qm, qs = d.Q[f.train].mean(0), d.Q[f.train].std(0) + 1e-9
         base_qc[f.test] = fit_ridge_heads((d.Q[f.train] - qm) / qs, d.Y[f.train]).predict((d.Q[f.test] - qm) / qs)
         if region is not None:
@@ -194,26 +206,35 @@ def fit_spots(store: Store, p: SpotsParams, *, force: bool = False) -> dict:
     smooth = smooth3x3(d.meta, d.Y)
     per = _per_patient(d, patients, {"model": pred, "qc_baseline": base_qc,
                                      **({"region_baseline": base_region} if base_region is not None else {})}, smooth)
-    genes = _per_gene(per, d, pred, patients)
+    genes = _per_gene(per, d, pred, patients, p.alpha)
     bulk = _pseudo_bulk(store, p.bulk_dataset, d, pred)
     if bulk is not None:
         genes = genes.merge(bulk, on="gene", how="left")
     n_work = int(genes["works"].sum())
-    summary = {"model_id": mid, "kind": "spots", "extraction_id": p.extraction_id, "n_spots": int(len(d.Y)),
-               "n_patients": int(len(np.unique(patients))), "n_genes": len(d.genes), "genes_passing_sign_test": n_work,
+    summary = {"extraction_id": p.extraction_id, "n_spots": int(len(d.Y)),
+               "n_patients": n_pat, "n_genes": len(d.genes), "genes_passing_sign_test": n_work, "alpha": p.alpha,
                "median_r_model": float(genes["mean_r_model"].median()),
                "median_r_qc_baseline": float(genes["mean_r_qc_baseline"].median()),
                "median_auroc": float(genes["auroc_top_bottom_25"].median()), "split": "leave-one-patient-out",
                "head": p.head}
     if base_region is not None:
         summary["median_r_region_baseline"] = float(genes["mean_r_region_baseline"].median())
-    _write_spot_predictions(store, mid, d, pred, genes, base_qc)
-    save_model(store, mid, kind="spots", params=pdict, summary=summary, tables={"metrics": genes, "per_patient": per},
-               extraction_id=p.extraction_id, seconds=round(time.perf_counter() - t0, 3))
-    return {**summary, "cached": False}
+    notes = []
+    n_eval = int(genes["n_patients"].max()) if len(genes) else 0
+    if n_eval and 0.5 ** n_eval * len(d.genes) >= p.alpha:
+        need = int(np.ceil(np.log2(len(d.genes) / p.alpha)))
+        notes.append(f"with {n_eval} patients the smallest sign-test p is {0.5 ** n_eval:.2g}: after Holm over "
+                     f"{len(d.genes)} genes no gene can pass at {p.alpha:g}; {need} patients (or fewer genes) are needed")
+    _write_spot_predictions(store, model_id, d, pred, genes, base_qc, p.map_genes)
+    tables = {"metrics": genes, "per_patient": per}
+    if history:
+        tables["training"] = pd.concat(history, ignore_index=True)
+    return FitResult(summary=summary, tables=tables, extraction_id=p.extraction_id, notes=notes)
 
 
 def _per_patient(d: SpotData, patients: np.ndarray, preds: dict[str, np.ndarray], smooth: np.ndarray) -> pd.DataFrame:
+    from hefeat.learn.stats import columnwise_pearson
+
     rows = []
     for pat in np.unique(patients):
         m = patients == pat
@@ -241,7 +262,9 @@ def _auroc_top_bottom(P: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _per_gene(per: pd.DataFrame, d: SpotData, pred: np.ndarray, patients: np.ndarray) -> pd.DataFrame:
+def _per_gene(per: pd.DataFrame, d: SpotData, pred: np.ndarray, patients: np.ndarray, alpha: float) -> pd.DataFrame:
+    from hefeat.learn.stats import correct, sign_test
+
     m = per[per["predictor"] == "model"]
     g = m.groupby("gene", sort=False)
     out = pd.DataFrame({"gene": d.genes}).set_index("gene")
@@ -252,7 +275,7 @@ def _per_gene(per: pd.DataFrame, d: SpotData, pred: np.ndarray, patients: np.nda
     out["sign_p_smoothed"] = [sign_test(int(a), int(n)) for a, n in zip(out["n_positive_smoothed"], out["n_patients"], strict=True)]
     out["sign_p_holm"] = correct(out["sign_p"].to_numpy(), "holm")
     out["sign_p_smoothed_holm"] = correct(out["sign_p_smoothed"].to_numpy(), "holm")
-    out["works"] = out["sign_p_holm"] < 0.05
+    out["works"] = out["sign_p_holm"] < alpha
     for name in per["predictor"].unique():
         out[f"mean_r_{name}"] = per[per["predictor"] == name].groupby("gene")["r"].mean()
     out["mean_r_smoothed"] = g["r_smoothed"].mean()
@@ -278,17 +301,18 @@ def _pseudo_bulk(store: Store, dataset: str | None, d: SpotData, pred: np.ndarra
     genes = [g for g in d.genes if g in bulk.columns]
     if len(pb) < 3 or not genes:
         return None
+    from hefeat.learn.stats import columnwise_pearson, r_pvalue
+
     meas = np.log1p(bulk.loc[pb["sample_id"], genes].to_numpy(float))
     r = columnwise_pearson(pb[genes].to_numpy(), meas)
-    from hefeat.learn.stats import r_pvalue
 
     return pd.DataFrame({"gene": genes, "pseudo_bulk_r": r, "pseudo_bulk_p": r_pvalue(r, len(pb)),
                          "pseudo_bulk_slides": len(pb)})
 
 
 def _write_spot_predictions(store: Store, mid: str, d: SpotData, pred: np.ndarray, genes: pd.DataFrame,
-                            baseline: np.ndarray | None = None) -> None:
-    top = genes.sort_values("mean_r_model", ascending=False)["gene"].head(20).tolist()
+                            baseline: np.ndarray | None = None, n_genes: int = 20) -> None:
+    top = genes.sort_values("mean_r_model", ascending=False)["gene"].head(n_genes).tolist()
     cols = [d.genes.index(g) for g in top]
     for sid, idx in d.meta.groupby("slide_id").groups.items():
         idx = np.asarray(idx)
@@ -321,6 +345,8 @@ def spot_maps(store: Store, mid: str, slide_id: str, gene: str, out: str | Path,
     if gene not in df.columns:
         mapped = [c.removeprefix("measured_") for c in df.columns if c.startswith("measured_")]
         raise HefeatError(f"Gene {gene} is not among the mapped genes of {mid}: {', '.join(mapped)[:200]}")
+    from hefeat.learn.models import load_model, load_table
+
     meta = load_model(store, mid)
     tid = store.extraction(meta["extraction_id"])["tiling_id"]
     df = df.merge(store.tiles(tid, slide_id)[["tile_id", "size0"]], on="tile_id", how="left")
@@ -357,3 +383,44 @@ def spot_maps(store: Store, mid: str, slide_id: str, gene: str, out: str | Path,
                                                  "stored with this model (refit to draw it)."))
     res = spot_map(img, c, diameter, panels, label=TARGET_UNITS, title=title, note=note, out=out)
     return {"out": str(out), "r": r, "r_baseline": rb, "spots": len(df), **res}
+
+
+
+def headline(s: dict) -> str:
+    """ST-Net's headline: genes passing the sign test over held-out patients, median r vs the baseline."""
+    return (f"{s['genes_passing_sign_test']} of {s['n_genes']} genes have r > 0 in enough of {s['n_patients']} "
+            f"patients (binomial sign test, Holm, {s.get('alpha', 0.05):g}; leave-one-patient-out); median r "
+            f"{s['median_r_model']:.3f} vs colour/texture baseline {s['median_r_qc_baseline']:.3f}")
+
+
+def _file_input(store: Store, p: SpotsParams) -> dict:
+    """The region-label file's content is an input of the baseline."""
+    if not p.region_labels:
+        return {}
+    import hashlib
+
+    path = Path(p.region_labels)
+    if not path.exists():
+        raise HefeatError(f"--region-labels file not found: {p.region_labels}")
+    return {"region_labels": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+def _units(column: str) -> str:
+    for prefix in ("measured", "baseline"):
+        if column.startswith(prefix + "_"):
+            return f"{prefix} {TARGET_UNITS}"
+    return f"predicted {TARGET_UNITS}"
+
+
+def _plots(store: Store, mid: str, out: Path) -> list[Path]:
+    from hefeat.learn.report import learning_curve_plot, spot_map_plot
+
+    return spot_map_plot(store, mid, out) + learning_curve_plot(store, mid, out, "training")
+
+
+register(Method(
+    name="spots", prefix="spt-", params=SpotsParams, fit=fit_spots, headline=headline, plots=_plots,
+    inputs=_file_input, units=lambda params, col: _units(col),
+    summary="ST-Net-style spot heads, leave-one-patient-out, sign test over patients.",
+    example="hefeat fit spots --extraction e5678 --genes top:250 --cv leave-one-patient-out",
+))

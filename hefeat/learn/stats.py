@@ -135,8 +135,8 @@ def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, *, n_boot: int = 1
 
 
 def auc_with_ci(y: np.ndarray, score: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                groups: np.ndarray | None = None) -> dict:
-    """ROC AUC with a 95 % percentile bootstrap CI."""
+                groups: np.ndarray | None = None, level: float = 0.95) -> dict:
+    """ROC AUC with a percentile bootstrap CI (95 % by default); NaN when y has one class."""
     from sklearn.metrics import roc_auc_score
 
     y, score = np.asarray(y), np.asarray(score)
@@ -146,7 +146,7 @@ def auc_with_ci(y: np.ndarray, score: np.ndarray, *, n_boot: int = 1000, seed: i
     def stat(idx):
         return roc_auc_score(y[idx], score[idx]) if len(np.unique(y[idx])) == 2 else None
 
-    lo, hi = bootstrap_ci(stat, len(y), n_boot=n_boot, seed=seed, groups=groups)
+    lo, hi = bootstrap_ci(stat, len(y), n_boot=n_boot, seed=seed, groups=groups, level=level)
     return {"auc": float(roc_auc_score(y, score)), "ci_low": lo, "ci_high": hi, "n": int(len(y))}
 
 

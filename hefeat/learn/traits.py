@@ -1,56 +1,106 @@
 """PathoMCH-style binary trait maps, heterogeneity index and survival (Levy-Jurgenson et al. 2020).
 
-Per trait: slides above the cohort median are "high"; slides between two percentiles are kept out of
-training as out-of-distribution (OOD-near: within 10 points of the cut-offs; OOD-all). A subject-level
-10 % test set, then 5 random train/validation splits; a tile classifier on frozen embeddings (every
-tile inherits its slide's label); slide score = share of tiles called positive; the ensemble is a
-per-tile majority vote of the 3 best models. Binary tile maps of several traits give cartographies
-and the heterogeneity index (hti.py), which joins clinical data for Kaplan–Meier and log-rank.
+Per trait, a patient is "high" when its expression is above the patients' median; patients between
+two percentiles (20th-80th) never train: they are out-of-distribution (OOD-near: within 10 points of
+the cut-offs; OOD-all). A subject-level test set (10 % of the patients, shared by every trait) is
+drawn first, then 5 random train/validation splits of each trait's remaining extreme patients; a tile
+classifier on frozen embeddings (every tile inherits its slide's label); slide score = share of tiles
+called positive; the ensemble is a per-tile majority vote of the 3 best models by validation AUC.
+Every decision is per patient: all slides of a patient share its label, part and eligibility.
+
+Binary tile maps of several traits give cartographies and the heterogeneity index (hti.py). HTI and
+survival use held-out patients only -- those no trait model trained or was selected on (test
+patients, and patients OOD for every trait): trained slides get in-sample, near-homogeneous maps,
+so their HTI would confound survival with training membership. As in PathoMCH, patients with
+HTI = 0 are skipped and follow-up is capped at 10 years.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.aggregate import majority_vote
-from hefeat.learn.classifiers import tile_classifier
-from hefeat.learn.data import clinical_by_slide, expression_table, transform_values
 from hefeat.learn.hti import combination_codes, hti
-from hefeat.learn.models import (
-    load_model,
-    load_table,
-    model_exists,
-    model_id,
-    model_summary,
-    save_model,
+from hefeat.learn.registry import (
+    FitResult,
+    Method,
+    NotEstimable,
+    Params,
+    check_range,
+    param,
+    register,
+    require_kind,
 )
-from hefeat.learn.splits import assert_disjoint, group_holdout
 from hefeat.store.catalog import Store
-from hefeat.store.features import read_features
-from hefeat.store.tables import write_parquet
+
+PARTS = ("train", "validation", "test", "ood", "ood_near")
+HELD_OUT = ("test", "ood", "ood_near")
 
 
-@dataclass
-class TraitsParams:
+@dataclass(frozen=True, kw_only=True)
+class TraitsParams(Params):
     """Parameters of `hefeat fit traits` (recorded with the model)."""
 
-    extraction_id: str
-    traits: list[str] = field(default_factory=lambda: ["MKI67", "miR-17"])
-    dataset: str = "expression"
-    exclude_mid: list[float] = field(default_factory=lambda: [20.0, 80.0])
-    splits: int = 5
-    test_share: float = 0.1
-    val_share: float = 0.2
-    head: str = "logistic"
-    ensemble: int = 3
-    max_tiles_per_slide: int = 500
-    seed: int = 0
+    extraction_id: str = param(help="Extraction whose tile embeddings are classified.", flag="--extraction")
+    traits: tuple[str, ...] = param(("MKI67", "miR-17"), "Gene/miRNA of the expression table; repeat.",
+                                    flag="--trait", multiple=True)
+    dataset: str = param("expression", "Expression dataset holding the traits.", flag="--target")
+    exclude_mid: tuple[float, float] = param((20.0, 80.0), "Percentiles kept out of training (OOD), e.g. 20,80.")
+    splits: int = param(5, "Random train/validation splits per trait.")
+    test_share: float = param(0.1, "Share of patients held out as the test set (shared by every trait).")
+    val_share: float = param(0.2, "Share of a trait's training patients used for validation in each split.")
+    head: str = param("logistic", "Tile classifier: logistic regression or a small MLP.", choices=("logistic", "mlp"))
+    C: float = param(0.05, "Inverse L2 penalty of the logistic tile classifier.")
+    max_iter: int = param(2000, "Solver iterations of the tile classifier.")
+    mlp_hidden: int = param(64, "Hidden units of the MLP tile classifier (--head mlp).")
+    ensemble: int = param(3, "Models (best validation AUC) in the per-tile majority vote.")
+    max_tiles_per_slide: int = param(500, "Training tiles drawn per slide (maps use every tile).")
+    seed: int = param(0, "Seed of the test set, the splits, the tile draws and the classifiers.")
+
+    def validate(self) -> None:
+        if not self.traits:
+            raise HefeatError("Name at least one --trait")
+        if len(set(self.traits)) != len(self.traits):
+            raise HefeatError(f"--trait names repeat: {', '.join(self.traits)}")
+        lo, hi = self.exclude_mid
+        if not 0 <= lo < 50 < hi <= 100:
+            raise HefeatError("--exclude-mid must be two percentiles around the median, e.g. 20,80")
+        check_range("--splits", self.splits, 1)
+        check_range("--test-share", self.test_share, 0, 1, lo_open=True, hi_open=True)
+        check_range("--val-share", self.val_share, 0, 1, lo_open=True, hi_open=True)
+        check_range("--C", self.C, 0, lo_open=True)
+        check_range("--max-iter", self.max_iter, 1)
+        check_range("--ensemble", self.ensemble, 1, self.splits)
+        check_range("--max-tiles-per-slide", self.max_tiles_per_slide, 1)
+
+    def classifier(self, seed: int):
+        """The tile classifier with these hyperparameters."""
+        from hefeat.learn.classifiers import tile_classifier
+
+        return tile_classifier(self.head, C=self.C, max_iter=self.max_iter, hidden=self.mlp_hidden, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patient-level labels and parts
+# ----------------------------------------------------------------------------------------------
+def patient_parts(values: pd.Series, test_patients: set[str], exclude_mid: tuple[float, float]) -> pd.DataFrame:
+    """Per patient: label (above the patients' median), percentile, and part (test / ood / ood_near / pool).
+
+    `values` is one trait value per patient (index = patient_id). OOD is decided on the patient's
+    value, so every slide of a patient is on the same side.
+    """
+    lo, hi = exclude_mid
+    pct = values.rank(pct=True) * 100
+    label = (values > values.median()).astype(int)
+    ood_all = (pct > lo) & (pct <= hi)
+    ood_near = ((pct > lo) & (pct <= lo + 10)) | ((pct > hi - 10) & (pct <= hi))
+    part = np.where(values.index.isin(list(test_patients)), "test",
+                    np.where(ood_all, np.where(ood_near, "ood_near", "ood"), "pool"))
+    return pd.DataFrame({"value": values, "percentile": pct, "label": label, "part": part}, index=values.index)
 
 
 def _slide_auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -59,127 +109,184 @@ def _slide_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else float("nan")
 
 
-def fit_traits(store: Store, p: TraitsParams, *, force: bool = False) -> dict:
-    """Fit trait tile classifiers; write binary tile maps (ensemble) for every slide; AUCs per trait."""
-    t0 = time.perf_counter()
-    pdict = asdict(p)
-    mid = model_id("traits", pdict)
-    if model_exists(store, mid) and not force:
-        return model_summary(store, mid, cached=True)
-    ext = store.extraction(p.extraction_id)
-    lo, hi = p.exclude_mid
-    if not 0 <= lo < 50 < hi <= 100:
-        raise HefeatError("--exclude-mid must be two percentiles around the median, e.g. 20,80")
+def _frac_pos(clf, F: np.ndarray) -> float:
+    return float((clf.predict(F) == 1).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Fit
+# ----------------------------------------------------------------------------------------------
+def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
+    """Fit trait tile classifiers; binary tile maps (ensemble) for every slide; held-out AUCs per trait."""
+    from hefeat.learn.aggregate import majority_vote
+    from hefeat.learn.data import expression_table, finished_slides, slide_tiles, transform_values
+    from hefeat.learn.splits import assert_disjoint, group_holdout
+    from hefeat.store.tables import write_parquet
+
     wide = expression_table(store, p.dataset)
     missing = [t for t in p.traits if t not in wide.columns]
     if missing:
         raise HefeatError(f"Traits not in the expression table {p.dataset!r}: {', '.join(missing)}")
     smap = store.sql("SELECT s.sample_id, s.slide_id, sl.patient_id FROM samples s JOIN slides sl USING (slide_id) "
-                     "WHERE s.dataset = ?", [p.dataset])
-    done = set(store.sql("SELECT slide_id FROM features_index WHERE extraction_id = ?", [p.extraction_id])["slide_id"])
-    smap = smap[smap["slide_id"].isin(done)].drop_duplicates("slide_id").reset_index(drop=True)
-    if len(smap) < 10:
-        raise HefeatError(f"Trait models need at least 10 slides with features and expression, found {len(smap)}")
+                     "WHERE s.dataset = ? ORDER BY s.slide_id", [p.dataset])
+    smap = smap[smap["slide_id"].isin(set(finished_slides(store, p.extraction_id)))]
+    slides = smap.drop_duplicates("slide_id")[["slide_id", "patient_id"]].reset_index(drop=True)
+    if len(slides) < 10:
+        raise NotEstimable(f"Trait models need at least 10 slides with features and expression, found {len(slides)}")
+    # One value per patient and trait: mean over the patient's samples (log scale).
+    vals = pd.DataFrame(transform_values(wide.loc[smap["sample_id"], list(p.traits)].to_numpy(float), "log1p"),
+                        columns=list(p.traits))
+    vals["patient_id"] = smap["patient_id"].to_numpy()
+    per_patient = vals.groupby("patient_id").mean()
+    patients = slides["patient_id"].to_numpy().astype(str)
+    all_pat = np.unique(patients)
+    test_pat = set(all_pat[group_holdout(all_pat, p.test_share, seed=p.seed).test])
     rng = np.random.default_rng(p.seed)
-    feats, tile_ids = {}, {}
-    for sid in smap["slide_id"]:
-        F = read_features(store.features_path(p.extraction_id, sid))
-        keep = np.sort(rng.choice(len(F), min(len(F), p.max_tiles_per_slide), replace=False))
-        feats[sid], tile_ids[sid] = F, keep
-    patients = smap["patient_id"].to_numpy().astype(str)
-    rows, maps = [], {}
-    for trait in p.traits:
-        v = transform_values(wide.loc[smap["sample_id"], trait].to_numpy(float), "log1p")
-        pct = pd.Series(v).rank(pct=True).to_numpy() * 100
-        label = (v > np.median(v)).astype(int)
-        ood_all = (pct > lo) & (pct <= hi)
-        ood_near = ((pct > lo) & (pct <= lo + 10)) | ((pct > hi - 10) & (pct <= hi))
-        extreme = np.flatnonzero(~ood_all)
-        test = extreme[group_holdout(patients[extreme], p.test_share, seed=p.seed).test]
-        # Test patients never train: drop every slide of theirs from the training pool.
-        test_pat = set(patients[test])
-        pool = np.array([i for i in extreme if patients[i] not in test_pat])
-        models = []
+    feats, coords, draw = {}, {}, {}
+    for st in slide_tiles(store, p.extraction_id, list(slides["slide_id"]), columns=("row", "col")):
+        feats[st.slide_id], coords[st.slide_id] = st.X, st.tiles
+        draw[st.slide_id] = np.sort(rng.choice(len(st.X), min(len(st.X), p.max_tiles_per_slide), replace=False))
+    sids = slides["slide_id"].tolist()
+    rows, maps, notes = [], {sid: {} for sid in sids}, []
+    for ti, trait in enumerate(p.traits):
+        pp = patient_parts(per_patient[trait], test_pat, p.exclude_mid)
+        label = pp.loc[patients, "label"].to_numpy()
+        base_part = pp.loc[patients, "part"].to_numpy()
+        pool_pat = np.array(sorted(pp.index[pp["part"] == "pool"]))
+        models, part = [], base_part.copy()
         for s in range(p.splits):
-            f = group_holdout(patients[pool], p.val_share, seed=p.seed + 1 + s)
-            tr, va = pool[f.train], pool[f.test]
-            assert_disjoint(patients, tr, va, test)
+            f = group_holdout(pool_pat, p.val_share, seed=p.seed + 1 + s)
+            val_pat = set(pool_pat[f.test])
+            tr = np.flatnonzero((base_part == "pool") & ~np.isin(patients, list(val_pat)))
+            va = np.flatnonzero(np.isin(patients, list(val_pat)))
+            assert_disjoint(patients, tr, va, np.flatnonzero(base_part != "pool"))
             if len(np.unique(label[tr])) < 2:
                 continue
-            Xtr = np.concatenate([feats[smap.at[i, "slide_id"]][tile_ids[smap.at[i, "slide_id"]]] for i in tr])
-            ytr = np.concatenate([np.full(len(tile_ids[smap.at[i, "slide_id"]]), label[i]) for i in tr])
-            clf = tile_classifier(p.head, C=0.05, seed=p.seed + s, max_iter=2000).fit(Xtr, ytr)
-            val_auc = _slide_auc(label[va], np.array([_frac_pos(clf, feats[smap.at[i, "slide_id"]]) for i in va]))
-            models.append((val_auc if np.isfinite(val_auc) else 0.0, s, clf))
+            Xtr = np.concatenate([feats[sids[i]][draw[sids[i]]] for i in tr])
+            ytr = np.concatenate([np.full(len(draw[sids[i]]), label[i]) for i in tr])
+            clf = p.classifier(p.seed + 100 * ti + s).fit(Xtr, ytr)
+            val_auc = _slide_auc(label[va], np.array([_frac_pos(clf, feats[sids[i]]) for i in va]))
+            models.append((val_auc if np.isfinite(val_auc) else 0.0, s, clf, va))
         if not models:
-            raise HefeatError(f"Trait {trait}: no split had both classes in training")
-        models.sort(key=lambda m: -m[0])
+            raise NotEstimable(f"Trait {trait}: no split had both classes among its training patients "
+                               f"({len(pool_pat)} patients outside the {p.exclude_mid[0]:g}-{p.exclude_mid[1]:g} band); "
+                               "narrow --exclude-mid or add slides")
+        models.sort(key=lambda m: (-m[0], m[1]))
         best = models[: p.ensemble]
-        votes = {sid: majority_vote(np.stack([clf.predict(F) for _, _, clf in best])) for sid, F in feats.items()}
-        score = np.array([votes[sid].mean() for sid in smap["slide_id"]])
-        single = np.array([_frac_pos(best[0][2], feats[sid]) for sid in smap["slide_id"]])
-        unseen = np.union1d(test, np.flatnonzero(ood_all))  # every slide no model trained or chose on
-        rows.append({"trait": trait, "test_auc": _slide_auc(label[test], score[test]),
-                     "heldout_auc": _slide_auc(label[unseen], score[unseen]), "n_heldout": len(unseen),
-                     "test_auc_best_single": _slide_auc(label[test], single[test]),
-                     "ood_near_auc": _slide_auc(label[ood_near], score[ood_near]),
-                     "ood_all_auc": _slide_auc(label[ood_all], score[ood_all]),
-                     "val_auc_best": best[0][0], "n_train_slides": len(pool), "n_test": len(test),
-                     "n_ood_all": int(ood_all.sum()), "n_ood_near": int(ood_near.sum()), "models": len(models),
+        # Patients any chosen model validated on were used for selection: they count as training here.
+        chosen_val = np.unique(np.concatenate([m[3] for m in best]))
+        part[base_part == "pool"] = "train"
+        part[chosen_val] = "validation"
+        votes = {sid: majority_vote(np.stack([m[2].predict(feats[sid]) for m in best])) for sid in sids}
+        score = np.array([votes[sid].mean() for sid in sids])
+        single = np.array([_frac_pos(best[0][2], feats[sid]) for sid in sids])
+        sets = {"test": part == "test", "ood_near": part == "ood_near", "ood_all": np.isin(part, ("ood", "ood_near")),
+                "heldout": np.isin(part, HELD_OUT)}
+        aucs = {k: _slide_auc(label[m], score[m]) for k, m in sets.items()}
+        rows.append({"trait": trait, **{f"{k}_auc": v for k, v in aucs.items()},
+                     "test_auc_best_single": _slide_auc(label[sets["test"]], single[sets["test"]]),
+                     "val_auc_best": best[0][0], **{f"n_{k}": int(m.sum()) for k, m in sets.items()},
+                     "n_train": int((part == "train").sum()), "n_validation": int((part == "validation").sum()),
+                     "models": len(models),
                      "split": f"subject test {p.test_share:g} + {p.splits} train/val seed={p.seed}"})
-        for sid in smap["slide_id"]:
-            maps.setdefault(sid, {})[trait] = votes[sid]
-        smap[f"label_{trait}"] = label
-        smap[f"part_{trait}"] = np.where(np.isin(np.arange(len(smap)), test), "test",
-                                          np.where(ood_all, np.where(ood_near, "ood_near", "ood"), "train_val"))
-        smap[f"score_{trait}"] = score
+        for k in ("test", "heldout"):
+            if not np.isfinite(aucs[k]):
+                m = sets[k]
+                have = sorted(set(label[m].tolist()))
+                notes.append(f"{trait}: {k} AUC not estimable: {int(m.sum())} slides "
+                             f"({'no class' if not have else 'only class ' + ','.join(map(str, have))}); "
+                             + ("use a larger --test-share or narrower --exclude-mid" if k == "test"
+                                else "add slides"))
+        for sid in sids:
+            maps[sid][trait] = votes[sid]
+        slides[f"label_{trait}"] = label
+        slides[f"part_{trait}"] = part
+        slides[f"score_{trait}"] = score
     metrics = pd.DataFrame(rows)
-    tid = ext["tiling_id"]
-    for sid, tr in maps.items():
-        t = store.tiles(tid, sid)[["tile_id", "x", "y", "row", "col"]].reset_index(drop=True)
-        B = np.stack([tr[x] for x in p.traits], 1)
-        df = pd.concat([t, pd.DataFrame(B, columns=p.traits)], axis=1)
+    auc_cols = [c for c in metrics.columns if c.endswith("_auc") or c == "test_auc_best_single"]
+    if not np.isfinite(metrics[auc_cols].to_numpy(float)).any():
+        raise NotEstimable(f"No AUC could be estimated for any trait on {len(slides)} slides: every held-out set holds "
+                           "one class; use a larger --test-share, narrower --exclude-mid, or more slides")
+    part_cols = [f"part_{t}" for t in p.traits]
+    slides["heldout"] = slides[part_cols].isin(HELD_OUT).all(axis=1)
+    n_pat_heldout = int(slides.loc[slides["heldout"], "patient_id"].nunique())
+    if n_pat_heldout < 10:
+        notes.append(f"only {n_pat_heldout} patients are held out for every trait (test or OOD): HTI survival on "
+                     "them has little power; use more slides or a larger --test-share")
+    for sid in sids:
+        t = coords[sid].reset_index(drop=True)
+        B = np.stack([maps[sid][x] for x in p.traits], 1)
+        df = pd.concat([t[["tile_id", "x", "y", "row", "col"]], pd.DataFrame(B, columns=list(p.traits))], axis=1)
         df["combination"] = combination_codes(B)
         df.insert(0, "slide_id", sid)
-        df.insert(0, "model_id", mid)
-        write_parquet(df, store.predictions_path(mid, sid))
-    summary = {"model_id": mid, "kind": "traits", "extraction_id": p.extraction_id, "traits": ",".join(p.traits),
-               "n_slides": int(len(smap)), **{f"test_auc_{r['trait']}": r["test_auc"] for r in rows},
+        df.insert(0, "model_id", model_id)
+        write_parquet(df, store.predictions_path(model_id, sid))
+    summary = {"extraction_id": p.extraction_id, "traits": ",".join(p.traits), "n_slides": int(len(slides)),
+               "n_patients": int(len(all_pat)), "n_test_patients": len(test_pat),
+               "n_heldout_patients": n_pat_heldout,
+               **{f"test_auc_{r['trait']}": r["test_auc"] for r in rows},
                **{f"ood_all_auc_{r['trait']}": r["ood_all_auc"] for r in rows},
-               **{f"heldout_auc_{r['trait']}": r["heldout_auc"] for r in rows}}
-    save_model(store, mid, kind="traits", params=pdict, summary=summary, tables={"metrics": metrics, "slides": smap},
-               extraction_id=p.extraction_id, seconds=round(time.perf_counter() - t0, 3))
-    return {**summary, "cached": False, "metrics": metrics.to_dict("records")}
+               **{f"heldout_auc_{r['trait']}": r["heldout_auc"] for r in rows},
+               **{f"n_heldout_{r['trait']}": r["n_heldout"] for r in rows}}
+    return FitResult(summary=summary, tables={"metrics": metrics, "slides": slides}, extraction_id=p.extraction_id,
+                     notes=notes)
 
 
-def _frac_pos(clf, F: np.ndarray) -> float:
-    return float((clf.predict(F) == 1).mean())
-
-
+# ----------------------------------------------------------------------------------------------
+# HTI and survival (held-out patients only)
+# ----------------------------------------------------------------------------------------------
 def hti_table(store: Store, mid: str, out: str | Path | None = None) -> pd.DataFrame:
-    """HTI per slide from a traits model's tile maps, joined with clinical data when present."""
+    """HTI per slide from a traits model's tile maps, with its parts, `heldout` flag and clinical data.
+
+    `heldout` is True for slides of patients no trait model trained or was selected on; only those
+    may enter a survival analysis.
+    """
+    from hefeat.learn.data import clinical_by_slide
+    from hefeat.learn.models import load_model, load_table
+    from hefeat.store.tables import write_parquet
+
     meta = load_model(store, mid)
-    if meta["kind"] != "traits":
-        raise HefeatError(f"Model {mid} is a {meta['kind']} model; HTI needs a traits model")
+    require_kind(meta, "traits", "HTI")
     traits = meta["params"]["traits"]
+    sl = load_table(store, mid, "slides")
     rows = []
-    for sid in load_table(store, mid, "slides")["slide_id"]:
+    for sid in sl["slide_id"]:
         df = pd.read_parquet(store.predictions_path(mid, sid))
         B = df[traits].to_numpy(bool)
         rows.append({"slide_id": sid, "hti": hti(B), "n_tiles": len(B), "positive_tiles": int(B.any(1).sum()),
                      **{f"share_{t}": float(df[t].mean()) for t in traits}})
-    res = pd.DataFrame(rows)
-    res = res.merge(clinical_by_slide(store), on="slide_id", how="left")
+    res = pd.DataFrame(rows).merge(sl[["slide_id", "heldout", *[f"part_{t}" for t in traits]]], on="slide_id")
+    clin = clinical_by_slide(store)
+    res = res.merge(clin, on="slide_id", how="left")
     res.insert(0, "model_id", mid)
     write_parquet(res, store.model_dir(mid) / "hti.parquet")
     if out:
-        (res.to_parquet if str(out).endswith(".parquet") else res.to_csv)(out)
+        if str(out).endswith(".parquet"):
+            res.to_parquet(out, index=False)
+        else:
+            res.to_csv(out, index=False)
     return res
 
 
+def _follow_up_cap(time_col: str, max_follow_up: float | None) -> float:
+    """10 years in the time column's unit (months, days, years by its name), or the cap given."""
+    if max_follow_up is not None:
+        return float(max_follow_up)
+    name = time_col.lower()
+    for unit, ten_years in (("month", 120.0), ("day", 3652.5), ("year", 10.0), ("week", 521.8)):
+        if unit in name:
+            return ten_years
+    raise HefeatError(f"Cannot tell the time unit of {time_col!r} (months, days, weeks or years in its name); "
+                      "pass --max-follow-up in that unit (10 years)")
+
+
 def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5, time_col: str = "survival_months",
-             event_col: str = "event", out: str | Path | None = None) -> dict:
-    """Kaplan–Meier curves and log-rank test for patients above vs at/below `threshold` of `by`."""
+             event_col: str = "event", max_follow_up: float | None = None, out: str | Path | None = None) -> dict:
+    """Kaplan–Meier curves and log-rank test on held-out patients, `by` above vs at/below `threshold`.
+
+    PathoMCH's design: only patients no trait model trained or was selected on; patients with HTI = 0
+    skipped; follow-up capped at 10 years (events after the cap censored at it).
+    """
     from lifelines.statistics import logrank_test
 
     res = hti_table(store, mid)
@@ -189,35 +296,63 @@ def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5,
                               f"(use --time-col / --event-col)")
     if by not in res.columns:
         raise HefeatError(f"Cannot split by {by!r}; available: hti, share_<trait>")
-    pat = res.groupby("patient_id").agg(value=(by, "mean"), t=(time_col, "first"), e=(event_col, "first")).dropna()
+    cap = _follow_up_cap(time_col, max_follow_up)
+    pat = res.groupby("patient_id").agg(value=(by, "mean"), t=(time_col, "first"), e=(event_col, "first"),
+                                        heldout=("heldout", "all"), hti=("hti", "mean"))
+    n_all = len(pat)
+    pat = pat.dropna(subset=["value", "t", "e"])
+    n_missing = n_all - len(pat)
+    n_trained = int((~pat["heldout"]).sum())
+    pat = pat[pat["heldout"]]
+    n_zero = int((pat["hti"] == 0).sum())
+    pat = pat[pat["hti"] > 0]
+    capped = pat["t"] > cap
+    pat.loc[capped, "e"] = 0
+    pat.loc[capped, "t"] = cap
     hi = pat["value"] > threshold
+    counts = (f"{n_all} patients: {n_trained} trained on (excluded), {n_zero} held-out with HTI = 0 (skipped), "
+              f"{n_missing} without survival data")
     if hi.all() or (~hi).all():
-        raise HefeatError(f"Every patient is on one side of {by} = {threshold}; choose another --threshold")
+        raise NotEstimable(f"All {len(pat)} usable held-out patients are on one side of {by} = {threshold} "
+                           f"({counts}); choose another --threshold or fit traits on more slides")
     lr = logrank_test(pat.loc[hi, "t"], pat.loc[~hi, "t"], pat.loc[hi, "e"], pat.loc[~hi, "e"])
     med = {}
     if out:
-        from hefeat.figures.survival import kaplan_meier
-
-        groups = {f"{by} > {threshold}": hi, f"{by} ≤ {threshold}": ~hi}
-        what = "HTI (heterogeneity of trait maps)" if by == "hti" else f"{by} (trait maps)"
-        title = (f"Survival of {len(pat)} patients: {what} > {threshold} vs ≤ {threshold}\n"
-                 f"traits model {mid}; patients without {time_col} or {event_col} left out")
-        med = kaplan_meier({k: (pat.loc[m, "t"].to_numpy(), pat.loc[m, "e"].to_numpy()) for k, m in groups.items()},
-                           title=title, time_label=time_col.replace("_", " "), p_value=float(lr.p_value),
-                           out=out)["median_survival"]
+        med = _km_plot(pat, hi, by, threshold, time_col, float(lr.p_value), cap, mid, out)
     events_hi = pat.loc[hi, "e"].sum() / pat.loc[hi, "t"].sum()
     events_lo = pat.loc[~hi, "e"].sum() / pat.loc[~hi, "t"].sum()
+    notes = []
+    if min(hi.sum(), (~hi).sum()) < 5:
+        notes.append(f"{int(hi.sum())} vs {int((~hi).sum())} patients: a log-rank test on groups this small has "
+                     "little power and an unstable p-value; use more slides")
     return {"model_id": mid, "by": by, "threshold": threshold, "n_high": int(hi.sum()), "n_low": int((~hi).sum()),
+            "n_patients": n_all, "n_excluded_trained": n_trained, "n_skipped_hti_zero": n_zero,
+            "n_missing_survival": n_missing, "n_censored_at_cap": int(capped.sum()), "max_follow_up": cap,
+            "patients": "held-out (test + OOD for every trait)",
             "logrank_p": float(lr.p_value), "event_rate_high": float(events_hi), "event_rate_low": float(events_lo),
-            "median_survival": med, "out": str(out) if out else None}
+            "median_survival": med, "notes": notes, "out": str(out) if out else None}
+
+
+def _km_plot(pat: pd.DataFrame, hi: pd.Series, by: str, threshold: float, time_col: str, p: float, cap: float,
+             mid: str, out) -> dict:
+    from hefeat.figures.survival import kaplan_meier
+
+    groups = {f"{by} > {threshold}": hi, f"{by} ≤ {threshold}": ~hi}
+    what = "HTI (heterogeneity of trait maps)" if by == "hti" else f"{by} (trait maps)"
+    title = (f"Survival of {len(pat)} held-out patients: {what} > {threshold} vs ≤ {threshold}\n"
+             f"traits model {mid}; trained-on patients and HTI = 0 excluded; follow-up capped at {cap:g}")
+    return kaplan_meier({k: (pat.loc[m, "t"].to_numpy(), pat.loc[m, "e"].to_numpy()) for k, m in groups.items()},
+                        title=title, time_label=time_col.replace("_", " "), p_value=p, out=out)["median_survival"]
 
 
 def cartography(store: Store, mid: str, slide_id: str, out: str | Path, *, mpp: float | None = None) -> dict:
     """Per-trait binary maps and the combined map of a slide over its H&E, with legends and HTI (PNG)."""
     from hefeat.explore.thumbnail import slide_image
     from hefeat.figures.spatial import trait_maps
+    from hefeat.learn.models import load_model
 
     meta = load_model(store, mid)
+    require_kind(meta, "traits", "cartography")
     traits = meta["params"]["traits"]
     p = store.predictions_path(mid, slide_id)
     if not p.exists():
@@ -236,3 +371,29 @@ def cartography(store: Store, mid: str, slide_id: str, out: str | Path, *, mpp: 
             "common. A tile is 'high' when the ensemble's majority vote calls it above the cohort median.")
     r = trait_maps(img, df, {t: B[:, k] for k, t in enumerate(traits)}, title=title, note=note, out=out)
     return {"model_id": mid, "slide_id": slide_id, "out": str(out), "hti": h, "tiles": len(df), **r}
+
+
+
+def headline(s: dict) -> str:
+    """Slide AUC per trait on held-out slides (test + OOD) and how many patients HTI/survival may use."""
+    def auc(v):
+        return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+    traits = s["traits"].split(",")
+    per = ", ".join(f"{t} {auc(s.get(f'heldout_auc_{t}'))} (n = {s.get(f'n_heldout_{t}', '?')})" for t in traits)
+    return (f"slide AUC on held-out slides (test + OOD): {per}; {s.get('n_heldout_patients', '?')} of "
+            f"{s.get('n_patients', '?')} patients held out for every trait (the ones HTI survival uses)")
+
+
+def _plots(store: Store, mid: str, out: Path) -> list[Path]:
+    from hefeat.learn.report import trait_plots
+
+    return trait_plots(store, mid, out)
+
+
+register(Method(
+    name="traits", prefix="trt-", params=TraitsParams, fit=fit_traits, headline=headline, plots=_plots,
+    units=lambda params, col: "traits predicted high (bit code)" if col == "combination" else "1 = predicted high, 0 = low",
+    summary="PathoMCH trait tile classifiers; binary trait maps for every slide; HTI on held-out patients.",
+    example="hefeat fit traits --extraction e1234 --trait MKI67 --trait miR-17 --exclude-mid 20,80",
+))

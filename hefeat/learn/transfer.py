@@ -9,126 +9,134 @@ several sizes of B; AUC per arm (3-fold CV on B) and a two-sided Wilcoxon test b
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.learn.data import clinical_by_slide, slide_level_data
-from hefeat.learn.models import load_model, model_exists, model_id, model_summary, save_model
+from hefeat.learn.registry import (
+    FitResult,
+    Method,
+    NotEstimable,
+    Params,
+    check_range,
+    param,
+    register,
+)
 from hefeat.store.catalog import Store
 
 ARMS = ("raw", "representation", "autoencoder")
+# Below these, hospital B's cross-validated AUC says little: the fit says so in a note.
+SMALL_B_SLIDES, SMALL_B_CLASS = 12, 4
 
 
-@dataclass
-class TransferParams:
+@dataclass(frozen=True, kw_only=True)
+class TransferParams(Params):
     """Parameters of `hefeat fit transfer` (recorded with the model)."""
 
-    from_model: str
-    label: str
-    b_shares: list[float] = field(default_factory=lambda: [0.3, 0.5])
-    n_splits: int = 10
-    hidden: int = 1024
-    code: int = 256
-    epochs: int = 300
-    lr: float = 1e-3
-    folds: int = 3
-    seed: int = 0
+    from_model: str = param(help="An expression model (genes or he2rna) whose extraction, targets and genes are used.",
+                            flag="--from")
+    label: str = param(help="Binary clinical column predicted at hospital B, e.g. msi_status.")
+    b_shares: tuple[float, ...] = param((0.3, 0.5), "Sizes of hospital B (share of patients).")
+    n_splits: int = param(10, "Random A/B splits per size (paper: 50).", flag="--splits")
+    hidden: int = param(1024, "Hidden layer of the expression MLP and the autoencoder.")
+    code: int = param(256, "Size of the representation (sigmoid bottleneck).")
+    epochs: int = param(300, "Full-batch Adam epochs of the representation and the autoencoder.")
+    lr: float = param(1e-3, "Adam learning rate.")
+    weight_decay: float = param(1e-4, "Adam weight decay.")
+    folds: int = param(3, "Cross-validation folds at hospital B (patient-grouped, stratified).")
+    clf_hidden: int = param(128, "Hidden units of hospital B's MLP classifier.")
+    clf_alpha: float = param(1e-2, "L2 penalty of hospital B's classifier.")
+    clf_max_iter: int = param(500, "lbfgs iterations of hospital B's classifier.")
+    alpha: float = param(0.05, "Significance level of the Wilcoxon comparison in the headline.")
+    seed: int = param(0, "Seed of the A/B draws, folds and network initialisations.")
+
+    def validate(self) -> None:
+        if not self.b_shares or not all(0 < s < 1 for s in self.b_shares):
+            raise HefeatError("--b-shares must be shares strictly between 0 and 1, e.g. 0.3,0.5")
+        for name in ("n_splits", "hidden", "code", "epochs", "clf_hidden", "clf_max_iter"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_range("--folds", self.folds, 2)
+        check_range("--lr", self.lr, 0, lo_open=True)
+        check_range("--alpha", self.alpha, 0, 1, lo_open=True, hi_open=True)
 
 
-def _mlp(sizes: list[int], code_at: int | None = None):
-    from torch import nn
+def _source(store: Store, p: TransferParams) -> dict:
+    from hefeat.learn.registry import get_method, method_of
 
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.Sigmoid() if i + 1 == code_at else nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def _train(net, X: np.ndarray, T: np.ndarray, *, epochs: int, lr: float, seed: int):
-
-    from hefeat.learn.torchutil import flush_denormals
-
-    with flush_denormals():
-        return _train_loop(net, X, T, epochs=epochs, lr=lr, seed=seed)
+    m, src = method_of(store, p.from_model)
+    if m.name not in ("he2rna", "genes"):
+        raise HefeatError(f"--from must be an expression model (genes or he2rna), got a {m.name} model "
+                          f"({get_method(m.name).prefix}...)")
+    return src
 
 
-def _train_loop(net, X: np.ndarray, T: np.ndarray, *, epochs: int, lr: float, seed: int):
-    import torch
+def _inputs(store: Store, p: TransferParams) -> dict:
+    """The data the source model's parameters point at, read again here: their fingerprints."""
+    from types import SimpleNamespace
 
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
-    x, t = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(T, dtype=torch.float32)
-    net.train()
-    for _ in range(epochs):
-        loss = ((net(x) - t) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    return net
+    from hefeat.learn.data import input_fingerprints
 
-
-def _code(net, X: np.ndarray, upto: int) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return net[:upto](torch.as_tensor(X, dtype=torch.float32)).numpy()
+    sp = _source(store, p)["params"]
+    fp = input_fingerprints(store, SimpleNamespace(extraction_id=sp["extraction_id"],
+                                                   dataset=sp.get("dataset", "expression")))
+    return {f"source {k}": v for k, v in fp.items()}
 
 
 def representations(XA: np.ndarray, YA: np.ndarray, XB: np.ndarray, p: TransferParams, seed: int) -> dict[str, np.ndarray]:
     """The three slide representations of hospital B, each learned on hospital A only."""
-    import torch
+    from hefeat.learn.nets import AutoencoderCode, ExpressionRepresentation, derive_seed
 
+    kw = dict(code=p.code, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay)
+    rep = ExpressionRepresentation(p.hidden, random_state=derive_seed(seed, 1), **kw).fit(XA, YA)
+    ae = AutoencoderCode(p.hidden, random_state=derive_seed(seed, 2), **kw).fit(XA)
     mu, sd = XA.mean(0), XA.std(0) + 1e-6
-    za, zb = (XA - mu) / sd, (XB - mu) / sd
-    ym, ys = YA.mean(0), YA.std(0) + 1e-6
-    torch.manual_seed(seed)
-    rep = _train(_mlp([XA.shape[1], p.hidden, p.code, YA.shape[1]], code_at=2), za, (YA - ym) / ys,
-                 epochs=p.epochs, lr=p.lr, seed=seed)
-    torch.manual_seed(seed + 1)
-    ae = _train(_mlp([XA.shape[1], p.hidden, p.code, p.hidden, XA.shape[1]], code_at=2), za, za,
-                epochs=p.epochs, lr=p.lr, seed=seed + 1)
-    return {"raw": zb, "representation": _code(rep, zb, 4), "autoencoder": _code(ae, zb, 4)}
+    return {"raw": (XB - mu) / sd, "representation": rep.transform(XB), "autoencoder": ae.transform(XB)}
 
 
-def cv_auc(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, *, folds: int, seed: int) -> float:
-    """AUC of pooled out-of-fold probabilities of an MLP (128 hidden) classifier, folds grouped by patient."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold
+def classifier(p: TransferParams, seed: int):
+    """Hospital B's classifier: an MLP with one hidden layer (lbfgs)."""
     from sklearn.neural_network import MLPClassifier
 
-    k = min(folds, int(np.bincount(y).min()))
+    return MLPClassifier(hidden_layer_sizes=(p.clf_hidden,), solver="lbfgs", alpha=p.clf_alpha,
+                         max_iter=p.clf_max_iter, random_state=seed)
+
+
+def cv_auc(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, p: TransferParams, *, seed: int) -> float:
+    """AUC of pooled out-of-fold probabilities, folds grouped by patient and stratified; NaN if not estimable."""
+    import warnings
+
+    from sklearn.base import clone
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    k = min(p.folds, int(np.bincount(y).min()), len(np.unique(groups)))
     if k < 2:
         return float("nan")
     prob = np.zeros(len(y))
+    base = classifier(p, seed)
     for tr, te in StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(Z, y, groups):
         if len(np.unique(y[tr])) < 2:
             prob[te] = y[tr].mean()
             continue
-        clf = MLPClassifier(hidden_layer_sizes=(128,), solver="lbfgs", alpha=1e-2, max_iter=500,
-                            random_state=seed).fit(Z[tr], y[tr])
-        prob[te] = clf.predict_proba(Z[te])[:, 1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            prob[te] = clone(base).fit(Z[tr], y[tr]).predict_proba(Z[te])[:, 1]
     return float(roc_auc_score(y, prob))
 
 
-def fit_transfer(store: Store, p: TransferParams, *, force: bool = False) -> dict:
+def fit_transfer(store: Store, p: TransferParams, model_id: str) -> FitResult:
     """Run the A/B transfer experiment; stores the AUC table and the Wilcoxon tests."""
     from scipy.stats import wilcoxon
 
-    t0 = time.perf_counter()
-    src = load_model(store, p.from_model)
-    if src["kind"] not in ("he2rna", "genes"):
-        raise HefeatError(f"--from must be an expression model (genes or he2rna), got {src['kind']}")
-    pdict = asdict(p)
-    mid = model_id("transfer", pdict)
-    if model_exists(store, mid) and not force:
-        return model_summary(store, mid, cached=True)
+    from hefeat.learn.data import slide_level_data
+    from hefeat.learn.nets import derive_seed
+    from hefeat.learn.threads import parallel_map
+
+    src = _source(store, p)
     sp = src["params"]
     genes = [str(g) for g in src["arrays"]["genes"]]
     data = slide_level_data(store, sp["extraction_id"], dataset=sp.get("dataset", "expression"), genes=genes,
@@ -137,47 +145,99 @@ def fit_transfer(store: Store, p: TransferParams, *, force: bool = False) -> dic
     ok = ~np.isnan(y)
     X, Y, groups, y = data.X[ok], data.Y[ok], data.groups[ok], y[ok].astype(int)
     if len(np.unique(y)) != 2:
-        raise HefeatError(f"Label {p.label!r} must be binary with both classes present (found {np.unique(y)})")
+        raise NotEstimable(f"Label {p.label!r} must be binary with both classes present among slides with features "
+                           f"(found {sorted(set(y.tolist()))})")
     rng = np.random.default_rng(p.seed)
     ug = np.unique(groups)
-    rows = []
-    for share in p.b_shares:
+    jobs, notes = [], []
+    for share in p.b_shares:  # every A/B draw first (sequential, seeded), then the splits in parallel
         for s in range(p.n_splits):
-            for _ in range(100):  # draw until hospital B has both classes twice
+            for _ in range(100):  # draw until hospital B has both classes twice and A can train
                 b_groups = set(rng.choice(ug, max(2, int(round(share * len(ug)))), replace=False))
                 inB = np.array([g in b_groups for g in groups])
                 if np.bincount(y[inB], minlength=2).min() >= 2 and (~inB).sum() >= 4:
                     break
             else:
-                raise HefeatError(f"Cannot draw a hospital B with both classes at share {share}; too few slides")
-            reps = representations(X[~inB], Y[~inB], X[inB], p, seed=p.seed + s)
-            for arm, Z in reps.items():
-                rows.append({"b_share": share, "split": s, "arm": arm, "n_a": int((~inB).sum()), "n_b": int(inB.sum()),
-                             "auc": cv_auc(Z, y[inB], groups[inB], folds=p.folds, seed=p.seed + s)})
+                raise NotEstimable(f"Cannot draw a hospital B with both classes twice at share {share} "
+                                   f"({len(ug)} patients); use a larger --b-shares or more slides")
+            jobs.append((p, share, s, X, Y, y, groups, inB, derive_seed(p.seed, int(round(share * 1000)), s)))
+    rows = [r for rs in parallel_map(_one_split, jobs) for r in rs]
     table = pd.DataFrame(rows)
+    if table["auc"].isna().all():
+        raise NotEstimable("No hospital B split gave an AUC (too few slides per class for cross-validation); "
+                           "use a larger --b-shares or more slides")
     tests = []
     for share, g in table.groupby("b_share"):
         piv = g.pivot(index="split", columns="arm", values="auc").dropna()
         for other in ("raw", "autoencoder"):
             d = piv["representation"] - piv[other]
-            pval = float(wilcoxon(piv["representation"], piv[other]).pvalue) if (d != 0).sum() >= 1 and len(d) >= 2 else 1.0
+            pval = float(wilcoxon(piv["representation"], piv[other]).pvalue) if (d != 0).any() and len(d) >= 2 else 1.0
             tests.append({"b_share": share, "comparison": f"representation vs {other}", "median_diff": float(d.median()),
                           "wilcoxon_p": pval, "n_splits": int(len(d))})
+        nb, c_min = int(g["n_b"].median()), int(g[["n_b_class0", "n_b_class1"]].min(axis=1).min())
+        if nb < SMALL_B_SLIDES or c_min < SMALL_B_CLASS:
+            notes.append(f"hospital B at share {share:g} has {nb} slides (smallest class {c_min} in some split): "
+                         f"{min(p.folds, c_min)}-fold AUCs on so few slides are not informative; use a larger "
+                         "--b-shares or more slides")
+        if len(piv) < 6:
+            notes.append(f"share {share:g}: {len(piv)} splits cannot give a Wilcoxon p below 0.05 "
+                         f"(two-sided needs >= 6); use --splits 20 or more (paper: 50)")
     tests = pd.DataFrame(tests)
     med = table.groupby(["b_share", "arm"])["auc"].median()
-    summary = {"model_id": mid, "kind": "transfer", "label": p.label, "from_model": p.from_model,
-               "extraction_id": sp["extraction_id"], "n_samples": int(len(y)),
+    summary = {"label": p.label, "from_model": p.from_model, "extraction_id": sp["extraction_id"],
+               "n_samples": int(len(y)), "alpha": p.alpha,
                **{f"auc_{arm}_b{share:g}": float(med[(share, arm)]) for share in p.b_shares for arm in ARMS},
+               **{f"n_b_b{share:g}": int(table.loc[table["b_share"] == share, "n_b"].median()) for share in p.b_shares},
+               **{f"wilcoxon_p_vs_raw_b{t['b_share']:g}": t["wilcoxon_p"] for t in tests.to_dict("records")
+                  if t["comparison"] == "representation vs raw"},
                "min_wilcoxon_p": float(tests["wilcoxon_p"].min())}
-    save_model(store, mid, kind="transfer", params=pdict, summary=summary, tables={"aucs": table, "tests": tests},
-               extraction_id=sp["extraction_id"], seconds=round(time.perf_counter() - t0, 3))
-    return {**summary, "cached": False, "tests": tests.to_dict("records")}
+    return FitResult(summary=summary, tables={"aucs": table, "tests": tests}, extraction_id=sp["extraction_id"],
+                     notes=notes)
+
+
+def _one_split(job) -> list[dict]:
+    """One A/B split: the three representations learned on A, each arm's cross-validated AUC on B."""
+    p, share, s, X, Y, y, groups, inB, seed = job
+    reps = representations(X[~inB], Y[~inB], X[inB], p, seed=seed)
+    counts = np.bincount(y[inB], minlength=2)
+    return [{"b_share": share, "split": s, "arm": arm, "n_a": int((~inB).sum()), "n_b": int(inB.sum()),
+             "n_b_class0": int(counts[0]), "n_b_class1": int(counts[1]),
+             "auc": cv_auc(Z, y[inB], groups[inB], p, seed=seed)} for arm, Z in reps.items()]
 
 
 def _labels(store: Store, data, label: str) -> np.ndarray:
+    from hefeat.learn.data import clinical_by_slide
+
     clin = clinical_by_slide(store)
     if label not in clin.columns:
         raise HefeatError(f"Label {label!r} is not a clinical column; ingest a clinical table that has it")
     m = clin.set_index("slide_id")[label]
     vals = [m.get(s[0], np.nan) for s in data.slides]
     return pd.to_numeric(pd.Series(vals), errors="coerce").to_numpy(float)
+
+
+def headline(s: dict) -> str:
+    """Median AUC per arm and B size, with the representation-vs-raw Wilcoxon p."""
+    shares = sorted({k.rsplit("_b", 1)[1] for k in s if k.startswith("auc_raw_b")}, key=float)
+    parts = []
+    for sh in shares:
+        aucs = ", ".join(f"{arm} {s[f'auc_{arm}_b{sh}']:.3f}" for arm in ARMS)
+        pv = s.get(f"wilcoxon_p_vs_raw_b{sh}")
+        nb = s.get(f"n_b_b{sh}")
+        parts.append(f"B share {sh} ({nb} slides): median AUC {aucs}"
+                     + (f"; representation vs raw Wilcoxon p = {pv:.3g}" if pv is not None else ""))
+    return f"{s['label']}: " + " | ".join(parts)
+
+
+def _plots(store: Store, mid: str, out: Path) -> list[Path]:
+    from hefeat.learn.report import transfer_plot
+
+    return transfer_plot(store, mid, out)
+
+
+register(Method(
+    name="transfer", prefix="xfr-", params=TransferParams, fit=fit_transfer, headline=headline, plots=_plots,
+    inputs=_inputs,
+    summary="Transcriptomic representation (hospital A) vs raw features vs autoencoder for a label at hospital B.",
+    example="hefeat fit transfer --from gen-0123abcd --label msi_status --splits 50",
+))

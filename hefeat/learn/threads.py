@@ -1,0 +1,110 @@
+"""One thread policy for stage-2 training (torch heads, scikit-learn MLPs/logistic regressions, BLAS).
+
+torch's OpenMP pool and OpenBLAS's pool each start one thread per core and spin-wait between calls.
+Stage-2 nets alternate many small torch steps with small BLAS calls (scikit-learn's lbfgs), so both
+pools end up spinning on the same cores: on the 2-core machine `fit transfer` ran 63 s per split, and
+17 s with BLAS limited to one thread. Measured again with `benchmarks/transfer.py` (one run, busy
+machine): torch and BLAS on every core 422 s per split, BLAS on one thread 244 s, both on one thread
+39 s. So, chosen once here for all of stage 2:
+
+- BLAS runs single-threaded inside stage-2 training (its matrices are small);
+- a torch step smaller than PARALLEL_MIN_FLOPS runs on one thread (waking a thread pool costs more
+  than it saves); bigger steps (HE2RNA on thousands of super-tiles) use every core;
+- independent units of work (transfer's A/B splits) run in parallel processes, one per core, each
+  single-threaded: that is how small nets use the cores (`parallel_map`).
+
+HEFEAT_TORCH_THREADS / HEFEAT_BLAS_THREADS override the choice (0 = the libraries' own default),
+HEFEAT_JOBS the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+
+PARALLEL_MIN_FLOPS = 5e7  # per training step (forward + backward)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity, else the CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name, "").strip()
+    return int(v) if v.isdigit() else None
+
+
+@lru_cache(maxsize=1)
+def _overrides() -> tuple[int | None, int | None]:
+    return _env_int("HEFEAT_TORCH_THREADS"), _env_int("HEFEAT_BLAS_THREADS")
+
+
+def thread_policy(flops_per_step: float | None = None) -> dict:
+    """{'torch': threads for torch ops (None: library default), 'blas': BLAS threads (None: no limit)}."""
+    t, b = _overrides()
+    if t is None:
+        small = flops_per_step is not None and flops_per_step < PARALLEL_MIN_FLOPS
+        torch_threads = 1 if small or os.environ.get("HEFEAT_WORKER") else available_cores()
+    else:
+        torch_threads = t or None
+    return {"torch": torch_threads, "blas": 1 if b is None else (b or None)}
+
+
+_depth = 0
+
+
+@contextlib.contextmanager
+def training_threads(flops_per_step: float | None = None) -> Iterator[dict]:
+    """Apply the thread policy (and flush denormals) while training; nested uses keep the outer one."""
+    global _depth
+    if _depth:
+        _depth += 1
+        try:
+            yield thread_policy(flops_per_step)
+        finally:
+            _depth -= 1
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    pol = thread_policy(flops_per_step)
+    prev = torch.get_num_threads()
+    _depth = 1
+    try:
+        if pol["torch"]:
+            torch.set_num_threads(pol["torch"])
+        torch.set_flush_denormal(True)  # sigmoid/weight-decay training drifts into denormals (~6x slower steps)
+        limits = threadpool_limits(limits=pol["blas"], user_api="blas") if pol["blas"] else contextlib.nullcontext()
+        with limits:
+            yield pol
+    finally:
+        _depth = 0
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(prev)
+
+
+def _in_worker(fn: Callable, arg):
+    os.environ["HEFEAT_WORKER"] = "1"
+    with training_threads(flops_per_step=0):
+        return fn(arg)
+
+
+def parallel_map(fn: Callable, items: list, *, n_jobs: int | None = None) -> list:
+    """fn over items in worker processes (one per core, each single-threaded), results in order.
+
+    fn must be a module-level function; runs in this process when one core or one item.
+    HEFEAT_JOBS overrides the number of processes.
+    """
+    n = min(n_jobs or _env_int("HEFEAT_JOBS") or available_cores(), len(items))
+    if n <= 1 or os.environ.get("HEFEAT_WORKER"):
+        with training_threads(flops_per_step=0):
+            return [fn(x) for x in items]
+    from joblib import Parallel, delayed
+
+    return Parallel(n_jobs=n, backend="loky")(delayed(_in_worker)(fn, x) for x in items)
