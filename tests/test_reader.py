@@ -85,3 +85,51 @@ def test_best_level_never_upsamples(cohort):
                 assert s.best_level(0.3) == 0
                 return
     pytest.fail("cohort has no 0.25 µm/px slide")
+
+
+@pytest.fixture
+def cmu_crop(cmu_svs):
+    """A real all-tissue H&E crop: 250 x 150 px of CMU-1 dermis at 0.499 µm/px (~125 x 75 µm)."""
+    import openslide
+
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        return np.asarray(s.read_region((880, 2250), 0, (250, 150)).convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_png_and_jpeg_ingest_with_mpp(tmp_path, cmu_crop, fmt):
+    """Plain images open through the same Slide API: pixels, --mpp required, ingested into a store."""
+    from PIL import Image
+
+    from hefeat.store.catalog import Store
+    from hefeat.store.ingest import ingest_slides
+
+    p = tmp_path / f"roi.{fmt}"
+    Image.fromarray(cmu_crop).save(p, quality=95) if fmt == "jpg" else Image.fromarray(cmu_crop).save(p)
+    with pytest.raises(HefeatError, match="--mpp"):
+        Slide(p)
+    with Slide(p, mpp=0.499) as s:
+        assert s.plain and s.dimensions == (250, 150) and s.level_count == 1
+        tile = s.read(20, 30, 64, 0.499)
+        np.testing.assert_array_equal(tile, np.asarray(Image.open(p).convert("RGB"))[30:94, 20:84])
+        if fmt == "png":
+            np.testing.assert_array_equal(tile, cmu_crop[30:94, 20:84])
+        assert s.read(230, 0, 40, 0.499)[:, 30:].min() == 255  # outside the image is white
+        assert s.thumbnail(0.998).shape == (75, 125, 3)
+    st = Store.init(tmp_path / "st")
+    rep = ingest_slides(st, [p], mpp=0.499)
+    assert rep.added == ["roi"]
+    row = st.slides(["roi"]).iloc[0]
+    assert row["mpp_x"] == 0.499 and row["mpp_source"] == "override" and row["width"] == 250
+
+
+def test_flat_tiff_with_microscope_resolution_needs_no_mpp(tmp_path, cmu_crop):
+    """A flat (striped) TIFF OpenSlide cannot read: its cm resolution tag gives the MPP; 72 dpi is ignored."""
+    p = tmp_path / "flat.tif"
+    tifffile.imwrite(p, cmu_crop, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with Slide(p) as s:
+        assert s.plain and s.mpp.x == pytest.approx(0.5) and s.mpp.source == "tiff.XResolution"
+    q = tmp_path / "screen.tif"
+    tifffile.imwrite(q, cmu_crop, photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    with pytest.raises(HefeatError, match="--mpp"):
+        Slide(q)

@@ -99,3 +99,77 @@ def test_qc_thumbnails(tmp_path, cohort):
         p = st.qc_thumbnail_path(s.extra["tiling_id"], sid)
         im = np.asarray(Image.open(p).convert("RGB"))
         assert im.shape[0] > 100 and (np.abs(im.astype(int) - [67, 160, 71]).sum(2) < 60).any()  # tile edges drawn
+
+
+def test_small_all_tissue_image_tiles(tmp_path, cmu_svs):
+    """A real 125 x 75 µm all-tissue crop: not dropped by the minimum object size, not split by Otsu."""
+    import openslide
+
+    with openslide.OpenSlide(str(cmu_svs)) as osr:
+        crop = osr.read_region((880, 2250), 0, (250, 150)).convert("RGB")
+    crop.save(tmp_path / "roi.png")
+    params = TilingParams(mpp=0.5, size=32)
+    with Slide(tmp_path / "roi.png", mpp=0.499) as s:
+        df, tissue = tile_slide(s, params)
+        n_grid = len(grid(s, params))
+    assert tissue.unimodal and tissue.fraction > 0.85
+    assert len(df) >= 0.9 * n_grid and n_grid == 7 * 4
+    with Slide(tmp_path / "roi.png", mpp=0.499) as s:
+        nomask, t2 = tile_slide(s, TilingParams(mpp=0.5, size=32, mask=False))
+    assert len(nomask) == n_grid and t2.fraction == 1.0
+
+
+def test_tissue_parameters_change_the_tiling_id():
+    from hefeat.slides.run import tiling_id
+
+    base = tiling_id(TilingParams())
+    assert tiling_id(TilingParams(min_object_um2=5000)) != base
+    assert tiling_id(TilingParams(mask=False)) != base
+    assert tiling_id(TilingParams(mask_mpp=4.0)) != base
+    with pytest.raises(HefeatError, match="mask_mpp"):
+        TilingParams(mask_mpp=0)
+
+
+def test_per_slide_overrides_and_qc_of_an_existing_tiling(tmp_path, cohort):
+    """A manifest turns the mask off for one slide only; `hefeat qc` draws pictures for a tiling made earlier."""
+    import glob
+    import json
+
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+    from hefeat.slides.qc_thumbnail import write_tiling_qc
+    from hefeat.slides.run import run_tiling
+    from hefeat.slides.tiling import read_overrides
+    from hefeat.store.catalog import Store
+    from hefeat.store.ingest import ingest_slides
+
+    st = Store.init(tmp_path / "st")
+    ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2])
+    (tmp_path / "m.csv").write_text("slide_id,mask,min_object_um2\nS02,no,\n")
+    ov = read_overrides(tmp_path / "m.csv")
+    assert ov == (("S02", (("mask", False),)),)
+    base = run_tiling(st, TilingParams())
+    over = run_tiling(st, TilingParams(overrides=ov))
+    assert over.extra["tiling_id"] != base.extra["tiling_id"]
+    n = {k: {s: len(st.tiles(t, s)) for s in ("S01", "S02")} for k, t in
+         (("base", base.extra["tiling_id"]), ("over", over.extra["tiling_id"]))}
+    assert n["over"]["S01"] == n["base"]["S01"] and n["over"]["S02"] > n["base"]["S02"]
+    assert TilingParams.from_dict(st.tiling(over.extra["tiling_id"])["params"]).overrides == ov
+    (tmp_path / "bad.csv").write_text("slide_id,mask_mpp\nS01,abc\n")
+    with pytest.raises(HefeatError, match="not a number"):
+        read_overrides(tmp_path / "bad.csv")
+    r = CliRunner().invoke(main, ["qc", "--tiling", base.extra["tiling_id"], "--store", str(st.root), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out["written"]) == 2 and out["failed"] == {}
+    im = plt_image(st.qc_thumbnail_path(base.extra["tiling_id"], "S01"))
+    assert im.shape[0] > 100 and (np.abs(im.astype(int) - [67, 160, 71]).sum(2) < 60).any()
+    with pytest.raises(HefeatError, match="not tiled"):
+        write_tiling_qc(st, base.extra["tiling_id"], ["S09"])
+
+
+def plt_image(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))

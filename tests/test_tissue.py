@@ -51,3 +51,22 @@ def test_qc_measures_known_values():
     half[:5] = 255
     assert background_share(half) == 0.5
     assert tissue_density(half) == 0.5
+
+
+def test_all_tissue_histogram_is_not_split():
+    """Stained-only saturation (two stains, no glass): unimodal -> everything stained is tissue."""
+    from hefeat.slides.tissue import is_unimodal, separability
+
+    rng = np.random.default_rng(2)
+    tissue = np.clip(np.concatenate([rng.normal(0.25, 0.07, 6000), rng.normal(0.45, 0.08, 4000)]), 0, 1)
+    thr = otsu_threshold(tissue)
+    assert is_unimodal(tissue, thr) and separability(tissue, thr) < 0.8
+    glass_and_tissue = np.concatenate([np.clip(rng.normal(0.02, 0.01, 9000), 0, 1), tissue[:1000]])
+    assert not is_unimodal(glass_and_tissue, otsu_threshold(glass_and_tissue))
+    img = np.zeros((60, 80, 3), np.uint8)
+    sat = rng.choice(tissue, img.shape[:2])
+    img[..., 0] = 220
+    img[..., 1] = (220 * (1 - sat)).astype(np.uint8)
+    img[..., 2] = 200
+    t = detect_tissue(img, 1.0)
+    assert t.unimodal and t.mask.mean() > 0.95

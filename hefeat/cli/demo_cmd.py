@@ -16,7 +16,7 @@ from hefeat.cli.common import (
 @click.option("--data", default="data/demo", show_default=True, help="Where the synthetic cohort is written.")
 @click.option("--slides", "n_slides", default=24, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--encoder", default=None, help="Encoder for the demo extraction (default: a truncated resnet18).")
+@click.option("--encoder", default=None, help="Encoder for the demo extraction (default: efficientnet-lite0, ImageNet weights installed with hefeat).")
 @store_option
 @json_option
 def demo(data, n_slides, seed, encoder, store_path, as_json):

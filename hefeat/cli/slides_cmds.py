@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -56,14 +57,22 @@ def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, as_js
 @click.option("--max-tiles", type=int, default=None, help="Random sample of at most N tiles per slide.")
 @click.option("--seed", type=int, default=None, help="Seed of the --max-tiles sample (recorded).")
 @click.option("--spots", is_flag=True, help="Spot-centred patches for slides that have spots.")
+@click.option("--min-object-um2", type=float, default=None,
+              help="Tissue pieces smaller than this are dropped (default 20,000 µm²; capped at 10 % of the image).")
+@click.option("--max-hole-um2", type=float, default=None, help="Holes in tissue smaller than this are filled (default 20,000 µm²).")
+@click.option("--mask-mpp", type=float, default=None, help="µm/px of the tissue-detection thumbnail (default 8; finer for small images).")
+@click.option("--no-mask", is_flag=True, help="No tissue detection: every grid tile is kept (ROIs, all-tissue images).")
+@click.option("--manifest", "overrides", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV/TSV/Parquet with slide_id and per-slide tissue_threshold, min_object_um2, max_hole_um2, mask, mask_mpp.")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all).")
 @click.option("--shard", default=None, help="I/N: this process tiles its share of the slides.")
 @click.option("--qc-thumbnails", is_flag=True, help="Write reports/qc-<tiling>/<slide>.png: mask outline and tiles.")
 @click.option("--fail-fast", is_flag=True)
 @store_option
 @json_option
-def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n, max_tiles, seed, spots, slides,
-         shard, qc_thumbnails, fail_fast, store_path, as_json):
+def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n, max_tiles, seed, spots,
+         min_object_um2, max_hole_um2, mask_mpp, no_mask, overrides, slides, shard, qc_thumbnails, fail_fast,
+         store_path, as_json):
     """Tile every slide at a physical resolution, with QC columns per tile.
 
     \b
@@ -71,26 +80,76 @@ def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n,
       hefeat tile --mpp 0.5 --size 224
       hefeat tile --mpp 0.5 --size 224 --spots
       hefeat tile --background density --top-n 200      # Ektefaie et al.
+      hefeat tile --mpp 0.5 --size 224 --no-mask         # an ROI that is all tissue
+      hefeat tile --mpp 0.5 --size 224 --manifest per_slide.csv --qc-thumbnails
     """
     from hefeat.slides.run import run_tiling
-    from hefeat.slides.tiling import TilingParams
+    from hefeat.slides.tiling import TilingParams, read_overrides
 
     given = {"mpp": mpp, "size": size, "stride": stride, "tissue_threshold": tissue_threshold,
              "background": background, "max_background": max_background, "top_n": top_n,
-             "max_tiles": max_tiles, "seed": seed, "spots": spots}
+             "max_tiles": max_tiles, "seed": seed, "spots": spots, "min_object_um2": min_object_um2,
+             "max_hole_um2": max_hole_um2, "mask_mpp": mask_mpp, "mask": False if no_mask else None,
+             "overrides": read_overrides(overrides) if overrides else None}
     params = TilingParams(**{k: v for k, v in given.items() if v is not None})
-    s = run_tiling(get_store(store_path), params, slides=split_ids(slides), shard=shard, fail_fast=fail_fast,
+    st = get_store(store_path)
+    s = run_tiling(st, params, slides=split_ids(slides), shard=shard, fail_fast=fail_fast,
                    progress=progress_enabled(as_json), qc_thumbnails=qc_thumbnails).to_dict()
+    if qc_thumbnails and s["already_done"]:  # slides tiled before: draw their pictures now
+        from hefeat.slides.qc_thumbnail import write_tiling_qc
+
+        s["qc_thumbnails"] = len(write_tiling_qc(st, s["tiling_id"], split_ids(slides))["written"])
     emit(s, as_json, run_text(s, f"Tiling {s['tiling_id']}") + f"\nQuery them: hefeat sql \"SELECT * FROM tiles WHERE tiling_id = '{s['tiling_id']}'\"")
     if s["failed"] and not s["ok"] and not s["already_done"]:
         sys.exit(1)
 
 
 
+@main.command()
+@click.option("--tiling", "tiling_id", required=True, help="Tiling id (hefeat status lists them).")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: every tiled slide).")
+@store_option
+@json_option
+def qc(tiling_id, slides, store_path, as_json):
+    """Draw QC pictures (thumbnail, tissue mask outline, kept tiles) for an existing tiling.
+
+    \b
+    Example:
+      hefeat qc --tiling t1234abcd
+    """
+    from hefeat.slides.qc_thumbnail import write_tiling_qc
+
+    s = write_tiling_qc(get_store(store_path), tiling_id, split_ids(slides))
+    emit(s, as_json, f"Wrote {len(s['written'])} QC pictures" + (f" to {Path(s['written'][0]).parent}" if s["written"] else "")
+         + (f"; failed: {s['failed']}" if s["failed"] else ""))
+    if s["failed"] and not s["written"]:
+        sys.exit(1)
+
+
+@main.command()
+@json_option
+def encoders(as_json):
+    """List the named encoders (pathology presets): dim, input, µm/px, pooling, weights, licence.
+
+    \b
+    Example:
+      hefeat encoders
+      hefeat extract --encoder uni --weights path/to/pytorch_model.bin
+    """
+    from hefeat.extract.encoders import describe_encoders
+
+    rows = describe_encoders()
+    emit({"encoders": rows}, as_json, "\n".join(
+        f"{r['name']:<20} {r['dim']:>5}-d  {r['input_px']} px at {r['mpp'] or '-'} µm/px  {r['pooling']:<9} "
+        f"{'gated ' if r['gated'] else ''}{r['weights']}  [{r['licence']}]" for r in rows))
+
+
 # ---------------------------------------------------------------------------------------------
 @main.command()
-@click.option("--encoder", default="resnet50", show_default=True, help="timm model name or hf-hub:ORG/NAME.")
-@click.option("--weights", default=None, help="imagenet (default), none (random, seeded) or a weights file.")
+@click.option("--encoder", default="resnet50", show_default=True,
+              help="A preset (hefeat encoders: uni, virchow2, ...), a timm model name or hf-hub:ORG/NAME.")
+@click.option("--weights", default=None,
+              help="imagenet / hub / bundled (defaults per encoder), none (random, seeded: a warning) or a weights file.")
 @click.option("--layer", default=None, help="Truncate at this stage, then global-average-pool (e.g. layer3).")
 @click.option("--tiling", "tiling_id", default=None, help="Tiling id (default: the store's only tissue tiling).")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all tiled slides).")
@@ -123,6 +182,9 @@ def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, f
     """
     from hefeat.extract.pipeline import ExtractOptions, run_extraction
 
+    if weights == "none":
+        click.secho(f"WARNING: --weights none: {encoder} has RANDOM weights; its features mean nothing "
+                    "(tests and plumbing only).", fg="yellow", err=True)
     opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
                          fail_fast=fail_fast, progress=progress_enabled(as_json))
     kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,

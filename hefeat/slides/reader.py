@@ -1,4 +1,9 @@
-"""Read whole-slide images at a physical resolution (µm/px) with OpenSlide."""
+"""Read whole-slide images at a physical resolution (µm/px) with OpenSlide.
+
+Files OpenSlide does not read (PNG, JPEG, flat TIFF: ROIs and small images) are read directly
+through openslide-python's ImageSlide (PIL), with the same interface; they need --mpp unless a
+TIFF states its resolution in cm/mm/inch.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ MPP_KEYS = (
     ("philips.DICOM_PIXEL_SPACING", None),
 )
 _UNIT_TO_UM = {"centimeter": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
+PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# A plain image is decoded whole into memory; beyond this many pixels, convert it to a pyramidal TIFF.
+MAX_PLAIN_PIXELS = 30_000 * 30_000
 
 
 @dataclass(frozen=True)
@@ -76,14 +84,13 @@ class Slide:
             raise HefeatError(f"Slide file not found: {self.path}")
         if self.path.is_dir():
             raise HefeatError(f"Expected a slide file, got a directory: {self.path}")
+        self.plain = False
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except Exception as e:  # OpenSlideUnsupportedFormatError, OpenSlideError, OSError
-            raise HefeatError(
-                f"OpenSlide cannot open {self.path.name}: {type(e).__name__}: {e}. "
-                "Is the file complete and in a format OpenSlide reads?"
-            ) from None
-        self.properties = dict(self._osr.properties)
+            self._osr = _open_plain_image(self.path, e)
+            self.plain = True
+        self.properties = dict(self._osr.properties) if not self.plain else _plain_properties(self._osr)
         found = _mpp_from_properties(self.properties)
         if mpp is not None:
             if not (mpp > 0):
@@ -94,8 +101,9 @@ class Slide:
         else:
             self.close()
             keys = ", ".join(k for k, _ in MPP_KEYS) + ", tiff.XResolution"
+            where = ("a plain image states no trustworthy resolution" if self.plain else f"looked at {keys}")
             raise HefeatError(
-                f"Slide {self.path.name} has no MPP (looked at {keys}). "
+                f"Slide {self.path.name} has no MPP ({where}). "
                 "Pass --mpp 0.25 (the level-0 µm/px) or add an mpp column to the --manifest CSV."
             )
         self.dimensions: tuple[int, int] = self._osr.dimensions
@@ -154,6 +162,10 @@ class Slide:
         w0, h0 = self.dimensions
         scale = self.mpp.x / mpp
         w, h = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
+        if self.plain:  # one level: resize the decoded image, without an RGBA copy of all of it
+            img = self._osr._image
+            img = img.convert("RGB") if img.mode != "RGB" else img
+            return np.asarray(img.resize((w, h), Image.Resampling.BOX) if (w, h) != img.size else img)
         level = self.best_level(mpp)
         lw, lh = self.level_dimensions[level]
         region = self._osr.read_region((0, 0), level, (lw, lh))
@@ -161,6 +173,45 @@ class Slide:
         if (lw, lh) != (w, h):
             img = img.resize((w, h), Image.Resampling.BOX)
         return np.asarray(img)
+
+
+def _open_plain_image(path: Path, openslide_error: Exception):
+    """An ImageSlide over a PNG/JPEG/flat TIFF, or the HefeatError explaining why neither reader opens it."""
+    import openslide
+
+    why = f"OpenSlide cannot open {path.name}: {type(openslide_error).__name__}: {openslide_error}."
+    if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
+        raise HefeatError(f"{why} Is the file complete and in a format OpenSlide reads?")
+    try:
+        img = Image.open(path)
+        if img.width * img.height > MAX_PLAIN_PIXELS:
+            img.close()
+            raise HefeatError(f"{path.name} is a {img.width} x {img.height} plain image: too large to decode whole. "
+                              "Convert it to a tiled pyramidal TIFF (e.g. with tifffile or vips) and ingest that.")
+        img.load()
+        if img.mode not in ("RGB", "RGBA", "L"):
+            img = img.convert("RGB")
+        return openslide.ImageSlide(img)
+    except HefeatError:
+        raise
+    except Exception as e:
+        raise HefeatError(f"{why} Read as a plain image it fails too ({type(e).__name__}: {e}). "
+                          "Is the file complete?") from None
+
+
+def _plain_properties(image_slide) -> dict[str, str]:
+    """TIFF resolution tags of a plain image as OpenSlide-style properties (PNG/JPEG dpi is not trusted)."""
+    img = image_slide._image
+    props = {"openslide.vendor": f"plain-{(img.format or 'image').lower()}"}
+    tags = getattr(img, "tag_v2", None)
+    if img.format == "TIFF" and tags is not None and 282 in tags:
+        unit = {2: "inch", 3: "centimeter"}.get(int(tags.get(296, 2)), "")
+        res = float(tags[282])
+        # 72/96/300 dpi are screen and print defaults, not a microscope's: trust only < 10 µm/px.
+        if unit and res > 0 and _UNIT_TO_UM[unit] / res < 10:
+            props.update({"tiff.XResolution": str(res), "tiff.YResolution": str(float(tags.get(283, res))),
+                          "tiff.ResolutionUnit": unit})
+    return props
 
 
 def _rgba_to_rgb(region: Image.Image) -> Image.Image:

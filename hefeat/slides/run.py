@@ -89,7 +89,7 @@ def run_tiling(
             if params.spots:
                 df = spot_tiles(slide, spots[spots["slide_id"] == sid], params, threads=threads)
             else:
-                df, tissue = tile_slide(slide, params, threads=threads)
+                df, tissue = tile_slide(slide, params.for_slide(sid), threads=threads)
             if qc_thumbnails:
                 from hefeat.slides.qc_thumbnail import write_qc_thumbnail
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,9 @@ from hefeat.slides.reader import Slide
 from hefeat.slides.tissue import TissueMask, detect_tissue
 
 BACKGROUND_RULES = ("otsu", "mean-rgb", "density")
-TILING_VERSION = 1  # bump when tile selection changes, so new runs get new tiling ids
+TILING_VERSION = 2  # bump when tile selection changes, so new runs get new tiling ids (2: unimodal images, small ROIs)
+# Per-slide overrides a manifest may carry (hefeat tile --manifest): tissue detection only.
+OVERRIDABLE = ("tissue_threshold", "min_object_um2", "max_hole_um2", "mask", "mask_mpp")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class TilingParams:
     seed: int = 0
     spots: bool = False
     mask_mpp: float = 8.0
+    min_object_um2: float = 20_000.0
+    max_hole_um2: float = 20_000.0
+    mask: bool = True
+    overrides: tuple = ()  # ((slide_id, ((param, value), ...)), ...): per-slide tissue settings, part of the id
     version: int = TILING_VERSION
 
     def __post_init__(self):
@@ -56,10 +63,58 @@ class TilingParams:
             raise HefeatError("tissue_threshold and max_background are shares in [0, 1]")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise HefeatError(f"max_tiles must be >= 1, got {self.max_tiles}")
+        if not (self.mask_mpp > 0) or self.min_object_um2 < 0 or self.max_hole_um2 < 0:
+            raise HefeatError("mask_mpp must be > 0 µm/px; min_object_um2 and max_hole_um2 must be >= 0 µm²")
 
     def to_dict(self) -> dict:
         """Parameters as a plain dict (the tiling id is derived from it)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TilingParams:
+        """Parameters back from `to_dict()` (e.g. a tiling's _tiling.json); unknown keys are an error."""
+        d = dict(d)
+        d["overrides"] = tuple((sid, tuple((k, v) for k, v in vals)) for sid, vals in d.get("overrides", ()))
+        return cls(**d)
+
+    def for_slide(self, slide_id: str) -> TilingParams:
+        """These parameters with `slide_id`'s overrides applied (and no override table)."""
+        own = dict(dict(self.overrides).get(slide_id, ()))
+        return replace(self, overrides=(), **own)
+
+
+def read_overrides(path) -> tuple:
+    """Per-slide tissue settings from a CSV/TSV/Parquet manifest (slide_id, or path whose stem is the id)."""
+    from hefeat.store.ingest import read_table
+
+    m = read_table(path)
+    if "slide_id" not in m.columns and "path" not in m.columns:
+        raise HefeatError(f"{path} needs a slide_id (or path) column next to any of: {', '.join(OVERRIDABLE)}")
+    cols = [c for c in m.columns if c in OVERRIDABLE]
+    if not cols:
+        raise HefeatError(f"{path} has none of the per-slide columns {', '.join(OVERRIDABLE)}")
+    out = []
+    for _, r in m.iterrows():
+        sid = str(r["slide_id"]) if "slide_id" in m.columns and pd.notna(r["slide_id"]) else Path(str(r["path"])).stem
+        vals = []
+        for c in cols:
+            v = r[c]
+            if pd.isna(v):
+                continue
+            if c == "mask":
+                v = str(v).strip().lower() not in ("0", "false", "no", "n", "off")
+            else:
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise HefeatError(f"{path}: {c} of slide {sid} is {v!r}, not a number") from None
+            vals.append((c, v))
+        if vals:
+            out.append((sid, tuple(sorted(vals))))
+    params = TilingParams(overrides=tuple(sorted(out)))
+    for sid, _ in params.overrides:
+        params.for_slide(sid)  # validates each slide's values
+    return params.overrides
 
 
 def _tissue_fraction(mask: TissueMask, slide_mpp: float, xs: np.ndarray, ys: np.ndarray, size0: float) -> np.ndarray:
@@ -129,6 +184,21 @@ def _finish(df: pd.DataFrame, params: TilingParams) -> pd.DataFrame:
     return df
 
 
+def mask_resolution(slide: Slide, params: TilingParams) -> float:
+    """µm/px of the tissue thumbnail: params.mask_mpp, finer for small images (>= 100 px on the short side)."""
+    short_um = min(slide.dimensions) * slide.mpp.x
+    return max(slide.mpp.x, min(params.mask_mpp, short_um / 100))
+
+
+def slide_tissue(slide: Slide, params: TilingParams) -> TissueMask:
+    """The tissue mask tiling uses (deterministic in the slide and params; QC redraws it)."""
+    thumb = slide.thumbnail(mask_resolution(slide, params))
+    mask_mpp = slide.mpp.x * slide.dimensions[0] / thumb.shape[1]
+    if not params.mask:
+        return TissueMask(mask=np.ones(thumb.shape[:2], bool), mpp=mask_mpp, threshold=0.0)
+    return detect_tissue(thumb, mask_mpp, min_object_um2=params.min_object_um2, max_hole_um2=params.max_hole_um2)
+
+
 def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None) -> tuple[pd.DataFrame, TissueMask]:
     """Tissue tiles of one slide with QC columns (one row per tile, tile_id = scan order).
 
@@ -137,9 +207,7 @@ def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None
     if params.spots:
         raise HefeatError("spot tilings come from spot_tiles(), not tile_slide()")
     threads = threads or min(4, os.cpu_count() or 1)
-    thumb = slide.thumbnail(params.mask_mpp)
-    mask_mpp = slide.mpp.x * slide.dimensions[0] / thumb.shape[1]
-    tissue = detect_tissue(thumb, mask_mpp)
+    tissue = slide_tissue(slide, params)
     if not tissue.mask.any():
         raise NoTissueError(f"no tissue found (Otsu threshold {tissue.threshold:.3f} on saturation)")
     df = grid(slide, params)

@@ -1,4 +1,10 @@
-"""Tissue detection: Otsu on the saturation of a low-resolution thumbnail, then cleanup."""
+"""Tissue detection: Otsu on the saturation of a low-resolution thumbnail, then cleanup.
+
+Otsu (1979) always splits a histogram in two, so on an image that is all tissue it splits tissue
+from tissue. Glass is unsaturated; so when the class Otsu would call background is itself clearly
+stained and the split is weak (Otsu's separability eta = between-class / total variance below
+UNIMODAL_ETA), there is no background mode: every stained pixel is tissue.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,10 @@ from scipy import ndimage as ndi
 
 # Below this saturation nothing is tissue, whatever Otsu says (a blank slide has only noise).
 MIN_SATURATION = 0.07
+# A histogram is called unimodal (no glass) when Otsu's separability is below this and the
+# lower class has a median saturation above STAINED_SATURATION (glass measures < 0.05).
+UNIMODAL_ETA = 0.8
+STAINED_SATURATION = 0.1
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,7 @@ class TissueMask:
     mask: np.ndarray
     mpp: float
     threshold: float
+    unimodal: bool = False  # no background mode found: all stained pixels are tissue
 
     @property
     def fraction(self) -> float:
@@ -48,6 +59,22 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     # Every cut inside an empty gap scores the same; take the middle of that plateau.
     best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
     return float(edges[int(round(best.mean())) + 1])
+
+
+def separability(values: np.ndarray, threshold: float) -> float:
+    """Otsu's eta: between-class variance / total variance when `values` are split at `threshold` (0..1)."""
+    v = values.ravel().astype(np.float64)
+    lo, hi = v[v <= threshold], v[v > threshold]
+    if not lo.size or not hi.size or v.var() == 0:
+        return 0.0
+    w0, w1 = lo.size / v.size, hi.size / v.size
+    return float(w0 * w1 * (lo.mean() - hi.mean()) ** 2 / v.var())
+
+
+def is_unimodal(values: np.ndarray, threshold: float) -> bool:
+    """True when the Otsu split at `threshold` separates stained tissue from stained tissue (no glass)."""
+    lo = values[values <= threshold]
+    return bool(lo.size and np.median(lo) > STAINED_SATURATION and separability(values, threshold) < UNIMODAL_ETA)
 
 
 def clean_mask(mask: np.ndarray, *, min_object_px: int, max_hole_px: int) -> np.ndarray:
@@ -83,12 +110,15 @@ def detect_tissue(
     gray = thumb.mean(axis=2)
     usable = sat[(gray > 20) & (gray < 250)]
     thr = otsu_threshold(usable) if usable.size > 16 else 1.0
-    thr = max(thr, MIN_SATURATION)
+    unimodal = usable.size > 16 and is_unimodal(usable, thr)
+    thr = MIN_SATURATION if unimodal else max(thr, MIN_SATURATION)
     mask = (sat > thr) & (gray > 20)
     px_area = mpp * mpp
+    # An object cannot be required to be larger than a tenth of the image (small ROIs, crops).
+    min_object_um2 = min(min_object_um2, 0.1 * mask.size * px_area)
     mask = clean_mask(
         mask,
         min_object_px=max(1, int(min_object_um2 / px_area)),
         max_hole_px=max(1, int(max_hole_um2 / px_area)),
     )
-    return TissueMask(mask=mask, mpp=mpp, threshold=thr)
+    return TissueMask(mask=mask, mpp=mpp, threshold=thr, unimodal=bool(unimodal))
