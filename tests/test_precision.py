@@ -87,6 +87,7 @@ def test_auto_decides_from_measurements_and_caches(tmp_path, monkeypatch):
                       0.004 if c.precision == "bf16" else 0.0) for c in cands]
 
     monkeypatch.setattr(P, "measure", fake_measure)
+    monkeypatch.setattr(P, "busy_machine", lambda trials: None)
     monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
     x = torch.rand(4, 3, 16, 16)
     a = select_precision(_tiny(), x, device="cpu", model_key={"m": "tiny"})
@@ -105,6 +106,7 @@ def test_auto_decides_from_measurements_and_caches(tmp_path, monkeypatch):
 def test_real_calibration_checks_numerics_against_fp32(tmp_path, monkeypatch):
     """A real (tiny) calibration: fp32 and every timed candidate are finite and close to fp32."""
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(P, "busy_machine", lambda trials: None)
     ch = select_precision(_tiny(), torch.rand(8, 3, 32, 32), device="cpu", model_key={"m": "tiny-real"})
     assert ch.precision in ("fp32", "bf16") and ch.source == "measured"
     labels = {t["candidate"] for t in ch.trials}
@@ -120,7 +122,7 @@ def test_measure_drops_a_hopeless_candidate_after_one_pass(monkeypatch):
 
     def step(model, x):
         if torch.is_autocast_enabled('cpu'):
-            time.sleep(0.2)
+            time.sleep(1.0)
         return model(x)
 
     model = _tiny()
@@ -130,3 +132,14 @@ def test_measure_drops_a_hopeless_candidate_after_one_pass(monkeypatch):
     assert slow.tiles_per_s == 0.0 and "not timed" in slow.note
     c, _ = decide(trials)
     assert c.precision == "fp32"
+
+
+def test_measurements_on_a_busy_machine_are_used_but_not_cached(tmp_path, monkeypatch):
+    """Noisy rounds or a load above the core count: this run uses the choice, the next one measures again."""
+    monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
+    assert P.busy_machine([Trial(Candidate("fp32"), 10.0, 0.0, spread=1.6)]) == "timed rounds differed by 1.60x"
+    monkeypatch.setattr(P, "busy_machine", lambda trials: "load average 9.0 on 2 cores")
+    a = select_precision(_tiny(), torch.rand(4, 3, 16, 16), device="cpu", model_key={"m": "busy"})
+    assert a.source == "measured" and "not cached: load average" in a.reason
+    b = select_precision(_tiny(), torch.rand(4, 3, 16, 16), device="cpu", model_key={"m": "busy"})
+    assert b.source == "measured"

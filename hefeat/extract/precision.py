@@ -41,6 +41,9 @@ MARGIN = 0.03
 # A candidate whose first (warm-up) pass is this many times slower than the best is not timed further.
 PROBE_DROP = 4.0
 CACHE_VERSION = 1
+# Rounds differing by more than this (slowest / fastest), or a load average above the core count,
+# mean the machine was busy while measuring: the choice is used but not cached (re-measured next run).
+NOISY = 1.25
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Trial:
     rel_err: float
     finite: bool = True
     note: str = ""
+    spread: float = 1.0  # slowest / fastest timed round: > NOISY means the machine was busy
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,7 @@ def measure(
     if not bool(torch.isfinite(torch.as_tensor(ref)).all()):
         raise HefeatError("the encoder gives non-finite outputs in fp32 on real tiles: check its weights")
 
+    rates: dict[Candidate, list[float]] = {}
     probe: dict[Candidate, float] = {}
     errs: dict[Candidate, tuple[float, bool]] = {}
     done_keys: dict[tuple, tuple[float, float, bool]] = {}
@@ -263,7 +268,8 @@ def measure(
         probe[c] = dt
         errs[c] = (err, fin)
     best_probe = min(probe.values())
-    alive = [c for c in cands if probe[c] <= PROBE_DROP * best_probe and errs[c][1]]
+    # fp32 is the baseline every decision compares with: it is always timed.
+    alive = [c for c in cands if (probe[c] <= PROBE_DROP * best_probe or c.precision == "fp32") and errs[c][1]]
     best: dict[Candidate, float] = {}
     notes: dict[Candidate, str] = {c: f"warm-up {probe[c] / best_probe:.1f}x slower than best: not timed"
                                    for c in cands if c not in alive}
@@ -288,12 +294,28 @@ def measure(
                 continue
             rate = len(x) / (time.perf_counter() - t)
             best[c] = max(best.get(c, 0.0), rate)
+            rates.setdefault(c, []).append(rate)
         if r == 0 and best:  # hopeless candidates stop here
             top = max(best.values())
-            alive = [c for c in alive if best.get(c, 0) >= top / 2 and notes.get(c) != "out of memory"]
+            alive = [c for c in alive if (best.get(c, 0) >= top / 2 or c.precision == "fp32")
+                     and notes.get(c) != "out of memory"]
         if time.perf_counter() - t_start > budget_s:
             break
-    return [Trial(c, round(best.get(c, 0.0), 3), errs[c][0], errs[c][1], notes.get(c, "")) for c in cands]
+    return [Trial(c, round(best.get(c, 0.0), 3), errs[c][0], errs[c][1], notes.get(c, ""),
+                  round(max(rates[c]) / min(rates[c]), 3) if len(rates.get(c, ())) > 1 and min(rates[c]) > 0 else 1.0)
+            for c in cands]
+
+
+def busy_machine(trials: Sequence[Trial]) -> str | None:
+    """Why these measurements should not be trusted for later runs (noisy rounds, loaded CPUs), or None."""
+    worst = max((t.spread for t in trials if t.tiles_per_s > 0), default=1.0)
+    if worst > NOISY:
+        return f"timed rounds differed by {worst:.2f}x"
+    with contextlib.suppress(OSError, AttributeError):
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+        if load > cores:
+            return f"load average {load:.1f} on {cores} cores"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,12 +460,15 @@ def select_precision(
             return choice
         trials = measure(model, sample, cands, device=device, step=step)
         best, reason = decide(trials)
+        busy = busy_machine(trials) if device == "cpu" else None
+        if busy:
+            reason += f"; not cached: {busy} while measuring"
         choice = PrecisionChoice(
             best.precision, best.channels_last, best.batch_size, device, "measured", reason, caps["name"],
             tuple({"candidate": t.candidate.label, "tiles_per_s": t.tiles_per_s, "rel_err": round(t.rel_err, 5)
-                   if t.finite else None, "note": t.note} for t in trials),
+                   if t.finite else None, "spread": t.spread, "note": t.note} for t in trials),
             excluded, key)
-        if use_cache:
+        if use_cache and not busy:
             _cache_put(key, {**choice.to_dict(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     apply_memory_format(model, sample, best.channels_last)
     return choice
