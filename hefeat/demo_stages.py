@@ -64,10 +64,14 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     m = load_table(store, sp["model_id"], "metrics")
     # The gene the model predicts best BEYOND what colour/texture alone gives (stated in the figure's title).
     m = m.assign(gain=m["mean_r_model"] - m["mean_r_qc_baseline"])
-    gene = m.sort_values("gain", ascending=False)["gene"].iloc[0]
-    why = f"largest gain in held-out r over the colour/texture baseline among {len(m)} genes"
     sid = sorted(p.name.removeprefix("slide=").removesuffix(".parquet")
                  for p in store.predictions_path(sp["model_id"], "x").parent.glob("slide=*.parquet"))[0]
+    import pyarrow.parquet as pq
+
+    mapped = set(pq.read_schema(store.predictions_path(sp["model_id"], sid)).names)
+    m = m[m["gene"].isin(mapped)]  # spot predictions are written for the mapped genes only
+    gene = m.sort_values("gain", ascending=False)["gene"].iloc[0]
+    why = f"largest gain in held-out r over the colour/texture baseline among {len(m)} mapped genes"
     spot_maps(store, sp["model_id"], sid, gene, out / "spot_map.png", why=why)
     extra.update(spots_model_id=sp["model_id"], genes_passing_sign_test=sp["genes_passing_sign_test"])
     lines.append(f"Spot heads {sp['model_id']}: {sp['genes_passing_sign_test']} of {sp['n_genes']} genes pass the sign "

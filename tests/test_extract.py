@@ -276,10 +276,39 @@ def test_auto_precision_is_measured_and_recorded(tiled):
     import json
 
     st, tid, _ = tiled
-    s = run_extraction(st, tiling_id=tid, slides=["S01"], options=ExtractOptions(batch_size=8), **ENC)
+    # layer1: an extraction no other test makes, so its record is this run's
+    s = run_extraction(st, tiling_id=tid, slides=["S01"], encoder="resnet18", weights="none", layer="layer1",
+                       options=ExtractOptions(batch_size=8))
     pc = s.extra["precision_choice"]
     assert s.extra["precision"] in ("fp32", "bf16") and pc["source"] in ("measured", "cache") and pc["reason"]
     meta = json.loads((st.extraction_dir(s.extra["extraction_id"]) / "_extraction.json").read_text())
     assert meta["precision_choice"]["precision"] == s.extra["precision"]
     assert {t["candidate"] for t in meta["precision_choice"]["trials"]} >= {"fp32/cl", "fp32/nchw"}
     assert meta["encoder_mpp"] == 0.5 and meta["transform"]["plan"]["fit"] == "identity"
+
+
+def test_stain_normalisation_is_part_of_the_extraction(tiled, tmp_path):
+    """--stain-norm changes the features and the id; the fitted reference is recorded; shards agree on it."""
+    import json
+
+    from PIL import Image
+
+    st, tid, _ = tiled
+    kw = dict(tiling_id=tid, precision="fp32", options=ExtractOptions(batch_size=8, workers=0), **ENC)
+    plain = run_extraction(st, slides=["S03"], **kw)
+    mac = run_extraction(st, slides=["S03"], stain="macenko", **kw)
+    mac2 = run_extraction(st, shard="2/3", stain="macenko", **kw)
+    assert mac.extra["extraction_id"] != plain.extra["extraction_id"] == plain.extra["extraction_id"]
+    assert mac2.extra["extraction_id"] == mac.extra["extraction_id"]  # reference from all slides, not the shard
+    meta = json.loads((st.extraction_dir(mac.extra["extraction_id"]) / "_extraction.json").read_text())
+    assert meta["stain"]["method"] == "macenko" and meta["stain"]["source"].startswith("cohort:")
+    a = read_features(st.features_path(plain.extra["extraction_id"], "S03"))
+    b = read_features(st.features_path(mac.extra["extraction_id"], "S03"))
+    assert a.shape == b.shape and not np.allclose(a, b)
+    with Slide(st.slides(["S01"]).iloc[0]["path"]) as s:
+        Image.fromarray(s.read(600, 600, 256, 0.5)).save(tmp_path / "ref.png")
+    rein = run_extraction(st, slides=["S03"], stain="reinhard", stain_reference=str(tmp_path / "ref.png"), **kw)
+    meta = json.loads((st.extraction_dir(rein.extra["extraction_id"]) / "_extraction.json").read_text())
+    assert meta["stain"]["source"] == "image:ref.png" and len(meta["stain"]["values"]["mean"]) == 3
+    with pytest.raises(HefeatError, match="not found"):
+        run_extraction(st, slides=["S03"], stain="reinhard", stain_reference=str(tmp_path / "nope.png"), **kw)

@@ -162,6 +162,10 @@ def encoders(as_json):
 @click.option("--shard", default=None, help="I/N: this process embeds its share of the slides (SLURM arrays).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--tta", is_flag=True, help="Average over the 8 rotations/reflections (ST-Net).")
+@click.option("--stain-norm", type=click.Choice(["macenko", "reinhard"]), default=None,
+              help="Stain-normalise every tile on the device (part of the extraction id).")
+@click.option("--stain-reference", default=None,
+              help="Image file to normalise towards (default: a seeded sample of 64 tiles from the cohort).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed for --weights none.")
@@ -170,7 +174,7 @@ def encoders(as_json):
 @store_option
 @json_option
 def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, fit, workers, shard, engine, tta,
-            compile_, dtype, seed, device, fail_fast, store_path, as_json):
+            stain_norm, stain_reference, compile_, dtype, seed, device, fail_fast, store_path, as_json):
     """Embed every tile of a tiling into per-slide HDF5 files (resumable, shardable).
 
     \b
@@ -179,6 +183,7 @@ def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, f
       hefeat extract --encoder resnet50 --layer layer3 --weights imagenet   # 1024-d (CLAM/TRIDENT)
       hefeat extract --encoder densenet121 --tiling <tid> --tta              # ST-Net, spot tiles
       hefeat extract --encoder resnet50 --weights w.safetensors --shard 3/16
+      hefeat extract --encoder uni --weights uni.bin --stain-norm macenko --stain-reference ref.png
     """
     from hefeat.extract.pipeline import ExtractOptions, run_extraction
 
@@ -188,7 +193,8 @@ def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, f
     opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
                          fail_fast=fail_fast, progress=progress_enabled(as_json))
     kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,
-              dtype=dtype, seed=seed, slides=split_ids(slides), fit=fit, options=opt)
+              dtype=dtype, seed=seed, slides=split_ids(slides), fit=fit, stain=stain_norm,
+              stain_reference=stain_reference, options=opt)
     st = get_store(store_path)
     if engine == "ray":
         from hefeat.extract.ray_engine import run_extraction_ray

@@ -236,12 +236,16 @@ def run_extraction(
     slides: list[str] | None = None,
     shard: str | None = None,
     fit: str = "auto",
+    stain: str | None = None,
+    stain_reference: str | None = None,
     options: ExtractOptions | None = None,
 ) -> RunSummary:
     """Embed every tile of a tiling with an encoder into per-slide HDF5 files; resumable.
 
     precision 'auto' is measured on this machine (see hefeat.extract.precision) and recorded;
     `fit` says how tiles become the encoder's input size (see hefeat.extract.compute.plan_input).
+    `stain` ('macenko' | 'reinhard') normalises every tile on the device towards `stain_reference`:
+    an image file, or (default) a seeded sample of the tiling's tiles across all its slides.
     """
 
     opt = options or ExtractOptions()
@@ -253,6 +257,7 @@ def run_extraction(
     tid = tiling_id or _default_tiling(store)
     tiling = store.tiling(tid)
     tiled = store.sql("SELECT slide_id FROM status WHERE stage = 'tiling' AND id = ? AND state = 'ok' ORDER BY 1", [tid])["slide_id"].tolist()
+    all_tiled = list(tiled)  # a cohort stain reference is fitted over all of them, whatever this run does
     if slides:
         missing = sorted(set(slides) - set(tiled))
         if missing:
@@ -263,12 +268,15 @@ def run_extraction(
     enc = create_encoder(encoder, weights=weights, layer=layer, seed=seed, store=store)
     cfg = enc.config
     plan = plan_input(int(tiling["size"]), float(tiling["mpp"]), cfg, fit=fit)
-    transform = DeviceTransform(cfg, device, plan=plan)
+    stain_ref = fit_stain(store, tid, all_tiled, stain, stain_reference) if stain else None
+    transform = DeviceTransform(cfg, device, plan=plan, stain=stain_ref.normalizer() if stain_ref else None)
+    t_cal = time.perf_counter()
     choice = choose_precision(enc, transform, store, tid, ids, device=device, requested=precision,
                               batch_size=opt.batch_size)
+    calibrate_s = time.perf_counter() - t_cal
     prec = choice.precision
     opt = dataclasses.replace(opt, batch_size=opt.batch_size or choice.batch_size or DEFAULT_BATCH)
-    inputs = {"plan": plan.to_dict()}
+    inputs = {"plan": plan.to_dict(), **({"stain": stain_ref.to_dict()} if stain_ref else {})}
     eid = extraction_id(tid, cfg, precision=prec, tta=tta, dtype=dtype, inputs=inputs)
     edir = store.extraction_dir(eid)
     edir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +291,7 @@ def run_extraction(
             "precision_choice": choice.to_dict(),
             "transform": {"input_size": list(cfg.input_size), "mean": list(cfg.mean), "std": list(cfg.std),
                           "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct, **inputs},
+            "stain": stain_ref.to_dict() if stain_ref else None,
             "patch_size": tiling["size"], "mpp": tiling["mpp"], "encoder_mpp": plan.encoder_mpp,
             "code_version": __version__, "batch_size": opt.batch_size, "created": timestamp(),
             **{f"source_{k}": v for k, v in (enc.provenance or {}).items()},
@@ -335,11 +344,55 @@ def run_extraction(
     summary.extra.update({"extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer,
                           "dim": cfg.dim, "precision": prec, "device": device, "batch_size": opt.batch_size,
                           "precision_choice": {k: choice.to_dict()[k] for k in ("source", "reason", "channels_last")},
-                          "encoder_mpp": plan.encoder_mpp, "fit": plan.fit, "timings": timings})
+                          "encoder_mpp": plan.encoder_mpp, "fit": plan.fit,
+                          "timings": {**timings, "calibrate_s": round(calibrate_s, 3)}})
     summary.extra["run_id"] = record_run(store, "extract", summary.to_dict(), params={
         "encoder": encoder, "weights": weights, "layer": layer, "precision": prec, "tta": tta, "dtype": dtype,
         "batch_size": opt.batch_size, "workers": opt.workers, "shard": shard})
     return summary
+
+
+STAIN_SAMPLE = 64  # tiles of the cohort a stain reference is fitted to by default
+
+
+def fit_stain(store: Store, tiling_id: str, slide_ids: list[str], method: str, reference: str | None):
+    """A StainReference fitted to an image file, or to STAIN_SAMPLE seeded tiles over all `slide_ids`.
+
+    The cohort sample is drawn from every tiled slide (not this shard's), so all shards agree.
+    """
+    from PIL import Image
+
+    from hefeat.slides.stain import METHODS, fit_reference
+
+    if method not in METHODS:
+        raise HefeatError(f"--stain-norm must be one of {', '.join(METHODS)}, got {method!r}")
+    if reference and reference != "cohort":
+        p = Path(reference)
+        if not p.exists():
+            raise HefeatError(f"stain reference image not found: {p}")
+        try:
+            img = np.asarray(Image.open(p).convert("RGB"))
+        except Exception as e:
+            raise HefeatError(f"cannot read stain reference {p.name}: {type(e).__name__}: {e}") from None
+        return fit_reference(method, [img], source=f"image:{p.name}")
+    tiling = store.tiling(tiling_id)
+    rng = np.random.default_rng(0)
+    ids = sorted(slide_ids)
+    per = max(1, -(-STAIN_SAMPLE // max(len(ids), 1)))
+    imgs = []
+    from hefeat.slides.run import open_catalog_slide
+
+    rows = store.slides(ids).set_index("slide_id") if ids else None
+    for sid in ids:
+        t = store.tiles(tiling_id, sid)
+        if t.empty:
+            continue
+        pick = t.iloc[np.sort(rng.choice(len(t), min(per, len(t)), replace=False))]
+        with open_catalog_slide(rows.loc[sid], verify=False) as s:
+            imgs += [s.read(x, y, int(tiling["size"]), float(tiling["mpp"])) for x, y in pick[["x", "y"]].to_numpy()]
+        if len(imgs) >= STAIN_SAMPLE:
+            break
+    return fit_reference(method, imgs, source=f"cohort:{len(imgs)} tiles of tiling {tiling_id}")
 
 
 def calibration_tiles(store: Store, tiling_id: str, slide_ids: list[str], n: int) -> np.ndarray | None:
