@@ -1,0 +1,165 @@
+"""Tiles decoded on the device: raw JPEG tiles of a tiled TIFF/SVS read with tifffile, decoded in batches.
+
+On a GPU machine the CPU decode (~1-1.3k JPEG tiles/s per core) bounds extraction long before the
+GPU does. This reader moves only compressed bytes through the CPU: it reads the JPEG tiles that
+cover a batch of requested regions (each once), decodes them with `torchvision.io.decode_jpeg` on
+the device (nvJPEG on CUDA; libjpeg-turbo on the CPU as the fallback), pastes the regions together
+and resizes them there. Pixels equal OpenSlide's within JPEG decoder tolerance (tests check it).
+
+Abbreviated TIFF JPEG tiles are completed with the level's JPEGTables; tiles whose photometric
+interpretation is RGB (Aperio) get an Adobe APP14 marker (transform 0) so decoders do not apply a
+YCbCr conversion. `check_device_decode` compares the device decode of one tile with tifffile's own
+(imagecodecs) decode and the caller falls back to the CPU if they disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from hefeat.errors import HefeatError
+
+JPEG = 7
+# Adobe APP14: version 100, flags 0/0, transform 0 = components are RGB (no YCbCr conversion).
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level's JPEG tile grid."""
+
+    index: int
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    offsets: tuple[int, ...]
+    counts: tuple[int, ...]
+    tables: bytes | None
+    rgb: bool  # photometric RGB (not YCbCr) inside the JPEG streams
+
+    @property
+    def cols(self) -> int:
+        """Tiles per row."""
+        return math.ceil(self.width / self.tile_w)
+
+
+class JpegTiles:
+    """The JPEG-compressed tile levels of a tiled TIFF/SVS, as raw bytes (no decode on the CPU)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import tifffile
+
+        self.path = str(path)
+        try:
+            tf = tifffile.TiffFile(self.path)
+        except Exception as e:
+            raise HefeatError(f"tifffile cannot read {path}: {type(e).__name__}: {e}") from None
+        try:
+            pages = [p for p in tf.series[0].levels] if tf.series else []
+            self.levels = []
+            for i, lv in enumerate(pages):
+                p = lv.keyframe if hasattr(lv, "keyframe") else lv.pages[0]
+                if not (p.is_tiled and p.compression == JPEG and p.planarconfig == 1 and p.samplesperpixel in (3, 4)):
+                    break
+                self.levels.append(Level(i, int(p.imagewidth), int(p.imagelength), int(p.tilewidth), int(p.tilelength),
+                                         tuple(int(v) for v in p.dataoffsets), tuple(int(v) for v in p.databytecounts),
+                                         bytes(p.jpegtables) if p.jpegtables is not None else None,
+                                         int(p.photometric) == 2))
+        finally:
+            tf.close()
+        if not self.levels:
+            raise HefeatError(f"{path} has no JPEG-tiled level: device decode needs a tiled JPEG TIFF/SVS")
+        self._fh = open(self.path, "rb")  # noqa: SIM115  (closed in close())
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
+
+    def __enter__(self) -> JpegTiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def raw(self, level: Level, index: int) -> bytes:
+        """The tile's bytes as stored (an abbreviated JPEG stream when the level has JPEGTables)."""
+        self._fh.seek(level.offsets[index])
+        return self._fh.read(level.counts[index])
+
+    def stream(self, level: Level, index: int) -> bytes:
+        """A complete JPEG stream for tile `index` of `level` (tables merged, RGB marked)."""
+        data = self.raw(level, index)
+        if level.tables and len(level.tables) > 4:
+            data = level.tables[:-2] + data[2:]  # tables' SOI..(no EOI) + tile's (no SOI)..EOI
+        if level.rgb:
+            data = data[:2] + _ADOBE_RGB + data[2:]
+        return data
+
+    def covering(self, level: Level, x: int, y: int, w: int, h: int) -> list[int]:
+        """Indices of the tiles of `level` that overlap the region (level pixels), inside the image."""
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(level.width, x + w), min(level.height, y + h)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        cs = range(x0 // level.tile_w, (x1 - 1) // level.tile_w + 1)
+        rs = range(y0 // level.tile_h, (y1 - 1) // level.tile_h + 1)
+        return [r * level.cols + c for r in rs for c in cs]
+
+
+def decode(streams: list[bytes], device: str):
+    """Decode JPEG streams to uint8 (3, h, w) tensors on `device` (batched nvJPEG on CUDA)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
+    if not data:
+        return []
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def read_regions(src: JpegTiles, level: Level, regions: list[tuple[int, int, int]], size_px: int, device: str):
+    """uint8 (B, size_px, size_px, 3) tensor on `device`: square regions (x, y, n) in `level` pixels, resized.
+
+    Each JPEG tile is decoded once per call even when several regions share it; outside the image is white.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    need = sorted({i for x, y, n in regions for i in src.covering(level, x, y, n, n)})
+    tiles = dict(zip(need, decode([src.stream(level, i) for i in need], device), strict=True))
+    out = []
+    for x, y, n in regions:
+        canvas = torch.full((3, n, n), 255, dtype=torch.uint8, device=device)
+        for i in src.covering(level, x, y, n, n):
+            tx, ty = (i % level.cols) * level.tile_w, (i // level.cols) * level.tile_h
+            t = tiles[i]
+            # the part of this tile inside both the region and the image (edge tiles are padded)
+            ax0, ay0 = max(x, tx), max(y, ty)
+            ax1 = min(x + n, tx + level.tile_w, level.width)
+            ay1 = min(y + n, ty + level.tile_h, level.height)
+            if ax1 > ax0 and ay1 > ay0:
+                canvas[:, ay0 - y:ay1 - y, ax0 - x:ax1 - x] = t[:, ay0 - ty:ay1 - ty, ax0 - tx:ax1 - tx]
+        if n != size_px:
+            c = canvas[None].float()
+            c = F.interpolate(c, size=(size_px, size_px), mode="bilinear", antialias=n > size_px, align_corners=False)
+            canvas = c[0].round().clamp(0, 255).to(torch.uint8)
+        out.append(canvas)
+    return torch.stack(out).permute(0, 2, 3, 1)
+
+
+def check_device_decode(src: JpegTiles, device: str, tolerance: float = 2.0) -> bool:
+    """True if the device decodes the first tile like tifffile/imagecodecs does (mean abs difference)."""
+    import tifffile
+
+    level = src.levels[0]
+    with tifffile.TiffFile(src.path) as tf:
+        page = tf.series[0].levels[0].keyframe
+        ref, _, _ = page.decode(src.raw(level, 0), 0, jpegtables=page.jpegtables)
+    got = decode([src.stream(level, 0)], device)[0].permute(1, 2, 0).cpu().numpy()
+    ref = np.asarray(ref).reshape(got.shape[0], got.shape[1], -1)[..., :3]
+    return float(np.abs(got.astype(np.int16) - ref.astype(np.int16)).mean()) <= tolerance
+
