@@ -127,8 +127,9 @@ def qc(tiling_id, slides, store_path, as_json):
 
 
 @main.command()
+@store_option
 @json_option
-def encoders(as_json):
+def encoders(store_path, as_json):
     """List the named encoders (pathology presets): dim, input, µm/px, pooling, weights, licence.
 
     \b
