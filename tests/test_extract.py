@@ -312,3 +312,18 @@ def test_stain_normalisation_is_part_of_the_extraction(tiled, tmp_path):
     assert meta["stain"]["source"] == "image:ref.png" and len(meta["stain"]["values"]["mean"]) == 3
     with pytest.raises(HefeatError, match="not found"):
         run_extraction(st, slides=["S03"], stain="reinhard", stain_reference=str(tmp_path / "nope.png"), **kw)
+
+
+def test_device_jpeg_decode_path_gives_the_same_features(tiled):
+    """decode='device' (raw JPEG tiles decoded by torchvision, here on the CPU) = the OpenSlide path."""
+    st, tid, _ = tiled
+    kw = dict(tiling_id=tid, precision="fp32", dtype="float32", slides=["S01", "S02"], **ENC)
+    ref = run_extraction(st, options=ExtractOptions(batch_size=16, decode="cpu"), **kw)
+    eid = ref.extra["extraction_id"]
+    want = {s: read_features(st.features_path(eid, s)) for s in ("S01", "S02")}
+    for s in ("S01", "S02"):
+        st.features_path(eid, s).unlink()
+    dev = run_extraction(st, options=ExtractOptions(batch_size=16, decode="device", workers=0), **kw)
+    assert dev.extra["decode"].startswith("device") and sorted(dev.ok) == ["S01", "S02"]
+    for s in ("S01", "S02"):
+        np.testing.assert_allclose(read_features(st.features_path(eid, s)), want[s], rtol=1e-4, atol=1e-4)

@@ -217,6 +217,7 @@ class ExtractOptions:
     workers: int | None = None
     device: str | None = None
     compile: bool = False
+    decode: str = "auto"  # auto (device JPEG decode on CUDA when every slide allows it) | cpu | device
     fail_fast: bool = False
     progress: bool = False
     extra: dict = field(default_factory=dict)
@@ -345,7 +346,7 @@ def run_extraction(
                           "dim": cfg.dim, "precision": prec, "device": device, "batch_size": opt.batch_size,
                           "precision_choice": {k: choice.to_dict()[k] for k in ("source", "reason", "channels_last")},
                           "encoder_mpp": plan.encoder_mpp, "fit": plan.fit,
-                          "timings": {**timings, "calibrate_s": round(calibrate_s, 3)}})
+                          "decode": info.get("decode"), "timings": {**timings, "calibrate_s": round(calibrate_s, 3)}})
     summary.extra["run_id"] = record_run(store, "extract", summary.to_dict(), params={
         "encoder": encoder, "weights": weights, "layer": layer, "precision": prec, "tta": tta, "dtype": dtype,
         "batch_size": opt.batch_size, "workers": opt.workers, "shard": shard})
@@ -478,7 +479,7 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
     bar = tqdm(total=len(ds), disable=not opt.progress, desc=f"extract {eid}", unit="tile")
     t_loop = time.perf_counter()
     try:
-        it = iter(loader)
+        it = device_decoded_batches(jobs, ds, opt.batch_size, device, opt.decode, info) or iter(loader)
         while True:
             t = time.perf_counter()
             try:
@@ -528,6 +529,53 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
     summary.tiles += writer.tiles
     timings["write_s"] = writer.seconds
     return {k: round(v, 3) for k, v in timings.items()}
+
+
+def device_decoded_batches(jobs: list[_SlideJob], ds: TileDataset, batch_size: int, device: str, decode: str,
+                           info: dict):
+    """Batches (imgs on `device`, slide ks, tile ts, errors) decoded by hefeat.slides.jpeg_tiles, or None.
+
+    Used when `decode` is 'device', or 'auto' on CUDA, and every slide is a JPEG-tiled TIFF/SVS whose
+    device decode matches tifffile's; the reason for using or not using it goes into `info["decode"]`.
+    """
+    import torch
+
+    from hefeat.slides.jpeg_tiles import JpegTiles, check_device_decode, read_regions
+    from hefeat.slides.reader import Slide
+
+    if decode not in ("auto", "cpu", "device"):
+        raise HefeatError(f"decode must be auto, cpu or device, got {decode!r}")
+    if decode == "cpu" or (decode == "auto" and not device.startswith("cuda")):
+        info["decode"] = "cpu (DataLoader workers, OpenSlide)"
+        return None
+    try:
+        for j in jobs:
+            with JpegTiles(j.path) as src:
+                if not check_device_decode(src, device):
+                    raise HefeatError(f"device decode of {Path(j.path).name} differs from tifffile's")
+    except HefeatError as e:
+        if decode == "device":
+            raise
+        info["decode"] = f"cpu ({e})"
+        return None
+    info["decode"] = f"device ({device}, torchvision decode_jpeg)"
+
+    def batches():
+        for k, j in enumerate(jobs):
+            with Slide(j.path, mpp=j.mpp) as s, JpegTiles(j.path) as src:
+                lv_i = s.best_level(ds.mpp)
+                if lv_i >= len(src.levels):
+                    lv_i = len(src.levels) - 1
+                level = src.levels[lv_i]
+                down = s.dimensions[0] / level.width
+                n = max(1, int(round(s.level0_size(ds.size, ds.mpp) / down)))
+                for a in range(0, len(j.coords), batch_size):
+                    xy = j.coords[a:a + batch_size]
+                    regions = [(int(round(x / down)), int(round(y / down)), n) for x, y in xy]
+                    imgs = read_regions(src, level, regions, ds.size, device)
+                    yield imgs, torch.full((len(xy),), k), torch.arange(a, a + len(xy)), [""] * len(xy)
+
+    return batches()
 
 
 def _put(writer: _Writer, item) -> None:
