@@ -37,11 +37,11 @@ def r_distribution(r: np.ndarray, *, metric: str, title: str, out: Out = None, r
     ax.axvline(0, color="k", lw=0.6)
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="#d32f2f", lw=1.5)
-        ax.text(threshold, ax.get_ylim()[1] * 0.97, f" {threshold_label}\n r = {threshold:.2f}", color="#d32f2f",
-                fontsize=8, va="top", ha="left")
+        ax.text(threshold, ax.get_ylim()[1] * 0.97, f" {threshold_label}: r = {threshold:.2f} ", color="#d32f2f",
+                fontsize=8, va="top", ha="right", rotation=90, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
     ax.set_xlabel(f"{metric} on held-out data (per gene)")
     ax.set_ylabel("genes")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(wrap(title, 75), fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     fig.text(0.01, 0.01, NULL_MODE_NOTE, fontsize=7, ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -234,15 +234,18 @@ def transfer_comparison(aucs: pd.DataFrame, *, title: str, out: Out = None, test
         ax.plot(q.index, q[0.5], color=color, lw=1.8, marker="o", ms=4, label=f"{a_name} (median of {n} splits)")
         ax.fill_between(q.index, q[0.25], q[0.75], color=color, alpha=0.15, lw=0)
     ax.axhline(0.5, color="k", ls="--", lw=0.8, label="chance (0.5)")
+    note = ""
     if tests is not None and len(tests):
-        for xv, g in tests.groupby(x):
-            txt = "\n".join(f"{r.comparison}: p={r.wilcoxon_p:.2g}" for r in g.itertuples())
-            ax.annotate(txt, (xv, 0), xycoords=("data", "axes fraction"), xytext=(0, 4), textcoords="offset points",
-                        fontsize=6, ha="center", va="bottom")
+        parts = []
+        for comp, g in tests.groupby("comparison", sort=False):
+            parts.append(f"{comp}: " + ", ".join(f"{fmt(r[x])} → p = {r['wilcoxon_p']:.2g}" for _, r in g.iterrows()))
+        note = "Wilcoxon signed-rank over splits, by " + x.replace("_", " ") + ": " + "; ".join(parts)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(f"{value.upper() if value == 'auc' else value} on held-out data")
     ax.set_title(wrap(title, 80) + "\nband: interquartile range over splits; dots: single splits", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    if note:
+        fig.text(0.01, 0.01, wrap(note, 120), fontsize=7, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.07 if note else 0, 1, 1))
     save(fig, out)
     return {"arms": arms, "points": len(aucs)}

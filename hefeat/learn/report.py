@@ -50,7 +50,7 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
     files.append(out / "r_distribution.png")
     r_distribution(m[r_col].to_numpy(), metric=r_col.replace("_", " "), r_null=null, threshold=thr,
                    threshold_label=f"smallest r significant at FDR {fdr:g}",
-                   title=f"{meta['kind']} model {mid}: {len(sig)} of {len(m)} genes significant ({split})",
+                   title=f"Per-gene heads {mid} ({meta['kind']}): {len(sig)} of {len(m)} genes significant, {split}",
                    out=files[-1])
     oof_p = d / "oof_predictions.parquet"
     if oof_p.exists():
@@ -61,7 +61,8 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
         if truth is not None and top:
             rs = m.set_index("gene")[r_col]
             files.append(out / "top_genes.png")
-            predicted_vs_measured([{"name": g, "measured": truth[g], "predicted": oof[g], "stat": f"r = {rs[g]:.2f}"}
+            rname = r_col.replace("_r", " r").replace("_", " ")
+            predicted_vs_measured([{"name": g, "measured": truth[g], "predicted": oof[g], "stat": f"{rname} = {rs[g]:.2f}"}
                                    for g in top], units=units.strip(), out=files[-1],
                                   title=f"The {len(top)} genes with the highest held-out {r_col.replace('_', ' ')} of "
                                         f"{len(m)} (model {mid}; out-of-fold predictions)")
