@@ -42,8 +42,8 @@ def explorer(learned):
     st, eid, seid, _ = learned
     g = _cli("fit", "genes", "--extraction", eid, "--store", st.root)
     p = _cli("predict", g["model_id"], "--top", "2", "--store", st.root)
-    u = run_umap(st, eid, sample=800, pca=20)
-    build_index(st, eid, index="flat")
+    u = run_umap(st, eid, sample=600, pca=20)  # the same map and index as test_explore's (computed once per session)
+    build_index(st, eid)
     return {"store": st, "eid": eid, "seid": seid, "model": g["model_id"], "gene": p["tile_genes"][0], "umap": u["umap_id"]}
 
 
@@ -117,6 +117,17 @@ def test_get_never_writes_to_the_store(server):
         assert status == 200, (p, body[:300])
     assert _listing(st.root) == before
     assert _get(server, "/api/umap")[0] == 405  # computing is a POST, never a GET
+
+
+def test_computing_is_an_explicit_post(server):
+    """POST /api/umap finds the stored map for the same data and settings (cached); bad settings are 400."""
+    body = {"extraction": server["eid"], "sample": 600, "pca": 20}
+    status, _, out = _get(server, "/api/umap", method="POST", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    res = json.loads(out)
+    assert status == 200 and res["cached"] and res["umap_id"] == server["umap"] and not res["stale"]
+    for bad in ({**body, "sample": -1}, {**body, "pca": "x"}, {**body, "extraction": "../x"}, {"sample": 5}):
+        status, _, out = _get(server, "/api/umap", method="POST", body=json.dumps(bad), headers={"Content-Type": "application/json"})
+        assert status == 400 and json.loads(out)["error"], bad
 
 
 @pytest.mark.parametrize("path", [

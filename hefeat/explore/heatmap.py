@@ -26,17 +26,24 @@ def render_heatmap(store: Store, slide_id: str, value: str, out: str | Path | No
                    tiling_id: str | None = None, extraction_id: str | None = None, mpp: float = 4.0,
                    alpha: float = 0.7) -> dict:
     """PNG of the H&E next to the value drawn over it (legend or labelled colour bar, scale bar)."""
-    from hefeat.explore.thumbnail import slide_image
-    from hefeat.figures.spatial import tile_overlay
+    from hefeat.explore.thumbnail import slide_image, spot_discs
+    from hefeat.figures.base import is_categorical
+    from hefeat.figures.spatial import spot_map, tile_overlay
 
     rows, val = heatmap_values(store, slide_id, value, tiling_id=tiling_id, extraction_id=extraction_id)
     img = slide_image(store, slide_id, mpp)
     tid = rows.attrs["tiling_id"]
     t = store.tiling(tid)
     n_val = int(rows["value"].notna().sum())
-    title = (f"Slide {slide_id}: {val.label} on {n_val} of {len(rows)} tiles "
+    what = "spots" if t.get("spots") else "tiles"
+    title = (f"Slide {slide_id}: {val.label} on {n_val} of {len(rows)} {what} "
              f"({t.get('size')} px at {t.get('mpp')} µm/px, tiling {tid})")
-    r = tile_overlay(img, rows, rows["value"], label=val.title, title=title, out=out, alpha=alpha)
+    if t.get("spots") and not is_categorical(rows["value"]):  # spot patches overlap: draw the spots as discs
+        c, d = spot_discs(rows)
+        r = {**spot_map(img, c, d, {val.label: rows["value"].to_numpy(float)}, label=val.title, title=title, out=out),
+             "kind": "continuous", "overlay": None}
+    else:
+        r = tile_overlay(img, rows, rows["value"], label=val.title, title=title, out=out, alpha=alpha)
     return {"slide_id": slide_id, "tiling_id": tid, "out": str(out) if isinstance(out, (str, Path)) else None,
             "tiles": len(rows), "with_value": n_val, "column": val.column, "label": val.title, "kind": r["kind"],
             "overlay": r["overlay"], "scale": img.scale}

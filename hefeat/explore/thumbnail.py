@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
+
 from hefeat.figures.spatial import SlideImage
 from hefeat.store.catalog import Store
 
@@ -14,3 +17,15 @@ def slide_image(store: Store, slide_id: str, mpp: float = 4.0) -> SlideImage:
     with open_catalog_slide(row, verify=False) as s:
         thumb = s.thumbnail(mpp)
         return SlideImage(thumb, thumb.shape[1] / s.dimensions[0], float(s.mpp.x), slide_id)
+
+
+def spot_discs(tiles: pd.DataFrame) -> tuple[np.ndarray, float]:
+    """Centres (n, 2) of spot-centred tiles (x, y, size0) and a disc diameter that does not overlap neighbours."""
+    c = tiles[["x", "y"]].to_numpy(float) + tiles[["size0"]].to_numpy(float) / 2
+    size = float(tiles["size0"].median())
+    if len(c) < 2:
+        return c, size
+    from scipy.spatial import cKDTree
+
+    gaps = cKDTree(c).query(c, k=2)[0][:, 1]  # centre-to-centre distance to the nearest other spot
+    return c, float(min(np.median(gaps) * 0.85, size))

@@ -191,7 +191,7 @@ def spot_map(img: SlideImage, centres0: np.ndarray, diameter0: float, panels: di
         ax.set_ylim(rows.stop, rows.start)
         ax.set_title(name, fontsize=9)
     cb = fig.colorbar(coll, ax=list(axes[1:]), fraction=0.03, pad=0.02, extend=used.extend, shrink=0.9)
-    cb.set_label(wrap(label + " — one scale for all panels" + used.note, 40), fontsize=8)
+    cb.set_label(wrap(label + (" — one scale for all panels" if len(panels) > 1 else "") + used.note, 40), fontsize=8)
     _titles(fig, title, note)
     save(fig, out)
     return {"vmin": used.vmin, "vmax": used.vmax, "spots": len(c)}

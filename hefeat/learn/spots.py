@@ -335,7 +335,7 @@ def spot_maps(store: Store, mid: str, slide_id: str, gene: str, out: str | Path,
 
     why: how the gene was chosen, stated in the title (e.g. "best of 50 genes by held-out r").
     """
-    from hefeat.explore.thumbnail import slide_image
+    from hefeat.explore.thumbnail import slide_image, spot_discs
     from hefeat.figures.spatial import spot_map
 
     p = store.predictions_path(mid, slide_id)
@@ -350,14 +350,7 @@ def spot_maps(store: Store, mid: str, slide_id: str, gene: str, out: str | Path,
     meta = load_model(store, mid)
     tid = store.extraction(meta["extraction_id"])["tiling_id"]
     df = df.merge(store.tiles(tid, slide_id)[["tile_id", "size0"]], on="tile_id", how="left")
-    c = df[["x", "y"]].to_numpy(float) + df[["size0"]].to_numpy(float) / 2
-    if len(c) > 1:
-        from scipy.spatial import cKDTree
-
-        gaps = cKDTree(c).query(c, k=2)[0][:, 1]  # centre-to-centre distance to the nearest other spot
-    else:
-        gaps = df["size0"].to_numpy(float)
-    diameter = float(min(np.median(gaps) * 0.85, df["size0"].median()))
+    c, diameter = spot_discs(df)
     rows = store.slides([slide_id]).iloc[0]
     mpp = max(float(rows["width"]), float(rows["height"])) * float(rows["mpp_x"]) / 1400
     img = slide_image(store, slide_id, mpp)

@@ -141,7 +141,7 @@ async function loadUmap(uid) {
   $("scatter").dataset.rendered = String(n);
   $("pointCount").textContent = meta.what;
   status(meta.stale ? "this map is STALE: the extraction's data changed since it was computed; compute a new one" :
-    `map ${uid} (${meta.cached === false ? "new" : "stored"}; drawn in ${Math.round(S.firstPaintMs)} ms)`, !!meta.stale);
+    `map ${uid} (computed ${meta.created || "?"}; drawn in ${Math.round(S.firstPaintMs)} ms)`, !!meta.stale);
   if ($("colorBy").value) await applyColor($("colorBy").value);
 }
 
@@ -418,7 +418,12 @@ function wire() {
   $("helpBtn").addEventListener("click", (e) => { $("help").hidden = !$("help").hidden; e.target.setAttribute("aria-expanded", String(!$("help").hidden)); });
   $("computeUmap").addEventListener("click", async () => {
     status("computing UMAP (this can take minutes for large extractions)…");
-    try { const u = await postJSON("/api/umap", { extraction: S.eid }); await loadExtraction(S.eid); $("umap").value = u.umap_id; await loadUmap(u.umap_id); }
+    try {
+      const u = await postJSON("/api/umap", { extraction: S.eid });
+      await loadExtraction(S.eid); $("umap").value = u.umap_id; await loadUmap(u.umap_id);
+      status(u.cached ? `map ${u.umap_id} was already stored for exactly this data and these settings (cached, not recomputed)`
+        : `computed map ${u.umap_id} in ${u.seconds} s`);
+    }
     catch (e) { status(e.message, true); }
   });
   $("buildIndex").addEventListener("click", async () => {
