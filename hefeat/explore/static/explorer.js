@@ -94,6 +94,9 @@ async function initScatter() {
       backgroundColor: [0.98, 0.98, 0.98, 1], pointColorActive: [1, 0.1, 0.1, 1], pointColorHover: [0, 0, 0, 1],
       lassoColor: [0.1, 0.1, 0.1, 0.8], lassoMinDelay: 8, lassoMinDist: 2, deselectOnEscape: true,
       showReticle: false, opacityInactiveMax: 0.5,
+      // The bundled worker for the spatial index (used above ~1M points) references a minified closure
+      // variable and fails; building the KDBush index on the main thread takes ~0.3 s per million points.
+      spatialIndexUseWorker: false,
     });
   } catch (e) {
     $("noWebgl").hidden = false;
@@ -133,7 +136,8 @@ async function loadUmap(uid) {
   S.x = new Float32Array(n); S.y = new Float32Array(n);
   for (let i = 0; i < n; i++) { S.x[i] = (f[i] - cx) / half * 0.95; S.y[i] = (f[n + i] - cy) / half * 0.95; }
   S.sidx = ints.subarray(0, n); S.tile = ints.subarray(n, 2 * n); S.slides = meta.slides; S.n = n; S.umap = meta;
-  sp.set({ pointSize: pointSize(n), pointColor: ["#37474f"], colorBy: null });
+  // Above ~50k points the opacity follows the local density and zoom, so dense clusters keep their structure.
+  sp.set({ pointSize: pointSize(n), pointColor: ["#37474f"], colorBy: null, opacityBy: n > 50000 ? "density" : null });
   await sp.draw({ x: S.x, y: S.y, valueA: new Int32Array(n) }, { zDataType: "categorical" });
   sp.zoomToOrigin();
   await new Promise((r) => requestAnimationFrame(() => r()));
