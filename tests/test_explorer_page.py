@@ -344,3 +344,41 @@ def test_switching_extraction_clears_state_and_help(page, server):
     assert pg.evaluate("window.__explorer.neighbours.length + window.__explorer.selection.length") == 0
     assert pg.inner_text("#legend") == "" and pg.inner_text("#neighbors") == ""
 
+
+
+def test_million_point_scatter_renders(browser, tmp_path, shots):
+    """A 1,000,000-point map draws (WebGL via the vendored regl-scatterplot); paint time is in benchmarks/."""
+    import pandas as pd
+    from waitress.server import create_server
+
+    from hefeat.explore.server import create_app
+    from hefeat.explore.umap_map import write_umap
+    from hefeat.store.atomic import write_json
+    from hefeat.store.catalog import Store
+
+    st = Store.init(tmp_path / "big")
+    write_json(st.extraction_dir("ebig") / "_extraction.json", {"extraction_id": "ebig", "tiling_id": "tbig", "dim": 8,
+                                                                 "encoder": "synthetic", "created": "now"})
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+    xy = rng.normal(size=(n, 2)) + rng.integers(0, 6, (n, 1)) * 4
+    rows = pd.DataFrame({"slide_id": np.char.add("S", (np.arange(n) // 10_000).astype(str)), "tile_id": np.arange(n) % 10_000,
+                         "umap_x": xy[:, 0].astype(np.float32), "umap_y": xy[:, 1].astype(np.float32),
+                         "cluster": np.zeros(n, np.int16)})
+    write_umap(st, "ubig", rows, {"umap_id": "ubig", "extraction_id": "ebig", "n": n, "n_slides": 100, "tiling_id": "tbig"})
+    srv = create_server(create_app(st), host="127.0.0.1", port=0, threads=2)
+    threading.Thread(target=srv.run, daemon=True).start()
+    try:
+        pg = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(f"http://127.0.0.1:{srv.effective_port}/", wait_until="domcontentloaded")
+        pg.wait_for_function("document.getElementById('scatter').dataset.rendered === '1000000'", timeout=90_000)
+        pg.wait_for_timeout(300)
+        img = _png(pg, "#scatterWrap", shots / "million.png")
+        assert not errors, errors
+        assert ((img.sum(-1) < 600).mean()) > 0.05  # dark points cover a good part of the canvas
+        assert pg.evaluate("window.__explorer.firstPaintMs") > 0
+        pg.close()
+    finally:
+        srv.close()
