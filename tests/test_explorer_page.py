@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import threading
 import urllib.parse
@@ -211,7 +212,8 @@ def _osd_ready(pg):
                          "window.__explorer.viewer.world.getItemAt(0).getFullyLoaded()", timeout=60_000)
 
 
-def test_open_slide_and_overlay_model_predictions(page, server, shots):
+def test_slide_overlay_colour_by_clinical_and_switching(page, server, shots):
+    """Open a slide, overlay a model's predictions, colour the UMAP by a clinical column; switching extraction clears."""
     pg = page
     pg.select_option("#slide", "S03")
     pg.wait_for_function("window.__explorer.opened === 'S03'", timeout=60_000)
@@ -236,15 +238,11 @@ def test_open_slide_and_overlay_model_predictions(page, server, shots):
     pg.mouse.move(*xy)
     pg.wait_for_function("document.getElementById('slideHover').textContent.includes(':')", timeout=10_000)
     assert server["gene"] in pg.inner_text("#slideHover")
-
-
-def test_colour_umap_by_clinical_column(page, shots):
-    pg = page
     before = _png(pg, "#scatterWrap", shots / "umap_plain.png")
     pg.select_option("#colorBy", "clinical.er_status")
     pg.wait_for_function("document.getElementById('legend').dataset.kind === 'categorical'", timeout=60_000)
     legend = pg.inner_text("#legend")
-    counts = [int(c) for c in __import__("re").findall(r"\((\d+)\)", legend)]
+    counts = [int(c) for c in re.findall(r"\((\d+)\)", legend)]
     n = int(pg.evaluate("window.__explorer.n"))
     assert "er_status" in legend and sum(counts) == n and len(counts) >= 2
     pg.wait_for_timeout(500)
@@ -252,9 +250,20 @@ def test_colour_umap_by_clinical_column(page, shots):
     blue = ((abs(img[..., 0] - 31) < 30) & (abs(img[..., 1] - 119) < 30) & (abs(img[..., 2] - 180) < 30)).sum()
     orange = ((abs(img[..., 0] - 255) < 30) & (abs(img[..., 1] - 127) < 30) & (abs(img[..., 2] - 14) < 40)).sum()
     assert blue > 200 and orange > 200 and np.abs(img - before).mean() > 1
+    pg.click("#helpBtn")
+    assert "Shift" in pg.inner_text("#help") and pg.is_visible("#help")
+    pg.select_option("#colorBy", "sharpness")
+    pg.wait_for_function("document.getElementById('legend').dataset.kind === 'continuous'", timeout=60_000)
+    assert "Laplacian" in pg.inner_text("#legend")
+    pg.select_option("#extraction", server["seid"])
+    pg.wait_for_function(f"window.__explorer.eid === {json.dumps(server['seid'])} && window.__explorer.gen > 1", timeout=60_000)
+    pg.wait_for_function("document.getElementById('status').textContent.includes('no UMAP')", timeout=60_000)
+    assert pg.evaluate("window.__explorer.neighbours.length + window.__explorer.selection.length") == 0
+    assert pg.inner_text("#legend") == "" and pg.inner_text("#neighbors") == ""
 
 
-def test_lasso_region_lists_its_tiles(page, shots):
+def test_lasso_then_click_a_neighbour_to_land_on_its_slide(page, server, shots):
+    """Lasso a region and get its tiles (and see them on a slide); then click a point, then a neighbour."""
     pg = page
     L, T, W, H = pg.evaluate("() => { const b = document.getElementById('scatter').getBoundingClientRect(); "
                              "return [b.left, b.top, b.width, b.height]; }")
@@ -291,10 +300,7 @@ def test_lasso_region_lists_its_tiles(page, shots):
     first = pg.evaluate("window.__explorer.selectionBySlide[0]")
     assert pg.evaluate("window.__explorer.slide") == first[0]
     pg.screenshot(path=str(shots / "lasso.png"), full_page=True)
-
-
-def test_click_neighbour_lands_on_its_slide(page, server, shots):
-    pg = page
+    pg.keyboard.press("Escape")
     i, xy = pg.evaluate("""() => { const S = window.__explorer, r = document.getElementById('scatter').getBoundingClientRect();
         for (let i = 0; i < S.n; i++) { const p = S.sp.getScreenPosition(i);
           if (p[0] > 20 && p[1] > 20 && p[0] < r.width - 20 && p[1] < r.height - 20) return [i, [r.left + p[0], r.top + p[1]]]; } }""")
@@ -329,21 +335,6 @@ def test_click_neighbour_lands_on_its_slide(page, server, shots):
     assert dx < 0.6
     pg.screenshot(path=str(shots / "neighbour_on_slide.png"), full_page=True)
     assert sid and tile is not None
-
-
-def test_switching_extraction_clears_state_and_help(page, server):
-    pg = page
-    pg.click("#helpBtn")
-    assert "Shift" in pg.inner_text("#help") and pg.is_visible("#help")
-    pg.select_option("#colorBy", "sharpness")
-    pg.wait_for_function("document.getElementById('legend').dataset.kind === 'continuous'", timeout=60_000)
-    assert "Laplacian" in pg.inner_text("#legend")
-    pg.select_option("#extraction", server["seid"])
-    pg.wait_for_function(f"window.__explorer.eid === {json.dumps(server['seid'])} && window.__explorer.gen > 1", timeout=60_000)
-    pg.wait_for_function("document.getElementById('status').textContent.includes('no UMAP')", timeout=60_000)
-    assert pg.evaluate("window.__explorer.neighbours.length + window.__explorer.selection.length") == 0
-    assert pg.inner_text("#legend") == "" and pg.inner_text("#neighbors") == ""
-
 
 
 def test_million_point_scatter_renders(browser, tmp_path, shots):

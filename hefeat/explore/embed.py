@@ -15,8 +15,8 @@ def embed_image(store: Store, extraction_id: str, path: str) -> np.ndarray:
     import torch
     from PIL import Image
 
+    from hefeat.extract.compute import DeviceTransform, InputPlan, embed_batch
     from hefeat.extract.encoders import create_encoder
-    from hefeat.extract.pipeline import DeviceTransform, embed_batch
 
     ext = store.extraction(extraction_id)
     if ext.get("imported"):
@@ -27,14 +27,23 @@ def embed_image(store: Store, extraction_id: str, path: str) -> np.ndarray:
         img = Image.open(path).convert("RGB")
     except Exception as e:
         raise HefeatError(f"Cannot read image {path}: {e}") from None
-    size = int(ext["patch_size"])
+    # The extraction's own input plan (crop / resize / native) and stain reference, so the image is
+    # embedded exactly as its tiles were; the image stands for one tile of the tiling.
+    plan_d = (ext.get("transform") or {}).get("plan")
+    plan = InputPlan(**plan_d) if plan_d else None
+    stain = None
+    if ext.get("stain"):
+        from hefeat.slides.stain import StainReference
+
+        stain = StainReference.from_dict(ext["stain"]).normalizer()
+    size = plan.tile_px if plan else int(ext["patch_size"])
     arr = np.array(img.resize((size, size), Image.Resampling.LANCZOS))
     enc = create_encoder(ext["encoder"], weights=ext.get("weights_source", ext["weights"]), layer=ext.get("layer"),
-                         seed=int(ext.get("seed", 0)))
+                         seed=int(ext.get("seed", 0)), store=store)
     if enc.config.weights_digest != ext["weights_digest"]:
         raise HefeatError(f"The encoder re-created for {extraction_id} has other weights than the extraction "
                           f"(digest {enc.config.weights_digest} != {ext['weights_digest']}); is the weights file changed?")
     x = torch.from_numpy(arr[None])
-    f = embed_batch(enc, DeviceTransform(enc.config, "cpu"), x, device="cpu", precision=ext["precision"],
+    f = embed_batch(enc, DeviceTransform(enc.config, "cpu", plan=plan, stain=stain), x, device="cpu", precision=ext["precision"],
                     tta=bool(ext.get("tta")))
     return f[0].numpy()
