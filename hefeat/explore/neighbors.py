@@ -143,34 +143,24 @@ def _read_rows(store: Store, eid: str, ids: TileIds, global_ids: np.ndarray, met
 
 
 class _ExactTopK:
-    """Exact top-k of a few query vectors, updated chunk by chunk during the build's single pass."""
+    """Exact top-k of a few query vectors, merged chunk by chunk during the build's single pass."""
 
     def __init__(self, Q: np.ndarray, k: int, metric: str):
-        self.Q, self.k, self.metric = Q, k, metric
-        self.q2 = (Q**2).sum(1)[:, None]
+        import faiss
+
+        self.Q, self.k = Q, k
+        self.metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         self.score = np.full((len(Q), k), -np.inf, np.float32)  # higher is nearer
         self.ids = np.full((len(Q), k), -1, np.int64)
 
     def update(self, V: np.ndarray, first_id: int) -> None:
-        s = self.Q @ V.T
-        if self.metric == "l2":
-            s = -(self.q2 - 2 * s + (V**2).sum(1)[None])
-        better = s > self.score[:, -1:]  # only what beats a query's current k-th can enter
-        if np.count_nonzero(better) > 4 * self.k * len(self.Q):  # early chunks: most values qualify
-            kk = min(self.k, s.shape[1])
-            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            self._merge(np.arange(len(self.Q)), np.take_along_axis(s, part, 1), part + first_id)
-            return
-        rows, cols = np.nonzero(better)
-        for q in np.unique(rows):
-            c = cols[rows == q]
-            self._merge(np.array([q]), s[q, c][None], (c + first_id)[None])
+        import faiss
 
-    def _merge(self, qs: np.ndarray, score: np.ndarray, gid: np.ndarray) -> None:
-        S = np.concatenate([self.score[qs], score], 1)
-        G = np.concatenate([self.ids[qs], gid], 1)
+        D, I = faiss.knn(self.Q, V, min(self.k, len(V)), metric=self.metric)  # noqa: E741 (faiss' names)
+        S = np.concatenate([self.score, D if self.metric == faiss.METRIC_INNER_PRODUCT else -D], 1)
+        G = np.concatenate([self.ids, I + first_id], 1)
         order = np.lexsort((G, -S), axis=1)[:, :self.k]  # nearest first, ties by global id
-        self.score[qs], self.ids[qs] = np.take_along_axis(S, order, 1), np.take_along_axis(G, order, 1)
+        self.score, self.ids = np.take_along_axis(S, order, 1), np.take_along_axis(G, order, 1)
 
 
 def exact_knn(store: Store, eid: str, ids: TileIds, queries: np.ndarray, k: int, metric: str) -> np.ndarray:

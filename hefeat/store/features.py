@@ -26,6 +26,7 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.store.atomic import atomic_path, tmp_path_for
 from hefeat.store.catalog import Store
+from hefeat.store.ids import check_id
 
 AGGREGATES = "aggregates"  # group in each slide file
 TABLE_VERSION = 1
@@ -297,10 +298,15 @@ def _check_rows(sf: SlideFile, rows: np.ndarray) -> None:
 # ----------------------------------------------------------------------------------------------
 # The extraction's slide table: finished slides, their files and aggregates (provably current)
 # ----------------------------------------------------------------------------------------------
-def _finished(store: Store, eid: str) -> dict[str, os.stat_result]:
-    """slide_id -> stat of every finished feature file of the extraction (temporary files excluded)."""
-    d = store.extraction_dir(eid)
+def _finished(store: Store, eid: str, slides: list[str] | None = None) -> dict[str, os.stat_result]:
+    """slide_id -> stat of each finished feature file of the extraction (or of `slides` among them)."""
+    d = str(store.extraction_dir(eid))
     out = {}
+    if slides is not None:
+        for sid in slides:
+            with contextlib.suppress(FileNotFoundError):
+                out[sid] = os.stat(os.path.join(d, check_id(sid) + ".h5"))
+        return out
     with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
         for e in it:
             if e.name.endswith(".h5") and not e.name.startswith((".", "_")):
@@ -354,29 +360,41 @@ class SlideTable:
 _COLS = ("slide_id", "key", "n", "dim", "dtype", "offset", "coords_offset", "tiling_id")
 
 
-def _read_table(store: Store, eid: str, *, sums: bool) -> tuple[dict[str, SlideFile], dict[str, int], np.ndarray | None,
-                                                                  np.ndarray | None]:
+@dataclass
+class _Consolidated:
+    """The consolidated table as last written: columns (as Python lists) and the row of each slide."""
+
+    cols: dict[str, list]
+    pos: dict[str, int]
+    sums: np.ndarray | None
+    sumsq: np.ndarray | None
+
+    def file(self, sid: str, path: str) -> SlideFile | None:
+        i = self.pos.get(sid)
+        if i is None:
+            return None
+        c = self.cols
+        return SlideFile(sid, path, tuple(c["key"][i]), c["n"][i], c["dim"][i], c["dtype"][i], c["offset"][i],
+                         c["coords_offset"][i], c["tiling_id"][i])
+
+
+def _read_table(store: Store, eid: str, *, sums: bool) -> _Consolidated:
     """The consolidated table as written (not yet checked against the files)."""
     import h5py
 
-    p = store.aggregates_path(eid)
+    empty = _Consolidated({}, {}, None, None)
     try:
-        with h5py.File(p, "r") as f:
+        with h5py.File(store.aggregates_path(eid), "r") as f:
             if int(f.attrs.get("version", 0)) != TABLE_VERSION:
-                return {}, {}, None, None
-            c = {k: f[k][:] for k in _COLS}
+                return empty
+            c = {k: f[k][:].tolist() for k in _COLS}
             s = f["sum"][:] if sums else None
             q = f["sumsq"][:] if sums else None
     except (OSError, KeyError):
-        return {}, {}, None, None
-    files, pos = {}, {}
-    for i in range(len(c["n"])):
-        sid = c["slide_id"][i].decode()
-        files[sid] = SlideFile(sid, str(store.features_path(eid, sid)), tuple(int(v) for v in c["key"][i]), int(c["n"][i]),
-                               int(c["dim"][i]), c["dtype"][i].decode(), int(c["offset"][i]),
-                               int(c["coords_offset"][i]), c["tiling_id"][i].decode())
-        pos[sid] = i
-    return files, pos, s, q
+        return empty
+    for k in ("slide_id", "dtype", "tiling_id"):
+        c[k] = [v.decode() for v in c[k]]
+    return _Consolidated(c, {sid: i for i, sid in enumerate(c["slide_id"])}, s, q)
 
 
 def _write_table(store: Store, t: SlideTable) -> None:
@@ -404,16 +422,19 @@ def slide_table(store: Store, extraction_id: str, slides: Iterable[str] | None =
     (unless write=False or the store is read-only).
     """
     ext = store.extraction(extraction_id)
-    on_disk = _finished(store, extraction_id)
-    known, pos, s, q = _read_table(store, extraction_id, sums=aggregates)
-    want = sorted(on_disk) if slides is None else list(dict.fromkeys(slides))
-    files, changed = [], set(known) - set(on_disk)
+    want = None if slides is None else list(dict.fromkeys(slides))
+    on_disk = _finished(store, extraction_id, want)
+    known = _read_table(store, extraction_id, sums=aggregates)
+    want = sorted(on_disk) if want is None else want
+    edir = str(store.extraction_dir(extraction_id))
+    files, changed = [], set(known.pos) - set(on_disk)
     for sid in want:
         if sid not in on_disk:
             raise HefeatError(f"Slide {sid} has no features in extraction {extraction_id}; run hefeat extract for it")
-        sf = known.get(sid)
+        path = os.path.join(edir, sid + ".h5")
+        sf = known.file(sid, path)
         if sf is None or sf.key != _file_key(on_disk[sid]):
-            sf = inspect_file(store.features_path(extraction_id, sid), sid, extraction_id)
+            sf = inspect_file(path, sid, extraction_id)
             changed.add(sid)
         if sf.tiling_id and sf.tiling_id != ext["tiling_id"]:
             raise HefeatError(f"Feature file of slide {sid} is on tiling {sf.tiling_id}, but extraction {extraction_id} "
@@ -424,12 +445,13 @@ def slide_table(store: Store, extraction_id: str, slides: Iterable[str] | None =
         return table
     dim = int(ext["dim"])
     table.sums, table.sumsq = np.zeros((len(files), dim)), np.zeros((len(files), dim))
-    for i, sf in enumerate(files):
-        if sf.slide_id in changed or s is None:
-            table.sums[i], table.sumsq[i] = _file_aggregates(sf)
-        else:
-            table.sums[i], table.sumsq[i] = s[pos[sf.slide_id]], q[pos[sf.slide_id]]
-    if write and slides is None and (changed or s is None):
+    fresh = [i for i, sf in enumerate(files) if sf.slide_id not in changed and known.sums is not None]
+    if fresh:
+        rows = [known.pos[files[i].slide_id] for i in fresh]
+        table.sums[fresh], table.sumsq[fresh] = known.sums[rows], known.sumsq[rows]
+    for i in sorted(set(range(len(files))) - set(fresh)):
+        table.sums[i], table.sumsq[i] = _file_aggregates(files[i])
+    if write and slides is None and (changed or known.sums is None):
         with contextlib.suppress(OSError):  # a read-only store still answers, from the files
             _write_table(store, table)
     return table
@@ -659,16 +681,19 @@ def read_global_rows(store: Store, extraction_id: str, offsets: pd.DataFrame, gl
     """Feature rows for sorted global row ids, reading only the slides (and blocks) that hold them."""
     global_ids = np.asarray(global_ids, np.int64)
     dt = _check_dtype(dtype)
-    table = slide_table(store, extraction_id, offsets["slide_id"].tolist())
     dim = int(store.extraction(extraction_id)["dim"])
     out = np.empty((len(global_ids), dim), dt)
-    starts = offsets["offset"].to_numpy()
-    cut = np.searchsorted(global_ids, np.concatenate([starts, [starts[-1] + offsets["n_tiles"].iloc[-1]]]))
-    for i, sf in enumerate(table.files):
-        a, b = cut[i], cut[i + 1]
-        if b > a:
-            rows = global_ids[a:b] - starts[i]
-            _check_rows(sf, rows)
-            with _Reader(sf) as r:
-                _read_rows(r, rows, out[a:b])
+    if not len(global_ids):
+        return out
+    starts = offsets["offset"].to_numpy(np.int64)
+    owner = np.searchsorted(starts, global_ids, side="right") - 1
+    touched = np.unique(owner)
+    table = slide_table(store, extraction_id, offsets["slide_id"].to_numpy()[touched].tolist())
+    cut = np.searchsorted(owner, touched, side="left").tolist() + [len(global_ids)]
+    for j, (i, sf) in enumerate(zip(touched, table.files, strict=True)):
+        a, b = cut[j], cut[j + 1]
+        rows = global_ids[a:b] - starts[i]
+        _check_rows(sf, rows)
+        with _Reader(sf) as r:
+            _read_rows(r, rows, out[a:b])
     return out
