@@ -121,6 +121,7 @@ def choose_precision(r: Recipe, data: TaskData, dataset, train: np.ndarray, d: d
     """(PrecisionChoice, InputPlan): the extraction's measured AMP choice, timed on a training step over
     real training tiles (rank 0 decides, every rank follows), and how tiles become the backbone's input."""
     import copy
+    import dataclasses
 
     import torch
 
@@ -141,8 +142,12 @@ def choose_precision(r: Recipe, data: TaskData, dataset, train: np.ndarray, d: d
         sample = DeviceTransform(cfg, d.device, plan=plan)(imgs)
         key = {"backbone": r.backbone, "weights": r.weights, "plan": plan.to_dict(), "outputs": len(data.outputs),
                "mode": "train"}
-        choice = select_precision(probe, sample, device=d.device, requested=r.precision, model_key=key,
-                                  step=training_step)
+        try:
+            choice = select_precision(probe, sample, device=d.device, requested=r.precision, model_key=key,
+                                      step=training_step)
+        except HefeatError as e:  # a calibration that could not decide (e.g. timings swamped by a busy machine)
+            choice = dataclasses.replace(select_precision(probe, sample, device=d.device, requested="fp32"),
+                                         reason=f"auto: calibration failed ({e}); fp32")
         dataset.close()
     return ddp.broadcast(d, choice), plan
 
