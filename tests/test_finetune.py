@@ -279,8 +279,8 @@ def test_trait_classifier_with_ood_slides_and_cli(ft_store, tmp_path):
     cfg = tmp_path / "traits.yaml"
     import yaml
 
-    cfg.write_text(yaml.safe_dump({"task": "classify", "params": {
-        **TINY, "tiling_id": ft_store[2], "labels": ["trait:MKI67", "clinical:er_status"], "exclude_mid": [30, 70],
+    cfg.write_text(yaml.safe_dump({"task": "classify", "tiling": {"size": 48, "mpp": 2.5}, "params": {
+        **TINY, "labels": ["trait:MKI67", "clinical:er_status"], "exclude_mid": [30, 70],
         "split": "patient-kfold:2", "epochs": 1, "val_share": 0.3, "schedule": "plateau", "patience": 5,
         "max_tiles_per_slide": 12}}))
     cli = CliRunner()
@@ -295,6 +295,7 @@ def test_trait_classifier_with_ood_slides_and_cli(ft_store, tmp_path):
     m = pd.read_parquet(st.model_dir(jid) / "metrics.parquet")
     assert set(m["slides"]) == {"all", "in_distribution"}  # MKI67's mid slides are scored but never trained on
     data_job = json.loads((st.job_dir(jid) / "job.json").read_text())
+    assert data_job["data"]["tiling_id"] == ft_store[2]  # the recipe's tiling section, found in the store
     pred = st.sql(f"SELECT slide_id, count(*) AS n FROM predictions WHERE model_id = '{jid}' GROUP BY 1")
     assert sum(f["n_test"] for f in data_job["folds"]) == pred["n"].sum() and pred["n"].max() <= 12
     again = cli.invoke(main, ["finetune", "run", "--config", str(cfg), "--store", str(st.root), "--json"])

@@ -100,6 +100,26 @@ def make_folds(r: Recipe, data: TaskData):
     return plans
 
 
+def resolve_tiling(store: Store, r: Recipe, d: ddp.Dist) -> Recipe:
+    """The recipe with tiling_id set from its `tiling:` section (tiling the store first if needed)."""
+    import dataclasses
+
+    if r.tiling_id or not r.tiling:
+        return dataclasses.replace(r, tiling=None)
+    from hefeat.slides.run import run_tiling, tiling_id
+    from hefeat.slides.tiling import TilingParams
+
+    params = TilingParams(**r.tiling)
+    tid = tiling_id(params)
+    if d.main and not (store.tiling_dir(tid) / "_tiling.json").exists():
+        t = run_tiling(store, params)
+        if t.failed:
+            sid, why = next(iter(t.failed.items()))
+            raise HefeatError(f"Tiling the recipe's {r.tiling} failed for {len(t.failed)} slides (e.g. {sid}: {why})")
+    ddp.barrier(d)
+    return dataclasses.replace(r, tiling_id=tid, tiling=None)
+
+
 def run_job(store: Store, recipe: Recipe, options: RunOptions | None = None) -> dict:
     """Train every fold of a recipe (resuming what a crash left), evaluate, and commit the job to the store."""
     import torch
@@ -159,6 +179,7 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     from hefeat.learn.models import model_exists, model_summary
 
     t0 = time.perf_counter()
+    r = resolve_tiling(store, r, d)
     data = load_task(store, r)
     plans = make_folds(r, data)
     source = TileSource.from_samples(data.samples, data.slides, size=int(data.tiling["size"]), mpp=float(data.tiling["mpp"]))

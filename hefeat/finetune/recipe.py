@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hefeat.errors import HefeatError
@@ -79,13 +79,13 @@ class Recipe:
     # what goes back into the store
     baseline: str = "init"
     register_fold: str | None = None
-    extra: dict = field(default_factory=dict)
+    tiling: dict | None = None  # the recipe's `tiling:` section: used (tiled if missing) when tiling_id is null
 
     def __post_init__(self):
         _check(self)
 
     def to_dict(self) -> dict:
-        """Plain-dict form (recorded with the job; the job id derives from it)."""
+        """Plain-dict form (recorded with the job; the job id derives from it, with the tiling resolved)."""
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -150,6 +150,8 @@ def recipe_from_dict(cfg: dict, overrides: dict | None = None) -> Recipe:
     if not isinstance(cfg, dict) or "task" not in cfg:
         _fail(f"a recipe needs a 'task' key ({', '.join(TASKS)}) and a 'params' mapping")
     params = {**(cfg.get("params") or {}), **(overrides or {})}
+    if cfg.get("tiling") and "tiling" not in params:
+        params["tiling"] = dict(cfg["tiling"])
     names = [f.name for f in dataclasses.fields(Recipe)]
     for k in params:
         if k not in names or k == "task":
@@ -168,12 +170,18 @@ def recipe_from_dict(cfg: dict, overrides: dict | None = None) -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
-    """Read a YAML recipe (configs/*-finetune.yaml)."""
+    """A YAML recipe from a file or a packaged name (stnet-finetune, emo-finetune, traits-finetune)."""
     import yaml
 
+    from hefeat.learn.recipes import recipe_dir
+
     p = Path(path)
-    if not p.exists():
-        raise HefeatError(f"Recipe not found: {path}")
+    if not p.is_file():
+        name = str(path).removesuffix(".yaml")
+        packaged = sorted(q.name.removesuffix(".yaml") for q in recipe_dir().iterdir() if q.name.endswith("-finetune.yaml"))
+        if "/" in name or name not in packaged:
+            raise HefeatError(f"Recipe not found: {path} (not a file; packaged fine-tuning recipes: {', '.join(packaged)})")
+        p = recipe_dir() / f"{name}.yaml"
     try:
         cfg = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

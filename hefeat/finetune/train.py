@@ -38,9 +38,13 @@ from hefeat.store.atomic import write_json
 
 def build_net(r: Recipe, n_out: int, bias: np.ndarray | None = None):
     """(network = backbone + dropout + linear head, encoder config with the recipe's input size)."""
-    from hefeat.extract.encoders import create_encoder
+    import warnings
 
-    enc = create_encoder(r.backbone, weights=r.weights, seed=r.seed)
+    from hefeat.extract.encoders import RandomWeightsWarning, create_encoder
+
+    with warnings.catch_warnings():  # random init is a legitimate start for training (PathoMCH: from scratch)
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        enc = create_encoder(r.backbone, weights=r.weights, seed=r.seed)
     cfg = enc.config
     if r.input_size:
         cfg = dataclasses.replace(cfg, input_size=(r.input_size, r.input_size))
