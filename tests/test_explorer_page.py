@@ -220,6 +220,8 @@ def test_slide_overlay_colour_by_clinical_and_switching(page, server, shots):
     _osd_ready(pg)
     plain = _png(pg, "#viewer", shots / "slide.png")
     assert plain.std() > 10  # real H&E pixels from the deep-zoom tiles
+    options = pg.eval_on_selector_all("#overlayBy option", "os => os.map(o => o.value)")
+    assert f"umap:{server['umap']}:cluster" in options and "sharpness" in options and "clinical.er_status" in options
     spec = f"model:{server['model']}:{server['gene']}"
     pg.select_option("#overlayBy", spec)
     pg.wait_for_function(f"document.getElementById('viewer').dataset.overlay === {json.dumps(spec)}", timeout=60_000)

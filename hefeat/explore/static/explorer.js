@@ -136,6 +136,12 @@ async function loadUmap(uid) {
   S.x = new Float32Array(n); S.y = new Float32Array(n);
   for (let i = 0; i < n; i++) { S.x[i] = (f[i] - cx) / half * 0.95; S.y[i] = (f[n + i] - cy) / half * 0.95; }
   S.sidx = ints.subarray(0, n); S.tile = ints.subarray(n, 2 * n); S.slides = meta.slides; S.n = n; S.umap = meta;
+  // this map's k-means clusters can colour the points and overlay the slides (tiles outside the map's sample: no value)
+  const opts = S.valueOptions.filter((o) => o.source !== "umap");
+  if (meta.clusters) opts.push({ spec: `umap:${uid}:cluster`, source: "umap", label: `k-means cluster (${meta.clusters}) of this map`, units: "cluster id" });
+  const keep = [$("colorBy").value, $("overlayBy").value];
+  fillValueSelect($("colorBy"), opts, true); fillValueSelect($("overlayBy"), opts, false);
+  $("colorBy").value = keep[0]; $("overlayBy").value = keep[1];
   // Above ~50k points the opacity follows the local density and zoom, so dense clusters keep their structure.
   sp.set({ pointSize: pointSize(n), pointColor: ["#37474f"], colorBy: null, opacityBy: n > 50000 ? "density" : null });
   await sp.draw({ x: S.x, y: S.y, valueA: new Int32Array(n) }, { zDataType: "categorical" });
