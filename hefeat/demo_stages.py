@@ -70,8 +70,10 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
 
     mapped = set(pq.read_schema(store.predictions_path(sp["model_id"], sid)).names)
     m = m[m["gene"].isin(mapped)]  # spot predictions are written for the mapped genes only
-    gene = m.sort_values("gain", ascending=False)["gene"].iloc[0]
-    why = f"largest gain in held-out r over the colour/texture baseline among {len(m)} mapped genes"
+    works = m[m["works"]] if m["works"].any() else m  # genes that pass the sign test, when there are any
+    gene = works.sort_values("gain", ascending=False)["gene"].iloc[0]
+    why = (f"largest gain in held-out r over the colour/texture baseline among the {len(works)} mapped genes "
+           + ("that pass the sign test" if len(works) < len(m) or m["works"].all() else "(none passes the sign test)"))
     spot_maps(store, sp["model_id"], sid, gene, out / "spot_map.png", why=why)
     extra.update(spots_model_id=sp["model_id"], genes_passing_sign_test=sp["genes_passing_sign_test"])
     lines.append(f"Spot heads {sp['model_id']}: {sp['genes_passing_sign_test']} of {sp['n_genes']} genes pass the sign "
