@@ -247,14 +247,14 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
             fault_point("step", state["global_step"])
             every = s.options.checkpoint_every
             if every and state["global_step"] % every == 0 and step + 1 < steps:
-                state["loss_sum"] += float(running.item())
+                state["loss_sum"] += sum(ddp.gather(d, float(running.item())))  # every rank's, identical everywhere
                 running.zero_()
                 checkpoint(last, state["global_step"])
         bar.close()
-        state["loss_sum"] += float(running.item())
+        state["loss_sum"] += sum(ddp.gather(d, float(running.item())))
         seconds = time.perf_counter() - t0
         val_loss = evaluate_loss(s, net, plan.val, ft, transform)
-        train_loss = state["loss_sum"] / max(state["loss_n"], 1)
+        train_loss = state["loss_sum"] / max(state["loss_n"] * d.world, 1)
         monitor = val_loss if val_loss is not None else train_loss
         row = {"epoch": e + 1, "step": state["global_step"], "train_loss": train_loss, "val_loss": val_loss,
                "lr": float(opt.param_groups[0]["lr"]), "seconds": round(seconds, 3),
