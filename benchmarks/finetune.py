@@ -40,6 +40,19 @@ def _store(d: Path, n_slides: int):
     return st, run_tiling(st, TilingParams(spots=True, size=224, mpp=0.5)).extra["tiling_id"]
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def bare_rates(recipe, n_out: int, precision: str, channels_last: bool, imgs, steps: int) -> dict:
     """Images/s of forward + backward (and + optimiser step) of the job's network on in-memory tensors."""
     import torch
@@ -47,25 +60,60 @@ def bare_rates(recipe, n_out: int, precision: str, channels_last: bool, imgs, st
     from hefeat.extract.compute import DeviceTransform
     from hefeat.finetune.train import autocast, build_net, make_optimizer
 
+    dev = _device()
     net, cfg = build_net(recipe, n_out)
-    net.train().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    x = DeviceTransform(cfg, "cpu", channels_last=channels_last)(imgs)
-    y = torch.zeros(len(x), n_out)
+    net.train().to(dev).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = DeviceTransform(cfg, dev, channels_last=channels_last)(imgs)
+    y = torch.zeros(len(x), n_out, device=dev)
     opt = make_optimizer(recipe, net.parameters())
 
     def run(n: int, step: bool) -> float:
+        _sync(dev)
         t = time.perf_counter()
         for _ in range(n):
-            with autocast("cpu", precision):
+            with autocast(dev, precision):
                 out = net(x)
             torch.nn.functional.mse_loss(out.float(), y).backward()
             if step:
                 opt.step()
             opt.zero_grad(set_to_none=True)
+        _sync(dev)
         return n * len(x) / (time.perf_counter() - t)
 
     run(1, True)  # warm-up
     return {"fwd_bwd": run(steps, False), "fwd_bwd_step": run(steps, True)}
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (nvidia-smi's %, via torch.cuda.utilization) sampled every 0.5 s; None on a CPU."""
+
+    def __enter__(self):
+        import threading
+
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        if _device() == "cuda":
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        import torch
+
+        while not self.stop.wait(0.5):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # no NVML (pynvml) on this machine
+                return
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def mean(self) -> float | None:
+        """Mean of the samples (None when none could be taken)."""
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
 def throughput(a) -> dict:
@@ -96,11 +144,12 @@ def throughput(a) -> dict:
         # The job's own precision decision (measured once, cached per machine + model: the job reuses it).
         data = load_task(st, r)
         src = TileSource.from_samples(data.samples, data.slides, size=224, mpp=0.5)
-        choice, _ = choose_precision(r, data, TileImages(src), make_folds(r, data)[0].train, Dist())
+        choice, _ = choose_precision(r, data, TileImages(src), make_folds(r, data)[0].train, Dist(device=_device()))
         prec, cl = choice.precision, choice.channels_last
         before = bare_rates(r, 50, prec, cl, imgs, a.bare_steps)
         t0 = time.perf_counter()
-        s = run_job(st, r, RunOptions(workers=a.workers, checkpoint_every=a.checkpoint_every))
+        with GpuUtilisation() as util:
+            s = run_job(st, r, RunOptions(workers=a.workers, checkpoint_every=a.checkpoint_every))
         job_s = time.perf_counter() - t0
         job = read_json(st.job_dir(s["job_id"]) / "job.json")
         assert job["precision"] == prec, "the job chose another precision than the bare loop uses"
@@ -109,7 +158,8 @@ def throughput(a) -> dict:
     bare = {k: (before[k] + after[k]) / 2 for k in before}
     steady = [h["images_per_s"] for h in hist[1:]] or [hist[0]["images_per_s"]]
     train = float(np.median(steady))
-    return {"backbone": a.backbone, "input_px": 224, "precision": prec, "channels_last": cl,
+    return {"device": _device(), "gpu_utilisation_percent": util.mean(), "backbone": a.backbone, "input_px": 224,
+            "precision": prec, "channels_last": cl,
             "precision_reason": choice.reason, "batch": a.batch, "workers": a.workers,
             "steps_per_epoch": a.steps, "epochs": a.epochs, "checkpoint_every": a.checkpoint_every,
             "train_images_per_s_by_epoch": [h["images_per_s"] for h in hist],
@@ -130,21 +180,24 @@ def emo(a) -> dict:
 
     r = recipe_from_dict({"task": "genes", "params": {"backbone": "inception_v3", "weights": "none",
                                                       "optimizer": "adam", "lr": 1e-6, "batch_size": a.emo_batch}})
+    dev = _device()
     net1, cfg = build_net(r, 1)
     flops = forward_flops(net1.backbone, cfg.input_size[0])
-    x = torch.randn(a.emo_batch, 3, *cfg.input_size).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(a.emo_batch, 3, *cfg.input_size, device=dev).contiguous(memory_format=torch.channels_last)
 
     def rate(n_out: int) -> float:
         net, _ = build_net(r, n_out)
-        net.train().to(memory_format=torch.channels_last)
+        net.train().to(dev).to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(net.parameters(), lr=1e-6)
-        y = torch.zeros(len(x), n_out)
+        y = torch.zeros(len(x), n_out, device=dev)
         best = 0.0
         for i in range(a.emo_steps + 1):
+            _sync(dev)
             t = time.perf_counter()
             torch.nn.functional.mse_loss(net(x), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            _sync(dev)
             if i:  # the first step warms up
                 best = max(best, len(x) / (time.perf_counter() - t))
         return best
