@@ -510,7 +510,11 @@ def _cohort_span(store: Store, val, tiling_id: str):
 def serve(store: Store, *, host: str = "127.0.0.1", port: int = 8765, threads: int = 4,
           allow_hosts: tuple[str, ...] = ()) -> None:
     """Serve the explorer with waitress until interrupted."""
+    import logging
+
     from waitress import serve as waitress_serve
 
+    # a page loads dozens of deep-zoom tiles at once; a short queue is normal, not worth a warning per request
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     extra = tuple(allow_hosts) + ((host,) if host not in ("0.0.0.0", "::") else ())
     waitress_serve(create_app(store, allowed_hosts=extra), host=host, port=port, threads=threads, ident="hefeat")
