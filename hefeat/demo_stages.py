@@ -92,7 +92,8 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
         sv = survival(store, tr["model_id"], threshold=0.5, out=out / "hti_survival.png")
         surv_text = (f"HTI > 0.5 vs <= 0.5 on held-out patients only ({sv['n_high']} vs {sv['n_low']}; "
                      f"{sv['n_excluded_trained']} trained-on excluded, {sv['n_skipped_hti_zero']} with HTI 0 skipped): "
-                     f"log-rank p = {sv['logrank_p']:.3g} ({out / 'hti_survival.png'})")
+                     f"log-rank p = {sv['logrank_p']:.3g} ({out / 'hti_survival.png'})"
+                     + "".join(f"; {n}" for n in sv["notes"]))
         extra.update(logrank_p=sv["logrank_p"], logrank_n_high=sv["n_high"], logrank_n_low=sv["n_low"])
     except HefeatError as e:  # too few held-out patients on one side: say so instead of a p-value
         surv_text = f"no HTI survival test: {e}"

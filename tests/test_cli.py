@@ -185,6 +185,17 @@ def test_run_tiles_and_extracts_at_the_recipes_resolution(tiled, tmp_path, monke
     assert r.exit_code != 0 and "emo" in r.output  # lists the packaged recipes
 
 
+def test_demo_recipe_is_the_demos_tiling_and_encoder():
+    """`hefeat run demo` on a demo store must reuse its tiling and extraction: the recipe follows the demo."""
+    from hefeat.demo import DEMO_TILES
+    from hefeat.demo_stages import DEMO_ENCODER
+    from hefeat.learn.recipes import load_recipe
+
+    r = load_recipe("demo")
+    assert r.tiling == DEMO_TILES
+    assert {k: DEMO_ENCODER[k if k != "name" else "encoder"] for k in r.encoder} == r.encoder
+
+
 def test_cli_spatial_and_exploration_commands(learned, tmp_path):
     """Issue 5/6 commands end to end through the CLI, asserting on their --json summaries."""
     st, eid, seid, _ = learned

@@ -45,7 +45,7 @@ def test_supertiles_group_nearby_tiles():
     assert X.shape == (2, 3, 3) and Mk.sum() == 5
 
 
-def test_he2rna_learns_signal_genes_and_predict_equals_cv_aggregation(learned):
+def test_he2rna_learns_signal_genes_and_predict_equals_cv_aggregation(learned, tmp_path):
     """Measured: recall ~0.75, 0 null calls (vs the untrained-model null); asserted with margin.
 
     `hefeat predict` scores a training slide exactly as the fit did: the same super-tiles (seeded
@@ -68,6 +68,11 @@ def test_he2rna_learns_signal_genes_and_predict_equals_cv_aggregation(learned):
     # The raw-tile top-k the old predict used differs: it is not what the model was trained to output.
     raw = est.predict(_raw_tiles(st, eid, "S01"))
     assert np.abs(raw - fit_path[:1]).max() > 1e-3
+    from hefeat.learn.report import report
+
+    rep = report(st, s["model_id"], tmp_path)
+    assert "vs the untrained-model null" in rep["headline"]
+    assert {"r_distribution.png", "learning_curves.png"} <= {f.rsplit("/", 1)[-1] for f in rep["files"]}
 
 
 def _raw_tiles(st, eid, sid):

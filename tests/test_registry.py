@@ -146,6 +146,9 @@ def test_params_are_frozen_coerced_and_validated():
     from hefeat.learn.registry import make_params
 
     assert He2rnaParams(extraction_id="e", supertiles=0).ks == ALL_TILE_KS  # the paper's all-tile list
+    from hefeat.learn.receptors import ReceptorParams
+
+    assert ReceptorParams(extraction_id="e", dataset="none").dataset is None  # 'none' unsets an optional value
     with pytest.raises(HefeatError, match="Unknown parameters for ToyParams: nope"):
         make_params(ToyParams, {"extraction_id": "e", "nope": 1})
 

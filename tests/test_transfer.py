@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,7 @@ def test_representations_use_hospital_a_only():
     assert not np.allclose(a["representation"], c["representation"])
 
 
-def test_transfer_on_synthetic_msi(learned):
+def test_transfer_on_synthetic_msi(learned, tmp_path):
     from hefeat.learn.models import load_table
 
     st, eid, _, _ = learned
@@ -40,6 +42,10 @@ def test_transfer_on_synthetic_msi(learned):
     assert len(aucs) == 9 and set(aucs["arm"]) == {"raw", "representation", "autoencoder"}
     # 3 splits can never reach p < 0.05 with a two-sided Wilcoxon test: the fit says so.
     assert any("cannot give a Wilcoxon p below 0.05" in n for n in s["notes"])
+    from hefeat.learn.report import report
+
+    rep = report(st, s["model_id"], tmp_path)
+    assert "median AUC raw" in rep["headline"] and [Path(f).name for f in rep["files"]] == ["transfer.png"]
     with pytest.raises(HefeatError, match="clinical column"):
         fit_model(st, "transfer", TransferParams(from_model=src["model_id"], label="nope", n_splits=1))
     with pytest.raises(HefeatError, match="is a transfer model|expression model"):

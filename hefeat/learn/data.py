@@ -190,11 +190,14 @@ CLINICAL_PARAMS = ("label", "cohort_col", "time_col", "event_col")
 def input_fingerprints(store: Store, params) -> dict[str, str]:
     """Fingerprints of the inputs a method's params name: features, target tables, slides, clinical columns."""
     ids = _fingerprints()
-    fp: dict[str, str] = {"slides": ids.slide_set_fingerprint(store)}
     eid = getattr(params, "extraction_id", None)
     if eid:
         store.extraction(eid)
-        fp["features"] = ids.extraction_fingerprint(store, eid)
+        used = finished_slides(store, eid)  # the slides this fit can read: their patients and sites matter
+        fp: dict[str, str] = {"features": ids.extraction_fingerprint(store, eid),
+                              "slides": ids.slide_set_fingerprint(store, used)}
+    else:
+        fp = {"slides": ids.slide_set_fingerprint(store)}
     known = None
     for name in ("dataset", "bulk_dataset"):
         ds = getattr(params, name, None)
@@ -229,8 +232,10 @@ def _fingerprints():
         df = store.sql("SELECT sample_id, gene, value FROM expression WHERE dataset = ? ORDER BY 1, 2", [ds])
         return ids.content_id({"rows": pd.util.hash_pandas_object(df, index=False).sum()})
 
-    def slide_set_fingerprint(store):
+    def slide_set_fingerprint(store, slide_ids=None):
         df = store.sql("SELECT slide_id, fingerprint, patient_id, site FROM slides ORDER BY 1")
+        if slide_ids is not None:
+            df = df[df["slide_id"].isin(set(slide_ids))]
         return ids.content_id({"rows": df.astype(str).values.tolist()})
 
     def clinical_fingerprint(store, cols):

@@ -105,12 +105,14 @@ class He2rnaParams(Params):
 def supertiles(features: np.ndarray, coords: np.ndarray, n_clusters: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k-means on tile coordinates; returns (mean feature per cluster (c, d), cluster of each tile (n,))."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     n = len(features)
     c = min(n_clusters, n)
     if c == n:
         return features.astype(np.float32), np.arange(n)
-    km = KMeans(n_clusters=c, n_init=1, random_state=seed).fit(coords.astype(np.float64))
+    with threadpool_limits(limits=1):  # a few hundred 2-d points: a thread pool only adds waiting
+        km = KMeans(n_clusters=c, n_init=1, random_state=seed).fit(coords.astype(np.float64))
     lab = km.labels_
     sums = np.zeros((c, features.shape[1]))
     np.add.at(sums, lab, features)

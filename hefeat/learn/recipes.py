@@ -218,7 +218,11 @@ def _tile_and_extract(store: Store, recipe: Recipe, provenance: dict, *, progres
     opt_names = {f.name for f in dataclasses.fields(ExtractOptions)}
     opts = {k: enc.pop(k) for k in list(enc) if k in opt_names}
     opts.setdefault("progress", progress)
-    e = run_extraction(store, tiling_id=tid, encoder=enc.pop("name"), options=ExtractOptions(**opts), **enc)
+    try:
+        e = run_extraction(store, tiling_id=tid, encoder=enc.pop("name"), options=ExtractOptions(**opts), **enc)
+    except HefeatError as err:  # say how to change the recipe's encoder from the command line
+        raise HefeatError(f"{err} (recipe {recipe.name}: change its encoder with --set encoder.weights=PATH, "
+                          "--set encoder.weights=none or --set encoder.name=...)") from None
     if e.failed:
         raise HefeatError(f"Recipe {recipe.name}: extraction failed for {len(e.failed)} slides, e.g. "
                           f"{next(iter(e.failed.items()))}")

@@ -115,6 +115,8 @@ def _is_optional(tp) -> tuple[bool, Any]:
 def _coerce(v, tp, f: dataclasses.Field):
     opt, base = _is_optional(tp)
     name = f.name
+    if opt and isinstance(v, str) and v.strip().lower() in ("none", "null"):
+        v = None  # the CLI's way to say "not set" for an optional value
     if v is None:
         if opt or base is Any:
             return None

@@ -171,7 +171,7 @@ def spot_map_plot(store: Store, mid: str, out: Path) -> list[Path]:
     sizes = {s: len(pd.read_parquet(folder / f"slide={s}.parquet", columns=["tile_id"])) for s in sids}
     sid = max(sids, key=lambda s: (sizes[s], s))
     f = out / "spot_map.png"
-    spot_maps(store, mid, sid, gene, f)
+    spot_maps(store, mid, sid, gene, f, why=f"best of {len(m)} genes by mean held-out r; slide with the most spots")
     return [f]
 
 

@@ -249,6 +249,9 @@ def hti_table(store: Store, mid: str, out: str | Path | None = None) -> pd.DataF
     require_kind(meta, "traits", "HTI")
     traits = meta["params"]["traits"]
     sl = load_table(store, mid, "slides")
+    if "heldout" not in sl.columns:
+        raise HefeatError(f"Traits model {mid} was fitted before hefeat tracked which patients are held out, so its "
+                          "HTI cannot be restricted to them; refit it (hefeat fit traits ... --force)")
     rows = []
     for sid in sl["slide_id"]:
         df = pd.read_parquet(store.predictions_path(mid, sid))
@@ -340,7 +343,7 @@ def _km_plot(pat: pd.DataFrame, hi: pd.Series, by: str, threshold: float, time_c
     groups = {f"{by} > {threshold}": hi, f"{by} ≤ {threshold}": ~hi}
     what = "HTI (heterogeneity of trait maps)" if by == "hti" else f"{by} (trait maps)"
     title = (f"Survival of {len(pat)} held-out patients: {what} > {threshold} vs ≤ {threshold}\n"
-             f"traits model {mid}; trained-on patients and HTI = 0 excluded; follow-up capped at {cap:g}")
+             f"traits model {mid}; trained-on patients and HTI = 0 excluded; follow-up capped at {cap:g} {time_col.replace('_', ' ')}")
     return kaplan_meier({k: (pat.loc[m, "t"].to_numpy(), pat.loc[m, "e"].to_numpy()) for k, m in groups.items()},
                         title=title, time_label=time_col.replace("_", " "), p_value=p, out=out)["median_survival"]
 

@@ -224,8 +224,11 @@ def headline(s: dict) -> str:
         aucs = ", ".join(f"{arm} {s[f'auc_{arm}_b{sh}']:.3f}" for arm in ARMS)
         pv = s.get(f"wilcoxon_p_vs_raw_b{sh}")
         nb = s.get(f"n_b_b{sh}")
-        parts.append(f"B share {sh} ({nb} slides): median AUC {aucs}"
-                     + (f"; representation vs raw Wilcoxon p = {pv:.3g}" if pv is not None else ""))
+        verdict = ""
+        if pv is not None:
+            verdict = f"; representation vs raw Wilcoxon p = {pv:.3g}" + (
+                f" (< {s.get('alpha', 0.05):g})" if pv < s.get("alpha", 0.05) else f" (not < {s.get('alpha', 0.05):g})")
+        parts.append(f"B share {sh} ({nb} slides): median AUC {aucs}{verdict}")
     return f"{s['label']}: " + " | ".join(parts)
 
 
