@@ -6,7 +6,8 @@ process per thread policy (thread pools are fixed when a process starts them):
   library default    one process, torch and BLAS each on every core (what ran > 15 min on the demo)
   BLAS 1 thread      one process, torch on every core, BLAS single-threaded
   single-threaded    one process, torch 1 thread, BLAS 1 thread
-  hefeat policy      hefeat.learn.threads: splits in parallel processes (one per core), each single-threaded
+  processes          splits in parallel processes, one per core, each single-threaded
+  hefeat policy      hefeat.learn.threads as shipped: processes on idle cores, else single-threaded here
 Prints seconds per split and each policy's speed-up over the library default (one run).
 
     python benchmarks/transfer.py --splits 3
@@ -26,6 +27,7 @@ POLICIES = {
     "library default": {"HEFEAT_TORCH_THREADS": "0", "HEFEAT_BLAS_THREADS": "0", "HEFEAT_JOBS": "1"},
     "BLAS 1 thread": {"HEFEAT_TORCH_THREADS": "0", "HEFEAT_BLAS_THREADS": "1", "HEFEAT_JOBS": "1"},
     "single-threaded": {"HEFEAT_TORCH_THREADS": "1", "HEFEAT_BLAS_THREADS": "1", "HEFEAT_JOBS": "1"},
+    "processes": {"HEFEAT_JOBS": str(len(os.sched_getaffinity(0)))},
     "hefeat policy": {},
 }
 

@@ -98,16 +98,17 @@ def toy():
 
 @pytest.fixture
 def store_copy(learned, tmp_path):
+    """(a copy of the 40-slide store, its extraction, the cohort folder)."""
     from hefeat.store.catalog import Store
 
-    st0, eid, _, _ = learned
+    st0, eid, _, truth = learned
     root = tmp_path / "st"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
-    return Store(root), eid
+    return Store(root), eid, truth.parent
 
 
 def test_toy_method_appears_in_fit_predict_report_and_recipes(toy, store_copy, tmp_path):
-    st, eid = store_copy
+    st, eid, cohort = store_copy
     S = ("--store", st.root)
     assert "toy" in cli("fit", "--help").output and "--alpha" in cli("fit", "toy", "--help").output
     s = js("fit", "toy", "--extraction", eid, "--alpha", "2", *S)
@@ -126,8 +127,10 @@ def test_toy_method_appears_in_fit_predict_report_and_recipes(toy, store_copy, t
     assert c["model_id"] == s["model_id"] and c["cached"] and c["recipe"]["recipe"] == "toy"
     assert cli("fit", "toy", "--extraction", eid, "--alpha", "-1", *S, ok=False).exit_code != 0
     # A changed target table changes the id: the cached model is never returned for new data.
-    with st.connect(write=True) as con:
-        con.execute("UPDATE expression SET value = value + 1 WHERE gene = 'MKI67' AND sample_id = 'S01'")
+    expr = pd.read_parquet(cohort / "expression.parquet")
+    expr.loc[expr["sample_id"] == "S01", "MKI67"] += 1.0
+    expr.to_parquet(tmp_path / "expr2.parquet", index=False)
+    assert cli("ingest", "expression", tmp_path / "expr2.parquet", *S).exit_code == 0
     changed = js("fit", "toy", "--extraction", eid, "--alpha", "2", *S)
     assert changed["model_id"] != s["model_id"] and not changed["cached"]
 

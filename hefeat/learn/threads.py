@@ -4,14 +4,16 @@ torch's OpenMP pool and OpenBLAS's pool each start one thread per core and spin-
 Stage-2 nets alternate many small torch steps with small BLAS calls (scikit-learn's lbfgs), so both
 pools end up spinning on the same cores: on the 2-core machine `fit transfer` ran 63 s per split, and
 17 s with BLAS limited to one thread. Measured again with `benchmarks/transfer.py` (one run, busy
-machine): torch and BLAS on every core 422 s per split, BLAS on one thread 244 s, both on one thread
-39 s. So, chosen once here for all of stage 2:
+machine, load 15): torch and BLAS on every core 424 s per split, BLAS on one thread 327 s, both on
+one thread 33 s, two single-threaded processes 51 s (their start-up not amortised over 2 splits on a
+machine with no idle core). So, chosen once here for all of stage 2:
 
 - BLAS runs single-threaded inside stage-2 training (its matrices are small);
 - a torch step smaller than PARALLEL_MIN_FLOPS runs on one thread (waking a thread pool costs more
   than it saves); bigger steps (HE2RNA on thousands of super-tiles) use every core;
-- independent units of work (transfer's A/B splits) run in parallel processes, one per core, each
-  single-threaded: that is how small nets use the cores (`parallel_map`).
+- independent units of work (transfer's A/B splits) run in parallel processes, one per idle core,
+  each single-threaded: that is how small nets use the cores (`parallel_map`); on a busy machine
+  they run in this process, single-threaded.
 
 HEFEAT_TORCH_THREADS / HEFEAT_BLAS_THREADS override the choice (0 = the libraries' own default),
 HEFEAT_JOBS the number of worker processes.
@@ -95,13 +97,25 @@ def _in_worker(fn: Callable, arg):
         return fn(arg)
 
 
-def parallel_map(fn: Callable, items: list, *, n_jobs: int | None = None) -> list:
-    """fn over items in worker processes (one per core, each single-threaded), results in order.
+def idle_cores() -> int:
+    """Cores not busy with other work right now (cores minus the 1-minute load, at least 1)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return available_cores()
+    return max(1, min(available_cores(), int(available_cores() - load + 1)))
 
-    fn must be a module-level function; runs in this process when one core or one item.
+
+def parallel_map(fn: Callable, items: list, *, n_jobs: int | None = None) -> list:
+    """fn over items in worker processes (one per idle core, each single-threaded), results in order.
+
+    fn must be a module-level function. Workers cost a start-up (imports), so they are used only
+    with at least two items per worker and when cores are idle (on a busy machine, one
+    single-threaded process was fastest: benchmarks/transfer.py); else everything runs here.
     HEFEAT_JOBS overrides the number of processes.
     """
-    n = min(n_jobs or _env_int("HEFEAT_JOBS") or available_cores(), len(items))
+    n = n_jobs or _env_int("HEFEAT_JOBS") or min(idle_cores(), len(items) // 2)
+    n = min(n, len(items))
     if n <= 1 or os.environ.get("HEFEAT_WORKER"):
         with training_threads(flops_per_step=0):
             return [fn(x) for x in items]
