@@ -34,11 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _cohort(d: Path, n_slides: int, width: float, height: float, stride: int | None = None, max_tiles=None):
-    from hefeat.slides.run import run_tiling
+    from hefeat.slides.run import ingest_slides, run_tiling
     from hefeat.slides.synth import make_cohort
     from hefeat.slides.tiling import TilingParams
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import ingest_slides
 
     make_cohort(d / "c", n_slides=n_slides, n_genes=20, seed=3, width_um=width, height_um=height)
     st = Store.init(d / "st")

@@ -13,11 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hefeat.slides.run import run_tiling
+from hefeat.slides.run import ingest_slides, run_tiling
 from hefeat.slides.synth import make_cohort
 from hefeat.slides.tiling import TilingParams
 from hefeat.store.catalog import Store
-from hefeat.store.ingest import ingest_slides
 
 
 def main() -> None:

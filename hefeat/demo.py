@@ -25,10 +25,10 @@ def run_demo(
     echo: Callable[[str], None] | None = None,
 ) -> dict:
     """Synthesise a cohort, build a store from it, tile it, and fit what the store supports."""
-    from hefeat.slides.run import run_tiling
+    from hefeat.slides.run import ingest_slides, run_tiling
     from hefeat.slides.synth import make_cohort
     from hefeat.slides.tiling import TilingParams
-    from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_slides, ingest_spots
+    from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_spots
 
     say = echo or (lambda s: None)
     t0 = time.perf_counter()

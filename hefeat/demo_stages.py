@@ -64,8 +64,7 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     m = load_table(store, sp["model_id"], "metrics")
     # The gene the model predicts best BEYOND what colour/texture alone gives (stated in the figure's title).
     m = m.assign(gain=m["mean_r_model"] - m["mean_r_qc_baseline"])
-    sid = sorted(p.name.removeprefix("slide=").removesuffix(".parquet")
-                 for p in store.predictions_path(sp["model_id"], "x").parent.glob("slide=*.parquet"))[0]
+    sid = store.sql("SELECT min(slide_id) FROM predictions WHERE model_id = ?", [sp["model_id"]]).iloc[0, 0]
     import pyarrow.parquet as pq
 
     mapped = set(pq.read_schema(store.predictions_path(sp["model_id"], sid)).names)

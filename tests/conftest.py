@@ -36,10 +36,10 @@ def cohort(tmp_path_factory) -> Path:
 
 def build_store(root: Path, cohort: Path, *, spots: bool = True):
     """Init, ingest the cohort and tile it (default + spot tilings)."""
-    from hefeat.slides.run import run_tiling
+    from hefeat.slides.run import ingest_slides, run_tiling
     from hefeat.slides.tiling import TilingParams
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_slides, ingest_spots
+    from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_spots
 
     st = Store.init(root)
     ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff"))))

@@ -64,7 +64,8 @@ def test_holdout_model_ignores_test_targets(learned, tmp_path):
     ma = pd.read_parquet(st.model_dir(a["model_id"]) / "metrics.parquet")
     test_samples = st.sql(f"SELECT slide_id FROM slides WHERE patient_id IN ({','.join(repr(x) for x in pats[:5])})")["slide_id"]
     with st.connect(write=True) as con:
-        con.execute(f"UPDATE expression SET value = value * 3 + 7 WHERE sample_id IN ({','.join(repr(x) for x in test_samples)})")
+        con.execute('UPDATE expression_matrix SET "values" = list_transform("values", lambda v: v * 3 + 7) '
+                    f"WHERE sample_id IN ({','.join(repr(x) for x in test_samples)})")
     b = fit_model(st, "genes", p, force=True)
     mb = pd.read_parquet(st.model_dir(b["model_id"]) / "metrics.parquet")
     np.testing.assert_array_equal(ma["alpha_median"], mb["alpha_median"])  # training-only choices

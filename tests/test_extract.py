@@ -18,11 +18,10 @@ import torch
 from hefeat.errors import HefeatError
 from hefeat.extract.pipeline import ExtractOptions, dihedral, run_extraction
 from hefeat.slides.reader import Slide
-from hefeat.slides.run import run_tiling
+from hefeat.slides.run import ingest_slides, run_tiling
 from hefeat.slides.tiling import TilingParams
 from hefeat.store.catalog import Store
 from hefeat.store.features import load_features, read_features, slide_means
-from hefeat.store.ingest import ingest_slides
 
 ENC = dict(encoder="resnet18", weights="none", layer="layer2")
 

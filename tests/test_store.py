@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 
 from hefeat.errors import HefeatError
-from hefeat.slides.run import run_tiling, tiling_id
+from hefeat.slides.run import ingest_slides, run_tiling, tiling_id
 from hefeat.slides.synth import blank_slide
 from hefeat.slides.tiling import TilingParams
 from hefeat.store.catalog import Store
-from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_slides, ingest_spots
+from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_spots
 
 
 def _fresh(tmp_path, cohort, n=None):

@@ -87,9 +87,8 @@ def test_qc_thumbnails(tmp_path, cohort):
 
     from PIL import Image
 
-    from hefeat.slides.run import run_tiling, tiling_id
+    from hefeat.slides.run import ingest_slides, run_tiling, tiling_id
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import ingest_slides
 
     st = Store.init(tmp_path / "st")
     ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2])

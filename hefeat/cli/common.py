@@ -56,12 +56,15 @@ def progress_enabled(as_json: bool) -> bool:
 
 def run_text(s: dict, what: str) -> str:
     """Text summary of a per-slide run."""
+    busy = s.get("busy") or {}
     parts = [f"{what}: {s['ok']} slides done, {s['already_done']} already done, {len(s['skipped'])} skipped, "
-             f"{len(s['failed'])} failed; {s['tiles']} tiles in {s['seconds']:.1f} s ({s['tiles_per_s']:.0f} tiles/s)."]
-    for sid, why in list(s["failed"].items())[:10]:
-        parts.append(f"  failed {sid}: {why}")
-    for sid, why in list(s["skipped"].items())[:10]:
-        parts.append(f"  skipped {sid}: {why}")
+             f"{len(s['failed'])} failed, {len(busy)} busy (another worker has them); "
+             f"{s['tiles']} tiles in {s['seconds']:.1f} s ({s['tiles_per_s']:.0f} tiles/s)."]
+    for label, items in (("failed", s["failed"]), ("skipped", s["skipped"]), ("busy", busy)):
+        for sid, why in list(items.items())[:10]:
+            parts.append(f"  {label} {sid}: {why}")
+        if len(items) > 10:
+            parts.append(f"  ... {len(items)} {label} in all (--json lists them)")
     return "\n".join(parts)
 
 

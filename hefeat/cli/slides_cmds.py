@@ -100,8 +100,8 @@ def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n,
 
         s["qc_thumbnails"] = len(write_tiling_qc(st, s["tiling_id"], split_ids(slides))["written"])
     emit(s, as_json, run_text(s, f"Tiling {s['tiling_id']}") + f"\nQuery them: hefeat sql \"SELECT * FROM tiles WHERE tiling_id = '{s['tiling_id']}'\"")
-    if s["failed"] and not s["ok"] and not s["already_done"]:
-        sys.exit(1)
+    if s["exit_code"]:  # every slide failed or was busy
+        sys.exit(s["exit_code"])
 
 
 
@@ -204,8 +204,8 @@ def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, f
     else:
         s = run_extraction(st, shard=shard, **kw).to_dict()
     emit(s, as_json, run_text(s, f"Extraction {s['extraction_id']} ({s.get('encoder')}, {s.get('dim')}-d)"))
-    if s["failed"] and not s["ok"] and not s["already_done"]:
-        sys.exit(1)
+    if s["exit_code"]:  # every slide failed or was busy
+        sys.exit(s["exit_code"])
 
 
 @main.group("export")

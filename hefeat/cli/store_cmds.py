@@ -43,23 +43,29 @@ def ingest():
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="CSV with path or slide_id, and optional patient_id, site, mpp.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first bad slide.")
+@click.option("--replace", is_flag=True,
+              help="Apply a new --mpp to slides that already have tiles (their tiles and features are redone).")
 @store_option
 @json_option
-def ingest_slides_cmd(paths, mpp, manifest, fail_fast, store_path, as_json):
+def ingest_slides_cmd(paths, mpp, manifest, fail_fast, replace, store_path, as_json):
     """Register slide files (any format OpenSlide reads).
 
     \b
     Example:
       hefeat ingest slides data/demo/slides/*.tiff
       hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.499
+      hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.5 --replace   # correct it later
     """
-    from hefeat.store.ingest import ingest_slides
+    from hefeat.slides.run import ingest_slides
 
     rep = ingest_slides(get_store(store_path), list(paths), mpp=mpp, manifest=manifest, fail_fast=fail_fast,
-                        progress=progress_enabled(as_json))
+                        replace=replace, progress=progress_enabled(as_json))
     d = rep.to_dict()
-    text = f"Ingested {d['added']} slides ({d['unchanged']} already there, {len(d['failed'])} failed)."
-    for p, why in rep.failed.items():
+    text = (f"Ingested {d['added']} slides ({len(rep.updated)} updated, {d['unchanged']} already there, "
+            f"{len(d['failed'])} failed).")
+    for u in rep.updated[:10]:
+        text += f"\n  updated {u}"
+    for p, why in list(rep.failed.items())[:10]:
         text += f"\n  failed {p}: {why}"
     emit(d, as_json, text)
     if rep.failed and not rep.added and not rep.unchanged:
@@ -74,8 +80,9 @@ def _table_ingest(kind: str):
         rep = fn(get_store(store_path), path, allow_unmatched=allow_unmatched, **kw)
         d = rep.to_dict()
         note = f" {len(rep.unmatched)} ids matched no slide: {', '.join(rep.unmatched[:8])}." if rep.unmatched else ""
-        state = "unchanged (already ingested)" if rep.unchanged else f"{d['rows']} rows"
-        emit(d, as_json, f"Ingested {kind} from {path}: {state}.{note}")
+        state = "unchanged (the store already holds this content)" if rep.unchanged else f"{d['rows']} values"
+        notes = "".join(f" {n}." for n in rep.notes)
+        emit(d, as_json, f"Ingested {kind} from {path}: {state}.{note}{notes}")
 
     return cmd
 
@@ -146,13 +153,30 @@ def status(store_path, as_json):
 
 
 @main.command()
+@store_option
+@json_option
+def compact(store_path, as_json):
+    """Compact the store's per-slide files for fast queries (also happens on its own as needed).
+
+    \b
+    Example:
+      hefeat compact
+    """
+    s = get_store(store_path).compact()
+    emit(s, as_json, f"Compacted {s['records']} commit records and {s['files']} per-slide files "
+                     f"of {len(s['families'])} families in {s['seconds']:.1f} s.")
+
+
+@main.command()
 @click.argument("query")
 @click.option("--limit", default=50, show_default=True, help="Rows shown in the text output.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write all rows to .csv or .parquet.")
 @store_option
 @json_option
 def sql(query, limit, out, store_path, as_json):
-    """Run SQL over the catalog and its views (tiles, status, tilings, extractions, features_index, ...).
+    """Run read-only SQL over the catalog and its views (tiles, status, tilings, extractions, features_index, ...).
+
+    Only reads run (SELECT, DESCRIBE, SUMMARIZE, EXPLAIN); COPY, ATTACH, INSTALL, SET and writes are refused.
 
     \b
     Example:

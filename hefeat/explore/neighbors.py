@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, read_json, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.features import (
@@ -413,7 +414,7 @@ def query(store: Store, *, extraction_id: str | None = None, index_id: str | Non
         qid = content_id({"index": meta["index_id"], "tile": tile, "image": image, "slide": slide, "k": k,
                           "x": exclude_same_slide, "p": exclude_same_patient, "self": include_self}, prefix="q")
         out = res.assign(query_id=qid, index_id=meta["index_id"])
-        write_parquet(out, store.index_dir(meta["index_id"]) / "queries" / f"{qid}.parquet")
+        write_parquet(out, layout.index_query_path(store.root, meta["index_id"], qid))
         res.attrs["query_id"] = qid
     return res
 

@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.runner import SlideRunner
+from hefeat.store import commit, faults, ids, layout
 from hefeat.store.atomic import atomic_path, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.features import FeatureFileWriter, refresh_aggregates
-from hefeat.store.ids import content_id
 from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
 
@@ -90,42 +91,50 @@ def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_si
         coords_hash.update(f.stem.encode() + C.tobytes())
         feats_hash.update(f.stem.encode() + np.ascontiguousarray(X).tobytes())
         loaded.append((f.stem, X, C, float(size0), attrs))
-    tid = content_id({"imported": coords_hash.hexdigest(), "encoder": encoder}, prefix="t")
+    tid = ids.imported_tiling_id(coords_hash.hexdigest(), encoder)
     first = loaded[0][4]
     tparams = {"tiling_id": tid, "mpp": float(first.get("mpp", 0.0) or 0.0), "size": int(first.get("patch_size", 0) or 0),
                "background": "imported", "spots": False, "created": timestamp(),
                "params": {"imported_from": str(Path(folder).absolute()), "encoder": encoder}}
-    if not (store.tiling_dir(tid) / "_tiling.json").exists():
-        write_json(store.tiling_dir(tid) / "_tiling.json", tparams)
-    eid = content_id({"tiling": tid, "features": feats_hash.hexdigest(), "encoder": encoder}, prefix="e")
-    edir = store.extraction_dir(eid)
-    if not (edir / "_extraction.json").exists():
-        write_json(edir / "_extraction.json", {
+    if not layout.tiling_meta_path(store.root, tid).exists():
+        write_json(layout.tiling_meta_path(store.root, tid), tparams)
+    eid = ids.imported_extraction_id(tid, feats_hash.hexdigest(), encoder)
+    if not layout.extraction_meta_path(store.root, eid).exists():
+        write_json(layout.extraction_meta_path(store.root, eid), {
             "extraction_id": eid, "tiling_id": tid, "encoder": encoder, "layer": first.get("layer") or None,
             "weights": "imported", "weights_digest": str(first.get("weights_digest", "unknown")), "dim": int(dim),
             "precision": "imported", "tta": False, "dtype": str(loaded[0][1].dtype), "imported": True,
             "patch_size": tparams["size"], "mpp": tparams["mpp"], "created": timestamp()})
-    n_new = 0
-    for sid, X, C, size0, _attrs in loaded:
-        if store.features_path(eid, sid).exists():
-            continue
-        tiles = pd.DataFrame({"tiling_id": tid, "slide_id": sid, "tile_id": np.arange(len(C), dtype=np.int64),
-                              "x": C[:, 0], "y": C[:, 1], "size0": size0,
-                              "row": np.round(C[:, 1] / size0).astype(np.int32),
-                              "col": np.round(C[:, 0] / size0).astype(np.int32)})
-        write_parquet(tiles, store.tiles_path(tid, sid))
-        store.write_status("tiling", tid, sid, {"state": "ok", "reason": None, "seconds": 0.0, "n_tiles": len(C),
-                                                "finished_at": timestamp()})
-        w = FeatureFileWriter(store.features_path(eid, sid), len(X), X.shape[1], dtype=str(X.dtype), coords=C,
-                              attrs={"encoder": encoder, "dim": int(dim), "patch_size_level0": size0,
-                                     "tiling_id": tid, "extraction_id": eid, "slide_id": sid})
-        w.write(0, X)
-        w.commit()
-        store.write_status("extraction", eid, sid, {"state": "ok", "reason": None, "seconds": 0.0, "n_tiles": len(X),
-                                                    "finished_at": timestamp(), "dim": int(dim),
-                                                    "path": str(store.features_path(eid, sid))})
-        n_new += 1
-    if n_new:
+    by_id = {x[0]: x for x in loaded}
+    with SlideRunner(store, "extraction", eid) as runner:
+        for task in runner.claimed(sorted(by_id)):
+            sid, X, C, size0, _attrs = by_id[task.slide_id]
+            try:
+                tiles = pd.DataFrame({"tiling_id": tid, "slide_id": sid, "tile_id": np.arange(len(C), dtype=np.int64),
+                                      "x": C[:, 0], "y": C[:, 1], "size0": size0,
+                                      "row": np.round(C[:, 1] / size0).astype(np.int32),
+                                      "col": np.round(C[:, 0] / size0).astype(np.int32)})
+                write_parquet(tiles, store.tiles_path(tid, sid), kind="tiles")
+                commit.commit_ok(store, "tiling", tid, sid, n_tiles=len(C), seconds=0.0,
+                                 digest=ids.frame_fingerprint(tiles))
+                w = FeatureFileWriter(store.features_path(eid, sid), len(X), X.shape[1], dtype=str(X.dtype), coords=C,
+                                      attrs={"encoder": encoder, "dim": int(dim), "patch_size_level0": size0,
+                                             "tiling_id": tid, "extraction_id": eid, "slide_id": sid})
+                try:
+                    faults.point("features.write")
+                    w.write(0, X)
+                    faults.point("features.rename")
+                    w.commit()
+                except BaseException:
+                    w.abort()
+                    raise
+                faults.point("features.renamed")
+            except Exception as e:
+                runner.fail(task, e)
+                continue
+            runner.ok(task, n_tiles=len(X), digest=ids.array_digest(C.astype(np.int64), X), dim=int(dim))
+    s = runner.summary
+    if s.ok:
         refresh_aggregates(store, eid)
-    return {"extraction_id": eid, "tiling_id": tid, "slides": len(loaded), "new": n_new, "unmatched": unmatched,
-            "dim": int(dim), "tiles": int(sum(len(x[1]) for x in loaded))}
+    return {"extraction_id": eid, "tiling_id": tid, "slides": len(loaded), "new": len(s.ok), "unmatched": unmatched,
+            "failed": s.failed, "busy": s.busy, "dim": int(dim), "tiles": int(sum(len(x[1]) for x in loaded))}

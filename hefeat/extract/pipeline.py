@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hefeat import __version__
-from hefeat.errors import HefeatError
+from hefeat.errors import HefeatError, NonFiniteError
 from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute side lives in compute.py)
     DeviceTransform,
     InputPlan,
@@ -30,11 +30,11 @@ from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute si
 )
 from hefeat.extract.encoders import Encoder, EncoderConfig, create_encoder
 from hefeat.extract.precision import CHOICES, PrecisionChoice, select_precision
-from hefeat.runner import RunSummary, SlideClaim, shard_slides
+from hefeat.runner import RunSummary, SlideRunner, SlideTask, shard_slides
+from hefeat.store import faults, ids
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.features import FeatureFileWriter, refresh_aggregates
-from hefeat.store.ids import content_id
 from hefeat.store.runs import record_run, timestamp
 
 PRECISIONS = CHOICES
@@ -67,8 +67,7 @@ def extraction_id(tiling_id: str, cfg: EncoderConfig, *, precision: str, tta: bo
 
     `inputs` holds what else changes the pixels the encoder sees (input plan, stain normalisation).
     """
-    return content_id({"tiling": tiling_id, "encoder": cfg.to_dict(), "precision": precision, "tta": tta,
-                       "dtype": dtype, "inputs": inputs or {}, "code": __version__.rsplit(".", 1)[0]}, prefix="e")
+    return ids.extraction_id(tiling_id, cfg.to_dict(), precision=precision, tta=tta, dtype=dtype, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,48 +75,47 @@ def extraction_id(tiling_id: str, cfg: EncoderConfig, *, precision: str, tta: bo
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class _SlideJob:
-    slide_id: str
+    task: SlideTask
     path: str
     mpp: float
     coords: np.ndarray  # (n, 2) level-0 x, y
     size0: float
-    start: float = 0.0
     failed: str | None = None
     writer: FeatureFileWriter | None = None
+    digest: object = field(default_factory=ids.new_hasher)
+
+    @property
+    def slide_id(self) -> str:
+        return self.task.slide_id
 
 
 class TileDataset:
-    """Map-style dataset over (slide, tile) pairs; each worker keeps its slides open."""
+    """Map-style dataset whose indices are tile references (k, t, path, mpp, x, y); each worker keeps one slide open.
 
-    def __init__(self, jobs: list[_SlideJob], size: int, mpp: float):
-        self.items = [(j.path, j.mpp) for j in jobs]
-        self.coords = [j.coords for j in jobs]
-        self.offsets = np.cumsum([0] + [len(c) for c in self.coords])
+    The references come from the batch sampler, which claims slides lazily in the main process, so
+    the dataset needs no list of slides up front.
+    """
+
+    def __init__(self, size: int, mpp: float):
         self.size, self.mpp = size, mpp
         self._open: dict[int, object] = {}
 
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def _slide(self, k: int):
+    def _slide(self, k: int, path: str, mpp: float):
         from hefeat.slides.reader import Slide
 
         s = self._open.get(k)
         if s is None:
             for old in list(self._open):  # keep one slide open per worker
                 self._open.pop(old).close()
-            path, mpp = self.items[k]
             s = self._open[k] = Slide(path, mpp=mpp)
         return s
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, ref):
         import torch
 
-        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        t = i - int(self.offsets[k])
-        x, y = self.coords[k][t]
+        k, t, path, mpp, x, y = ref
         try:
-            img = self._slide(k).read(float(x), float(y), self.size, self.mpp)
+            img = self._slide(k, path, mpp).read(float(x), float(y), self.size, self.mpp)
             err = ""
         except Exception as e:  # a broken region fails its slide, not the batch
             img = np.zeros((self.size, self.size, 3), np.uint8)
@@ -125,12 +123,24 @@ class TileDataset:
         return torch.from_numpy(np.ascontiguousarray(img)), k, t, err
 
 
-def per_slide_batches(offsets: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Batches of global indices that never cross a slide boundary, each slide from its tile 0."""
-    out = []
-    for a, b in zip(offsets[:-1], offsets[1:], strict=True):
-        out.extend(list(range(s, min(s + batch_size, b))) for s in range(int(a), int(b), batch_size))
-    return out
+class _ClaimingBatches:
+    """The DataLoader's batch sampler: claims the next slide only when the loader asks for more tiles.
+
+    Batches never cross a slide boundary and start at each slide's tile 0, so a slide's features do
+    not depend on which other slides ran with it.
+    """
+
+    def __init__(self, jobs: list[_SlideJob], source, batch_size: int):
+        self.jobs, self.source, self.batch_size = jobs, source, batch_size
+
+    def __iter__(self):
+        for job in self.source:
+            self.jobs.append(job)
+            k = len(self.jobs) - 1
+            n = len(job.coords)
+            for s in range(0, n, self.batch_size):
+                yield [(k, t, job.path, job.mpp, int(job.coords[t, 0]), int(job.coords[t, 1]))
+                       for t in range(s, min(s + self.batch_size, n))]
 
 
 def _worker_init(_):
@@ -146,15 +156,12 @@ def _worker_init(_):
 # Writing
 # ----------------------------------------------------------------------------------------------
 class _Writer(threading.Thread):
-    """Background writer: appends batches to per-slide files, commits finished slides, records status."""
+    """Background writer: appends batches to per-slide files; a finished slide is committed through the runner."""
 
-    def __init__(self, store: Store, eid: str, jobs: list[_SlideJob], open_writer, info: dict):
-        super().__init__(daemon=True)
+    def __init__(self, runner: SlideRunner, jobs: list[_SlideJob], open_writer, info: dict, dtype: str):
+        super().__init__(daemon=True, name="hefeat-extract-writer")
         self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.store, self.eid, self.jobs, self.open_writer, self.info = store, eid, jobs, open_writer, info
-        self.ok: list[str] = []
-        self.failed: dict[str, str] = {}
-        self.tiles = 0
+        self.runner, self.jobs, self.open_writer, self.info, self.dtype = runner, jobs, open_writer, info, np.dtype(dtype)
         self.seconds = 0.0
         self.error: BaseException | None = None
 
@@ -166,44 +173,45 @@ class _Writer(threading.Thread):
             t = time.perf_counter()
             try:
                 self._handle(*item)
-            except BaseException as e:  # surfaced by the main thread
+            except BaseException as e:  # surfaced by the main thread within one put timeout
                 self.error = e
                 return
             finally:
                 self.seconds += time.perf_counter() - t
 
-    def _handle(self, k: int, start: int, rows: np.ndarray | None, err: str | None) -> None:
+    def _handle(self, k: int, start: int, rows: np.ndarray | None, err: str | BaseException | None) -> None:
         job = self.jobs[k]
-        if err:
+        if err is not None:
             self.fail(k, err)
             return
         if job.failed:
             return
-        if job.writer is None:
-            job.writer = self.open_writer(job)
-        job.writer.write(start, rows)
-        if job.writer.written == len(job.coords):
+        try:
+            if job.writer is None:
+                job.writer = self.open_writer(job)
+                job.digest.update(np.ascontiguousarray(job.coords, np.int64).tobytes())
+            faults.point("features.write")
+            block = rows.astype(self.dtype, copy=False)
+            job.writer.write(start, block)
+            job.digest.update(np.ascontiguousarray(block).tobytes())
+            if job.writer.written < len(job.coords):
+                return
+            faults.point("features.rename")
             job.writer.commit()
             job.writer = None
-            sec = time.perf_counter() - job.start
-            n = len(job.coords)
-            self.store.write_status("extraction", self.eid, job.slide_id, {
-                "state": "ok", "reason": None, "seconds": round(sec, 4), "n_tiles": n,
-                "tiles_per_s": round(n / sec, 2) if sec > 0 else None, "finished_at": timestamp(),
-                "path": str(self.store.features_path(self.eid, job.slide_id)), **self.info})
-            self.ok.append(job.slide_id)
-            self.tiles += n
+            faults.point("features.renamed")
+        except OSError as e:  # a full disk (or a failing one) fails the slide; the runner decides whether to stop
+            self.fail(k, e)
+            return
+        self.runner.ok(job.task, n_tiles=len(job.coords), digest=job.digest.hexdigest(), **self.info)
 
-    def fail(self, k: int, msg: str) -> None:
+    def fail(self, k: int, err: str | BaseException) -> None:
         job = self.jobs[k]
-        job.failed = msg
+        job.failed = str(err)
         if job.writer is not None:
             job.writer.abort()
             job.writer = None
-        self.store.write_status("extraction", self.eid, job.slide_id, {
-            "state": "failed", "reason": msg, "seconds": round(time.perf_counter() - job.start, 4),
-            "n_tiles": 0, "finished_at": timestamp()})
-        self.failed[job.slide_id] = msg
+        self.runner.fail(job.task, err, code="read_error" if isinstance(err, str) else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,14 +265,15 @@ def run_extraction(
         raise HefeatError("--batch-size must be >= 1")
     tid = tiling_id or _default_tiling(store)
     tiling = store.tiling(tid)
-    tiled = store.sql("SELECT slide_id FROM status WHERE stage = 'tiling' AND id = ? AND state = 'ok' ORDER BY 1", [tid])["slide_id"].tolist()
+    tiled_rows = store.finished("tiling", tid)
+    tiled = tiled_rows["slide_id"].tolist()
     all_tiled = list(tiled)  # a cohort stain reference is fitted over all of them, whatever this run does
     if slides:
         missing = sorted(set(slides) - set(tiled))
         if missing:
             raise HefeatError(f"Slides not tiled in tiling {tid}: {', '.join(missing)}. Run hefeat tile first.")
         tiled = [s for s in tiled if s in set(slides)]
-    ids = shard_slides(tiled, shard)
+    todo = shard_slides(tiled, shard)
     device = resolve_device(opt.device)
     enc = create_encoder(encoder, weights=weights, layer=layer, seed=seed, store=store)
     cfg = enc.config
@@ -272,7 +281,7 @@ def run_extraction(
     stain_ref = fit_stain(store, tid, all_tiled, stain, stain_reference) if stain else None
     transform = DeviceTransform(cfg, device, plan=plan, stain=stain_ref.normalizer() if stain_ref else None)
     t_cal = time.perf_counter()
-    choice = choose_precision(enc, transform, store, tid, ids, device=device, requested=precision,
+    choice = choose_precision(enc, transform, store, tid, todo, device=device, requested=precision,
                               batch_size=opt.batch_size)
     calibrate_s = time.perf_counter() - t_cal
     prec = choice.precision
@@ -297,51 +306,16 @@ def run_extraction(
             "code_version": __version__, "batch_size": opt.batch_size, "created": timestamp(),
             **{f"source_{k}": v for k, v in (enc.provenance or {}).items()},
         })
-    summary = RunSummary("extraction", eid)
-    t0 = time.perf_counter()
-    slide_rows = store.slides(ids).set_index("slide_id") if ids else None
-    jobs: list[_SlideJob] = []
-    claims: list[SlideClaim] = []
-    from hefeat.slides.run import open_catalog_slide
-
-    try:
-        for sid in ids:
-            if store.features_path(eid, sid).exists():
-                summary.done.append(sid)
-                continue
-            claim = SlideClaim(store.status_dir("extraction", eid) / f"{sid}.lock")
-            if not claim.acquire():
-                summary.busy.append(sid)
-                continue
-            claims.append(claim)
-            if store.features_path(eid, sid).exists():
-                summary.done.append(sid)
-                continue
-            try:
-                row = slide_rows.loc[sid]
-                with open_catalog_slide(row) as s:
-                    s.read(0, 0, 8, s.mpp.x)  # the file opens and decodes
-                tiles = store.tiles(tid, sid)
-            except Exception as e:
-                msg = str(e) if isinstance(e, HefeatError) else f"{type(e).__name__}: {e}"
-                store.write_status("extraction", eid, sid, {"state": "failed", "reason": msg, "seconds": 0.0,
-                                                            "n_tiles": 0, "finished_at": timestamp()})
-                summary.failed[sid] = msg
-                if opt.fail_fast:
-                    raise HefeatError(f"extraction failed on slide {sid}: {msg}") from None
-                continue
-            jobs.append(_SlideJob(sid, row["path"], float(row["mpp_x"]), tiles[["x", "y"]].to_numpy(np.int64),
-                                  float(tiles["size0"].iloc[0]) if len(tiles) else 0.0))
-
-        info = {"dim": cfg.dim, "batch_size": opt.batch_size, "precision": prec, "device": device}
-        timings = _extract_jobs(store, eid, jobs, enc, tiling, cfg, device=device, precision=prec, tta=tta,
-                                dtype=dtype, opt=opt, info=info, summary=summary, transform=transform)
-    finally:
-        for c in claims:
-            c.release()
+    slide_rows = store.slides(todo).set_index("slide_id") if todo else None
+    tiles_digest = dict(zip(tiled_rows["slide_id"], tiled_rows["digest"], strict=True))
+    info = {"dim": cfg.dim, "batch_size": opt.batch_size, "precision": prec, "device": device}
+    with SlideRunner(store, "extraction", eid, fail_fast=opt.fail_fast, input_digest=tiles_digest.get) as runner:
+        timings = _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, device=device, precision=prec,
+                                tta=tta, dtype=dtype, opt=opt, info=info, transform=transform,
+                                expected=int(tiled_rows.set_index("slide_id").loc[todo, "n_tiles"].sum()) if todo else 0)
+    summary = runner.summary
     if summary.ok:
         refresh_aggregates(store, eid)  # the consolidated slide table reads in one go
-    summary.seconds = time.perf_counter() - t0
     summary.extra.update({"extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer,
                           "dim": cfg.dim, "precision": prec, "device": device, "batch_size": opt.batch_size,
                           "precision_choice": {k: choice.to_dict()[k] for k in ("source", "reason", "channels_last")},
@@ -445,23 +419,43 @@ def _default_tiling(store: Store) -> str:
     return str(t["tiling_id"].iloc[0])
 
 
-def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta, dtype, opt, info, summary,
-                  transform: DeviceTransform) -> dict:
+def _prepared(store: Store, runner: SlideRunner, todo: list[str], slide_rows, tid: str):
+    """Claimed slides, one at a time, checked to open and with their tile coordinates (failures recorded)."""
+    from hefeat.slides.run import open_catalog_slide
+
+    for task in runner.claimed(todo):
+        try:
+            row = slide_rows.loc[task.slide_id]
+            with open_catalog_slide(row) as s:
+                s.read(0, 0, 8, s.mpp.x)  # the file opens and decodes
+            tiles = store.tiles(tid, task.slide_id)
+        except Exception as e:
+            runner.fail(task, e)
+            continue
+        yield _SlideJob(task, row["path"], float(row["mpp_x"]), tiles[["x", "y"]].to_numpy(np.int64),
+                        float(tiles["size0"].iloc[0]) if len(tiles) else 0.0)
+
+
+def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, precision, tta, dtype, opt, info,
+                  expected, transform: DeviceTransform) -> dict:
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     timings = {"read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "loop_s": 0.0}
-    if not jobs:
+    if not todo:
         return timings
+    eid = runner.key
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     enc.net.to(device).to(memory_format=torch.channels_last if transform.channels_last else torch.contiguous_format)
     if opt.compile:
         enc.net = torch.compile(enc.net)
-    ds = TileDataset(jobs, int(tiling["size"]), float(tiling["mpp"]))
+    ds = TileDataset(int(tiling["size"]), float(tiling["mpp"]))
+    jobs: list[_SlideJob] = []
+    sampler = _ClaimingBatches(jobs, _prepared(store, runner, todo, slide_rows, tiling["tiling_id"]), opt.batch_size)
     workers = default_workers() if opt.workers is None else opt.workers
-    loader = DataLoader(ds, batch_sampler=per_slide_batches(ds.offsets, opt.batch_size), num_workers=workers,
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers,
                         pin_memory=device.startswith("cuda"), worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
 
@@ -474,12 +468,14 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
                                      "mpp": float(tiling["mpp"]), "tiling_id": tiling["tiling_id"],
                                      "extraction_id": eid, "slide_id": job.slide_id, "precision": precision})
 
-    writer = _Writer(store, eid, jobs, open_writer, info)
+    writer = _Writer(runner, jobs, open_writer, info, dtype)
     writer.start()
-    bar = tqdm(total=len(ds), disable=not opt.progress, desc=f"extract {eid}", unit="tile")
+    bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
     t_loop = time.perf_counter()
     try:
-        it = device_decoded_batches(jobs, ds, opt.batch_size, device, opt.decode, info) or iter(loader)
+        paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
+        it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info) \
+            or iter(loader)
         while True:
             t = time.perf_counter()
             try:
@@ -489,15 +485,11 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
             timings["read_wait_s"] += time.perf_counter() - t
             k = int(ks[0])
             job = jobs[k]
-            if job.start == 0.0:
-                job.start = time.perf_counter()
             bad = [e for e in errs if e]
             if job.failed or bad:
                 if bad and not job.failed:
                     job.failed = "pending"
                     _put(writer, (k, 0, None, f"reading tile {int(ts[errs.index(bad[0])])}: {bad[0]}"))
-                    if opt.fail_fast:
-                        raise HefeatError(f"extraction failed on slide {job.slide_id}: {bad[0]}")
                 bar.update(len(ks))
                 continue
             t = time.perf_counter()
@@ -505,38 +497,33 @@ def _extract_jobs(store, eid, jobs, enc, tiling, cfg, *, device, precision, tta,
             bad_rows = check_finite(feats, int(ts[0]), precision)
             rows = feats.cpu().numpy()
             timings["compute_s"] += time.perf_counter() - t
-            if bad_rows:  # fails this slide through the writer's failure path; the batch goes on
+            if bad_rows:  # fails this slide through the runner (reason_code non_finite); the batch goes on
                 job.failed = "pending"
-                _put(writer, (k, 0, None, bad_rows))
-                if opt.fail_fast:
-                    raise HefeatError(f"extraction failed on slide {job.slide_id}: {bad_rows}")
+                _put(writer, (k, 0, None, NonFiniteError(bad_rows)))
                 bar.update(len(ks))
                 continue
             _put(writer, (k, int(ts[0]), rows, None))
             bar.update(len(ks))
     finally:
         bar.close()
-        writer.q.put(None)
-        writer.join()
+        _stop(writer)
         timings["loop_s"] = time.perf_counter() - t_loop
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             if j.writer is not None:
                 j.writer.abort()
     if writer.error:
-        raise writer.error
-    summary.ok.extend(writer.ok)
-    summary.failed.update(writer.failed)
-    summary.tiles += writer.tiles
+        raise _writer_error(writer.error)
     timings["write_s"] = writer.seconds
     return {k: round(v, 3) for k, v in timings.items()}
 
 
-def device_decoded_batches(jobs: list[_SlideJob], ds: TileDataset, batch_size: int, device: str, decode: str,
-                           info: dict):
+def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: TileDataset, batch_size: int,
+                           device: str, decode: str, info: dict):
     """Batches (imgs on `device`, slide ks, tile ts, errors) decoded by hefeat.slides.jpeg_tiles, or None.
 
-    Used when `decode` is 'device', or 'auto' on CUDA, and every slide is a JPEG-tiled TIFF/SVS whose
-    device decode matches tifffile's; the reason for using or not using it goes into `info["decode"]`.
+    Used when `decode` is 'device', or 'auto' on CUDA, and every slide (`paths`) is a JPEG-tiled TIFF/SVS
+    whose device decode matches tifffile's; the reason for using or not using it goes into `info["decode"]`.
+    Slides come from `source` (claimed one at a time by the runner) and are appended to `jobs`.
     """
     import torch
 
@@ -549,10 +536,10 @@ def device_decoded_batches(jobs: list[_SlideJob], ds: TileDataset, batch_size: i
         info["decode"] = "cpu (DataLoader workers, OpenSlide)"
         return None
     try:
-        for j in jobs:
-            with JpegTiles(j.path) as src:
+        for path in paths:
+            with JpegTiles(path) as src:
                 if not check_device_decode(src, device):
-                    raise HefeatError(f"device decode of {Path(j.path).name} differs from tifffile's")
+                    raise HefeatError(f"device decode of {Path(path).name} differs from tifffile's")
     except HefeatError as e:
         if decode == "device":
             raise
@@ -561,7 +548,9 @@ def device_decoded_batches(jobs: list[_SlideJob], ds: TileDataset, batch_size: i
     info["decode"] = f"device ({device}, torchvision decode_jpeg)"
 
     def batches():
-        for k, j in enumerate(jobs):
+        for j in source:
+            jobs.append(j)
+            k = len(jobs) - 1
             with Slide(j.path, mpp=j.mpp) as s, JpegTiles(j.path) as src:
                 lv_i = s.best_level(ds.mpp)
                 if lv_i >= len(src.levels):
@@ -578,7 +567,38 @@ def device_decoded_batches(jobs: list[_SlideJob], ds: TileDataset, batch_size: i
     return batches()
 
 
+PUT_TIMEOUT_S = 0.5
+
+
 def _put(writer: _Writer, item) -> None:
-    if writer.error:
-        raise writer.error
-    writer.q.put(item)
+    """Queue an item for the writer; never blocks on a writer that died (its error is raised instead)."""
+    while True:
+        if writer.error:
+            raise _writer_error(writer.error)
+        if not writer.is_alive():
+            raise HefeatError("the feature writer stopped unexpectedly; nothing after the last committed slide was kept")
+        try:
+            writer.q.put(item, timeout=PUT_TIMEOUT_S)
+            return
+        except queue.Full:
+            continue
+
+
+def _writer_error(e: BaseException) -> BaseException:
+    """The writer's error as the run's error (one line unless it is already a HefeatError)."""
+    if isinstance(e, (HefeatError, KeyboardInterrupt, SystemExit)):
+        return e
+    err = HefeatError(f"Writing features failed: {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
+def _stop(writer: _Writer) -> None:
+    """Tell the writer to finish what is queued and wait for it (unless it already died)."""
+    while writer.is_alive():
+        try:
+            writer.q.put(None, timeout=PUT_TIMEOUT_S)
+            break
+        except queue.Full:
+            continue
+    writer.join()

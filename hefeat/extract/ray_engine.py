@@ -40,13 +40,7 @@ def run_extraction_ray(store: Store, *, shards: int | None = None, address: str 
     merged = RunSummary("extraction", "")
     for r in out:
         d = json.loads(r["summary"])
-        merged.run_key = d["run_key"]
-        merged.ok += d["ok"]
-        merged.done += d["done"]
-        merged.busy += d["busy"]
-        merged.failed.update(d["failed"])
-        merged.tiles += d["tiles"]
-        merged.seconds = max(merged.seconds, d["seconds"])
+        merged.merge(d)
         merged.extra.setdefault("shards", []).append({"ok": len(d["ok"]), "tiles": d["tiles"], "seconds": d["seconds"]})
         merged.extra.update({k: v for k, v in d["extra"].items() if k in ("extraction_id", "tiling_id", "dim", "encoder")})
     merged.extra.update({"engine": "ray", "n_shards": n, "gpus": gpus})

@@ -62,7 +62,7 @@ def load_model(store: Store, mid: str) -> dict:
     """model.json plus arrays (dict of ndarrays) of a stored model."""
     d = store.model_dir(mid)
     if not (d / "index.json").exists():
-        known = [p.parent.name for p in (store.root / "models").glob("*/index.json")]
+        known = store.sql("SELECT model_id FROM models")["model_id"].tolist()
         raise HefeatError(f"No model {mid!r} in the store. Known: {', '.join(sorted(known)[:10]) or 'none'}")
     meta = read_json(d / "model.json")
     if (d / "arrays.npz").exists():

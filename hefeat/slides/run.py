@@ -1,25 +1,76 @@
-"""Tile every slide of a store: the tiling step run by the per-slide runner."""
+"""Slides into the store: ingest (open, fingerprint, register) and tiling (the step run by the per-slide runner)."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.runner import RunSummary, run_slides, shard_slides
+from hefeat.runner import RunSummary, SlideTask, run_slides, shard_slides
 from hefeat.slides.reader import Slide
 from hefeat.slides.tiling import TilingParams, spot_tiles, tile_slide
+from hefeat.store import ids, layout
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.ids import content_id, file_fingerprint
+from hefeat.store.ids import file_fingerprint, frame_fingerprint
+from hefeat.store.ingest import IngestReport, SlideManifest, check_mpp, register_slides, slide_row
 from hefeat.store.runs import record_run, timestamp
 from hefeat.store.tables import write_parquet
 
 
 def tiling_id(params: TilingParams) -> str:
-    """Content-derived id of a tiling."""
-    return content_id(params.to_dict(), prefix="t")
+    """Content-derived id of a tiling (formula in hefeat.store.ids)."""
+    return ids.tiling_id(params.to_dict())
+
+
+def slide_input_digest(row: pd.Series) -> str:
+    """What a slide's tiles are computed from: its file fingerprint and level-0 MPP."""
+    return f"{row['fingerprint']}:{float(row['mpp_x']):.6g}:{float(row['mpp_y']):.6g}"
+
+
+def ingest_slides(
+    store: Store,
+    paths: list[str | os.PathLike],
+    *,
+    mpp: float | None = None,
+    manifest: str | os.PathLike | None = None,
+    fail_fast: bool = False,
+    replace: bool = False,
+    progress: bool = False,
+    threads: int = 4,
+) -> IngestReport:
+    """Register slide files: properties, MPP (and where it came from), fingerprint.
+
+    Files are opened on `threads` threads (OpenSlide and hashing release the GIL); the catalog is
+    written once, in one transaction (see hefeat.store.ingest.register_slides for re-ingest rules:
+    unchanged slides are left alone, a corrected --mpp is applied, or needs replace=True once the
+    slide has tiles).
+    """
+    from tqdm import tqdm
+
+    store.require()
+    if not paths:
+        raise HefeatError("No slide files given. Example: hefeat ingest slides data/demo/slides/*.tiff")
+    if mpp is not None:
+        mpp = check_mpp(mpp, "--mpp")
+    m = SlideManifest(manifest) if manifest is not None else None
+    files = [Path(x) for x in paths]
+
+    def probe(p: Path):
+        meta = m.row(p) if m else {}
+        slide_mpp = meta.get("mpp", mpp)
+        try:
+            with Slide(p, mpp=slide_mpp) as s:
+                return p, slide_row(s, p, meta, slide_mpp is not None), None
+        except HefeatError as e:
+            return p, None, str(e)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        probed = tqdm(pool.map(probe, files), total=len(files), disable=not progress, desc="slides")
+        return register_slides(store, probed, n_files=len(files), fail_fast=fail_fast, replace=replace)
 
 
 def open_catalog_slide(row: pd.Series, *, verify: bool = True) -> Slide:
@@ -28,9 +79,10 @@ def open_catalog_slide(row: pd.Series, *, verify: bool = True) -> Slide:
     Interactive reads (a tile image, a heatmap) skip the 2 MiB fingerprint hash.
     """
     if not Path(row["path"]).exists():
-        raise HefeatError(f"slide file {row['path']} is gone; re-ingest it or restore the file")
+        raise HefeatError(f"slide file {row['path']} is gone; re-ingest it or restore the file", reason_code="slide_missing")
     if verify and file_fingerprint(row["path"]) != row["fingerprint"]:
-        raise HefeatError(f"slide file {row['path']} changed since ingest (fingerprint differs); re-ingest it under a new slide_id")
+        raise HefeatError(f"slide file {row['path']} changed since ingest (fingerprint differs); re-ingest it under a new slide_id",
+                          reason_code="slide_changed")
     return Slide(row["path"], mpp=float(row["mpp_x"]))
 
 
@@ -66,23 +118,18 @@ def run_tiling(
             raise HefeatError("No spots in the store. Ingest them first: hefeat ingest spots spots.parquet")
         table = table[table["slide_id"].isin(have)]
     table = table.set_index("slide_id")
-    ids = shard_slides(list(table.index), shard)
+    todo = shard_slides(list(table.index), shard)
 
     tdir = store.tiling_dir(tid)
     tdir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(tdir)
-    meta = tdir / "_tiling.json"
+    meta = layout.tiling_meta_path(store.root, tid)
     if not meta.exists():
         write_json(meta, {"tiling_id": tid, "mpp": params.mpp, "size": params.size, "background": params.background,
                           "spots": params.spots, "created": timestamp(), "params": params.to_dict()})
 
-    def is_done(sid: str) -> bool:
-        if store.tiles_path(tid, sid).exists():
-            return True
-        st = store.read_status("tiling", tid, sid)
-        return bool(st and st.get("state") == "skipped")
-
-    def step(sid: str) -> dict:
+    def step(task: SlideTask) -> dict:
+        sid = task.slide_id
         row = table.loc[sid]
         with open_catalog_slide(row) as slide:
             tissue = None
@@ -96,11 +143,11 @@ def run_tiling(
                 write_qc_thumbnail(slide, tissue, df, store.qc_thumbnail_path(tid, sid))
         df.insert(0, "slide_id", sid)
         df.insert(0, "tiling_id", tid)
-        write_parquet(df, store.tiles_path(tid, sid))
-        return {"n_tiles": len(df)}
+        write_parquet(df, store.tiles_path(tid, sid), kind="tiles")
+        return {"n_tiles": len(df), "digest": frame_fingerprint(df)}
 
-    summary = run_slides(store, "tiling", tid, ids, step, is_done=is_done, fail_fast=fail_fast,
-                         progress=progress, desc=f"tiling {tid}")
+    summary = run_slides(store, "tiling", tid, todo, step, fail_fast=fail_fast, progress=progress,
+                         desc=f"tiling {tid}", input_digest=lambda sid: slide_input_digest(table.loc[sid]))
     if no_spots:
         summary.extra["without_spots"] = no_spots
     summary.extra["tiling_id"] = tid

@@ -1,24 +1,37 @@
-"""Atomic file writes: write to a temporary name in the same folder, fsync, rename."""
+"""Atomic file writes: write to a temporary name in the same folder, fsync, rename.
+
+Temporary names carry host, process and thread, so two threads (the explorer server is threaded)
+or two hosts sharing a store never write the same temporary file. Every step is a named
+fault-injection point (`hefeat.store.faults`): `<kind>.write`, `<kind>.fsync`, `<kind>.rename`,
+`<kind>.renamed`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hefeat.store import faults
+
 TMP_MARK = ".tmp-"
+_counter = itertools.count()
 
 
 def tmp_path_for(path: Path) -> Path:
-    """A temporary sibling of `path` unique to this host and process."""
-    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+    """A temporary sibling of `path` unique to this host, process, thread and call."""
+    owner = f"{socket.gethostname()}-{os.getpid()}-{threading.get_native_id()}.{next(_counter)}"
+    return path.with_name(f".{path.name}{TMP_MARK}{owner}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be fsynced)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -27,32 +40,62 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, kind: str = "file") -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to `path`."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(final)
     try:
+        faults.point(f"{kind}.write")
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        faults.point(f"{kind}.fsync")
+        fsync_file(tmp)
+        faults.point(f"{kind}.rename")
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        faults.point(f"{kind}.renamed")
+        fsync_dir(final.parent)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any, *, kind: str = "json") -> None:
     """Write JSON atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    blob = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    with atomic_path(path, kind=kind) as tmp:
+        tmp.write_text(blob)
 
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a temporary file name made by tmp_path_for, or None."""
+    owner = name.rsplit(TMP_MARK, 1)[-1]
+    parts = owner.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def clean_stale_tmp(folder: Path) -> int:
@@ -62,19 +105,10 @@ def clean_stale_tmp(folder: Path) -> int:
     if not folder.exists():
         return 0
     for p in folder.glob(f".*{TMP_MARK}*"):
-        owner = p.name.rsplit(TMP_MARK, 1)[-1]
-        h, _, pid = owner.rpartition("-")
-        if h != host or not pid.isdigit():
+        who = _owner(p.name)
+        if who is None or who[0] != host or pid_alive(who[1]):
             continue
-        try:
-            os.kill(int(pid), 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            with contextlib.suppress(OSError):
-                p.unlink()
-                n += 1
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
     return n

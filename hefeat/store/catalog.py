@@ -1,15 +1,24 @@
 """The store directory and its DuckDB catalog.
 
 Files are the source of truth. The DuckDB file holds what users ingest (slides, expression,
-clinical data, spots); everything workers produce (tilings, tiles, status rows, extractions,
-models, predictions, runs) lives in files and is exposed as views created on each connection,
-so workers never need the catalog's write lock.
+clinical data, spots); everything workers produce (tiles, commit records, features, models,
+predictions, runs) lives in files that workers write without the catalog's lock.
+
+Queries run on an in-memory DuckDB database that a Store binds once: the catalog is attached
+read-only for the duration of each query (so a long-lived Store never blocks another process's
+ingest), commit records come from their compacted table (`records.load_status`), per-slide Parquet
+families from their compacted parts plus the few files not compacted yet (`compact`), and every
+view has a fixed schema, so binding never reads thousands of files. The views are re-bound only
+when the store changed (a stat of its folders tells), and the connection is a sandbox
+(`sandbox.py`): ad-hoc SQL reads, never writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,83 +26,89 @@ from pathlib import Path
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.store.atomic import read_json, write_json
+from hefeat.store import compact, layout, records
+from hefeat.store.atomic import read_json
+from hefeat.store.compact import sql_list, sql_str
 from hefeat.store.ids import check_id
+from hefeat.store.sandbox import check_read_only, lock_down
+from hefeat.store.schema import (
+    CATALOG_DDL,
+    CATALOG_TABLES,
+    EMPTY_VIEWS,
+    EXPRESSION_VIEW,
+    FORMAT_VERSION,
+    STATUS_FIELDS,
+)
 
 DEFAULT_STORE = "stores/default"
-
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS slides (
-        slide_id VARCHAR PRIMARY KEY, patient_id VARCHAR, site VARCHAR, path VARCHAR,
-        fingerprint VARCHAR, vendor VARCHAR, width BIGINT, height BIGINT, level_count INTEGER,
-        level_dimensions VARCHAR, mpp_x DOUBLE, mpp_y DOUBLE, mpp_source VARCHAR,
-        objective_power DOUBLE, ingested_at TIMESTAMP)""",
-    """CREATE TABLE IF NOT EXISTS samples (
-        dataset VARCHAR, sample_id VARCHAR, slide_id VARCHAR, patient_id VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS expression (
-        dataset VARCHAR, sample_id VARCHAR, gene VARCHAR, value DOUBLE)""",
-    """CREATE TABLE IF NOT EXISTS spots (
-        slide_id VARCHAR, spot_id VARCHAR, x DOUBLE, y DOUBLE)""",
-    """CREATE TABLE IF NOT EXISTS spot_counts (
-        slide_id VARCHAR, spot_id VARCHAR, gene VARCHAR, count DOUBLE)""",
-    """CREATE TABLE IF NOT EXISTS ingests (
-        kind VARCHAR, source VARCHAR, fingerprint VARCHAR, n_rows BIGINT, ingested_at TIMESTAMP)""",
-]
-
-# Empty shapes for file-backed views, so queries work before any file exists.
-_EMPTY = {
-    "tiles": "SELECT NULL::VARCHAR AS tiling_id, NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id, NULL::BIGINT AS x, "
-    "NULL::BIGINT AS y, NULL::DOUBLE AS size0, NULL::INTEGER AS \"row\", NULL::INTEGER AS col, NULL::FLOAT AS tissue_frac, "
-    "NULL::FLOAT AS sharpness, NULL::FLOAT AS mean_r, NULL::FLOAT AS mean_g, NULL::FLOAT AS mean_b, "
-    "NULL::FLOAT AS background_frac, NULL::FLOAT AS density WHERE false",
-    "status": "SELECT NULL::VARCHAR AS stage, NULL::VARCHAR AS id, NULL::VARCHAR AS slide_id, NULL::VARCHAR AS state, "
-    "NULL::VARCHAR AS reason, NULL::DOUBLE AS seconds, NULL::BIGINT AS n_tiles, NULL::DOUBLE AS tiles_per_s, "
-    "NULL::VARCHAR AS finished_at WHERE false",
-    "tilings": "SELECT NULL::VARCHAR AS tiling_id, NULL::DOUBLE AS mpp, NULL::INTEGER AS size, NULL::VARCHAR AS background, "
-    "NULL::BOOLEAN AS spots, NULL::VARCHAR AS created WHERE false",
-    "extractions": "SELECT NULL::VARCHAR AS extraction_id, NULL::VARCHAR AS tiling_id, NULL::VARCHAR AS encoder, "
-    "NULL::INTEGER AS dim, NULL::VARCHAR AS created WHERE false",
-    "models": "SELECT NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, NULL::VARCHAR AS extraction_id, "
-    "NULL::VARCHAR AS created WHERE false",
-    "predictions": "SELECT NULL::VARCHAR AS model_id, NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id WHERE false",
-    "jobs": "SELECT NULL::VARCHAR AS job_id, NULL::VARCHAR AS task, NULL::VARCHAR AS status, "
-    "NULL::VARCHAR AS backbone, NULL::VARCHAR AS created WHERE false",
-    "runs": "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS command, NULL::DOUBLE AS seconds WHERE false",
-    "indexes": "SELECT NULL::VARCHAR AS index_id, NULL::VARCHAR AS extraction_id, NULL::VARCHAR AS type, "
-    "NULL::BIGINT AS n_vectors, NULL::DOUBLE AS recall_at_10 WHERE false",
-    "umap": "SELECT NULL::VARCHAR AS umap_id, NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id, "
-    "NULL::FLOAT AS umap_x, NULL::FLOAT AS umap_y WHERE false",
-    "neighbors": "SELECT NULL::VARCHAR AS query_id, NULL::VARCHAR AS index_id, NULL::INTEGER AS rank, "
-    "NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id, NULL::FLOAT AS distance WHERE false",
-}
+_CAT = "hefeat_catalog"
 
 
-def _q(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
+def db_error(e: Exception, what: str) -> HefeatError:
+    """A one-line HefeatError for a DuckDB or OS error while doing `what`."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    low = msg.lower()
+    if "no space left" in low:
+        return HefeatError(f"{what}: the disk is full ({msg}). Free space and run the command again; nothing was lost.")
+    if "read-only" in low or "permission denied" in low:
+        return HefeatError(f"{what}: the store is not writable ({msg}).")
+    return HefeatError(f"{what}: {msg}")
+
+
+def _flat(rec: dict) -> dict:
+    """A JSON record with nested values as JSON text (so one table can hold records of any shape)."""
+    return {k: json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v for k, v in rec.items()}
 
 
 class Store:
-    """A hefeat store rooted at `root` (see the README for the layout)."""
+    """A hefeat store rooted at `root` (see `layout.py` for the files)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).absolute()
-        self.catalog_path = self.root / "catalog.duckdb"
+        self.catalog_path = layout.catalog_path(self.root)
+        self._lock = threading.RLock()
+        self._db = None
+        self._token: tuple | None = None
+        self._attached = 0
+        self._tiling_sql: dict[str, str] = {}
+        self._status = records.StatusSnapshot()
+        self._catalog_tables: set[str] = set()
+        self.broken: list[str] = []
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:  # a Store travels to worker processes as its path
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
+
     # -- creation -------------------------------------------------------------------------
     @classmethod
     def init(cls, root: str | os.PathLike) -> Store:
-        """Create (or open) the store directory and its catalog; idempotent."""
+        """Create (or open, or upgrade) the store directory and its catalog; idempotent."""
         store = cls(root)
         if store.root.exists() and not store.root.is_dir():
             raise HefeatError(f"Store path {store.root} is a file, not a directory. Choose another --store.")
-        for sub in ("tiles", "features", "models", "predictions", "runs", "status", "indexes", "umaps"):
-            (store.root / sub).mkdir(parents=True, exist_ok=True)
-        with store.connect(write=True, views=False) as con:
-            for stmt in SCHEMA:
+        try:
+            for sub in layout.FOLDERS:
+                (store.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise db_error(e, f"Cannot create the store at {store.root}") from None
+        with store.connect(write=True) as con:
+            for stmt in CATALOG_DDL:
                 con.execute(stmt)
+            from hefeat.store.migrate import migrate
+
+            migrate(con)
+            con.execute("INSERT OR REPLACE INTO store_meta VALUES ('format_version', ?)", [str(FORMAT_VERSION)])
         return store
 
     def exists(self) -> bool:
@@ -108,145 +123,436 @@ class Store:
             raise HefeatError(f"No store at {self.root}. Create it with: hefeat init --store {self.root}")
         return self
 
-    # -- connections ----------------------------------------------------------------------
+    def writable(self) -> bool:
+        """Whether this process may write files into the store."""
+        return os.access(self.root, os.W_OK) and os.access(self.root / layout.COMPACT, os.W_OK)
+
+    # -- the write connection -------------------------------------------------------------
     @contextlib.contextmanager
-    def connect(self, *, write: bool = False, views: bool = True, timeout: float = 60.0) -> Iterator:
-        """A DuckDB connection to the catalog with the file-backed views; retries while locked."""
+    def connect(self, *, write: bool = False, timeout: float = 60.0, **_ignored) -> Iterator:
+        """A DuckDB connection to the catalog file itself (tables only, no views); retries while locked.
+
+        Use `sql()` to query; this is for ingest (write=True). The transaction is committed when the
+        block ends normally and rolled back on any error, so a failed ingest leaves the catalog as it was.
+        """
         import duckdb
 
         if not write:
             self.require()
-        deadline = time.monotonic() + timeout
-        while True:
+        with self._lock:
+            self._detach_now()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    con = duckdb.connect(str(self.catalog_path), read_only=not write)
+                    break
+                except duckdb.Error as e:
+                    busy = "lock" in str(e).lower() or "conflict" in str(e).lower()
+                    if not busy or time.monotonic() > deadline:
+                        raise db_error(e, f"Cannot open the catalog {self.catalog_path}") from None
+                    time.sleep(0.2)
+                except OSError as e:
+                    raise db_error(e, f"Cannot open the catalog {self.catalog_path}") from None
             try:
-                con = duckdb.connect(str(self.catalog_path), read_only=not write)
-                break
-            except duckdb.IOException as e:
-                if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                    raise HefeatError(f"Cannot open the catalog {self.catalog_path}: {e}") from None
-                time.sleep(0.2)
-        try:
-            if views:
-                self._create_views(con)
-            yield con
-        finally:
-            con.close()
+                if write:
+                    con.execute("BEGIN TRANSACTION")
+                yield con
+                if write:
+                    con.execute("COMMIT")
+            except duckdb.Error as e:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise db_error(e, "Catalog update failed (nothing was changed)") from None
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+            finally:
+                with contextlib.suppress(duckdb.Error):
+                    con.close()
+                self._token = None
 
-    def _glob_view(self, con, name: str, pattern: Path, reader: str) -> None:
-        if any(self.root.glob(str(pattern.relative_to(self.root)))):
-            src = f"{reader}({_q(pattern)}, union_by_name=true, hive_partitioning=false)"
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {src}")
-        else:
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {_EMPTY[name]}")
+    # -- the query database ----------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the query database (it is rebuilt on the next query)."""
+        with self._lock:
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    self._db.close()
+            self._db, self._token, self._attached = None, None, 0
 
-    def _create_views(self, con) -> None:
-        r = self.root
-        self._glob_view(con, "tiles", r / "tiles" / "tiling=*" / "slide=*.parquet", "read_parquet")
-        self._glob_view(con, "tilings", r / "tiles" / "tiling=*" / "_tiling.json", "read_json_auto")
-        self._glob_view(con, "status", r / "status" / "*" / "*.json", "read_json_auto")
-        self._glob_view(con, "extractions", r / "features" / "extraction=*" / "_extraction.json", "read_json_auto")
-        self._glob_view(con, "models", r / "models" / "*" / "index.json", "read_json_auto")
-        self._glob_view(con, "predictions", r / "predictions" / "model=*" / "slide=*.parquet", "read_parquet")
-        self._glob_view(con, "runs", r / "runs" / "*" / "run.json", "read_json_auto")
-        self._glob_view(con, "jobs", r / "jobs" / "*" / "index.json", "read_json_auto")
-        self._glob_view(con, "indexes", r / "indexes" / "*" / "index.json", "read_json_auto")
-        self._glob_view(con, "umap", r / "umaps" / "umap=*.parquet", "read_parquet")
-        self._glob_view(con, "neighbors", r / "indexes" / "*" / "queries" / "*.parquet", "read_parquet")
-        con.execute(
-            "CREATE OR REPLACE TEMP VIEW features_index AS SELECT id AS extraction_id, slide_id, n_tiles, "
-            "path, dim FROM status WHERE stage = 'extraction' AND state = 'ok'"
-            if self._has_col(con, "status", "path")
-            else "CREATE OR REPLACE TEMP VIEW features_index AS SELECT NULL::VARCHAR AS extraction_id, "
-            "NULL::VARCHAR AS slide_id, NULL::BIGINT AS n_tiles, NULL::VARCHAR AS path, NULL::INTEGER AS dim WHERE false"
-        )
+    def _state_token(self) -> tuple:
+        """Cheap summary of everything the views depend on (stats of folders and the catalog)."""
+        out: list = []
 
-    @staticmethod
-    def _has_col(con, view: str, col: str) -> bool:
-        return col in [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+        def st(p: Path) -> None:
+            try:
+                s = p.stat()
+                out.append((str(p), s.st_mtime_ns, s.st_size))
+            except OSError:
+                out.append((str(p), None))
 
-    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
-        """Run a SQL query over the catalog and views; returns a DataFrame."""
+        st(self.catalog_path)
+        st(self.catalog_path.with_name(self.catalog_path.name + ".wal"))
+        for folder in (layout.STATUS, layout.TILES, layout.FEATURES, layout.MODELS, layout.PREDICTIONS,
+                       layout.INDEXES, layout.UMAPS, layout.RUNS, layout.JOBS):
+            base = self.root / folder
+            st(base)
+            with contextlib.suppress(OSError):
+                for e in os.scandir(base):
+                    if e.is_dir():
+                        st(Path(e.path))
+                        if folder == layout.INDEXES:
+                            st(Path(e.path) / "queries")
+        for fam in (records.FAMILY, *(f"tiles={t}" for t in self._tiling_sql)):
+            st(layout.compact_manifest(self.root, fam))
+        return tuple(out)
+
+    def _attach(self) -> None:
+        if self._attached == 0:
+            self._db.execute(f"ATTACH {sql_str(self.catalog_path)} AS {_CAT} (READ_ONLY)")
+        self._attached += 1
+
+    def _detach(self) -> None:
+        self._attached -= 1
+        if self._attached == 0 and self._db is not None:
+            self._db.execute(f"DETACH {_CAT}")
+
+    def _detach_now(self) -> None:
+        if self._attached and self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.execute(f"DETACH {_CAT}")
+            self._attached = 0
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Store]:
+        """Keep the catalog attached for a block of queries (e.g. `hefeat status`)."""
         import duckdb
 
-        with self.connect() as con:
+        self.require()
+        with self._lock:
             try:
-                return con.execute(query, params or []).df()
+                self._bind()
+                self._attach()
             except duckdb.Error as e:
-                raise HefeatError(f"SQL failed: {str(e).splitlines()[0]}") from None
+                raise db_error(e, f"Cannot read the catalog {self.catalog_path}") from None
+        try:
+            yield self
+        finally:
+            with self._lock, contextlib.suppress(Exception):
+                self._detach()
 
-    # -- paths (the only place that formats store paths) ----------------------------------
+    def _bind(self) -> None:
+        """(Re)create the views when the store changed since they were bound."""
+        import duckdb
+
+        token = self._state_token()
+        if self._db is not None and token == self._token:
+            return
+        if self._db is None:
+            self._db = duckdb.connect(":memory:", config={"threads": 2})
+            self._db.execute("SET parquet_metadata_cache = true")
+            lock_down(self._db, [str(self.root)])
+        was = self._attached
+        if was == 0:
+            self._attach()
+        try:
+            self._create_views()
+        finally:
+            if was == 0:
+                self._detach()
+        self._token = self._state_token()
+
+    def refresh(self) -> None:
+        """Re-bind the views now (they are re-bound anyway when the store's folders change)."""
+        with self._lock:
+            self._token = None
+
+    # -- views ----------------------------------------------------------------------------
+    def _view(self, name: str, select: str | None) -> None:
+        self._db.execute(f"CREATE OR REPLACE VIEW {name} AS {select or EMPTY_VIEWS[name]}")
+
+    def _table(self, name: str, df: pd.DataFrame) -> None:
+        if df.empty:
+            self._db.execute(f"CREATE OR REPLACE TABLE {name} AS {EMPTY_VIEWS[name]}")
+            return
+        self._db.register("_hefeat_src", df)
+        try:
+            self._db.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _hefeat_src")
+        finally:
+            self._db.unregister("_hefeat_src")
+
+    def _json_records(self, paths: list[Path]) -> pd.DataFrame:
+        rows = []
+        for p in paths:
+            try:
+                rows.append(_flat(read_json(p)))
+            except (OSError, ValueError):
+                continue
+        return pd.DataFrame(rows)
+
+    def _create_views(self) -> None:
+        db = self._db
+        have = {r[0] for r in db.execute(
+            f"SELECT table_name FROM duckdb_tables() WHERE database_name = '{_CAT}'").fetchall()}
+        version = None
+        if "store_meta" in have:
+            v = db.execute(f"SELECT value FROM {_CAT}.store_meta WHERE key = 'format_version'").fetchone()
+            version = int(v[0]) if v else None
+        if version is None or version < FORMAT_VERSION:
+            raise HefeatError(f"The store {self.root} was written by an older hefeat (format {version or 1}); "
+                              f"upgrade it in place with: hefeat init --store {self.root}")
+        self._catalog_tables = have
+        for t in (*CATALOG_TABLES, "clinical"):
+            self._view(t, f"SELECT * FROM {_CAT}.{t}" if t in have else None)
+        self._view("expression", EXPRESSION_VIEW)
+
+        # Commit records -> status, features_index.
+        self._status = records.load_status(self.root, write=self.writable())
+        arrow = self._status.to_arrow()
+        db.register("_hefeat_status", arrow)
+        try:
+            cols = ", ".join(f'CAST("{k}" AS {t}) AS "{k}"' for k, t in STATUS_FIELDS.items())
+            db.execute(f"CREATE OR REPLACE TABLE status AS SELECT {cols} FROM _hefeat_status")
+        finally:
+            db.unregister("_hefeat_status")
+        root = sql_str(str(self.root) + "/")
+        db.execute(
+            "CREATE OR REPLACE VIEW features_index AS SELECT id AS extraction_id, slide_id, n_tiles, "
+            f"CASE WHEN path LIKE '/%' THEN path ELSE {root} || path END AS path, dim, digest "
+            "FROM status WHERE stage = 'extraction' AND state = 'ok'")
+
+        # Small JSON families, read whole (explicit columns, no schema sniffing).
+        tiling_ids = layout.known_ids(self.root, layout.TILES, "tiling")
+        tl = self._json_records([layout.tiling_meta_path(self.root, t) for t in tiling_ids])
+        self._table("tilings", tl)
+        ex_ids = layout.known_ids(self.root, layout.FEATURES, "extraction")
+        self._table("extractions", self._json_records([layout.extraction_meta_path(self.root, e) for e in ex_ids]))
+        models = layout.known_ids(self.root, layout.MODELS)
+        self._table("models", self._json_records([layout.model_dir(self.root, m) / layout.MODEL_INDEX for m in models
+                                                  if (layout.model_dir(self.root, m) / layout.MODEL_INDEX).exists()]))
+        jobs = [layout.job_dir(self.root, j) / layout.JOB_INDEX for j in layout.known_ids(self.root, layout.JOBS)]
+        self._table("jobs", self._json_records([p for p in jobs if p.exists()]))
+        runs = layout.known_ids(self.root, layout.RUNS)
+        self._table("runs", self._json_records([layout.run_dir(self.root, r) / layout.RUN_RECORD for r in runs]))
+        idx = layout.known_ids(self.root, layout.INDEXES)
+        self._table("indexes", self._json_records([layout.index_dir(self.root, i) / layout.INDEX_META for i in idx
+                                                   if (layout.index_dir(self.root, i) / layout.INDEX_META).exists()]))
+
+        # Per-slide Parquet families: tiles per tiling, predictions per complete model.
+        writable = self.writable()
+        self._tiling_sql = {}
+        preds = []
+        self.broken = []
+        for fam, members in self._families(tiling_ids, models).items():
+            pl = compact.maybe_compact(self.root, fam, members, writable=writable)
+            self.broken += [f"{fam}/{m}" for m in pl.broken]
+            sel = pl.sql()
+            if sel and fam.startswith("tiles="):
+                self._tiling_sql[fam[6:]] = sel
+            elif sel:
+                preds.append(f"({sel})")
+        self._view("tiles", " UNION ALL BY NAME ".join(f"({s})" for s in self._tiling_sql.values()) or None)
+        self._view("predictions", " UNION ALL BY NAME ".join(preds) or None)
+
+        umaps = sorted((self.root / layout.UMAPS).glob("umap=*.parquet"))
+        self._view("umap", f"SELECT * FROM read_parquet({sql_list(umaps)}, union_by_name=true)" if umaps else None)
+        queries = sorted((self.root / layout.INDEXES).glob("*/queries/*.parquet"))
+        self._view("neighbors", f"SELECT * FROM read_parquet({sql_list(queries)}, union_by_name=true)"
+                   if queries else None)
+
+    def _families(self, tiling_ids: list[str], models: list[str]) -> dict[str, dict[str, tuple]]:
+        """Compactable families and their current members {slide_id: (file, content token[, recorded size])}."""
+        fams: dict[str, dict[str, tuple]] = {f"tiles={t}": {} for t in tiling_ids}
+        c = self._status.columns
+        for i in range(len(c["slide_id"])):
+            fam = f"tiles={c['id'][i]}"
+            if c["stage"][i] == "tiling" and c["state"][i] == "ok" and fam in fams:
+                sid, tid = c["slide_id"][i], c["id"][i]
+                tok = c["digest"][i] or f"size:{c['size'][i]}:{c['finished_at'][i]}"
+                fams[fam][sid] = (layout.tiles_path(self.root, tid, sid), tok, c["size"][i])
+        for mid in models:
+            if not (layout.model_dir(self.root, mid) / layout.MODEL_INDEX).exists():
+                continue  # a model is visible only once complete
+            members = {}
+            with contextlib.suppress(OSError):
+                for e in os.scandir(layout.predictions_dir(self.root, mid)):
+                    if e.name.startswith("slide=") and e.name.endswith(".parquet"):
+                        st = e.stat()
+                        members[e.name[6:-8]] = (Path(e.path), f"{st.st_size}:{st.st_mtime_ns}")
+            fams[f"predictions={mid}"] = members
+        return fams
+
+    def compact(self) -> dict:
+        """Compact every commit record and per-slide Parquet family now; returns what was done."""
+        t0 = time.perf_counter()
+        self.require()
+        with self._lock:
+            self._status = records.load_status(self.root, write=True)
+            fams = self._families(layout.known_ids(self.root, layout.TILES, "tiling"),
+                                  layout.known_ids(self.root, layout.MODELS))
+            n = 0
+            for fam, members in fams.items():
+                if members:
+                    n += len(compact.plan(self.root, fam, members).loose)
+                    compact.compact(self.root, fam, members)
+            self._token = None
+        return {"records": len(self._status.columns["slide_id"]), "files": n, "families": sorted(fams),
+                "malformed": self._status.malformed, "seconds": round(time.perf_counter() - t0, 3)}
+
+    # -- queries --------------------------------------------------------------------------
+    def sql(self, query: str, params: list | None = None, *, tiling: str | None = None) -> pd.DataFrame:
+        """Run read-only SQL over the catalog and its views (the sandbox); returns a DataFrame.
+
+        With `tiling`, the `tiles` view holds that tiling's tiles only, so a query written without a
+        tiling filter cannot mix tilings. Anything but a read is refused with a one-line error.
+        """
+        return self._run(query, params, tiling, lambda cur: cur.df())
+
+    def sql_arrow(self, query: str, params: list | None = None, *, tiling: str | None = None):
+        """Like `sql`, as a pyarrow Table (list columns stay columnar: no Python objects per value)."""
+        return self._run(query, params, tiling, lambda cur: cur.fetch_arrow_table())
+
+    def _run(self, query: str, params: list | None, tiling: str | None, fetch):
+        import duckdb
+
+        statements = check_read_only(query)
+        self.require()
+        with self._lock:
+            try:
+                self._bind()
+                self._attach()
+            except duckdb.Error as e:
+                raise db_error(e, f"Cannot read the catalog {self.catalog_path}") from None
+            cur = self._db.cursor()
+        try:
+            if tiling is not None:
+                self.tiling(tiling)
+                body = self._tiling_sql.get(tiling) or EMPTY_VIEWS["tiles"]
+                cur.execute(f"CREATE TEMP VIEW tiles AS {body}")
+            for st in statements[:-1]:
+                cur.execute(st)
+            cur.execute(statements[-1], params or [])
+            return fetch(cur)
+        except duckdb.Error as e:
+            raise HefeatError(f"SQL failed: {str(e).splitlines()[0]}") from None
+        finally:
+            cur.close()
+            with self._lock, contextlib.suppress(Exception):
+                self._detach()
+
+    def tile_query(self, query: str, tiling_id: str, params: list | None = None) -> pd.DataFrame:
+        """Rows of `query` (with slide_id, tile_id) that are tiles of `tiling_id`, checked.
+
+        The query sees only that tiling in `tiles`; a result naming another tiling, or repeating a
+        (slide_id, tile_id) pair, is refused with a message instead of being matched silently.
+        """
+        df = self.sql(query, params, tiling=tiling_id)
+        if not {"slide_id", "tile_id"} <= set(df.columns):
+            raise HefeatError(f"The query must return slide_id and tile_id columns; it returned {list(df.columns)[:8]}")
+        if "tiling_id" in df.columns:
+            other = sorted(set(df["tiling_id"].dropna().astype(str)) - {tiling_id})
+            if other:
+                raise HefeatError(f"The query returns tiles of tiling {', '.join(other)}, but this extraction is on "
+                                  f"tiling {tiling_id}; drop the tiling filter or use an extraction of that tiling")
+        if df.duplicated(["slide_id", "tile_id"]).any():
+            ex = df.loc[df.duplicated(["slide_id", "tile_id"]), ["slide_id", "tile_id"]].head(2).values.tolist()
+            raise HefeatError(f"The query returns the same tile more than once (e.g. {ex}); "
+                              "each (slide_id, tile_id) of tiling " + tiling_id + " may appear once")
+        return df
+
+    # -- paths (formatted in layout.py) ---------------------------------------------------
     def tiling_dir(self, tiling_id: str) -> Path:
         """Folder of one tiling's per-slide Parquet files."""
-        return self.root / "tiles" / f"tiling={tiling_id}"
+        return layout.tiling_dir(self.root, tiling_id)
 
     def tiles_path(self, tiling_id: str, slide_id: str) -> Path:
         """Tile metadata Parquet of one slide in one tiling."""
-        return self.tiling_dir(tiling_id) / f"slide={check_id(slide_id)}.parquet"
+        return layout.tiles_path(self.root, tiling_id, slide_id)
 
     def extraction_dir(self, extraction_id: str) -> Path:
         """Folder of one extraction's per-slide HDF5 files."""
-        return self.root / "features" / f"extraction={extraction_id}"
+        return layout.extraction_dir(self.root, extraction_id)
 
     def features_path(self, extraction_id: str, slide_id: str) -> Path:
         """Feature HDF5 of one slide in one extraction."""
-        return self.extraction_dir(extraction_id) / f"{check_id(slide_id)}.h5"
+        return layout.features_path(self.root, extraction_id, slide_id)
 
     def aggregates_path(self, extraction_id: str) -> Path:
         """Consolidated slide table of one extraction: file identity, byte offsets and aggregates per slide."""
         return self.extraction_dir(extraction_id) / "_aggregates.h5"
 
     def status_dir(self, stage: str, run_key: str) -> Path:
-        """Folder of per-slide status files of one stage (tiling/extraction) and id."""
-        return self.root / "status" / f"{stage}={run_key}"
+        """Folder of per-slide commit records of one stage (tiling/extraction) and id."""
+        return layout.status_dir(self.root, stage, run_key)
 
     def status_path(self, stage: str, run_key: str, slide_id: str) -> Path:
-        """Status JSON of one slide for one stage and id."""
-        return self.status_dir(stage, run_key) / f"{check_id(slide_id)}.json"
+        """Commit record of one slide for one stage and id."""
+        return layout.status_path(self.root, stage, run_key, slide_id)
 
     def model_dir(self, model_id: str) -> Path:
         """Folder of one fitted model."""
-        return self.root / "models" / check_id(model_id, "model_id")
+        return layout.model_dir(self.root, model_id)
 
     def predictions_path(self, model_id: str, slide_id: str) -> Path:
         """Per-slide predictions Parquet of one model."""
-        return self.root / "predictions" / f"model={model_id}" / f"slide={check_id(slide_id)}.parquet"
+        return layout.predictions_path(self.root, model_id, slide_id)
 
     def index_dir(self, index_id: str) -> Path:
         """Folder of one neighbour index (faiss file, id map, provenance)."""
-        return self.root / "indexes" / check_id(index_id, "index_id")
+        return layout.index_dir(self.root, index_id)
 
     def umap_path(self, umap_id: str) -> Path:
         """Parquet of one UMAP's coordinates."""
-        return self.root / "umaps" / f"umap={check_id(umap_id, 'umap_id')}.parquet"
+        return layout.umap_path(self.root, umap_id)
 
     def qc_thumbnail_path(self, tiling_id: str, slide_id: str) -> Path:
         """QC picture (thumbnail, mask outline, tiles) of one slide in one tiling."""
-        return self.root / "reports" / f"qc-{tiling_id}" / f"{check_id(slide_id)}.png"
+        return layout.qc_thumbnail_path(self.root, tiling_id, slide_id)
 
     def reports_dir(self, name: str) -> Path:
-        """Folder for PNG reports (e.g. the demo's figures)."""
-        d = self.root / "reports" / check_id(name, "report")
+        """Folder for PNG reports (created)."""
+        d = layout.reports_dir(self.root, name)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def job_dir(self, job_id: str) -> Path:
-        """Folder of one fine-tuning job (recipe, folds, checkpoints, logs, registered encoder)."""
-        return self.root / "jobs" / check_id(job_id, "job_id")
-
     def run_dir(self, run_id: str) -> Path:
         """Folder of one run's record."""
-        return self.root / "runs" / run_id
+        return layout.run_dir(self.root, run_id)
 
-    # -- registries -----------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        """Folder of one fine-tuning job."""
+        return layout.job_dir(self.root, job_id)
+
+    # -- records --------------------------------------------------------------------------
     def read_status(self, stage: str, run_key: str, slide_id: str) -> dict | None:
-        """Status row of one slide, or None if it never ran."""
-        p = self.status_path(stage, run_key, slide_id)
-        return read_json(p) if p.exists() else None
+        """Commit record of one slide, or None if it never ran (or its record is unreadable)."""
+        try:
+            return records.read_record(self.status_path(stage, run_key, slide_id))
+        except records.MalformedRecord:
+            return None
 
     def write_status(self, stage: str, run_key: str, slide_id: str, row: dict) -> None:
-        """Write a slide's status row atomically."""
-        write_json(self.status_path(stage, run_key, slide_id), {"stage": stage, "id": run_key, "slide_id": slide_id, **row})
+        """Write a slide's commit record atomically (all schema fields; see hefeat.store.commit)."""
+        fields = {k: v for k, v in row.items() if k not in ("stage", "id", "slide_id", "state")}
+        records.write_record(self.root, records.make_record(stage, run_key, slide_id, row["state"], **fields))
 
+    def status_snapshot(self) -> records.StatusSnapshot:
+        """The commit records as last bound (with malformed files and lock files seen)."""
+        with self._lock:
+            self._bind()
+            return self._status
+
+    def finished(self, stage: str, key: str) -> pd.DataFrame:
+        """Committed slides of a stage and id: slide_id, n_tiles, digest, size, path (slide order)."""
+        c = self.status_snapshot().columns
+        rows = [(c["slide_id"][i], c["n_tiles"][i], c["digest"][i] or f"size:{c['size'][i]}", c["size"][i], c["path"][i])
+                for i in range(len(c["slide_id"]))
+                if c["stage"][i] == stage and c["id"][i] == key and c["state"][i] == "ok"]
+        df = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "digest", "size", "path"])
+        return df.sort_values("slide_id").reset_index(drop=True)
+
+    # -- registries -----------------------------------------------------------------------
     def slides(self, slide_ids: list[str] | None = None) -> pd.DataFrame:
         """The slides table (optionally only some slides), ordered by slide_id."""
         df = self.sql("SELECT * FROM slides ORDER BY slide_id")
@@ -259,23 +565,41 @@ class Store:
 
     def tiling(self, tiling_id: str) -> dict:
         """Parameters of a tiling; clear error if unknown."""
-        p = self.tiling_dir(tiling_id) / "_tiling.json"
+        p = layout.tiling_meta_path(self.root, check_id(tiling_id, "tiling_id"))
         if not p.exists():
-            known = [d.name.split("=", 1)[1] for d in (self.root / "tiles").glob("tiling=*")]
+            known = layout.known_ids(self.root, layout.TILES, "tiling")
             raise HefeatError(f"Tiling {tiling_id!r} does not exist in {self.root}. Known: {', '.join(known) or 'none (run hefeat tile)'}")
         return read_json(p)
 
     def extraction(self, extraction_id: str) -> dict:
         """Provenance of an extraction; clear error if unknown."""
-        p = self.extraction_dir(extraction_id) / "_extraction.json"
+        p = layout.extraction_meta_path(self.root, check_id(extraction_id, "extraction_id"))
         if not p.exists():
-            known = [d.name.split("=", 1)[1] for d in (self.root / "features").glob("extraction=*")]
+            known = layout.known_ids(self.root, layout.FEATURES, "extraction")
             raise HefeatError(f"Extraction {extraction_id!r} does not exist in {self.root}. Known: {', '.join(known) or 'none (run hefeat extract)'}")
         return read_json(p)
 
+    def expression_info(self, dataset: str = "expression") -> dict:
+        """The expression dataset's row (n_samples, n_genes, fingerprint, source, ...); clear error if unknown."""
+        df = self.sql("SELECT * FROM expression_datasets WHERE dataset = ?", [dataset])
+        if df.empty:
+            known = self.sql("SELECT dataset FROM expression_datasets ORDER BY 1")["dataset"].tolist()
+            raise HefeatError(f"No expression dataset {dataset!r} in the store. Known: {', '.join(known) or 'none'} "
+                              "(ingest one: hefeat ingest expression FILE --dataset NAME)")
+        return df.iloc[0].to_dict()
+
     def tiles(self, tiling_id: str, slide_id: str) -> pd.DataFrame:
-        """Tile metadata of one slide in one tiling."""
-        return pd.read_parquet(self.tiles_path(tiling_id, slide_id))
+        """Tile metadata of one committed slide in one tiling (key: tiling_id, slide_id, tile_id)."""
+        self.tiling(tiling_id)
+        rec = self.read_status("tiling", tiling_id, slide_id)
+        p = self.tiles_path(tiling_id, slide_id)
+        if not rec or rec["state"] != "ok" or not p.exists():
+            raise HefeatError(f"Slide {slide_id} has no tiles in tiling {tiling_id} (not tiled, skipped or failed); "
+                              f"see hefeat status, or run: hefeat tile")
+        df = pd.read_parquet(p)
+        if "tiling_id" in df.columns and not (df["tiling_id"] == tiling_id).all():
+            raise HefeatError(f"{p} holds tiles of another tiling; the store is inconsistent (re-run hefeat tile)")
+        return df
 
 
 def open_store(root: str | os.PathLike | None = None) -> Store:

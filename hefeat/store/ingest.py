@@ -1,9 +1,16 @@
-"""Bring slides, expression, clinical tables and spots into a store's catalog."""
+"""Bring slides, expression, clinical tables and spots into a store's catalog.
+
+Every ingest validates the whole input before touching the catalog, writes in one transaction,
+and either does what was asked or fails with a one-line error naming the offending rows or
+columns; the previous data stays as it was.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,25 +18,32 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.ids import check_id, file_fingerprint, sanitize_id
+
+MPP_RANGE = (0.01, 100.0)  # plausible level-0 µm/px: from oil-immersion scans to thumbnails
+GENE_COLUMN_NAMES = ("gene", "genes", "gene_id", "gene_name", "gene_symbol", "symbol", "hugo_symbol", "ensembl_id")
 
 
 @dataclass
 class IngestReport:
-    """What an ingest did: rows added, rows already there, ids that matched nothing."""
+    """What an ingest did: rows added, updated or already there, ids that matched nothing."""
 
     kind: str
     added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     rows: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Summary for --json."""
-        return {"kind": self.kind, "added": len(self.added), "unchanged": len(self.unchanged),
-                "unmatched": self.unmatched, "failed": self.failed, "rows": self.rows, "ids": self.added}
+        return {"kind": self.kind, "added": len(self.added), "updated": self.updated, "unchanged": len(self.unchanged),
+                "unmatched": self.unmatched, "failed": self.failed, "rows": self.rows, "ids": self.added,
+                "notes": self.notes}
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -52,127 +66,241 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     except HefeatError:
         raise
     except Exception as e:
-        raise HefeatError(f"Cannot read {p.name}: {type(e).__name__}: {e}") from None
+        raise HefeatError(f"Cannot read {p.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     raise HefeatError(f"Unsupported table format {p.name}: expected .csv, .tsv or .parquet")
+
+
+def _cells(df: pd.DataFrame, mask: np.ndarray, row_ids: pd.Series, n: int = 4) -> str:
+    """'row r column c = v' for the first n cells of `mask`."""
+    rr, cc = np.nonzero(mask)
+    return "; ".join(f"{row_ids.iloc[r]} / {df.columns[c]} = {df.iat[r, c]!r}" for r, c in zip(rr[:n], cc[:n], strict=True))
+
+
+def numeric_block(df: pd.DataFrame, row_ids: pd.Series, what: str, *, allow_missing: bool = True) -> np.ndarray:
+    """float64 values of `df`, or a one-line error naming non-numeric or infinite cells (rows / columns)."""
+    num = df.apply(pd.to_numeric, errors="coerce")
+    bad = num.isna().to_numpy() & df.notna().to_numpy()
+    if bad.any():
+        cols = sorted({str(df.columns[c]) for c in np.nonzero(bad)[1]})
+        raise HefeatError(f"{what}: {int(bad.sum())} cells are not numbers (columns {', '.join(cols[:6])}"
+                          f"{' …' if len(cols) > 6 else ''}), e.g. {_cells(df, bad, row_ids)}")
+    vals = num.to_numpy(np.float64)
+    inf = np.isinf(vals)
+    if inf.any():
+        raise HefeatError(f"{what}: {int(inf.sum())} cells are infinite, e.g. {_cells(df, inf, row_ids)}; "
+                          "expression must be finite (leave a cell empty for a missing value)")
+    if not allow_missing and np.isnan(vals).any():
+        raise HefeatError(f"{what}: {int(np.isnan(vals).sum())} cells are empty, e.g. {_cells(df, np.isnan(vals), row_ids)}")
+    return vals
+
+
+def check_mpp(value, where: str) -> float:
+    """A level-0 µm/px that is a finite, plausible number, or a one-line error."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise HefeatError(f"{where}: MPP {value!r} is not a number (level-0 µm/px, e.g. 0.25)") from None
+    if not math.isfinite(v) or not (MPP_RANGE[0] <= v <= MPP_RANGE[1]):
+        raise HefeatError(f"{where}: MPP {value!r} is not a plausible level-0 µm/px "
+                          f"(expected a finite number between {MPP_RANGE[0]} and {MPP_RANGE[1]}, e.g. 0.25)")
+    return v
 
 
 # ----------------------------------------------------------------------------------------------
 # Slides
 # ----------------------------------------------------------------------------------------------
-def _read_manifest(manifest: str | os.PathLike | None) -> pd.DataFrame | None:
-    if manifest is None:
-        return None
-    m = read_table(manifest)
-    if "path" not in m.columns and "slide_id" not in m.columns:
-        raise HefeatError(f"Manifest {manifest} needs a 'path' or 'slide_id' column (and may carry patient_id, site, mpp)")
-    return m
+class SlideManifest:
+    """A slide manifest indexed once by file name and by slide_id (lookups are O(1))."""
+
+    def __init__(self, path: str | os.PathLike):
+        m = read_table(path)
+        if "path" not in m.columns and "slide_id" not in m.columns:
+            raise HefeatError(f"Manifest {path} needs a 'path' or 'slide_id' column (and may carry patient_id, site, mpp)")
+        self.by_name: dict[str, dict] = {}
+        self.by_id: dict[str, dict] = {}
+        for i, row in enumerate(m.to_dict("records")):
+            row = {k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}
+            if "mpp" in row:
+                row["mpp"] = check_mpp(row["mpp"], f"Manifest {Path(path).name} row {i + 2}")
+            if "path" in row:
+                self.by_name.setdefault(Path(str(row["path"])).name, row)
+            if "slide_id" in row:
+                self.by_id.setdefault(str(row["slide_id"]), row)
+
+    def row(self, path: Path) -> dict:
+        """The manifest row of a slide file (by file name, then by stem as slide_id); {} if none."""
+        return self.by_name.get(path.name) or self.by_id.get(path.stem) or {}
 
 
-def _manifest_row(m: pd.DataFrame | None, path: Path) -> dict:
-    if m is None:
-        return {}
-    hit = pd.DataFrame()
-    if "path" in m.columns:
-        hit = m[m["path"].astype(str).map(lambda s: Path(s).name) == path.name]
-    if hit.empty and "slide_id" in m.columns:
-        hit = m[m["slide_id"].astype(str) == path.stem]
-    if hit.empty:
-        return {}
-    row = hit.iloc[0].to_dict()
-    return {k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}
+def slide_row(slide, path: Path, meta: dict, mpp_asked: bool) -> dict:
+    """The catalog row of an opened slide (`slide`: a hefeat.slides.reader.Slide) with its manifest metadata."""
+    sid = check_id(str(meta.get("slide_id") or sanitize_id(path.stem)))
+    return {
+        "slide_id": sid, "patient_id": str(meta.get("patient_id", sid)),
+        "site": str(meta["site"]) if "site" in meta else None, "path": str(path.absolute()),
+        "fingerprint": file_fingerprint(path), "vendor": slide.vendor, "width": slide.dimensions[0],
+        "height": slide.dimensions[1], "level_count": slide.level_count,
+        "level_dimensions": json.dumps([list(d) for d in slide.level_dimensions]),
+        "mpp_x": slide.mpp.x, "mpp_y": slide.mpp.y, "mpp_source": slide.mpp.source,
+        "objective_power": slide.objective_power, "ingested_at": pd.Timestamp.now(),
+        "_mpp_asked": mpp_asked, "_meta": meta,
+    }
 
 
-def ingest_slides(
-    store: Store,
-    paths: list[str | os.PathLike],
-    *,
-    mpp: float | None = None,
-    manifest: str | os.PathLike | None = None,
-    fail_fast: bool = False,
-    progress: bool = False,
-) -> IngestReport:
-    """Register slide files: properties, MPP (and where it came from), fingerprint.
+def _records_of(store: Store, slide_id: str) -> list[Path]:
+    """Commit records of one slide in every stage."""
+    out = []
+    sroot = layout.status_root(store.root)
+    if sroot.is_dir():
+        for d in sroot.iterdir():
+            p = d / f"{slide_id}{layout.STATUS_SUFFIX}"
+            if p.exists():
+                out.append(p)
+    return out
 
-    Re-ingesting an unchanged slide does nothing; a slide id that already points at different
-    content is an error (never a silent overwrite).
+
+def register_slides(store: Store, probed: Iterable[tuple[Path, dict | None, str | None]], *, n_files: int,
+                    fail_fast: bool = False, replace: bool = False) -> IngestReport:
+    """Add or update the catalog rows of probed slide files ((path, row, error) from `slide_row`).
+
+    Re-ingesting an unchanged slide does nothing. A slide id that already points at different
+    content is an error (never a silent overwrite). A new MPP (or manifest patient/site) for a
+    known slide is applied; if the slide already has tiles, that needs replace=True, which also
+    withdraws its tiles and features so the next `hefeat tile`/`extract` redoes them.
     """
-    from tqdm import tqdm
-
-    from hefeat.slides.reader import Slide
-
-    store.require()
-    if not paths:
-        raise HefeatError("No slide files given. Example: hefeat ingest slides data/demo/slides/*.tiff")
-    m = _read_manifest(manifest)
     rep = IngestReport("slides")
-    existing = store.sql("SELECT slide_id, fingerprint, path FROM slides").set_index("slide_id")
-    rows = []
-    for p in tqdm([Path(x) for x in paths], disable=not progress, desc="slides"):
-        meta = _manifest_row(m, p)
-        sid = str(meta.get("slide_id") or sanitize_id(p.stem))
-        try:
-            check_id(sid)
-            slide_mpp = meta.get("mpp", mpp)
-            with Slide(p, mpp=float(slide_mpp) if slide_mpp is not None else None) as s:
-                fp = file_fingerprint(p)
-                if sid in existing.index:
-                    if existing.loc[sid, "fingerprint"] == fp:
-                        rep.unchanged.append(sid)
-                        continue
-                    raise HefeatError(
-                        f"slide id {sid} is already in the store with different content "
-                        f"({existing.loc[sid, 'path']}); give this file another slide_id in a manifest"
-                    )
-                rows.append({
-                    "slide_id": sid, "patient_id": str(meta.get("patient_id", sid)),
-                    "site": str(meta["site"]) if "site" in meta else None, "path": str(p.absolute()),
-                    "fingerprint": fp, "vendor": s.vendor, "width": s.dimensions[0], "height": s.dimensions[1],
-                    "level_count": s.level_count, "level_dimensions": json.dumps([list(d) for d in s.level_dimensions]),
-                    "mpp_x": s.mpp.x, "mpp_y": s.mpp.y, "mpp_source": s.mpp.source,
-                    "objective_power": s.objective_power, "ingested_at": pd.Timestamp.now(),
-                })
-                rep.added.append(sid)
-        except HefeatError as e:
-            if fail_fast or len(paths) == 1:
-                raise
-            rep.failed[str(p)] = str(e)
-    if rows:
-        df = pd.DataFrame(rows)
-        if df["slide_id"].duplicated().any():
-            dup = df.loc[df["slide_id"].duplicated(), "slide_id"].tolist()
-            raise HefeatError(f"Two files map to the same slide id: {dup}. Give them distinct slide_id in a manifest.")
-        with store.connect(write=True, views=False) as con:
-            con.register("new_slides", df)
-            con.execute("INSERT INTO slides SELECT * FROM new_slides")
-    rep.rows = len(rows)
+    existing = store.sql("SELECT * FROM slides").set_index("slide_id")
+    new_rows, updates, withdraw = [], [], []
+    seen: dict[str, Path] = {}
+    for p, row, err in probed:
+        if err is None and row["slide_id"] in seen:
+            err = f"slide id {row['slide_id']} is also given by {seen[row['slide_id']]}; give one of them another slide_id in a manifest"
+        if err is None and row["slide_id"] in existing.index:
+            err = _against_existing(store, existing.loc[row["slide_id"]], row, replace, rep, updates, withdraw)
+        elif err is None:
+            new_rows.append(row)
+            rep.added.append(row["slide_id"])
+        if err is not None:
+            if fail_fast or n_files == 1:
+                raise HefeatError(err)
+            rep.failed[str(p)] = err
+            continue
+        seen[row["slide_id"]] = p
+    cols = list(existing.reset_index().columns)
+    if new_rows or updates:
+        with store.connect(write=True) as con:
+            if new_rows:
+                con.register("new_slides", pd.DataFrame(new_rows)[cols])
+                con.execute("INSERT INTO slides SELECT * FROM new_slides")
+            if updates:
+                con.register("upd_slides", pd.DataFrame(updates))
+                con.execute("UPDATE slides SET patient_id = u.patient_id, site = u.site, mpp_x = u.mpp_x, "
+                            "mpp_y = u.mpp_y, mpp_source = u.mpp_source, ingested_at = u.ingested_at "
+                            "FROM upd_slides u WHERE slides.slide_id = u.slide_id")
+        for p in withdraw:  # after the catalog commit: the slide's old tiles/features stop being visible
+            p.unlink(missing_ok=True)
+    rep.rows = len(new_rows) + len(updates)
     return rep
+
+
+def _against_existing(store: Store, old: pd.Series, row: dict, replace: bool, rep: IngestReport,
+                      updates: list, withdraw: list) -> str | None:
+    """Compare a probed slide with its catalog row; queue an update or return an error message."""
+    sid = row["slide_id"]
+    if old["fingerprint"] != row["fingerprint"]:
+        return (f"slide id {sid} is already in the store with different content ({old['path']}); "
+                "give this file another slide_id in a manifest")
+    meta = row["_meta"]
+    change = {}
+    if row["_mpp_asked"] and (not math.isclose(old["mpp_x"], row["mpp_x"]) or not math.isclose(old["mpp_y"], row["mpp_y"])):
+        change["mpp"] = f"{old['mpp_x']:g} -> {row['mpp_x']:g} µm/px"
+    for k in ("patient_id", "site"):
+        if k in meta and str(meta[k]) != str(old[k]):
+            change[k] = f"{old[k]} -> {meta[k]}"
+    if not change:
+        rep.unchanged.append(sid)
+        return None
+    if "mpp" in change:
+        derived = _records_of(store, sid)
+        if derived and not replace:
+            stages = sorted({p.parent.name for p in derived})
+            return (f"slide {sid} already has results computed at {old['mpp_x']:g} µm/px ({', '.join(stages[:4])}); "
+                    f"re-ingest with --replace to apply MPP {row['mpp_x']:g} and redo its tiles and features")
+        withdraw.extend(derived)
+    keep = {k: (row[k] if k in ("mpp_x", "mpp_y", "mpp_source") and "mpp" in change else
+                (str(meta[k]) if k in ("patient_id", "site") and k in change else old[k]))
+            for k in ("patient_id", "site", "mpp_x", "mpp_y", "mpp_source")}
+    updates.append({"slide_id": sid, "ingested_at": row["ingested_at"], **keep})
+    rep.updated.append(f"{sid}: " + ", ".join(f"{k} {v}" for k, v in change.items()))
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
 # Expression
 # ----------------------------------------------------------------------------------------------
-def _to_long(df: pd.DataFrame, sample_col: str | None) -> pd.DataFrame:
-    cols = {c.lower(): c for c in df.columns}
+@dataclass
+class _Matrix:
+    sample_ids: list[str]
+    genes: list[str]
+    values: np.ndarray  # float32 (n_samples, n_genes), NaN = missing
+    orientation: str
+
+
+def _check_unique(names: list[str], what: str) -> None:
+    s = pd.Index(names)
+    if s.duplicated().any():
+        raise HefeatError(f"Expression table has duplicate {what}: {sorted(set(s[s.duplicated()]))[:5]}; each must appear once")
+
+
+def expression_matrix(df: pd.DataFrame, sample_col: str | None = None) -> _Matrix:
+    """Parse an expression table in any of its three shapes into a validated matrix.
+
+    Long (sample_id, gene, value columns); wide samples x genes (sample column first, or named by
+    sample_col); wide genes x samples (first column named gene/symbol/...), read transposed.
+    """
+    cols = {str(c).lower(): c for c in df.columns}
     if {"sample_id", "gene", "value"} <= set(cols):
         long = df.rename(columns={cols["sample_id"]: "sample_id", cols["gene"]: "gene", cols["value"]: "value"})
         long = long[["sample_id", "gene", "value"]].copy()
+        long["sample_id"], long["gene"] = long["sample_id"].astype(str), long["gene"].astype(str)
         dup = long.duplicated(["sample_id", "gene"])
         if dup.any():
             ex = long.loc[dup, ["sample_id", "gene"]].head(3).values.tolist()
             raise HefeatError(f"Expression table repeats (sample, gene) pairs, e.g. {ex}; each pair must appear once")
-        return long
-    sc = sample_col or next((cols[c] for c in ("sample_id", "sample", "slide_id", "patient_id") if c in cols), df.columns[0])
-    if df[sc].duplicated().any():
-        dup = df.loc[df[sc].duplicated(), sc].astype(str).tolist()[:5]
-        raise HefeatError(f"Expression table has duplicate samples: {dup}; one row per sample expected")
+        vals = numeric_block(long[["value"]], long["sample_id"] + " / " + long["gene"], "Expression table")
+        long["value"] = vals[:, 0]
+        wide = long.pivot(index="sample_id", columns="gene", values="value")
+        return _Matrix([str(s) for s in wide.index], [str(g) for g in wide.columns], wide.to_numpy(np.float32), "long")
+    if df.shape[1] < 2:
+        raise HefeatError("Expression table needs a sample column and at least one gene column (or sample_id, gene, value)")
+    first = df.columns[0]
+    if sample_col is None and str(first).lower() in GENE_COLUMN_NAMES:
+        genes = df[first].astype(str).tolist()
+        _check_unique(genes, "genes (rows)")
+        samples = [str(c) for c in df.columns[1:]]
+        _check_unique(samples, "samples (columns)")
+        vals = numeric_block(df[df.columns[1:]], df[first].astype(str), "Expression table (genes x samples)")
+        return _Matrix(samples, genes, vals.T.astype(np.float32), "genes x samples")
+    sc = sample_col or next((cols[c] for c in ("sample_id", "sample", "slide_id", "patient_id") if c in cols), first)
+    if sc not in df.columns:
+        raise HefeatError(f"--sample-col {sc!r} is not a column of the expression table; it has {list(df.columns)[:6]}")
+    samples = df[sc].astype(str)
+    if samples.duplicated().any():
+        raise HefeatError(f"Expression table has duplicate samples: {samples[samples.duplicated()].tolist()[:5]}; one row per sample expected")
     genes = [c for c in df.columns if c != sc]
-    dup_genes = pd.Index(map(str, genes))[pd.Index(map(str, genes)).duplicated()]
-    if len(dup_genes):
-        raise HefeatError(f"Expression table has duplicate gene columns: {sorted(set(dup_genes))[:5]}")
-    if not genes:
-        raise HefeatError("Expression table has a sample column but no gene columns")
-    long = df.melt(id_vars=[sc], value_vars=genes, var_name="gene", value_name="value")
-    return long.rename(columns={sc: "sample_id"})
+    _check_unique([str(g) for g in genes], "gene columns")
+    vals = numeric_block(df[genes], samples, "Expression table")
+    return _Matrix(samples.tolist(), [str(g) for g in genes], vals.astype(np.float32), "samples x genes")
+
+
+def _sample_map(store: Store, samples: list[str]) -> pd.DataFrame:
+    """sample_id -> slide_id, patient_id (by slide id first, then by patient id)."""
+    slides = store.sql("SELECT slide_id, patient_id FROM slides")
+    s = pd.DataFrame({"sample_id": samples})
+    by_slide = s.merge(slides, left_on="sample_id", right_on="slide_id", how="inner")
+    rest = s[~s["sample_id"].isin(by_slide["sample_id"])]
+    by_patient = rest.merge(slides, left_on="sample_id", right_on="patient_id", how="inner")
+    return pd.concat([by_slide, by_patient], ignore_index=True)[["sample_id", "slide_id", "patient_id"]]
 
 
 def ingest_expression(
@@ -183,52 +311,51 @@ def ingest_expression(
     sample_col: str | None = None,
     allow_unmatched: bool = False,
 ) -> IngestReport:
-    """Ingest bulk expression (wide samples × genes, or long sample/gene/value) as dataset `dataset`.
+    """Ingest bulk expression (wide samples x genes, wide genes x samples, or long) as dataset `dataset`.
 
     Samples are matched to slides by slide_id, then by patient_id. Unmatched samples are an error
-    (listing them) unless allow_unmatched, in which case they are kept and reported.
+    (listing them) unless allow_unmatched. Non-numeric or infinite cells are an error naming them;
+    empty cells are kept as missing. Re-ingesting replaces the dataset unless its content is the
+    same (so re-ingesting the original after a bad file restores it).
     """
+    from hefeat.store.expression import matrix_fingerprint, write_matrix
+
     store.require()
     check_id(dataset, "dataset")
-    raw = read_table(path)
-    long = _to_long(raw, sample_col)
-    long["sample_id"] = long["sample_id"].astype(str)
-    long["gene"] = long["gene"].astype(str)
-    long["value"] = pd.to_numeric(long["value"], errors="coerce")
-    slides = store.sql("SELECT slide_id, patient_id FROM slides")
-    samples = pd.DataFrame({"sample_id": long["sample_id"].unique()})
-    by_slide = samples.merge(slides, left_on="sample_id", right_on="slide_id", how="inner")
-    rest = samples[~samples["sample_id"].isin(by_slide["sample_id"])]
-    by_patient = rest.merge(slides, left_on="sample_id", right_on="patient_id", how="inner")
-    mapping = pd.concat([by_slide, by_patient], ignore_index=True)[["sample_id", "slide_id", "patient_id"]]
-    unmatched = sorted(set(samples["sample_id"]) - set(mapping["sample_id"]))
+    mat = expression_matrix(read_table(path), sample_col)
+    mapping = _sample_map(store, mat.sample_ids)
+    unmatched = sorted(set(mat.sample_ids) - set(mapping["sample_id"]))
     if unmatched and not allow_unmatched:
         raise HefeatError(
-            f"{len(unmatched)} of {len(samples)} samples match no slide or patient in the store: "
+            f"{len(unmatched)} of {len(mat.sample_ids)} samples match no slide or patient in the store: "
             f"{', '.join(unmatched[:8])}{' …' if len(unmatched) > 8 else ''}. Ingest those slides first, "
             "fix the ids, or pass --allow-unmatched to keep them anyway."
         )
     if mapping.empty:
         raise HefeatError("No sample of the expression table matches a slide or patient in the store")
-    mapping.insert(0, "dataset", dataset)
-    long.insert(0, "dataset", dataset)
-    rep = IngestReport("expression", unmatched=unmatched, rows=len(long))
-    fp = file_fingerprint(path)
-    with store.connect(write=True, views=False) as con:
-        done = con.execute("SELECT count(*) FROM ingests WHERE kind = ? AND fingerprint = ?", [f"expression:{dataset}", fp]).fetchone()[0]
-        if done:
-            rep.unchanged = [dataset]
-            return rep
-        con.execute("BEGIN")
-        con.execute("DELETE FROM expression WHERE dataset = ?", [dataset])
+    rep = IngestReport("expression", unmatched=unmatched, rows=int(mat.values.size))
+    n_missing = int(np.isnan(mat.values).sum())
+    if n_missing:
+        rep.notes.append(f"{n_missing} empty cells kept as missing values")
+    if mat.orientation == "genes x samples":
+        rep.notes.append("read as genes x samples (first column names genes)")
+    fp = matrix_fingerprint(mat.sample_ids, mat.genes, mat.values)
+    cur = store.sql("SELECT fingerprint FROM expression_datasets WHERE dataset = ?", [dataset])
+    old_map = store.sql("SELECT sample_id, slide_id, patient_id FROM samples WHERE dataset = ?", [dataset])
+    same_map = (old_map.sort_values(["sample_id", "slide_id"]).reset_index(drop=True)
+                .equals(mapping.sort_values(["sample_id", "slide_id"]).reset_index(drop=True)))
+    if len(cur) and cur["fingerprint"].iloc[0] == fp and same_map:
+        rep.unchanged = [dataset]
+        return rep
+    src_fp = file_fingerprint(path)
+    with store.connect(write=True) as con:
+        write_matrix(con, dataset, mat.sample_ids, mat.genes, mat.values, source=str(Path(path).absolute()),
+                     source_fingerprint=src_fp, orientation=mat.orientation)
         con.execute("DELETE FROM samples WHERE dataset = ?", [dataset])
-        con.register("new_long", long)
-        con.register("new_map", mapping)
-        con.execute("INSERT INTO expression SELECT dataset, sample_id, gene, value FROM new_long")
+        con.register("new_map", mapping.assign(dataset=dataset))
         con.execute("INSERT INTO samples SELECT dataset, sample_id, slide_id, patient_id FROM new_map")
-        con.execute("INSERT INTO ingests VALUES (?, ?, ?, ?, now())", [f"expression:{dataset}", str(path), fp, len(long)])
-        con.execute("COMMIT")
-    rep.added = [dataset]
+        con.execute("INSERT INTO ingests VALUES (?, ?, ?, ?, now())", [f"expression:{dataset}", str(path), fp, mat.values.size])
+    (rep.updated if len(cur) else rep.added).append(dataset)
     return rep
 
 
@@ -245,6 +372,9 @@ def ingest_clinical(store: Store, path: str | os.PathLike, *, allow_unmatched: b
     key = "slide_id" if "slide_id" in df.columns else "patient_id" if "patient_id" in df.columns else None
     if key is None:
         raise HefeatError(f"Clinical table {Path(path).name} needs a slide_id or patient_id column; it has {list(df.columns)[:8]}")
+    if df[key].isna().any():
+        rows = (np.nonzero(df[key].isna().to_numpy())[0][:5] + 2).tolist()
+        raise HefeatError(f"Clinical table has empty {key} on rows {rows} (line numbers); every row needs one")
     df[key] = df[key].astype(str)
     if df[key].duplicated().any():
         raise HefeatError(f"Clinical table has duplicate {key}: {df.loc[df[key].duplicated(), key].tolist()[:5]}")
@@ -256,16 +386,15 @@ def ingest_clinical(store: Store, path: str | os.PathLike, *, allow_unmatched: b
             "Ingest those slides first or pass --allow-unmatched."
         )
     rep = IngestReport("clinical", unmatched=unmatched, rows=len(df), added=[key])
-    with store.connect(write=True, views=False) as con:
-        con.execute("BEGIN")
+    with store.connect(write=True) as con:
         con.register("new_clinical", df)
         con.execute("CREATE OR REPLACE TABLE clinical AS SELECT * FROM new_clinical")
         if key == "slide_id":
             for col in ("patient_id", "site"):
                 if col in df.columns:
-                    con.execute(f"UPDATE slides SET {col} = CAST(c.{col} AS VARCHAR) FROM new_clinical c WHERE slides.slide_id = c.slide_id")
+                    con.execute(f"UPDATE slides SET {col} = CAST(c.{col} AS VARCHAR) FROM new_clinical c "
+                                f"WHERE slides.slide_id = c.slide_id AND c.{col} IS NOT NULL")
         con.execute("INSERT INTO ingests VALUES ('clinical', ?, ?, ?, now())", [str(path), file_fingerprint(path), len(df)])
-        con.execute("COMMIT")
     return rep
 
 
@@ -282,17 +411,25 @@ def ingest_spots(store: Store, path: str | os.PathLike, *, allow_unmatched: bool
     df["slide_id"] = df["slide_id"].astype(str)
     df["spot_id"] = df["spot_id"].astype(str)
     if df.duplicated(["slide_id", "spot_id"]).any():
-        raise HefeatError("Spots table repeats (slide_id, spot_id) pairs")
+        ex = df.loc[df.duplicated(["slide_id", "spot_id"]), ["slide_id", "spot_id"]].head(3).values.tolist()
+        raise HefeatError(f"Spots table repeats (slide_id, spot_id) pairs, e.g. {ex}")
+    ids = df["slide_id"] + ":" + df["spot_id"]
+    xy = numeric_block(df[["x", "y"]], ids, "Spots table coordinates", allow_missing=False)
+    if (xy < 0).any():
+        raise HefeatError(f"Spots table has negative coordinates, e.g. {_cells(df[['x', 'y']], xy < 0, ids)}; "
+                          "x, y are level-0 pixels of the spot centre")
+    df["x"], df["y"] = xy[:, 0], xy[:, 1]
+    genes = [c for c in df.columns if c not in need]
+    counts = numeric_block(df[genes], ids, "Spots table counts") if genes else np.zeros((len(df), 0))
+    df[genes] = counts
     known = set(store.sql("SELECT slide_id FROM slides")["slide_id"])
     unmatched = sorted(set(df["slide_id"]) - known)
     if unmatched and not allow_unmatched:
         raise HefeatError(f"Spots on slides not in the store: {', '.join(unmatched[:8])}. Ingest those slides first.")
     df = df[df["slide_id"].isin(known)]
-    genes = [c for c in df.columns if c not in need]
     long = df.melt(id_vars=["slide_id", "spot_id"], value_vars=genes, var_name="gene", value_name="count")
     rep = IngestReport("spots", unmatched=unmatched, rows=len(df), added=sorted(df["slide_id"].unique()))
-    with store.connect(write=True, views=False) as con:
-        con.execute("BEGIN")
+    with store.connect(write=True) as con:
         con.register("new_spots", df[["slide_id", "spot_id", "x", "y"]])
         con.register("new_counts", long)
         con.execute("DELETE FROM spots WHERE slide_id IN (SELECT DISTINCT slide_id FROM new_spots)")
@@ -300,5 +437,4 @@ def ingest_spots(store: Store, path: str | os.PathLike, *, allow_unmatched: bool
         con.execute("INSERT INTO spots SELECT slide_id, spot_id, x, y FROM new_spots")
         con.execute("INSERT INTO spot_counts SELECT slide_id, spot_id, gene, count FROM new_counts")
         con.execute("INSERT INTO ingests VALUES ('spots', ?, ?, ?, now())", [str(path), file_fingerprint(path), len(df)])
-        con.execute("COMMIT")
     return rep

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-import uuid
 
 from hefeat.store.atomic import write_json
 from hefeat.store.catalog import Store
+from hefeat.store.ids import run_id as new_run_id
 
 
 def timestamp() -> str:
@@ -18,7 +18,7 @@ def timestamp() -> str:
 
 def record_run(store: Store, command: str, summary: dict, *, params: dict | None = None) -> str:
     """Write a run record; returns its run_id."""
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     write_json(store.run_dir(run_id) / "run.json", {
         "run_id": run_id, "command": command, "host": socket.gethostname(), "pid": os.getpid(),
         "finished_at": timestamp(), "seconds": summary.get("seconds"),

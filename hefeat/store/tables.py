@@ -9,10 +9,10 @@ import pandas as pd
 from hefeat.store.atomic import atomic_path
 
 
-def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a DataFrame as Parquet atomically (zstd)."""
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike, *, kind: str = "parquet") -> None:
+    """Write a DataFrame as Parquet atomically (zstd); `kind` names its fault-injection points."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, kind=kind) as tmp:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp, compression="zstd")

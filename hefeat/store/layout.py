@@ -1,0 +1,213 @@
+"""Every file name and folder of a store, in one place.
+
+A store is a directory; these functions turn ids into paths (and back). Nothing else in hefeat
+formats a store path: Store methods, the catalog views and the workers all call these. A helper
+with a new kind of output adds its path function here.
+
+    catalog.duckdb                                 what users ingest (slides, expression, clinical, spots)
+    tiles/tiling=<tid>/_tiling.json                a tiling's parameters
+    tiles/tiling=<tid>/slide=<sid>.parquet         one slide's tiles
+    features/extraction=<eid>/_extraction.json     an extraction's provenance
+    features/extraction=<eid>/<sid>.h5             one slide's embeddings (CLAM/TRIDENT layout)
+    status/<stage>=<key>/<sid>.json                one slide's commit record (ok / skipped / failed)
+    status/<stage>=<key>/<sid>.lock                a worker's claim on one slide
+    compact/<family>/...                           compacted copies of the per-slide files (catalog speed)
+    models/<mid>/{model.json,index.json,...}       a fitted model (index.json written last)
+    predictions/model=<mid>/slide=<sid>.parquet    a model's per-slide predictions
+    indexes/<iid>/{index.json,index.faiss,...}     a neighbour index; queries/<qid>.parquet saved queries
+    umaps/umap=<uid>.parquet                       a UMAP's coordinates
+    runs/<run_id>/run.json                         what ran, with what, how long
+    jobs/<job_id>/{index.json,...}                 a fine-tuning job (index.json written last)
+    reports/<name>/                                PNG figures
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hefeat.store.ids import check_id
+
+CATALOG = "catalog.duckdb"
+TILES = "tiles"
+FEATURES = "features"
+STATUS = "status"
+COMPACT = "compact"
+MODELS = "models"
+PREDICTIONS = "predictions"
+INDEXES = "indexes"
+UMAPS = "umaps"
+RUNS = "runs"
+JOBS = "jobs"
+REPORTS = "reports"
+
+#: Folders created by `hefeat init`.
+FOLDERS = (TILES, FEATURES, STATUS, COMPACT, MODELS, PREDICTIONS, INDEXES, UMAPS, RUNS, REPORTS)
+
+TILING_META = "_tiling.json"
+EXTRACTION_META = "_extraction.json"
+MODEL_INDEX = "index.json"
+MODEL_META = "model.json"
+INDEX_META = "index.json"
+RUN_RECORD = "run.json"
+JOB_INDEX = "index.json"
+STATUS_SUFFIX = ".json"
+LOCK_SUFFIX = ".lock"
+
+#: Stages whose per-slide outputs go through the commit protocol, and the folder prefix of each.
+STAGES = ("tiling", "extraction")
+
+
+def catalog_path(root: Path) -> Path:
+    """The DuckDB catalog file."""
+    return root / CATALOG
+
+
+# -- tiles -----------------------------------------------------------------------------------
+def tiling_dir(root: Path, tiling_id: str) -> Path:
+    """Folder of one tiling's per-slide Parquet files."""
+    return root / TILES / f"tiling={check_id(tiling_id, 'tiling_id')}"
+
+
+def tiling_meta_path(root: Path, tiling_id: str) -> Path:
+    """A tiling's parameters (JSON)."""
+    return tiling_dir(root, tiling_id) / TILING_META
+
+
+def tiles_path(root: Path, tiling_id: str, slide_id: str) -> Path:
+    """Tile metadata Parquet of one slide in one tiling."""
+    return tiling_dir(root, tiling_id) / f"slide={check_id(slide_id)}.parquet"
+
+
+# -- features --------------------------------------------------------------------------------
+def extraction_dir(root: Path, extraction_id: str) -> Path:
+    """Folder of one extraction's per-slide HDF5 files."""
+    return root / FEATURES / f"extraction={check_id(extraction_id, 'extraction_id')}"
+
+
+def extraction_meta_path(root: Path, extraction_id: str) -> Path:
+    """An extraction's provenance (JSON)."""
+    return extraction_dir(root, extraction_id) / EXTRACTION_META
+
+
+def features_path(root: Path, extraction_id: str, slide_id: str) -> Path:
+    """Feature HDF5 of one slide in one extraction."""
+    return extraction_dir(root, extraction_id) / f"{check_id(slide_id)}.h5"
+
+
+# -- per-slide commit records and claims -----------------------------------------------------
+def status_root(root: Path) -> Path:
+    """Folder holding one sub-folder per (stage, key)."""
+    return root / STATUS
+
+
+def status_dir(root: Path, stage: str, key: str) -> Path:
+    """Folder of the per-slide records of one stage (tiling/extraction) and id."""
+    return root / STATUS / f"{check_id(stage, 'stage')}={check_id(key, 'id')}"
+
+
+def status_path(root: Path, stage: str, key: str, slide_id: str) -> Path:
+    """Commit record (JSON) of one slide for one stage and id."""
+    return status_dir(root, stage, key) / f"{check_id(slide_id)}{STATUS_SUFFIX}"
+
+
+def lock_path(root: Path, stage: str, key: str, slide_id: str) -> Path:
+    """A worker's claim on one slide for one stage and id."""
+    return status_dir(root, stage, key) / f"{check_id(slide_id)}{LOCK_SUFFIX}"
+
+
+def output_path(root: Path, stage: str, key: str, slide_id: str) -> Path:
+    """The per-slide output a stage commits (the tiles Parquet or the features HDF5)."""
+    if stage == "tiling":
+        return tiles_path(root, key, slide_id)
+    if stage == "extraction":
+        return features_path(root, key, slide_id)
+    raise ValueError(f"stage {stage!r} has no per-slide output")
+
+
+def parse_status_dir(name: str) -> tuple[str, str] | None:
+    """(stage, key) of a status folder name like 'tiling=t123', or None."""
+    stage, sep, key = name.partition("=")
+    return (stage, key) if sep and stage and key else None
+
+
+# -- compaction ------------------------------------------------------------------------------
+def compact_dir(root: Path, family: str) -> Path:
+    """Folder of one compacted family (status, or tiles of one tiling)."""
+    return root / COMPACT / family
+
+
+def compact_manifest(root: Path, family: str) -> Path:
+    """The manifest naming a compacted family's current parts."""
+    return compact_dir(root, family) / "manifest.json"
+
+
+# -- models, predictions, indexes, UMAPs, runs, jobs, reports ---------------------------------
+def model_dir(root: Path, model_id: str) -> Path:
+    """Folder of one fitted model."""
+    return root / MODELS / check_id(model_id, "model_id")
+
+
+def predictions_dir(root: Path, model_id: str) -> Path:
+    """Folder of one model's per-slide predictions."""
+    return root / PREDICTIONS / f"model={check_id(model_id, 'model_id')}"
+
+
+def predictions_path(root: Path, model_id: str, slide_id: str) -> Path:
+    """Per-slide predictions Parquet of one model."""
+    return predictions_dir(root, model_id) / f"slide={check_id(slide_id)}.parquet"
+
+
+def index_dir(root: Path, index_id: str) -> Path:
+    """Folder of one neighbour index (faiss file, id map, provenance)."""
+    return root / INDEXES / check_id(index_id, "index_id")
+
+
+def index_query_path(root: Path, index_id: str, query_id: str) -> Path:
+    """A saved neighbour query of one index."""
+    return index_dir(root, index_id) / "queries" / f"{check_id(query_id, 'query_id')}.parquet"
+
+
+def umap_path(root: Path, umap_id: str) -> Path:
+    """Parquet of one UMAP's coordinates."""
+    return root / UMAPS / f"umap={check_id(umap_id, 'umap_id')}.parquet"
+
+
+def run_dir(root: Path, run_id: str) -> Path:
+    """Folder of one run's record."""
+    return root / RUNS / check_id(run_id, "run_id")
+
+
+def job_dir(root: Path, job_id: str) -> Path:
+    """Folder of one fine-tuning job (checkpoints, log, provenance)."""
+    return root / JOBS / check_id(job_id, "job_id")
+
+
+def reports_dir(root: Path, name: str) -> Path:
+    """Folder for PNG reports (e.g. the demo's figures)."""
+    return root / REPORTS / check_id(name, "report")
+
+
+def qc_thumbnail_path(root: Path, tiling_id: str, slide_id: str) -> Path:
+    """QC picture (thumbnail, mask outline, tiles) of one slide in one tiling."""
+    return root / REPORTS / f"qc-{check_id(tiling_id, 'tiling_id')}" / f"{check_id(slide_id)}.png"
+
+
+# -- listing ---------------------------------------------------------------------------------
+_KEYED = re.compile(r"^(?P<prefix>[a-z]+)=(?P<key>[A-Za-z0-9][A-Za-z0-9._-]*)$")
+
+
+def known_ids(root: Path, folder: str, prefix: str | None = None) -> list[str]:
+    """Ids of the sub-folders of `folder` (e.g. tilings under tiles/ with prefix 'tiling'), sorted."""
+    base = root / folder
+    if not base.is_dir():
+        return []
+    out = []
+    for p in base.iterdir():
+        if not p.is_dir():
+            continue
+        if prefix is None:
+            out.append(p.name)
+        elif (m := _KEYED.match(p.name)) and m["prefix"] == prefix:
+            out.append(m["key"])
+    return sorted(out)
