@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parents[1]
-FORMAT = 1  # bump when the fabricated content changes (not when hefeat's formats change: --reuse is opt-in)
+FORMAT = 2  # bump when the fabricated content changes (not when hefeat's formats change: --reuse is opt-in)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,13 +99,13 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
 
     from hefeat.extract.pipeline import __version__
     from hefeat.runner import run_slides
-    from hefeat.slides.run import tiling_id
+    from hefeat.slides.run import ingest_slides, tiling_id
     from hefeat.slides.tiling import TilingParams
     from hefeat.store.atomic import write_json
     from hefeat.store.catalog import Store
     from hefeat.store.features import FeatureFileWriter
-    from hefeat.store.ids import content_id
-    from hefeat.store.ingest import ingest_expression, ingest_slides
+    from hefeat.store.ids import array_digest, content_id, frame_fingerprint
+    from hefeat.store.ingest import ingest_expression
     from hefeat.store.runs import timestamp
     from hefeat.store.tables import write_parquet
 
@@ -154,13 +154,14 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
                                                      "background": params.background, "spots": False,
                                                      "created": timestamp(), "params": params.to_dict()})
 
-    def tile_step(sid: str) -> dict:
+    def tile_step(task) -> dict:
+        sid = task.slide_id
         df = _tile_frame(tid, sid, counts[sid], np.random.default_rng([seed, int(sid[1:]), 1]))
-        write_parquet(df, st.tiles_path(tid, sid))
-        return {"n_tiles": len(df)}
+        write_parquet(df, st.tiles_path(tid, sid), kind="tiles")
+        return {"n_tiles": len(df), "digest": frame_fingerprint(df)}
 
     t = time.perf_counter()
-    run_slides(st, "tiling", tid, ids, tile_step, is_done=lambda s: st.tiles_path(tid, s).exists())
+    run_slides(st, "tiling", tid, ids, tile_step)
     times["tiling_s"] = time.perf_counter() - t
 
     eid = content_id({"tiling": tid, "fabricated": "store_scale", "dim": dim, "seed": seed}, prefix="e")
@@ -170,7 +171,8 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
         "patch_size": params.size, "mpp": params.mpp, "code_version": __version__, "created": timestamp()})
     feats = _Features(dim, seed)
 
-    def extract_step(sid: str) -> dict:
+    def extract_step(task) -> dict:
+        sid = task.slide_id
         i = int(sid[1:])
         n = counts[sid]
         X = feats.slide(i, n, latent[i].astype(np.float32))
@@ -187,13 +189,16 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
         except BaseException:
             w.abort()
             raise
-        return {"n_tiles": n, "path": str(path), "dim": dim}
+        return {"n_tiles": n, "dim": dim, "digest": array_digest(X.astype(np.float16))}
 
     t = time.perf_counter()
-    run_slides(st, "extraction", eid, ids, extract_step, is_done=lambda s: st.features_path(eid, s).exists())
+    run_slides(st, "extraction", eid, ids, extract_step)
     _after_extraction(st, eid)
     times["extraction_s"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    st.compact()  # what the first query would otherwise do: records and tiles into compacted parts
+    times["compact_s"] = time.perf_counter() - t
     times["fabricate_s"] = time.perf_counter() - t_all
     info = {"slides": n_slides, "tiles": int(sum(counts.values())), "dim": dim, "genes": genes, "seed": seed,
             "tiles_per_slide": list(tiles), "tiling_id": tid, "extraction_id": eid, "format": FORMAT,

@@ -9,6 +9,7 @@ show exactly the slides whose commit records exist, and the result must equal an
 from __future__ import annotations
 
 import glob
+import io
 import os
 import shutil
 import subprocess
@@ -275,3 +276,60 @@ def test_layout_is_the_only_path_formatter():
     assert offenders == []
     assert layout.tiles_path(Path("/s"), "t1", "S01").as_posix() == "/s/tiles/tiling=t1/slide=S01.parquet"
     assert np.all([layout.parse_status_dir(layout.status_dir(Path("/s"), "tiling", "t1").name) == ("tiling", "t1")])
+
+
+REAL_FULL_DISK = textwrap.dedent("""
+    import json, os, shutil, subprocess, sys
+    from hefeat.errors import HefeatError
+    from hefeat.slides.run import run_tiling
+    from hefeat.slides.tiling import TilingParams
+    from hefeat.store.catalog import Store
+    template, mnt, leave = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", mnt], check=True)
+    shutil.copytree(template, mnt + "/st")
+    st = Store(mnt + "/st")
+    free = shutil.disk_usage(mnt).free
+    subprocess.run(["fallocate", "-l", str(free - leave), mnt + "/filler"], check=True)
+    out = {}
+    try:
+        s = run_tiling(st, TilingParams(max_tiles=12))
+        out["first"] = {"ok": s.ok, "failed": s.failed}
+    except HefeatError as e:
+        out["first"] = {"error": str(e)}
+    except OSError as e:
+        out["first"] = {"oserror": str(e)}
+    os.unlink(mnt + "/filler")
+    s = run_tiling(st, TilingParams(max_tiles=12))
+    out["second"] = {"ok": s.ok, "done": s.done, "failed": s.failed, "tiling_id": s.extra["tiling_id"]}
+    tid = s.extra["tiling_id"]
+    out["tiles"] = st.sql("SELECT slide_id, tile_id, x, y, sharpness FROM tiles ORDER BY 1, 2", tiling=tid).to_json()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("leave", [8_000, 24_000])
+def test_tiling_on_a_really_full_disk_is_repaired(template, tmp_path, leave):
+    """A real ENOSPC (tmpfs filled up to a few KB) mid-tiling: one-line error, then a re-run with space repairs it."""
+    import json
+
+    if shutil.which("unshare") is None or shutil.which("fallocate") is None:
+        pytest.skip("unshare/fallocate not available")
+    if subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("user/mount namespaces not available here")
+    _, tid, _, ref_tiles, _ = template
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c", REAL_FULL_DISK,
+                        str(template[0]), str(mnt), str(leave)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    first = out["first"]
+    assert "ok" not in first or len(first["ok"]) < len(SLIDES), first  # the disk did fill up
+    if "error" in first:
+        assert "disk is full" in first["error"] and "\n" not in first["error"]
+    if "oserror" in first:  # before any slide started (the tiling's own parameters file): a plain ENOSPC
+        assert "No space left" in first["oserror"]
+    assert out["second"]["failed"] == {} and sorted(out["second"]["ok"] + out["second"]["done"]) == SLIDES
+    got = pd.read_json(io.StringIO(out["tiles"]))
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), ref_tiles, check_dtype=False)

@@ -12,6 +12,7 @@ import pytest
 from hefeat.errors import HefeatError
 from hefeat.store.atomic import write_json
 from hefeat.store.catalog import Store
+from hefeat.store.commit import commit_ok
 from hefeat.store.features import (
     FeatureFileWriter,
     feature_offsets,
@@ -41,12 +42,14 @@ def _write_slide(st: Store, eid: str, tid: str, sid: str, X: np.ndarray, dtype: 
     for a in range(0, len(X), batch):
         w.write(a, X[a:a + batch])
     w.commit()
+    commit_ok(st, "extraction", eid, sid, n_tiles=len(X), seconds=0.0, digest=None)  # the slide becomes visible
 
 
 def _write_tiles(st: Store, tid: str, sid: str, n: int) -> None:
     write_parquet(pd.DataFrame({"tiling_id": tid, "slide_id": sid, "tile_id": np.arange(n, dtype=np.int64),
                                 "x": np.arange(n, dtype=np.int64) * 10, "y": np.zeros(n, np.int64),
                                 "sharpness": np.arange(n, dtype=np.float32)}), st.tiles_path(tid, sid))
+    commit_ok(st, "tiling", tid, sid, n_tiles=n, seconds=0.0, digest=None)  # the slide becomes visible
 
 
 def _store(tmp_path, counts: dict[str, int], *, other_tiling: dict[str, int] | None = None, dtype: str = "float16"):

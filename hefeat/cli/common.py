@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -20,6 +21,12 @@ class HefeatGroup(click.Group):
             return super().invoke(ctx)
         except HefeatError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full or read-only disk, a vanished file: what and where, in one line
+            if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOENT, errno.EIO):
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            hint = " Free space and run the command again; finished work is kept." if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise click.ClickException(f"{e.strerror or e}{where}.{hint}") from None
 
 
 def store_option(f):

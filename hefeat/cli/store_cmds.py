@@ -171,20 +171,21 @@ def compact(store_path, as_json):
 @click.argument("query")
 @click.option("--limit", default=50, show_default=True, help="Rows shown in the text output.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write all rows to .csv or .parquet.")
+@click.option("--tiling", "tiling_id", default=None, help="Let `tiles` hold this tiling's tiles only.")
 @store_option
 @json_option
-def sql(query, limit, out, store_path, as_json):
+def sql(query, limit, out, tiling_id, store_path, as_json):
     """Run read-only SQL over the catalog and its views (tiles, status, tilings, extractions, features_index, ...).
 
     Only reads run (SELECT, DESCRIBE, SUMMARIZE, EXPLAIN); COPY, ATTACH, INSTALL, SET and writes are refused.
 
     \b
     Example:
-      hefeat sql "SELECT slide_id, count(*) n, avg(sharpness) FROM tiles GROUP BY 1 ORDER BY 1"
+      hefeat sql "SELECT slide_id, count(*) n, avg(sharpness) FROM tiles GROUP BY 1 ORDER BY 1" --tiling t1a2b3c
     """
     import pandas as pd
 
-    df = get_store(store_path).sql(query)
+    df = get_store(store_path).sql(query, tiling=tiling_id)
     if out:
         (df.to_parquet if out.endswith(".parquet") else functools.partial(df.to_csv, index=False))(out)
     if as_json:

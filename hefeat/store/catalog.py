@@ -60,6 +60,16 @@ def _flat(rec: dict) -> dict:
     return {k: json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v for k, v in rec.items()}
 
 
+def _frame(cur, statement, params: list) -> pd.DataFrame:
+    return cur.execute(statement, params).df()
+
+
+def _arrow(cur, statement, params: list):
+    """The result as a pyarrow Table, without the extra copy of a DB-API fetch."""
+    rel = cur.sql(statement.query, params=params or None)
+    return (getattr(rel, "to_arrow_table", None) or rel.arrow)()
+
+
 class Store:
     """A hefeat store rooted at `root` (see `layout.py` for the files)."""
 
@@ -407,39 +417,33 @@ class Store:
         With `tiling`, the `tiles` view holds that tiling's tiles only, so a query written without a
         tiling filter cannot mix tilings. Anything but a read is refused with a one-line error.
         """
-        return self._run(query, params, tiling, lambda cur: cur.df())
+        return self._run(query, params, tiling, _frame)
 
     def sql_arrow(self, query: str, params: list | None = None, *, tiling: str | None = None):
         """Like `sql`, as a pyarrow Table (list columns stay columnar: no Python objects per value)."""
-        return self._run(query, params, tiling, lambda cur: cur.fetch_arrow_table())
+        return self._run(query, params, tiling, _arrow)
 
     def _run(self, query: str, params: list | None, tiling: str | None, fetch):
         import duckdb
 
         statements = check_read_only(query)
-        self.require()
-        with self._lock:
+        with self.session():
+            with self._lock:
+                cur = self._db.cursor()
             try:
-                self._bind()
-                self._attach()
+                return self._execute(cur, statements, params, tiling, fetch)
             except duckdb.Error as e:
-                raise db_error(e, f"Cannot read the catalog {self.catalog_path}") from None
-            cur = self._db.cursor()
-        try:
-            if tiling is not None:
-                self.tiling(tiling)
-                body = self._tiling_sql.get(tiling) or EMPTY_VIEWS["tiles"]
-                cur.execute(f"CREATE TEMP VIEW tiles AS {body}")
-            for st in statements[:-1]:
-                cur.execute(st)
-            cur.execute(statements[-1], params or [])
-            return fetch(cur)
-        except duckdb.Error as e:
-            raise HefeatError(f"SQL failed: {str(e).splitlines()[0]}") from None
-        finally:
-            cur.close()
-            with self._lock, contextlib.suppress(Exception):
-                self._detach()
+                raise HefeatError(f"SQL failed: {str(e).splitlines()[0]}") from None
+            finally:
+                cur.close()
+
+    def _execute(self, cur, statements: list, params: list | None, tiling: str | None, fetch):
+        if tiling is not None:  # `tiles` of this cursor: that tiling only
+            self.tiling(tiling)
+            cur.execute(f"CREATE TEMP VIEW tiles AS {self._tiling_sql.get(tiling) or EMPTY_VIEWS['tiles']}")
+        for st in statements[:-1]:
+            cur.execute(st)
+        return fetch(cur, statements[-1], params or [])
 
     def tile_query(self, query: str, tiling_id: str, params: list | None = None) -> pd.DataFrame:
         """Rows of `query` (with slide_id, tile_id) that are tiles of `tiling_id`, checked.
@@ -450,6 +454,9 @@ class Store:
         df = self.sql(query, params, tiling=tiling_id)
         if not {"slide_id", "tile_id"} <= set(df.columns):
             raise HefeatError(f"The query must return slide_id and tile_id columns; it returned {list(df.columns)[:8]}")
+        if df.empty and len(self.sql(query, params)):
+            raise HefeatError(f"The query selects tiles of another tiling only (none of tiling {tiling_id}); use an "
+                              f"extraction of that tiling, or filter on tiling_id = '{tiling_id}'")
         if "tiling_id" in df.columns:
             other = sorted(set(df["tiling_id"].dropna().astype(str)) - {tiling_id})
             if other:
