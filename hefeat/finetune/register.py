@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hefeat.errors import HefeatError
+from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, read_json, write_json
 from hefeat.store.catalog import Store
 
@@ -32,7 +33,7 @@ def parse_name(name: str) -> tuple[str, str | None]:
 def _job(store: Store, jid: str) -> dict:
     p = store.job_dir(jid) / "job.json"
     if not p.exists():
-        known = sorted(q.parent.name for q in (store.root / "jobs").glob("*/job.json"))
+        known = [j for j in layout.known_ids(store.root, layout.JOBS) if (store.job_dir(j) / "job.json").exists()]
         raise HefeatError(f"No fine-tuning job {jid!r} in {store.root}. Known: {', '.join(known[:10]) or 'none'}")
     job = read_json(p)
     if job.get("status") != "finished":
