@@ -11,6 +11,7 @@ from hefeat.explore import neighbors
 from hefeat.explore.neighbors import build_index, exact_knn, load_index, query
 from hefeat.store.atomic import write_json
 from hefeat.store.catalog import Store
+from hefeat.store.commit import commit_ok
 from hefeat.store.features import FeatureFileWriter, read_features
 from hefeat.store.tables import write_parquet
 
@@ -21,10 +22,12 @@ def _write(st: Store, sid: str, X: np.ndarray) -> None:
     n = len(X)
     write_parquet(pd.DataFrame({"tiling_id": "tv", "slide_id": sid, "tile_id": np.arange(n), "x": np.arange(n) * 10,
                                 "y": np.zeros(n, np.int64)}), st.tiles_path("tv", sid))
+    commit_ok(st, "tiling", "tv", sid, n_tiles=n, seconds=0.0, digest=None)  # visible through its record
     w = FeatureFileWriter(st.features_path("ev", sid), len(X), X.shape[1], dtype="float32",
                           coords=np.zeros((len(X), 2)), attrs={"extraction_id": "ev", "slide_id": sid})
     w.write(0, X)
     w.commit()
+    commit_ok(st, "extraction", "ev", sid, n_tiles=n, seconds=0.0, digest=None)
 
 
 def _store(tmp_path) -> tuple[Store, np.ndarray]:
@@ -33,6 +36,7 @@ def _store(tmp_path) -> tuple[Store, np.ndarray]:
     X = (centres[rng.integers(0, 25, sum(SIZES))] + rng.normal(size=(sum(SIZES), 24))).astype(np.float32)
     st = Store.init(tmp_path / "st")
     write_json(st.extraction_dir("ev") / "_extraction.json", {"extraction_id": "ev", "tiling_id": "tv", "dim": 24})
+    write_json(st.tiling_dir("tv") / "_tiling.json", {"tiling_id": "tv", "mpp": 0.5, "size": 224})
     a = 0
     for i, n in enumerate(SIZES):
         _write(st, f"V{i:02d}", X[a:a + n])

@@ -28,7 +28,7 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.store import compact, layout, records
 from hefeat.store.atomic import read_json
-from hefeat.store.compact import sql_list, sql_str
+from hefeat.store.compact import scan, sql_str
 from hefeat.store.ids import check_id
 from hefeat.store.sandbox import check_read_only, lock_down
 from hefeat.store.schema import (
@@ -366,9 +366,9 @@ class Store:
         self._view("predictions", " UNION ALL BY NAME ".join(preds) or None)
 
         umaps = sorted((self.root / layout.UMAPS).glob("umap=*.parquet"))
-        self._view("umap", f"SELECT * FROM read_parquet({sql_list(umaps)}, union_by_name=true)" if umaps else None)
+        self._view("umap", f"SELECT * FROM {scan(umaps)}" if umaps else None)
         queries = sorted((self.root / layout.INDEXES).glob("*/queries/*.parquet"))
-        self._view("neighbors", f"SELECT * FROM read_parquet({sql_list(queries)}, union_by_name=true)"
+        self._view("neighbors", f"SELECT * FROM {scan(queries)}"
                    if queries else None)
 
     def _families(self, tiling_ids: list[str], models: list[str]) -> dict[str, dict[str, tuple]]:
@@ -574,7 +574,8 @@ class Store:
         """Parameters of a tiling; clear error if unknown."""
         p = layout.tiling_meta_path(self.root, check_id(tiling_id, "tiling_id"))
         if not p.exists():
-            known = layout.known_ids(self.root, layout.TILES, "tiling")
+            known = [t for t in layout.known_ids(self.root, layout.TILES, "tiling")
+                     if layout.tiling_meta_path(self.root, t).exists()]
             raise HefeatError(f"Tiling {tiling_id!r} does not exist in {self.root}. Known: {', '.join(known) or 'none (run hefeat tile)'}")
         return read_json(p)
 

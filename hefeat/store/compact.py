@@ -37,6 +37,11 @@ def sql_list(items) -> str:
     return "[" + ", ".join(sql_str(x) for x in items) + "]"
 
 
+def scan(files, *, union: bool = True) -> str:
+    """read_parquet over files by name (folder names like model=<id> are ids, not columns to add)."""
+    return f"read_parquet({sql_list(files)}, union_by_name={str(union).lower()}, hive_partitioning=false)"
+
+
 @dataclass
 class Plan:
     """How to read one family now: compacted parts, members to drop from them, loose files."""
@@ -52,9 +57,9 @@ class Plan:
         branches = []
         if self.parts:
             where = f" WHERE {key} NOT IN ({', '.join(sql_str(m) for m in self.exclude)})" if self.exclude else ""
-            branches.append(f"SELECT * FROM read_parquet({sql_list(self.parts)}){where}")
+            branches.append(f"SELECT * FROM {scan(self.parts)}{where}")
         if self.loose:
-            branches.append(f"SELECT * FROM read_parquet({sql_list(self.loose)}, union_by_name=true)")
+            branches.append(f"SELECT * FROM {scan(self.loose)}")
         if not branches:
             return None
         return " UNION ALL BY NAME ".join(branches)
@@ -119,15 +124,15 @@ def compact(root: Path, name: str, members: dict[str, tuple], *, key: str = "sli
             srcs = []
             if live:
                 excl = f" WHERE {key} NOT IN ({', '.join(sql_str(m) for m in sorted(stale))})" if stale else ""
-                srcs.append(f"SELECT * FROM read_parquet({sql_list(cdir / p['file'] for p in live)}){excl}")
+                srcs.append(f"SELECT * FROM {scan([cdir / p['file'] for p in live])}{excl}")
             if pl.loose:
-                srcs.append(f"SELECT * FROM read_parquet({sql_list(pl.loose)}, union_by_name=true)")
+                srcs.append(f"SELECT * FROM {scan(pl.loose)}")
             select = " UNION ALL BY NAME ".join(srcs)
             new_members = {m: tok for p in live for m, tok in p["members"].items() if m not in stale}
             new_members.update({m: members[m][1] for m in loose_members})
             keep_parts: list[dict] = []
         else:
-            select = f"SELECT * FROM read_parquet({sql_list(pl.loose)}, union_by_name=true)"
+            select = f"SELECT * FROM {scan(pl.loose)}"
             new_members = {m: members[m][1] for m in loose_members}
             keep_parts = live
         if not new_members:
