@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _store(d: Path, n_slides: int):
-    from hefeat.slides.run import run_tiling
+    from hefeat.slides.run import ingest_slides, run_tiling
     from hefeat.slides.synth import make_cohort
     from hefeat.slides.tiling import TilingParams
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import ingest_slides, ingest_spots
+    from hefeat.store.ingest import ingest_spots
 
     make_cohort(d / "c", n_slides=n_slides, n_genes=60, seed=3, width_um=1600, height_um=1200)
     st = Store.init(d / "st")

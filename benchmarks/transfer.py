@@ -54,11 +54,11 @@ def build(workdir: Path) -> tuple[str, str]:
     from hefeat.demo_stages import DEMO_ENCODER
     from hefeat.extract.pipeline import run_extraction
     from hefeat.learn.registry import fit_model
-    from hefeat.slides.run import run_tiling
+    from hefeat.slides.run import ingest_slides, run_tiling
     from hefeat.slides.synth import make_cohort
     from hefeat.slides.tiling import TilingParams
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import ingest_clinical, ingest_expression, ingest_slides
+    from hefeat.store.ingest import ingest_clinical, ingest_expression
 
     data, root = workdir / "data", workdir / "store"
     if not (data / "truth.json").exists():

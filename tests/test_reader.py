@@ -101,8 +101,8 @@ def test_png_and_jpeg_ingest_with_mpp(tmp_path, cmu_crop, fmt):
     """Plain images open through the same Slide API: pixels, --mpp required, ingested into a store."""
     from PIL import Image
 
+    from hefeat.slides.run import ingest_slides
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import ingest_slides
 
     p = tmp_path / f"roi.{fmt}"
     Image.fromarray(cmu_crop).save(p, quality=95) if fmt == "jpg" else Image.fromarray(cmu_crop).save(p)

@@ -138,10 +138,9 @@ def test_per_slide_overrides_and_qc_of_an_existing_tiling(tmp_path, cohort):
 
     from hefeat.cli import main
     from hefeat.slides.qc_thumbnail import write_tiling_qc
-    from hefeat.slides.run import run_tiling
+    from hefeat.slides.run import ingest_slides, run_tiling
     from hefeat.slides.tiling import read_overrides
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import ingest_slides
 
     st = Store.init(tmp_path / "st")
     ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2])
