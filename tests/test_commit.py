@@ -95,6 +95,16 @@ def _visible_equals_records(st: Store, stage: str, key: str) -> None:
         shown = set(st.sql("SELECT DISTINCT slide_id FROM tiles", tiling=key)["slide_id"])
     else:
         shown = set(st.sql("SELECT slide_id FROM features_index WHERE extraction_id = ?", [key])["slide_id"])
+        # What the feature readers see (all slides, and slide by slide) follows the records too.
+        from hefeat.store.features import slide_table
+
+        assert set(slide_table(st, key).slide_ids) == ok
+        for sid in SLIDES:
+            if sid in ok:
+                assert slide_table(st, key, [sid]).slide_ids == [sid]
+            else:
+                with pytest.raises(HefeatError, match="has no features"):
+                    slide_table(st, key, [sid])
     assert shown == ok
 
 

@@ -123,6 +123,8 @@ def test_files_without_aggregates_are_summarised_from_their_rows(tmp_path):
     with h5py.File(st.features_path("e1", "L"), "w") as f:
         f.create_dataset("features", data=X.astype(np.float16), chunks=(4, DIM), compression="gzip")
         f.create_dataset("coords", data=np.zeros((21, 2), np.int64))
+    assert slide_aggregates(st, "e1").slide_ids == ["A"]  # a file without its commit record is not read
+    commit_ok(st, "extraction", "e1", "L", n_tiles=21, seconds=0.0, digest=None)
     agg = slide_aggregates(st, "e1", ["L"])
     np.testing.assert_allclose(agg.mean[0], _stored(X).mean(0), rtol=1e-12)
     # chunked + compressed: read through h5py, same values as the raw-offset path gives for A

@@ -299,19 +299,33 @@ def _check_rows(sf: SlideFile, rows: np.ndarray) -> None:
 # The extraction's slide table: finished slides, their files and aggregates (provably current)
 # ----------------------------------------------------------------------------------------------
 def _finished(store: Store, eid: str, slides: list[str] | None = None) -> dict[str, os.stat_result]:
-    """slide_id -> stat of each finished feature file of the extraction (or of `slides` among them)."""
+    """slide_id -> stat of each committed feature file of the extraction (or of `slides` among them).
+
+    A slide is visible only with an ok commit record whose size matches its file: a file renamed
+    into place whose record was never written (a crash between the two) is not read; the next run
+    repairs it (hefeat.store.commit).
+    """
     d = str(store.extraction_dir(eid))
     out = {}
-    if slides is not None:
+    if slides is not None and len(slides) <= 256:  # a few records read directly, no catalog bind
         for sid in slides:
+            rec = store.read_status("extraction", eid, check_id(sid))
+            if rec is None or rec["state"] != "ok":
+                continue
             with contextlib.suppress(FileNotFoundError):
-                out[sid] = os.stat(os.path.join(d, check_id(sid) + ".h5"))
+                st = os.stat(os.path.join(d, sid + ".h5"))
+                if rec.get("size") in (None, st.st_size):
+                    out[sid] = st
         return out
-    with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
-        for e in it:
-            if e.name.endswith(".h5") and not e.name.startswith((".", "_")):
-                with contextlib.suppress(FileNotFoundError):
-                    out[e.name[:-3]] = e.stat()
+    done = store.finished("extraction", eid)
+    want = set(slides) if slides is not None else None
+    for sid, size in zip(done["slide_id"].tolist(), done["size"].tolist()):
+        if want is not None and sid not in want:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(os.path.join(d, sid + ".h5"))
+            if size is None or pd.isna(size) or int(size) == st.st_size:
+                out[sid] = st
     return out
 
 
