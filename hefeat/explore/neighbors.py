@@ -27,7 +27,7 @@ from hefeat.store.features import (
     read_global_rows,
     slide_table,
 )
-from hefeat.store.ids import content_id
+from hefeat.store.ids import index_id, query_id
 from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
 
@@ -217,10 +217,11 @@ def _search(store: Store, meta: dict, idx, ids: TileIds, Q: np.ndarray, k: int) 
     return rerank(store, meta["extraction_id"], ids, Q, cand, k, meta["metric"])
 
 
-def data_fingerprint(store: Store, extraction_id: str, table=None) -> str:
+def data_fingerprint(store: Store, extraction_id: str) -> str:
     """Fingerprint of the extraction's finished slides and their feature files (part of every index id)."""
-    t = table or slide_table(store, extraction_id)
-    return content_id({"slides": [(f.slide_id, f.n, f.key[1], f.key[2]) for f in t.files]}, length=16)
+    from hefeat.store import ids
+
+    return ids.extraction_fingerprint(store, extraction_id)
 
 
 def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric: str = "cosine",
@@ -247,10 +248,10 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     n = len(ids)
     dim = int(store.extraction(extraction_id)["dim"])
     kind = choose_type(n, dim) if index == "auto" else index
-    fp = data_fingerprint(store, extraction_id, table)
+    fp = data_fingerprint(store, extraction_id)
     params = {"extraction_id": extraction_id, "type": kind, "metric": metric, "sample": sample, "seed": seed,
-              "nlist": nlist, "pq_m": pq_m, "hnsw_m": hnsw_m, "n": n, "data": fp}
-    iid = content_id(params, prefix="i")
+              "nlist": nlist, "pq_m": pq_m, "hnsw_m": hnsw_m, "n": n}
+    iid = index_id(params, {"features": fp})
     d = store.index_dir(iid)
     if (d / "index.json").exists() and not force:
         return {**read_json(d / "index.json"), "cached": True}
@@ -411,8 +412,8 @@ def query(store: Store, *, extraction_id: str | None = None, index_id: str | Non
     res = res.merge(slides_meta, on="slide_id", how="left").sort_values("rank").reset_index(drop=True)
     res.attrs.update(index_id=meta["index_id"], metric=meta["metric"], extraction_id=eid, tiling_id=tid_)
     if write:
-        qid = content_id({"index": meta["index_id"], "tile": tile, "image": image, "slide": slide, "k": k,
-                          "x": exclude_same_slide, "p": exclude_same_patient, "self": include_self}, prefix="q")
+        qid = query_id({"index": meta["index_id"], "tile": tile, "image": image, "slide": slide, "k": k,
+                        "x": exclude_same_slide, "p": exclude_same_patient, "self": include_self})
         out = res.assign(query_id=qid, index_id=meta["index_id"])
         write_parquet(out, layout.index_query_path(store.root, meta["index_id"], qid))
         res.attrs["query_id"] = qid

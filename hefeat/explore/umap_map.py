@@ -16,7 +16,7 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.store.catalog import Store
 from hefeat.store.features import feature_offsets, read_global_rows
-from hefeat.store.ids import content_id
+from hefeat.store.ids import umap_id
 
 META_KEY = b"hefeat.umap"
 
@@ -35,13 +35,7 @@ def data_fingerprint(store: Store, extraction_id: str) -> str:
     """Fingerprint of an extraction's finished slide set and feature files (changes when data changes)."""
     from hefeat.store import ids
 
-    fn = getattr(ids, "extraction_fingerprint", None)
-    if fn is not None:
-        return fn(store, extraction_id)
-    fi = feature_offsets(store, extraction_id)
-    files = [store.features_path(extraction_id, s) for s in fi["slide_id"]]
-    return content_id({"slides": fi["slide_id"].tolist(), "n": fi["n_tiles"].tolist(),
-                       "files": [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]}, prefix="f")
+    return ids.extraction_fingerprint(store, extraction_id)
 
 
 def write_umap(store: Store, umap_id: str, rows: pd.DataFrame, meta: dict) -> None:
@@ -101,7 +95,7 @@ def run_umap(store: Store, extraction_id: str, *, sample: int | None = 100_000, 
     fp = data_fingerprint(store, extraction_id)
     params = {"extraction_id": extraction_id, "sample": sample, "pca": pca, "seed": seed,
               "n_neighbors": n_neighbors, "min_dist": min_dist, "clusters": clusters}
-    uid = content_id({**params, "fingerprint": fp}, prefix="u")
+    uid = umap_id(params, {"features": fp})
     if store.umap_path(uid).exists() and not force:
         info = umap_info(store, uid)
         return {**info, "umap_id": uid, "cached": True}

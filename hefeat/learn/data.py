@@ -189,7 +189,8 @@ CLINICAL_PARAMS = ("label", "cohort_col", "time_col", "event_col")
 
 def input_fingerprints(store: Store, params) -> dict[str, str]:
     """Fingerprints of the inputs a method's params name: features, target tables, slides, clinical columns."""
-    ids = _fingerprints()
+    from hefeat.store import ids
+
     eid = getattr(params, "extraction_id", None)
     if eid:
         store.extraction(eid)
@@ -213,35 +214,3 @@ def input_fingerprints(store: Store, params) -> dict[str, str]:
         if cols:
             fp["clinical"] = ids.clinical_fingerprint(store, cols)
     return fp
-
-
-def _fingerprints():
-    """The store's fingerprint functions (hefeat.store.ids); an interim stat-based version until they land."""
-    from hefeat.store import ids
-
-    if hasattr(ids, "extraction_fingerprint"):
-        return ids
-    import types
-
-    def extraction_fingerprint(store, eid):
-        rows = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(store.extraction_dir(eid).glob("*.h5"))
-                if not p.name.startswith("_")]  # _aggregates.h5 is a cache the reads refresh
-        return ids.content_id({"files": rows})
-
-    def expression_fingerprint(store, ds):
-        df = store.sql("SELECT sample_id, gene, value FROM expression WHERE dataset = ? ORDER BY 1, 2", [ds])
-        return ids.content_id({"rows": pd.util.hash_pandas_object(df, index=False).sum()})
-
-    def slide_set_fingerprint(store, slide_ids=None):
-        df = store.sql("SELECT slide_id, fingerprint, patient_id, site FROM slides ORDER BY 1")
-        if slide_ids is not None:
-            df = df[df["slide_id"].isin(set(slide_ids))]
-        return ids.content_id({"rows": df.astype(str).values.tolist()})
-
-    def clinical_fingerprint(store, cols):
-        key = "slide_id" if "slide_id" in store.sql("SELECT * FROM clinical LIMIT 0").columns else "patient_id"
-        df = store.sql("SELECT " + ", ".join(f'"{c}"' for c in [key, *cols]) + " FROM clinical ORDER BY 1")
-        return ids.content_id({"rows": df.astype(str).values.tolist()})
-
-    return types.SimpleNamespace(extraction_fingerprint=extraction_fingerprint, expression_fingerprint=expression_fingerprint,
-                                 slide_set_fingerprint=slide_set_fingerprint, clinical_fingerprint=clinical_fingerprint)

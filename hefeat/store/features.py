@@ -319,7 +319,7 @@ def _finished(store: Store, eid: str, slides: list[str] | None = None) -> dict[s
         return out
     done = store.finished("extraction", eid)
     want = set(slides) if slides is not None else None
-    for sid, size in zip(done["slide_id"].tolist(), done["size"].tolist()):
+    for sid, size in zip(done["slide_id"].tolist(), done["size"].tolist(), strict=True):
         if want is not None and sid not in want:
             continue
         with contextlib.suppress(FileNotFoundError):
