@@ -284,6 +284,23 @@ if what == "open":
     st = open_store(root)
     st.sql("SELECT count(*) FROM slides")
     res["s"] = time.perf_counter() - t
+elif what == "queries":  # in one process after opening: what a notebook or the explorer pays per query
+    st = open_store(root)
+    st.sql("SELECT count(*) FROM slides")
+    one = sys.argv[5]
+    qs = {"count": "SELECT count(*) AS n FROM tiles", "one": f"SELECT * FROM tiles WHERE slide_id = '{one}'",
+          "join": "SELECT st.state, count(*) AS n FROM tiles t JOIN status st ON st.stage = 'tiling' "
+                  "AND st.id = t.tiling_id AND st.slide_id = t.slide_id GROUP BY 1"}
+    for k, q in qs.items():
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            st.sql(q)
+            times.append(time.perf_counter() - t)
+        res[k] = statistics.median(times)
+elif what == "imports":  # the floor of every CLI command: starting Python and importing the CLI
+    import hefeat.cli  # noqa: F401
+    res["s"] = time.perf_counter() - t0
 else:
     st = open_store(root)
     import inspect
@@ -307,8 +324,8 @@ print(json.dumps(res))
 """
 
 
-def measure_api(what: str, root: Path, eid: str, repeat: int, mem_gb: float) -> dict:
-    r = run_measured([sys.executable, "-c", API_SNIPPET, str(root), eid, what, str(repeat)], mem_gb)
+def measure_api(what: str, root: Path, eid: str, repeat: int, mem_gb: float, *extra: str) -> dict:
+    r = run_measured([sys.executable, "-c", API_SNIPPET, str(root), eid, what, str(repeat), *extra], mem_gb)
     if r["rc"] != 0:
         return {"error": _err_line(r), "rss_mb": r["rss_mb"]}
     return {**json.loads(r["out"].strip().splitlines()[-1]), "rss_mb": r["rss_mb"]}
@@ -328,9 +345,16 @@ def measure(root: Path, info: dict, a) -> list[dict]:
                     "st.stage = 'tiling' AND st.id = t.tiling_id AND st.slide_id = t.slide_id GROUP BY 1", "--json", *s],
                     a.repeat, a.mem_gb),
     ]
+    imp = measure_api("imports", root, eid, a.repeat, a.mem_gb)
+    rows.append({"name": "python + import hefeat.cli (floor of a CLI call)",
+                 **({"error": imp["error"]} if "error" in imp else {"s": imp["s"]}), "rss_mb": imp["rss_mb"]})
     o = measure_api("open", root, eid, a.repeat, a.mem_gb)
     rows.append({"name": "open a store (API)", **({"error": o["error"]} if "error" in o else {"s": o["s"]}),
                  "rss_mb": o["rss_mb"]})
+    q = measure_api("queries", root, eid, a.repeat, a.mem_gb, one)
+    for k, label in (("count", "count(*) FROM tiles"), ("one", "one-slide query"), ("join", "tiles x status join")):
+        rows.append({"name": f"{label} (API, store open)", **({"error": q["error"]} if "error" in q else {"s": q[k]}),
+                     "rss_mb": q["rss_mb"]})
     for what, label in (("one", "load_features 1 slide"), ("tenth", "load_features 10 % of slides")):
         r = measure_api(what, root, eid, a.repeat, a.mem_gb)
         if "error" in r:

@@ -29,20 +29,17 @@ def transform_values(v: np.ndarray, how: str) -> np.ndarray:
 
 
 def expression_table(store: Store, dataset: str = "expression", genes: list[str] | None = None) -> pd.DataFrame:
-    """Wide targets: one row per sample_id, one column per gene."""
-    known = store.sql("SELECT DISTINCT dataset FROM expression")["dataset"].tolist()
+    """Wide targets: one row per sample_id (sorted), one column per gene (sorted, or `genes` in their order)."""
+    from hefeat.store.expression import read_matrix
+
+    known = store.sql("SELECT DISTINCT dataset FROM expression_matrix")["dataset"].tolist()
     if dataset not in known:
         raise HefeatError(f"No target table {dataset!r} in the store (have: {', '.join(known) or 'none'}); "
                           "ingest one with hefeat ingest expression")
-    q = "SELECT sample_id, gene, value FROM expression WHERE dataset = ?"
-    long = store.sql(q, [dataset])
-    wide = long.pivot(index="sample_id", columns="gene", values="value")
-    if genes is not None:
-        missing = sorted(set(genes) - set(wide.columns))
-        if missing:
-            raise HefeatError(f"Genes not in {dataset!r}: {', '.join(missing[:10])}")
-        wide = wide[genes]
-    return wide
+    ids, cols, values = read_matrix(store, dataset, genes)  # the stored float matrix: no long rows, no pivot
+    wide = pd.DataFrame(values.astype(np.float64), index=pd.Index(ids, name="sample_id"),
+                        columns=pd.Index(cols, name="gene"))
+    return wide if genes is not None else wide.sort_index(axis=1)
 
 
 @dataclass
@@ -77,15 +74,22 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     if smap.empty:
         raise HefeatError(f"No sample of {dataset!r} has a slide with features in extraction {extraction_id}")
     key = "sample_id" if level == "sample" else "patient_id"
-    ids, groups, slides, ys, sites = [], [], [], [], []
-    for k, g in smap.groupby(key, sort=True):
-        ids.append(k)
-        groups.append(g["patient_id"].iloc[0])
-        slides.append(sorted(g["slide_id"].unique()))
-        ys.append(transform_values(wide.loc[g["sample_id"].unique()].to_numpy(float), transform).mean(0))
-        sites.append(str(g["site"].iloc[0]))
-    return SlideLevelData(ids=np.array(ids), groups=np.array(groups), slides=slides, X=np.zeros((len(ids), 0)),
-                          Y=np.stack(ys), genes=list(wide.columns), sites=np.array(sites))
+    # Groups sorted by key; per group: its first row's patient and site, its slides (sorted, unique) and
+    # the mean of its unique samples' transformed targets (vectorised: 10,000 groups in milliseconds).
+    smap = smap.reset_index(drop=True)
+    first = smap.drop_duplicates(key).sort_values(key, kind="stable")
+    ids = first[key].to_numpy()
+    gpos = pd.Index(ids).get_indexer(smap[key])
+    sl = smap.assign(_g=gpos).drop_duplicates(["_g", "slide_id"]).sort_values(["_g", "slide_id"])
+    cut = np.searchsorted(sl["_g"].to_numpy(), np.arange(1, len(ids)))
+    slides = [a.tolist() for a in np.split(sl["slide_id"].to_numpy(), cut)]
+    sm = smap.assign(_g=gpos).drop_duplicates(["_g", "sample_id"]).sort_values("_g", kind="stable")
+    Yt = transform_values(wide.to_numpy(float)[wide.index.get_indexer(sm["sample_id"])], transform)
+    starts = np.searchsorted(sm["_g"].to_numpy(), np.arange(len(ids)))
+    Y = np.add.reduceat(Yt, starts, axis=0) / np.diff(np.append(starts, len(Yt)))[:, None]
+    return SlideLevelData(ids=ids.astype(str), groups=first["patient_id"].to_numpy().astype(str), slides=slides,
+                          X=np.zeros((len(ids), 0)), Y=Y, genes=list(wide.columns),
+                          sites=first["site"].astype(str).to_numpy())
 
 
 def slide_level_data(store: Store, extraction_id: str, *, dataset: str = "expression", genes: list[str] | None = None,

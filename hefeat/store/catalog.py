@@ -375,12 +375,15 @@ class Store:
         """Compactable families and their current members {slide_id: (file, content token[, recorded size])}."""
         fams: dict[str, dict[str, tuple]] = {f"tiles={t}": {} for t in tiling_ids}
         c = self._status.columns
+        dirs = {t: str(layout.tiling_dir(self.root, t)) for t in tiling_ids}
         for i in range(len(c["slide_id"])):
             fam = f"tiles={c['id'][i]}"
             if c["stage"][i] == "tiling" and c["state"][i] == "ok" and fam in fams:
                 sid, tid = c["slide_id"][i], c["id"][i]
                 tok = c["digest"][i] or f"size:{c['size'][i]}:{c['finished_at'][i]}"
-                fams[fam][sid] = (layout.tiles_path(self.root, tid, sid), tok, c["size"][i])
+                # a plain string (a Path per slide costs 30 us: 0.3 s per bind at 10,000 slides); same name as
+                # layout.tiles_path, which checks the ids (slide ids in records were checked when written)
+                fams[fam][sid] = (os.path.join(dirs[tid], layout.slide_file(sid, ".parquet")), tok, c["size"][i])
         for mid in models:
             if not (layout.model_dir(self.root, mid) / layout.MODEL_INDEX).exists():
                 continue  # a model is visible only once complete

@@ -93,7 +93,7 @@ def plan(root: Path, name: str, members: dict[str, tuple]) -> Plan:
     for m in sorted(members):
         if covered.get(m) == members[m][1]:
             continue
-        path, size = members[m][0], (members[m][2] if len(members[m]) > 2 else None)
+        path, size = Path(members[m][0]), (members[m][2] if len(members[m]) > 2 else None)
         try:
             intact = size is None or path.stat().st_size == size
         except OSError:

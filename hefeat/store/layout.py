@@ -74,9 +74,14 @@ def tiling_meta_path(root: Path, tiling_id: str) -> Path:
     return tiling_dir(root, tiling_id) / TILING_META
 
 
+def slide_file(slide_id: str, ext: str) -> str:
+    """File name of one slide's part of a per-slide family (tiles, predictions)."""
+    return f"slide={slide_id}{ext}"
+
+
 def tiles_path(root: Path, tiling_id: str, slide_id: str) -> Path:
     """Tile metadata Parquet of one slide in one tiling."""
-    return tiling_dir(root, tiling_id) / f"slide={check_id(slide_id)}.parquet"
+    return tiling_dir(root, tiling_id) / slide_file(check_id(slide_id), ".parquet")
 
 
 # -- features --------------------------------------------------------------------------------
@@ -155,7 +160,7 @@ def predictions_dir(root: Path, model_id: str) -> Path:
 
 def predictions_path(root: Path, model_id: str, slide_id: str) -> Path:
     """Per-slide predictions Parquet of one model."""
-    return predictions_dir(root, model_id) / f"slide={check_id(slide_id)}.parquet"
+    return predictions_dir(root, model_id) / slide_file(check_id(slide_id), ".parquet")
 
 
 def index_dir(root: Path, index_id: str) -> Path:

@@ -159,11 +159,19 @@ def load_status(root: Path, *, write: bool = True) -> StatusSnapshot:
         mtime = d.stat().st_mtime_ns
         prev = old_dirs.get(d.name)
         if prev and prev.get("mtime") == mtime:
-            for i in by_dir.get(d.name, []):
+            rows = by_dir.get(d.name, [])
+            if rows and rows[-1] - rows[0] + 1 == len(rows):  # the usual case: one contiguous block, sliced
+                a, b = rows[0], rows[-1] + 1
                 for k in STATUS_FIELDS:
-                    cols[k].append(old[k][i])
+                    cols[k].extend(old[k][a:b])
                 for k in meta_cols:
-                    meta_cols[k].append(old[k][i])
+                    meta_cols[k].extend(old[k][a:b])
+            else:
+                for i in rows:
+                    for k in STATUS_FIELDS:
+                        cols[k].append(old[k][i])
+                    for k in meta_cols:
+                        meta_cols[k].append(old[k][i])
             snap.rows_kept += len(by_dir.get(d.name, []))
             snap.malformed += prev.get("malformed", [])
             snap.locks += [f"{d.name}/{n}" for n in prev.get("locks", [])]
