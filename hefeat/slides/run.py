@@ -86,6 +86,39 @@ def open_catalog_slide(row: pd.Series, *, verify: bool = True) -> Slide:
     return Slide(row["path"], mpp=float(row["mpp_x"]))
 
 
+def prepare_tiling(store: Store, params: TilingParams) -> str:
+    """The tiling's folder (stale temporaries cleaned) and its _tiling.json; returns its id."""
+    tid = tiling_id(params)
+    tdir = store.tiling_dir(tid)
+    tdir.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(tdir)
+    meta = layout.tiling_meta_path(store.root, tid)
+    if not meta.exists():
+        write_json(meta, {"tiling_id": tid, "mpp": params.mpp, "size": params.size, "background": params.background,
+                          "spots": params.spots, "created": timestamp(), "params": params.to_dict()})
+    return tid
+
+
+def write_slide_tiles(store: Store, tid: str, sid: str, df: pd.DataFrame) -> dict:
+    """Write one slide's tiles Parquet atomically (step 1 of its commit); n_tiles and digest for its record."""
+    df.insert(0, "slide_id", sid)
+    df.insert(0, "tiling_id", tid)
+    write_parquet(df, store.tiles_path(tid, sid), kind="tiles")
+    return {"n_tiles": len(df), "digest": frame_fingerprint(df)}
+
+
+def tiling_spots(store: Store, table: pd.DataFrame, slides: list[str] | None):
+    """(spots of the store, slides without spots, the slide table restricted to slides with spots) for a spot tiling."""
+    spots = store.sql("SELECT slide_id, spot_id, x, y FROM spots")
+    have = set(spots["slide_id"])
+    no_spots = sorted(set(table["slide_id"]) - have)
+    if slides and no_spots:
+        raise HefeatError(f"Slides without spots cannot get a spot tiling: {', '.join(no_spots)}. Ingest spots first.")
+    if not have:
+        raise HefeatError("No spots in the store. Ingest them first: hefeat ingest spots spots.parquet")
+    return spots, no_spots, table[table["slide_id"].isin(have)]
+
+
 def run_tiling(
     store: Store,
     params: TilingParams,
@@ -109,24 +142,11 @@ def run_tiling(
     spots = None
     no_spots: list[str] = []
     if params.spots:
-        spots = store.sql("SELECT slide_id, spot_id, x, y FROM spots")
-        have = set(spots["slide_id"])
-        no_spots = sorted(set(table["slide_id"]) - have)
-        if slides and no_spots:
-            raise HefeatError(f"Slides without spots cannot get a spot tiling: {', '.join(no_spots)}. Ingest spots first.")
-        if not have:
-            raise HefeatError("No spots in the store. Ingest them first: hefeat ingest spots spots.parquet")
-        table = table[table["slide_id"].isin(have)]
+        spots, no_spots, table = tiling_spots(store, table, slides)
     table = table.set_index("slide_id")
     todo = shard_slides(list(table.index), shard)
 
-    tdir = store.tiling_dir(tid)
-    tdir.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(tdir)
-    meta = layout.tiling_meta_path(store.root, tid)
-    if not meta.exists():
-        write_json(meta, {"tiling_id": tid, "mpp": params.mpp, "size": params.size, "background": params.background,
-                          "spots": params.spots, "created": timestamp(), "params": params.to_dict()})
+    prepare_tiling(store, params)
 
     def step(task: SlideTask) -> dict:
         sid = task.slide_id
@@ -141,10 +161,7 @@ def run_tiling(
                 from hefeat.slides.qc_thumbnail import write_qc_thumbnail
 
                 write_qc_thumbnail(slide, tissue, df, store.qc_thumbnail_path(tid, sid))
-        df.insert(0, "slide_id", sid)
-        df.insert(0, "tiling_id", tid)
-        write_parquet(df, store.tiles_path(tid, sid), kind="tiles")
-        return {"n_tiles": len(df), "digest": frame_fingerprint(df)}
+        return write_slide_tiles(store, tid, sid, df)
 
     summary = run_slides(store, "tiling", tid, todo, step, fail_fast=fail_fast, progress=progress,
                          desc=f"tiling {tid}", input_digest=lambda sid: slide_input_digest(table.loc[sid]))

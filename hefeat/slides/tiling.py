@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,34 @@ class TilingParams:
         d = dict(d)
         d["overrides"] = tuple((sid, tuple((k, v) for k, v in vals)) for sid, vals in d.get("overrides", ()))
         return cls(**d)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> TilingParams:
+        """Parameters from 'mpp=0.5,size=224,background=mean-rgb' (the keys of `hefeat tile`, underscores or dashes)."""
+        types = {f.name: f.type for f in fields(cls)}
+        vals: dict = {}
+        for item in filter(None, (p.strip() for p in spec.split(","))):
+            k, eq, v = item.partition("=")
+            k = k.strip().replace("-", "_")
+            if not eq or k not in types or k in ("overrides", "version"):
+                raise HefeatError(f"--tile expects KEY=VALUE pairs like mpp=0.5,size=224; {item!r} is not one "
+                                  f"(keys: {', '.join(n for n in types if n not in ('overrides', 'version'))})")
+            v = v.strip()
+            t = str(types[k])
+            try:
+                if "bool" in t:
+                    vals[k] = v.lower() in ("1", "true", "yes", "y", "on")
+                elif v.lower() == "none" and "None" in t:
+                    vals[k] = None
+                elif "int" in t:
+                    vals[k] = int(v)
+                elif "float" in t:
+                    vals[k] = float(v)
+                else:
+                    vals[k] = v
+            except ValueError:
+                raise HefeatError(f"--tile: {k}={v!r} is not a {t.split()[0]}") from None
+        return cls(**vals)
 
     def for_slide(self, slide_id: str) -> TilingParams:
         """These parameters with `slide_id`'s overrides applied (and no override table)."""
@@ -154,27 +182,67 @@ def grid(slide: Slide, params: TilingParams) -> pd.DataFrame:
     )
 
 
-def _qc_all(slide: Slide, df: pd.DataFrame, params: TilingParams, threads: int) -> pd.DataFrame:
-    """Read every tile of `df` at the target resolution (in scan order) and add QC columns."""
+def read_tiles(slide: Slide, df: pd.DataFrame, params: TilingParams, threads: int, *,
+               order: np.ndarray | None = None, on_tile=None) -> pd.DataFrame:
+    """Read every tile of `df` at the target resolution once and return its QC columns (aligned to df).
 
-    def one(xy):
-        rgb = slide.read(xy[0], xy[1], params.size, params.mpp)
-        return tile_qc(rgb, rgb_background=params.rgb_background, density_level=params.density_level)
+    Tiles are read in `order` (positions into df; default: df's order) on `threads` threads, at most
+    a few dozen in flight; `on_tile(pos, rgb, qc)` sees each decoded tile in that order on the
+    calling thread (the decode-once extraction embeds them there).
+    """
+
+    def one(pos):
+        x, y = coords[pos]
+        rgb = slide.read(x, y, params.size, params.mpp)
+        return rgb, tile_qc(rgb, rgb_background=params.rgb_background, density_level=params.density_level)
 
     coords = list(zip(df["x"].tolist(), df["y"].tolist(), strict=True))
-    if threads > 1 and len(coords) > 8:
-        with ThreadPoolExecutor(threads) as ex:  # OpenSlide reads release the GIL
-            rows = list(ex.map(one, coords, chunksize=4))
-    else:
-        rows = [one(c) for c in coords]
-    qc = pd.DataFrame(rows, index=df.index)
-    return pd.concat([df, qc], axis=1)
+    positions = range(len(coords)) if order is None else [int(i) for i in order]
+    rows: list = [None] * len(coords)
+    for pos, (rgb, qc) in _ordered_map(one, positions, threads if len(coords) > 8 else 1):
+        rows[pos] = qc
+        if on_tile is not None:
+            on_tile(pos, rgb, qc)
+    return pd.DataFrame(rows, index=df.index)
+
+
+def _ordered_map(fn, items, threads: int):
+    """(item, fn(item)) in order, computed on `threads` threads with a bounded window (tiles are not all held)."""
+    if threads <= 1:
+        for it in items:
+            yield it, fn(it)
+        return
+    from collections import deque
+
+    window = threads * 8
+    pending: deque = deque()
+    with ThreadPoolExecutor(threads) as ex:  # OpenSlide reads release the GIL
+        for it in items:
+            pending.append((it, ex.submit(fn, it)))
+            if len(pending) >= window:
+                i, f = pending.popleft()
+                yield i, f.result()
+        while pending:
+            i, f = pending.popleft()
+            yield i, f.result()
+
+
+def _qc_all(slide: Slide, df: pd.DataFrame, params: TilingParams, threads: int) -> pd.DataFrame:
+    """Read every tile of `df` at the target resolution (in scan order) and add QC columns."""
+    return pd.concat([df, read_tiles(slide, df, params, threads)], axis=1)
+
+
+def sample_positions(n: int, params: TilingParams) -> np.ndarray | None:
+    """Positions kept by the seeded --max-tiles sample of `n` tiles (None: all)."""
+    if params.max_tiles is None or n <= params.max_tiles:
+        return None
+    rng = np.random.default_rng(params.seed)
+    return np.sort(rng.choice(n, params.max_tiles, replace=False))
 
 
 def _finish(df: pd.DataFrame, params: TilingParams) -> pd.DataFrame:
-    if params.max_tiles is not None and len(df) > params.max_tiles:
-        rng = np.random.default_rng(params.seed)
-        keep = np.sort(rng.choice(len(df), params.max_tiles, replace=False))
+    keep = sample_positions(len(df), params)
+    if keep is not None:
         df = df.iloc[keep]
     df = df.sort_values(["row", "col"], kind="stable").reset_index(drop=True)
     df.insert(0, "tile_id", np.arange(len(df), dtype=np.int64))
@@ -199,14 +267,10 @@ def slide_tissue(slide: Slide, params: TilingParams) -> TissueMask:
     return detect_tissue(thumb, mask_mpp, min_object_um2=params.min_object_um2, max_hole_um2=params.max_hole_um2)
 
 
-def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None) -> tuple[pd.DataFrame, TissueMask]:
-    """Tissue tiles of one slide with QC columns (one row per tile, tile_id = scan order).
-
-    Raises NoTissueError when no tile passes the rules.
-    """
+def tile_candidates(slide: Slide, params: TilingParams) -> tuple[pd.DataFrame, TissueMask]:
+    """Grid tiles worth reading (tissue share >= the Otsu prefilter) and the tissue mask; NoTissueError if none."""
     if params.spots:
         raise HefeatError("spot tilings come from spot_tiles(), not tile_slide()")
-    threads = threads or min(4, os.cpu_count() or 1)
     tissue = slide_tissue(slide, params)
     if not tissue.mask.any():
         raise NoTissueError(f"no tissue found (Otsu threshold {tissue.threshold:.3f} on saturation)")
@@ -216,7 +280,13 @@ def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None
     df = df[df["tissue_frac"] >= prefilter]
     if df.empty:
         raise NoTissueError(f"no tile reaches tissue fraction {prefilter:g}")
-    df = _qc_all(slide, df, params, threads)
+    return df, tissue
+
+
+def select_tiles(df: pd.DataFrame, params: TilingParams) -> pd.DataFrame:
+    """Candidates with QC columns -> the kept tiles (background rule, --max-tiles), tile_id in scan order."""
+    if params.spots:  # every spot is kept (--max-tiles aside)
+        return _finish(df, params)
     if params.background == "mean-rgb":
         df = df[df["background_frac"] <= params.max_background]
     elif params.background == "density":
@@ -225,14 +295,23 @@ def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None
         df = df[df["density"] > 0]
     if df.empty:
         raise NoTissueError(f"no tile passes the {params.background!r} background rule")
-    return _finish(df, params), tissue
+    return _finish(df, params)
 
 
-def spot_tiles(slide: Slide, spots: pd.DataFrame, params: TilingParams, *, threads: int | None = None) -> pd.DataFrame:
-    """One patch per spot, centred on the spot's level-0 (x, y); keeps spot_id and a grid row/col."""
+def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None) -> tuple[pd.DataFrame, TissueMask]:
+    """Tissue tiles of one slide with QC columns (one row per tile, tile_id = scan order).
+
+    Raises NoTissueError when no tile passes the rules.
+    """
+    threads = threads or min(4, os.cpu_count() or 1)
+    df, tissue = tile_candidates(slide, params)
+    return select_tiles(_qc_all(slide, df, params, threads), params), tissue
+
+
+def spot_candidates(slide: Slide, spots: pd.DataFrame, params: TilingParams) -> pd.DataFrame:
+    """One patch per spot, centred on the spot's level-0 (x, y), in (y, x) order, before QC."""
     if spots.empty:
         raise HefeatError("this slide has no spots; ingest a spots table first (hefeat ingest spots)")
-    threads = threads or min(4, os.cpu_count() or 1)
     size0 = slide.level0_size(params.size, params.mpp)
     sp = spots.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
     df = pd.DataFrame(
@@ -246,8 +325,14 @@ def spot_tiles(slide: Slide, spots: pd.DataFrame, params: TilingParams, *, threa
         }
     )
     df["tissue_frac"] = np.float32(np.nan)
-    df = _qc_all(slide, df, params, threads)
-    return _finish(df, params)
+    return df
+
+
+def spot_tiles(slide: Slide, spots: pd.DataFrame, params: TilingParams, *, threads: int | None = None) -> pd.DataFrame:
+    """One patch per spot, centred on the spot's level-0 (x, y); keeps spot_id and a grid row/col."""
+    threads = threads or min(4, os.cpu_count() or 1)
+    df = spot_candidates(slide, spots, params)
+    return select_tiles(_qc_all(slide, df, params, threads), params)
 
 
 def _dense_rank(v: np.ndarray, tol: float = 2.0) -> np.ndarray:
