@@ -153,6 +153,9 @@ def encoders(store_path, as_json):
               help="imagenet / hub / bundled (defaults per encoder), none (random, seeded: a warning) or a weights file.")
 @click.option("--layer", default=None, help="Truncate at this stage, then global-average-pool (e.g. layer3).")
 @click.option("--tiling", "tiling_id", default=None, help="Tiling id (default: the store's only tissue tiling).")
+@click.option("--tile", "tile_spec", default=None,
+              help="Tile too, with these `hefeat tile` settings (e.g. mpp=0.5,size=224): slides not tiled yet are "
+                   "tiled and embedded from one read of each tile (decode once).")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all tiled slides).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: measured on this machine (fastest numerically sound; cached; recorded).")
@@ -174,7 +177,7 @@ def encoders(store_path, as_json):
 @click.option("--fail-fast", is_flag=True)
 @store_option
 @json_option
-def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, fit, workers, shard, engine, tta,
+def extract(encoder, weights, layer, tiling_id, tile_spec, slides, precision, batch_size, fit, workers, shard, engine, tta,
             stain_norm, stain_reference, compile_, dtype, seed, device, fail_fast, store_path, as_json):
     """Embed every tile of a tiling into per-slide HDF5 files (resumable, shardable).
 
@@ -185,8 +188,10 @@ def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, f
       hefeat extract --encoder densenet121 --tiling <tid> --tta              # ST-Net, spot tiles
       hefeat extract --encoder resnet50 --weights w.safetensors --shard 3/16
       hefeat extract --encoder uni --weights uni.bin --stain-norm macenko --stain-reference ref.png
+      hefeat extract --tile mpp=0.5,size=224 --encoder resnet50 --weights imagenet   # tile + embed, one read
     """
     from hefeat.extract.pipeline import ExtractOptions, run_extraction
+    from hefeat.slides.tiling import TilingParams
 
     if weights == "none":
         click.secho(f"WARNING: --weights none: {encoder} has RANDOM weights; its features mean nothing "
@@ -197,13 +202,30 @@ def extract(encoder, weights, layer, tiling_id, slides, precision, batch_size, f
               dtype=dtype, seed=seed, slides=split_ids(slides), fit=fit, stain=stain_norm,
               stain_reference=stain_reference, options=opt)
     st = get_store(store_path)
+    tile_params = TilingParams.from_spec(tile_spec) if tile_spec else None
     if engine == "ray":
         from hefeat.extract.ray_engine import run_extraction_ray
 
+        once = None
+        if tile_params is not None:  # each Ray shard extracts; tiling runs here first
+            from hefeat.slides.run import run_tiling
+
+            t = run_tiling(st, tile_params, slides=split_ids(slides), fail_fast=fail_fast, progress=progress_enabled(as_json))
+            kw["tiling_id"] = t.extra["tiling_id"]
+            once = {"used": False, "why": "--engine ray: slides are tiled first, then embedded from a second read",
+                    "tiling": t.to_dict()}
         s = run_extraction_ray(st, shard=shard, **kw).to_dict()
+        if once:
+            s["decode_once"] = once
     else:
-        s = run_extraction(st, shard=shard, **kw).to_dict()
-    emit(s, as_json, run_text(s, f"Extraction {s['extraction_id']} ({s.get('encoder')}, {s.get('dim')}-d)"))
+        s = run_extraction(st, shard=shard, tile_params=tile_params, **kw).to_dict()
+    text = run_text(s, f"Extraction {s['extraction_id']} ({s.get('encoder')}, {s.get('dim')}-d)")
+    if s.get("decode_once"):
+        d = s["decode_once"]
+        text += (f"\nDecode once: {d.get('tiles_read_once', 0)} tiles read once (QC + embedding), "
+                 f"{d.get('tiles_read_twice', 0)} read again after tiling; ~{d.get('read_s_saved_est', 0)} s of reads saved"
+                 if d["used"] else f"\nDecode once not used: {d['why']}")
+    emit(s, as_json, text)
     if s["exit_code"]:  # every slide failed or was busy
         sys.exit(s["exit_code"])
 

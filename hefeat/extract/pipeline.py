@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute si
     embed_batch,
     plan_input,
 )
+from hefeat.extract.decode_once import DecodeOnce
 from hefeat.extract.encoders import Encoder, EncoderConfig, create_encoder
 from hefeat.extract.precision import CHOICES, PrecisionChoice, select_precision
 from hefeat.runner import RunSummary, SlideRunner, SlideTask, shard_slides
@@ -36,6 +38,9 @@ from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.features import FeatureFileWriter, refresh_aggregates
 from hefeat.store.runs import record_run, timestamp
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hefeat.slides.tiling import TilingParams
 
 PRECISIONS = CHOICES
 DEFAULT_BATCH = 64
@@ -248,6 +253,7 @@ def run_extraction(
     stain: str | None = None,
     stain_reference: str | None = None,
     options: ExtractOptions | None = None,
+    tile_params: TilingParams | None = None,
 ) -> RunSummary:
     """Embed every tile of a tiling with an encoder into per-slide HDF5 files; resumable.
 
@@ -255,6 +261,8 @@ def run_extraction(
     `fit` says how tiles become the encoder's input size (see hefeat.extract.compute.plan_input).
     `stain` ('macenko' | 'reinhard') normalises every tile on the device towards `stain_reference`:
     an image file, or (default) a seeded sample of the tiling's tiles across all its slides.
+    `tile_params` names the tiling by its parameters: slides it has not covered yet are tiled and
+    embedded from one read of each tile (see hefeat.extract.decode_once), the others as usual.
     """
 
     opt = options or ExtractOptions()
@@ -263,17 +271,23 @@ def run_extraction(
         raise HefeatError(f"--dtype must be float16 or float32, got {dtype!r}")
     if opt.batch_size is not None and opt.batch_size < 1:
         raise HefeatError("--batch-size must be >= 1")
-    tid = tiling_id or _default_tiling(store)
+    once = DecodeOnce.plan(store, tile_params, tiling_id, slides, shard, stain=stain, stain_reference=stain_reference,
+                           opt=opt) if tile_params is not None else None
+    tid = once.tiling_id if once else (tiling_id or _default_tiling(store))
     tiling = store.tiling(tid)
     tiled_rows = store.finished("tiling", tid)
     tiled = tiled_rows["slide_id"].tolist()
     all_tiled = list(tiled)  # a cohort stain reference is fitted over all of them, whatever this run does
-    if slides:
-        missing = sorted(set(slides) - set(tiled))
-        if missing:
-            raise HefeatError(f"Slides not tiled in tiling {tid}: {', '.join(missing)}. Run hefeat tile first.")
-        tiled = [s for s in tiled if s in set(slides)]
-    todo = shard_slides(tiled, shard)
+    if once:
+        have = set(tiled)
+        todo = [s for s in once.mine if s in have]
+    else:
+        if slides:
+            missing = sorted(set(slides) - set(tiled))
+            if missing:
+                raise HefeatError(f"Slides not tiled in tiling {tid}: {', '.join(missing)}. Run hefeat tile first.")
+            tiled = [s for s in tiled if s in set(slides)]
+        todo = shard_slides(tiled, shard)
     device = resolve_device(opt.device)
     enc = create_encoder(encoder, weights=weights, layer=layer, seed=seed, store=store)
     cfg = enc.config
@@ -282,7 +296,7 @@ def run_extraction(
     transform = DeviceTransform(cfg, device, plan=plan, stain=stain_ref.normalizer() if stain_ref else None)
     t_cal = time.perf_counter()
     choice = choose_precision(enc, transform, store, tid, todo, device=device, requested=precision,
-                              batch_size=opt.batch_size)
+                              batch_size=opt.batch_size, fallback=once.sample_tiles if once else None)
     calibrate_s = time.perf_counter() - t_cal
     prec = choice.precision
     opt = dataclasses.replace(opt, batch_size=opt.batch_size or choice.batch_size or DEFAULT_BATCH)
@@ -309,10 +323,15 @@ def run_extraction(
     slide_rows = store.slides(todo).set_index("slide_id") if todo else None
     tiles_digest = dict(zip(tiled_rows["slide_id"], tiled_rows["digest"], strict=True))
     info = {"dim": cfg.dim, "batch_size": opt.batch_size, "precision": prec, "device": device}
+    if todo or (once and once.fused):
+        _prepare_net(enc, device, transform, opt)
     with SlideRunner(store, "extraction", eid, fail_fast=opt.fail_fast, input_digest=tiles_digest.get) as runner:
         timings = _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, device=device, precision=prec,
                                 tta=tta, dtype=dtype, opt=opt, info=info, transform=transform,
                                 expected=int(tiled_rows.set_index("slide_id").loc[todo, "n_tiles"].sum()) if todo else 0)
+        if once:
+            once.run(store, runner, enc, transform, tiling, cfg, device=device, precision=prec, tta=tta, dtype=dtype,
+                     opt=opt, info=info, tiles_digest=tiles_digest, timings=timings)
     summary = runner.summary
     if summary.ok:
         refresh_aggregates(store, eid)  # the consolidated slide table reads in one go
@@ -321,6 +340,8 @@ def run_extraction(
                           "precision_choice": {k: choice.to_dict()[k] for k in ("source", "reason", "channels_last")},
                           "encoder_mpp": plan.encoder_mpp, "fit": plan.fit,
                           "decode": info.get("decode"), "timings": {**timings, "calibrate_s": round(calibrate_s, 3)}})
+    if once:
+        summary.extra["decode_once"] = once.report()
     summary.extra["run_id"] = record_run(store, "extract", summary.to_dict(), params={
         "encoder": encoder, "weights": weights, "layer": layer, "precision": prec, "tta": tta, "dtype": dtype,
         "batch_size": opt.batch_size, "workers": opt.workers, "shard": shard})
@@ -390,14 +411,19 @@ def calibration_tiles(store: Store, tiling_id: str, slide_ids: list[str], n: int
 
 
 def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, tiling_id: str, slide_ids: list[str], *,
-                     device: str, requested: str, batch_size: int | None) -> PrecisionChoice:
-    """Resolve --precision for this encoder on this device, calibrating on real tiles of the run when 'auto'."""
+                     device: str, requested: str, batch_size: int | None, fallback=None) -> PrecisionChoice:
+    """Resolve --precision for this encoder on this device, calibrating on real tiles of the run when 'auto'.
+
+    `fallback(n)` gives tiles when no slide of the run is tiled yet (decode once reads grid candidates).
+    """
     import torch
 
     enc.to(device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     n = CALIBRATION_TILES.get(kind, 8)
     imgs = calibration_tiles(store, tiling_id, slide_ids, n) if requested == "auto" else None
+    if imgs is None and requested == "auto" and fallback is not None:
+        imgs = fallback(n)
     if imgs is None:  # nothing to read (all done, or a fixed precision): uniform noise has the right shape
         size = transform.plan.tile_px if transform.plan else transform.size[0]
         imgs = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -436,9 +462,26 @@ def _prepared(store: Store, runner: SlideRunner, todo: list[str], slide_rows, ti
                         float(tiles["size0"].iloc[0]) if len(tiles) else 0.0)
 
 
+def feature_attrs(cfg: EncoderConfig, tiling: dict, eid: str, slide_id: str, size0: float, precision: str) -> dict:
+    """Attributes of a slide's feature file (what made it, at which tile size)."""
+    return {"encoder": cfg.name, "layer": cfg.layer or "", "weights": cfg.weights, "weights_digest": cfg.weights_digest,
+            "dim": cfg.dim, "patch_size": int(tiling["size"]), "patch_size_level0": size0, "mpp": float(tiling["mpp"]),
+            "tiling_id": tiling["tiling_id"], "extraction_id": eid, "slide_id": slide_id, "precision": precision}
+
+
+def _prepare_net(enc: Encoder, device: str, transform: DeviceTransform, opt: ExtractOptions) -> None:
+    """The encoder on its device, in the chosen memory format, compiled if asked."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    enc.net.to(device).to(memory_format=torch.channels_last if transform.channels_last else torch.contiguous_format)
+    if opt.compile:
+        enc.net = torch.compile(enc.net)
+
+
 def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, precision, tta, dtype, opt, info,
                   expected, transform: DeviceTransform) -> dict:
-    import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -446,11 +489,6 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     if not todo:
         return timings
     eid = runner.key
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
-    enc.net.to(device).to(memory_format=torch.channels_last if transform.channels_last else torch.contiguous_format)
-    if opt.compile:
-        enc.net = torch.compile(enc.net)
     ds = TileDataset(int(tiling["size"]), float(tiling["mpp"]))
     jobs: list[_SlideJob] = []
     sampler = _ClaimingBatches(jobs, _prepared(store, runner, todo, slide_rows, tiling["tiling_id"]), opt.batch_size)
@@ -461,12 +499,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
 
     def open_writer(job: _SlideJob) -> FeatureFileWriter:
         return FeatureFileWriter(store.features_path(eid, job.slide_id), len(job.coords), cfg.dim, dtype=dtype,
-                                 coords=job.coords, attrs={
-                                     "encoder": cfg.name, "layer": cfg.layer or "", "weights": cfg.weights,
-                                     "weights_digest": cfg.weights_digest, "dim": cfg.dim,
-                                     "patch_size": int(tiling["size"]), "patch_size_level0": job.size0,
-                                     "mpp": float(tiling["mpp"]), "tiling_id": tiling["tiling_id"],
-                                     "extraction_id": eid, "slide_id": job.slide_id, "precision": precision})
+                                 coords=job.coords, attrs=feature_attrs(cfg, tiling, eid, job.slide_id, job.size0, precision))
 
     writer = _Writer(runner, jobs, open_writer, info, dtype)
     writer.start()
