@@ -9,8 +9,8 @@ parameters:
     params: {split: patient-kfold:5, seed: 0}
 
 `run_recipe` tiles at the recipe's resolution and extracts with its encoder through the public
-`run_tiling` / `run_extraction` (work already in the store is reused: same tiling and extraction
-ids), then fits. A parameter may be `{recipe: NAME}`: that recipe runs first and its model id is
+`run_extraction(..., tile_params=...)` (slides not tiled yet are tiled and embedded from one read of
+each tile; work already in the store is reused: same tiling and extraction ids), then fits. A parameter may be `{recipe: NAME}`: that recipe runs first and its model id is
 the value (transfer uses the HE2RNA model); `{recipe: NAME, params: {...}}` also overrides some of
 that recipe's parameters. Every key is checked: unknown keys are errors, and a
 recipe is never fitted on an extraction whose tiling or encoder differ from its own.
@@ -206,29 +206,32 @@ def run_recipe(store: Store, recipe: Recipe, *, extraction_id: str | None = None
 
 def _tile_and_extract(store: Store, recipe: Recipe, provenance: dict, *, progress: bool) -> str:
     from hefeat.extract.pipeline import ExtractOptions, run_extraction
-    from hefeat.slides.run import run_tiling
     from hefeat.slides.tiling import TilingParams
 
-    t = run_tiling(store, TilingParams(**recipe.tiling), progress=progress)
-    if t.failed:
-        raise HefeatError(f"Recipe {recipe.name}: tiling failed for {len(t.failed)} slides, e.g. "
-                          f"{next(iter(t.failed.items()))}; fix them or drop them from the store")
-    tid = t.extra["tiling_id"]
     enc = dict(recipe.encoder)
     opt_names = {f.name for f in dataclasses.fields(ExtractOptions)}
     opts = {k: enc.pop(k) for k in list(enc) if k in opt_names}
     opts.setdefault("progress", progress)
     try:
-        e = run_extraction(store, tiling_id=tid, encoder=enc.pop("name"), options=ExtractOptions(**opts), **enc)
+        # Slides not tiled yet are tiled and embedded from one read of each tile (decode once).
+        e = run_extraction(store, tile_params=TilingParams(**recipe.tiling), encoder=enc.pop("name"),
+                           options=ExtractOptions(**opts), **enc)
     except HefeatError as err:  # say how to change the recipe's encoder from the command line
         raise HefeatError(f"{err} (recipe {recipe.name}: change its encoder with --set encoder.weights=PATH, "
                           "--set encoder.weights=none or --set encoder.name=...)") from None
+    once = e.extra["decode_once"]
+    t = once["tiling"]
+    if t["failed"]:
+        raise HefeatError(f"Recipe {recipe.name}: tiling failed for {len(t['failed'])} slides, e.g. "
+                          f"{next(iter(t['failed'].items()))}; fix them or drop them from the store")
+    tid = t["tiling_id"]
     if e.failed:
         raise HefeatError(f"Recipe {recipe.name}: extraction failed for {len(e.failed)} slides, e.g. "
                           f"{next(iter(e.failed.items()))}")
     provenance.update(tiling=dict(recipe.tiling), encoder=dict(recipe.encoder), tiling_id=tid,
-                      tiled={"new": len(t.ok), "reused": len(t.done), "skipped": len(t.skipped)},
-                      extracted={"new": len(e.ok), "reused": len(e.done)})
+                      tiled={"new": t["ok"], "reused": t["already_done"], "skipped": len(t["skipped"])},
+                      extracted={"new": len(e.ok), "reused": len(e.done)},
+                      decode_once={k: once[k] for k in ("used", "why", "tiles_read_once", "tiles_read_twice")})
     return e.extra["extraction_id"]
 
 
