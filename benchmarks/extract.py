@@ -13,6 +13,7 @@ weights: speed does not depend on them):
 Ratios printed: hefeat / fastest bare precision, hefeat / baseline.
 Run: python benchmarks/extract.py [--encoders resnet50:layer3,resnet50] [--tiles 1024] [--baseline-tiles 512]
      python benchmarks/extract.py --memory      # peak RSS for a 5,000- vs a 50,000-tile slide
+     python benchmarks/extract.py --decode-once --encoders resnet18:layer1   # tile then extract vs one read
 """
 
 from __future__ import annotations
@@ -183,6 +184,64 @@ def memory(a) -> None:
     print(json.dumps(res, indent=1))
 
 
+DECODE_ONCE_CHILD = """
+import json, sys, time, os
+os.environ["HF_HUB_OFFLINE"] = "1"
+from hefeat.extract.pipeline import ExtractOptions, run_extraction
+from hefeat.slides.run import run_tiling
+from hefeat.slides.tiling import TilingParams
+from hefeat.store.catalog import Store
+st, mode, name, layer, batch, workers = Store(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] or None, int(sys.argv[5]), sys.argv[6]
+params = TilingParams(tissue_threshold=0.25)
+opt = ExtractOptions(batch_size=batch, workers=int(workers) if workers else None)
+enc = dict(encoder=name, weights="none", layer=layer, precision="bf16")
+t0 = time.perf_counter()
+if mode == "two-step":
+    t = run_tiling(st, params)
+    t1 = time.perf_counter()
+    s = run_extraction(st, tiling_id=t.extra["tiling_id"], options=opt, **enc)
+    out = {"tiling_s": round(t1 - t0, 3), "extract_s": round(time.perf_counter() - t1, 3)}
+else:
+    s = run_extraction(st, tile_params=params, options=opt, **enc)
+    out = {"decode_once": s.extra["decode_once"]}
+out.update(wall_s=round(time.perf_counter() - t0, 3), tiles=s.tiles, extraction_id=s.extra["extraction_id"])
+print(json.dumps(out))
+"""
+
+
+def decode_once(a) -> None:
+    """Tile then extract (each tile decoded twice) vs `extract --tile` (once), same cohort, fresh stores, alternated."""
+    import shutil
+
+    from hefeat.slides.run import ingest_slides
+    from hefeat.slides.synth import make_cohort
+    from hefeat.store.catalog import Store
+
+    name, _, layer = a.encoders.split(",")[0].partition(":")
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "encoder": a.encoders.split(",")[0],
+                 "load_before": [round(v, 2) for v in os.getloadavg()], "runs": []}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        make_cohort(d / "c", n_slides=4, n_genes=20, seed=3, width_um=3200, height_um=2400)
+        ingest_slides(Store.init(d / "template"), sorted(glob.glob(str(d / "c" / "slides" / "*.tiff"))))
+        for rep in range(a.repeat):
+            for mode in (("two-step", "decode-once") if rep % 2 == 0 else ("decode-once", "two-step")):
+                root = d / f"{mode}-{rep}"
+                shutil.copytree(d / "template", root)
+                p = subprocess.run([sys.executable, "-c", DECODE_ONCE_CHILD, str(root), mode, name, layer, str(a.batch),
+                                    str(a.workers or "")], capture_output=True, text=True, check=True)
+                r = {"mode": mode, **json.loads(p.stdout.strip().splitlines()[-1])}
+                res["runs"].append(r)
+                print(json.dumps(r), flush=True)
+                shutil.rmtree(root)
+    best = {m: min(r["wall_s"] for r in res["runs"] if r["mode"] == m) for m in ("two-step", "decode-once")}
+    assert len({r["extraction_id"] for r in res["runs"]}) == 1, "both paths must give the same extraction"
+    res["best_wall_s"] = best
+    res["ratio_two_step_over_decode_once"] = round(best["two-step"] / best["decode-once"], 3)
+    res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(res, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoders", default="resnet50:layer3,resnet50", help="name[:layer],... (timm names)")
@@ -193,9 +252,14 @@ def main() -> None:
     ap.add_argument("--bare-seconds", type=float, default=15.0, help="seconds of work per bare candidate")
     ap.add_argument("--baseline-tiles", type=int, default=512, help="tiles through the CLAM-style loop")
     ap.add_argument("--memory", action="store_true", help="Only measure peak RSS for 5k vs 50k tiles.")
+    ap.add_argument("--decode-once", action="store_true",
+                    help="Only compare tile-then-extract with extract --tile (one read per tile), first encoder.")
+    ap.add_argument("--repeat", type=int, default=2, help="--decode-once: runs of each path (order alternated)")
     a = ap.parse_args()
     if a.memory:
         memory(a)
+    elif a.decode_once:
+        decode_once(a)
     else:
         throughput(a)
 
