@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.features import feature_offsets, read_global_rows
 from hefeat.store.ids import umap_id
@@ -75,8 +76,8 @@ def umap_info(store: Store, umap_id: str) -> dict:
 def list_umaps(store: Store, extraction_id: str) -> list[dict]:
     """Stored UMAPs of an extraction, newest first, each with its provenance and staleness."""
     out = []
-    for p in sorted((store.umap_path("x").parent).glob("umap=*.parquet")):
-        info = umap_info(store, p.stem.removeprefix("umap="))
+    for uid in layout.known_umaps(store.root):
+        info = umap_info(store, uid)
         if info.get("extraction_id") == extraction_id:
             out.append(info)
     return sorted(out, key=lambda m: m.get("created", ""), reverse=True)

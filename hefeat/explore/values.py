@@ -93,10 +93,12 @@ def models_on_tiling(store: Store, tiling_id: str) -> pd.DataFrame:
 def _prediction_columns(store: Store, mid: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    files = sorted(store.predictions_path(mid, "x").parent.glob("slide=*.parquet"))
-    if not files:
+    from hefeat.store import layout
+
+    sids = layout.predicted_slides(store.root, mid)
+    if not sids:
         return []
-    names = pq.read_schema(files[0]).names
+    names = pq.read_schema(store.predictions_path(mid, sids[0])).names
     return [c for c in names if c not in ID_COLS and c not in ("row", "col")]
 
 

@@ -164,11 +164,12 @@ def spot_map_plot(store: Store, mid: str, out: Path) -> list[Path]:
 
     m = load_table(store, mid, "metrics")
     gene = m.sort_values("mean_r_model", ascending=False)["gene"].iloc[0]
-    folder = store.predictions_path(mid, "x").parent
-    sids = sorted(p.name.removeprefix("slide=").removesuffix(".parquet") for p in folder.glob("slide=*.parquet"))
+    from hefeat.store import layout
+
+    sids = layout.predicted_slides(store.root, mid)
     if not sids:
         return []
-    sizes = {s: len(pd.read_parquet(folder / f"slide={s}.parquet", columns=["tile_id"])) for s in sids}
+    sizes = {s: len(pd.read_parquet(store.predictions_path(mid, s), columns=["tile_id"])) for s in sids}
     sid = max(sids, key=lambda s: (sizes[s], s))
     f = out / "spot_map.png"
     spot_maps(store, mid, sid, gene, f, why=f"best of {len(m)} genes by mean held-out r; slide with the most spots")

@@ -202,6 +202,18 @@ def qc_thumbnail_path(root: Path, tiling_id: str, slide_id: str) -> Path:
 _KEYED = re.compile(r"^(?P<prefix>[a-z]+)=(?P<key>[A-Za-z0-9][A-Za-z0-9._-]*)$")
 
 
+def predicted_slides(root: Path, model_id: str) -> list[str]:
+    """Slides with a predictions file of a model, sorted."""
+    d = predictions_dir(root, model_id)
+    return sorted(p.name[len("slide="):-len(".parquet")] for p in d.glob("slide=*.parquet")) if d.is_dir() else []
+
+
+def known_umaps(root: Path) -> list[str]:
+    """Ids of the stored UMAPs, sorted."""
+    base = root / UMAPS
+    return sorted(p.name[len("umap="):-len(".parquet")] for p in base.glob("umap=*.parquet")) if base.is_dir() else []
+
+
 def known_ids(root: Path, folder: str, prefix: str | None = None) -> list[str]:
     """Ids of the sub-folders of `folder` (e.g. tilings under tiles/ with prefix 'tiling'), sorted."""
     base = root / folder
