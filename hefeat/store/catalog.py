@@ -579,7 +579,11 @@ class Store:
         if not p.exists():
             known = [t for t in layout.known_ids(self.root, layout.TILES, "tiling")
                      if layout.tiling_meta_path(self.root, t).exists()]
-            raise HefeatError(f"Tiling {tiling_id!r} does not exist in {self.root}. Known: {', '.join(known) or 'none (run hefeat tile)'}")
+            hint = (" (that is an extraction id; its tiling is "
+                    f"{read_json(layout.extraction_meta_path(self.root, tiling_id)).get('tiling_id')})"
+                    if tiling_id in layout.known_ids(self.root, layout.FEATURES, "extraction") else "")
+            raise HefeatError(f"Tiling {tiling_id!r} does not exist in {self.root}{hint}. "
+                              f"Known: {', '.join(known) or 'none (run hefeat tile)'}")
         return read_json(p)
 
     def extraction(self, extraction_id: str) -> dict:
@@ -587,7 +591,11 @@ class Store:
         p = layout.extraction_meta_path(self.root, check_id(extraction_id, "extraction_id"))
         if not p.exists():
             known = layout.known_ids(self.root, layout.FEATURES, "extraction")
-            raise HefeatError(f"Extraction {extraction_id!r} does not exist in {self.root}. Known: {', '.join(known) or 'none (run hefeat extract)'}")
+            hint = (" (that is a tiling id; hefeat sql \"SELECT extraction_id, encoder FROM extractions\" lists "
+                    "the extractions and their tilings)"
+                    if extraction_id in layout.known_ids(self.root, layout.TILES, "tiling") else "")
+            raise HefeatError(f"Extraction {extraction_id!r} does not exist in {self.root}{hint}. "
+                              f"Known: {', '.join(known) or 'none (run hefeat extract)'}")
         return read_json(p)
 
     def expression_info(self, dataset: str = "expression") -> dict:
