@@ -116,6 +116,10 @@ def test_small_all_tissue_image_tiles(tmp_path, cmu_svs):
     with Slide(tmp_path / "roi.png", mpp=0.499) as s:
         nomask, t2 = tile_slide(s, TilingParams(mpp=0.5, size=32, mask=False))
     assert len(nomask) == n_grid and t2.fraction == 1.0
+    for mask in (True, False):  # an image smaller than one tile is said as such, mask or not
+        with Slide(tmp_path / "roi.png", mpp=0.499) as s, \
+                pytest.raises(NoTissueError, match=r"image \(125 x 75 µm\) is smaller than one tile \(112 µm\)"):
+            tile_slide(s, TilingParams(mpp=0.5, size=224, mask=mask))
 
 
 def test_tissue_parameters_change_the_tiling_id():

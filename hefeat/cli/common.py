@@ -13,10 +13,18 @@ from hefeat.errors import HefeatError
 STORE_HELP = "Store directory (default: $HEFEAT_STORE or stores/default)."
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A Python warning as one line for a CLI user (not the source file and line it came from)."""
+    return f"warning ({category.__name__}): {message}\n"
+
+
 class HefeatGroup(click.Group):
     """Turns library errors into one-line click errors, in one place."""
 
     def invoke(self, ctx):
+        import warnings
+
+        warnings.formatwarning = _warning_line
         try:
             return super().invoke(ctx)
         except HefeatError as e:

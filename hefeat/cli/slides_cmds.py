@@ -193,9 +193,6 @@ def extract(encoder, weights, layer, tiling_id, tile_spec, slides, precision, ba
     from hefeat.extract.pipeline import ExtractOptions, run_extraction
     from hefeat.slides.tiling import TilingParams
 
-    if weights == "none":
-        click.secho(f"WARNING: --weights none: {encoder} has RANDOM weights; its features mean nothing "
-                    "(tests and plumbing only).", fg="yellow", err=True)
     opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
                          fail_fast=fail_fast, progress=progress_enabled(as_json))
     kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,

@@ -263,7 +263,8 @@ def sql_values(store: Store, sql: str, *, tiling_id: str | None, slide_id: str |
         raise HefeatError("The query must return slide_id (tile ids repeat across slides)")
     key = ["slide_id", "tile_id"] if "slide_id" in v.columns else ["tile_id"]
     if v.duplicated(key).any():
-        raise HefeatError(f"The query returns several rows per {' and '.join(key)}; return one value per tile")
+        raise HefeatError(f"The query returns several rows per {' and '.join(key)}; return one value per tile"
+                          + (" (select slide_id too, or filter on the slide)" if "slide_id" not in key else ""))
     return v[key + [col]].rename(columns={col: "value"}), col, tiling_id
 
 

@@ -277,6 +277,10 @@ def tile_candidates(slide: Slide, params: TilingParams) -> tuple[pd.DataFrame, T
     df = grid(slide, params)
     df["tissue_frac"] = _tissue_fraction(tissue, slide.mpp.x, df["x"].to_numpy(), df["y"].to_numpy(), df["size0"].iloc[0] if len(df) else 0.0)
     prefilter = params.tissue_threshold if params.background == "otsu" else 1e-9
+    if df.empty:  # no whole tile fits in the image: not a tissue question (also with --no-mask)
+        w_um, h_um = slide.dimensions[0] * slide.mpp.x, slide.dimensions[1] * slide.mpp.y
+        raise NoTissueError(f"image ({w_um:.0f} x {h_um:.0f} µm) is smaller than one tile "
+                            f"({params.size * params.mpp:g} µm); use a smaller --size or --mpp")
     df = df[df["tissue_frac"] >= prefilter]
     if df.empty:
         raise NoTissueError(f"no tile reaches tissue fraction {prefilter:g}")
