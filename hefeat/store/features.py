@@ -299,34 +299,10 @@ def _check_rows(sf: SlideFile, rows: np.ndarray) -> None:
 # The extraction's slide table: finished slides, their files and aggregates (provably current)
 # ----------------------------------------------------------------------------------------------
 def _finished(store: Store, eid: str, slides: list[str] | None = None) -> dict[str, os.stat_result]:
-    """slide_id -> stat of each committed feature file of the extraction (or of `slides` among them).
+    """slide_id -> stat of each committed feature file of the extraction (or of `slides` among them)."""
+    from hefeat.store.commit import committed_outputs
 
-    A slide is visible only with an ok commit record whose size matches its file: a file renamed
-    into place whose record was never written (a crash between the two) is not read; the next run
-    repairs it (hefeat.store.commit).
-    """
-    d = str(store.extraction_dir(eid))
-    out = {}
-    if slides is not None and len(slides) <= 256:  # a few records read directly, no catalog bind
-        for sid in slides:
-            rec = store.read_status("extraction", eid, check_id(sid))
-            if rec is None or rec["state"] != "ok":
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                st = os.stat(os.path.join(d, sid + ".h5"))
-                if rec.get("size") in (None, st.st_size):
-                    out[sid] = st
-        return out
-    done = store.finished("extraction", eid)
-    want = set(slides) if slides is not None else None
-    for sid, size in zip(done["slide_id"].tolist(), done["size"].tolist(), strict=True):
-        if want is not None and sid not in want:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(os.path.join(d, sid + ".h5"))
-            if size is None or pd.isna(size) or int(size) == st.st_size:
-                out[sid] = st
-    return out
+    return committed_outputs(store, "extraction", eid, None if slides is None else [check_id(s) for s in slides])
 
 
 def _file_aggregates(sf: SlideFile) -> tuple[np.ndarray, np.ndarray]:

@@ -97,7 +97,7 @@ def extraction_meta_path(root: Path, extraction_id: str) -> Path:
 
 def features_path(root: Path, extraction_id: str, slide_id: str) -> Path:
     """Feature HDF5 of one slide in one extraction."""
-    return extraction_dir(root, extraction_id) / f"{check_id(slide_id)}.h5"
+    return extraction_dir(root, extraction_id) / output_name("extraction", check_id(slide_id))
 
 
 # -- per-slide commit records and claims -----------------------------------------------------
@@ -123,10 +123,24 @@ def lock_path(root: Path, stage: str, key: str, slide_id: str) -> Path:
 
 def output_path(root: Path, stage: str, key: str, slide_id: str) -> Path:
     """The per-slide output a stage commits (the tiles Parquet or the features HDF5)."""
+    return output_dir(root, stage, key) / output_name(stage, check_id(slide_id))
+
+
+def output_dir(root: Path, stage: str, key: str) -> Path:
+    """Folder of a stage's per-slide outputs."""
     if stage == "tiling":
-        return tiles_path(root, key, slide_id)
+        return tiling_dir(root, key)
     if stage == "extraction":
-        return features_path(root, key, slide_id)
+        return extraction_dir(root, key)
+    raise ValueError(f"stage {stage!r} has no per-slide output")
+
+
+def output_name(stage: str, slide_id: str) -> str:
+    """File name of one slide's output of a stage (slide id not re-checked: callers pass checked ids)."""
+    if stage == "tiling":
+        return slide_file(slide_id, ".parquet")
+    if stage == "extraction":
+        return f"{slide_id}.h5"
     raise ValueError(f"stage {stage!r} has no per-slide output")
 
 
