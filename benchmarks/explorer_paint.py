@@ -42,9 +42,9 @@ def fabricate_map(root: Path, n_points: int, slides: int, seed: int) -> tuple[ob
     sys.path.insert(0, str(HERE))
     from store_scale import fabricate
 
-    from hefeat.explore.umap_map import data_fingerprint, write_umap
+    from hefeat.explore.umap_map import write_umap
     from hefeat.store.catalog import Store
-    from hefeat.store.ids import content_id
+    from hefeat.store.ids import content_id, extraction_fingerprint
     from hefeat.store.runs import timestamp
 
     per = n_points // slides
@@ -54,7 +54,7 @@ def fabricate_map(root: Path, n_points: int, slides: int, seed: int) -> tuple[ob
         info = fabricate(root, slides, tiles=(per, per), dim=16, genes=10, seed=seed)
     st = Store(root)
     eid = info["extraction_id"]
-    fp = data_fingerprint(st, eid)
+    fp = extraction_fingerprint(st, eid)
     uid = content_id({"fabricated": n_points, "seed": seed, "fingerprint": fp}, prefix="u")
     if not st.umap_path(uid).exists():
         rng = np.random.default_rng(seed)

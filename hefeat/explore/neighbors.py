@@ -27,7 +27,7 @@ from hefeat.store.features import (
     read_global_rows,
     slide_table,
 )
-from hefeat.store.ids import index_id, query_id
+from hefeat.store.ids import extraction_fingerprint, index_id, query_id
 from hefeat.store.runs import timestamp
 from hefeat.store.tables import write_parquet
 
@@ -217,13 +217,6 @@ def _search(store: Store, meta: dict, idx, ids: TileIds, Q: np.ndarray, k: int) 
     return rerank(store, meta["extraction_id"], ids, Q, cand, k, meta["metric"])
 
 
-def data_fingerprint(store: Store, extraction_id: str) -> str:
-    """Fingerprint of the extraction's finished slides and their feature files (part of every index id)."""
-    from hefeat.store import ids
-
-    return ids.extraction_fingerprint(store, extraction_id)
-
-
 def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric: str = "cosine",
                 sample: int = 100_000, seed: int = 0, nlist: int | None = None, pq_m: int | None = None,
                 hnsw_m: int = 32, n_queries: int = 200, force: bool = False, progress: bool = False) -> dict:
@@ -248,7 +241,7 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     n = len(ids)
     dim = int(store.extraction(extraction_id)["dim"])
     kind = choose_type(n, dim) if index == "auto" else index
-    fp = data_fingerprint(store, extraction_id)
+    fp = extraction_fingerprint(store, extraction_id)
     params = {"extraction_id": extraction_id, "type": kind, "metric": metric, "sample": sample, "seed": seed,
               "nlist": nlist, "pq_m": pq_m, "hnsw_m": hnsw_m, "n": n}
     iid = index_id(params, {"features": fp})
@@ -301,7 +294,7 @@ def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None
         meta = read_json(p)
         if extraction_id and meta["extraction_id"] != extraction_id:
             raise HefeatError(f"Index {index_id} was built for extraction {meta['extraction_id']}, not {extraction_id}")
-        if meta.get("data_fingerprint") != data_fingerprint(store, meta["extraction_id"]):
+        if meta.get("data_fingerprint") != extraction_fingerprint(store, meta["extraction_id"]):
             raise HefeatError(f"Index {index_id} was built before extraction {meta['extraction_id']}'s slides changed; "
                               f"rebuild it: hefeat neighbors build --extraction {meta['extraction_id']}")
         return meta
@@ -309,7 +302,7 @@ def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None
     rows = store.sql("SELECT index_id FROM indexes WHERE extraction_id = ? ORDER BY created DESC", [extraction_id])
     if rows.empty:
         raise HefeatError(f"No neighbour index for extraction {extraction_id}; run: hefeat neighbors build --extraction {extraction_id}")
-    fp = data_fingerprint(store, extraction_id)
+    fp = extraction_fingerprint(store, extraction_id)
     for iid in rows["index_id"]:
         meta = read_json(store.index_dir(iid) / "index.json")
         if meta.get("data_fingerprint") == fp:

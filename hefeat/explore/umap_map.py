@@ -17,7 +17,7 @@ from hefeat.errors import HefeatError
 from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.features import feature_offsets, read_global_rows
-from hefeat.store.ids import umap_id
+from hefeat.store.ids import extraction_fingerprint, umap_id
 
 META_KEY = b"hefeat.umap"
 
@@ -30,13 +30,6 @@ def sample_tiles(store: Store, eid: str, n: int | None, seed: int) -> tuple[pd.D
     slide = np.searchsorted(fi["offset"].to_numpy(), pick, side="right") - 1
     rows = pd.DataFrame({"slide_id": fi["slide_id"].to_numpy()[slide], "tile_id": pick - fi["offset"].to_numpy()[slide]})
     return rows, read_global_rows(store, eid, fi, pick)
-
-
-def data_fingerprint(store: Store, extraction_id: str) -> str:
-    """Fingerprint of an extraction's finished slide set and feature files (changes when data changes)."""
-    from hefeat.store import ids
-
-    return ids.extraction_fingerprint(store, extraction_id)
 
 
 def write_umap(store: Store, umap_id: str, rows: pd.DataFrame, meta: dict) -> None:
@@ -67,7 +60,7 @@ def umap_info(store: Store, umap_id: str) -> dict:
     meta = json.loads(raw) if raw else {"umap_id": umap_id}
     if "fingerprint" in meta:
         try:
-            meta["stale"] = data_fingerprint(store, meta["extraction_id"]) != meta["fingerprint"]
+            meta["stale"] = extraction_fingerprint(store, meta["extraction_id"]) != meta["fingerprint"]
         except HefeatError:
             meta["stale"] = True
     return meta
@@ -93,7 +86,7 @@ def run_umap(store: Store, extraction_id: str, *, sample: int | None = 100_000, 
             raise HefeatError(f"{name} must be an integer >= {lo} (got {v!r})")
     if not 0 <= float(min_dist) <= 1:
         raise HefeatError(f"min_dist must be in [0, 1] (got {min_dist!r})")
-    fp = data_fingerprint(store, extraction_id)
+    fp = extraction_fingerprint(store, extraction_id)
     params = {"extraction_id": extraction_id, "sample": sample, "pca": pca, "seed": seed,
               "n_neighbors": n_neighbors, "min_dist": min_dist, "clusters": clusters}
     uid = umap_id(params, {"features": fp})
