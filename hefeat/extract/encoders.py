@@ -246,6 +246,29 @@ def _gated_error(p, msg: str) -> HefeatError:
     )
 
 
+def _preset_weights(p, weights: str | None) -> str:
+    """A preset's --weights with its defaults applied: 'bundled' when a package ships them, else 'hub'."""
+    if weights in (None, "imagenet"):
+        return "bundled" if p.package_weights else "hub"
+    return weights
+
+
+def recorded_weights(name: str, weights: str | None) -> str | None:
+    """The weights label an extraction with this encoder records, where it follows from the names alone
+    (a preset's bundled or hub weights); other values are returned as given."""
+    from hefeat.extract.presets import PRESETS
+
+    p = PRESETS.get(name)
+    if p is None:
+        return weights
+    w = _preset_weights(p, weights)
+    if w == "bundled" and p.package_weights:
+        return f"package:{p.package_weights[0]}"
+    if w == "hub" and p.hub:
+        return f"hub:{p.hub}"
+    return w
+
+
 def _create_preset(p, *, weights, layer, seed, overrides: dict) -> Encoder:
     import timm
     import torch
@@ -255,9 +278,7 @@ def _create_preset(p, *, weights, layer, seed, overrides: dict) -> Encoder:
     if layer is not None:
         raise HefeatError(f"{p.name} is a preset with its published pooling ({p.pooling}); --layer applies to timm "
                           "CNN names such as resnet50")
-    weights = weights or ("bundled" if p.package_weights else "hub")
-    if weights == "imagenet":
-        weights = "bundled" if p.package_weights else "hub"
+    weights = _preset_weights(p, weights)
     kwargs = {**_resolve_kwargs(p.kwargs), **overrides, "num_classes": 0}
     torch.manual_seed(seed)
     key_map = KEY_MAPS.get(p.key_map) if p.key_map else None

@@ -245,6 +245,7 @@ def check_extraction(store: Store, recipe: Recipe, eid: str) -> None:
     if not recipe.tiling:
         store.extraction(eid)
         return
+    from hefeat.extract.encoders import recorded_weights
     from hefeat.slides.run import tiling_id
     from hefeat.slides.tiling import TilingParams
 
@@ -258,10 +259,10 @@ def check_extraction(store: Store, recipe: Recipe, eid: str) -> None:
     for k, rec_key in ENCODER_IDENTITY.items():
         if k in recipe.encoder:
             want_v, have_v = recipe.encoder[k], ext.get(rec_key)
-            if k == "weights" and want_v in (None, "imagenet") and have_v in (None, "imagenet"):
-                continue
-            if k == "weights" and want_v == "bundled" and str(have_v).startswith("package:"):
-                continue  # the extraction records which package the bundled weights came from
+            if k == "weights":  # compare what an extraction records (a preset's 'bundled' -> package:<name>)
+                want_v = recorded_weights(recipe.encoder.get("name", ""), want_v)
+                if want_v in (None, "imagenet") and have_v in (None, "imagenet"):
+                    continue
             if want_v != have_v:
                 diffs.append(f"encoder {k} {want_v!r} (extraction: {have_v!r})")
     if diffs:
