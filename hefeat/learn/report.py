@@ -164,13 +164,10 @@ def spot_map_plot(store: Store, mid: str, out: Path) -> list[Path]:
 
     m = load_table(store, mid, "metrics")
     gene = m.sort_values("mean_r_model", ascending=False)["gene"].iloc[0]
-    from hefeat.store import layout
-
-    sids = layout.predicted_slides(store.root, mid)
-    if not sids:
+    n = store.sql("SELECT slide_id, count(*) AS n FROM predictions WHERE model_id = ? GROUP BY 1", [mid])
+    if n.empty:
         return []
-    sizes = {s: len(pd.read_parquet(store.predictions_path(mid, s), columns=["tile_id"])) for s in sids}
-    sid = max(sids, key=lambda s: (sizes[s], s))
+    sid = max(zip(n["n"], n["slide_id"], strict=True))[1]  # most spots; ties to the last slide id
     f = out / "spot_map.png"
     spot_maps(store, mid, sid, gene, f, why=f"best of {len(m)} genes by mean held-out r; slide with the most spots")
     return [f]
