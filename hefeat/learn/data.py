@@ -208,7 +208,7 @@ def input_fingerprints(store: Store, params) -> dict[str, str]:
         ds = getattr(params, name, None)
         if ds:
             if known is None:
-                known = set(store.sql("SELECT DISTINCT dataset FROM expression")["dataset"])
+                known = set(store.sql("SELECT DISTINCT dataset FROM expression_matrix")["dataset"])
             if ds in known:
                 fp[f"target:{ds}"] = ids.expression_fingerprint(store, ds)
     cols = sorted({v for n in CLINICAL_PARAMS if isinstance(v := getattr(params, n, None), str) and v and v != "site"})
