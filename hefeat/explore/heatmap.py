@@ -26,9 +26,9 @@ def render_heatmap(store: Store, slide_id: str, value: str, out: str | Path | No
                    tiling_id: str | None = None, extraction_id: str | None = None, mpp: float = 4.0,
                    alpha: float = 0.7) -> dict:
     """PNG of the H&E next to the value drawn over it (legend or labelled colour bar, scale bar)."""
-    from hefeat.explore.thumbnail import slide_image, spot_discs
     from hefeat.figures.base import is_categorical
     from hefeat.figures.spatial import spot_map, tile_overlay
+    from hefeat.slides.thumbnail import slide_image, spot_discs
 
     rows, val = heatmap_values(store, slide_id, value, tiling_id=tiling_id, extraction_id=extraction_id)
     img = slide_image(store, slide_id, mpp)

@@ -54,7 +54,7 @@ def tile_row(store: Store, slide_id: str, tile_id: int, *, tiling_id: str | None
 
 def tile_image(store: Store, slide_id: str, tile_id: int, **kw) -> np.ndarray:
     """RGB uint8 (size, size, 3) pixels of a tile."""
-    from hefeat.slides.run import open_catalog_slide
+    from hefeat.slides.reader import open_catalog_slide
 
     r = tile_row(store, slide_id, tile_id, **kw)
     row = store.slides([slide_id]).iloc[0]

@@ -148,3 +148,10 @@ def check_finite(feats, first_tile: int, precision: str) -> str | None:
     hint = " (fp16 overflow? re-run with --precision fp32 or bf16)" if precision == "fp16" else ""
     return (f"non-finite embeddings for {len(rows)} tile(s) (first: tile {rows[0]}) at precision {precision}{hint}; "
             "nothing was written for this slide")
+
+
+def feature_attrs(cfg: EncoderConfig, tiling: dict, eid: str, slide_id: str, size0: float, precision: str) -> dict:
+    """Attributes of a slide's feature file (what made it, at which tile size)."""
+    return {"encoder": cfg.name, "layer": cfg.layer or "", "weights": cfg.weights, "weights_digest": cfg.weights_digest,
+            "dim": cfg.dim, "patch_size": int(tiling["size"]), "patch_size_level0": size0, "mpp": float(tiling["mpp"]),
+            "tiling_id": tiling["tiling_id"], "extraction_id": eid, "slide_id": slide_id, "precision": precision}

@@ -279,7 +279,7 @@ class DecodeOnce:
 
     def sample_tiles(self, n: int) -> np.ndarray | None:
         """Up to `n` grid candidates of the first slide to fuse (precision calibration before any slide is tiled)."""
-        from hefeat.slides.run import open_catalog_slide
+        from hefeat.slides.reader import open_catalog_slide
 
         for sid in self.fused[:4]:
             try:
@@ -300,8 +300,7 @@ class DecodeOnce:
         import torch
 
         from hefeat.errors import NonFiniteError
-        from hefeat.extract.compute import check_finite, embed_batch
-        from hefeat.extract.pipeline import feature_attrs
+        from hefeat.extract.compute import check_finite, embed_batch, feature_attrs
         from hefeat.store.runs import record_run
 
         self.stats["tiles_read_twice"] = runner.summary.tiles  # embedded from tiles the tiling read before

@@ -157,10 +157,11 @@ def create_encoder(name: str, *, weights: str | None = None, layer: str | None =
     'finetuned:<job_id>[:<fold>]' is the backbone of a fine-tuning job in `store` (hefeat.finetune).
     Unknown names, missing/ill-fitting weight files and an unreachable or gated hub raise HefeatError.
     """
-    if name.startswith("finetuned:"):
-        from hefeat.finetune.register import finetuned_encoder
+    from hefeat.plugins import encoder_scheme
 
-        return finetuned_encoder(store, name, layer=layer, seed=seed)
+    factory = encoder_scheme(name)  # 'finetuned:<job>' (hefeat.finetune.register), named in hefeat.plugins
+    if factory is not None:
+        return factory(store, name, layer=layer, seed=seed)
     from hefeat.extract.presets import PRESETS
 
     if name in PRESETS:

@@ -27,6 +27,7 @@ from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute si
     check_finite,
     dihedral,
     embed_batch,
+    feature_attrs,
     plan_input,
 )
 from hefeat.extract.decode_once import DecodeOnce
@@ -376,7 +377,7 @@ def fit_stain(store: Store, tiling_id: str, slide_ids: list[str], method: str, r
     ids = sorted(slide_ids)
     per = max(1, -(-STAIN_SAMPLE // max(len(ids), 1)))
     imgs = []
-    from hefeat.slides.run import open_catalog_slide
+    from hefeat.slides.reader import open_catalog_slide
 
     rows = store.slides(ids).set_index("slide_id") if ids else None
     for sid in ids:
@@ -393,7 +394,7 @@ def fit_stain(store: Store, tiling_id: str, slide_ids: list[str], method: str, r
 
 def calibration_tiles(store: Store, tiling_id: str, slide_ids: list[str], n: int) -> np.ndarray | None:
     """Up to `n` real tiles (n, size, size, 3) uint8 from the first slide of `slide_ids` that has tiles."""
-    from hefeat.slides.run import open_catalog_slide
+    from hefeat.slides.reader import open_catalog_slide
 
     tiling = store.tiling(tiling_id)
     rows = store.slides(slide_ids[:4]).set_index("slide_id") if slide_ids else None
@@ -447,7 +448,7 @@ def _default_tiling(store: Store) -> str:
 
 def _prepared(store: Store, runner: SlideRunner, todo: list[str], slide_rows, tid: str):
     """Claimed slides, one at a time, checked to open and with their tile coordinates (failures recorded)."""
-    from hefeat.slides.run import open_catalog_slide
+    from hefeat.slides.reader import open_catalog_slide
 
     for task in runner.claimed(todo):
         try:
@@ -460,13 +461,6 @@ def _prepared(store: Store, runner: SlideRunner, todo: list[str], slide_rows, ti
             continue
         yield _SlideJob(task, row["path"], float(row["mpp_x"]), tiles[["x", "y"]].to_numpy(np.int64),
                         float(tiles["size0"].iloc[0]) if len(tiles) else 0.0)
-
-
-def feature_attrs(cfg: EncoderConfig, tiling: dict, eid: str, slide_id: str, size0: float, precision: str) -> dict:
-    """Attributes of a slide's feature file (what made it, at which tile size)."""
-    return {"encoder": cfg.name, "layer": cfg.layer or "", "weights": cfg.weights, "weights_digest": cfg.weights_digest,
-            "dim": cfg.dim, "patch_size": int(tiling["size"]), "patch_size_level0": size0, "mpp": float(tiling["mpp"]),
-            "tiling_id": tiling["tiling_id"], "extraction_id": eid, "slide_id": slide_id, "precision": precision}
 
 
 def _prepare_net(enc: Encoder, device: str, transform: DeviceTransform, opt: ExtractOptions) -> None:

@@ -300,7 +300,7 @@ def _fold_record(data: TaskData, plans) -> list[dict]:
 
 def _check_slides(data: TaskData, d: ddp.Dist) -> None:
     """Every slide opens and is the file that was ingested (fingerprint), checked once per job, split over ranks."""
-    from hefeat.slides.run import open_catalog_slide
+    from hefeat.slides.reader import open_catalog_slide
 
     for _, row in data.slides.iloc[d.rank::d.world].iterrows():
         try:

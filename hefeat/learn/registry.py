@@ -274,9 +274,10 @@ def unregister(name: str) -> None:
 
 
 def _builtin() -> None:
-    # Each module calls register() at import; a new built-in method adds its import here.
-    from hefeat.finetune import methods as _ft  # noqa: F401  (fine-tuning job kinds: predict/report)
-    from hefeat.learn import emo, he2rna, receptors, spots, traits, transfer  # noqa: F401
+    # Each built-in module calls register() when imported; hefeat.plugins names them (a new one goes there).
+    from hefeat.plugins import load_methods
+
+    load_methods()
 
 
 def methods() -> dict[str, Method]:

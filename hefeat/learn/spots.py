@@ -335,8 +335,8 @@ def spot_maps(store: Store, mid: str, slide_id: str, gene: str, out: str | Path,
 
     why: how the gene was chosen, stated in the title (e.g. "best of 50 genes by held-out r").
     """
-    from hefeat.explore.thumbnail import slide_image, spot_discs
     from hefeat.figures.spatial import spot_map
+    from hefeat.slides.thumbnail import slide_image, spot_discs
 
     p = store.predictions_path(mid, slide_id)
     if not p.exists():

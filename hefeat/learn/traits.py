@@ -350,9 +350,9 @@ def _km_plot(pat: pd.DataFrame, hi: pd.Series, by: str, threshold: float, time_c
 
 def cartography(store: Store, mid: str, slide_id: str, out: str | Path, *, mpp: float | None = None) -> dict:
     """Per-trait binary maps and the combined map of a slide over its H&E, with legends and HTI (PNG)."""
-    from hefeat.explore.thumbnail import slide_image
     from hefeat.figures.spatial import trait_maps
     from hefeat.learn.models import load_model
+    from hefeat.slides.thumbnail import slide_image
 
     meta = load_model(store, mid)
     require_kind(meta, "traits", "cartography")

@@ -30,7 +30,7 @@ def write_tiling_qc(store, tiling_id: str, slides: list[str] | None = None) -> d
     Returns {"tiling_id", "written": [paths], "failed": {slide_id: reason}}.
     """
     from hefeat.errors import HefeatError
-    from hefeat.slides.run import open_catalog_slide
+    from hefeat.slides.reader import open_catalog_slide
     from hefeat.slides.tiling import TilingParams, slide_tissue
 
     meta = store.tiling(tiling_id)

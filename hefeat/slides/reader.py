@@ -221,3 +221,18 @@ def _rgba_to_rgb(region: Image.Image) -> Image.Image:
     bg = Image.new("RGB", region.size, (255, 255, 255))
     bg.paste(region, mask=region.getchannel("A"))
     return bg
+
+
+def open_catalog_slide(row, *, verify: bool = True) -> Slide:
+    """Open a catalogued slide; with verify (batch jobs that store results) check it is the ingested file.
+
+    Interactive reads (a tile image, a heatmap) skip the 2 MiB fingerprint hash.
+    """
+    if not Path(row["path"]).exists():
+        raise HefeatError(f"slide file {row['path']} is gone; re-ingest it or restore the file", reason_code="slide_missing")
+    from hefeat.store.ids import file_fingerprint
+
+    if verify and file_fingerprint(row["path"]) != row["fingerprint"]:
+        raise HefeatError(f"slide file {row['path']} changed since ingest (fingerprint differs); re-ingest it under a new slide_id",
+                          reason_code="slide_changed")
+    return Slide(row["path"], mpp=float(row["mpp_x"]))

@@ -10,12 +10,12 @@ import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.runner import RunSummary, SlideTask, run_slides, shard_slides
-from hefeat.slides.reader import Slide
+from hefeat.slides.reader import Slide, open_catalog_slide  # noqa: F401  (re-exported)
 from hefeat.slides.tiling import TilingParams, spot_tiles, tile_slide
 from hefeat.store import ids, layout
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.ids import file_fingerprint, frame_fingerprint
+from hefeat.store.ids import frame_fingerprint
 from hefeat.store.ingest import IngestReport, SlideManifest, check_mpp, register_slides, slide_row
 from hefeat.store.runs import record_run, timestamp
 from hefeat.store.tables import write_parquet
@@ -71,19 +71,6 @@ def ingest_slides(
     with ThreadPoolExecutor(max(1, threads)) as pool:
         probed = tqdm(pool.map(probe, files), total=len(files), disable=not progress, desc="slides")
         return register_slides(store, probed, n_files=len(files), fail_fast=fail_fast, replace=replace)
-
-
-def open_catalog_slide(row: pd.Series, *, verify: bool = True) -> Slide:
-    """Open a catalogued slide; with verify (batch jobs that store results) check it is the ingested file.
-
-    Interactive reads (a tile image, a heatmap) skip the 2 MiB fingerprint hash.
-    """
-    if not Path(row["path"]).exists():
-        raise HefeatError(f"slide file {row['path']} is gone; re-ingest it or restore the file", reason_code="slide_missing")
-    if verify and file_fingerprint(row["path"]) != row["fingerprint"]:
-        raise HefeatError(f"slide file {row['path']} changed since ingest (fingerprint differs); re-ingest it under a new slide_id",
-                          reason_code="slide_changed")
-    return Slide(row["path"], mpp=float(row["mpp_x"]))
 
 
 def prepare_tiling(store: Store, params: TilingParams) -> str:

@@ -11,7 +11,7 @@ from hefeat.store.catalog import Store
 
 def slide_image(store: Store, slide_id: str, mpp: float = 4.0) -> SlideImage:
     """The slide's thumbnail at about `mpp` µm/px with its exact scale to level-0 pixels."""
-    from hefeat.slides.run import open_catalog_slide
+    from hefeat.slides.reader import open_catalog_slide
 
     row = store.slides([slide_id]).iloc[0]
     with open_catalog_slide(row, verify=False) as s:
