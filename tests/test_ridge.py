@@ -13,14 +13,15 @@ ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 @pytest.mark.parametrize(("n", "p"), [(40, 10), (30, 80)])
-def test_ridge_matches_sklearn_ridgecv(n, p):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ridge_matches_sklearn_ridgecv(n, p, dtype):
     """Coefficients, intercepts and chosen α equal RidgeCV(alpha_per_target=True) (efficient LOO)."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(n, p))
     W = rng.normal(size=(p, 6)) * np.array([3, 1, 0.3, 0.1, 0, 0])
     Y = X @ W + rng.normal(size=(n, 6)) * np.array([0.5, 1, 1, 1, 1, 3]) + 5
     ref = RidgeCV(alphas=ALPHAS, alpha_per_target=True).fit(X, Y)
-    fit = fit_ridge_heads(X, Y, alphas=ALPHAS)
+    fit = fit_ridge_heads(X, Y, alphas=ALPHAS, dtype=dtype)
     np.testing.assert_array_equal(fit.alpha, ref.alpha_)
     np.testing.assert_allclose(fit.coef, ref.coef_.T, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(fit.intercept, ref.intercept_, rtol=1e-6, atol=1e-8)
@@ -55,3 +56,36 @@ def test_estimator_with_pca_and_bad_input():
         fit_ridge_heads(X, np.where(np.eye(30, 1) > 0, np.nan, Y))
     with pytest.raises(HefeatError, match="samples"):
         fit_ridge_heads(X[:2], Y[:2])
+
+
+@pytest.mark.parametrize(("n", "p"), [(300, 24), (60, 90)])
+def test_many_genes_float32_chunks_match_sklearn(n, p):
+    """Transcriptome path (float32 GEMMs, small gene chunks, float64 re-scoring of near ties): same penalties
+    and predictions as RidgeCV to 1e-6, for noise genes, weak genes and genes fitted almost exactly."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(n, p)) * np.exp(rng.normal(size=p)) + 3
+    g = 400
+    W = rng.normal(size=(p, g)) * (rng.random(g) < 0.5)
+    noise = rng.normal(size=(n, g)) * np.r_[np.full(100, 1e-3), np.full(200, 1.0), np.full(100, 30.0)]
+    Y = X @ W + noise + rng.normal(size=g) * 10
+    alphas = np.logspace(-2, 5, 15)
+    ref = RidgeCV(alphas=alphas, alpha_per_target=True).fit(X, Y)
+    fit = fit_ridge_heads(X, Y, alphas=alphas, block=37)
+    np.testing.assert_array_equal(fit.alpha, ref.alpha_)
+    Xt = rng.normal(size=(20, p)) * np.exp(rng.normal(size=p)) + 3
+    np.testing.assert_allclose(fit.predict(Xt), ref.predict(Xt), rtol=1e-6, atol=1e-6 * np.abs(Y).max())
+    # Its LOO MSEs are the float64 ones to float32 accuracy (relative to the gene's variance).
+    full = fit_ridge_heads(X, Y, alphas=alphas, dtype=np.float64)
+    assert (np.abs(fit.loo_mse - full.loo_mse) <= 1e-4 * full.loo_mse + 1e-7 * Y.var(0)).all()
+
+
+def test_rows_and_cols_select_without_copying():
+    rng = np.random.default_rng(5)
+    X, Y = rng.normal(size=(50, 8)), rng.normal(size=(50, 30))
+    rows, cols = np.arange(3, 45), rng.random(30) < 0.5
+    a = fit_ridge_heads(X[rows], Y, rows=rows, cols=cols)
+    b = fit_ridge_heads(X[rows], Y[rows][:, cols])
+    np.testing.assert_array_equal(a.alpha, b.alpha)
+    np.testing.assert_allclose(a.coef, b.coef, rtol=1e-12)
+    m = RidgeHeads().fit(X[rows], Y, rows=rows, cols=np.flatnonzero(cols))
+    np.testing.assert_allclose(m.predict(X), b.predict(X), rtol=1e-12)
