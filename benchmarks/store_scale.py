@@ -13,7 +13,10 @@ Every command's peak RSS is the child's own (wait4). Medians of --repeat runs; o
 
 Quick run (≈ 3 min):      python benchmarks/store_scale.py --sizes 100,1000
 Full run (≈ 1 h, 11 GB):  python benchmarks/store_scale.py --sizes 100,1000,10000 --neighbors
-Stores are kept under --workdir; --reuse skips fabricating a store whose parameters match.
+Stores are kept under --workdir; --reuse skips fabricating a store whose parameters match and that
+this same commit fabricated (a store made by older code hides what the current writers do). The
+fabricator checks what the writers left: `loose_after_writers` counts the files a reader still has
+to plan around (0 everywhere when compaction works).
 Run under `flock /tmp/hefeat-bench.lock` so two benchmarks never overlap.
 """
 
@@ -197,14 +200,31 @@ def fabricate(root: Path, n_slides: int, *, tiles: tuple[int, int], dim: int, ge
     times["extraction_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    st.compact()  # what the first query would otherwise do: records and tiles into compacted parts
-    times["compact_s"] = time.perf_counter() - t
+    # The writers compact as they finish (reads never do): check that they left nothing loose.
+    fresh = Store(root)
+    fresh.sql("SELECT count(*) FROM tiles")
+    loose = {fam: len(pl.loose) + len(pl.exclude) for fam, pl in fresh.plans.items()}
+    loose["records"] = fresh.status_snapshot().reread
+    times["check_s"] = time.perf_counter() - t
     times["fabricate_s"] = time.perf_counter() - t_all
     info = {"slides": n_slides, "tiles": int(sum(counts.values())), "dim": dim, "genes": genes, "seed": seed,
             "tiles_per_slide": list(tiles), "tiling_id": tid, "extraction_id": eid, "format": FORMAT,
-            "feature_bytes": int(sum(counts.values())) * dim * 2, **{k: round(v, 1) for k, v in times.items()}}
+            "feature_bytes": int(sum(counts.values())) * dim * 2, "loose_after_writers": loose, "commit": git_commit(),
+            **{k: round(v, 1) for k, v in times.items()}}
     (root / "_fabricated.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def git_commit() -> str:
+    """The commit measured (with '+dirty' when the work tree differs from it)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def _after_extraction(store, eid: str) -> None:
@@ -429,13 +449,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE))
     header = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "load_before": os.getloadavg(), "python": platform.python_version()}
+              "load_before": os.getloadavg(), "python": platform.python_version(), "commit": git_commit()}
     print(json.dumps(header), flush=True)
     results, infos = {}, {}
     for n in a.sizes:
         root = work / f"store-{n}"
         want = {"slides": n, "tiles_per_slide": list(tiles), "dim": a.dim, "genes": a.genes, "seed": a.seed, "format": FORMAT}
         old = json.loads((root / "_fabricated.json").read_text()) if (root / "_fabricated.json").exists() else None
+        if a.reuse and old and old.get("commit") != header["commit"]:
+            print(f"[{n}] not reusing {root}: fabricated by {old.get('commit')}, this is {header['commit']}", flush=True)
+            old = None
         if a.reuse and old and all(old.get(k) == v for k, v in want.items()):
             info = old
             print(f"[{n}] reusing {root}", flush=True)

@@ -111,8 +111,10 @@ class SlideRunner:
     def __enter__(self) -> SlideRunner:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.close()
+        if exc_type is None and (self.summary.ok or self.summary.failed or self.summary.skipped):
+            self.store.compact_after_write(self.stage, self.key)  # readers never compact: the writer does
 
     def claimed(self, slide_ids: Iterable[str]) -> Iterator[SlideTask]:
         """Yield each slide not done yet that this worker could claim, one at a time, as the caller asks."""

@@ -224,6 +224,8 @@ def test_5000_status_files_do_not_break_the_catalog(tmp_path):
     assert out["stages"]["tiling:tbig"]["ok"] == 2500
     text = CliRunner().invoke(main, ["status", "--store", str(st.root)]).output
     assert "MALFORMED" in text and "X99998.json" in text
+    assert not list((st.root / layout.COMPACT).rglob("part-*.parquet"))  # reading wrote nothing
+    st.compact()  # a writer's step (`hefeat compact`; the runner after it commits)
     again = Store(st.root)  # a new process-like open reads the compacted table, not 5,000 files
     assert again.sql("SELECT count(*) FROM status").iloc[0, 0] == 5000
     assert again.status_snapshot().reread <= 2  # only the two malformed files are read again

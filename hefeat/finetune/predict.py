@@ -75,6 +75,7 @@ def predict_job(store: Store, jid: str, *, slides: list[str] | None = None, top:
     metrics = load_table(store, jid, "metrics")
     write_slide_predictions(store, jid, r.task, outputs, tiles, pred, np.full(len(tiles), f"applied:{fold}", object),
                             metrics, top=top)
+    store.compact_after_write("predictions", jid)
     out["tiles"] = int(len(tiles))
     return out
 

@@ -55,6 +55,7 @@ def save_model(store: Store, mid: str, *, kind: str, params: dict, summary: dict
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
     write_json(d / "index.json", {"model_id": mid, "kind": kind, "extraction_id": extraction_id, "created": created,
                                   "seconds": seconds, **flat})
+    store.compact_after_write("predictions", mid)
     return d
 
 

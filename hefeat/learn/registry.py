@@ -359,7 +359,9 @@ def predict_model(store, model_id: str, *, slides: list[str] | None = None, top:
     if m.predict is None:
         raise HefeatError(f"{m.name} models have no separate prediction step: their predictions were written when "
                           f"fitted (models/{model_id}/ and the predictions view)")
-    return m.predict(store, model_id, slides=slides, top=top)
+    out = m.predict(store, model_id, slides=slides, top=top)
+    store.compact_after_write("predictions", model_id)
+    return out
 
 
 def fit_text(summary: dict) -> str:

@@ -84,6 +84,8 @@ class Store:
         self._status = records.StatusSnapshot()
         self._catalog_tables: set[str] = set()
         self.broken: list[str] = []
+        #: The read plan of every per-slide Parquet family, as the views were last bound.
+        self.plans: dict[str, compact.Plan] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -214,7 +216,7 @@ class Store:
                         st(Path(e.path))
                         if folder == layout.INDEXES:
                             st(Path(e.path) / "queries")
-        for fam in (records.FAMILY, *(f"tiles={t}" for t in self._tiling_sql)):
+        for fam in (records.FAMILY, *self.plans):
             st(layout.compact_manifest(self.root, fam))
         return tuple(out)
 
@@ -317,8 +319,8 @@ class Store:
             self._view(t, f"SELECT * FROM {_CAT}.{t}" if t in have else None)
         self._view("expression", EXPRESSION_VIEW)
 
-        # Commit records -> status, features_index.
-        self._status = records.load_status(self.root, write=self.writable())
+        # Commit records -> status, features_index. Reading never writes: compaction is the writers' step.
+        self._status = records.load_status(self.root, write=False)
         arrow = self._status.to_arrow()
         db.register("_hefeat_status", arrow)
         try:
@@ -350,12 +352,12 @@ class Store:
                                                    if (layout.index_dir(self.root, i) / layout.INDEX_META).exists()]))
 
         # Per-slide Parquet families: tiles per tiling, predictions per complete model.
-        writable = self.writable()
         self._tiling_sql = {}
         preds = []
         self.broken = []
+        self.plans = {}
         for fam, members in self._families(tiling_ids, models).items():
-            pl = compact.maybe_compact(self.root, fam, members, writable=writable)
+            pl = self.plans[fam] = compact.plan(self.root, fam, members)
             self.broken += [f"{fam}/{m}" for m in pl.broken]
             sel = pl.sql()
             if sel and fam.startswith("tiles="):
@@ -396,14 +398,19 @@ class Store:
             fams[f"predictions={mid}"] = members
         return fams
 
-    def compact(self) -> dict:
-        """Compact every commit record and per-slide Parquet family now; returns what was done."""
+    def compact(self, families: list[str] | None = None) -> dict:
+        """Compact the commit records and per-slide Parquet families (all, or `families`) now.
+
+        A writer's step: `hefeat compact`, and the writers after they commit (`compact_after_write`).
+        """
         t0 = time.perf_counter()
         self.require()
         with self._lock:
             self._status = records.load_status(self.root, write=True)
             fams = self._families(layout.known_ids(self.root, layout.TILES, "tiling"),
                                   layout.known_ids(self.root, layout.MODELS))
+            if families is not None:
+                fams = {f: m for f, m in fams.items() if f in set(families)}
             n = 0
             for fam, members in fams.items():
                 if members:
@@ -412,6 +419,25 @@ class Store:
             self._token = None
         return {"records": len(self._status.columns["slide_id"]), "files": n, "families": sorted(fams),
                 "malformed": self._status.malformed, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def compact_after_write(self, stage: str, key: str) -> None:
+        """What a writer runs once its slides are committed: records and the family it wrote, compacted.
+
+        Compaction only saves readers time (a plan reads loose files the same), so a store that cannot
+        be written to, or a failure here, leaves the results as they are.
+        """
+        if not self.writable():
+            return
+        fam = {"tiling": f"tiles={key}", "predictions": f"predictions={key}"}.get(stage)
+        import duckdb
+
+        try:
+            self.compact([fam] if fam else [])
+        except (OSError, duckdb.Error) as e:
+            import warnings
+
+            warnings.warn(f"compaction after {stage} {key} did not run ({e}); `hefeat compact` retries it",
+                          stacklevel=2)
 
     # -- queries --------------------------------------------------------------------------
     def sql(self, query: str, params: list | None = None, *, tiling: str | None = None) -> pd.DataFrame:

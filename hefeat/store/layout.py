@@ -33,6 +33,7 @@ TILES = "tiles"
 FEATURES = "features"
 STATUS = "status"
 COMPACT = "compact"
+COMPACT_LOCK = ".compact.lock"  # per family: serialises its compactions
 MODELS = "models"
 PREDICTIONS = "predictions"
 INDEXES = "indexes"
