@@ -229,3 +229,36 @@ def test_retiled_slides_replace_their_rows_after_compaction(tmp_path, no_fsync):
     after = Store(st.root)
     assert after.sql("SELECT count(*) FROM tiles").iloc[0, 0] == expect
     assert after.plans["tiles=tr"].compacted
+
+
+def test_slide_aggregates_read_without_writing_and_compact_consolidates(tmp_path, no_fsync):
+    """An extraction whose consolidated slide table was never written (a worker died before it) is read
+    from its files — right means, nothing written; `hefeat compact` then writes the table."""
+    from hefeat.runner import run_slides
+    from hefeat.store.atomic import write_json
+    from hefeat.store.features import FeatureFileWriter, slide_aggregates
+
+    st = Store.init(tmp_path / "st")
+    ids = [f"S{i:05d}" for i in range(12)]
+    tile_run(st, "ta", ids)
+    write_json(layout.extraction_meta_path(st.root, "ea"), {"extraction_id": "ea", "tiling_id": "ta", "dim": 4,
+                                                              "dtype": "float32"})
+    feats = {sid: np.random.default_rng(i).normal(size=(3 + i % 5, 4)).astype(np.float32) for i, sid in enumerate(ids)}
+
+    def step(task):
+        X = feats[task.slide_id]
+        w = FeatureFileWriter(layout.features_path(st.root, "ea", task.slide_id), len(X), 4, dtype="float32",
+                              coords=np.zeros((len(X), 2), np.int64), attrs={"tiling_id": "ta", "extraction_id": "ea"})
+        w.write(0, X)
+        w.commit()
+        return {"n_tiles": len(X), "dim": 4, "digest": f"f{task.slide_id}"}
+
+    run_slides(st, "extraction", "ea", ids, step)
+    agg_file = st.aggregates_path("ea")
+    assert not agg_file.exists()
+    before = files_state(st.root)
+    a = slide_aggregates(Store(st.root), "ea")
+    np.testing.assert_allclose(a.mean, np.stack([feats[s].mean(0) for s in a.slide_ids]), rtol=1e-6)
+    assert files_state(st.root) == before
+    st.compact()
+    assert agg_file.exists()

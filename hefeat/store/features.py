@@ -405,11 +405,12 @@ def _write_table(store: Store, t: SlideTable) -> None:
 
 
 def slide_table(store: Store, extraction_id: str, slides: Iterable[str] | None = None, *,
-                aggregates: bool = False, write: bool = True) -> SlideTable:
+                aggregates: bool = False, write: bool = False) -> SlideTable:
     """The finished slides of an extraction (or `slides`), each checked against its file as it is now.
 
-    With aggregates=True, every finished slide's sums are current and a changed table is rewritten
-    (unless write=False or the store is read-only).
+    With aggregates=True, every finished slide's sums are current; with write=True (the writers:
+    `refresh_aggregates` after an extraction, `hefeat compact`) a changed table is rewritten. Readers
+    never write: a stale table is completed from the files in memory.
     """
     ext = store.extraction(extraction_id)
     want = None if slides is None else list(dict.fromkeys(slides))
@@ -449,7 +450,7 @@ def slide_table(store: Store, extraction_id: str, slides: Iterable[str] | None =
 
 def refresh_aggregates(store: Store, extraction_id: str) -> dict:
     """Bring the extraction's consolidated slide table up to date with its files (run after extraction)."""
-    t = slide_table(store, extraction_id, aggregates=True)
+    t = slide_table(store, extraction_id, aggregates=True, write=True)
     return {"extraction_id": extraction_id, "slides": len(t.files), "path": str(store.aggregates_path(extraction_id))}
 
 
