@@ -82,12 +82,28 @@ class Recipe:
     tiling: dict | None = None  # the recipe's `tiling:` section: used (tiled if missing) when tiling_id is null
 
     def __post_init__(self):
+        _coerce_fields(self)
         _check(self)
 
     def to_dict(self) -> dict:
         """Plain-dict form (recorded with the job; the job id derives from it, with the tiling resolved)."""
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _coerce_fields(r: Recipe) -> None:
+    """Every value as its declared type (YAML 1.1 reads `3e-4` as a string; `--set lr=3e-4` too)."""
+    import typing
+
+    from hefeat.learn.registry import coerce_value
+
+    hints = typing.get_type_hints(type(r))
+    for f in dataclasses.fields(r):
+        try:
+            v = coerce_value(getattr(r, f.name), hints[f.name], f.name)
+        except HefeatError as e:
+            _fail(str(e))
+        object.__setattr__(r, f.name, v)
 
 
 def _fail(msg: str):

@@ -21,9 +21,11 @@ The recipes ship with the package (configs/ at the repository root is their one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +127,32 @@ def _encoder_fields() -> set[str]:
     return names | {"name"} | {f.name for f in dataclasses.fields(ExtractOptions) if f.name != "extra"}
 
 
+def _section_types(section: str) -> dict:
+    """Declared types of a tiling or encoder section's keys: {key: type}."""
+    from hefeat.extract.pipeline import ExtractOptions, run_extraction
+    from hefeat.slides.tiling import TilingParams
+
+    if section == "tiling":
+        return typing.get_type_hints(TilingParams)
+    out = {"name": str, **typing.get_type_hints(ExtractOptions)}
+    for n, p in inspect.signature(run_extraction).parameters.items():
+        with contextlib.suppress(NameError):  # annotations naming type-checking-only imports stay untyped
+            out.setdefault(n, eval(p.annotation, run_extraction.__globals__) if isinstance(p.annotation, str) else p.annotation)
+    return out
+
+
+def _typed(where: str, key: str, value, tp, metadata=None):
+    """A recipe value as its declared type (YAML 1.1 reads `3e-4` as a string); errors name the key and type."""
+    from hefeat.learn.registry import coerce_value
+
+    if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        return value  # a word here (weights: none = random init); YAML's own null is already None
+    try:
+        return coerce_value(value, tp, key, dict(metadata or {}))
+    except HefeatError as e:
+        raise HefeatError(f"Recipe {where}: {e}") from None
+
+
 def validate_recipe(cfg: dict, *, name: str = "recipe", path: str = "", overrides: tuple[str, ...] = ()) -> Recipe:
     """Check every key of a recipe (sections, tiling, encoder, method parameters) and build a Recipe."""
     from hefeat.learn.registry import get_method
@@ -149,6 +177,8 @@ def validate_recipe(cfg: dict, *, name: str = "recipe", path: str = "", override
         if bad:
             raise HefeatError(f"Recipe {where}: unknown {section} key(s) {', '.join(bad)}; allowed: "
                               f"{', '.join(sorted(allowed()))}")
+        types = _section_types(section)
+        cfg[section] = {k: _typed(where, f"{section}.{k}", v, types[k]) if k in types else v for k, v in sec.items()}
     if cfg.get("encoder") is not None and not cfg["encoder"].get("name"):
         raise HefeatError(f"Recipe {where}: encoder needs a name")
     if bool(cfg.get("tiling")) != bool(cfg.get("encoder")):
@@ -163,6 +193,11 @@ def validate_recipe(cfg: dict, *, name: str = "recipe", path: str = "", override
         if isinstance(v, dict) and not ("recipe" in v and set(v) <= {"recipe", "params"}):
             raise HefeatError(f"Recipe {where}: params.{k} must be a value or {{recipe: NAME}} (optionally with "
                               f"params: {{...}} overriding that recipe's parameters), got {v}")
+    hints = typing.get_type_hints(m.params)
+    meta = {f.name: f.metadata for f in dataclasses.fields(m.params)}
+    for k, v in params.items():  # checked here, with a one-line error; the method's Params coerces them again
+        if not isinstance(v, dict):
+            _typed(where, f"params.{k}", v, hints[k], {m_: x for m_, x in meta[k].items() if m_ != "parse"})
     return Recipe(name=name, path=where, method=m.name, params=params, tiling=cfg.get("tiling"),
                   encoder=cfg.get("encoder"), description=str(cfg.get("description") or ""), overrides=overrides)
 

@@ -112,6 +112,11 @@ def _is_optional(tp) -> tuple[bool, Any]:
     return False, tp
 
 
+def coerce_value(v, tp, name: str, metadata: dict | None = None):
+    """`v` as the declared type `tp` (numbers from strings, lists -> tuples); a one-line error names the key and type."""
+    return _coerce(v, tp, types.SimpleNamespace(name=name, metadata=metadata or {}))
+
+
 def _coerce(v, tp, f: dataclasses.Field):
     opt, base = _is_optional(tp)
     name = f.name

@@ -200,16 +200,23 @@ def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, *, 
 # ----------------------------------------------------------------------------------------------
 # Cohort and ground truth
 # ----------------------------------------------------------------------------------------------
+NAMED_GENES = (*PAM50_PROLIFERATION, "miR-17", "CD3E", "COL1A1", "ESR1")
+MIN_GENES = len(NAMED_GENES)
+
+
 def _gene_names(n_genes: int) -> list[str]:
-    extra = ["miR-17", "CD3E", "COL1A1", "ESR1"]
-    base = list(PAM50_PROLIFERATION) + extra
-    return base + [f"GENE{i:04d}" for i in range(n_genes - len(base))]
+    if n_genes < MIN_GENES:
+        from hefeat.errors import HefeatError
+
+        raise HefeatError(f"A synthetic cohort needs at least {MIN_GENES} genes (its named genes: "
+                          f"{', '.join(NAMED_GENES)}), got {n_genes}")
+    return list(NAMED_GENES) + [f"GENE{i:04d}" for i in range(n_genes - MIN_GENES)]
 
 
 def make_truth(n_genes: int, signal_share: float, rng: np.random.Generator) -> dict:
     """Gene model: log2 expression = mu + W · composition + N(0, sigma); W = 0 for null genes."""
     genes = _gene_names(n_genes)
-    n_signal = max(len(PAM50_PROLIFERATION) + 4, int(round(signal_share * n_genes)))
+    n_signal = max(MIN_GENES, int(round(signal_share * n_genes)))
     K = len(CLASSES)
     W = np.zeros((n_genes, K))
     mu = rng.uniform(3, 8, n_genes)
