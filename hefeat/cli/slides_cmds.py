@@ -28,20 +28,31 @@ from hefeat.cli.common import (
 @click.option("--seed", default=0, show_default=True)
 @click.option("--width-um", default=1600.0, show_default=True)
 @click.option("--height-um", default=1200.0, show_default=True)
+@click.option("--layout", type=click.Choice(["hefeat", "tcga", "visium", "hest", "st"]), default="hefeat",
+              show_default=True, help="Also write the cohort as a published download: tcga (GDC slides, STAR-Counts, "
+              "cBioPortal, Xena), visium (Space Ranger outs/), hest (HEST-1k samples) or st (original ST format).")
 @json_option
-def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, as_json):
+def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, layout, as_json):
     """Write a synthetic H&E cohort with known ground truth.
 
     \b
     Example:
       hefeat synth data/demo --slides 24 --seed 0
+      hefeat synth data/tcga --slides 16 --layout tcga      # data/tcga/tcga/: a TCGA download
+      hefeat synth data/vis --slides 4 --layout visium      # data/vis/visium/<slide>/outs/
     """
+    from hefeat.formats.synth_layouts import write_layout
     from hefeat.slides.synth import make_cohort
 
+    spot = {"spot_diameter_um": 55.0} if layout in ("visium", "hest") else {}
     s = make_cohort(out, n_slides=n_slides, n_genes=n_genes, signal_share=signal_share, seed=seed,
-                    width_um=width_um, height_um=height_um, progress=progress_enabled(as_json))
-    emit(s, as_json, f"Wrote {s['slides']} slides ({s['patients']} patients), {s['genes']} genes "
-         f"({s['signal_genes']} signal), {s['spots']} spots and truth.json to {s['out']}.")
+                    width_um=width_um, height_um=height_um, progress=progress_enabled(as_json), **spot)
+    text = (f"Wrote {s['slides']} slides ({s['patients']} patients), {s['genes']} genes "
+            f"({s['signal_genes']} signal), {s['spots']} spots and truth.json to {s['out']}.")
+    if layout != "hefeat":
+        s["layout"] = write_layout(layout, out, seed=seed)
+        text += f"\n{s['layout']['text']}"
+    emit(s, as_json, text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,27 +42,38 @@ def ingest():
 @click.option("--mpp", type=float, default=None, help="Level-0 µm/px for slides that state none.")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="CSV with path or slide_id, and optional patient_id, site, mpp.")
+@click.option("--gdc-manifest", type=click.Path(dir_okay=False), default=None,
+              help="gdc-client manifest (id, filename, md5, size, state): every listed file must be there.")
+@click.option("--verify-md5", is_flag=True, help="Check each file against the GDC manifest's md5.")
+@click.option("--diagnostic-only", is_flag=True, help="TCGA: keep diagnostic FFPE slides (DX) only, not frozen TS/BS.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first bad slide.")
 @click.option("--replace", is_flag=True,
               help="Apply a new --mpp to slides that already have tiles (their tiles and features are redone).")
 @store_option
 @json_option
-def ingest_slides_cmd(paths, mpp, manifest, fail_fast, replace, store_path, as_json):
-    """Register slide files (any format OpenSlide reads).
+def ingest_slides_cmd(paths, mpp, manifest, gdc_manifest, verify_md5, diagnostic_only, fail_fast, replace,
+                      store_path, as_json):
+    """Register slide files or folders of them (any format OpenSlide reads).
+
+    TCGA barcodes in file names (TCGA-A1-A0SB-01Z-00-DX1.<uuid>.svs) give slide, patient and site.
 
     \b
     Example:
       hefeat ingest slides data/demo/slides/*.tiff
       hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.499
       hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.5 --replace   # correct it later
+      hefeat ingest slides gdc_download/ --gdc-manifest gdc_manifest.txt --verify-md5
     """
     from hefeat.slides.run import ingest_slides
 
-    rep = ingest_slides(get_store(store_path), list(paths), mpp=mpp, manifest=manifest, fail_fast=fail_fast,
+    rep = ingest_slides(get_store(store_path), list(paths), mpp=mpp, manifest=manifest, gdc_manifest=gdc_manifest,
+                        verify_md5=verify_md5, diagnostic_only=diagnostic_only, fail_fast=fail_fast,
                         replace=replace, progress=progress_enabled(as_json))
     d = rep.to_dict()
     text = (f"Ingested {d['added']} slides ({len(rep.updated)} updated, {d['unchanged']} already there, "
             f"{len(d['failed'])} failed).")
+    for n in rep.notes:
+        text += f"\n  {n}"
     for u in rep.updated[:10]:
         text += f"\n  updated {u}"
     for p, why in list(rep.failed.items())[:10]:
@@ -76,47 +87,86 @@ def _table_ingest(kind: str):
     def cmd(path, store_path, as_json, allow_unmatched, **kw):
         from hefeat.store import ingest as ing
 
-        fn = {"expression": ing.ingest_expression, "clinical": ing.ingest_clinical, "spots": ing.ingest_spots}[kind]
+        fn = {"expression": ing.ingest_expression_source, "clinical": ing.ingest_clinical_source,
+              "spots": ing.ingest_spots}[kind]
         rep = fn(get_store(store_path), path, allow_unmatched=allow_unmatched, **kw)
         d = rep.to_dict()
         note = f" {len(rep.unmatched)} ids matched no slide: {', '.join(rep.unmatched[:8])}." if rep.unmatched else ""
         state = "unchanged (the store already holds this content)" if rep.unchanged else f"{d['rows']} values"
-        notes = "".join(f" {n}." for n in rep.notes)
+        notes = "".join(f"\n  {n}" for n in rep.notes)
         emit(d, as_json, f"Ingested {kind} from {path}: {state}.{note}{notes}")
 
     return cmd
 
 
+def _types(v: str | None) -> list[str] | None:
+    return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+
 @ingest.command("expression")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["auto", "table", "gdc", "xena", "cbioportal"]), default="auto",
+              show_default=True, help="auto: a folder is a GDC STAR-Counts download; Hugo_Symbol/Entrez_Gene_Id is "
+              "cBioPortal; else a table. Xena matrices (log2 values) need --format xena.")
 @click.option("--dataset", default="expression", show_default=True, help="Name of this target table.")
 @click.option("--sample-col", default=None, help="Sample id column of a wide table (default: first column).")
+@click.option("--sample-sheet", type=click.Path(dir_okay=False), default=None,
+              help="GDC sample sheet of a STAR-Counts folder (default: the gdc_sample_sheet*.tsv next to it).")
+@click.option("--value", default="tpm_unstranded", show_default=True,
+              help="GDC STAR-Counts column: tpm_unstranded, unstranded, fpkm_unstranded, fpkm_uq_unstranded, ...")
+@click.option("--gene-ids", type=click.Choice(["symbol", "ensembl"]), default="symbol", show_default=True,
+              help="GDC: genes by gene_name (duplicates resolved, reported) or by Ensembl id (version stripped).")
+@click.option("--pseudocount", type=float, default=1.0, show_default=True, help="Xena: values are log2(x + this).")
+@click.option("--sample-types", default=None, help="TCGA: sample types matched (default 01, primary tumour; 11 = solid tissue normal).")
+@click.option("--slide-types", default=None, help="TCGA: slide types matched (default DX; TS/BS/MS = frozen).")
 @click.option("--allow-unmatched", is_flag=True, help="Keep samples that match no slide (reported).")
 @store_option
 @json_option
-def ingest_expression_cmd(path, dataset, sample_col, allow_unmatched, store_path, as_json):
-    """Ingest bulk expression: wide samples x genes (CSV/TSV/Parquet) or long sample_id,gene,value.
+def ingest_expression_cmd(path, fmt, dataset, sample_col, sample_sheet, value, gene_ids, pseudocount, sample_types,
+                          slide_types, allow_unmatched, store_path, as_json):
+    """Ingest bulk expression: a table (wide or long), a GDC STAR-Counts folder, a Xena or cBioPortal matrix.
+
+    TCGA sample barcodes are matched to slides of the same sample (primary tumour 01 and diagnostic
+    slides by default; normals and frozen slides are reported, not matched).
 
     \b
     Example:
       hefeat ingest expression data/demo/expression.parquet
+      hefeat ingest expression gdc_rna/ --sample-sheet gdc_sample_sheet.tsv --value tpm_unstranded
+      hefeat ingest expression TCGA-BRCA.star_tpm.tsv --format xena
+      hefeat ingest expression brca_tcga/data_mrna_seq_v2_rsem.txt
     """
-    _table_ingest("expression")(path, store_path, as_json, allow_unmatched, dataset=dataset, sample_col=sample_col)
+    _table_ingest("expression")(path, store_path, as_json, allow_unmatched, fmt=fmt, dataset=dataset,
+                                sample_col=sample_col, sample_sheet=sample_sheet, value=value, gene_ids=gene_ids,
+                                pseudocount=pseudocount, sample_types=_types(sample_types),
+                                slide_types=_types(slide_types))
 
 
 @ingest.command("clinical")
 @click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["auto", "table", "cbioportal", "gdc"]), default="auto",
+              show_default=True, help="auto: '#' header rows / PATIENT_ID = cBioPortal; case_submitter_id = GDC.")
+@click.option("--samples", type=click.Path(dir_okay=False), default=None,
+              help="cBioPortal data_clinical_sample.txt next to the patient file.")
+@click.option("--sample-types", default=None, help="TCGA: sample types whose slides get rows (default 01).")
+@click.option("--slide-types", default=None, help="TCGA: slide types that get rows (default DX).")
 @click.option("--allow-unmatched", is_flag=True)
 @store_option
 @json_option
-def ingest_clinical_cmd(path, allow_unmatched, store_path, as_json):
-    """Ingest a clinical table keyed by slide_id or patient_id (any other columns).
+def ingest_clinical_cmd(path, fmt, samples, sample_types, slide_types, allow_unmatched, store_path, as_json):
+    """Ingest clinical data: a table keyed by slide_id or patient_id, cBioPortal files or the GDC clinical TSV.
+
+    Survival becomes survival_months + event; TCGA receptor columns become er_status / pr_status /
+    her2_status (1/0; Equivocal, Indeterminate, [Not Evaluated], [Not Available] missing, counted).
 
     \b
     Example:
       hefeat ingest clinical data/demo/clinical.csv
+      hefeat ingest clinical data_clinical_patient.txt --samples data_clinical_sample.txt
+      hefeat ingest clinical clinical.tsv            # GDC
     """
-    _table_ingest("clinical")(path, store_path, as_json, allow_unmatched)
+    _table_ingest("clinical")(path, store_path, as_json, allow_unmatched, fmt=fmt, samples=samples,
+                              sample_types=_types(sample_types), slide_types=_types(slide_types))
 
 
 @ingest.command("spots")

@@ -31,12 +31,57 @@ def slide_input_digest(row: pd.Series) -> str:
     return f"{row['fingerprint']}:{float(row['mpp_x']):.6g}:{float(row['mpp_y']):.6g}"
 
 
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide")
+
+
+def slide_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """The given files, with each folder replaced by the slide files below it (a GDC download: <file id>/<name>.svs)."""
+    out = []
+    for x in paths:
+        p = Path(x)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES
+                           and not q.name.startswith("."))
+            if not found:
+                raise HefeatError(f"No slide files ({', '.join(SLIDE_SUFFIXES[:5])} ...) under {p}")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _gdc_check(files: list[Path], manifest: str | os.PathLike, verify_md5: bool) -> tuple[list[str], dict[Path, str]]:
+    """Every file a GDC manifest lists must be among `files`; (notes, md5 mismatches by file)."""
+    from hefeat.formats import gdc
+
+    m = gdc.read_manifest(manifest)
+    by_name = {p.name: p for p in files}
+    missing = [f for f in m["filename"] if f not in by_name]
+    if missing:
+        raise HefeatError(f"GDC manifest {Path(manifest).name}: field 'filename' lists {missing[0]}"
+                          f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, not among the given files; "
+                          "download it (gdc-client download -m) or give its folder")
+    extra = sorted(set(by_name) - set(m["filename"]))
+    notes = [f"{len(extra)} files are not in the GDC manifest (ingested, unchecked): {', '.join(extra[:5])}"] if extra else []
+    bad: dict[Path, str] = {}
+    if verify_md5:
+        for f, md5 in zip(m["filename"], m["md5"], strict=True):
+            got = gdc.md5sum(by_name[f])
+            if got != md5.strip().lower():
+                bad[by_name[f]] = (f"md5 {got} differs from the manifest's {md5} (field 'md5' of "
+                                   f"{Path(manifest).name}): incomplete or corrupted download")
+    return notes, bad
+
+
 def ingest_slides(
     store: Store,
     paths: list[str | os.PathLike],
     *,
     mpp: float | None = None,
     manifest: str | os.PathLike | None = None,
+    gdc_manifest: str | os.PathLike | None = None,
+    verify_md5: bool = False,
+    diagnostic_only: bool = False,
     fail_fast: bool = False,
     replace: bool = False,
     progress: bool = False,
@@ -44,12 +89,21 @@ def ingest_slides(
 ) -> IngestReport:
     """Register slide files: properties, MPP (and where it came from), fingerprint.
 
+    Folders are searched for slide files. TCGA barcodes in file names (TCGA-A1-A0SB-01Z-00-DX1.<uuid>.svs)
+    give slide_id (the barcode), patient_id (12 characters) and site (tissue source site); a
+    manifest row overrides them. In a batch with barcodes, a file without one is its own patient
+    (a warning names it). gdc_manifest: every listed file must be among the files (verify_md5:
+    checked against the manifest's md5). diagnostic_only keeps DX (FFPE) slides only.
     Files are opened on `threads` threads (OpenSlide and hashing release the GIL); the catalog is
     written once, in one transaction (see hefeat.store.ingest.register_slides for re-ingest rules:
     unchanged slides are left alone, a corrected --mpp is applied, or needs replace=True once the
     slide has tiles).
     """
+    import warnings
+
     from tqdm import tqdm
+
+    from hefeat.formats import tcga
 
     store.require()
     if not paths:
@@ -57,11 +111,33 @@ def ingest_slides(
     if mpp is not None:
         mpp = check_mpp(mpp, "--mpp")
     m = SlideManifest(manifest) if manifest is not None else None
-    files = [Path(x) for x in paths]
+    files = slide_files(paths)
+    bad_md5: dict[Path, str] = {}
+    notes: list[str] = []
+    if gdc_manifest is not None:
+        notes, bad_md5 = _gdc_check(files, gdc_manifest, verify_md5)
+    elif verify_md5:
+        raise HefeatError("--verify-md5 needs --gdc-manifest (the md5 sums come from it)")
+    barcodes = {p: tcga.slide_meta(p) for p in files}
+    if any(barcodes.values()):
+        plain = [p for p, b in barcodes.items() if not b and not (m and m.row(p))]
+        for p in plain:
+            warnings.warn(f"{p.name} has no TCGA barcode in its name: ingested as its own patient", stacklevel=2)
+        if plain:
+            notes.append(f"{len(plain)} files without a TCGA barcode, each its own patient: "
+                         f"{', '.join(p.name for p in plain[:5])}{' …' if len(plain) > 5 else ''}")
+        if diagnostic_only:
+            frozen = [p for p, b in barcodes.items() if b and not b["slide_id"].split("-")[-1].startswith("DX")]
+            files = [p for p in files if p not in set(frozen)]
+            if frozen:
+                notes.append(f"{len(frozen)} frozen (TS/BS/MS) slides left out (--diagnostic-only): "
+                             f"{', '.join(p.name.split('.')[0] for p in frozen[:5])}{' …' if len(frozen) > 5 else ''}")
 
     def probe(p: Path):
-        meta = m.row(p) if m else {}
+        meta = {**barcodes.get(p, {}), **(m.row(p) if m else {})}
         slide_mpp = meta.get("mpp", mpp)
+        if p in bad_md5:
+            return p, None, bad_md5[p]
         try:
             with Slide(p, mpp=slide_mpp) as s:
                 return p, slide_row(s, p, meta, slide_mpp is not None), None
@@ -70,7 +146,11 @@ def ingest_slides(
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         probed = tqdm(pool.map(probe, files), total=len(files), disable=not progress, desc="slides")
-        return register_slides(store, probed, n_files=len(files), fail_fast=fail_fast, replace=replace)
+        rep = register_slides(store, probed, n_files=len(files), fail_fast=fail_fast, replace=replace)
+    rep.notes += notes
+    if any(barcodes.values()):
+        rep.notes.append(tcga.summary_text(tcga.summarize(tcga.slide_table(store.slides()))))
+    return rep
 
 
 def prepare_tiling(store: Store, params: TilingParams) -> str:

@@ -310,21 +310,71 @@ def ingest_expression(
     dataset: str = "expression",
     sample_col: str | None = None,
     allow_unmatched: bool = False,
+    sample_types: Iterable[str] | None = None,
+    slide_types: Iterable[str] | None = None,
 ) -> IngestReport:
     """Ingest bulk expression (wide samples x genes, wide genes x samples, or long) as dataset `dataset`.
 
-    Samples are matched to slides by slide_id, then by patient_id. Unmatched samples are an error
+    Samples are matched to slides by slide_id, then by patient_id; TCGA barcodes by sample (see
+    `match_expression_samples`). Unmatched samples are an error
     (listing them) unless allow_unmatched. Non-numeric or infinite cells are an error naming them;
     empty cells are kept as missing. Re-ingesting replaces the dataset unless its content is the
     same (so re-ingesting the original after a bad file restores it).
     """
+    store.require()
+    check_id(dataset, "dataset")
+    mat = expression_matrix(read_table(path), sample_col)
+    return ingest_matrix(store, mat, path, dataset=dataset, allow_unmatched=allow_unmatched,
+                         sample_types=sample_types, slide_types=slide_types)
+
+
+def matrix_of(wide: pd.DataFrame, what: str) -> _Matrix:
+    """A reader's samples x genes DataFrame (index = sample ids) as a validated matrix."""
+    _check_unique([str(g) for g in wide.columns], "gene columns")
+    _check_unique([str(s) for s in wide.index], "samples")
+    vals = wide.to_numpy(np.float64)
+    if np.isinf(vals).any():
+        raise HefeatError(f"{what}: {int(np.isinf(vals).sum())} values are infinite; expression must be finite")
+    return _Matrix([str(s) for s in wide.index], [str(g) for g in wide.columns], vals.astype(np.float32),
+                   "samples x genes")
+
+
+def match_expression_samples(store: Store, samples: list[str], *, sample_types: Iterable[str] | None = None,
+                             slide_types: Iterable[str] | None = None) -> tuple[pd.DataFrame, list[str], list[str], list[str]]:
+    """(mapping sample_id/slide_id/patient_id, unmatched samples, samples kept apart, notes).
+
+    TCGA barcodes (when the store's slides carry barcodes too) match by sample: tumour type 01 and
+    diagnostic (DX) slides by default, normals (11) and other types kept apart and reported; other
+    ids match a slide_id, then a patient_id.
+    """
+    from hefeat.formats import tcga
+
+    slides = store.sql("SELECT slide_id, patient_id, path FROM slides")
+    if tcga.looks_like_barcodes(samples) and not tcga.slide_table(slides).empty:
+        m = tcga.match_samples(samples, slides, sample_types=sample_types or tcga.DEFAULT_SAMPLE_TYPES,
+                               slide_types=slide_types or tcga.DEFAULT_SLIDE_TYPES)
+        apart = sorted(s for ids in m.other_type_samples.values() for s in ids)
+        return m.mapping, m.unmatched_samples, apart, m.notes()
+    if sample_types or slide_types:
+        raise HefeatError("--sample-types / --slide-types need TCGA barcodes in both the sample ids and the slide file names")
+    mapping = _sample_map(store, samples)
+    return mapping, sorted(set(samples) - set(mapping["sample_id"])), [], []
+
+
+def ingest_matrix(store: Store, mat: _Matrix, path: str | os.PathLike, *, dataset: str = "expression",
+                  allow_unmatched: bool = False, sample_types: Iterable[str] | None = None,
+                  slide_types: Iterable[str] | None = None, notes: list[str] | None = None,
+                  source_file: str | os.PathLike | None = None) -> IngestReport:
+    """Match a parsed matrix's samples to slides and write it as dataset `dataset` (see ingest_expression)."""
     from hefeat.store.expression import matrix_fingerprint, write_matrix
 
     store.require()
     check_id(dataset, "dataset")
-    mat = expression_matrix(read_table(path), sample_col)
-    mapping = _sample_map(store, mat.sample_ids)
-    unmatched = sorted(set(mat.sample_ids) - set(mapping["sample_id"]))
+    mapping, unmatched, apart, match_notes = match_expression_samples(store, mat.sample_ids, sample_types=sample_types,
+                                                                      slide_types=slide_types)
+    if apart:  # other sample types (normals ...) are not part of this dataset
+        keep = [i for i, s in enumerate(mat.sample_ids) if s not in set(apart)]
+        mat = _Matrix([mat.sample_ids[i] for i in keep], mat.genes, mat.values[keep], mat.orientation)
     if unmatched and not allow_unmatched:
         raise HefeatError(
             f"{len(unmatched)} of {len(mat.sample_ids)} samples match no slide or patient in the store: "
@@ -333,7 +383,8 @@ def ingest_expression(
         )
     if mapping.empty:
         raise HefeatError("No sample of the expression table matches a slide or patient in the store")
-    rep = IngestReport("expression", unmatched=unmatched, rows=int(mat.values.size))
+    rep = IngestReport("expression", unmatched=unmatched, rows=int(mat.values.size),
+                       notes=[*(notes or []), *match_notes])
     n_missing = int(np.isnan(mat.values).sum())
     if n_missing:
         rep.notes.append(f"{n_missing} empty cells kept as missing values")
@@ -347,7 +398,7 @@ def ingest_expression(
     if len(cur) and cur["fingerprint"].iloc[0] == fp and same_map:
         rep.unchanged = [dataset]
         return rep
-    src_fp = file_fingerprint(path)
+    src_fp = file_fingerprint(source_file or path)
     with store.connect(write=True) as con:
         write_matrix(con, dataset, mat.sample_ids, mat.genes, mat.values, source=str(Path(path).absolute()),
                      source_fingerprint=src_fp, orientation=mat.orientation)
@@ -359,6 +410,85 @@ def ingest_expression(
     return rep
 
 
+EXPRESSION_FORMATS = ("auto", "table", "gdc", "xena", "cbioportal")
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.readline(65536).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def expression_format(path: str | os.PathLike) -> str:
+    """The published layout of an expression input: gdc (a download folder), cbioportal, or table."""
+    p = Path(path)
+    if p.is_dir():
+        return "gdc"
+    head = _first_line(p)
+    if "Hugo_Symbol" in head and "Entrez_Gene_Id" in head:
+        return "cbioportal"
+    return "table"
+
+
+def find_sample_sheet(folder: Path) -> Path:
+    """The one gdc_sample_sheet*.tsv in a GDC download folder or next to it."""
+    hits = sorted(folder.glob("gdc_sample_sheet*.tsv")) or sorted(folder.parent.glob("gdc_sample_sheet*.tsv"))
+    if len(hits) != 1:
+        raise HefeatError(f"{folder} is a GDC download folder: name its sample sheet with --sample-sheet "
+                          f"({'found ' + ', '.join(h.name for h in hits) if hits else 'no gdc_sample_sheet*.tsv next to it'})")
+    return hits[0]
+
+
+def ingest_expression_source(
+    store: Store,
+    path: str | os.PathLike,
+    *,
+    fmt: str = "auto",
+    dataset: str = "expression",
+    sample_col: str | None = None,
+    allow_unmatched: bool = False,
+    value: str = "tpm_unstranded",
+    gene_ids: str = "symbol",
+    sample_sheet: str | os.PathLike | None = None,
+    pseudocount: float = 1.0,
+    sample_types: Iterable[str] | None = None,
+    slide_types: Iterable[str] | None = None,
+) -> IngestReport:
+    """Ingest expression in a published layout: a GDC STAR-Counts folder (+ sample sheet), a UCSC Xena
+    matrix, cBioPortal data_mrna_seq_v2_rsem.txt, or a plain table (`ingest_expression`).
+
+    Every file is read and checked before the store changes.
+    """
+    from hefeat.formats import cbioportal, gdc, xena
+
+    store.require()
+    if fmt not in EXPRESSION_FORMATS:
+        raise HefeatError(f"Unknown expression format {fmt!r}; use one of {', '.join(EXPRESSION_FORMATS)}")
+    p = Path(path)
+    if not p.exists():
+        raise HefeatError(f"File not found: {p}")
+    fmt = expression_format(p) if fmt == "auto" else fmt
+    kw = dict(dataset=dataset, allow_unmatched=allow_unmatched, sample_types=sample_types, slide_types=slide_types)
+    if fmt == "table":
+        return ingest_expression(store, p, sample_col=sample_col, **kw)
+    if fmt == "gdc":
+        if not p.is_dir():
+            raise HefeatError(f"--format gdc expects the GDC download folder (one folder per file id), not {p.name}")
+        sheet = Path(sample_sheet) if sample_sheet else find_sample_sheet(p)
+        wide, notes = gdc.star_counts_matrix(p, sheet, value=value, gene_ids=gene_ids)
+        return ingest_matrix(store, matrix_of(wide, f"GDC STAR-Counts in {p.name}"), p, notes=notes,
+                             source_file=sheet, **kw)
+    if p.is_dir():
+        raise HefeatError(f"{p} is a folder; --format {fmt} reads one file")
+    if fmt == "xena":
+        wide, notes = xena.xena_matrix(p, pseudocount=pseudocount)
+    else:
+        wide, notes = cbioportal.rsem_matrix(p)
+    return ingest_matrix(store, matrix_of(wide, p.name), p, notes=notes, **kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # Clinical
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +498,12 @@ def ingest_clinical(store: Store, path: str | os.PathLike, *, allow_unmatched: b
     A slide-keyed table that also has patient_id / site fills those in on the slides.
     """
     store.require()
-    df = read_table(path)
+    return write_clinical(store, read_table(path), path, allow_unmatched=allow_unmatched)
+
+
+def write_clinical(store: Store, df: pd.DataFrame, path: str | os.PathLike, *, allow_unmatched: bool = False,
+                   notes: list[str] | None = None) -> IngestReport:
+    """Validate a clinical table keyed by slide_id or patient_id and make it the store's clinical table."""
     key = "slide_id" if "slide_id" in df.columns else "patient_id" if "patient_id" in df.columns else None
     if key is None:
         raise HefeatError(f"Clinical table {Path(path).name} needs a slide_id or patient_id column; it has {list(df.columns)[:8]}")
@@ -385,7 +520,8 @@ def ingest_clinical(store: Store, path: str | os.PathLike, *, allow_unmatched: b
             f"{len(unmatched)} rows of the clinical table match no {key} in the store: {', '.join(unmatched[:8])}. "
             "Ingest those slides first or pass --allow-unmatched."
         )
-    rep = IngestReport("clinical", unmatched=unmatched, rows=len(df), added=[key])
+    rep = IngestReport("clinical", unmatched=unmatched, rows=len(df), added=[key], notes=list(notes or []))
+    src = Path(path)
     with store.connect(write=True) as con:
         con.register("new_clinical", df)
         con.execute("CREATE OR REPLACE TABLE clinical AS SELECT * FROM new_clinical")
@@ -394,8 +530,106 @@ def ingest_clinical(store: Store, path: str | os.PathLike, *, allow_unmatched: b
                 if col in df.columns:
                     con.execute(f"UPDATE slides SET {col} = CAST(c.{col} AS VARCHAR) FROM new_clinical c "
                                 f"WHERE slides.slide_id = c.slide_id AND c.{col} IS NOT NULL")
-        con.execute("INSERT INTO ingests VALUES ('clinical', ?, ?, ?, now())", [str(path), file_fingerprint(path), len(df)])
+        con.execute("INSERT INTO ingests VALUES ('clinical', ?, ?, ?, now())",
+                    [str(path), file_fingerprint(src) if src.is_file() else None, len(df)])
     return rep
+
+
+CLINICAL_FORMATS = ("auto", "table", "cbioportal", "gdc")
+
+
+def clinical_format(path: str | os.PathLike) -> str:
+    """cbioportal (a '#' header or PATIENT_ID), gdc (case_submitter_id / cases.submitter_id) or table."""
+    head = _first_line(Path(path))
+    if head.startswith("#") or "PATIENT_ID" in [c.strip() for c in head.split("\t")]:
+        return "cbioportal"
+    if "case_submitter_id" in head or "cases.submitter_id" in head:
+        return "gdc"
+    return "table"
+
+
+def clinical_by_slide(store: Store, patients: pd.DataFrame, samples: pd.DataFrame | None, *,
+                      sample_types: Iterable[str] | None = None, slide_types: Iterable[str] | None = None
+                      ) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Patient (and sample) rows of a TCGA cohort -> one row per eligible slide; (table, unmatched patients, notes).
+
+    Eligible slides are those expression matching uses (primary tumour 01, diagnostic DX by default),
+    so a normal or frozen slide never inherits its patient's tumour label.
+    """
+    from hefeat.formats import tcga
+
+    sample_types = {str(t).zfill(2) for t in (sample_types or tcga.DEFAULT_SAMPLE_TYPES)}
+    slide_types = {t.upper() for t in (slide_types or tcga.DEFAULT_SLIDE_TYPES)}
+    tab = tcga.slide_table(store.sql("SELECT slide_id, patient_id, path FROM slides"))
+    ok = tab["sample_type"].isin(sample_types) & tab["slide_type"].isin(slide_types)
+    elig = tab[ok][["slide_id", "patient", "sample"]].rename(columns={"patient": "patient_id", "sample": "_sample"})
+    out = elig.merge(patients, on="patient_id", how="inner")
+    if samples is not None and "sample_id" in samples.columns:
+        sm = samples.drop(columns=["patient_id"], errors="ignore").copy()
+        sm["_sample"] = sm["sample_id"].astype(str).str[:15]
+        out = out.merge(sm.drop_duplicates("_sample"), on="_sample", how="left", suffixes=("", "_sample"))
+    out = out.drop(columns="_sample")
+    unmatched = sorted(set(patients["patient_id"]) - set(tab["patient"]))
+    notes = []
+    no_elig = sorted(set(patients["patient_id"]) & set(tab["patient"]) - set(elig["patient_id"]))
+    if no_elig:
+        notes.append(f"{len(no_elig)} patients have no {'/'.join(sorted(slide_types))} slide of sample type "
+                     f"{'/'.join(sorted(sample_types))}: {', '.join(no_elig[:5])}")
+    n_left = int((~ok).sum())
+    if n_left:
+        notes.append(f"{n_left} slides (frozen, normal or other sample types) get no clinical row: "
+                     f"{', '.join(tab[~ok]['slide_id'].tolist()[:5])}{' …' if n_left > 5 else ''}")
+    return out.reset_index(drop=True), unmatched, notes
+
+
+def ingest_clinical_source(
+    store: Store,
+    path: str | os.PathLike,
+    *,
+    fmt: str = "auto",
+    samples: str | os.PathLike | None = None,
+    allow_unmatched: bool = False,
+    sample_types: Iterable[str] | None = None,
+    slide_types: Iterable[str] | None = None,
+) -> IngestReport:
+    """Ingest clinical data as published: cBioPortal patient (+ sample) files, the GDC clinical TSV, or a table.
+
+    Survival becomes survival_months + event (OS; DFS/PFS as dfs_/pfs_ pairs); TCGA receptor columns
+    become er_status / pr_status / her2_status (1/0, unknowns missing and counted). In a store of
+    TCGA slides the table is written per eligible slide (see `clinical_by_slide`).
+    """
+    from hefeat.formats import cbioportal, gdc, tcga
+
+    store.require()
+    if fmt not in CLINICAL_FORMATS:
+        raise HefeatError(f"Unknown clinical format {fmt!r}; use one of {', '.join(CLINICAL_FORMATS)}")
+    p = Path(path)
+    if not p.is_file():
+        raise HefeatError(f"File not found: {p}")
+    fmt = clinical_format(p) if fmt == "auto" else fmt
+    if fmt == "table":
+        if samples:
+            raise HefeatError("--samples goes with cBioPortal files (data_clinical_sample.txt)")
+        return ingest_clinical(store, p, allow_unmatched=allow_unmatched)
+    if fmt == "cbioportal":
+        pat, smp, notes = cbioportal.clinical_table(p, samples)
+    else:
+        if samples:
+            raise HefeatError("--samples goes with cBioPortal files (data_clinical_sample.txt)")
+        pat, notes = gdc.clinical_table(p)
+        smp = None
+    slides = store.sql("SELECT slide_id, patient_id, path FROM slides")
+    if tcga.looks_like_barcodes(pat["patient_id"]) and not tcga.slide_table(slides).empty:
+        table, unmatched, more = clinical_by_slide(store, pat, smp, sample_types=sample_types, slide_types=slide_types)
+        if unmatched and not allow_unmatched:
+            raise HefeatError(f"{len(unmatched)} patients of {p.name} have no slide in the store: "
+                              f"{', '.join(unmatched[:8])}. Ingest those slides first or pass --allow-unmatched.")
+        if table.empty:
+            raise HefeatError(f"No patient of {p.name} has an eligible slide in the store")
+        rep = write_clinical(store, table, p, allow_unmatched=True, notes=notes + more)
+        rep.unmatched = unmatched
+        return rep
+    return write_clinical(store, pat, p, allow_unmatched=allow_unmatched, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------

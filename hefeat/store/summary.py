@@ -26,6 +26,7 @@ def store_status(store: Store) -> dict:
     with store.session():
         q = store.sql
         slides = q("SELECT count(*) n, count(DISTINCT patient_id) p, count(DISTINCT site) s FROM slides").iloc[0]
+        slide_paths = q("SELECT slide_id, path FROM slides")
         stages = q("SELECT stage, id, state, count(*) n, sum(n_tiles) tiles FROM status GROUP BY ALL ORDER BY ALL")
         tilings = q("SELECT tiling_id, mpp, size, background, spots FROM tilings ORDER BY created")
         exts = q("SELECT * FROM extractions")
@@ -57,6 +58,11 @@ def store_status(store: Store) -> dict:
     }
     lines = [f"Store {store.root}: {out['slides']} slides from {out['patients']} patients at {out['sites']} sites; "
              f"{out['spots']} spots on {out['spot_slides']} slides."]
+    from hefeat.formats import tcga
+
+    out["tcga"] = tcga.summarize(tcga.slide_table(slide_paths))
+    if out["tcga"]:
+        lines.append("  " + tcga.summary_text(out["tcga"]))
     for e in out["expression"]:
         lines.append(f"  expression '{e['dataset']}': {e['samples']} samples x {e['genes']} genes"
                      + (f" ({e['n_missing']} missing values)" if e["n_missing"] else ""))

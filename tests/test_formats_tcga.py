@@ -1,0 +1,206 @@
+"""TCGA cohorts read as published: barcodes in file names, GDC STAR-Counts + sample sheet, cBioPortal and
+GDC clinical files, sample matching by barcode; malformed files are one-line errors naming file and field,
+with nothing written to the store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from hefeat.cli import main
+from hefeat.errors import HefeatError
+from hefeat.formats import cbioportal, gdc, tcga
+from hefeat.formats.synth_layouts import tcga_layout
+from hefeat.store.catalog import Store
+from hefeat.store.expression import read_matrix
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def js(*args):
+    return json.loads(run(*args, "--json").output.strip().splitlines()[-1])
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 600
+    return msg
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory, cohort):
+    out = tmp_path_factory.mktemp("tcga")
+    truth = tcga_layout(cohort, out)
+    return out, truth
+
+
+def test_barcodes_parse_as_the_gdc_documents_them():
+    b = tcga.parse_slide_name("TCGA-A1-A0SB-01Z-00-DX1.5D1C4F2A-7E0B-4C47-9B9A-2F2B1B6B8C1D.svs")
+    assert (b.patient, b.tss, b.sample, b.sample_type, b.vial, b.portion, b.slide_type, b.slide_index) == \
+        ("TCGA-A1-A0SB", "A1", "TCGA-A1-A0SB-01", "01", "Z", "00", "DX", "1")
+    assert b.preservation == "FFPE" and not b.is_normal and b.slide_barcode == "TCGA-A1-A0SB-01Z-00-DX1"
+    f = tcga.parse_slide_name("TCGA-BH-A0BV-11A-01-TS1.svs")
+    assert f.preservation == "frozen" and f.is_normal and f.tss == "BH"
+    a = tcga.parse("TCGA-A1-A0SB-01A-11R-A144-07")
+    assert (a.sample, a.vial, a.portion, a.analyte, a.slide_type) == ("TCGA-A1-A0SB-01", "A", "11", "R", None)
+    assert tcga.parse("TCGA-A1-A0SB").sample is None
+    assert tcga.parse_slide_name("TCGA-A1-A0SB-01A-11R-A144-07.tsv") is None  # an aliquot is not a slide
+    assert tcga.parse("S01") is None and tcga.parse("TCGA-A1") is None and tcga.slide_meta("S01.tiff") == {}
+
+
+def test_samples_match_tumour_diagnostic_slides_and_keep_normals_apart():
+    slides = pd.DataFrame({"slide_id": ["a", "b", "c", "d"], "path": [
+        "/x/TCGA-A1-A001-01Z-00-DX1.u.svs", "/x/TCGA-A1-A001-01A-01-TS1.u.svs",
+        "/x/TCGA-A1-A001-11A-01-TS1.u.svs", "/x/TCGA-A2-A002-01Z-00-DX1.u.svs"]})
+    m = tcga.match_samples(["TCGA-A1-A001-01A-11R-A144-07", "TCGA-A1-A001-11A", "TCGA-B6-A009-01A"], slides)
+    assert m.mapping[["sample_id", "slide_id"]].values.tolist() == [["TCGA-A1-A001-01A-11R-A144-07", "a"]]
+    assert m.other_type_samples == {"11": ["TCGA-A1-A001-11A"]}
+    assert m.unmatched_samples == ["TCGA-B6-A009-01A"] and m.slides_without_sample == ["d"]
+    assert sorted(sum(m.slides_left_out.values(), [])) == ["b", "c"]
+    normals = tcga.match_samples(["TCGA-A1-A001-11A"], slides, sample_types=["11"], slide_types=["TS"])
+    assert normals.mapping["slide_id"].tolist() == ["c"]
+
+
+def test_star_counts_folder_reads_as_gdc_writes_it(layout):
+    out, truth = layout
+    wide, notes = gdc.star_counts_matrix(out / "gdc_rna", out / "gdc_sample_sheet.tsv")
+    assert sorted(wide.index) == sorted(truth["rna_samples"]) and list(wide.columns) == truth["genes"]
+    assert any(truth["duplicate_symbol"] in n and "highest mean" in n for n in notes)
+    src = pd.read_parquet(truth_source(truth) / "expression.parquet").set_index("sample_id")
+    for s, slides in truth["rna_samples"].items():
+        scale = 0.5 if s[13:15] == "11" else 1.0
+        np.testing.assert_allclose(wide.loc[s].to_numpy(), scale * src.loc[slides].to_numpy().mean(0), atol=6e-5)
+    counts, _ = gdc.star_counts_matrix(out / "gdc_rna", out / "gdc_sample_sheet.tsv", value="unstranded", gene_ids="ensembl")
+    assert counts.columns[0] == "ENSG00000900000" and (counts.to_numpy() == np.round(counts.to_numpy())).all()
+    assert counts.shape[1] == wide.shape[1] + 1 and counts.columns[-1].endswith("_PAR_Y")  # ids stay distinct
+    assert not np.allclose(counts.to_numpy()[:, :-1], wide.to_numpy())
+
+
+def truth_source(truth):
+    from pathlib import Path
+
+    return Path(truth["source"])
+
+
+def _copy_rna(out, tmp_path):
+    d = tmp_path / "rna"
+    shutil.copytree(out / "gdc_rna", d)
+    shutil.copy(out / "gdc_sample_sheet.tsv", tmp_path / "gdc_sample_sheet.tsv")
+    return d, tmp_path / "gdc_sample_sheet.tsv"
+
+
+def test_malformed_gdc_files_are_refused_naming_file_and_field(layout, tmp_path, cohort):
+    out, _ = layout
+    st = Store.init(tmp_path / "st")
+    from hefeat.slides.run import ingest_slides
+    from hefeat.store.ingest import ingest_expression_source
+
+    ingest_slides(st, [out / "slides"])
+    rna, sheet = _copy_rna(out, tmp_path)
+    f = sorted(rna.rglob("*.tsv"))[0]
+    f.write_text("<!DOCTYPE html>\n<html><body>502 Bad Gateway</body></html>\n")
+    with pytest.raises(HefeatError, match=rf"{f.name} is an HTML/XML page") as e:
+        ingest_expression_source(st, rna, sample_sheet=sheet)
+    _one_line(e)
+    f.write_text("# gene-model: GENCODE v36\ngene_id\tgene_name\tunstranded\nENSG1.1\tA\t3\n")
+    with pytest.raises(HefeatError, match=rf"{f.name}: missing fields 'gene_type'.*'tpm_unstranded'") as e:
+        ingest_expression_source(st, rna, sample_sheet=sheet)
+    _one_line(e)
+    f.unlink()
+    with pytest.raises(HefeatError, match=rf"gdc_sample_sheet.tsv: field 'File Name' names {f.name}") as e:
+        ingest_expression_source(st, rna, sample_sheet=sheet)
+    _one_line(e)
+    s = pd.read_csv(sheet, sep="\t", dtype=str)
+    s.loc[1, "Case ID"] = s.loc[0, "Case ID"]
+    s.loc[1, "Project ID"] = "TCGA-LUAD"
+    s.to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"field 'Project ID' gives case TCGA-\S+ two projects") as e:
+        ingest_expression_source(st, rna, sample_sheet=sheet)
+    _one_line(e)
+    with pytest.raises(HefeatError, match="--value 'counts' is not a STAR-Counts column"):
+        ingest_expression_source(st, out / "gdc_rna", value="counts")
+    assert st.sql("SELECT count(*) n FROM expression_datasets").iloc[0, 0] == 0  # nothing half-written
+
+
+def test_clinical_files_give_months_events_and_counted_receptor_labels(layout, tmp_path):
+    out, truth = layout
+    pat, smp, notes = cbioportal.clinical_table(out / "cbioportal" / "data_clinical_patient.txt",
+                                                out / "cbioportal" / "data_clinical_sample.txt")
+    src = pd.read_csv(truth_source(truth) / "clinical.csv")
+    first = {v["patient"]: v["source_slide"] for k, v in truth["slides"].items() if k.endswith("-DX1")}
+    ref = src.set_index("slide_id").loc[[first[p] for p in pat["patient_id"]]]
+    np.testing.assert_allclose(pat["survival_months"], ref["survival_months"], atol=0.006)
+    assert pat["event"].tolist() == ref["event"].tolist()
+    assert pat.set_index("patient_id")["er_status"].to_dict() == pytest.approx(
+        {p: (np.nan if v is None else v) for p, v in truth["er_status"].items()}, nan_ok=True)
+    assert any("2 missing ([Not Available] 1, Indeterminate 1)" in n for n in notes)
+    assert smp["sample_id"].str.len().eq(15).all()
+    g, _ = gdc.clinical_table(out / "gdc_clinical" / "clinical.tsv")
+    g = g.set_index("patient_id").loc[pat["patient_id"]]
+    np.testing.assert_allclose(g["survival_months"], ref["survival_months"], atol=0.02)
+    assert g["event"].tolist() == ref["event"].tolist()
+    bad = tmp_path / "data_clinical_patient.txt"
+    bad.write_text("#a\n#b\n#STRING\n#1\nPATIENT\tOS_MONTHS\tOS_STATUS\nX\t1\t1:DECEASED\n")
+    with pytest.raises(HefeatError, match=r"data_clinical_patient.txt: missing field 'PATIENT_ID'") as e:
+        cbioportal.clinical_table(bad)
+    _one_line(e)
+    bad.write_text("PATIENT_ID\tOS_MONTHS\tOS_STATUS\nX\tlong\t1:DECEASED\n")
+    with pytest.raises(HefeatError, match=r"field 'OS_MONTHS' has 1 values that are not numbers, e.g. 'long'"):
+        cbioportal.clinical_table(bad)
+
+
+def test_tcga_layout_runs_end_to_end_with_generic_commands(layout, tmp_path):
+    """synth --layout tcga output -> ingest (no manifest) -> status -> tile -> extract -> fit genes."""
+    out, truth = layout
+    st = tmp_path / "st"
+    run("init", "--store", st)
+    man = pd.read_csv(out / "gdc_manifest.txt", sep="\t", dtype=str)
+    man.loc[0, "md5"] = "0" * 32
+    man.to_csv(tmp_path / "bad_md5.txt", sep="\t", index=False)
+    r = js("ingest", "slides", out / "slides", "--gdc-manifest", tmp_path / "bad_md5.txt", "--verify-md5", "--store", st)
+    assert list(r["failed"]) == [str(next((out / "slides").rglob(man.loc[0, "filename"])))]
+    assert "md5" in next(iter(r["failed"].values())) and r["added"] == len(truth["slides"]) - 1
+    pd.concat([man, man.tail(1).assign(filename="TCGA-XX-0000-01Z-00-DX1.svs")]).to_csv(tmp_path / "more.txt", sep="\t", index=False)
+    r = run("ingest", "slides", out / "slides", "--gdc-manifest", tmp_path / "more.txt", "--store", st, ok=False)
+    assert r.exit_code != 0 and "field 'filename' lists TCGA-XX-0000-01Z-00-DX1.svs" in r.output
+    (tmp_path / "S99.tiff").write_bytes((out / truth["slides"][next(iter(truth["slides"]))]["file"]).read_bytes())
+    with pytest.warns(UserWarning, match="S99.tiff has no TCGA barcode in its name: ingested as its own patient"):
+        r = js("ingest", "slides", out / "slides", tmp_path / "S99.tiff", "--gdc-manifest", out / "gdc_manifest.txt",
+               "--verify-md5", "--store", st)
+    assert r["added"] == 2 and any("1 files are not in the GDC manifest" in n for n in r["notes"])
+    slides = Store(st).slides().set_index("slide_id")
+    assert slides.loc["S99", "patient_id"] == "S99"
+    for bc, t in truth["slides"].items():
+        assert slides.loc[bc, "patient_id"] == t["patient"] and slides.loc[bc, "site"] == t["site"]
+    status = js("status", "--store", st)["tcga"]
+    kinds = pd.Series([t["sample_type"] for t in truth["slides"].values()]).value_counts().to_dict()
+    assert status["patients"] == len(truth["patients"]) and status["sites"] == truth["sites"]
+    assert status["sample_types"] == kinds
+    assert status["preservation"] == pd.Series([t["preservation"] for t in truth["slides"].values()]).value_counts().to_dict()
+    e = js("ingest", "expression", out / "gdc_rna", "--store", st)
+    tumour = sorted(s for s in truth["rna_samples"] if s[13:15] == "01")
+    assert e["added"] == 1 and any("type 11 (Solid Tissue Normal) kept apart" in n for n in e["notes"])
+    ids, genes, _ = read_matrix(Store(st))
+    assert ids == tumour and genes == truth["genes"]
+    mapped = Store(st).sql("SELECT slide_id FROM samples")["slide_id"]
+    assert set(mapped) == {bc for bc, t in truth["slides"].items() if t["slide_type"] == "DX" and t["sample_type"] == "01"}
+    c = js("ingest", "clinical", out / "cbioportal" / "data_clinical_patient.txt", "--samples",
+           out / "cbioportal" / "data_clinical_sample.txt", "--store", st)
+    assert c["rows"] == len(mapped)
+    clin = Store(st).sql("SELECT * FROM clinical")
+    assert set(clin["slide_id"]) == set(mapped) and {"survival_months", "event", "er_status", "subtype"} <= set(clin.columns)
+    t = js("tile", "--mpp", "1.0", "--size", "64", "--max-tiles", "12", "--store", st)
+    x = js("extract", "--encoder", "resnet18", "--layer", "layer1", "--weights", "none", "--precision", "fp32",
+           "--fit", "native", "--tiling", t["tiling_id"], "--store", st)
+    f = js("fit", "genes", "--extraction", x["extraction_id"], "--split", "patient-kfold:3", "--store", st)
+    assert f["n_samples"] == len(tumour) and 0 < f["n_genes"] <= len(truth["genes"])  # low-variance genes filtered
