@@ -29,6 +29,20 @@ def test_columnwise_correlations_match_scipy():
     assert np.isnan(stats.columnwise_pearson(np.ones((5, 1)), b[:5, :1])[0])
 
 
+def test_matrix_ranks_equal_scipy_rankdata_with_ties_and_nan():
+    """The one-argsort average ranks equal scipy's per-column rankdata: ties averaged, NaN columns all NaN."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 6, size=(40, 50)).astype(float)  # many ties
+    a[:, 10:20] = rng.normal(size=(40, 10))
+    a[:, 20] = 3.0  # one constant column
+    a[5, 30] = np.nan
+    np.testing.assert_array_equal(stats._rank(a), ss.rankdata(a, axis=0))
+    np.testing.assert_array_equal(stats._rank(a[:, 0]), ss.rankdata(a[:, 0]))
+    b = rng.normal(size=(40, 50))
+    np.testing.assert_allclose(stats.columnwise_spearman(a[:, :30], b[:, :30]),
+                               [ss.spearmanr(a[:, j], b[:, j])[0] for j in range(30)], rtol=1e-12, atol=1e-15)
+
+
 def test_permutation_null_gives_uniformish_pvalues():
     """On pure-noise targets, refitted predictions give p-values spread over [0, 1]."""
     from hefeat.learn.ridge import fit_ridge_heads

@@ -149,7 +149,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), null)
         metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
     # The deployed model: refit on every sample (metrics above are out-of-fold and stay honest).
-    final = RidgeHeads(p.alphas, pca=p.pca, random_state=p.seed).fit(data.X, Yeval[:, evaluated])
+    final = RidgeHeads(p.alphas, pca=p.pca, random_state=p.seed).fit(data.X, Yeval, cols=evaluated)
     prolif = _proliferation(oof[:, evaluated], Yeval[:, evaluated], genes)
     members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
     if len(members) >= 3 and len(genes) > len(members) + 5:
@@ -205,7 +205,8 @@ def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, fol
         kept &= keep
         if not keep.any():
             continue
-        heads = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(data.X[f.train], Y[f.train][:, keep])
+        heads = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(
+            data.X[f.train], Y, rows=f.train, cols=np.flatnonzero(keep))  # Y's rows/genes read in chunks, not copied
         alphas[i, keep] = heads.alpha_
         cols = np.flatnonzero(keep)
         if params.level == "slide":
