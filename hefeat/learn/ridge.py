@@ -69,7 +69,7 @@ def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _chunk(n: int, r: int, A: int, g: int, memory: int) -> int:
-    per_gene = 8 * n * 3 + 4 * n * 3 + 8 * r * (A + 4)  # float64 y, q, fitted; float32 copies; r-sized blocks
+    per_gene = 8 * n * 3 + 4 * n * 3 + 8 * r * (2 * A + 4)  # float64 y, fitted; float32 q, q²; (A, r) blocks
     return int(max(1, min(g, memory // per_gene)))
 
 
@@ -139,13 +139,15 @@ def fit_ridge_heads(X: np.ndarray, Y: np.ndarray, *, alphas=DEFAULT_ALPHAS, dtyp
         C = U.T @ Yj  # (r, k) float64: the coefficients and the exact re-scoring use it
         mse = np.empty((A, k))
         for idx, dt, Ud, UW, M, Wd in parts:
-            Q = Yj.astype(dt) - Ud @ C.astype(dt)  # least-squares residual (n, k)
-            T1 = (Wd.T @ (Q * Q)).astype(np.float64)  # (|idx|, k): Σ w q²
-            T2 = (UW.T @ Q).astype(np.float64).reshape(len(idx), r, k)  # U' diag(w) q
-            for i, a in enumerate(idx):
-                EC = E[:, [a]] * C
-                MEC = (M[i] @ EC.astype(dt)).astype(np.float64)
-                mse[a] = (T1[i] + (EC * (2 * T2[i] + MEC)).sum(0)) / n
+            Cd = C.astype(dt)
+            Q = Yj.astype(dt)
+            Q -= Ud @ Cd  # least-squares residual (n, k)
+            T1 = Wd.T @ (Q * Q)  # (|idx|, k): Σ w q²
+            T2 = (UW.T @ Q).reshape(len(idx), r, k)  # U' diag(w) q, every penalty in one GEMM
+            EC = E.T[idx].astype(dt)[:, :, None] * Cd  # (|idx|, r, k): shrunk part of the residual
+            T2 *= 2
+            T2 += np.matmul(M, EC)
+            mse[idx] = (T1 + np.einsum("ark,ark->ak", EC, T2, dtype=np.float64)) / n
         ia = np.argmin(mse, 0)
         if len(f32) and A > 1:  # penalties within float32 error of the best: decide them in float64
             cols_k = np.arange(k)
