@@ -328,8 +328,13 @@ def _spots_for(spec: SlideSpec, cls: np.ndarray, truth: dict, rng: np.random.Gen
 def _make_one(args) -> dict:
     """One slide, in a worker: layout once, then the image, the class map and (if any) its spots."""
     spec, out, truth, spacing_um, diameter_um = args
+    from hefeat.slides.synth_focal import focal_region, paint_focal
+
     cls, fields, info = slide_layout(spec)
     rgb = render_slide(spec, fields)
+    focal = focal_region(spec.seed, cls, CLASS_MPP)  # the focal slide label (synth_focal.py)
+    if focal is not None:
+        paint_focal(rgb, focal, spec.mpp)
     levels = write_pyramid_tiff(Path(out) / "slides" / f"{spec.slide_id}.tiff", rgb, spec.mpp)
     np.savez_compressed(Path(out) / "truth" / f"{spec.slide_id}.classes.npz", classes=cls, mpp=CLASS_MPP,
                         class_names=np.array(CLASSES))
@@ -337,7 +342,7 @@ def _make_one(args) -> dict:
     if spec.has_spots:
         spots = _spots_for(spec, cls, truth, np.random.default_rng(spec.seed + 3), spacing_um, diameter_um)
     return {"slide_id": spec.slide_id, "levels": levels, "composition": info["composition"].tolist(),
-            "shape": list(rgb.shape[:2]), "spots": spots}
+            "shape": list(rgb.shape[:2]), "spots": spots, "focal": focal}
 
 
 def make_cohort(
@@ -371,6 +376,7 @@ def make_cohort(
     else:
         results = [_make_one(j) for j in tqdm(jobs, disable=not progress, desc="slides")]
     comp = {r["slide_id"]: np.asarray(r["composition"]) for r in results}
+    focal = {r["slide_id"]: r["focal"] for r in results}
 
     W, mu, sigma = (np.asarray(truth[k]) for k in ("weights", "mu", "sigma"))
     genes = truth["genes"]
@@ -393,7 +399,7 @@ def make_cohort(
         rows.append({
             "slide_id": s.slide_id, "patient_id": s.patient_id, "site": s.site,
             "survival_months": round(float(min(t, censor)), 2), "event": int(t <= censor),
-            "msi_status": msi, "er_status": er, "pam50": pam50,
+            "msi_status": msi, "er_status": er, "pam50": pam50, "focal_status": int(focal[s.slide_id] is not None),
         })
     pd.DataFrame(rows).to_csv(out / "clinical.csv", index=False)
     pd.DataFrame([{"slide_id": s.slide_id, "patient_id": s.patient_id, "site": s.site, "mpp": s.mpp}
@@ -409,7 +415,8 @@ def make_cohort(
         s.slide_id: {"patient_id": s.patient_id, "site": s.site, "mpp": s.mpp, "seed": s.seed,
                      "has_spots": s.has_spots, "composition": comp[s.slide_id].round(5).tolist(),
                      "heterogeneity": round(_heterogeneity(comp[s.slide_id]), 5),
-                     "levels": next(r["levels"] for r in results if r["slide_id"] == s.slide_id)}
+                     "levels": next(r["levels"] for r in results if r["slide_id"] == s.slide_id),
+                     "focal": int(focal[s.slide_id] is not None), "focal_region": focal[s.slide_id]}
         for s in specs
     }
     truth["seed"] = seed

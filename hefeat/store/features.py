@@ -288,6 +288,26 @@ def read_features(path: str | os.PathLike, rows: np.ndarray | None = None, *, dt
         return got[inv]
 
 
+def read_slide_rows(sf: SlideFile, rows: np.ndarray | None = None, *, dtype: str = "float32",
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of one slide file found by `slide_table` (all, or sorted unique `rows`) as `dtype` (or into `out`)."""
+    n = sf.n if rows is None else len(rows)
+    if rows is not None:
+        rows = np.asarray(rows, np.int64)
+        _check_rows(sf, rows)
+    if out is None:
+        out = np.empty((n, sf.dim), np.dtype(dtype))
+    with _Reader(sf) as r:
+        _read_rows(r, rows, out)
+    return out
+
+
+def read_slide_coords(sf: SlideFile) -> np.ndarray:
+    """The coords [N, 2] (level-0 x, y) of one slide file found by `slide_table`."""
+    with _Reader(sf) as r:
+        return r.coords()
+
+
 def _check_rows(sf: SlideFile, rows: np.ndarray) -> None:
     if len(rows) and (rows.min() < 0 or rows.max() >= sf.n):
         bad = rows[(rows < 0) | (rows >= sf.n)][:5].tolist()
