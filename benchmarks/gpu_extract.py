@@ -1,0 +1,143 @@
+"""GPU extraction in one short command: hefeat end to end (JPEG decode on the device) against the bare encoder.
+
+On a synthetic cohort of JPEG-tiled pyramidal TIFFs (the layout of SVS files), in one process:
+- bare: the encoder alone at the precision and memory format `auto` chose, on uint8 tiles already on
+  the device (device transform included), the same batch size: the ceiling;
+- hefeat: `run_extraction(precision="auto", decode=...)` through the store: tiles read and JPEG-decoded
+  on the device (`--decode device`, the default on CUDA), transform, forward, finiteness check, copy
+  back, fp16 feature files written by the background writer; tiles/s of the extraction loop, and of
+  the whole call with a cold calibration cache and again (a second tiling) with the cache warm.
+Ratios printed: hefeat loop / bare, whole call / bare. Goal (issue 22): >= 5,000 tiles/s for
+ResNet-50 at 224 px on one GPU.
+
+GPU (about 2-4 min on an H100/H200):  python benchmarks/gpu_extract.py
+CPU check at tiny size (about 1 min): python benchmarks/gpu_extract.py --tiles 96 --encoder resnet18:layer1 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _cohort(d: Path, tiles: int, seed: int):
+    """A store with slides of 0.5 µm/px JPEG-tiled TIFFs, tiled at 224 px with stride 112: >= `tiles` tiles."""
+    from hefeat.slides.run import ingest_slides, run_tiling
+    from hefeat.slides.synth import make_cohort
+    from hefeat.slides.tiling import TilingParams
+    from hefeat.store.catalog import Store
+
+    # One 4,000 x 3,000 µm slide at stride 112 px (56 µm) holds about 3,000 tissue tiles.
+    n_slides = max(1, -(-tiles // 2500))
+    make_cohort(d / "c", n_slides=n_slides, n_genes=20, seed=seed, width_um=4000, height_um=3000)
+    st = Store.init(d / "st")
+    ingest_slides(st, sorted(glob.glob(str(d / "c" / "slides" / "*.tiff"))))
+    tid = run_tiling(st, TilingParams(stride=112, max_tiles=-(-tiles // n_slides), tissue_threshold=0.25)
+                     ).extra["tiling_id"]
+    return st, tid
+
+
+def _bare(encoder: str, layer: str | None, imgs, *, device: str, precision: str, channels_last: bool, batch: int,
+          seconds: float) -> float:
+    """Tiles/s of the encoder alone on uint8 NHWC tiles already on the device (transform included)."""
+    import torch
+
+    from hefeat.extract.compute import DeviceTransform, embed_batch
+    from hefeat.extract.encoders import create_encoder
+
+    enc = create_encoder(encoder, weights="none", layer=layer)
+    enc.to(device)
+    enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    tf = DeviceTransform(enc.config, device)
+    tf.channels_last = channels_last
+    x = torch.from_numpy(imgs).to(device)
+    reps = -(-batch // len(x))
+    x = torch.cat([x] * reps)[:batch]
+
+    def step():
+        f = embed_batch(enc, tf, x, device=device, precision=precision)
+        return f.cpu()  # the loop copies features back too
+
+    for _ in range(3):  # warm-up (cudnn autotune, allocator)
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoder", default="resnet50", help="name[:layer] (timm), random weights")
+    ap.add_argument("--tiles", type=int, default=20_000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--decode", default="auto", choices=("auto", "device", "cpu"))
+    ap.add_argument("--bare-seconds", type=float, default=10.0)
+    a = ap.parse_args()
+    import torch
+
+    from hefeat.extract.pipeline import ExtractOptions, resolve_device, run_extraction
+    from hefeat.extract.precision import device_capabilities
+    from hefeat.slides.reader import Slide
+
+    device = resolve_device(None)
+    name, _, layer = a.encoder.partition(":")
+    layer = layer or None
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device,
+                 "machine": (torch.cuda.get_device_name(0) if device == "cuda" else device_capabilities("cpu")["name"])
+                 + f", {platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+                 "load_before": [round(v, 2) for v in os.getloadavg()], "encoder": a.encoder, "batch": a.batch}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        st, tid = _cohort(d, a.tiles, seed=5)
+        os.environ["HEFEAT_CACHE_DIR"] = str(d / "cache")  # empty: the first run calibrates
+        opt = ExtractOptions(batch_size=a.batch, workers=a.workers, device=device, decode=a.decode)
+        t0 = time.perf_counter()
+        s = run_extraction(st, tiling_id=tid, encoder=name, weights="none", layer=layer, precision="auto", options=opt)
+        wall = time.perf_counter() - t0
+        tm = s.extra["timings"]
+        prec, cl = s.extra["precision"], bool(s.extra["precision_choice"]["channels_last"])
+        loop = s.tiles / tm["loop_s"]
+        res["hefeat"] = {"tiles": s.tiles, "precision": prec, "channels_last": cl, "decode": s.extra.get("decode"),
+                         "loop_tiles_per_s": round(loop, 1), "call_tiles_per_s": round(s.tiles / wall, 1),
+                         "timings": tm}
+        # Warm cache: the same tiles under a second tiling id (stride changes the id, not the pixels' cost).
+        from hefeat.slides.run import run_tiling
+        from hefeat.slides.tiling import TilingParams
+
+        tid2 = run_tiling(st, TilingParams(stride=113, max_tiles=s.tiles // max(1, len(st.slides())),
+                                           tissue_threshold=0.25)).extra["tiling_id"]
+        t0 = time.perf_counter()
+        s2 = run_extraction(st, tiling_id=tid2, encoder=name, weights="none", layer=layer, precision="auto",
+                            options=opt)
+        wall2 = time.perf_counter() - t0
+        res["hefeat_cached_calibration"] = {"tiles": s2.tiles, "source": s2.extra["precision_choice"]["source"],
+                                            "calibrate_s": s2.extra["timings"]["calibrate_s"],
+                                            "call_tiles_per_s": round(s2.tiles / wall2, 1)}
+        tiles = st.tiles(tid, st.slides()["slide_id"].iloc[0]).head(64)
+        with Slide(st.slides()["path"].iloc[0]) as sl:
+            imgs = np.stack([sl.read(x, y, 224, 0.5) for x, y in tiles[["x", "y"]].to_numpy()])
+        bare = _bare(name, layer, imgs, device=device, precision=prec, channels_last=cl, batch=a.batch,
+                     seconds=a.bare_seconds)
+        res["bare_tiles_per_s"] = round(bare, 1)
+        res["ratio_loop_over_bare"] = round(loop / bare, 3)
+        res["ratio_cached_call_over_bare"] = round(s2.tiles / wall2 / bare, 3)
+        res["goal_5000_tiles_per_s"] = bool(loop >= 5000)
+    res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
