@@ -11,6 +11,7 @@ import pytest
 
 from hefeat.errors import HefeatError
 from hefeat.finetune.data import (
+    FoldLoader,
     epoch_batches,
     eval_batches,
     micro_batch_size,
@@ -158,3 +159,36 @@ def test_cost_ratio_matches_hand_computation():
     assert c["this_network_device_hours"] == pytest.approx(1.0) and c["per_gene_device_hours"] == pytest.approx(
         c["cost_ratio_per_gene_vs_one_network"])
     assert 17_000 < c["cost_ratio_at_paper_genes"] < g  # the 17,695-wide head adds ~1 % to a 5.7 GFLOP backbone
+
+
+class _PidSamples:
+    """A dataset whose items say which process read them."""
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, i: int):
+        import os
+
+        return os.getpid(), i
+
+
+def test_fold_loader_workers_persist_across_epochs_and_serve_each_epochs_batches():
+    """One worker process serves every epoch and validation pass, each with exactly its own batches
+    (the old per-epoch DataLoader started a new worker each time)."""
+    loader = FoldLoader(_PidSamples(), workers=1, pin=False, seed=0)
+    try:
+        seen, pids = [], set()
+        for batches in ([np.array([3, 1]), np.array([7])], [np.array([9, 8, 2])], [np.array([5])]):
+            got = list(loader.batches(batches))
+            seen.append([b[1].tolist() for b in got])
+            pids |= {int(p) for b in got for p in b[0]}
+        assert seen == [[[3, 1], [7]], [[9, 8, 2]], [[5]]]
+        assert len(pids) == 1
+        it = loader.batches([np.array([1]), np.array([2]), np.array([3])])
+        next(it)  # an epoch left unfinished (a stop) does not leak its batches into the next one
+        assert [b[1].tolist() for b in loader.batches([np.array([4])])] == [[4]]
+    finally:
+        loader.close()
+    inline = FoldLoader(_PidSamples(), workers=0, pin=False, seed=0)
+    assert [b[1].tolist() for b in inline.batches([np.array([6, 0])])] == [[6, 0]]

@@ -160,3 +160,44 @@ def make_loader(dataset: TileImages, batches: list[np.ndarray], *, workers: int,
     return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers, pin_memory=pin,
                       worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
+class SwappableBatches:
+    """A batch sampler whose batches are replaced between iterations (each epoch, each validation pass)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class FoldLoader:
+    """One DataLoader for a whole fold: persistent workers (started once, their open slides kept), fed a
+    new list of batches per epoch. The batches are the same pure function of (seed, epoch, rank) as before
+    and the workers draw no random numbers, so a resumed fold reads exactly the same samples."""
+
+    def __init__(self, dataset: TileImages, *, workers: int, pin: bool, seed: int):
+        import torch
+        from torch.utils.data import DataLoader
+
+        self.sampler = SwappableBatches()
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin,
+                                 worker_init_fn=_worker_init if workers else None,
+                                 prefetch_factor=4 if workers else None,
+                                 generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+
+    def batches(self, batches: list[np.ndarray]):
+        """An iterator over these batches, served by the fold's workers."""
+        self.sampler.batches = [np.asarray(b).tolist() for b in batches]
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the workers."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None

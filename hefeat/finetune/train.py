@@ -23,6 +23,7 @@ from hefeat.finetune import ddp
 from hefeat.finetune.augment import Augmenter, counter_generator
 from hefeat.finetune.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from hefeat.finetune.data import (
+    FoldLoader,
     TileImages,
     epoch_batches,
     eval_batches,
@@ -156,8 +157,6 @@ def _new_state() -> dict:
 
 def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) -> dict:
     """Train (or resume) one fold; leaves best.pt (best validation epoch), final.pt (last epoch) and the logs."""
-    from tqdm import tqdm
-
     r, d = s.recipe, s.dist
     dev = d.device
     if dev.startswith("cuda"):
@@ -199,6 +198,22 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
                                    "state": state, "rng": rng, "world": d.world, "job_id": s.job_id,
                                    "fold": plan.name}, step=step)
 
+    # One loader per fold: its workers start once and serve every epoch and validation pass.
+    loader = FoldLoader(s.dataset, workers=s.workers, pin=pin, seed=int(counter_generator(r.seed, 0, 3).initial_seed()))
+    try:
+        return _train_epochs(s, plan, ft, net, model, opt, sched, scaler, state, transform, aug, targets, loader,
+                             checkpoint, steps, last, best)
+    finally:
+        loader.close()
+
+
+def _train_epochs(s, plan, ft, net, model, opt, sched, scaler, state, transform, aug, targets, loader, checkpoint,
+                  steps, last, best) -> dict:
+    """The epoch loop of train_fold (the fold's loader around it is closed by the caller)."""
+    from tqdm import tqdm
+
+    r, d = s.recipe, s.dist
+    dev = d.device
     while state["epoch"] < r.epochs and not state["stopped"]:
         e = state["epoch"]
         batches = epoch_batches(s.slide_of, plan.train, global_batch=r.batch_size, accumulate=r.accumulate,
@@ -207,9 +222,7 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
         if first == 0:  # which slides each rank reads this epoch (whole slides per rank)
             mine = sorted({int(k) for b in batches for k in s.slide_of[b]})
             state.setdefault("shards", []).append(ddp.gather(d, mine))
-        loader = make_loader(s.dataset, batches[first * r.accumulate:], workers=s.workers, pin=pin,
-                             seed=int(counter_generator(r.seed, e, 3).initial_seed()))
-        it = iter(loader)
+        it = loader.batches(batches[first * r.accumulate:])
         model.train()
         t0, done_here = time.perf_counter(), 0
         bar = tqdm(total=steps, initial=first, disable=not (s.options.progress and d.main), unit="step",
@@ -253,7 +266,7 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
         bar.close()
         state["loss_sum"] += sum(ddp.gather(d, float(running.item())))
         seconds = time.perf_counter() - t0
-        val_loss = evaluate_loss(s, net, plan.val, ft, transform)
+        val_loss = evaluate_loss(s, net, plan.val, ft, transform, loader=loader)
         train_loss = state["loss_sum"] / max(state["loss_n"] * d.world, 1)
         monitor = val_loss if val_loss is not None else train_loss
         row = {"epoch": e + 1, "step": state["global_step"], "train_loss": train_loss, "val_loss": val_loss,
@@ -306,17 +319,21 @@ def write_history(fold_dir: Path, history: list[dict]) -> None:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
 
-def evaluate_loss(s: FoldSetup, net, idx: np.ndarray, ft: FoldTargets, transform) -> float | None:
-    """Mean loss over validation samples (no augmentation), identical on every rank; None if no samples."""
+def evaluate_loss(s: FoldSetup, net, idx: np.ndarray, ft: FoldTargets, transform,
+                  loader: FoldLoader | None = None) -> float | None:
+    """Mean loss over validation samples (no augmentation), identical on every rank; None if no samples.
+
+    `loader`: the fold's persistent loader (else a one-off one)."""
     if len(idx) == 0:
         return None
     net.eval()
     total, n = 0.0, 0
     bs = s.options.eval_batch_size or micro_batch_size(s.recipe.batch_size, s.recipe.accumulate, s.dist.world)
-    loader = make_loader(s.dataset, eval_batches(s.slide_of, idx, bs, rank=s.dist.rank, world=s.dist.world),
-                         workers=s.workers, pin=False, seed=0)
+    batches = eval_batches(s.slide_of, idx, bs, rank=s.dist.rank, world=s.dist.world)
+    it = loader.batches(batches) if loader is not None else make_loader(s.dataset, batches, workers=s.workers,
+                                                                         pin=False, seed=0)
     with torch.inference_mode():
-        for imgs, bidx in loader:
+        for imgs, bidx in it:
             with autocast(s.dist.device, s.precision):
                 out = net(transform(imgs))
             total += float(loss(s.kind, out, torch.as_tensor(s.targets)[bidx].to(s.dist.device), ft)) * len(bidx)
