@@ -119,6 +119,7 @@ def test_cli_fit_predict_report(learned, tmp_path):
 # and tiny encoder (so both are reused), and smaller numbers where a recipe's would take minutes.
 TINY_ENCODER = "encoder={name: resnet18, layer: layer3, weights: none, precision: bf16}"
 FAST = {
+    "abmil": ["params.epochs=2", "params.n_boot=50", "params.hidden=16", "params.split=patient-kfold:3"],
     "he2rna": ["params.epochs=5", "params.folds=3", "params.n_untrained=1", "params.supertiles=10"],
     "receptors": ["params.n_boot=100", "params.tiles=top:50"],
     "stnet": ["params.genes=top:20"],
