@@ -58,7 +58,8 @@ def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, layou
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Target µm/px of the tiles.")
-@click.option("--size", type=int, default=224, show_default=True, help="Tile side in pixels at --mpp.")
+@click.option("--size", type=int, default=None,
+              help="Tile side in pixels at --mpp (default 224; with --spots: the recorded spot diameter, e.g. 55 µm).")
 @click.option("--stride", type=int, default=None, help="Grid step in pixels at --mpp (default: --size).")
 @click.option("--tissue-threshold", type=float, default=None, help="Minimum Otsu tissue share per tile (default 0.5).")
 @click.option("--background", type=click.Choice(["otsu", "mean-rgb", "density"]), default=None,
@@ -102,8 +103,12 @@ def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n,
              "max_tiles": max_tiles, "seed": seed, "spots": spots, "min_object_um2": min_object_um2,
              "max_hole_um2": max_hole_um2, "mask_mpp": mask_mpp, "mask": False if no_mask else None,
              "overrides": read_overrides(overrides) if overrides else None}
-    params = TilingParams(**{k: v for k, v in given.items() if v is not None})
     st = get_store(store_path)
+    if spots and size is None:  # spot patches default to the data's spot diameter
+        from hefeat.slides.spatial import spot_patch_px
+
+        given["size"] = spot_patch_px(st, mpp, split_ids(slides))
+    params = TilingParams(**{k: v for k, v in given.items() if v is not None})
     s = run_tiling(st, params, slides=split_ids(slides), shard=shard, fail_fast=fail_fast,
                    progress=progress_enabled(as_json), qc_thumbnails=qc_thumbnails).to_dict()
     if qc_thumbnails and s["already_done"]:  # slides tiled before: draw their pictures now

@@ -185,6 +185,80 @@ def ingest_spots_cmd(path, allow_unmatched, store_path, as_json):
 
 
 
+def _spatial_text(rep) -> str:
+    d = rep.to_dict()
+    return (f"Ingested {len(rep.added) + len(rep.updated)} spatial sections ({d['unchanged']} slides already there), "
+            f"{rep.rows} spots." + "".join(f"\n  {n}" for n in rep.notes))
+
+
+@ingest.command("visium")
+@click.argument("outs", type=click.Path(exists=True, file_okay=False))
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The full-resolution H&E given to Space Ranger (default: the one image next to outs/).")
+@click.option("--slide-id", default=None, help="Slide id (default: the folder holding outs/).")
+@click.option("--patient-id", default=None, help="Patient id (default: the slide id).")
+@click.option("--mpp", type=float, default=None, help="Override µm/px (default: 55 µm / spot_diameter_fullres).")
+@click.option("--replace", is_flag=True, help="Apply a new µm/px to a slide that already has tiles.")
+@store_option
+@json_option
+def ingest_visium_cmd(outs, image, slide_id, patient_id, mpp, replace, store_path, as_json):
+    """Ingest a 10x Visium Space Ranger outs/ folder: the H&E as a slide, spots in its pixels, counts.
+
+    \b
+    Example:
+      hefeat ingest visium sample1/outs --image sample1/he_fullres.tif
+    """
+    from hefeat.slides.spatial import ingest_visium
+
+    rep = ingest_visium(get_store(store_path), outs, image=image, slide_id=slide_id, patient_id=patient_id, mpp=mpp,
+                        replace=replace)
+    emit(rep.to_dict(), as_json, _spatial_text(rep))
+
+
+@ingest.command("hest")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--sample", "samples", multiple=True, help="Sample id (repeat; default: every st/*.h5ad).")
+@click.option("--replace", is_flag=True, help="Apply a new µm/px to slides that already have tiles.")
+@store_option
+@json_option
+def ingest_hest_cmd(root, samples, replace, store_path, as_json):
+    """Ingest HEST-1k samples: wsis/<id>.tif, st/<id>.h5ad (obsm['spatial']), metadata/<id>.json.
+
+    \b
+    Example:
+      hefeat ingest hest hest_data --sample TENX95 --sample TENX99
+    """
+    from hefeat.slides.spatial import ingest_hest
+
+    rep = ingest_hest(get_store(store_path), root, list(samples) or None, replace=replace)
+    emit(rep.to_dict(), as_json, _spatial_text(rep))
+
+
+@ingest.command("st")
+@click.argument("counts", type=click.Path(exists=True, dir_okay=False))
+@click.option("--spots", "spot_table", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Spot detector table (x, y, new_x, new_y, pixel_x, pixel_y, selected).")
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="The section's H&E.")
+@click.option("--slide-id", default=None, help="Slide id (default: the image's file stem).")
+@click.option("--patient-id", default=None, help="Patient id (default: the slide id).")
+@click.option("--mpp", type=float, default=None, help="µm/px of the image (default: from the 200 µm spot pitch).")
+@click.option("--replace", is_flag=True, help="Apply a new µm/px to a slide that already has tiles.")
+@store_option
+@json_option
+def ingest_st_cmd(counts, spot_table, image, slide_id, patient_id, mpp, replace, store_path, as_json):
+    """Ingest an original-format ST section (ST-Net's data): counts with XxY spot ids, spot table, H&E.
+
+    \b
+    Example:
+      hefeat ingest st BC23209_C1_stdata.tsv --spots spots_BC23209_C1.tsv --image HE_BC23209_C1.jpg
+    """
+    from hefeat.slides.spatial import ingest_st
+
+    rep = ingest_st(get_store(store_path), counts, spot_table, image, mpp=mpp, slide_id=slide_id,
+                    patient_id=patient_id, replace=replace)
+    emit(rep.to_dict(), as_json, _spatial_text(rep))
+
+
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @store_option

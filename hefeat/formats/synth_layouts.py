@@ -11,6 +11,7 @@ Slide images are hard-linked (copied where links are impossible), never re-rende
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -229,10 +230,159 @@ def write_layout(layout: str, cohort: str | os.PathLike, *, seed: int = 0) -> di
                 "text": f"TCGA layout in {out}: {len(t['slides'])} barcoded slides of {len(t['patients'])} patients "
                         f"({', '.join(f'{n} {k}' for k, n in kinds.items())}), GDC STAR-Counts + sample sheet, "
                         "cBioPortal, Xena and GDC clinical files; truth_tcga.json lists them."}
-    writers: dict = {}
+    writers = {"visium": visium_layout, "hest": hest_layout, "st": st_layout}
     if layout not in writers:
         raise ValueError(f"unknown layout {layout!r}")
     t = writers[layout](cohort, out, seed=seed)
     return {"out": str(out), "samples": len(t["samples"]),
             "text": f"{layout} layout in {out}: {len(t['samples'])} samples ({', '.join(list(t['samples'])[:4])}); "
                     f"truth_{layout}.json lists them."}
+
+
+def _spot_slides(src: Path) -> tuple[dict, pd.DataFrame, list[str]]:
+    truth = json.loads((src / "truth.json").read_text())
+    spots = pd.read_parquet(src / "spots.parquet")
+    return truth, spots, list(truth["genes"])
+
+
+def _barcode(seed: int, slide: str, k: int) -> str:
+    """A Visium-like spot barcode: 16 nucleotides and '-1'."""
+    h = hashlib.sha256(f"{seed}/{slide}/{k}".encode()).digest()
+    return "".join("ACGT"[b % 4] for b in h[:16]) + "-1"
+
+
+def _grid(spot_ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(row j, col i) of make_cohort's spot ids '<slide>_<j>x<i>'."""
+    ji = spot_ids.str.rsplit("_", n=1).str[1].str.split("x", expand=True).astype(int)
+    return ji[0].to_numpy(), ji[1].to_numpy()
+
+
+def write_10x_h5(path: Path, barcodes: list[str], ids: list[str], names: list[str], counts: np.ndarray) -> None:
+    """A 10x feature-barcode matrix HDF5, format version 2 (CSC: features x barcodes)."""
+    import h5py
+    import scipy.sparse as sp
+
+    m = sp.csc_matrix(np.asarray(counts, np.int32).T)  # features x barcodes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["filetype"] = "matrix"
+        f.attrs["version"] = 2
+        f.attrs["library_ids"] = np.array([b"synthetic"])
+        f.attrs["chemistry_description"] = "Spatial 3' v1"
+        g = f.create_group("matrix")
+        g.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+        g.create_dataset("data", data=m.data.astype(np.int32))
+        g.create_dataset("indices", data=m.indices.astype(np.int64))
+        g.create_dataset("indptr", data=m.indptr.astype(np.int64))
+        g.create_dataset("shape", data=np.array(m.shape, dtype=np.int32))
+        ft = g.create_group("features")
+        ft.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+        ft.create_dataset("id", data=np.array(ids, dtype="S"))
+        ft.create_dataset("name", data=np.array(names, dtype="S"))
+        ft.create_dataset("feature_type", data=np.array([b"Gene Expression"] * len(ids)))
+        ft.create_dataset("genome", data=np.array([b"GRCh38"] * len(ids)))
+
+
+def visium_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> dict:
+    """Space Ranger outputs for each spot slide: out/<slide>/outs/{filtered_feature_bc_matrix.h5, spatial/...}
+    and out/<slide>/<slide>.tif (the full-resolution H&E). The first slide gets Space Ranger 2.x
+    tissue_positions.csv, the others 1.x tissue_positions_list.csv; each positions file also lists
+    off-tissue spots (in_tissue 0) that the filtered matrix leaves out."""
+    src, out = Path(src), Path(out)
+    truth, spots, genes = _spot_slides(src)
+    t = {"layout": "visium", "source": str(src), "samples": {}}
+    ens = [f"ENSG{900000 + i:011d}" for i in range(len(genes))]
+    for n, (sid, df) in enumerate(spots.groupby("slide_id", sort=True)):
+        mpp = truth["slides"][sid]["mpp"]
+        diam_px = truth["spots"]["diameter_um"] / mpp
+        j, i = _grid(df["spot_id"])
+        bcs = [_barcode(seed, sid, k) for k in range(len(df))]
+        d = out / sid
+        write_10x_h5(d / "outs" / "filtered_feature_bc_matrix.h5", bcs, ens, genes, df[genes].to_numpy())
+        pos = pd.DataFrame({"barcode": bcs, "in_tissue": 1, "array_row": j, "array_col": i,
+                            "pxl_row_in_fullres": np.round(df["y"].to_numpy()).astype(int),
+                            "pxl_col_in_fullres": np.round(df["x"].to_numpy()).astype(int)})
+        off = pd.DataFrame({"barcode": [_barcode(seed, sid, 10**6 + k) for k in range(3)], "in_tissue": 0,
+                            "array_row": [0, 0, 1], "array_col": [0, 1, 0], "pxl_row_in_fullres": 5,
+                            "pxl_col_in_fullres": 5})
+        pos = pd.concat([off, pos], ignore_index=True)
+        (d / "outs" / "spatial").mkdir(parents=True, exist_ok=True)
+        if n == 0:
+            pos.to_csv(d / "outs" / "spatial" / "tissue_positions.csv", index=False)
+        else:
+            pos.to_csv(d / "outs" / "spatial" / "tissue_positions_list.csv", index=False, header=False)
+        (d / "outs" / "spatial" / "scalefactors_json.json").write_text(json.dumps({
+            "tissue_hires_scalef": 0.17, "tissue_lowres_scalef": 0.051, "fiducial_diameter_fullres": diam_px * 65 / 55,
+            "spot_diameter_fullres": diam_px}))
+        _link(src / "slides" / f"{sid}.tiff", d / f"{sid}.tif")
+        t["samples"][sid] = {"outs": str(d / "outs"), "image": str(d / f"{sid}.tif"), "mpp": mpp, "spots": len(df),
+                             "spot_diameter_um": truth["spots"]["diameter_um"],
+                             "barcodes": dict(zip(bcs, df["spot_id"], strict=True))}
+    (out / "truth_visium.json").write_text(json.dumps(t, indent=1))
+    return t
+
+
+def hest_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> dict:
+    """HEST-1k samples for the spot slides: out/st/<id>.h5ad, out/metadata/<id>.json, out/wsis/<id>.tif."""
+    import anndata
+    import scipy.sparse as sp
+
+    src, out = Path(src), Path(out)
+    truth, spots, genes = _spot_slides(src)
+    t = {"layout": "hest", "source": str(src), "samples": {}}
+    for d in ("st", "metadata", "wsis"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    for sid, df in spots.groupby("slide_id", sort=True):
+        hid = f"SYN{sid}"
+        mpp = truth["slides"][sid]["mpp"]
+        j, i = _grid(df["spot_id"])
+        bcs = [_barcode(seed, sid, k) for k in range(len(df))]
+        obs = pd.DataFrame({"in_tissue": 1, "array_row": j, "array_col": i, "pxl_col_in_fullres": df["x"].to_numpy(),
+                            "pxl_row_in_fullres": df["y"].to_numpy()}, index=pd.Index(bcs))
+        ad = anndata.AnnData(X=sp.csr_matrix(df[genes].to_numpy(np.float32)), obs=obs,
+                             var=pd.DataFrame(index=pd.Index(genes)))
+        ad.obsm["spatial"] = df[["x", "y"]].to_numpy(float)
+        ad.write_h5ad(out / "st" / f"{hid}.h5ad")
+        del ad
+        gc.collect()  # no AnnData/h5py garbage left for a forked worker to collect (it segfaults there)
+        _link(src / "slides" / f"{sid}.tiff", out / "wsis" / f"{hid}.tif")
+        (out / "metadata" / f"{hid}.json").write_text(json.dumps({
+            "id": hid, "st_technology": "Visium", "species": "Homo sapiens", "organ": "Breast",
+            "pixel_size_um_embedded": mpp, "pixel_size_um_estimated": mpp, "magnification": "20x",
+            "spot_diameter": truth["spots"]["diameter_um"], "inter_spot_dist": truth["spots"]["spacing_um"],
+            "spots_under_tissue": len(df), "nb_genes": len(genes),
+            "patient": truth["slides"][sid]["patient_id"]}, indent=1))
+        t["samples"][hid] = {"source_slide": sid, "mpp": mpp, "spots": len(df),
+                             "spot_diameter_um": truth["spots"]["diameter_um"],
+                             "barcodes": dict(zip(bcs, df["spot_id"], strict=True))}
+    (out / "truth_hest.json").write_text(json.dumps(t, indent=1))
+    return t
+
+
+def st_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, st_pitch_um: float = 200.0) -> dict:
+    """The original ST format for the spot slides: out/<slide>/<slide>_stdata.tsv (XxY ids, 1-based array
+    coordinates), out/<slide>/spots_<slide>.tsv (spot detector table) and out/<slide>/HE_<slide>.tif.
+    Spots are kept on the ST array's 200 µm pitch (every other synthetic spot at 100 µm spacing)."""
+    src, out = Path(src), Path(out)
+    truth, spots, genes = _spot_slides(src)
+    t = {"layout": "st", "source": str(src), "samples": {}}
+    for sid, df in spots.groupby("slide_id", sort=True):
+        d = out / sid
+        d.mkdir(parents=True, exist_ok=True)
+        j, i = _grid(df["spot_id"])
+        pitch = max(1, int(round(st_pitch_um / truth["spots"]["spacing_um"])))  # ST spots sit 200 µm apart
+        keep = (i % pitch == 0) & (j % pitch == 0)
+        df, i, j = df[keep], i[keep] // pitch, j[keep] // pitch
+        ids = [f"{a + 1}x{b + 1}" for a, b in zip(i, j, strict=True)]
+        c = df[genes].copy()
+        c.index = pd.Index(ids)
+        c.to_csv(d / f"{sid}_stdata.tsv", sep="\t")
+        table = pd.DataFrame({"x": i + 1, "y": j + 1, "new_x": (i + 1).astype(float), "new_y": (j + 1).astype(float),
+                              "pixel_x": df["x"].to_numpy().round(2), "pixel_y": df["y"].to_numpy().round(2), "selected": 1})
+        table.to_csv(d / f"spots_{sid}.tsv", sep="\t", index=False)
+        _link(src / "slides" / f"{sid}.tiff", d / f"HE_{sid}.tif")
+        t["samples"][sid] = {"counts": str(d / f"{sid}_stdata.tsv"), "spots_table": str(d / f"spots_{sid}.tsv"),
+                             "image": str(d / f"HE_{sid}.tif"), "mpp": truth["slides"][sid]["mpp"], "spots": len(df),
+                             "spot_diameter_um": truth["spots"]["diameter_um"], "ids": dict(zip(ids, df["spot_id"], strict=True))}
+    (out / "truth_st.json").write_text(json.dumps(t, indent=1))
+    return t

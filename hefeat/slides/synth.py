@@ -371,6 +371,9 @@ def make_cohort(
     workers = workers or min(len(specs), os.cpu_count() or 1)
     jobs = [(s, str(out), truth, spot_spacing_um, spot_diameter_um) for s in specs]
     if workers > 1:
+        import gc
+
+        gc.collect()  # forked workers must not inherit uncollected h5py objects: collecting them there segfaults
         with ProcessPoolExecutor(workers) as ex:
             results = list(tqdm(ex.map(_make_one, jobs), total=len(jobs), disable=not progress, desc="slides"))
     else:

@@ -672,3 +672,53 @@ def ingest_spots(store: Store, path: str | os.PathLike, *, allow_unmatched: bool
         con.execute("INSERT INTO spot_counts SELECT slide_id, spot_id, gene, count FROM new_counts")
         con.execute("INSERT INTO ingests VALUES ('spots', ?, ?, ?, now())", [str(path), file_fingerprint(path), len(df)])
     return rep
+
+
+def check_spot_set(spots: pd.DataFrame, counts, genes: list[str], *, width: int, height: int, where: str) -> None:
+    """A reader's spots are unique, finite and inside the image (level-0 px); counts are finite and >= 0."""
+    if spots["spot_id"].duplicated().any():
+        raise HefeatError(f"{where}: spot {spots.loc[spots['spot_id'].duplicated(), 'spot_id'].iloc[0]} appears twice")
+    xy = spots[["x", "y"]].to_numpy(float)
+    bad = ~np.isfinite(xy).all(1) | (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise HefeatError(f"{where}: {int(bad.sum())} spot centres lie outside the {width} x {height} px image, e.g. "
+                          f"{spots['spot_id'].iloc[i]} at ({xy[i, 0]:.0f}, {xy[i, 1]:.0f}); is it the image the spots "
+                          "were registered to (full resolution)?")
+    data = counts.data if hasattr(counts, "data") else np.asarray(counts)
+    if not np.isfinite(data).all() or (data < 0).any():
+        raise HefeatError(f"{where}: counts must be finite and >= 0")
+    if counts.shape != (len(spots), len(genes)):
+        raise HefeatError(f"{where}: counts are {counts.shape}, spots x genes are ({len(spots)}, {len(genes)})")
+
+
+def write_spot_set(store: Store, slide_id: str, spots: pd.DataFrame, counts, genes: list[str], *,
+                   spot_diameter_um: float, technology: str, source: str | os.PathLike) -> IngestReport:
+    """Replace one slide's spots and counts (non-zero counts only: a missing (spot, gene) is 0) and record
+    its technology and spot diameter, in one transaction."""
+    import scipy.sparse as sp
+
+    from hefeat.store.schema import SPOT_META_DDL
+
+    store.require()
+    coo = sp.coo_matrix(counts)
+    nz = coo.data != 0
+    long = pd.DataFrame({"slide_id": slide_id, "spot_id": spots["spot_id"].to_numpy()[coo.row[nz]],
+                         "gene": np.asarray(genes, dtype=object)[coo.col[nz]], "count": coo.data[nz].astype(float)})
+    sp_df = pd.DataFrame({"slide_id": slide_id, "spot_id": spots["spot_id"].astype(str),
+                          "x": spots["x"].astype(float), "y": spots["y"].astype(float)})
+    meta = pd.DataFrame([{"slide_id": slide_id, "technology": technology, "spot_diameter_um": float(spot_diameter_um),
+                          "source": str(Path(source).absolute())}])
+    with store.connect(write=True) as con:
+        con.execute(SPOT_META_DDL)
+        con.register("new_spots", sp_df)
+        con.register("new_counts", long)
+        con.register("new_meta", meta)
+        con.execute("DELETE FROM spots WHERE slide_id = ?", [slide_id])
+        con.execute("DELETE FROM spot_counts WHERE slide_id = ?", [slide_id])
+        con.execute("DELETE FROM spot_meta WHERE slide_id = ?", [slide_id])
+        con.execute("INSERT INTO spots SELECT slide_id, spot_id, x, y FROM new_spots")
+        con.execute("INSERT INTO spot_counts SELECT slide_id, spot_id, gene, count FROM new_counts")
+        con.execute("INSERT INTO spot_meta SELECT slide_id, technology, spot_diameter_um, source FROM new_meta")
+        con.execute("INSERT INTO ingests VALUES ('spots', ?, NULL, ?, now())", [str(source), len(sp_df)])
+    return IngestReport("spots", added=[slide_id], rows=len(sp_df))

@@ -5,6 +5,10 @@ from __future__ import annotations
 #: Bump when the catalog tables change; `Store.init` migrates older catalogs.
 FORMAT_VERSION = 2
 
+#: Per spot slide: the technology and its spot diameter (the default spot patch), from a spatial reader.
+SPOT_META_DDL = """CREATE TABLE IF NOT EXISTS spot_meta (
+        slide_id VARCHAR PRIMARY KEY, technology VARCHAR, spot_diameter_um DOUBLE, source VARCHAR)"""
+
 CATALOG_DDL = [
     """CREATE TABLE IF NOT EXISTS store_meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS slides (
@@ -25,13 +29,14 @@ CATALOG_DDL = [
         slide_id VARCHAR, spot_id VARCHAR, x DOUBLE, y DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS spot_counts (
         slide_id VARCHAR, spot_id VARCHAR, gene VARCHAR, count DOUBLE)""",
+    SPOT_META_DDL,
     """CREATE TABLE IF NOT EXISTS ingests (
         kind VARCHAR, source VARCHAR, fingerprint VARCHAR, n_rows BIGINT, ingested_at TIMESTAMP)""",
 ]
 
 #: Catalog tables exposed under their own name in every query (plus `clinical` once ingested).
 CATALOG_TABLES = ("slides", "samples", "expression_datasets", "expression_genes", "expression_matrix",
-                  "spots", "spot_counts", "ingests")
+                  "spots", "spot_counts", "spot_meta", "ingests")
 
 #: The long view of expression for SQL users (one row per sample and gene).
 EXPRESSION_VIEW = (
@@ -102,4 +107,6 @@ EMPTY_VIEWS = {
     "neighbors": "SELECT NULL::VARCHAR AS query_id, NULL::VARCHAR AS index_id, NULL::INTEGER AS rank, "
     "NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id, NULL::FLOAT AS distance WHERE false",
     "clinical": "SELECT NULL::VARCHAR AS slide_id, NULL::VARCHAR AS patient_id WHERE false",
+    "spot_meta": "SELECT NULL::VARCHAR AS slide_id, NULL::VARCHAR AS technology, NULL::DOUBLE AS spot_diameter_um, "
+    "NULL::VARCHAR AS source WHERE false",
 }

@@ -1,0 +1,157 @@
+"""Spatial data read as published: Visium Space Ranger outs/, HEST-1k samples, the original ST format.
+Spots land in the H&E's level-0 pixels with the data's µm/px, spot patches default to the spot
+diameter (55 µm for Visium), and malformed inputs are one-line errors with nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from hefeat.cli import main
+from hefeat.errors import HefeatError
+from hefeat.formats import hest, st, visium
+from hefeat.formats.synth_layouts import hest_layout, st_layout, visium_layout
+from hefeat.slides.spatial import ingest_hest, ingest_visium
+from hefeat.store.catalog import Store
+
+
+def js(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args] + ["--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output.strip().splitlines()[-1])
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 600
+    return msg
+
+
+@pytest.fixture(scope="module")
+def vis(tmp_path_factory):
+    """Six small slides (three with 55 µm Visium-like spots, one at 0.25 µm/px) as Space Ranger and HEST output."""
+    from hefeat.slides.synth import make_cohort
+
+    src = tmp_path_factory.mktemp("vis")
+    make_cohort(src, n_slides=6, n_genes=30, seed=5, width_um=800, height_um=600, spot_diameter_um=55.0, workers=1)
+    return src, visium_layout(src, src / "visium"), hest_layout(src, src / "hest")
+
+
+def _source_spots(src, slide):
+    sp = pd.read_parquet(src / "spots.parquet")
+    return sp[sp["slide_id"] == slide].reset_index(drop=True)
+
+
+def test_visium_outs_read_as_space_ranger_writes_them(vis):
+    src, tv, _ = vis
+    assert len(tv["samples"]) >= 3
+    for n, (sid, t) in enumerate(tv["samples"].items()):
+        ss = visium.read_visium(t["outs"])
+        assert ss.notes[0].endswith("tissue_positions.csv" if n == 0 else "tissue_positions_list.csv")
+        ref = _source_spots(src, sid)
+        assert [t["barcodes"][b] for b in ss.spots["spot_id"]] == ref["spot_id"].tolist()  # off-tissue spots left out
+        np.testing.assert_allclose(ss.spots[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy(), atol=0.5)
+        np.testing.assert_array_equal(ss.counts.toarray(), ref[ss.genes].to_numpy())
+        assert ss.mpp == pytest.approx(t["mpp"]) and ss.spot_diameter_um == 55.0 and ss.image.name == f"{sid}.tif"
+
+
+def test_bad_visium_inputs_are_refused_before_the_store_changes(vis, tmp_path):
+    _, tv, _ = vis
+    sid, t = next(iter(tv["samples"].items()))
+    d = tmp_path / sid
+    shutil.copytree(t["outs"], d / "outs")
+    shutil.copy(t["image"], d / f"{sid}.tif")
+    store = Store.init(tmp_path / "st")
+    pos = d / "outs" / "spatial" / "tissue_positions.csv"
+    good = pos.read_text()
+    pos.write_text("\n".join(good.splitlines()[:-1]) + "\n")  # the last barcode's row is gone
+    with pytest.raises(HefeatError, match=r"filtered_feature_bc_matrix.h5: field 'matrix/barcodes' has 1 barcodes absent "
+                                          r"from tissue_positions.csv") as e:
+        ingest_visium(store, d / "outs")
+    _one_line(e)
+    pos.write_text("<html><head><title>404</title></head></html>\n")
+    with pytest.raises(HefeatError, match="tissue_positions.csv is an HTML/XML page"):
+        ingest_visium(store, d / "outs")
+    pos.write_text(good)
+    sf = d / "outs" / "spatial" / "scalefactors_json.json"
+    js_ = json.loads(sf.read_text())
+    sf.write_text(json.dumps({k: v for k, v in js_.items() if k != "spot_diameter_fullres"}))
+    with pytest.raises(HefeatError, match=r"scalefactors_json.json: missing field 'spot_diameter_fullres'") as e:
+        ingest_visium(store, d / "outs")
+    _one_line(e)
+    sf.write_text(json.dumps(js_))
+    with h5py.File(d / "outs" / "filtered_feature_bc_matrix.h5", "a") as f:
+        del f["matrix/indptr"]
+    with pytest.raises(HefeatError, match=r"filtered_feature_bc_matrix.h5: missing field 'matrix/indptr'"):
+        ingest_visium(store, d / "outs")
+    (d / "outs" / "filtered_feature_bc_matrix.h5").write_bytes(b"<!DOCTYPE html>")
+    with pytest.raises(HefeatError, match="is not an HDF5 file"):
+        ingest_visium(store, d / "outs")
+    assert store.slides().empty and store.sql("SELECT count(*) FROM spots").iloc[0, 0] == 0
+
+
+def test_hest_samples_read_with_their_metadata(vis, tmp_path):
+    src, _, th = vis
+    for hid, t in th["samples"].items():
+        ss = hest.read_hest(src / "hest", hid)
+        ref = _source_spots(src, t["source_slide"])
+        np.testing.assert_allclose(ss.spots[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy())
+        np.testing.assert_array_equal(ss.counts.toarray(), ref[ss.genes].to_numpy())
+        assert ss.mpp == pytest.approx(t["mpp"]) and ss.spot_diameter_um == 55.0 and ss.technology == "Visium"
+    root = tmp_path / "h"
+    shutil.copytree(src / "hest", root)
+    hid = next(iter(th["samples"]))
+    m = json.loads((root / "metadata" / f"{hid}.json").read_text())
+    (root / "metadata" / f"{hid}.json").write_text(json.dumps({k: v for k, v in m.items() if not k.startswith("pixel_size")}))
+    store = Store.init(tmp_path / "st")
+    with pytest.raises(HefeatError, match=rf"{hid}.json: missing field 'pixel_size_um_estimated'") as e:
+        ingest_hest(store, root)
+    _one_line(e)
+    (root / "metadata" / f"{hid}.json").write_text(json.dumps({**m, "spot_diameter": None}))
+    with pytest.raises(HefeatError, match=rf"{hid}.json: missing field 'spot_diameter'"):
+        ingest_hest(store, root)
+    assert store.slides().empty  # no sample written when one of them is bad
+
+
+def test_st_sections_read_with_mpp_from_the_200um_pitch(cohort, tmp_path):
+    t = st_layout(cohort, tmp_path / "st")
+    for sid, s in t["samples"].items():
+        ss = st.read_st(s["counts"], s["spots_table"], s["image"])
+        assert ss.mpp == pytest.approx(s["mpp"], rel=0.01) and ss.spot_diameter_um == 100.0
+        ref = _source_spots(cohort, sid).set_index("spot_id").loc[[s["ids"][i] for i in ss.spots["spot_id"]]]
+        np.testing.assert_allclose(ss.spots[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy(), atol=0.01)
+        np.testing.assert_array_equal(ss.counts.toarray(), ref[ss.genes].to_numpy())
+    tab = pd.read_csv(s["spots_table"], sep="\t")
+    tab.drop(columns="pixel_y").to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"bad.tsv: missing field 'pixel_y'"):
+        st.read_st(s["counts"], tmp_path / "bad.tsv", s["image"])
+    tab.iloc[1:].to_csv(tmp_path / "short.tsv", sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"1 spots \(e.g. \S+\) have no row in short.tsv"):
+        st.read_st(s["counts"], tmp_path / "short.tsv", s["image"])
+
+
+def test_visium_and_hest_run_fit_spots_with_55um_patches(vis, tmp_path):
+    src, tv, th = vis
+    store = tmp_path / "st"
+    js("init", "--store", store)
+    for t in tv["samples"].values():
+        r = js("ingest", "visium", t["outs"], "--store", store)
+        assert r["rows"] == t["spots"]
+    hid = next(iter(th["samples"]))
+    h = js("ingest", "hest", src / "hest", "--sample", hid, "--store", store)
+    assert h["ids"] == [hid] and h["rows"] == th["samples"][hid]["spots"]
+    tile = js("tile", "--spots", "--store", store)
+    tiles = Store(store).sql(f"SELECT t.slide_id, t.size0 * s.mpp_x AS um FROM tiles t JOIN slides s USING (slide_id) "
+                             f"WHERE tiling_id = '{tile['tiling_id']}'")
+    np.testing.assert_allclose(tiles["um"], 55.0)
+    assert set(tiles["slide_id"]) == {*tv["samples"], hid}
+    x = js("extract", "--encoder", "resnet18", "--layer", "layer1", "--weights", "none", "--precision", "fp32",
+           "--fit", "native", "--tiling", tile["tiling_id"], "--store", store)
+    f = js("fit", "spots", "--extraction", x["extraction_id"], "--genes", "top:10", "--store", store)
+    assert f["model_id"]
