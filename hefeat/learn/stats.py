@@ -44,8 +44,18 @@ def _rank(a: np.ndarray) -> np.ndarray:
     return out.T
 
 
-def columnwise_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson r of each column of pred (n, g) with the same column of true (n, g); NaN if constant."""
+COLUMN_BLOCK = 2048  # genes per block of the column-wise statistics: temporaries stay (n, block), not (n, g)
+
+
+def _by_columns(fn, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    pred, true = np.asarray(pred), np.asarray(true)
+    if pred.ndim < 2 or pred.shape[1] <= COLUMN_BLOCK:
+        return fn(pred, true)
+    return np.concatenate([fn(pred[:, j:j + COLUMN_BLOCK], true[:, j:j + COLUMN_BLOCK])
+                           for j in range(0, pred.shape[1], COLUMN_BLOCK)])
+
+
+def _pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     p = pred - pred.mean(0)
     t = true - true.mean(0)
     den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
@@ -54,9 +64,14 @@ def columnwise_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.where(den > 0, r, np.nan)
 
 
+def columnwise_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Pearson r of each column of pred (n, g) with the same column of true (n, g); NaN if constant."""
+    return _by_columns(_pearson, pred, true)
+
+
 def columnwise_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Spearman rho per column (Pearson on average ranks)."""
-    return columnwise_pearson(_rank(pred), _rank(true))
+    """Spearman rho per column (Pearson on average ranks), in blocks of genes."""
+    return _by_columns(lambda p, t: _pearson(_rank(p), _rank(t)), pred, true)
 
 
 def r_pvalue(r: np.ndarray, n: int, alternative: str = "greater") -> np.ndarray:
