@@ -22,8 +22,9 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike, *, kind: str = "par
         # A wide table (a gene per column): arrow arrays straight from the numpy columns; pandas' per-column
         # conversion costs more than the write. The pandas metadata of a plain RangeIndex frame is not needed.
         at = {}
-        for dt in {df.dtypes[c] for c in floats}:  # one numpy block per float dtype
-            fcols = [c for c in df.columns if c in floats and df.dtypes[c] == dt]
+        dtypes = df.dtypes  # (a new Series on every access)
+        for dt in {dtypes[c] for c in floats}:  # one numpy block per float dtype
+            fcols = [c for c in df.columns if c in floats and dtypes[c] == dt]
             block = np.asfortranarray(df[fcols].to_numpy(dt))
             at.update({c: pa.array(block[:, j]) for j, c in enumerate(fcols)})
         rest = [c for c in df.columns if c not in floats]
