@@ -155,3 +155,16 @@ def test_visium_and_hest_run_fit_spots_with_55um_patches(vis, tmp_path):
            "--fit", "native", "--tiling", tile["tiling_id"], "--store", store)
     f = js("fit", "spots", "--extraction", x["extraction_id"], "--genes", "top:10", "--store", store)
     assert f["model_id"]
+    import anndata
+
+    e = js("export", "anndata", tmp_path / "tiles.h5ad", "--extraction", x["extraction_id"], "--store", store)
+    ad = anndata.read_h5ad(tmp_path / "tiles.h5ad")
+    assert ad.shape == (e["tiles"], x["dim"]) and e["tiles"] == len(tiles)
+    sp = Store(store).sql("SELECT s.slide_id, s.spot_id, s.x, s.y, sl.mpp_x, sl.patient_id FROM spots s "
+                          "JOIN slides sl USING (slide_id)").set_index(["slide_id", "spot_id"])
+    ref = sp.loc[list(zip(ad.obs["slide_id"].astype(str), ad.obs["spot_id"].astype(str), strict=True))]
+    np.testing.assert_allclose(ad.obsm["spatial"], ref[["x", "y"]].to_numpy(), atol=0.51)  # tile centre = spot centre
+    np.testing.assert_allclose(ad.obsm["spatial_um"], ad.obsm["spatial"] * ref[["mpp_x"]].to_numpy())
+    assert (ad.obs["patient_id"].astype(str).to_numpy() == ref["patient_id"].to_numpy()).all()
+    per = js("export", "anndata", tmp_path / "per", "--extraction", x["extraction_id"], "--per-slide", "--store", store)
+    assert sorted(p.rsplit("/", 1)[1] for p in per["files"]) == sorted(f"{s}.h5ad" for s in {*tv["samples"], hid})

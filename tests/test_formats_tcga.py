@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from hefeat.cli import main
 from hefeat.errors import HefeatError
-from hefeat.formats import cbioportal, gdc, tcga
+from hefeat.formats import cbioportal, gdc, tcga, xena
 from hefeat.formats.synth_layouts import tcga_layout
 from hefeat.store.catalog import Store
 from hefeat.store.expression import read_matrix
@@ -204,3 +204,45 @@ def test_tcga_layout_runs_end_to_end_with_generic_commands(layout, tmp_path):
            "--fit", "native", "--tiling", t["tiling_id"], "--store", st)
     f = js("fit", "genes", "--extraction", x["extraction_id"], "--split", "patient-kfold:3", "--store", st)
     assert f["n_samples"] == len(tumour) and 0 < f["n_genes"] <= len(truth["genes"])  # low-variance genes filtered
+    # the other published matrices land as datasets of the same samples (tumour only, same slides)
+    xe = js("ingest", "expression", out / "xena" / "TCGA-BRCA.star_tpm.tsv", "--format", "xena", "--dataset", "xena",
+            "--gene-ids", "ensembl", "--store", st)
+    cb = js("ingest", "expression", out / "cbioportal" / "data_mrna_seq_v2_rsem.txt", "--dataset", "rsem", "--store", st)
+    assert any("log2" in n for n in xe["notes"]) and cb["rows"] == len(tumour) * len(truth["genes"])
+    sm = Store(st).sql("SELECT dataset, count(DISTINCT slide_id) n FROM samples GROUP BY 1").set_index("dataset")["n"]
+    assert sm.to_dict() == {"expression": len(set(mapped)), "xena": len(set(mapped)), "rsem": len(set(mapped))}
+    g = js("ingest", "clinical", out / "gdc_clinical" / "clinical.tsv", "--store", st)
+    assert g["rows"] == len(set(mapped))
+
+
+def test_xena_and_cbioportal_matrices_and_gdc_clinical_read_as_published(layout, tmp_path):
+    out, truth = layout
+    gdc_wide, _ = gdc.star_counts_matrix(out / "gdc_rna", out / "gdc_sample_sheet.tsv", gene_ids="ensembl")
+    x, notes = xena.xena_matrix(out / "xena" / "TCGA-BRCA.star_tpm.tsv")
+    assert "log2(x + 1)" in notes[0] and "fits log them once" in notes[0]
+    np.testing.assert_allclose(x.to_numpy(), gdc_wide.loc[x.index, x.columns].to_numpy(), rtol=1e-4, atol=1e-4)
+    r, _ = cbioportal.rsem_matrix(out / "cbioportal" / "data_mrna_seq_v2_rsem.txt")
+    assert list(r.columns) == truth["genes"] and all(len(s) == 15 for s in r.index)
+    np.testing.assert_allclose(r.to_numpy(), gdc_wide.loc[[s + "A" for s in r.index]].to_numpy()[:, :len(truth["genes"])],
+                               atol=6e-5)
+    bad = tmp_path / "x.tsv"
+    pd.read_csv(out / "xena" / "TCGA-BRCA.star_tpm.tsv", sep="\t").assign(**{x.index[0]: 1000.0}).to_csv(bad, sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"x.tsv: values up to 1000 are not log2 values") as e:
+        xena.xena_matrix(bad)
+    _one_line(e)
+    pd.read_csv(out / "cbioportal" / "data_mrna_seq_v2_rsem.txt", sep="\t").drop(columns="Entrez_Gene_Id").to_csv(
+        bad, sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"x.tsv: missing field 'Entrez_Gene_Id'"):
+        cbioportal.rsem_matrix(bad)
+    pd.read_csv(out / "gdc_clinical" / "clinical.tsv", sep="\t").drop(columns="vital_status").to_csv(bad, sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"x.tsv: missing field 'vital_status'") as e:
+        gdc.clinical_table(bad)
+    _one_line(e)
+    dotted = pd.read_csv(out / "gdc_clinical" / "clinical.tsv", sep="\t", dtype=str).rename(columns={
+        "case_submitter_id": "cases.submitter_id", "vital_status": "demographic.vital_status",
+        "days_to_death": "demographic.days_to_death", "days_to_last_follow_up": "diagnoses.days_to_last_follow_up",
+        "project_id": "project.project_id", "case_id": "cases.case_id"})
+    dotted.to_csv(bad, sep="\t", index=False)
+    new, _ = gdc.clinical_table(bad)  # the 2024 portal's dotted field names read the same
+    old, _ = gdc.clinical_table(out / "gdc_clinical" / "clinical.tsv")
+    pd.testing.assert_frame_equal(new[["patient_id", "survival_months", "event"]], old[["patient_id", "survival_months", "event"]])

@@ -266,6 +266,29 @@ def export_h5_cmd(outdir, extraction_id, store_path, as_json):
     emit(s, as_json, f"Exported {s['slides']} slides ({s['tiles']} tiles) to {s['out']}.")
 
 
+@export_group.command("anndata")
+@click.argument("out", type=click.Path())
+@click.option("--extraction", "extraction_id", required=True)
+@click.option("--per-slide", is_flag=True, help="One <slide_id>.h5ad per slide in the folder OUT (default: one file).")
+@click.option("--slides", default=None, help="Comma-separated slide ids (default: every finished slide).")
+@store_option
+@json_option
+def export_anndata_cmd(out, extraction_id, per_slide, slides, store_path, as_json):
+    """AnnData (.h5ad) for scanpy/squidpy: tiles x features, obs = tile QC + slide/patient/site,
+    obsm['spatial'] (level-0 px) and obsm['spatial_um'] (µm) at tile centres.
+
+    \b
+    Example:
+      hefeat export anndata tiles.h5ad --extraction e1234abcd
+      hefeat export anndata out/ --extraction e1234abcd --per-slide
+    """
+    from hefeat.extract.anndata_export import export_anndata
+
+    s = export_anndata(get_store(store_path), extraction_id, out, per_slide=per_slide, slides=split_ids(slides))
+    emit(s, as_json, f"Exported {s['tiles']} tiles of {s['slides']} slides to {', '.join(s['files'][:3])}"
+         f"{' …' if len(s['files']) > 3 else ''}.")
+
+
 @main.group("import")
 def import_group():
     """Import data made by other tools."""
