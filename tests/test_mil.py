@@ -207,22 +207,25 @@ def test_non_finite_feature_and_zero_tile_bag_are_refused(focal_store, tmp_path)
     assert "\n" not in str(e.value)
 
 
-def test_interrupted_fit_reruns_to_the_uninterrupted_model_and_predicts(focal_store):
+def test_kill_9_mid_training_then_rerun_gives_the_uninterrupted_model_and_predicts(focal_store):
+    import os
+    import subprocess
+    import sys
+
     from hefeat.learn.models import load_model
-    from hefeat.store import faults
 
     st, eid, _, _ = focal_store
-    p = {"extraction_id": eid, "label": "focal_status", **FAST, "epochs": 4, "split": "patient-kfold:3", "seed": 3}
-    faults.arm("mil.epoch", "raise", 6)  # dies in the second fold's training
-    try:
-        with pytest.raises(RuntimeError, match="mil.epoch"):
-            fit_model(st, "abmil", p)
-    finally:
-        faults.disarm()
-    rerun = fit_model(st, "abmil", p)
+    p = {**FAST, "epochs": 4, "split": "patient-kfold:3", "seed": 3}
+    argv = [sys.executable, "-m", "hefeat.cli", "fit", "abmil", "--extraction", eid, "--label", "focal_status",
+            *[x for k, v in p.items() for x in (f"--{k.replace('_', '-')}", str(v))], "--store", str(st.root), "--json"]
+    env = {**os.environ, "HEFEAT_FAULT": "mil.epoch:kill@6"}  # SIGKILL in the second fold's training
+    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not list((st.root / "models").glob("abm-*/index.json"))  # nothing visible
+    rerun = fit_model(st, "abmil", {"extraction_id": eid, "label": "focal_status", **p})
     assert not rerun["cached"]
     a = load_model(st, rerun["model_id"])["arrays"]
-    clean = fit_model(st, "abmil", p, force=True)
+    clean = fit_model(st, "abmil", {"extraction_id": eid, "label": "focal_status", **p}, force=True)
     b = load_model(st, clean["model_id"])["arrays"]
     assert clean["model_id"] == rerun["model_id"] and clean["value"] == rerun["value"]
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
@@ -230,3 +233,28 @@ def test_interrupted_fit_reruns_to_the_uninterrupted_model_and_predicts(focal_st
     assert out["slides"] == 2
     sp = pd.read_parquet(st.model_dir(clean["model_id"]) / "slide_predictions.parquet")
     assert list(sp["slide_id"]) == ["S01", "S02"] and np.allclose(sp[["p_0", "p_1"]].sum(1), 1)
+
+
+def test_patient_bags_pool_slides_and_multiclass_labels(focal_store):
+    st, eid, _, tt = focal_store
+    s = fit_model(st, "abmil", {"extraction_id": eid, "label": "site", **FAST, "epochs": 2})  # 4 sites, per patient
+    assert s["level"] == "patient" and s["n_bags"] == s["n_patients"] < len(tt) and len(s["classes"]) == 4
+    sc = pd.read_parquet(st.model_dir(s["model_id"]) / "patient_scores.parquet")
+    two = sc[sc["slides"].str.contains(",")].iloc[0]
+    att = sum(pd.read_parquet(st.predictions_path(s["model_id"], x))["attention"].sum() for x in two["slides"].split(","))
+    assert abs(att - 1) < 1e-4  # one attention over the patient's pooled tiles
+    assert np.allclose(sc[[f"p_{c}" for c in s["classes"]]].sum(1), 1)
+
+
+def test_rank_auc_equals_scikit_learn_with_ties_and_multiclass():
+    from sklearn.metrics import roc_auc_score
+
+    from hefeat.learn.mil import binary_auc
+
+    r = np.random.default_rng(0)
+    y, s = r.integers(0, 2, 60), np.round(r.random(60), 1)  # many ties
+    assert binary_auc(y, s) == pytest.approx(roc_auc_score(y, s))
+    y3, P = r.integers(0, 3, 60), r.dirichlet([1, 1, 1], 60)
+    ovr = np.mean([binary_auc((y3 == c).astype(int), P[:, c]) for c in range(3)])
+    assert ovr == pytest.approx(roc_auc_score(y3, P, multi_class="ovr"))
+    assert np.isnan(binary_auc(np.ones(5, int), s[:5]))

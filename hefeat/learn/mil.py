@@ -296,7 +296,7 @@ def _bag_table(store: Store, p: MilParams) -> tuple[pd.DataFrame, str]:
         if c not in clin.columns:
             raise HefeatError(f"Column {c!r} is not in the clinical or slides table; have: "
                               f"{', '.join(sorted(map(str, clin.columns)))}")
-    df = clin[["slide_id", "patient_id", "site", *cols]].dropna(subset=cols)
+    df = clin[list(dict.fromkeys(["slide_id", "patient_id", "site", *cols]))].dropna(subset=cols)
     df = df[df["slide_id"].isin(set(finished_slides(store, p.extraction_id)))].sort_values("slide_id")
     if df.empty:
         raise NotEstimable(f"No slide with features in extraction {p.extraction_id} has a value of {', '.join(cols)}")
@@ -556,8 +556,6 @@ def _c_index(t, e, risk) -> float:
 def _metric_rows(tg: Targets, idx: np.ndarray, score: np.ndarray, groups: np.ndarray, p: MilParams,
                  model: str) -> list[dict]:
     """Metric rows (metric, value, ci_low, ci_high, n) of out-of-fold scores, patient bootstrap CIs."""
-    from sklearn.metrics import roc_auc_score
-
     from hefeat.learn.stats import bootstrap_ci
 
     g = groups[idx]
@@ -575,10 +573,10 @@ def _metric_rows(tg: Targets, idx: np.ndarray, score: np.ndarray, groups: np.nda
         if K == 2:
             add("auc", lambda j: binary_auc(y[j], score[j, 1]))
         else:
-            def mauc(j):
+            def mauc(j):  # macro one-vs-rest AUC (roc_auc_score's multi_class="ovr"), by ranks
                 if len(np.unique(y[j])) < K:
                     return np.nan
-                return float(roc_auc_score(y[j], score[j], multi_class="ovr", labels=list(range(K))))
+                return float(np.mean([binary_auc((y[j] == c).astype(int), score[j, c]) for c in range(K)]))
             add("auc", mauc)
         add("accuracy", lambda j: float((score[j].argmax(1) == y[j]).mean()))
     elif tg.task == "regression":
