@@ -172,6 +172,8 @@ def test_export_import_round_trip(extracted, tmp_path, cohort):
     with h5py.File(tmp_path / "h5" / "S03.h5", "r") as f:
         assert set(f) == {"features", "coords"} and f["coords"].attrs["patch_size"] == 224
         assert f["coords"].attrs["patch_level"] == 0
+    own = import_h5(st, tmp_path / "h5", encoder="resnet18-layer2")  # a new tiling + extraction before #23
+    assert (own["extraction_id"], own["tiling_id"], own["new"]) == (eid, tid, 0) and own["recognised"]
     other = Store.init(tmp_path / "other")
     ingest_slides(other, sorted(glob.glob(str(cohort / "slides" / "*.tiff"))))
     imp = import_h5(other, tmp_path / "h5", encoder="resnet18-layer2")
@@ -281,7 +283,7 @@ def test_auto_precision_is_measured_and_recorded(tiled):
     s = run_extraction(st, tiling_id=tid, slides=["S01"], encoder="resnet18", weights="none", layer="layer1",
                        options=ExtractOptions(batch_size=8))
     pc = s.extra["precision_choice"]
-    assert s.extra["precision"] in ("fp32", "bf16") and pc["source"] in ("measured", "cache") and pc["reason"]
+    assert s.extra["precision"] in ("fp32", "bf16") and pc["source"] in ("measured", "cache", "recorded") and pc["reason"]
     meta = json.loads((st.extraction_dir(s.extra["extraction_id"]) / "_extraction.json").read_text())
     assert meta["precision_choice"]["precision"] == s.extra["precision"]
     assert {t["candidate"] for t in meta["precision_choice"]["trials"]} >= {"fp32/cl", "fp32/nchw"}

@@ -152,9 +152,9 @@ def test_corrected_mpp_is_applied_refused_or_replaced(tmp_path, cohort):
     shutil.copy(cohort / "slides" / "S01.tiff", tmp_path / "S01.tiff")
     st = Store.init(tmp_path / "st")
     ingest_slides(st, [tmp_path / "S01.tiff"], mpp=0.5)
-    rep = ingest_slides(st, [tmp_path / "S01.tiff"], mpp=0.25)  # no tiles yet: applied
+    rep = ingest_slides(st, [tmp_path / "S01.tiff"], mpp=0.25, override_mpp=True)  # no tiles yet: applied
     assert rep.updated and st.slides().iloc[0]["mpp_x"] == 0.25
-    assert ingest_slides(st, [tmp_path / "S01.tiff"], mpp=0.25).unchanged == ["S01"]
+    assert ingest_slides(st, [tmp_path / "S01.tiff"], mpp=0.25, override_mpp=True).unchanged == ["S01"]
     t = run_tiling(st, TilingParams(max_tiles=8))
     tid = t.extra["tiling_id"]
     n_at_025 = int(t.tiles)

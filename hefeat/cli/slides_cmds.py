@@ -74,6 +74,8 @@ def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, layou
 @click.option("--max-hole-um2", type=float, default=None, help="Holes in tissue smaller than this are filled (default 20,000 µm²).")
 @click.option("--mask-mpp", type=float, default=None, help="µm/px of the tissue-detection thumbnail (default 8; finer for small images).")
 @click.option("--no-mask", is_flag=True, help="No tissue detection: every grid tile is kept (ROIs, all-tissue images).")
+@click.option("--allow-upsample", is_flag=True,
+              help="Tile finer than a slide's level 0 (by > 10 %) anyway; refused otherwise (recorded per slide).")
 @click.option("--manifest", "overrides", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV/TSV/Parquet with slide_id and per-slide tissue_threshold, min_object_um2, max_hole_um2, mask, mask_mpp.")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all).")
@@ -83,8 +85,8 @@ def synth(out, n_slides, n_genes, signal_share, seed, width_um, height_um, layou
 @store_option
 @json_option
 def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n, max_tiles, seed, spots,
-         min_object_um2, max_hole_um2, mask_mpp, no_mask, overrides, slides, shard, qc_thumbnails, fail_fast,
-         store_path, as_json):
+         min_object_um2, max_hole_um2, mask_mpp, no_mask, allow_upsample, overrides, slides, shard, qc_thumbnails,
+         fail_fast, store_path, as_json):
     """Tile every slide at a physical resolution, with QC columns per tile.
 
     \b
@@ -102,7 +104,7 @@ def tile(mpp, size, stride, tissue_threshold, background, max_background, top_n,
              "background": background, "max_background": max_background, "top_n": top_n,
              "max_tiles": max_tiles, "seed": seed, "spots": spots, "min_object_um2": min_object_um2,
              "max_hole_um2": max_hole_um2, "mask_mpp": mask_mpp, "mask": False if no_mask else None,
-             "overrides": read_overrides(overrides) if overrides else None}
+             "upsample": True if allow_upsample else None, "overrides": read_overrides(overrides) if overrides else None}
     st = get_store(store_path)
     if spots and size is None:  # spot patches default to the data's spot diameter
         from hefeat.slides.spatial import spot_patch_px
@@ -174,7 +176,8 @@ def encoders(store_path, as_json):
                    "tiled and embedded from one read of each tile (decode once).")
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all tiled slides).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto: measured on this machine (fastest numerically sound; cached; recorded).")
+              help="auto: the fastest numerically sound precision, measured once per extraction by its first worker on a "
+                   "seeded sample of the cohort and recorded in the store (every shard and node then uses it).")
 @click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 64; on GPUs with auto: measured).")
 @click.option("--fit", type=click.Choice(["auto", "identity", "crop", "resize", "native"]), default="auto", show_default=True,
               help="How tiles become the encoder's input size; auto refuses resizes that change µm/px by > 10 %.")

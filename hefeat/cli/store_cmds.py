@@ -39,7 +39,10 @@ def ingest():
 
 @ingest.command("slides")
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--mpp", type=float, default=None, help="Level-0 µm/px for slides that state none.")
+@click.option("--mpp", type=float, default=None,
+              help="Level-0 µm/px for slides that state none (one that states another needs --override-mpp).")
+@click.option("--override-mpp", is_flag=True,
+              help="Use --mpp (or the manifest's mpp) even where a slide states another value (recorded).")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="CSV with path or slide_id, and optional patient_id, site, mpp.")
 @click.option("--gdc-manifest", type=click.Path(dir_okay=False), default=None,
@@ -51,7 +54,7 @@ def ingest():
               help="Apply a new --mpp to slides that already have tiles (their tiles and features are redone).")
 @store_option
 @json_option
-def ingest_slides_cmd(paths, mpp, manifest, gdc_manifest, verify_md5, diagnostic_only, fail_fast, replace,
+def ingest_slides_cmd(paths, mpp, override_mpp, manifest, gdc_manifest, verify_md5, diagnostic_only, fail_fast, replace,
                       store_path, as_json):
     """Register slide files or folders of them (any format OpenSlide reads).
 
@@ -61,14 +64,14 @@ def ingest_slides_cmd(paths, mpp, manifest, gdc_manifest, verify_md5, diagnostic
     Example:
       hefeat ingest slides data/demo/slides/*.tiff
       hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.499
-      hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.5 --replace   # correct it later
+      hefeat ingest slides CMU-1-Small-Region.svs --mpp 0.5 --override-mpp --replace   # correct it later
       hefeat ingest slides gdc_download/ --gdc-manifest gdc_manifest.txt --verify-md5
     """
     from hefeat.slides.run import ingest_slides
 
     rep = ingest_slides(get_store(store_path), list(paths), mpp=mpp, manifest=manifest, gdc_manifest=gdc_manifest,
                         verify_md5=verify_md5, diagnostic_only=diagnostic_only, fail_fast=fail_fast,
-                        replace=replace, progress=progress_enabled(as_json))
+                        replace=replace, override_mpp=override_mpp, progress=progress_enabled(as_json))
     d = rep.to_dict()
     text = (f"Ingested {d['added']} slides ({len(rep.updated)} updated, {d['unchanged']} already there, "
             f"{len(d['failed'])} failed).")

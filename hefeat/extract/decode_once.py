@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from hefeat.errors import HefeatError
+from hefeat.errors import HefeatError, NonFiniteError
 from hefeat.slides.tiling import (
     TilingParams,
     read_tiles,
@@ -206,7 +206,7 @@ def run_fused(store, runner, params: TilingParams, slide_ids: list[str], table: 
                 writer.commit()
                 writer = None
                 faults.point("features.renamed")
-            except OSError as e:
+            except (OSError, NonFiniteError) as e:  # NonFiniteError: values the stored dtype cannot hold
                 if writer is not None:
                     writer.abort()
                     writer = None
@@ -299,8 +299,8 @@ class DecodeOnce:
         """Tile and embed the fused slides through `runner` (the extraction's); counts what was read how often."""
         import torch
 
-        from hefeat.errors import NonFiniteError
         from hefeat.extract.compute import check_finite, embed_batch, feature_attrs
+        from hefeat.store.features import check_storable
         from hefeat.store.runs import record_run
 
         self.stats["tiles_read_twice"] = runner.summary.tiles  # embedded from tiles the tiling read before
@@ -314,7 +314,10 @@ class DecodeOnce:
             bad = check_finite(feats, start, precision)
             if bad:
                 raise NonFiniteError(bad)
-            rows = feats.cpu().numpy().astype(dtype, copy=False)
+            raw = feats.cpu().numpy()
+            with np.errstate(over="ignore"):
+                rows = raw.astype(dtype, copy=False)
+            check_storable(raw, rows, start)  # finite as stored (float16 overflow names --dtype float32)
             compute[0] += time.perf_counter() - t
             return rows
 

@@ -47,12 +47,36 @@ def export_h5(store: Store, extraction_id: str, outdir: str | os.PathLike) -> di
     return {"extraction_id": extraction_id, "out": str(out), "slides": len(rows), "tiles": int(rows["n_tiles"].sum())}
 
 
+def _own_export(store: Store, loaded: list) -> tuple[str, str] | None:
+    """(extraction_id, tiling_id) when every file is a slide of one of this store's extractions with the same content.
+
+    An exported file keeps the attributes hefeat wrote (extraction_id, tiling_id, slide_id); it is
+    that extraction's slide when the digest of its coordinates and features (the one the commit record
+    holds) matches, so content decides, not names or where the files sit.
+    """
+    names = {str(x[4].get("extraction_id", "")) for x in loaded}
+    if len(names) != 1 or not (eid := names.pop()) or not layout.extraction_meta_path(store.root, eid).exists():
+        return None
+    done = store.finished("extraction", eid)
+    digests = dict(zip(done["slide_id"], done["digest"], strict=True))
+    for sid, X, C, _size0, attrs in loaded:
+        if str(attrs.get("slide_id", sid)) != sid or sid not in digests:
+            return None
+        h = ids.new_hasher()  # the pipeline's slide digest: level-0 coords (int64), then the stored rows
+        h.update(np.ascontiguousarray(C, np.int64).tobytes())
+        h.update(np.ascontiguousarray(X).tobytes())
+        if h.hexdigest() != digests[sid]:
+            return None
+    return eid, str(store.extraction(eid)["tiling_id"])
+
+
 def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_size_level0: float | None = None,
               allow_unmatched: bool = False) -> dict:
     """Bring per-slide HDF5 features (features, coords; one file per slide named <slide_id>.h5) into the store.
 
     Creates an 'imported' tiling from the coordinates and an extraction over it; ids derive from the
-    files' content, so importing the same folder twice does nothing new.
+    files' content, so importing the same folder twice does nothing new, and importing this store's own
+    export (`export_h5`) is recognised as the extraction it came from.
     """
     import h5py
 
@@ -91,6 +115,12 @@ def import_h5(store: Store, folder: str | os.PathLike, *, encoder: str, patch_si
         coords_hash.update(f.stem.encode() + C.tobytes())
         feats_hash.update(f.stem.encode() + np.ascontiguousarray(X).tobytes())
         loaded.append((f.stem, X, C, float(size0), attrs))
+    same = _own_export(store, loaded)
+    if same is not None:  # this store's own export: the same tiling and extraction, nothing to import
+        eid, tid = same
+        return {"extraction_id": eid, "tiling_id": tid, "slides": len(loaded), "new": 0, "unmatched": unmatched,
+                "failed": {}, "busy": [], "dim": int(dim), "tiles": int(sum(len(x[1]) for x in loaded)),
+                "recognised": f"these files are extraction {eid} of this store (same slides, coordinates and features)"}
     tid = ids.imported_tiling_id(coords_hash.hexdigest(), encoder)
     first = loaded[0][4]
     tparams = {"tiling_id": tid, "mpp": float(first.get("mpp", 0.0) or 0.0), "size": int(first.get("patch_size", 0) or 0),

@@ -34,10 +34,10 @@ from hefeat.extract.decode_once import DecodeOnce
 from hefeat.extract.encoders import Encoder, EncoderConfig, create_encoder
 from hefeat.extract.precision import CHOICES, PrecisionChoice, select_precision
 from hefeat.runner import RunSummary, SlideRunner, SlideTask, shard_slides
-from hefeat.store import faults, ids
+from hefeat.store import faults, ids, layout
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.features import FeatureFileWriter, refresh_aggregates
+from hefeat.store.features import FeatureFileWriter, check_storable, refresh_aggregates
 from hefeat.store.runs import record_run, timestamp
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,7 +197,9 @@ class _Writer(threading.Thread):
                 job.writer = self.open_writer(job)
                 job.digest.update(np.ascontiguousarray(job.coords, np.int64).tobytes())
             faults.point("features.write")
-            block = rows.astype(self.dtype, copy=False)
+            with np.errstate(over="ignore"):
+                block = rows.astype(self.dtype, copy=False)
+            check_storable(rows, block, start)  # finite as stored: a float16 overflow fails the slide
             job.writer.write(start, block)
             job.digest.update(np.ascontiguousarray(block).tobytes())
             if job.writer.written < len(job.coords):
@@ -206,8 +208,8 @@ class _Writer(threading.Thread):
             job.writer.commit()
             job.writer = None
             faults.point("features.renamed")
-        except OSError as e:  # a full disk (or a failing one) fails the slide; the runner decides whether to stop
-            self.fail(k, e)
+        except (OSError, NonFiniteError) as e:  # a full disk (or a failing one), or values the stored dtype
+            self.fail(k, e)                       # cannot hold, fail the slide; the runner decides whether to stop
             return
         self.runner.ok(job.task, n_tiles=len(job.coords), digest=job.digest.hexdigest(), **self.info)
 
@@ -295,14 +297,17 @@ def run_extraction(
     plan = plan_input(int(tiling["size"]), float(tiling["mpp"]), cfg, fit=fit)
     stain_ref = fit_stain(store, tid, all_tiled, stain, stain_reference) if stain else None
     transform = DeviceTransform(cfg, device, plan=plan, stain=stain_ref.normalizer() if stain_ref else None)
+    inputs = {"plan": plan.to_dict(), **({"stain": stain_ref.to_dict()} if stain_ref else {})}
+    # The id follows the spec (--precision as asked): an 'auto' extraction is one extraction on every worker,
+    # whatever each one would measure; the measured precision is decided once and recorded in it.
+    eid = extraction_id(tid, cfg, precision=precision, tta=tta, dtype=dtype, inputs=inputs)
     t_cal = time.perf_counter()
-    choice = choose_precision(enc, transform, store, tid, todo, device=device, requested=precision,
-                              batch_size=opt.batch_size, fallback=once.sample_tiles if once else None)
+    choice = choose_precision(enc, transform, store, tid, all_tiled, device=device, requested=precision,
+                              batch_size=opt.batch_size, fallback=once.sample_tiles if once else None,
+                              decision_path=layout.precision_decision_path(store.root, eid))
     calibrate_s = time.perf_counter() - t_cal
     prec = choice.precision
     opt = dataclasses.replace(opt, batch_size=opt.batch_size or choice.batch_size or DEFAULT_BATCH)
-    inputs = {"plan": plan.to_dict(), **({"stain": stain_ref.to_dict()} if stain_ref else {})}
-    eid = extraction_id(tid, cfg, precision=prec, tta=tta, dtype=dtype, inputs=inputs)
     edir = store.extraction_dir(eid)
     edir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(edir)
@@ -312,7 +317,7 @@ def run_extraction(
             "extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer, "weights": cfg.weights,
             "weights_source": str(Path(weights).absolute()) if weights and Path(weights).exists() else (weights or "imagenet"),
             "seed": seed,
-            "weights_digest": cfg.weights_digest, "dim": cfg.dim, "precision": prec, "tta": tta, "dtype": dtype,
+            "weights_digest": cfg.weights_digest, "dim": cfg.dim, "precision": prec, "precision_spec": precision, "tta": tta, "dtype": dtype,
             "precision_choice": choice.to_dict(),
             "transform": {"input_size": list(cfg.input_size), "mean": list(cfg.mean), "std": list(cfg.std),
                           "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct, **inputs},
@@ -392,35 +397,63 @@ def fit_stain(store: Store, tiling_id: str, slide_ids: list[str], method: str, r
     return fit_reference(method, imgs, source=f"cohort:{len(imgs)} tiles of tiling {tiling_id}")
 
 
-def calibration_tiles(store: Store, tiling_id: str, slide_ids: list[str], n: int) -> np.ndarray | None:
-    """Up to `n` real tiles (n, size, size, 3) uint8 from the first slide of `slide_ids` that has tiles."""
+CALIBRATION_SEED = 0
+
+
+def calibration_tiles(store: Store, tiling_id: str, slide_ids: list[str], n: int, *, seed: int = CALIBRATION_SEED
+                      ) -> np.ndarray | None:
+    """Up to `n` real tiles (n, size, size, 3) uint8: a seeded sample across `slide_ids` (the cohort's tiled slides).
+
+    The same slides and tiles whichever worker draws it (slides sorted, one seeded generator), so a
+    calibration does not depend on which slides a worker, shard or --slides subset happens to start with.
+    """
     from hefeat.slides.reader import open_catalog_slide
 
     tiling = store.tiling(tiling_id)
-    rows = store.slides(slide_ids[:4]).set_index("slide_id") if slide_ids else None
-    for sid in slide_ids[:4]:
+    ids = sorted(slide_ids)
+    if not ids:
+        return None
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(ids), min(n, len(ids)), replace=False).tolist())
+    per = -(-n // len(pick))
+    rows = store.slides([ids[i] for i in pick]).set_index("slide_id")
+    imgs: list[np.ndarray] = []
+    for i in pick:
+        sid = ids[i]
         try:
-            tiles = store.tiles(tiling_id, sid).head(n)
+            tiles = store.tiles(tiling_id, sid)
             if tiles.empty:
                 continue
+            take = tiles.iloc[np.sort(rng.choice(len(tiles), min(per, len(tiles)), replace=False))]
             with open_catalog_slide(rows.loc[sid], verify=False) as s:
-                return np.stack([s.read(x, y, int(tiling["size"]), float(tiling["mpp"]))
-                                 for x, y in tiles[["x", "y"]].to_numpy()])
-        except Exception:  # an unreadable slide fails later with its own reason
+                imgs += [s.read(x, y, int(tiling["size"]), float(tiling["mpp"])) for x, y in take[["x", "y"]].to_numpy()]
+        except Exception:  # noqa: BLE001  (an unreadable slide fails later with its own reason)
             continue
-    return None
+        if len(imgs) >= n:
+            break
+    return np.stack(imgs[:n]) if imgs else None
 
 
 def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, tiling_id: str, slide_ids: list[str], *,
-                     device: str, requested: str, batch_size: int | None, fallback=None) -> PrecisionChoice:
-    """Resolve --precision for this encoder on this device, calibrating on real tiles of the run when 'auto'.
+                     device: str, requested: str, batch_size: int | None, fallback=None,
+                     decision_path: Path | None = None) -> PrecisionChoice:
+    """Resolve --precision for this encoder on this device, calibrating on real tiles of the cohort when 'auto'.
 
-    `fallback(n)` gives tiles when no slide of the run is tiled yet (decode once reads grid candidates).
+    With `decision_path` (the extraction's recorded decision), 'auto' is decided once per extraction:
+    the first worker measures on a seeded sample across `slide_ids` and commits its choice with a
+    no-clobber write; every later worker (shard, node, --slides subset, re-run) reads it and measures
+    nothing. `fallback(n)` gives tiles when no slide is tiled yet (decode once reads grid candidates).
     """
     import torch
 
     enc.to(device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
+    if requested == "auto" and decision_path is not None:
+        rec = read_precision_decision(decision_path)
+        if rec is not None:
+            choice = recorded_choice(rec, device)
+            transform.channels_last = choice.channels_last
+            return choice
     n = CALIBRATION_TILES.get(kind, 8)
     imgs = calibration_tiles(store, tiling_id, slide_ids, n) if requested == "auto" else None
     if imgs is None and requested == "auto" and fallback is not None:
@@ -433,8 +466,46 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
     ladder = GPU_BATCH_LADDER if kind == "cuda" and batch_size is None else (None,)
     choice = select_precision(enc, sample, device=device, requested=requested, batch_sizes=ladder,
                               model_key={**enc.config.to_dict(), "plan": transform.plan.to_dict() if transform.plan else None})
+    if requested == "auto" and decision_path is not None:
+        from hefeat.store.atomic import write_json_once
+
+        rec, mine = write_json_once(decision_path, {**choice.to_dict(), "decided_at": timestamp(),
+                                                    "device_kind": kind, "sample_tiles": int(len(imgs))})
+        if not mine:  # another worker decided first: its decision is the extraction's
+            choice = recorded_choice(rec, device)
     transform.channels_last = choice.channels_last
     return choice
+
+
+def read_precision_decision(path: Path) -> dict | None:
+    """The recorded precision decision of an extraction, or None when none is recorded yet."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise HefeatError(f"the recorded precision decision {path} cannot be read ({e}); "
+                          "it is written once and never changed: restore it, or remove the extraction") from None
+
+
+def recorded_choice(rec: dict, device: str) -> PrecisionChoice:
+    """The PrecisionChoice an extraction recorded, as this worker runs it (refused where the device cannot)."""
+    from hefeat.extract.precision import device_capabilities
+
+    prec = rec["precision"]
+    caps = device_capabilities(device)
+    if prec != "fp32" and caps.get(prec, "no") == "no":
+        raise HefeatError(f"this extraction's precision was decided as {prec} (recorded by its first worker on "
+                          f"{rec.get('machine') or rec.get('device')}), but {caps['name']} cannot run {prec}; "
+                          "run it on a device that can, or extract with --precision fp32 (another extraction)")
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    same_kind = rec.get("device_kind", kind) == kind  # a batch size measured on another kind of device is not ours
+    return PrecisionChoice(prec, bool(rec.get("channels_last", True)), rec.get("batch_size") if same_kind else None,
+                           device, "recorded", f"decided once for this extraction ({rec.get('reason', '')})",
+                           rec.get("machine", ""), tuple(rec.get("trials", ())), rec.get("excluded", {}),
+                           rec.get("key", ""))
 
 
 def _default_tiling(store: Store) -> str:

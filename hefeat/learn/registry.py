@@ -57,14 +57,18 @@ class NotEstimable(HefeatError):
 # Parameters
 # ---------------------------------------------------------------------------------------------
 def param(default: Any = MISSING, help: str = "", *, flag: str | None = None, multiple: bool = False,
-          choices: tuple | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True) -> Any:
+          choices: tuple | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True,
+          file: bool = False) -> Any:
     """A Params field: its default, its --help text and how the CLI spells it.
 
     flag: the option name (default --field-name); multiple: a repeated option (--trait A --trait B)
     for a tuple field; choices: allowed values; parse: turns a CLI/recipe string into the value
-    (e.g. a gene-list file); cli=False keeps a field out of the generated command.
+    (e.g. a gene-list file); cli=False keeps a field out of the generated command; file: the value
+    is a file path, which enters the model id by its content and is recorded by its name only (so
+    ids never depend on where the file or the store sits).
     """
-    meta = {"help": help, "flag": flag, "multiple": multiple, "choices": choices, "parse": parse, "cli": cli}
+    meta = {"help": help, "flag": flag, "multiple": multiple, "choices": choices, "parse": parse, "cli": cli,
+            "file": file}
     if isinstance(default, list):
         default = tuple(default)
     return field(default=default, metadata=meta)
@@ -92,6 +96,22 @@ class Params:
     def to_dict(self) -> dict:
         """JSON-ready parameters (tuples as lists), as recorded with the model."""
         return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+
+    def portable(self, *, for_id: bool) -> dict:
+        """`to_dict()` with each file-valued field (param(file=True)) by content: its digest for the id
+        (`for_id`), its file name and digest for the record; never the path."""
+        d = self.to_dict()
+        for f in dataclasses.fields(self):
+            v = d.get(f.name)
+            if f.metadata.get("file") and v:
+                p = Path(str(v))
+                if not p.is_file():
+                    raise HefeatError(f"--{f.name.replace('_', '-')} file not found: {v}")
+                from hefeat.store.ids import file_digest
+
+                digest = file_digest(p)
+                d[f.name] = {"file_digest": digest} if for_id else {"file": p.name, "file_digest": digest}
+        return d
 
     def replace(self, **changes) -> Params:
         """A copy with some values changed (validated again)."""
@@ -346,14 +366,14 @@ def fit_model(store, method: str | Method, params: Params | dict, *, force: bool
     fps = input_fingerprints(store, p)
     if m.inputs is not None:
         fps.update(m.inputs(store, p))
-    mid = model_id(m.prefix, m.name, p.to_dict(), fps)
+    mid = model_id(m.prefix, m.name, p.portable(for_id=True), fps)
     if model_exists(store, mid) and not force:
         return model_summary(store, mid, cached=True, truth=truth)
     discard_model(store, mid)  # a refit (--force) or the leftovers of an interrupted one
     t0 = time.perf_counter()
     res = m.fit(store, p, mid)
     summary = {"model_id": mid, "kind": m.name, **res.summary, "notes": list(res.notes)}
-    save_model(store, mid, kind=m.name, params=p.to_dict(), summary=summary, arrays=res.arrays, tables=res.tables,
+    save_model(store, mid, kind=m.name, params=p.portable(for_id=False), summary=summary, arrays=res.arrays, tables=res.tables,
                extraction_id=res.extraction_id, inputs=fps, seconds=round(time.perf_counter() - t0, 3))
     return model_summary(store, mid, cached=False, truth=truth)
 

@@ -58,7 +58,7 @@ class SpotsParams(Params):
     mlp_lr: float = param(1e-3, "Adam learning rate of the MLP head.")
     mlp_weight_decay: float = param(1e-4, "Adam weight decay of the MLP head.")
     mlp_batch_size: int = param(64, "Spots per step of the MLP head.")
-    region_labels: str | None = param(None, "CSV/Parquet slide_id, spot_id, label for the region baseline.")
+    region_labels: str | None = param(None, "CSV/Parquet slide_id, spot_id, label for the region baseline.", file=True)
     bulk_dataset: str | None = param("expression", "Bulk dataset for pseudo-bulk (none: skip).", flag="--bulk")
     map_genes: int = param(20, "Genes (best first) whose spot predictions are written for maps.")
     alpha: float = param(0.05, "Significance level of the sign test after Holm's correction.")

@@ -92,6 +92,7 @@ class Slide:
             self.plain = True
         self.properties = dict(self._osr.properties) if not self.plain else _plain_properties(self._osr)
         found = _mpp_from_properties(self.properties)
+        self.stated_mpp = found  # what the file says (None: nothing trustworthy), whatever `mpp` overrides
         if mpp is not None:
             if not (mpp > 0):
                 raise HefeatError(f"--mpp must be a positive number of µm/px, got {mpp}")

@@ -16,14 +16,21 @@ from hefeat.store import ids, layout
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.ids import frame_fingerprint
-from hefeat.store.ingest import IngestReport, SlideManifest, check_mpp, register_slides, slide_row
+from hefeat.store.ingest import (
+    MPP_AGREE,
+    IngestReport,
+    SlideManifest,
+    check_mpp,
+    register_slides,
+    slide_row,
+)
 from hefeat.store.runs import record_run, timestamp
 from hefeat.store.tables import write_parquet
 
 
 def tiling_id(params: TilingParams) -> str:
-    """Content-derived id of a tiling (formula in hefeat.store.ids)."""
-    return ids.tiling_id(params.to_dict())
+    """Content-derived id of a tiling (formula in hefeat.store.ids) over the parameters that have an effect."""
+    return ids.tiling_id(params.id_dict())
 
 
 def slide_input_digest(row: pd.Series) -> str:
@@ -84,6 +91,7 @@ def ingest_slides(
     diagnostic_only: bool = False,
     fail_fast: bool = False,
     replace: bool = False,
+    override_mpp: bool = False,
     progress: bool = False,
     threads: int = 4,
 ) -> IngestReport:
@@ -97,7 +105,8 @@ def ingest_slides(
     Files are opened on `threads` threads (OpenSlide and hashing release the GIL); the catalog is
     written once, in one transaction (see hefeat.store.ingest.register_slides for re-ingest rules:
     unchanged slides are left alone, a corrected --mpp is applied, or needs replace=True once the
-    slide has tiles).
+    slide has tiles). An --mpp (or manifest mpp) that contradicts the µm/px a slide states is refused
+    unless `override_mpp`, and then recorded as an override of the stated value (mpp_source).
     """
     import warnings
 
@@ -140,7 +149,10 @@ def ingest_slides(
             return p, None, bad_md5[p]
         try:
             with Slide(p, mpp=slide_mpp) as s:
-                return p, slide_row(s, p, meta, slide_mpp is not None), None
+                row = slide_row(s, p, meta, slide_mpp is not None)
+                row["mpp_source"] = resolve_mpp_source(s, p, slide_mpp, "mpp" in meta, override_mpp)
+                check_mpp(s.mpp.x, p.name)  # whatever stated it: a file, --mpp or a manifest
+                return p, row, None
         except HefeatError as e:
             return p, None, str(e)
 
@@ -151,6 +163,35 @@ def ingest_slides(
     if any(barcodes.values()):
         rep.notes.append(tcga.summary_text(tcga.summarize(tcga.slide_table(store.slides()))))
     return rep
+
+
+def upsampling(table: pd.DataFrame, params: TilingParams) -> dict[str, float]:
+    """slide_id -> upsampling factor of the slides (catalog rows) that `params` tiles finer than their level 0
+    beyond the tolerance; one error naming them unless params.upsample asks for it."""
+    from hefeat.slides.tiling import UPSAMPLE_TOLERANCE, check_resolution
+
+    mpp = table["mpp_x"].astype(float)
+    coarse = mpp[params.mpp < mpp * (1 - UPSAMPLE_TOLERANCE)]
+    if coarse.empty:
+        return {}
+    if not params.upsample:
+        names = ", ".join(f"{sid} ({v:g})" for sid, v in list(coarse.items())[:6]) + (" …" if len(coarse) > 6 else "")
+        check_resolution(float(coarse.max()), params, f"{len(coarse)} slide(s) [{names}]: the coarsest")
+    return {str(sid): round(float(v) / params.mpp, 3) for sid, v in coarse.items()}
+
+
+def resolve_mpp_source(slide: Slide, path: Path, given: float | None, from_manifest: bool, override: bool) -> str:
+    """Where a slide's level-0 µm/px comes from; refuses a given value that contradicts the file without `override`."""
+    stated = slide.stated_mpp
+    if given is None or stated is None:
+        return slide.mpp.source
+    where = "its manifest row's mpp" if from_manifest else "--mpp"
+    if abs(float(given) / stated.x - 1) <= MPP_AGREE:
+        return stated.source  # the same value: nothing is overridden
+    if not override:
+        raise HefeatError(f"{path.name} states {stated.x:.4g} µm/px ({stated.source}) but {where} says {float(given):g}; "
+                          "pass --override-mpp to use yours instead (recorded with the slide), or drop it")
+    return f"override of stated {stated.x:.4g} ({stated.source}) by {where}"
 
 
 def prepare_tiling(store: Store, params: TilingParams) -> str:
@@ -218,6 +259,7 @@ def run_tiling(
         spots, no_spots, table = tiling_spots(store, table, slides)
     table = table.set_index("slide_id")
     todo = shard_slides(list(table.index), shard)
+    upsampled = upsampling(table.loc[todo], params)
 
     prepare_tiling(store, params)
 
@@ -234,12 +276,17 @@ def run_tiling(
                 from hefeat.slides.qc_thumbnail import write_qc_thumbnail
 
                 write_qc_thumbnail(slide, tissue, df, store.qc_thumbnail_path(tid, sid))
-        return write_slide_tiles(store, tid, sid, df)
+        out = write_slide_tiles(store, tid, sid, df)
+        if sid in upsampled:  # asked for (--allow-upsample): recorded with the slide
+            out["upsampled"] = upsampled[sid]
+        return out
 
     summary = run_slides(store, "tiling", tid, todo, step, fail_fast=fail_fast, progress=progress,
                          desc=f"tiling {tid}", input_digest=lambda sid: slide_input_digest(table.loc[sid]))
     if no_spots:
         summary.extra["without_spots"] = no_spots
+    if upsampled:
+        summary.extra["upsampled"] = upsampled
     summary.extra["tiling_id"] = tid
     summary.extra["run_id"] = record_run(store, "tile", summary.to_dict(), params=params.to_dict())
     return summary

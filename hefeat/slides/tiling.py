@@ -18,6 +18,8 @@ from hefeat.slides.tissue import TissueMask, detect_tissue
 BACKGROUND_RULES = ("otsu", "mean-rgb", "density")
 TILING_VERSION = 2  # bump when tile selection changes, so new runs get new tiling ids (2: unimodal images, small ROIs)
 # Per-slide overrides a manifest may carry (hefeat tile --manifest): tissue detection only.
+UPSAMPLE_TOLERANCE = 0.10  # tiles may be up to 10 % finer than a slide's level 0 without --allow-upsample
+_MASK_ONLY = ("min_object_um2", "max_hole_um2", "mask_mpp")  # settings of the tissue mask, unused with mask off
 OVERRIDABLE = ("tissue_threshold", "min_object_um2", "max_hole_um2", "mask", "mask_mpp")
 
 
@@ -49,6 +51,7 @@ class TilingParams:
     mask: bool = True
     overrides: tuple = ()  # ((slide_id, ((param, value), ...)), ...): per-slide tissue settings, part of the id
     version: int = TILING_VERSION
+    upsample: bool = False  # allow tiles finer than a slide's level 0 by > UPSAMPLE_TOLERANCE (not in the id)
 
     def __post_init__(self):
         if not (self.mpp > 0):
@@ -69,6 +72,18 @@ class TilingParams:
     def to_dict(self) -> dict:
         """Parameters as a plain dict (the tiling id is derived from it)."""
         return asdict(self)
+
+    def id_dict(self) -> dict:
+        """`to_dict()` without what has no effect on the tiles: `upsample`; with mask off, the tissue-mask settings
+        (min_object_um2, max_hole_um2, mask_mpp: the mask is all tissue at any resolution) are left at
+        their defaults, so `--no-mask --min-object-um2 5` is the same tiling as `--no-mask`."""
+        d = self.to_dict()
+        d.pop("upsample")  # permission, not a setting: the tiles of a slide it allows are the same either way
+        if not self.mask:
+            for f in fields(self):
+                if f.name in _MASK_ONLY:
+                    d[f.name] = f.default
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TilingParams:
@@ -267,10 +282,21 @@ def slide_tissue(slide: Slide, params: TilingParams) -> TissueMask:
     return detect_tissue(thumb, mask_mpp, min_object_um2=params.min_object_um2, max_hole_um2=params.max_hole_um2)
 
 
+def check_resolution(slide_mpp: float, params: TilingParams, name: str) -> None:
+    """Refuse tiles finer than the slide's level 0 by more than UPSAMPLE_TOLERANCE unless params.upsample."""
+    if params.upsample or params.mpp >= slide_mpp * (1 - UPSAMPLE_TOLERANCE):
+        return
+    raise HefeatError(
+        f"{name} is scanned at {slide_mpp:g} µm/px; tiles at {params.mpp:g} µm/px would upsample it "
+        f"{slide_mpp / params.mpp:.2f}x (invented detail). Tile at --mpp {slide_mpp:g} or coarser, or pass "
+        "--allow-upsample (hefeat run: --set tiling.upsample=true) to accept it", reason_code="upsample")
+
+
 def tile_candidates(slide: Slide, params: TilingParams) -> tuple[pd.DataFrame, TissueMask]:
     """Grid tiles worth reading (tissue share >= the Otsu prefilter) and the tissue mask; NoTissueError if none."""
     if params.spots:
         raise HefeatError("spot tilings come from spot_tiles(), not tile_slide()")
+    check_resolution(slide.mpp.x, params, f"slide {slide.path.name}")
     tissue = slide_tissue(slide, params)
     if not tissue.mask.any():
         raise NoTissueError(f"no tissue found (Otsu threshold {tissue.threshold:.3f} on saturation)")
@@ -314,6 +340,7 @@ def tile_slide(slide: Slide, params: TilingParams, *, threads: int | None = None
 
 def spot_candidates(slide: Slide, spots: pd.DataFrame, params: TilingParams) -> pd.DataFrame:
     """One patch per spot, centred on the spot's level-0 (x, y), in (y, x) order, before QC."""
+    check_resolution(slide.mpp.x, params, f"slide {slide.path.name}")
     if spots.empty:
         raise HefeatError("this slide has no spots; ingest a spots table first (hefeat ingest spots)")
     size0 = slide.level0_size(params.size, params.mpp)

@@ -73,6 +73,51 @@ def write_json(path: str | os.PathLike, obj: Any, *, kind: str = "json") -> None
         tmp.write_text(blob)
 
 
+def write_json_once(path: str | os.PathLike, obj: Any, *, kind: str = "json") -> tuple[Any, bool]:
+    """Write JSON to `path` only if nothing is there yet (atomic no-clobber); returns (what `path` holds, we_wrote).
+
+    The complete file is hard-linked into place, so a reader sees either no file or all of it, and of
+    two writers racing (two hosts sharing a store) exactly one wins and both return the winner's content.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    blob = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    tmp = tmp_path_for(final)
+    try:
+        faults.point(f"{kind}.write")
+        tmp.write_text(blob)
+        fsync_file(tmp)
+        faults.point(f"{kind}.rename")
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return read_json(final), False
+        except OSError:  # a filesystem without hard links: exclusive create of the name, then replace
+            try:
+                fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return _read_settled(final), False
+            os.close(fd)
+            os.replace(tmp, final)
+        faults.point(f"{kind}.renamed")
+        fsync_dir(final.parent)
+        return json.loads(blob), True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _read_settled(path: Path, tries: int = 50) -> Any:
+    """JSON of a file another writer may still be filling (the exclusive-create fallback); waits briefly."""
+    import time
+
+    for _ in range(tries):
+        with contextlib.suppress(ValueError, OSError):
+            return read_json(path)
+        time.sleep(0.1)
+    return read_json(path)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())

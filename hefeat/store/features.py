@@ -58,8 +58,14 @@ class FeatureFileWriter:
         self._sumsq = np.zeros(dim, np.float64)
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        """Write rows [start, start + len(rows)) and add them to the slide's aggregates."""
-        stored = np.asarray(rows).astype(self.feats.dtype, copy=False)
+        """Write rows [start, start + len(rows)) and add them to the slide's aggregates; non-finite rows are refused.
+
+        Checked on the values as stored: a row finite in float32 but beyond float16's range would be
+        stored as inf, so it fails the slide (NonFiniteError) like a NaN does.
+        """
+        with np.errstate(over="ignore"):
+            stored = np.asarray(rows).astype(self.feats.dtype, copy=False)
+        check_storable(np.asarray(rows), stored, start)
         self.feats[start:start + len(stored)] = stored
         x = stored.astype(np.float64)
         self._sum += x.sum(0)
@@ -86,6 +92,36 @@ class FeatureFileWriter:
         finally:
             if self.tmp.exists():
                 self.tmp.unlink()
+
+
+def check_storable(rows: np.ndarray, stored: np.ndarray, start: int) -> None:
+    """Raise NonFiniteError naming the first bad tile if `stored` (rows cast to the file's dtype) is not all finite."""
+    from hefeat.errors import NonFiniteError
+
+    fin = np.isfinite(stored)
+    if fin.all():
+        return
+    bad = ~fin.all(axis=1)
+    n, first = int(bad.sum()), start + int(np.argmax(bad))
+    if stored.dtype.itemsize < rows.dtype.itemsize and np.isfinite(rows[bad]).all():
+        top = float(np.abs(rows[bad]).max())
+        raise NonFiniteError(
+            f"{n} tile(s) (first: tile {first}) have values beyond {stored.dtype.name}'s range (largest |x| {top:.3g} > "
+            f"{float(np.finfo(stored.dtype).max):g}): stored they would be inf. Re-extract with --dtype float32; "
+            "nothing was written for this slide")
+    raise NonFiniteError(f"non-finite embeddings for {n} tile(s) (first: tile {first}); "
+                         "nothing was written for this slide")
+
+
+def refuse_non_finite(X: np.ndarray, slide_id: str, path: str, first_row: int = 0) -> None:
+    """Raise a clear HefeatError if feature rows read from a slide file hold NaN or inf (never used silently)."""
+    if X.size == 0 or np.isfinite(X).all():
+        return
+    bad = ~np.isfinite(X).reshape(len(X), -1).all(axis=1)
+    raise HefeatError(
+        f"slide {slide_id}: {int(bad.sum())} stored feature row(s) hold NaN or inf (first: row {first_row + int(np.argmax(bad))}"
+        f" of what was read from {Path(path).name}). This file was written before hefeat checked stored values, or was "
+        "changed since; re-extract the slide (a float16 overflow needs --dtype float32)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +275,12 @@ def _convert_into(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 def _read_rows(r: _Reader, rows: np.ndarray | None, out: np.ndarray) -> None:
+    """Rows of one slide (all, or sorted unique `rows`) into `out` (any float dtype); non-finite values are refused."""
+    _read_rows_raw(r, rows, out)
+    refuse_non_finite(out[:r.sf.n if rows is None else len(rows)], r.sf.slide_id, r.sf.path)
+
+
+def _read_rows_raw(r: _Reader, rows: np.ndarray | None, out: np.ndarray) -> None:
     """Rows of one slide (all, or sorted unique `rows`) into `out` (any float dtype), block by block."""
     sf = r.sf
     direct = np.dtype(sf.dtype) == out.dtype
@@ -498,6 +540,11 @@ def slide_aggregates(store: Store, extraction_id: str, slides: list[str] | None 
             t.get(s)  # a clear error for a slide that is not finished
         idx = [pos[s] for s in slides]
         n, sums, sumsq, ids = n[idx], sums[idx], sumsq[idx], list(slides)
+    bad = ~(np.isfinite(sums).all(axis=1) & np.isfinite(sumsq).all(axis=1))
+    if bad.any():  # a NaN or inf anywhere in a slide's stored rows makes its sums non-finite
+        names = [ids[i] for i in np.flatnonzero(bad)]
+        raise HefeatError(f"extraction {extraction_id}: the stored features of {len(names)} slide(s) hold NaN or inf "
+                          f"({', '.join(names[:5])}); re-extract them (a float16 overflow needs --dtype float32)")
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums / n[:, None]
         var = np.maximum(sumsq / n[:, None] - mean**2, 0)

@@ -135,7 +135,10 @@ def imported_tiling_id(coords_digest: str, encoder: str) -> str:
 def extraction_id(tiling: str, encoder: dict[str, Any], *, precision: str, tta: bool, dtype: str,
                   inputs: dict[str, Any] | None = None) -> str:
     """Id of an extraction: tiling, encoder config (name, weights digest, layer, transform), precision, TTA,
-    dtype, code, and `inputs`: what else changes the pixels the encoder sees (input plan, stain normalisation)."""
+    dtype, code, and `inputs`: what else changes the pixels the encoder sees (input plan, stain normalisation).
+
+    `precision` is the spec as asked ('auto' included), never a measured outcome: an 'auto' extraction's
+    decision is recorded inside it (layout.precision_decision_path), so every worker finds the same id."""
     return content_id({"tiling": tiling, "encoder": encoder, "precision": precision, "tta": tta, "dtype": dtype,
                        "inputs": inputs or {}, "code": CODE_VERSION}, prefix="e")
 

@@ -22,7 +22,8 @@ from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.ids import check_id, file_fingerprint, sanitize_id
 
-MPP_RANGE = (0.01, 100.0)  # plausible level-0 µm/px: from oil-immersion scans to thumbnails
+MPP_RANGE = (0.05, 20.0)  # plausible level-0 µm/px: from 100x oil-immersion scans to 0.5x overview images
+MPP_AGREE = 1e-3  # an --mpp within 0.1 % of what the slide states is the stated value, not an override
 GENE_COLUMN_NAMES = ("gene", "genes", "gene_id", "gene_name", "gene_symbol", "symbol", "hugo_symbol", "ensembl_id")
 
 

@@ -8,6 +8,7 @@ with a new kind of output adds its path function here.
     tiles/tiling=<tid>/_tiling.json                a tiling's parameters
     tiles/tiling=<tid>/slide=<sid>.parquet         one slide's tiles
     features/extraction=<eid>/_extraction.json     an extraction's provenance
+    features/extraction=<eid>/_precision.json      the recorded --precision auto decision (written once)
     features/extraction=<eid>/<sid>.h5             one slide's embeddings (CLAM/TRIDENT layout)
     status/<stage>=<key>/<sid>.json                one slide's commit record (ok / skipped / failed)
     status/<stage>=<key>/<sid>.lock                a worker's claim on one slide
@@ -47,6 +48,7 @@ FOLDERS = (TILES, FEATURES, STATUS, COMPACT, MODELS, PREDICTIONS, INDEXES, UMAPS
 
 TILING_META = "_tiling.json"
 EXTRACTION_META = "_extraction.json"
+PRECISION_DECISION = "_precision.json"
 MODEL_INDEX = "index.json"
 MODEL_META = "model.json"
 INDEX_META = "index.json"
@@ -94,6 +96,11 @@ def extraction_dir(root: Path, extraction_id: str) -> Path:
 def extraction_meta_path(root: Path, extraction_id: str) -> Path:
     """An extraction's provenance (JSON)."""
     return extraction_dir(root, extraction_id) / EXTRACTION_META
+
+
+def precision_decision_path(root: Path, extraction_id: str) -> Path:
+    """The precision an `auto` extraction runs at, decided once by its first worker (JSON, never rewritten)."""
+    return extraction_dir(root, extraction_id) / PRECISION_DECISION
 
 
 def features_path(root: Path, extraction_id: str, slide_id: str) -> Path:
