@@ -167,9 +167,12 @@ def test_run_tiles_and_extracts_at_the_recipes_resolution(tiled, tmp_path, monke
     shutil.copytree(st0.root, root)
     monkeypatch.chdir(tmp_path)
     enc = ["--set", "encoder={name: resnet18, layer: layer1, weights: none, precision: fp32, fit: resize}"]
+    r = run("run", "emo", *enc, "--store", root, ok=False)  # 0.226 µm/px on 0.5 µm/px slides: upsampling, refused
+    assert r.exit_code != 0 and "--set tiling.upsample=true" in r.output
+    enc += ["--set", "tiling.upsample=true"]  # ... unless asked for (not part of the tiling id)
     s = js("run", "emo", *enc, "--store", root)
     rec = s["recipe"]
-    assert rec["tiling"] == {"mpp": 0.226, "size": 598} and rec["tiled"]["new"] == 8 and rec["extracted"]["new"] == 8
+    assert rec["tiling"] == {"mpp": 0.226, "size": 598, "upsample": True} and rec["tiled"]["new"] == 8 and rec["extracted"]["new"] == 8
     ext = js("sql", f"SELECT * FROM extractions WHERE extraction_id = '{rec['extraction_id']}'", "--store", root)[0]
     assert ext["encoder"] == "resnet18" and ext["tiling_id"] == rec["tiling_id"] != tid
     again = js("run", "emo", *enc, "--store", root)

@@ -248,7 +248,7 @@ class DecodeOnce:
              stain: str | None, stain_reference: str | None, opt) -> DecodeOnce:
         """Which slides to fuse; tiles the untiled ones first (run_tiling) when the settings do not allow fusing."""
         from hefeat.runner import shard_slides
-        from hefeat.slides.run import prepare_tiling, run_tiling, tiling_spots
+        from hefeat.slides.run import prepare_tiling, run_tiling, tiling_spots, upsampling
         from hefeat.slides.run import tiling_id as tiling_id_of
 
         store.require()
@@ -262,6 +262,7 @@ class DecodeOnce:
         if params.spots:
             spots, _, table = tiling_spots(store, table, slides)
         mine = shard_slides(table["slide_id"].tolist(), shard)
+        upsampling(table.set_index("slide_id").loc[mine], params)  # refused before anything is written
         prepare_tiling(store, params)
         tiled = set(store.finished("tiling", tid)["slide_id"])
         untiled = [s for s in mine if s not in tiled]
