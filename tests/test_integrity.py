@@ -181,3 +181,63 @@ def test_resolution_is_never_changed_silently(tmp_path, cohort, cmu_svs):
     assert asked.extra["tiling_id"] == run_tiling(s2, TilingParams(mpp=0.4, size=64, max_tiles=2, upsample=True)
                                                   ).extra["tiling_id"]
 
+
+def test_job_state_comes_from_its_heartbeat(tmp_path):
+    """A job killed mid-run (job.json still says running) is listed as stopped, not running forever."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from hefeat.cli import main
+    from hefeat.finetune import heartbeat
+    from hefeat.store.atomic import write_json
+
+    st = Store.init(tmp_path / "st")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for jid, status in (("j-killed", "running"), ("j-done", "finished")):
+        job = {"job_id": jid, "task": "genes", "status": status, "recipe": {"backbone": "resnet18"}, "split": "s",
+               "folds": [{"name": "fold1"}], "created": "2026-01-01T00:00:00", "updated": "2026-01-01T00:00:00"}
+        write_json(layout.job_dir(st.root, jid) / "job.json", job)
+        write_json(layout.job_dir(st.root, jid) / "index.json",
+                   {k: job[k] for k in ("job_id", "task", "status", "created", "updated")})
+    hb = layout.job_heartbeat_path(st.root, "j-killed")
+    import socket
+    import time
+
+    write_json(hb, {"host": socket.gethostname(), "pid": dead.pid, "beat": time.time(), "every_s": 30, "ended": None})
+    out = CliRunner().invoke(main, ["finetune", "list", "--store", str(st.root), "--json"], catch_exceptions=False)
+    states = {j["job_id"]: j["state"] for j in json.loads(out.output.strip().splitlines()[-1])["jobs"]}
+    assert states == {"j-killed": "stopped", "j-done": "done"}
+    out = CliRunner().invoke(main, ["finetune", "status", "j-killed", "--store", str(st.root)], catch_exceptions=False)
+    assert "stopped" in out.output and "running" not in out.output
+
+    job = {"job_id": "j-live", "status": "running"}
+    with heartbeat.session():  # a live run: running while it beats, stopped once it raised
+        heartbeat.start(st.root, "j-live", every=3600)
+        assert heartbeat.job_state(st.root, job)[0] == "running"
+        assert heartbeat.job_state(st.root, job, now=time.time() + 4 * 3600)[0] == "stopped"  # silent too long
+    assert heartbeat.job_state(st.root, job)[0] == "stopped"
+    with pytest.raises(RuntimeError), heartbeat.session():
+        heartbeat.start(st.root, "j-live", every=3600)
+        raise RuntimeError("out of memory")
+    state, why = heartbeat.job_state(st.root, job)
+    assert state == "stopped" and "out of memory" in why
+
+
+def test_cli_json_never_holds_nan_or_infinity(capsys):
+    """--json output is strict JSON: a non-finite number is null plus a note (the old output held Infinity)."""
+    from hefeat.cli.common import emit
+
+    emit({"logrank_p": float("inf"), "rows": [{"r": np.float32("nan")}, {"r": 0.5}], "n": 3}, True, "")
+    line = capsys.readouterr().out.strip()
+
+    def refuse(c):
+        raise ValueError(f"not JSON: {c}")
+
+    got = json.loads(line, parse_constant=refuse)
+    assert got["logrank_p"] is None and got["rows"] == [{"r": None}, {"r": 0.5}] and got["n"] == 3
+    assert got["json_notes"] == ["logrank_p was inf (not a JSON number): written as null",
+                                 "rows[0].r was nan (not a JSON number): written as null"]
+

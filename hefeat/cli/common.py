@@ -57,11 +57,38 @@ def get_store(path: str | None, *, create: bool = False):
 
 
 def emit(summary: dict, as_json: bool, text: str) -> None:
-    """Print a summary paragraph, or the summary as JSON."""
+    """Print a summary paragraph, or the summary as JSON (strict: NaN/Infinity become null, with a note)."""
     if as_json:
-        click.echo(json.dumps(summary, default=str))
+        click.echo(to_json(summary))
     else:
         click.echo(text)
+
+
+def to_json(obj) -> str:
+    """Strict JSON of a CLI result: a non-finite number is written as null and named in `json_notes`
+    (json.dumps would write NaN/Infinity, which no JSON parser accepts)."""
+    notes: list[str] = []
+    clean = _finite(obj, "", notes)
+    if notes and isinstance(clean, dict):
+        shown = notes[:20] + ([f"... {len(notes) - 20} more"] if len(notes) > 20 else [])
+        clean["json_notes"] = [*clean.get("json_notes", []), *shown]
+    return json.dumps(clean, default=str, allow_nan=False)
+
+
+def _finite(v, where: str, notes: list[str]):
+    import math
+
+    if isinstance(v, dict):
+        return {k: _finite(x, f"{where}.{k}" if where else str(k), notes) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x, f"{where}[{i}]", notes) for i, x in enumerate(v)]
+    if isinstance(v, float) or type(v).__module__ == "numpy" and hasattr(v, "dtype") and v.dtype.kind == "f":
+        f = float(v)
+        if not math.isfinite(f):
+            notes.append(f"{where} was {f} (not a JSON number): written as null")
+            return None
+        return f
+    return v
 
 
 def progress_enabled(as_json: bool) -> bool:

@@ -80,7 +80,7 @@ def _run_text(s: dict) -> str:
 @store_option
 @json_option
 def status_cmd(job_id, store_path, as_json):
-    """Where a job stands: per fold, epochs done, best epoch, last losses.
+    """Where a job stands (done / running / stopped, from its heartbeat): per fold, epochs, best epoch, losses.
 
     \b
     Example:
@@ -89,7 +89,7 @@ def status_cmd(job_id, store_path, as_json):
     from hefeat.finetune.report import job_status
 
     s = job_status(get_store(store_path), job_id)
-    lines = [f"Job {job_id} ({s['task']}, {s['backbone']}): {s['status']}"]
+    lines = [f"Job {job_id} ({s['task']}, {s['backbone']}): {s['state']} ({s['state_why']})"]
     for f in s["folds"]:
         lines.append(f"  {f['name']}: {f['state']}, {f['epochs']} epochs, best {f['best_epoch']}, "
                      f"train loss {f['train_loss']}, val loss {f['val_loss']}")
@@ -106,5 +106,10 @@ def list_cmd(store_path, as_json):
     Example:
       hefeat finetune list --json
     """
-    df = get_store(store_path).sql("SELECT * FROM jobs ORDER BY created")
+    from hefeat.finetune.heartbeat import job_state
+
+    st = get_store(store_path)
+    df = st.sql("SELECT * FROM jobs ORDER BY created")
+    if len(df):  # the recorded status says "running" for a job killed mid-run: its heartbeat says what is true
+        df.insert(1, "state", [job_state(st.root, r)[0] for r in df.to_dict("records")])
     emit({"jobs": df.to_dict("records")}, as_json, df.to_string(index=False) if len(df) else "No fine-tuning jobs yet.")

@@ -281,14 +281,17 @@ def survival(model_id, by, threshold, time_col, event_col, max_follow_up, out, s
     from hefeat.learn.traits import survival as surv
 
     st = get_store(store_path)
+    chosen = "--model"
     if not model_id:
         m = st.sql("SELECT model_id FROM models WHERE kind = 'traits' ORDER BY created DESC")
         if m.empty:
             raise HefeatError("No traits model in the store; run hefeat fit traits first")
         model_id = m["model_id"].iloc[0]
+        chosen = f"the newest of {len(m)} traits model(s); pass --model to choose"
     s = surv(st, model_id, by=by, threshold=threshold, time_col=time_col, event_col=event_col,
              max_follow_up=max_follow_up, out=out)
-    text = (f"Held-out patients, {by} > {threshold}: {s['n_high']} vs {s['n_low']}; log-rank p = {s['logrank_p']:.3g} "
+    s = {"model_id": model_id, "model_chosen": chosen, **s}
+    text = (f"Traits model {model_id} ({chosen}).\nHeld-out patients, {by} > {threshold}: {s['n_high']} vs {s['n_low']}; log-rank p = {s['logrank_p']:.3g} "
             f"({s['n_excluded_trained']} trained-on patients excluded, {s['n_skipped_hti_zero']} with HTI = 0 skipped, "
             f"{s['n_censored_at_cap']} censored at {s['max_follow_up']:g})" + (f"; plot {out}" if out else ""))
     text += "".join(f"\n  note: {n}" for n in s["notes"])

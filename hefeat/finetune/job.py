@@ -19,7 +19,7 @@ import pandas as pd
 
 from hefeat import __version__
 from hefeat.errors import HefeatError
-from hefeat.finetune import ddp
+from hefeat.finetune import ddp, heartbeat
 from hefeat.finetune.faults import fault_point
 from hefeat.finetune.recipe import Recipe, RunOptions
 from hefeat.finetune.targets import TaskData, load_task
@@ -132,7 +132,8 @@ def run_job(store: Store, recipe: Recipe, options: RunOptions | None = None) -> 
         torch.set_num_threads(opts.threads)
     d = ddp.setup(opts.device)
     try:
-        return _run(store, recipe, opts, d)
+        with heartbeat.session():  # a heartbeat started in _run ends with it, however it ends
+            return _run(store, recipe, opts, d)
     finally:
         ddp.teardown(d)
         torch.set_num_threads(threads)
@@ -205,6 +206,7 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
                "device": d.device, "processes": d.world, "created": _created(jdir), "updated": timestamp()}
         write_json(jdir / "job.json", job)
         write_json(jdir / "index.json", _index(job))
+        heartbeat.start(store.root, jid)
     ddp.barrier(d)
     _check_slides(data, d)
     workers = default_workers() if opts.workers is None else opts.workers

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.finetune.heartbeat import job_state
 from hefeat.store.atomic import read_json
 from hefeat.store.catalog import Store
 
@@ -52,21 +53,24 @@ def headline(s: dict) -> str:
 
 
 def job_status(store: Store, jid: str) -> dict:
-    """Per fold: finished / training (from its checkpoint log) / not started, epochs, best epoch, last losses."""
+    """The job's state from its heartbeat (done / running / stopped); per fold: finished / trained up to a
+    checkpoint / not started, epochs, best epoch, last losses."""
     p = store.job_dir(jid) / "job.json"
     if not p.exists():
         raise HefeatError(f"No fine-tuning job {jid!r} in {store.root} (see: hefeat finetune list)")
     job = read_json(p)
+    state, why = job_state(store.root, job)
     folds = []
     for f in job["folds"]:
         d = store.job_dir(jid) / f"fold={f['name']}"
         hist = read_json(d / "metrics.json") if (d / "metrics.json").exists() else []
-        state = "finished" if (d / "done.json").exists() else "training" if (d / "last.pt").exists() else "not started"
+        fstate = ("finished" if (d / "done.json").exists() else "not started" if not (d / "last.pt").exists()
+                  else "training" if state == "running" else "interrupted (resumes from its checkpoint)")
         last = hist[-1] if hist else {}
-        folds.append({"name": f["name"], "state": state, "epochs": len(hist), "best_epoch": last.get("best_epoch"),
+        folds.append({"name": f["name"], "state": fstate, "epochs": len(hist), "best_epoch": last.get("best_epoch"),
                       "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss")})
-    return {"job_id": jid, "task": job["task"], "status": job["status"], "backbone": job["recipe"]["backbone"],
-            "split": job["split"], "folds": folds}
+    return {"job_id": jid, "task": job["task"], "status": job["status"], "state": state, "state_why": why,
+            "backbone": job["recipe"]["backbone"], "split": job["split"], "folds": folds}
 
 
 def report_job(store: Store, jid: str, out: str | Path | None = None) -> dict:

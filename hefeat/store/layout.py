@@ -19,6 +19,7 @@ with a new kind of output adds its path function here.
     umaps/umap=<uid>.parquet                       a UMAP's coordinates
     runs/<run_id>/run.json                         what ran, with what, how long
     jobs/<job_id>/{index.json,...}                 a fine-tuning job (index.json written last)
+    jobs/<job_id>/heartbeat.json                   a running job's heartbeat (its state: running / stopped)
     reports/<name>/                                PNG figures
 """
 
@@ -54,6 +55,7 @@ MODEL_META = "model.json"
 INDEX_META = "index.json"
 RUN_RECORD = "run.json"
 JOB_INDEX = "index.json"
+JOB_HEARTBEAT = "heartbeat.json"
 STATUS_SUFFIX = ".json"
 LOCK_SUFFIX = ".lock"
 
@@ -208,6 +210,11 @@ def run_dir(root: Path, run_id: str) -> Path:
 def job_dir(root: Path, job_id: str) -> Path:
     """Folder of one fine-tuning job (checkpoints, log, provenance)."""
     return root / JOBS / check_id(job_id, "job_id")
+
+
+def job_heartbeat_path(root: Path, job_id: str) -> Path:
+    """A fine-tuning job's heartbeat (host, pid, time of the last beat)."""
+    return job_dir(root, job_id) / JOB_HEARTBEAT
 
 
 def reports_dir(root: Path, name: str) -> Path:
