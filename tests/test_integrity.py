@@ -241,3 +241,25 @@ def test_cli_json_never_holds_nan_or_infinity(capsys):
     assert got["json_notes"] == ["logrank_p was inf (not a JSON number): written as null",
                                  "rows[0].r was nan (not a JSON number): written as null"]
 
+
+def test_noise_is_fixed_at_the_source(tmp_path):
+    """Warnings that tell the user nothing are gone: Holm-Sidak on p = 1 (log1p(-1) in `run he2rna`), torch's
+    "NumPy array is not writable" when a stain reference is fitted to read-only (PIL) images."""
+    import warnings
+
+    from PIL import Image
+
+    from hefeat.learn.stats import correct
+    from hefeat.slides.stain import fit_reference, stain_vectors
+
+    rng = np.random.default_rng(0)
+    img = np.full((64, 64, 3), 235, np.uint8)
+    img[8:56, 8:56] = rng.integers(0, 3, (48, 48, 1)) * np.array([[[40, -40, 10]]]) + np.array([150, 90, 160])
+    Image.fromarray(img).save(tmp_path / "ref.png")
+    read_only = np.asarray(Image.open(tmp_path / "ref.png"))
+    assert not read_only.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(correct(np.array([0.001, 0.5, 1.0]), "holm-sidak"), [0.002999, 0.75, 1.0], atol=1e-5)
+        fit_reference("macenko", [read_only], source="test")
+        stain_vectors(read_only)

@@ -104,7 +104,9 @@ def run_umap(store: Store, extraction_id: str, *, sample: int | None = 100_000, 
     import umap
     from sklearn.cluster import KMeans
 
-    emb = umap.UMAP(n_neighbors=min(n_neighbors, len(X) - 1), min_dist=min_dist, random_state=seed).fit_transform(X)
+    # n_jobs=1: a seeded UMAP runs single-threaded anyway (umap-learn warns when asked for more)
+    emb = umap.UMAP(n_neighbors=min(n_neighbors, len(X) - 1), min_dist=min_dist, random_state=seed,
+                    n_jobs=1).fit_transform(X)
     rows["umap_x"], rows["umap_y"] = emb[:, 0].astype(np.float32), emb[:, 1].astype(np.float32)
     rows["cluster"] = KMeans(n_clusters=min(clusters, len(X)), n_init=3, random_state=seed).fit_predict(X).astype(np.int16)
     ext = store.extraction(extraction_id)

@@ -35,8 +35,14 @@ def run_extraction_ray(store: Store, *, shards: int | None = None, address: str 
     import ray.data
 
     items = [{"shard": f"{i + 1}/{n}"} for i in range(n)]
+    # At most n tasks at once: `compute=TaskPoolStrategy(size=n)` where Ray has it (`concurrency=` is
+    # deprecated since Ray 2.51 and prints a notice on every run), `concurrency=n` on older Ray.
+    try:
+        limit = {"compute": ray.data.TaskPoolStrategy(size=n)}
+    except (AttributeError, TypeError):
+        limit = {"concurrency": n}
     out = ray.data.from_items(items, override_num_blocks=n).map(
-        work, num_gpus=1 if gpus else 0, num_cpus=1, concurrency=n).take_all()
+        work, num_gpus=1 if gpus else 0, num_cpus=1, **limit).take_all()
     merged = RunSummary("extraction", "")
     for r in out:
         d = json.loads(r["summary"])

@@ -99,7 +99,9 @@ def correct(p: np.ndarray, method: str = "bh", alpha: float = 0.05) -> np.ndarra
     out = np.ones_like(p)
     ok = ~np.isnan(p)
     if ok.any():
-        out[ok] = multipletests(p[ok], alpha=alpha, method=CORRECTIONS[method])[1]
+        # Sidak steps compute log1p(-p): p = 1 gives -inf there (correctly adjusted to 1), not a user's problem
+        with np.errstate(divide="ignore"):
+            out[ok] = multipletests(p[ok], alpha=alpha, method=CORRECTIONS[method])[1]
     return out
 
 

@@ -230,6 +230,13 @@ class ReinhardNormalizer:
 # ----------------------------------------------------------------------------------------------
 # Fitting a reference
 # ----------------------------------------------------------------------------------------------
+def _pixels(img: np.ndarray):
+    """(1, H*W, 3) float tensor of an RGB(A) uint8 image; a copy, so read-only arrays (PIL's) are fine for torch."""
+    import torch
+
+    return torch.tensor(np.asarray(img)[..., :3]).reshape(1, -1, 3).float()
+
+
 def fit_reference(method: str, images: list[np.ndarray], *, source: str) -> StainReference:
     """Fit `method` to RGB uint8 images (h, w, 3): one reference image, or a sample of cohort tiles.
 
@@ -241,7 +248,7 @@ def fit_reference(method: str, images: list[np.ndarray], *, source: str) -> Stai
         raise HefeatError(f"--stain-norm must be one of {', '.join(METHODS)}, got {method!r}")
     if not images:
         raise HefeatError("no image to fit the stain reference to")
-    rgb = torch.cat([torch.from_numpy(np.ascontiguousarray(im[..., :3])).reshape(1, -1, 3).float() for im in images], 1)
+    rgb = torch.cat([_pixels(im) for im in images], 1)
     od = optical_density(rgb)
     mask = _tissue(od)
     if float(mask.float().mean()) < MIN_TISSUE_SHARE:
@@ -260,9 +267,8 @@ def fit_reference(method: str, images: list[np.ndarray], *, source: str) -> Stai
 
 def stain_vectors(img: np.ndarray) -> np.ndarray:
     """Macenko H and E unit OD vectors (2, 3) of one RGB uint8 image (for checks and QC)."""
-    import torch
 
-    rgb = torch.from_numpy(np.ascontiguousarray(img[..., :3])).reshape(1, -1, 3).float()
+    rgb = _pixels(img)
     od = optical_density(rgb)
     he, valid = estimate_stains(od, _tissue(od))
     if not bool(valid[0]):
