@@ -37,6 +37,14 @@ from hefeat.finetune.tasks import FoldTargets, activate, loss
 from hefeat.store.atomic import write_json
 
 
+def recipe_hint(msg: str) -> str:
+    """An encoder error's `hefeat extract` options (--weights X, --encoder X) as a fine-tuning recipe sets them."""
+    import re
+
+    msg = re.sub(r"--weights (\S+)", r"--set weights=\1", msg)
+    return re.sub(r"--encoder (\S+)", r"--set backbone=\1", msg)
+
+
 def build_net(r: Recipe, n_out: int, bias: np.ndarray | None = None):
     """(network = backbone + dropout + linear head, encoder config with the recipe's input size)."""
     import warnings
@@ -45,7 +53,10 @@ def build_net(r: Recipe, n_out: int, bias: np.ndarray | None = None):
 
     with warnings.catch_warnings():  # random init is a legitimate start for training (PathoMCH: from scratch)
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        enc = create_encoder(r.backbone, weights=r.weights, seed=r.seed)
+        try:
+            enc = create_encoder(r.backbone, weights=r.weights, seed=r.seed)
+        except HefeatError as e:  # the encoder's hints name `hefeat extract` options; a recipe sets values
+            raise HefeatError(recipe_hint(str(e))) from None
     cfg = enc.config
     if r.input_size:
         cfg = dataclasses.replace(cfg, input_size=(r.input_size, r.input_size))
