@@ -263,3 +263,13 @@ def test_noise_is_fixed_at_the_source(tmp_path):
         np.testing.assert_allclose(correct(np.array([0.001, 0.5, 1.0]), "holm-sidak"), [0.002999, 0.75, 1.0], atol=1e-5)
         fit_reference("macenko", [read_only], source="test")
         stain_vectors(read_only)
+
+
+def test_ivfpq_training_prints_no_code_word_warnings(capfd):
+    """faiss printed one "WARNING clustering N points to 256 centroids" line per PQ sub-quantizer."""
+    from hefeat.explore.neighbors import _make
+
+    x = np.random.default_rng(0).random((2000, 64), dtype=np.float32)
+    idx = _make("ivfpq", 64, "l2", len(x), nlist=None, pq_m=None, hnsw_m=32, n_train=len(x))
+    idx.train(x)
+    assert idx.is_trained and "WARNING clustering" not in capfd.readouterr().err
