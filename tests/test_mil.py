@@ -123,7 +123,8 @@ def test_abmil_finds_the_focal_region_where_mean_pooling_cannot(focal_store):
     assert n == sum(len(v) for v in tt.values())
     from hefeat.explore.heatmap import heatmap_values
 
-    rows, _ = heatmap_values(st, "S02", f"model:{s['model_id']}:attention")
+    rows, val = heatmap_values(st, "S02", f"model:{s['model_id']}:attention")
+    assert "attention weight" in val.units, val.units  # the method's units, not "model output"
     assert rows["value"].notna().all() and abs(rows["value"].sum() - 1) < 1e-4  # one slide's attention sums to 1
     m = pd.read_parquet(st.model_dir(s["model_id"]) / "metrics.parquet")
     assert set(m["model"]) == {"abmil", "mean-pool baseline"} and (m["ci_low"] <= m["value"]).all()

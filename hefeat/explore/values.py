@@ -115,7 +115,9 @@ def model_units(meta: dict, column: str) -> str:
         return "measured" if measured else "predicted" + f" {p.get('target', 'log-normalised count')}"
     if kind in ("genes", "he2rna", "emo"):
         return f"predicted {p.get('transform', '')}({p.get('dataset', 'expression')})".replace(" (", " ")
-    return "model output"
+    from hefeat.learn.registry import output_units
+
+    return output_units(meta, column)  # the method's own `units` (e.g. attention), else "model output"
 
 
 def value_options(store: Store, tiling_id: str, *, umap_id: str | None = None) -> list[dict]:

@@ -193,7 +193,10 @@ def build_net(kind: str, d_in: int, n_out: int, p: MilParams, n_classes: int = 0
             H = self.embed(self.std(X))
             A = self.attn(H, M)
             out = self.head((A.unsqueeze(-1) * H).sum(1))
-            tile = self.head(H) if not len(self.inst) else torch.stack([c(H)[..., 1] - c(H)[..., 0] for c in self.inst], -1)
+            tile = None
+            if not self.training:  # per-tile scores are outputs, not part of the loss
+                tile = self.head(H) if not len(self.inst) else torch.stack([c(H)[..., 1] - c(H)[..., 0]
+                                                                            for c in self.inst], -1)
             return {"out": out, "attention": A, "tile": tile, "H": H}
 
     class Block(nn.Module):
