@@ -129,12 +129,15 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     if not kept.any():
         raise NotEstimable(f"No gene passes the training-fold filter (variance > {p.min_variance}"
                            f"{', median > 0' if p.median_positive else ''}) in every fold; lower --min-variance")
-    evaluated = np.flatnonzero(~np.isnan(oof).any(0) & kept)
+    # Rows some fold tested (a holdout split tests only its held-out rows; training rows have no
+    # out-of-fold prediction and must not disqualify a gene).
+    tested = np.flatnonzero(fold_of != "")
+    evaluated = np.flatnonzero(~np.isnan(oof[tested]).any(0) & kept)
     genes = [data.genes[j] for j in evaluated]
     # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
     Yeval = data.Y if cohort is None else median_shift(data.Y, cohort, np.arange(n))[0]
     split_name = f"{p.split} seed={p.seed}"
-    metrics = gene_metrics(oof[:, evaluated], Yeval[:, evaluated], genes, split=split_name)
+    metrics = gene_metrics(oof[np.ix_(tested, evaluated)], Yeval[np.ix_(tested, evaluated)], genes, split=split_name)
     metrics["alpha_median"] = np.median(alphas[:, evaluated], 0)
     metrics["significant"] = metrics["spearman_p_bh"] < p.fdr
     if p.permutations:
@@ -144,29 +147,29 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         for _ in range(p.permutations):
             Yp = data.Y[rng.permutation(n)]
             po, _, _, _ = _cross_validate(store, p, data, folds, cohort, Yp, tiles_cache)
-            null.append(columnwise_spearman(po[:, evaluated], Yp[:, evaluated]))
+            null.append(columnwise_spearman(po[np.ix_(tested, evaluated)], Yp[np.ix_(tested, evaluated)]))
         null = np.concatenate(null)
         metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), null)
         metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
     # The deployed model: refit on every sample (metrics above are out-of-fold and stay honest).
     final = RidgeHeads(p.alphas, pca=p.pca, random_state=p.seed).fit(data.X, Yeval, cols=evaluated)
-    prolif = _proliferation(oof[:, evaluated], Yeval[:, evaluated], genes)
+    prolif = _proliferation(oof[np.ix_(tested, evaluated)], Yeval[np.ix_(tested, evaluated)], genes)
     members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
     if len(members) >= 3 and len(genes) > len(members) + 5:
         gs = gene_set_score(metrics.set_index("gene")["spearman_r"], members, n_random=p.n_random_sets, seed=p.seed)
         prolif.update(proliferation_set_mean_r=gs["mean_r"], proliferation_set_random_mean_r=gs["random_mean"],
                       proliferation_set_p=gs["p_value"])
     summary = {
-        "extraction_id": p.extraction_id, "n_samples": int(n), "n_genes": len(genes),
+        "extraction_id": p.extraction_id, "n_samples": int(n), "n_tested": len(tested), "n_genes": len(genes),
         "n_significant": int(metrics["significant"].sum()), "fdr": p.fdr,
         "n_r2_above_0.2": int((metrics["r2"] > p.r2_threshold).sum()), "r2_threshold": p.r2_threshold,
         "split": split_name, "level": p.level, "median_spearman_r": float(metrics["spearman_r"].median()),
         "unit": p.unit, **prolif,
     }
-    oof_df = pd.DataFrame(oof[:, evaluated], columns=genes)
-    oof_df.insert(0, "fold", fold_of)
-    oof_df.insert(0, "patient_id", data.groups)
-    oof_df.insert(0, "sample_id", data.ids)
+    oof_df = pd.DataFrame(oof[np.ix_(tested, evaluated)], columns=genes)
+    oof_df.insert(0, "fold", fold_of[tested])
+    oof_df.insert(0, "patient_id", data.groups[tested])
+    oof_df.insert(0, "sample_id", data.ids[tested])
     arrays = {"coef": final.coef_.astype(np.float32), "intercept": final.intercept_, "alpha": final.alpha_,
               "genes": np.array(genes)}
     if final.pca_ is not None:
