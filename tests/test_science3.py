@@ -74,3 +74,84 @@ def test_holdout_split_evaluates_every_eligible_gene(tmp_path, monkeypatch):
     m = res.tables["metrics"]
     assert m["spearman_r"].notna().all() and m["spearman_r"].median() > 0.5
     assert len(res.tables["oof_predictions"]) == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) HE2RNA: undefined r is not r = 0; tile scores on the tiles' own scale. Transfer: string labels.
+# ---------------------------------------------------------------------------------------------
+def test_tile_scores_standardise_raw_tiles_with_their_own_statistics():
+    """A super-tile net standardised raw tiles with super-tile statistics (maps on another scale)."""
+    import numpy as np
+
+    from hefeat.learn.nets import He2rnaRegressor
+
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(5, 4)).astype(np.float32) for _ in range(12)]  # super-tiles: SD ~ 1
+    est = He2rnaRegressor((8,), epochs=0, random_state=0).fit(bags, rng.normal(size=(12, 2)))
+    v = rng.normal(size=(6, 4)).astype(np.float32)
+    sd_super = np.concatenate(bags).std(0) + 1e-6
+    mean_super = np.concatenate(bags).mean(0)
+    raw = mean_super + 3 * (v - mean_super)  # raw tiles vary 3x more than super-tiles
+    tile_mean, tile_std = mean_super, 3 * sd_super
+    np.testing.assert_allclose(est.tile_scores(raw, tile_mean, tile_std), est.tile_scores(v), rtol=1e-4, atol=1e-5)
+    assert np.abs(est.tile_scores(raw) - est.tile_scores(v)).max() > 1e-2  # the old, inflated scale
+
+
+def test_he2rna_constant_prediction_has_undefined_r_not_zero(tmp_path, monkeypatch):
+    """Old main: nan_to_num(r) = 0 for a constant prediction, and its p against the null was a real number."""
+    import numpy as np
+    import pandas as pd
+
+    from hefeat.learn import data as data_mod
+    from hefeat.learn import he2rna
+    from hefeat.learn.he2rna import He2rnaParams, fit_he2rna
+
+    d = _toy_data(n_patients=20, n_genes=3, d=4)
+    d.Y = np.abs(d.Y) + 1
+    monkeypatch.setattr(data_mod, "sample_targets", lambda *a, **k: d)
+    monkeypatch.setattr(he2rna, "sample_bags", lambda store, p, slides, stats=None: [d.X[i:i + 1] for i in range(len(slides))])
+
+    class Const:  # predicts gene 0 as a constant, the others from the features
+        def set_params(self, **k):
+            return self
+
+        def fit(self, bags, Y, groups):
+            self.history_ = pd.DataFrame({"epoch": [1], "loss": [0.0]})
+            self.d_in_, self.n_epochs_ = 4, 1
+            return self
+
+        def predict(self, bags):
+            x = np.array([b[0, 0] for b in bags])
+            return np.stack([np.full(len(x), 2.0), x, x], 1)
+
+        def state_dict(self):
+            return {}
+
+    monkeypatch.setattr(He2rnaParams, "estimator", lambda self, seed: Const())
+
+    class FakeStore:
+        def model_dir(self, mid):
+            return tmp_path / mid
+
+    res = fit_he2rna(FakeStore(), He2rnaParams(extraction_id="e", median_positive=False, n_untrained=1), "he2-x")
+    m = res.tables["metrics"].set_index("gene")
+    assert np.isnan(m.loc["G0", "pearson_r"]) and not m.loc["G0", "significant"]
+    assert np.isnan(m.loc["G0", "p_vs_untrained"]) and m.loc["G0", "p_bh"] == 1.0
+    assert res.summary["n_undefined_r"] == 1 and np.isfinite(m.loc["G1", "pearson_r"])
+
+
+def test_transfer_string_labels_are_classes_not_nan(monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    from hefeat.learn import data as data_mod
+    from hefeat.learn.transfer import _labels
+
+    clin = pd.DataFrame({"slide_id": ["S0", "S1", "S2", "S3"], "msi": ["MSS", "MSI-H", None, "MSS"],
+                         "num": [1, 0, 1, np.nan]})
+    monkeypatch.setattr(data_mod, "clinical_by_slide", lambda store: clin)
+    data = type("D", (), {"slides": [["S0"], ["S1"], ["S2"], ["S3"]]})()
+    y, classes = _labels(None, data, "msi")
+    assert classes == ["MSI-H", "MSS"] and y.tolist() == [1, 0, -1, 1]
+    y, classes = _labels(None, data, "num")
+    assert classes == ["0", "1"] and y.tolist() == [1, 0, 1, -1]

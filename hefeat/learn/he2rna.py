@@ -128,12 +128,26 @@ def slide_bag(X: np.ndarray, tiles: pd.DataFrame, p: He2rnaParams) -> np.ndarray
     return supertiles(X, tiles[["x", "y"]].to_numpy(), p.supertiles, seed=p.seed)[0]
 
 
-def sample_bags(store: Store, p: He2rnaParams, slides_per_sample: list[list[str]]) -> list[np.ndarray]:
-    """Bags of every sample (its slides' bags concatenated), read through the store's feature loading."""
+def sample_bags(store: Store, p: He2rnaParams, slides_per_sample: list[list[str]],
+                tile_stats: dict | None = None) -> list[np.ndarray]:
+    """Bags of every sample (its slides' bags concatenated), read through the store's feature loading.
+
+    tile_stats, if given, receives the raw tiles' feature mean and std ('tile_mean', 'tile_std'):
+    the scale tile scores standardise with when the net was trained on super-tiles.
+    """
     from hefeat.learn.data import slide_tiles
 
     wanted = sorted({s for ss in slides_per_sample for s in ss})
-    per_slide = {st.slide_id: slide_bag(st.X, st.tiles, p) for st in slide_tiles(store, p.extraction_id, wanted)}
+    per_slide, n, s1, s2 = {}, 0, 0.0, 0.0
+    for st in slide_tiles(store, p.extraction_id, wanted):
+        per_slide[st.slide_id] = slide_bag(st.X, st.tiles, p)
+        if tile_stats is not None:
+            x = st.X.astype(np.float64)
+            n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
+    if tile_stats is not None and n:
+        mean = s1 / n
+        tile_stats.update(tile_mean=mean.astype(np.float32),
+                          tile_std=(np.sqrt(np.maximum(s2 / n - mean**2, 0)) + 1e-6).astype(np.float32))
     return [np.concatenate([per_slide[s] for s in ss]) for ss in slides_per_sample]
 
 
@@ -157,7 +171,8 @@ def fit_he2rna(store: Store, p: He2rnaParams, model_id: str) -> FitResult:
     if n_pat < max(3, p.folds):
         raise NotEstimable(f"{n_pat} patients have targets and features; {p.folds}-fold CV needs at least "
                            f"{max(3, p.folds)} (lower --folds or add slides)")
-    bags = sample_bags(store, p, data.slides)
+    tile_stats: dict = {}
+    bags = sample_bags(store, p, data.slides, tile_stats if p.supertiles else None)
     n, G = len(ids), len(genes)
     folds = group_kfold(groups, p.folds, seed=p.seed)
     oof = np.full((n, G), np.nan)
@@ -185,8 +200,11 @@ def fit_he2rna(store: Store, p: He2rnaParams, model_id: str) -> FitResult:
         raise NotEstimable("No gene passes the training-fold filters (median > 0, variance) in every fold; "
                            "use --no-median-positive or a lower --min-variance")
     gsel = [genes[j] for j in ev]
-    r = np.nan_to_num(columnwise_pearson(oof[:, ev], Y[:, ev]), nan=0.0)
-    null = np.concatenate([np.nan_to_num(columnwise_pearson(nr[:, ev], Y[:, ev]), nan=0.0) for nr in null_oof])
+    # A constant prediction has no correlation: r stays NaN (not significant, no p), never r = 0; the
+    # null pools the untrained models' defined correlations only.
+    r = columnwise_pearson(oof[:, ev], Y[:, ev])
+    null = np.concatenate([columnwise_pearson(nr[:, ev], Y[:, ev]) for nr in null_oof])
+    null = null[np.isfinite(null)]
     p_null = empirical_p(r, null)
     split = f"patient-kfold:{len(folds)} seed={p.seed}"
     metrics = pd.DataFrame({"gene": gsel, "n": n, "pearson_r": r, "pearson_p": r_pvalue(r, n),
@@ -204,16 +222,22 @@ def fit_he2rna(store: Store, p: He2rnaParams, model_id: str) -> FitResult:
     summary = {"extraction_id": p.extraction_id, "n_samples": int(n), "n_genes": len(gsel),
                "n_significant": int(metrics["significant"].sum()), "fdr": p.fdr,
                "n_r2_above_0.2": int((metrics["r2"] > p.r2_threshold).sum()), "r2_threshold": p.r2_threshold,
-               "median_pearson_r": float(np.median(r)), "median_untrained_r": float(np.median(null)), "split": split,
+               "median_pearson_r": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
+               "n_undefined_r": int(np.isnan(r).sum()),
+               "median_untrained_r": float(np.median(null)) if len(null) else None, "split": split,
                "d_in": final.d_in_, "epochs_final": final.n_epochs_,
                "bag": f"{p.supertiles} super-tiles" if p.supertiles else "all tiles"}
     oof_df = pd.DataFrame(oof[:, ev], columns=gsel)
     oof_df.insert(0, "patient_id", groups)
     oof_df.insert(0, "sample_id", ids)
     notes = []
+    if np.isnan(r).any():
+        notes.append(f"{int(np.isnan(r).sum())} genes have constant out-of-fold predictions: their r is undefined "
+                     "(NaN, not significant)")
     if len(ev) < G:
         notes.append(f"{G - len(ev)} of {G} genes failed the training-fold filter in some fold and are not evaluated")
-    return FitResult(summary=summary, arrays={"genes": np.array(gsel)}, extraction_id=p.extraction_id, notes=notes,
+    return FitResult(summary=summary, arrays={"genes": np.array(gsel), **tile_stats}, extraction_id=p.extraction_id,
+                     notes=notes,
                      tables={"metrics": metrics, "oof_predictions": oof_df,
                              "training": pd.concat(history, ignore_index=True)})
 
@@ -243,9 +267,11 @@ def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, t
     m = load_table(store, mid, "metrics")
     chosen = m.sort_values("pearson_r", ascending=False)["gene"].head(top).tolist()
     cols = [genes.index(g) for g in chosen]
+    A = meta["arrays"]  # a super-tile net scores raw tiles standardised by the raw tiles' own statistics
+    tile_scale = (A["tile_mean"], A["tile_std"]) if "tile_mean" in A else ()
     rows, n = [], 0
     for st in slide_tiles(store, meta["extraction_id"], slides):
-        s = est.tile_scores(st.X)
+        s = est.tile_scores(st.X, *tile_scale)
         df = pd.concat([st.tiles, pd.DataFrame(s[:, cols], columns=chosen)], axis=1)
         df.insert(0, "slide_id", st.slide_id)
         df.insert(0, "model_id", mid)

@@ -150,12 +150,24 @@ class He2rnaRegressor(RegressorMixin, BaseEstimator):
         X, M = pad_bags(bags)
         return predict_bags(self.net_, X, M, self.ks)
 
-    def tile_scores(self, F: np.ndarray) -> np.ndarray:
-        """Per-tile scores (t, G) of one slide's tiles (HE2RNA's virtual spatialisation)."""
+    def tile_scores(self, F: np.ndarray, feature_mean: np.ndarray | None = None,
+                    feature_std: np.ndarray | None = None) -> np.ndarray:
+        """Per-tile scores (t, G) of one slide's tiles (HE2RNA's virtual spatialisation).
+
+        A net trained on super-tiles standardises inputs with super-tile statistics; raw tiles vary
+        more (a super-tile averages many tiles), so give the raw tiles' own mean and std: tiles are
+        standardised with those instead, and a tile one tile-SD out scores like a super-tile one
+        super-tile-SD out (maps on the scale of the slide predictions, not inflated).
+        """
         import torch
 
+        x = np.ascontiguousarray(F, np.float32)
+        net = self.net_
+        if feature_mean is not None:
+            x = ((x - feature_mean) / feature_std).astype(np.float32)
+            net = self.net_[1:]  # the fixed standardisation layer is the first
         with torch.no_grad():
-            return self.net_(torch.from_numpy(np.ascontiguousarray(F, np.float32)[None]).transpose(1, 2))[0].numpy().T
+            return net(torch.from_numpy(x[None]).transpose(1, 2))[0].numpy().T
 
     def state_dict(self) -> dict:
         """The trained weights (torch state dict)."""

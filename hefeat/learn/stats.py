@@ -149,8 +149,9 @@ def empirical_p(r: np.ndarray, null: np.ndarray) -> np.ndarray:
     """One-sided p-value of each r against a pooled null distribution of correlations: P(null >= r)."""
     pool = np.sort(np.asarray(null, float).ravel())
     pool = pool[~np.isnan(pool)]
-    ge = len(pool) - np.searchsorted(pool, np.asarray(r, float), side="left")
-    return (ge + 1) / (len(pool) + 1)
+    r = np.asarray(r, float)
+    ge = len(pool) - np.searchsorted(pool, r, side="left")
+    return np.where(np.isnan(r), np.nan, (ge + 1) / (len(pool) + 1))  # an undefined r has no p, not the smallest
 
 
 def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, *, n_boot: int = 1000, seed: int = 0,

@@ -141,12 +141,12 @@ def fit_transfer(store: Store, p: TransferParams, model_id: str) -> FitResult:
     genes = [str(g) for g in src["arrays"]["genes"]]
     data = slide_level_data(store, sp["extraction_id"], dataset=sp.get("dataset", "expression"), genes=genes,
                             transform=sp.get("transform", "log1p"))
-    y = _labels(store, data, p.label)
-    ok = ~np.isnan(y)
-    X, Y, groups, y = data.X[ok], data.Y[ok], data.groups[ok], y[ok].astype(int)
-    if len(np.unique(y)) != 2:
+    y, classes = _labels(store, data, p.label)
+    ok = y >= 0
+    X, Y, groups, y = data.X[ok], data.Y[ok], data.groups[ok], y[ok]
+    if len(classes) != 2:
         raise NotEstimable(f"Label {p.label!r} must be binary with both classes present among slides with features "
-                           f"(found {sorted(set(y.tolist()))})")
+                           f"(found {classes})")
     rng = np.random.default_rng(p.seed)
     ug = np.unique(groups)
     jobs, notes = [], []
@@ -184,7 +184,8 @@ def fit_transfer(store: Store, p: TransferParams, model_id: str) -> FitResult:
                          f"(two-sided needs >= 6); use --splits 20 or more (paper: 50)")
     tests = pd.DataFrame(tests)
     med = table.groupby(["b_share", "arm"])["auc"].median()
-    summary = {"label": p.label, "from_model": p.from_model, "extraction_id": sp["extraction_id"],
+    summary = {"label": p.label, "classes": ",".join(classes), "positive_class": classes[-1],
+               "from_model": p.from_model, "extraction_id": sp["extraction_id"],
                "n_samples": int(len(y)), "alpha": p.alpha,
                **{f"auc_{arm}_b{share:g}": float(med[(share, arm)]) for share in p.b_shares for arm in ARMS},
                **{f"n_b_b{share:g}": int(table.loc[table["b_share"] == share, "n_b"].median()) for share in p.b_shares},
@@ -205,15 +206,23 @@ def _one_split(job) -> list[dict]:
              "auc": cv_auc(Z, y[inB], groups[inB], p, seed=seed)} for arm, Z in reps.items()]
 
 
-def _labels(store: Store, data, label: str) -> np.ndarray:
+def _labels(store: Store, data, label: str) -> tuple[np.ndarray, list[str]]:
+    """Class index per row (-1 where missing) and the classes (numbers in numeric order, else sorted text;
+    the last class is the positive one): string labels (MSI-H / MSS) are classes, not NaN."""
     from hefeat.learn.data import clinical_by_slide
 
     clin = clinical_by_slide(store)
     if label not in clin.columns:
         raise HefeatError(f"Label {label!r} is not a clinical column; ingest a clinical table that has it")
     m = clin.set_index("slide_id")[label]
-    vals = [m.get(s[0], np.nan) for s in data.slides]
-    return pd.to_numeric(pd.Series(vals), errors="coerce").to_numpy(float)
+    vals = pd.Series([m.get(s[0], np.nan) for s in data.slides], dtype=object)
+    present = vals.notna()
+    num = pd.to_numeric(vals[present], errors="coerce")
+    keys = num if len(num) and num.notna().all() else vals[present].astype(str)
+    classes = sorted(keys.unique().tolist())
+    y = np.full(len(vals), -1)
+    y[present.to_numpy()] = keys.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return y, [f"{c:g}" if isinstance(c, float) else str(c) for c in classes]
 
 
 def headline(s: dict) -> str:
