@@ -155,3 +155,49 @@ def test_transfer_string_labels_are_classes_not_nan(monkeypatch):
     assert classes == ["MSI-H", "MSS"] and y.tolist() == [1, 0, -1, 1]
     y, classes = _labels(None, data, "num")
     assert classes == ["0", "1"] and y.tolist() == [1, 0, 1, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) one patient identity: slides.patient_id, read through the samples view by every method
+# ---------------------------------------------------------------------------------------------
+def test_readme_order_gives_patient_folds_on_the_new_ids(cohort, tmp_path, monkeypatch):
+    """Slides without manifest (patient = slide id), then expression, then clinical with real patient ids.
+
+    Old main: samples kept the copied ids S01..S08, folds split by slide (a patient's two slides could
+    sit in train and test) and a holdout file of patient ids was refused.
+    """
+    import glob
+
+    import numpy as np
+    import pandas as pd
+
+    from hefeat.learn import data as data_mod
+    from hefeat.learn.splits import assert_disjoint, group_kfold, parse_split
+    from hefeat.slides.run import ingest_slides
+    from hefeat.store.catalog import Store
+    from hefeat.store.ingest import ingest_clinical, ingest_expression
+
+    st = Store.init(tmp_path / "st")
+    ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff"))))
+    ingest_expression(st, cohort / "expression.parquet")
+    slides = sorted(st.sql("SELECT slide_id FROM slides")["slide_id"])
+    pat = {s: f"P{i // 2 + 1}" for i, s in enumerate(slides)}  # two slides per patient
+    pd.DataFrame({"slide_id": slides, "patient_id": [pat[s] for s in slides]}).to_csv(tmp_path / "c.csv", index=False)
+    ingest_clinical(st, tmp_path / "c.csv")
+    smap = st.sql("SELECT sample_id, patient_id FROM samples")
+    assert dict(zip(smap["sample_id"], smap["patient_id"], strict=True)) == pat
+    monkeypatch.setattr(data_mod, "finished_slides", lambda store, eid: slides)
+    d = data_mod.sample_targets(st, "e")
+    assert sorted(set(d.groups)) == sorted(set(pat.values()))
+    for f in group_kfold(d.groups, 3, seed=0):
+        assert_disjoint(d.groups, f.train, f.test)
+        assert not set(d.groups[f.train]) & set(d.groups[f.test])
+    (tmp_path / "test.txt").write_text("P1\n")
+    (h,) = parse_split(f"holdout:{tmp_path / 'test.txt'}", d.ids, d.groups)
+    assert sorted(d.ids[h.test]) == slides[:2]
+    # A sample named by its patient follows the patient's slides as they are now.
+    expr = pd.read_parquet(cohort / "expression.parquet").head(1).assign(sample_id="P1")
+    expr.to_parquet(tmp_path / "by_patient.parquet", index=False)
+    ingest_expression(st, tmp_path / "by_patient.parquet", dataset="bulk")
+    got = st.sql("SELECT slide_id FROM samples WHERE dataset = 'bulk' ORDER BY 1")["slide_id"].tolist()
+    assert got == slides[:2] and np.all(st.sql("SELECT patient_id FROM samples WHERE dataset='bulk'") == "P1")

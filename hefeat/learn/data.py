@@ -67,7 +67,7 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     if wide.isna().any().any():
         bad = wide.columns[wide.isna().any()].tolist()
         raise HefeatError(f"Targets contain NaN for genes {bad[:5]} (or samples missing genes); impute or drop them")
-    smap = store.sql("SELECT s.sample_id, s.slide_id, s.patient_id, sl.site FROM samples s JOIN slides sl "
+    smap = store.sql("SELECT s.sample_id, s.slide_id, sl.patient_id, sl.site FROM samples s JOIN slides sl "
                      "USING (slide_id) WHERE s.dataset = ?", [dataset])
     done = set(finished_slides(store, extraction_id))
     smap = smap[smap["slide_id"].isin(done) & smap["sample_id"].isin(wide.index)]

@@ -37,6 +37,7 @@ from hefeat.store.schema import (
     EMPTY_VIEWS,
     EXPRESSION_VIEW,
     FORMAT_VERSION,
+    SAMPLES_VIEW,
     STATUS_FIELDS,
 )
 
@@ -317,6 +318,8 @@ class Store:
         self._catalog_tables = have
         for t in (*CATALOG_TABLES, "clinical"):
             self._view(t, f"SELECT * FROM {_CAT}.{t}" if t in have else None)
+        if {"samples", "slides"} <= have:  # sample -> slide and patient resolved when read
+            self._view("samples", SAMPLES_VIEW.format(cat=_CAT))
         self._view("expression", EXPRESSION_VIEW)
 
         # Commit records -> status, features_index. Reading never writes: compaction is the writers' step.

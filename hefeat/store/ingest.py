@@ -295,13 +295,22 @@ def expression_matrix(df: pd.DataFrame, sample_col: str | None = None) -> _Matri
 
 
 def _sample_map(store: Store, samples: list[str]) -> pd.DataFrame:
-    """sample_id -> slide_id, patient_id (by slide id first, then by patient id)."""
+    """sample_id -> slide_id, patient_id (by slide id first, then by patient id), resolved as of now."""
     slides = store.sql("SELECT slide_id, patient_id FROM slides")
     s = pd.DataFrame({"sample_id": samples})
     by_slide = s.merge(slides, left_on="sample_id", right_on="slide_id", how="inner")
     rest = s[~s["sample_id"].isin(by_slide["sample_id"])]
     by_patient = rest.merge(slides, left_on="sample_id", right_on="patient_id", how="inner")
-    return pd.concat([by_slide, by_patient], ignore_index=True)[["sample_id", "slide_id", "patient_id"]]
+    return pd.concat([by_slide.assign(by="slide"), by_patient.assign(by="patient")],
+                     ignore_index=True)[["sample_id", "slide_id", "patient_id", "by"]]
+
+
+def _sample_pointers(mapping: pd.DataFrame) -> pd.DataFrame:
+    """What `samples` stores: the slide or the patient a sample names (never a copy of the other);
+    the `samples` view resolves them against `slides` when read (one patient identity)."""
+    ptr = mapping.assign(slide_id=mapping["slide_id"].where(mapping["by"] == "slide"),
+                         patient_id=mapping["patient_id"].where(mapping["by"] == "patient"))
+    return ptr.drop_duplicates(["sample_id", "slide_id", "patient_id"])[["sample_id", "slide_id", "patient_id"]]
 
 
 def ingest_expression(
@@ -394,8 +403,9 @@ def ingest_matrix(store: Store, mat: _Matrix, path: str | os.PathLike, *, datase
     fp = matrix_fingerprint(mat.sample_ids, mat.genes, mat.values)
     cur = store.sql("SELECT fingerprint FROM expression_datasets WHERE dataset = ?", [dataset])
     old_map = store.sql("SELECT sample_id, slide_id, patient_id FROM samples WHERE dataset = ?", [dataset])
-    same_map = (old_map.sort_values(["sample_id", "slide_id"]).reset_index(drop=True)
-                .equals(mapping.sort_values(["sample_id", "slide_id"]).reset_index(drop=True)))
+    cols = ["sample_id", "slide_id", "patient_id"]
+    same_map = (old_map[cols].sort_values(cols[:2]).reset_index(drop=True)
+                .equals(mapping[cols].sort_values(cols[:2]).reset_index(drop=True)))
     if len(cur) and cur["fingerprint"].iloc[0] == fp and same_map:
         rep.unchanged = [dataset]
         return rep
@@ -404,7 +414,7 @@ def ingest_matrix(store: Store, mat: _Matrix, path: str | os.PathLike, *, datase
         write_matrix(con, dataset, mat.sample_ids, mat.genes, mat.values, source=str(Path(path).absolute()),
                      source_fingerprint=src_fp, orientation=mat.orientation)
         con.execute("DELETE FROM samples WHERE dataset = ?", [dataset])
-        con.register("new_map", mapping.assign(dataset=dataset))
+        con.register("new_map", _sample_pointers(mapping).assign(dataset=dataset))
         con.execute("INSERT INTO samples SELECT dataset, sample_id, slide_id, patient_id FROM new_map")
         con.execute("INSERT INTO ingests VALUES (?, ?, ?, ?, now())", [f"expression:{dataset}", str(path), fp, mat.values.size])
     (rep.updated if len(cur) else rep.added).append(dataset)

@@ -38,6 +38,16 @@ CATALOG_DDL = [
 CATALOG_TABLES = ("slides", "samples", "expression_datasets", "expression_genes", "expression_matrix",
                   "spots", "spot_counts", "spot_meta", "ingests")
 
+#: `samples` as every reader sees it: a stored row points at a slide (slide_id set) or at a patient
+#: (slide_id NULL, patient_id set), resolved here against `slides`, so slides.patient_id is the one
+#: patient identity (clinical or manifest re-ingest re-keys every sample at once). `{cat}` = catalog.
+SAMPLES_VIEW = (
+    "SELECT s.dataset, s.sample_id, sl.slide_id, sl.patient_id FROM {cat}.samples s "
+    "JOIN {cat}.slides sl ON sl.slide_id = s.slide_id WHERE s.slide_id IS NOT NULL "
+    "UNION ALL SELECT s.dataset, s.sample_id, sl.slide_id, sl.patient_id FROM {cat}.samples s "
+    "JOIN {cat}.slides sl ON sl.patient_id = s.patient_id WHERE s.slide_id IS NULL"
+)
+
 #: The long view of expression for SQL users (one row per sample and gene).
 EXPRESSION_VIEW = (
     "SELECT m.dataset, m.sample_id, g.gene, CAST(m.\"values\"[g.pos] AS DOUBLE) AS value "
