@@ -201,3 +201,43 @@ def test_readme_order_gives_patient_folds_on_the_new_ids(cohort, tmp_path, monke
     ingest_expression(st, tmp_path / "by_patient.parquet", dataset="bulk")
     got = st.sql("SELECT slide_id FROM samples WHERE dataset = 'bulk' ORDER BY 1")["slide_id"].tolist()
     assert got == slides[:2] and np.all(st.sql("SELECT patient_id FROM samples WHERE dataset='bulk'") == "P1")
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) EMO: the paper's calls (FDR and R² together), n = patients, a null scored like the observed r
+# ---------------------------------------------------------------------------------------------
+def test_emo_calls_both_rules_and_counts_patients(monkeypatch):
+    """Old main: n counted samples (two per patient here) and no FDR-and-R² call was reported."""
+    from hefeat.learn import data as data_mod
+    from hefeat.learn.emo import GenesParams, fit_genes
+
+    d = _toy_data(n_patients=15, per_patient=2)
+    monkeypatch.setattr(data_mod, "slide_level_data", lambda *a, **k: d)
+    res = fit_genes(None, GenesParams(extraction_id="e", split="patient-kfold:3"), "gen-x")
+    m = res.tables["metrics"]
+    assert (m["n"] == 15).all() and res.summary["n_patients_tested"] == 15
+    assert (m["significant_r2"] == (m["significant"] & (m["r2"] > 0.2))).all()
+    assert res.summary["n_significant_r2"] == int(m["significant_r2"].sum()) > 0
+    assert len(res.tables["oof_predictions"]) == 30  # predictions stay per sample
+
+
+def test_permutation_null_sees_the_observed_median_shift(monkeypatch):
+    """Old main: the observed r used cohort-shifted targets, the permuted null the unshifted ones."""
+    import numpy as np
+
+    from hefeat.learn import data as data_mod
+    from hefeat.learn import stats
+    from hefeat.learn.emo import GenesParams, fit_genes
+
+    d = _toy_data(n_patients=24, n_genes=5)
+    d.sites = np.array(["a", "b"] * 12)
+    d.Y = d.Y + np.where(d.sites == "b", 5.0, 0.0)[:, None]
+    monkeypatch.setattr(data_mod, "slide_level_data", lambda *a, **k: d)
+    seen = []
+    real = stats.columnwise_spearman
+    monkeypatch.setattr(stats, "columnwise_spearman", lambda a, b: (seen.append(b.copy()), real(a, b))[1])
+    fit_genes(None, GenesParams(extraction_id="e", split="patient-kfold:3", cohort_col="site", permutations=2), "g")
+    targets = [b for b in seen if b.shape == (24, 5)]
+    assert len(targets) == 3  # observed + two permutations
+    for b in targets:  # every statistic is computed on all-sample-shifted targets: cohort medians agree
+        np.testing.assert_allclose(np.median(b[d.sites == "a"], 0), np.median(b[d.sites == "b"], 0), atol=1e-9)

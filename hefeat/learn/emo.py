@@ -101,7 +101,7 @@ class GenesParams(Params):
 # ----------------------------------------------------------------------------------------------
 def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     """Cross-validated per-gene heads; per-gene metrics, out-of-fold predictions, the refitted heads."""
-    from hefeat.learn.data import median_shift, slide_level_data
+    from hefeat.learn.data import slide_level_data
     from hefeat.learn.ridge import RidgeHeads
     from hefeat.learn.splits import parse_split
     from hefeat.learn.stats import (
@@ -135,25 +135,35 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     evaluated = np.flatnonzero(~np.isnan(oof[tested]).any(0) & kept)
     genes = [data.genes[j] for j in evaluated]
     # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
-    Yeval = data.Y if cohort is None else median_shift(data.Y, cohort, np.arange(n))[0]
+    Yeval = _shift_all(data.Y, cohort)
+    # Correlations are across patients: a patient's samples (all in one test fold) are averaged first,
+    # so n counts patients, not samples.
+    to_patients = _patient_means(data.groups[tested])
+    n_units = len(np.unique(data.groups[tested]))
     split_name = f"{p.split} seed={p.seed}"
-    metrics = gene_metrics(oof[np.ix_(tested, evaluated)], Yeval[np.ix_(tested, evaluated)], genes, split=split_name)
+    metrics = gene_metrics(to_patients(oof[np.ix_(tested, evaluated)]), to_patients(Yeval[np.ix_(tested, evaluated)]),
+                           genes, split=split_name)
     metrics["alpha_median"] = np.median(alphas[:, evaluated], 0)
+    # The paper's calls: BH FDR on the one-sided Spearman p, and R² above the threshold; both reported.
     metrics["significant"] = metrics["spearman_p_bh"] < p.fdr
+    metrics["significant_r2"] = metrics["significant"] & (metrics["r2"] > p.r2_threshold)
     if p.permutations:
-        # Null from permuted targets: the whole CV refitted on targets shuffled across samples.
+        # Null from permuted targets: the whole CV refitted on targets shuffled across samples, scored
+        # exactly as the observed statistic (same all-sample median shift, same patient means).
         rng = np.random.default_rng([p.seed, 1])
         null = []
         for _ in range(p.permutations):
             Yp = data.Y[rng.permutation(n)]
             po, _, _, _ = _cross_validate(store, p, data, folds, cohort, Yp, tiles_cache)
-            null.append(columnwise_spearman(po[np.ix_(tested, evaluated)], Yp[np.ix_(tested, evaluated)]))
+            null.append(columnwise_spearman(to_patients(po[np.ix_(tested, evaluated)]),
+                                            to_patients(_shift_all(Yp, cohort)[np.ix_(tested, evaluated)])))
         null = np.concatenate(null)
         metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), null)
         metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
     # The deployed model: refit on every sample (metrics above are out-of-fold and stay honest).
     final = RidgeHeads(p.alphas, pca=p.pca, random_state=p.seed).fit(data.X, Yeval, cols=evaluated)
-    prolif = _proliferation(oof[np.ix_(tested, evaluated)], Yeval[np.ix_(tested, evaluated)], genes)
+    prolif = _proliferation(to_patients(oof[np.ix_(tested, evaluated)]), to_patients(Yeval[np.ix_(tested, evaluated)]),
+                            genes)
     members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
     if len(members) >= 3 and len(genes) > len(members) + 5:
         gs = gene_set_score(metrics.set_index("gene")["spearman_r"], members, n_random=p.n_random_sets, seed=p.seed)
@@ -161,8 +171,9 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
                       proliferation_set_p=gs["p_value"])
     summary = {
         "extraction_id": p.extraction_id, "n_samples": int(n), "n_tested": len(tested), "n_genes": len(genes),
-        "n_significant": int(metrics["significant"].sum()), "fdr": p.fdr,
+        "n_patients_tested": n_units, "n_significant": int(metrics["significant"].sum()), "fdr": p.fdr,
         "n_r2_above_0.2": int((metrics["r2"] > p.r2_threshold).sum()), "r2_threshold": p.r2_threshold,
+        "n_significant_r2": int(metrics["significant_r2"].sum()),
         "split": split_name, "level": p.level, "median_spearman_r": float(metrics["spearman_r"].median()),
         "unit": p.unit, **prolif,
     }
@@ -182,6 +193,28 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     if p.permutations:  # per-gene r under permuted targets: the null the report draws
         tables["null"] = pd.DataFrame({"spearman_r": null})
     return FitResult(summary=summary, arrays=arrays, tables=tables, extraction_id=p.extraction_id, notes=notes)
+
+
+def _shift_all(Y: np.ndarray, cohort: np.ndarray | None) -> np.ndarray:
+    """Targets as pooled out-of-fold predictions are scored against: one median shift over all rows."""
+    from hefeat.learn.data import median_shift
+
+    return Y if cohort is None else median_shift(Y, cohort, np.arange(len(Y)))[0]
+
+
+def _patient_means(groups: np.ndarray):
+    """A function averaging rows (n, g) per patient (patients sorted); identity when every patient has one row."""
+    ug, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    if len(ug) == len(inv):
+        return lambda A: A
+    counts = np.bincount(inv, minlength=len(ug)).astype(float)
+
+    def mean(A: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ug), A.shape[1]))
+        np.add.at(out, inv, A)
+        return out / counts[:, None]
+
+    return mean
 
 
 def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, folds, cohort, Ytarget: np.ndarray,
@@ -328,6 +361,8 @@ def gene_headline(s: dict) -> str:
     test = "one-sided" if s["kind"] == "genes" else "vs the untrained-model null"
     text = (f"{s['n_significant']} of {s['n_genes']} genes significant at FDR {fdr:g} ({test}, {s['split']}); "
             f"{s.get('n_r2_above_0.2', 'n/a')} genes with R² > {s.get('r2_threshold', 0.2):g}")
+    if "n_significant_r2" in s:
+        text += f"; {s['n_significant_r2']} pass both (the paper's rule)"
     if "proliferation_spearman_r" in s:
         text += f"; proliferation score Spearman r = {s['proliferation_spearman_r']:.2f}"
     return text
