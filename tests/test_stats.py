@@ -45,6 +45,8 @@ def test_matrix_ranks_equal_scipy_rankdata_with_ties_and_nan(monkeypatch):
     monkeypatch.setattr(stats, "COLUMN_BLOCK", 7)  # in blocks of genes: the same numbers
     np.testing.assert_allclose(stats.columnwise_spearman(a, b), whole[0], rtol=1e-13)
     np.testing.assert_allclose(stats.columnwise_pearson(a, b), whole[1], rtol=1e-13)
+    cols = np.array([3, 40, 41, 0, 12, 30])
+    np.testing.assert_allclose(stats.columnwise_spearman(a, b, cols=cols), whole[0][cols], rtol=1e-13)
 
 
 def test_permutation_null_gives_uniformish_pvalues():

@@ -47,12 +47,18 @@ def _rank(a: np.ndarray) -> np.ndarray:
 COLUMN_BLOCK = 2048  # genes per block of the column-wise statistics: temporaries stay (n, block), not (n, g)
 
 
-def _by_columns(fn, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+def _by_columns(fn, pred: np.ndarray, true: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
     pred, true = np.asarray(pred), np.asarray(true)
-    if pred.ndim < 2 or pred.shape[1] <= COLUMN_BLOCK:
-        return fn(pred, true)
-    return np.concatenate([fn(pred[:, j:j + COLUMN_BLOCK], true[:, j:j + COLUMN_BLOCK])
-                           for j in range(0, pred.shape[1], COLUMN_BLOCK)])
+    if cols is None:
+        if pred.ndim < 2 or pred.shape[1] <= COLUMN_BLOCK:
+            return fn(pred, true)
+        return np.concatenate([fn(pred[:, j:j + COLUMN_BLOCK], true[:, j:j + COLUMN_BLOCK])
+                               for j in range(0, pred.shape[1], COLUMN_BLOCK)])
+    cols = np.asarray(cols)
+    if len(cols) == 0:
+        return np.zeros(0)
+    return np.concatenate([fn(pred[:, c], true[:, c]) for c in
+                           (cols[j:j + COLUMN_BLOCK] for j in range(0, len(cols), COLUMN_BLOCK))])
 
 
 def _pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -69,9 +75,10 @@ def columnwise_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return _by_columns(_pearson, pred, true)
 
 
-def columnwise_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Spearman rho per column (Pearson on average ranks), in blocks of genes."""
-    return _by_columns(lambda p, t: _pearson(_rank(p), _rank(t)), pred, true)
+def columnwise_spearman(pred: np.ndarray, true: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+    """Spearman rho per column (Pearson on average ranks), in blocks of genes; `cols`: only these columns
+    (without copying them out of pred and true first)."""
+    return _by_columns(lambda p, t: _pearson(_rank(p), _rank(t)), pred, true, cols)
 
 
 def r_pvalue(r: np.ndarray, n: int, alternative: str = "greater") -> np.ndarray:
