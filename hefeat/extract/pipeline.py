@@ -568,6 +568,22 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
 
     writer = _Writer(runner, jobs, open_writer, info, dtype)
     writer.start()
+    copies = _HostCopies(device)
+    pending = None
+
+    def _finish(item) -> None:
+        """Check a computed batch on the host and queue it (or its slide's failure) for the writer."""
+        k, first, n, handle = item
+        host = copies.wait(handle)
+        if not jobs[k].failed:
+            bad_rows = check_finite(host, first, precision)
+            if bad_rows:  # fails this slide through the runner (reason_code non_finite); the batch goes on
+                jobs[k].failed = "pending"
+                _put(writer, (k, 0, None, NonFiniteError(bad_rows)))
+            else:
+                _put(writer, (k, first, host.numpy(), None))
+        bar.update(n)
+
     bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
     t_loop = time.perf_counter()
     try:
@@ -592,16 +608,18 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
                 continue
             t = time.perf_counter()
             feats = embed_batch(enc, transform, imgs, device=device, precision=precision, tta=tta)
-            bad_rows = check_finite(feats, int(ts[0]), precision)
-            rows = feats.cpu().numpy()
+            # One batch in flight: this batch's features copy back (asynchronously on a GPU) while the
+            # previous batch is checked and handed to the writer, so the device never waits on the host.
+            current = (k, int(ts[0]), len(ks), copies.start(feats))
+            if pending is not None:
+                _finish(pending)
+            pending = current
             timings["compute_s"] += time.perf_counter() - t
-            if bad_rows:  # fails this slide through the runner (reason_code non_finite); the batch goes on
-                job.failed = "pending"
-                _put(writer, (k, 0, None, NonFiniteError(bad_rows)))
-                bar.update(len(ks))
-                continue
-            _put(writer, (k, int(ts[0]), rows, None))
-            bar.update(len(ks))
+        if pending is not None:
+            t = time.perf_counter()
+            _finish(pending)
+            pending = None
+            timings["compute_s"] += time.perf_counter() - t
     finally:
         bar.close()
         _stop(writer)
@@ -663,6 +681,46 @@ def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: 
                     yield imgs, torch.full((len(xy),), k), torch.arange(a, a + len(xy)), [""] * len(xy)
 
     return batches()
+
+
+class _HostCopies:
+    """Device -> host copies of feature batches: asynchronous into a ring of pinned buffers on CUDA, the
+    tensor itself on the CPU. `start` returns a handle, `wait` the host tensor (valid until the ring wraps)."""
+
+    RING = 3  # buffers: the batch being computed, the one copying back, the one the writer queue holds a copy of
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.ring: list = []
+        self.i = 0
+
+    def start(self, feats):
+        """Begin copying `feats` (B, dim) to the host."""
+        if not self.cuda:
+            return feats
+        import torch
+
+        if len(self.ring) < self.RING or self.ring[self.i].shape[0] < feats.shape[0] or \
+                self.ring[self.i].shape[1:] != feats.shape[1:] or self.ring[self.i].dtype != feats.dtype:
+            buf = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            if len(self.ring) < self.RING:
+                self.ring.append(buf)
+            else:
+                self.ring[self.i] = buf
+        host = self.ring[self.i][: feats.shape[0]]
+        self.i = (self.i + 1) % self.RING
+        host.copy_(feats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def wait(self, handle):
+        """The host tensor of a started copy, once it has landed."""
+        if not self.cuda:
+            return handle.cpu()
+        host, done = handle
+        done.synchronize()
+        return host.clone()  # the writer thread keeps it; the pinned buffer is reused two batches later
 
 
 PUT_TIMEOUT_S = 0.5
