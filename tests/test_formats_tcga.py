@@ -246,3 +246,23 @@ def test_xena_and_cbioportal_matrices_and_gdc_clinical_read_as_published(layout,
     new, _ = gdc.clinical_table(bad)  # the 2024 portal's dotted field names read the same
     old, _ = gdc.clinical_table(out / "gdc_clinical" / "clinical.tsv")
     pd.testing.assert_frame_equal(new[["patient_id", "survival_months", "event"]], old[["patient_id", "survival_months", "event"]])
+
+
+def test_slide_sample_sheet_and_diagnostic_only(layout, tmp_path):
+    from hefeat.slides.run import ingest_slides
+
+    out, truth = layout
+    st = Store.init(tmp_path / "st")
+    sheet = pd.read_csv(out / "slides" / "gdc_sample_sheet.tsv", sep="\t", dtype=str)
+    bad = sheet.copy()
+    bad.loc[0, "Case ID"] = "TCGA-ZZ-Z999"
+    bad.to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
+    with pytest.raises(HefeatError, match=rf"bad.tsv: field 'Case ID' says TCGA-ZZ-Z999 for {sheet.loc[0, 'File Name']}") as e:
+        ingest_slides(st, [out / "slides"], sample_sheet=tmp_path / "bad.tsv")
+    _one_line(e)
+    assert st.slides().empty
+    rep = ingest_slides(st, [out / "slides"], sample_sheet=out / "slides" / "gdc_sample_sheet.tsv", diagnostic_only=True)
+    dx = {bc for bc, t in truth["slides"].items() if t["slide_type"] == "DX"}
+    assert set(st.slides()["slide_id"]) == dx and len(rep.added) == len(dx)
+    n_frozen = len(truth["slides"]) - len(dx)
+    assert any(n.startswith(f"{n_frozen} frozen (TS/BS/MS) slides left out") for n in rep.notes)

@@ -48,14 +48,16 @@ def ingest():
 @click.option("--gdc-manifest", type=click.Path(dir_okay=False), default=None,
               help="gdc-client manifest (id, filename, md5, size, state): every listed file must be there.")
 @click.option("--verify-md5", is_flag=True, help="Check each file against the GDC manifest's md5.")
+@click.option("--sample-sheet", type=click.Path(dir_okay=False), default=None,
+              help="GDC sample sheet of the slide files: patient from Case ID (checked against the barcode).")
 @click.option("--diagnostic-only", is_flag=True, help="TCGA: keep diagnostic FFPE slides (DX) only, not frozen TS/BS.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first bad slide.")
 @click.option("--replace", is_flag=True,
               help="Apply a new --mpp to slides that already have tiles (their tiles and features are redone).")
 @store_option
 @json_option
-def ingest_slides_cmd(paths, mpp, override_mpp, manifest, gdc_manifest, verify_md5, diagnostic_only, fail_fast, replace,
-                      store_path, as_json):
+def ingest_slides_cmd(paths, mpp, override_mpp, manifest, gdc_manifest, verify_md5, sample_sheet, diagnostic_only,
+                      fail_fast, replace, store_path, as_json):
     """Register slide files or folders of them (any format OpenSlide reads).
 
     TCGA barcodes in file names (TCGA-A1-A0SB-01Z-00-DX1.<uuid>.svs) give slide, patient and site.
@@ -70,8 +72,9 @@ def ingest_slides_cmd(paths, mpp, override_mpp, manifest, gdc_manifest, verify_m
     from hefeat.slides.run import ingest_slides
 
     rep = ingest_slides(get_store(store_path), list(paths), mpp=mpp, manifest=manifest, gdc_manifest=gdc_manifest,
-                        verify_md5=verify_md5, diagnostic_only=diagnostic_only, fail_fast=fail_fast,
-                        replace=replace, override_mpp=override_mpp, progress=progress_enabled(as_json))
+                        verify_md5=verify_md5, sample_sheet=sample_sheet, diagnostic_only=diagnostic_only,
+                        fail_fast=fail_fast, replace=replace, override_mpp=override_mpp,
+                        progress=progress_enabled(as_json))
     d = rep.to_dict()
     text = (f"Ingested {d['added']} slides ({len(rep.updated)} updated, {d['unchanged']} already there, "
             f"{len(d['failed'])} failed).")

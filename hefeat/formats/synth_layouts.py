@@ -98,7 +98,7 @@ def _clinical_header(cols: list[tuple[str, str, str]]) -> str:
 def tcga_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> dict:
     """Write `src` (a make_cohort folder) as a TCGA download under `out`; returns the truth it wrote.
 
-    out/slides/<file id>/<barcode>.<uuid>.tiff + out/gdc_manifest.txt; out/gdc_rna/<file id>/<uuid>.rna_seq.
+    out/slides/<file id>/<barcode>.<uuid>.tiff + out/gdc_manifest.txt + out/slides/gdc_sample_sheet.tsv; out/gdc_rna/<file id>/<uuid>.rna_seq.
     augmented_star_gene_counts.tsv + out/gdc_sample_sheet.tsv; out/cbioportal/data_clinical_patient.txt,
     data_clinical_sample.txt, data_mrna_seq_v2_rsem.txt; out/xena/TCGA-BRCA.star_tpm.tsv;
     out/gdc_clinical/clinical.tsv; out/truth_tcga.json.
@@ -118,6 +118,12 @@ def tcga_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0
         r["file"] = str(dst.relative_to(out))
         man.append({"id": fid, "filename": name, "md5": _md5(dst), "size": dst.stat().st_size, "state": "released"})
     pd.DataFrame(man).to_csv(out / "gdc_manifest.txt", sep="\t", index=False)
+    pd.DataFrame([{"File ID": m["id"], "File Name": m["filename"], "Data Category": "Biospecimen",
+                   "Data Type": "Slide Image", "Project ID": PROJECT, "Case ID": r["patient"],
+                   "Sample ID": f"{r['patient']}-{r['sample_type']}{r['vial']}",
+                   "Sample Type": "Primary Tumor" if r["sample_type"] == "01" else "Solid Tissue Normal"}
+                  for m, r in zip(man, roles, strict=True)]).to_csv(out / "slides" / "gdc_sample_sheet.tsv", sep="\t",
+                                                                    index=False)
 
     # RNA samples: one per (patient, sample type); values = mean of its slides' synthetic expression.
     samples: dict[str, list[str]] = {}

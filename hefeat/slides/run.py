@@ -80,6 +80,28 @@ def _gdc_check(files: list[Path], manifest: str | os.PathLike, verify_md5: bool)
     return notes, bad
 
 
+def _sheet_meta(files: list[Path], sheet_path: str | os.PathLike) -> dict[Path, dict]:
+    """patient_id from a GDC sample sheet's Case ID for each listed file; every listed file must be given,
+    and a barcode in the file name must name the same case."""
+    from hefeat.formats import gdc, tcga
+
+    sheet = gdc.read_sample_sheet(sheet_path)
+    by_name = {p.name: p for p in files}
+    name = Path(sheet_path).name
+    out: dict[Path, dict] = {}
+    for r in sheet.drop_duplicates("File Name").to_dict("records"):
+        p = by_name.get(r["File Name"])
+        if p is None:
+            raise HefeatError(f"GDC sample sheet {name}: field 'File Name' lists {r['File Name']}, not among the given "
+                              "files; download it or drop its row")
+        b = tcga.parse_slide_name(p)
+        if b is not None and b.patient != r["Case ID"]:
+            raise HefeatError(f"GDC sample sheet {name}: field 'Case ID' says {r['Case ID']} for {p.name}, whose "
+                              f"barcode names {b.patient}")
+        out[p] = {"patient_id": r["Case ID"]}
+    return out
+
+
 def ingest_slides(
     store: Store,
     paths: list[str | os.PathLike],
@@ -87,6 +109,7 @@ def ingest_slides(
     mpp: float | None = None,
     manifest: str | os.PathLike | None = None,
     gdc_manifest: str | os.PathLike | None = None,
+    sample_sheet: str | os.PathLike | None = None,
     verify_md5: bool = False,
     diagnostic_only: bool = False,
     fail_fast: bool = False,
@@ -101,7 +124,8 @@ def ingest_slides(
     give slide_id (the barcode), patient_id (12 characters) and site (tissue source site); a
     manifest row overrides them. In a batch with barcodes, a file without one is its own patient
     (a warning names it). gdc_manifest: every listed file must be among the files (verify_md5:
-    checked against the manifest's md5). diagnostic_only keeps DX (FFPE) slides only.
+    checked against the manifest's md5). sample_sheet (GDC): patient_id from its Case ID; a case in
+    two projects, a listed file not given, or a Case ID the barcode contradicts is an error. diagnostic_only keeps DX (FFPE) slides only.
     Files are opened on `threads` threads (OpenSlide and hashing release the GIL); the catalog is
     written once, in one transaction (see hefeat.store.ingest.register_slides for re-ingest rules:
     unchanged slides are left alone, a corrected --mpp is applied, or needs replace=True once the
@@ -128,6 +152,9 @@ def ingest_slides(
     elif verify_md5:
         raise HefeatError("--verify-md5 needs --gdc-manifest (the md5 sums come from it)")
     barcodes = {p: tcga.slide_meta(p) for p in files}
+    if sample_sheet is not None:
+        for p, meta in _sheet_meta(files, sample_sheet).items():
+            barcodes[p] = {**barcodes[p], **meta}
     if any(barcodes.values()):
         plain = [p for p, b in barcodes.items() if not b and not (m and m.row(p))]
         for p in plain:
