@@ -11,6 +11,7 @@ from hefeat.slides.reader import Slide
 from hefeat.store.catalog import Store
 from hefeat.store.ids import check_id, sanitize_id
 from hefeat.store.ingest import (
+    MPP_AGREE,
     IngestReport,
     check_mpp,
     check_spot_set,
@@ -33,16 +34,25 @@ def ingest_spot_set(store: Store, ss: SpotSet, *, slide_id: str | None = None, m
     use = check_mpp(mpp if mpp is not None else ss.mpp, f"{ss.technology} sample {ss.sample}") \
         if (mpp is not None or ss.mpp is not None) else None
     meta = {"slide_id": sid, **({"patient_id": patient_id} if patient_id else {})}
+    notes = []
     with Slide(ss.image, mpp=use) as s:
         row = slide_row(s, Path(ss.image), meta, use is not None)
         w, h = s.dimensions
+        stated = s.stated_mpp
+    if use is not None:  # the data's own scale: the spot is a physical ruler in the image's pixels
+        row["mpp_source"] = "--mpp" if mpp is not None else f"{ss.technology} spot geometry"
+        if stated is not None and abs(use / stated.x - 1) > MPP_AGREE:
+            notes.append(f"the image states {stated.x:.4g} µm/px ({stated.source}); using {use:.4g} from "
+                         f"{row['mpp_source']} (recorded as the slide's mpp_source)")
+        elif stated is not None:
+            row["mpp_source"] = stated.source
     check_spot_set(ss.spots, ss.counts, ss.genes, width=w, height=h, where=f"{ss.technology} sample {ss.sample}")
     rep = register_slides(store, [(Path(ss.image), row, None)], n_files=1, replace=replace)
     sp = write_spot_set(store, sid, ss.spots, ss.counts, ss.genes, spot_diameter_um=ss.spot_diameter_um,
                         technology=ss.technology, source=ss.source)
     rep.kind = "spatial"
     rep.rows = sp.rows
-    rep.notes += [*ss.notes, f"{len(ss.spots)} spots x {len(ss.genes)} genes on slide {sid} "
+    rep.notes += [*ss.notes, *notes, f"{len(ss.spots)} spots x {len(ss.genes)} genes on slide {sid} "
                   f"({ss.technology}, {ss.spot_diameter_um:g} µm spots, {row['mpp_x']:.4g} µm/px)"]
     return rep
 
