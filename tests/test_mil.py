@@ -197,7 +197,7 @@ def test_non_finite_feature_and_zero_tile_bag_are_refused(focal_store, tmp_path)
 
     bags = make_bags(st, eid, np.array(["S01"]), np.array(["P01"]), [["S01"]])
     bags.files[0][0] = dataclasses.replace(sf, path=str(bad))
-    with pytest.raises(HefeatError, match="non-finite features") as e:
+    with pytest.raises(HefeatError, match="non-finite features|NaN or inf") as e:  # the store's read check, or ours
         BagReader(bags).read(0)
     assert "\n" not in str(e.value)
     from hefeat.learn.bags import BagSet, require_tiles
@@ -220,9 +220,10 @@ def test_kill_9_mid_training_then_rerun_gives_the_uninterrupted_model_and_predic
     argv = [sys.executable, "-m", "hefeat.cli", "fit", "abmil", "--extraction", eid, "--label", "focal_status",
             *[x for k, v in p.items() for x in (f"--{k.replace('_', '-')}", str(v))], "--store", str(st.root), "--json"]
     env = {**os.environ, "HEFEAT_FAULT": "mil.epoch:kill@6"}  # SIGKILL in the second fold's training
+    before = set((st.root / "models").glob("*/index.json"))
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-2000:]
-    assert not list((st.root / "models").glob("abm-*/index.json"))  # nothing visible
+    assert set((st.root / "models").glob("*/index.json")) == before  # no model made visible
     rerun = fit_model(st, "abmil", {"extraction_id": eid, "label": "focal_status", **p})
     assert not rerun["cached"]
     a = load_model(st, rerun["model_id"])["arrays"]
