@@ -236,7 +236,7 @@ def test_slide_aggregates_read_without_writing_and_compact_consolidates(tmp_path
     from its files — right means, nothing written; `hefeat compact` then writes the table."""
     from hefeat.runner import run_slides
     from hefeat.store.atomic import write_json
-    from hefeat.store.features import FeatureFileWriter, slide_aggregates
+    from hefeat.store.features import FeatureFileWriter, compact_store, slide_aggregates
 
     st = Store.init(tmp_path / "st")
     ids = [f"S{i:05d}" for i in range(12)]
@@ -260,5 +260,5 @@ def test_slide_aggregates_read_without_writing_and_compact_consolidates(tmp_path
     a = slide_aggregates(Store(st.root), "ea")
     np.testing.assert_allclose(a.mean, np.stack([feats[s].mean(0) for s in a.slide_ids]), rtol=1e-6)
     assert files_state(st.root) == before
-    st.compact()
+    compact_store(st)
     assert agg_file.exists()

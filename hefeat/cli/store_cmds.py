@@ -286,13 +286,15 @@ def status(store_path, as_json):
 @store_option
 @json_option
 def compact(store_path, as_json):
-    """Compact the store's per-slide files for fast queries (also happens on its own as needed).
+    """Compact records and per-slide files and consolidate slide aggregates (the writers do it as they finish).
 
     \b
     Example:
       hefeat compact
     """
-    s = get_store(store_path).compact()
+    from hefeat.store.features import compact_store
+
+    s = compact_store(get_store(store_path))
     emit(s, as_json, f"Compacted {s['records']} commit records and {s['files']} per-slide files "
                      f"of {len(s['families'])} families in {s['seconds']:.1f} s.")
 

@@ -419,12 +419,6 @@ class Store:
                 if members:
                     n += len(compact.plan(self.root, fam, members).loose)
                     compact.compact(self.root, fam, members)
-            if families is None:  # `hefeat compact`: the extractions' consolidated slide tables too
-                from hefeat.store.features import refresh_aggregates
-
-                for eid in layout.known_ids(self.root, layout.FEATURES, "extraction"):
-                    with contextlib.suppress(HefeatError):  # an extraction without its record yet
-                        refresh_aggregates(self, eid)
             self._token = None
         return {"records": len(self._status.columns["slide_id"]), "files": n, "families": sorted(fams),
                 "malformed": self._status.malformed, "seconds": round(time.perf_counter() - t0, 3)}

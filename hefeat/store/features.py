@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, tmp_path_for
 from hefeat.store.catalog import Store
 from hefeat.store.ids import check_id
@@ -514,6 +515,17 @@ def refresh_aggregates(store: Store, extraction_id: str) -> dict:
     """Bring the extraction's consolidated slide table up to date with its files (run after extraction)."""
     t = slide_table(store, extraction_id, aggregates=True, write=True)
     return {"extraction_id": extraction_id, "slides": len(t.files), "path": str(store.aggregates_path(extraction_id))}
+
+
+def compact_store(store: Store) -> dict:
+    """`hefeat compact`: records and per-slide Parquet families compacted, every extraction's slide table consolidated."""
+    out = store.compact()
+    out["extractions"] = []
+    for eid in layout.known_ids(store.root, layout.FEATURES, "extraction"):
+        with contextlib.suppress(HefeatError):  # an extraction without its record yet
+            refresh_aggregates(store, eid)
+            out["extractions"].append(eid)
+    return out
 
 
 @dataclass(frozen=True)
