@@ -364,7 +364,8 @@ def match_expression_samples(store: Store, samples: list[str], *, sample_types: 
         m = tcga.match_samples(samples, slides, sample_types=sample_types or tcga.DEFAULT_SAMPLE_TYPES,
                                slide_types=slide_types or tcga.DEFAULT_SLIDE_TYPES)
         apart = sorted(s for ids in m.other_type_samples.values() for s in ids)
-        return m.mapping, m.unmatched_samples, apart, m.notes()
+        # a barcode names its sample's eligible slides: pointers to those slides, never to the whole patient
+        return m.mapping.assign(by="slide"), m.unmatched_samples, apart, m.notes()
     if sample_types or slide_types:
         raise HefeatError("--sample-types / --slide-types need TCGA barcodes in both the sample ids and the slide file names")
     mapping = _sample_map(store, samples)
