@@ -249,8 +249,8 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
               "nlist": nlist, "pq_m": pq_m, "hnsw_m": hnsw_m, "n": n}
     iid = index_id(params, {"features": fp})
     d = store.index_dir(iid)
-    if (d / "index.json").exists() and not force:
-        return {**read_json(d / "index.json"), "cached": True}
+    if (d / layout.INDEX_META).exists() and not force:
+        return {**read_json(d / layout.INDEX_META), "cached": True}
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     train_ids = np.sort(rng.choice(n, min(sample, n), replace=False))
@@ -279,19 +279,19 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     d.mkdir(parents=True, exist_ok=True)
     with atomic_path(d / "index.faiss") as tmp:
         faiss.write_index(idx, str(tmp))
-    write_parquet(ids.to_frame(), d / "offsets.parquet")
+    write_parquet(ids.to_frame(), d / layout.INDEX_OFFSETS)
     meta = {"index_id": iid, "extraction_id": extraction_id, "type": kind, "metric": metric, "n_vectors": n,
             "dim": dim, "recall_at_10": recall, "recall_queries": int(len(Q)), "build_seconds": round(build_s, 3),
             "train_seconds": round(train_s, 3), "query_ms": round(query_ms, 4), "nlist": getattr(idx, "nlist", None),
             "data_fingerprint": fp, "params": params, "created": timestamp()}
-    write_json(d / "index.json", meta)
+    write_json(d / layout.INDEX_META, meta)
     return {**meta, "cached": False}
 
 
 def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None) -> dict:
     """The index asked for, or the extraction's newest one; an index over older data is refused, never used."""
     if index_id:
-        p = store.index_dir(index_id) / "index.json"
+        p = layout.index_meta_path(store.root, index_id)
         if not p.exists():
             raise HefeatError(f"No index {index_id!r} in the store; build one with hefeat neighbors build")
         meta = read_json(p)
@@ -307,7 +307,7 @@ def _resolve_index(store: Store, extraction_id: str | None, index_id: str | None
         raise HefeatError(f"No neighbour index for extraction {extraction_id}; run: hefeat neighbors build --extraction {extraction_id}")
     fp = extraction_fingerprint(store, extraction_id)
     for iid in rows["index_id"]:
-        meta = read_json(store.index_dir(iid) / "index.json")
+        meta = read_json(layout.index_meta_path(store.root, iid))
         if meta.get("data_fingerprint") == fp:
             return meta
     raise HefeatError(f"The neighbour indexes of extraction {extraction_id} were built before its slides changed; "
@@ -331,7 +331,7 @@ def _load_index_files(path: str, _mtime_ns: int):
         idx = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:  # index types without a memory-mapped reader
         idx = faiss.read_index(path)
-    off = Path(path).with_name("offsets.parquet")
+    off = layout.index_offsets_path(Path(path))
     if not off.exists():
         raise HefeatError(f"Index {Path(path).parent.name} was built by an older hefeat (no offsets); rebuild it "
                           "with hefeat neighbors build --force")

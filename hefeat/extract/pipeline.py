@@ -311,7 +311,7 @@ def run_extraction(
     edir = store.extraction_dir(eid)
     edir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(edir)
-    meta_path = edir / "_extraction.json"
+    meta_path = edir / layout.EXTRACTION_META
     if not meta_path.exists():
         write_json(meta_path, {
             "extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer, "weights": cfg.weights,

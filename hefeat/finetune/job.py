@@ -3,7 +3,7 @@ held-out evaluation against frozen features on the same folds, and the results b
 
 jobs/<job_id>/  job.json (recipe, data fingerprints, folds and their patients, status), index.json
                 fold=<name>/  last.pt (resume), best.pt (kept), metrics.csv/.json, predictions.npz, done.json
-                encoder/      backbone.safetensors + encoder.json (the registered encoder's provenance)
+                encoder/      backbone-<fold>.safetensors + encoder.json (the registered encoder's provenance)
 models/<job_id>/ the job as a model (kind finetune-<task>): summary, metrics tables, per-output heads
 predictions/model=<job_id>/   held-out tile/spot predictions, in the predictions view
 """
@@ -24,9 +24,10 @@ from hefeat.finetune.faults import fault_point
 from hefeat.finetune.recipe import Recipe, RunOptions
 from hefeat.finetune.targets import TaskData, load_task
 from hefeat.finetune.tasks import baseline_predict, evaluate, fold_targets, output_bias
+from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.ids import content_id
+from hefeat.store.ids import finetune_job_id
 from hefeat.store.runs import timestamp
 
 JOB_PREFIX = "ft-"
@@ -58,9 +59,8 @@ def data_fingerprints(data: TaskData) -> dict:
 
 
 def job_id(recipe: Recipe, fingerprints: dict, precision: str) -> str:
-    """Content-derived: the recipe, the resolved precision, the data fingerprints and the code version."""
-    return content_id({"recipe": recipe.to_dict(), "precision": precision, "data": fingerprints,
-                       "code": __version__.rsplit(".", 1)[0]}, prefix=JOB_PREFIX)
+    """Content-derived (hefeat.store.ids.finetune_job_id): recipe, resolved precision, data fingerprints, code version."""
+    return finetune_job_id(recipe.to_dict(), precision, fingerprints)
 
 
 def make_folds(r: Recipe, data: TaskData):
@@ -112,7 +112,7 @@ def resolve_tiling(store: Store, r: Recipe, d: ddp.Dist) -> Recipe:
 
     params = TilingParams(**r.tiling)
     tid = tiling_id(params)
-    if d.main and not (store.tiling_dir(tid) / "_tiling.json").exists():
+    if d.main and not layout.tiling_meta_path(store.root, tid).exists():
         t = run_tiling(store, params)
         if t.failed:
             sid, why = next(iter(t.failed.items()))
@@ -204,8 +204,8 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
                "precision_choice": choice.to_dict(), "input_plan": input_plan.to_dict(),
                "data": fps, "split": split_name, "folds": _fold_record(data, plans), "code_version": __version__,
                "device": d.device, "processes": d.world, "created": _created(jdir), "updated": timestamp()}
-        write_json(jdir / "job.json", job)
-        write_json(jdir / "index.json", _index(job))
+        write_json(jdir / layout.JOB_META, job)
+        write_json(jdir / layout.JOB_INDEX, _index(job))
         heartbeat.start(store.root, jid)
     ddp.barrier(d)
     _check_slides(data, d)
@@ -219,27 +219,27 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     kept = np.ones(n_out, bool)
     results = {}
     for plan in plans:
-        fdir = jdir / f"fold={plan.name}"
+        fdir = layout.fold_dir_in(jdir, plan.name)
         s = _replace(base, fold_dir=fdir)
         if d.main:
             fdir.mkdir(parents=True, exist_ok=True)
             clean_stale_tmp(fdir)
-        if not (fdir / "done.json").exists():
+        if not (fdir / layout.FOLD_DONE).exists():
             ft = fold_targets(data, plan.train, min_variance=r.min_variance, standardize=r.standardize_targets)
             res = train_fold(s, plan, ft, output_bias(data.kind, data, plan.train, ft))
             res["slides_per_rank_per_epoch"] = [[[source.slide_ids[k] for k in rank] for rank in ep]
                                                 for ep in res["slides_per_rank_per_epoch"]]
             pred = predict_fold(s, plan, ft)
             if d.main:
-                with atomic_path(fdir / "predictions.npz") as tmp, open(tmp, "wb") as fh:
+                with atomic_path(fdir / layout.FOLD_PREDICTIONS) as tmp, open(tmp, "wb") as fh:
                     np.savez(fh, test=plan.test, pred=pred)
                 fault_point("fold-done")
-                write_json(fdir / "done.json", {**res, "fold": plan.name, "targets": ft.to_dict(),
+                write_json(fdir / layout.FOLD_DONE, {**res, "fold": plan.name, "targets": ft.to_dict(),
                                                 "finished": timestamp()})
-                (fdir / "last.pt").unlink(missing_ok=True)
+                (fdir / layout.FOLD_LAST).unlink(missing_ok=True)
             ddp.barrier(d)
-        done = read_json(fdir / "done.json")
-        with np.load(fdir / "predictions.npz") as z:
+        done = read_json(fdir / layout.FOLD_DONE)
+        with np.load(fdir / layout.FOLD_PREDICTIONS) as z:
             if not np.array_equal(z["test"], plan.test):
                 raise HefeatError(f"Fold {plan.name} of job {jid} was predicted on other samples; delete {fdir} to redo it")
             oof[plan.test] = z["pred"]
@@ -284,7 +284,7 @@ def _replace(s, **kw):
 
 
 def _created(jdir) -> str:
-    p = jdir / "job.json"
+    p = jdir / layout.JOB_META
     return read_json(p)["created"] if p.exists() else timestamp()
 
 
@@ -387,10 +387,10 @@ def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables,
     seconds = round(time.perf_counter() - t0, 3)
     save_model(store, jid, kind=f"finetune-{r.task}", params=r.to_dict(), summary=summary, arrays=heads,
                tables={**tables, "history": history}, seconds=seconds)
-    job = read_json(jdir / "job.json")
+    job = read_json(jdir / layout.JOB_META)
     job.update(status="finished", updated=timestamp(), summary=summary, encoder=enc, seconds=seconds)
-    write_json(jdir / "job.json", job)
-    write_json(jdir / "index.json", _index(job))
+    write_json(jdir / layout.JOB_META, job)
+    write_json(jdir / layout.JOB_INDEX, _index(job))
     return {**model_summary(store, jid, cached=False), "job_id": jid}
 
 

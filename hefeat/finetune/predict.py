@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.store import layout
 from hefeat.store.atomic import read_json
 from hefeat.store.catalog import Store
 
@@ -55,7 +56,7 @@ def predict_job(store: Store, jid: str, *, slides: list[str] | None = None, top:
     tiles = pd.concat([store.tiles(tiling["tiling_id"], s).assign(slide_id=s) for s in todo], ignore_index=True)
     rows = table[table["slide_id"].isin(todo)]
     source = TileSource.from_samples(tiles, rows, size=int(tiling["size"]), mpp=float(tiling["mpp"]))
-    done = read_json(store.job_dir(jid) / f"fold={fold}" / "done.json")
+    done = read_json(layout.fold_dir(store.root, jid, fold) / layout.FOLD_DONE)
     ft = FoldTargets.from_dict(done["targets"])
     outputs = [str(x) for x in np.atleast_1d(_outputs(store, jid))]
     d = ddp.Dist(device=ddp._device(device, 0))
@@ -63,12 +64,12 @@ def predict_job(store: Store, jid: str, *, slides: list[str] | None = None, top:
     from hefeat.extract.compute import InputPlan
 
     s = FoldSetup(recipe=r, kind=kind, n_out=len(outputs), targets=np.zeros((len(tiles), 1), np.float32),
-                  slide_of=source.slide_of, dataset=TileImages(source), fold_dir=store.job_dir(jid) / f"fold={fold}",
+                  slide_of=source.slide_of, dataset=TileImages(source), fold_dir=layout.fold_dir(store.root, jid, fold),
                   job_id=jid, precision=job["precision"], dist=d, options=RunOptions(workers=workers),
                   workers=workers or 0, input_plan=InputPlan(**job["input_plan"]),
                   channels_last=job["precision_choice"]["channels_last"])
     net, cfg = build_net(r, len(outputs))
-    net.load_state_dict(torch.load(s.fold_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
+    net.load_state_dict(torch.load(s.fold_dir / layout.FOLD_BEST, map_location="cpu", weights_only=True)["model"])
     net = net.to(d.device).eval()
     pred = infer(s, lambda v: activate(kind, net(v), ft), np.arange(len(tiles)), make_transform(s, cfg),
                  tta=r.tta, width=len(outputs))

@@ -31,9 +31,9 @@ def parse_name(name: str) -> tuple[str, str | None]:
 
 
 def _job(store: Store, jid: str) -> dict:
-    p = store.job_dir(jid) / "job.json"
+    p = layout.job_meta_path(store.root, jid)
     if not p.exists():
-        known = [j for j in layout.known_ids(store.root, layout.JOBS) if (store.job_dir(j) / "job.json").exists()]
+        known = [j for j in layout.known_ids(store.root, layout.JOBS) if layout.job_meta_path(store.root, j).exists()]
         raise HefeatError(f"No fine-tuning job {jid!r} in {store.root}. Known: {', '.join(known[:10]) or 'none'}")
     job = read_json(p)
     if job.get("status") != "finished":
@@ -44,7 +44,7 @@ def _job(store: Store, jid: str) -> dict:
 def _best_state(store: Store, jid: str, fold: str) -> dict:
     from hefeat.finetune.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(store.job_dir(jid) / f"fold={fold}" / "best.pt")
+    ck = load_checkpoint(layout.fold_dir(store.root, jid, fold) / layout.FOLD_BEST)
     if ck is None:
         raise HefeatError(f"Job {jid} has no fold {fold!r} with trained weights")
     return ck["model"]
@@ -54,7 +54,7 @@ def backbone_file(store: Store, jid: str, fold: str) -> Path:
     """The fold's backbone as safetensors (exported from best.pt on first use, atomically)."""
     from safetensors.torch import save_file
 
-    p = store.job_dir(jid) / "encoder" / f"backbone-{fold}.safetensors"
+    p = layout.job_backbone_path(store.root, jid, fold)
     if not p.exists():
         sd = {k.removeprefix("backbone."): v.contiguous() for k, v in _best_state(store, jid, fold).items()
               if k.startswith("backbone.")}
@@ -66,7 +66,7 @@ def backbone_file(store: Store, jid: str, fold: str) -> Path:
 def export_encoder(store: Store, jid: str, fold: str, recipe, data, results: dict, precision: str) -> dict:
     """Write the registered encoder (backbone file + encoder.json); returns its record plus the head arrays."""
     backbone_file(store, jid, fold)
-    job = read_json(store.job_dir(jid) / "job.json")
+    job = read_json(layout.job_meta_path(store.root, jid))
     folds = {f["name"]: f for f in job["folds"]}
     enc = finetuned_encoder(store, f"{PREFIX}{jid}:{fold}", _job_record=job)
     sd = _best_state(store, jid, fold)
@@ -79,7 +79,7 @@ def export_encoder(store: Store, jid: str, fold: str, recipe, data, results: dic
            "train_patients": folds[fold]["train_patients"], "val_patients": folds[fold]["val_patients"],
            "test_patients": folds[fold]["test_patients"],
            "note": "features of this encoder are held-out only for test_patients: the backbone trained on the others"}
-    write_json(store.job_dir(jid) / "encoder" / "encoder.json", rec)
+    write_json(layout.job_encoder_dir(store.root, jid) / layout.ENCODER_META, rec)
     rec["heads"] = {"head_weight": sd["head.weight"].float().numpy(), "head_bias": sd["head.bias"].float().numpy(),
                     "outputs": np.array(list(data.outputs)), "target_mean": np.asarray(t["mean"], np.float32),
                     "target_std": np.asarray(t["std"], np.float32), "kept": np.asarray(t["mask"], bool)}

@@ -9,6 +9,7 @@ import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.finetune.heartbeat import job_state
+from hefeat.store import layout
 from hefeat.store.atomic import read_json
 from hefeat.store.catalog import Store
 
@@ -55,16 +56,16 @@ def headline(s: dict) -> str:
 def job_status(store: Store, jid: str) -> dict:
     """The job's state from its heartbeat (done / running / stopped); per fold: finished / trained up to a
     checkpoint / not started, epochs, best epoch, last losses."""
-    p = store.job_dir(jid) / "job.json"
+    p = layout.job_meta_path(store.root, jid)
     if not p.exists():
         raise HefeatError(f"No fine-tuning job {jid!r} in {store.root} (see: hefeat finetune list)")
     job = read_json(p)
     state, why = job_state(store.root, job)
     folds = []
     for f in job["folds"]:
-        d = store.job_dir(jid) / f"fold={f['name']}"
-        hist = read_json(d / "metrics.json") if (d / "metrics.json").exists() else []
-        fstate = ("finished" if (d / "done.json").exists() else "not started" if not (d / "last.pt").exists()
+        d = layout.fold_dir(store.root, jid, f["name"])
+        hist = read_json(d / layout.FOLD_METRICS) if (d / layout.FOLD_METRICS).exists() else []
+        fstate = ("finished" if (d / layout.FOLD_DONE).exists() else "not started" if not (d / layout.FOLD_LAST).exists()
                   else "training" if state == "running" else "interrupted (resumes from its checkpoint)")
         last = hist[-1] if hist else {}
         folds.append({"name": f["name"], "state": fstate, "epochs": len(hist), "best_epoch": last.get("best_epoch"),
@@ -94,7 +95,7 @@ def report_job(store: Store, jid: str, out: str | Path | None = None) -> dict:
                           f"{hist['fold'].nunique()} fold(s) of {s['split']}")
     files.append(str(p))
     table = pd.DataFrame()
-    if (store.model_dir(jid) / "frozen_vs_finetuned.parquet").exists():
+    if layout.model_table_path(store.root, jid, "frozen_vs_finetuned").exists():
         table = load_table(store, jid, "frozen_vs_finetuned")
         rows = _comparison_rows(s["task"], table)
         if len(rows):

@@ -34,6 +34,7 @@ from hefeat.finetune.data import (
 from hefeat.finetune.faults import fault_point
 from hefeat.finetune.recipe import Recipe, RunOptions
 from hefeat.finetune.tasks import FoldTargets, activate, loss
+from hefeat.store import layout
 from hefeat.store.atomic import write_json
 
 
@@ -182,7 +183,7 @@ def train_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets, bias: np.ndarray) 
     scaler = torch.amp.GradScaler("cuda") if (s.precision == "fp16" and dev.startswith("cuda")) else None
     torch.manual_seed(r.seed * 1000 + d.rank + 1)  # dropout masks: one stream per rank
     state = _new_state()
-    last, best = s.fold_dir / "last.pt", s.fold_dir / "best.pt"
+    last, best = s.fold_dir / layout.FOLD_LAST, s.fold_dir / layout.FOLD_BEST
     ck = load_checkpoint(last)
     if ck is not None:
         if ck.get("world") != d.world:
@@ -301,7 +302,7 @@ def _train_epochs(s, plan, ft, net, model, opt, sched, scaler, state, transform,
         if d.main:
             write_history(s.fold_dir, state["history"])
     if d.main:
-        save_checkpoint(s.fold_dir / "final.pt", {"model": net.state_dict(), "epoch": state["epoch"]})
+        save_checkpoint(s.fold_dir / layout.FOLD_FINAL, {"model": net.state_dict(), "epoch": state["epoch"]})
     digests = ddp.gather(d, weights_digest(net))
     return {"history": state["history"], "best_epoch": state["best_epoch"], "stopped_early": bool(state["stopped"]),
             "steps": state["global_step"], "steps_per_epoch": steps, "processes": d.world,
@@ -325,7 +326,7 @@ def write_history(fold_dir: Path, history: list[dict]) -> None:
 
     from hefeat.store.atomic import atomic_path
 
-    write_json(fold_dir / "metrics.json", history)
+    write_json(fold_dir / layout.FOLD_METRICS, history)
     with atomic_path(fold_dir / "metrics.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
@@ -386,7 +387,7 @@ def infer(s: FoldSetup, fn, idx: np.ndarray, transform, *, tta: bool, width: int
 def predict_fold(s: FoldSetup, plan: FoldPlan, ft: FoldTargets) -> np.ndarray:
     """Held-out predictions (len(plan.test), n_out) of the fold's best weights, with the recipe's TTA."""
     net, cfg = build_net(s.recipe, s.n_out)
-    ck = load_checkpoint(s.fold_dir / "best.pt")
+    ck = load_checkpoint(s.fold_dir / layout.FOLD_BEST)
     if ck is None:
         raise HefeatError(f"Fold {plan.name} has no best.pt; its training did not finish an epoch")
     net.load_state_dict(ck["model"])

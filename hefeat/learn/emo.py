@@ -26,6 +26,7 @@ from hefeat.learn.registry import (
     param,
     register,
 )
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 
 PAM50_PROLIFERATION = ("BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2", "TYMS", "UBE2C")
@@ -351,7 +352,7 @@ def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, to
         n_tiles += len(df)
     slide_df = pd.DataFrame(slide_rows)
     slide_df.index.name = "slide_id"
-    write_parquet(slide_df.reset_index(), store.model_dir(mid) / "slide_predictions.parquet")
+    write_parquet(slide_df.reset_index(), layout.model_table_path(store.root, mid, "slide_predictions"))
     return {"model_id": mid, "slides": len(slide_rows), "tiles": n_tiles, "tile_genes": chosen}
 
 

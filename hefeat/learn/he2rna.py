@@ -30,6 +30,7 @@ from hefeat.learn.registry import (
     param,
     register,
 )
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 
 SUPERTILE_KS = (1, 2, 5, 10, 20, 50, 100)
@@ -217,7 +218,7 @@ def fit_he2rna(store: Store, p: He2rnaParams, model_id: str) -> FitResult:
     final = p.estimator(derive_seed(p.seed, 30)).fit(bags, Y[:, ev], groups)
     history.append(final.history_.assign(fold="final"))
     store.model_dir(model_id).mkdir(parents=True, exist_ok=True)
-    with atomic_path(store.model_dir(model_id) / "net.pt") as tmp:
+    with atomic_path(layout.model_file(store.root, model_id, layout.MODEL_NET)) as tmp:
         torch.save(final.state_dict(), tmp)
     summary = {"extraction_id": p.extraction_id, "n_samples": int(n), "n_genes": len(gsel),
                "n_significant": int(metrics["significant"].sum()), "fdr": p.fdr,
@@ -252,7 +253,7 @@ def load_estimator(store: Store, mid: str):
     meta = load_model(store, mid)
     p = make_params(He2rnaParams, meta["params"])
     genes = [str(g) for g in meta["arrays"]["genes"]]
-    state = torch.load(store.model_dir(mid) / "net.pt", weights_only=True)
+    state = torch.load(layout.model_file(store.root, mid, layout.MODEL_NET), weights_only=True)
     est = p.estimator(p.seed).load_state(state, int(meta["summary"]["d_in"]), len(genes))
     return est, p, meta, genes
 
@@ -280,7 +281,7 @@ def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, t
         n += len(df)
     sp = pd.DataFrame(rows)
     sp.index.name = "slide_id"
-    write_parquet(sp.reset_index(), store.model_dir(mid) / "slide_predictions.parquet")
+    write_parquet(sp.reset_index(), layout.model_table_path(store.root, mid, "slide_predictions"))
     return {"model_id": mid, "slides": len(rows), "tiles": n, "tile_genes": chosen,
             "slide_value": f"k-averaged top-k over {meta['summary'].get('bag', 'the training bags')} (as in CV)"}
 

@@ -357,7 +357,9 @@ def fit_model(store, method: str | Method, params: Params | dict, *, force: bool
     import time
 
     from hefeat.learn.data import input_fingerprints
-    from hefeat.learn.models import discard_model, model_exists, model_id, model_summary, save_model
+    from hefeat.learn.models import model_summary
+    from hefeat.store.ids import model_id
+    from hefeat.store.models import discard_model, model_exists, save_model
 
     m = get_method(method) if isinstance(method, str) else method
     if m.fit is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from hefeat.learn.models import load_model, load_table
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 
 
@@ -38,7 +39,6 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
     from hefeat.figures.metrics import predicted_vs_measured, r_distribution
 
     meta = load_model(store, mid)
-    d = store.model_dir(mid)
     m = load_table(store, mid, "metrics")
     files = []
     r_col = "spearman_r" if "spearman_r" in m else "pearson_r"
@@ -52,7 +52,7 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
                    threshold_label=f"smallest r significant at FDR {fdr:g}",
                    title=f"Per-gene heads {mid} ({meta['kind']}): {len(sig)} of {len(m)} genes significant, {split}",
                    out=files[-1])
-    oof_p = d / "oof_predictions.parquet"
+    oof_p = layout.model_table_path(store.root, mid, "oof_predictions")
     if oof_p.exists():
         oof = pd.read_parquet(oof_p)
         truth = _measured(store, meta, oof)

@@ -35,6 +35,7 @@ from hefeat.learn.registry import (
     register,
     require_kind,
 )
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 
 PARTS = ("train", "validation", "test", "ood", "ood_near")
@@ -262,7 +263,7 @@ def hti_table(store: Store, mid: str, out: str | Path | None = None) -> pd.DataF
     clin = clinical_by_slide(store)
     res = res.merge(clin, on="slide_id", how="left")
     res.insert(0, "model_id", mid)
-    write_parquet(res, store.model_dir(mid) / "hti.parquet")
+    write_parquet(res, layout.model_table_path(store.root, mid, "hti"))
     if out:
         if str(out).endswith(".parquet"):
             res.to_parquet(out, index=False)

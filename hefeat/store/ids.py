@@ -4,7 +4,7 @@ Every id formula of hefeat lives here (tiling, extraction, model, UMAP, index, n
 fine-tuning job, run). A result id hashes its parameters, the code version and the fingerprints of
 the data it read, so a changed input gives a new id and a cached result is never stale:
 
-    mid = model_id("ridge", params, inputs={
+    mid = model_id("gen-", "genes", params, inputs={
         "features": extraction_fingerprint(store, eid),
         "target": expression_fingerprint(store, "expression"),
         "slides": slide_set_fingerprint(store, slide_ids)})
@@ -153,9 +153,9 @@ def result_id(prefix: str, params: dict[str, Any], inputs: dict[str, str]) -> st
     return content_id({"params": params, "inputs": dict(sorted(inputs.items())), "code": CODE_VERSION}, prefix=prefix)
 
 
-def model_id(kind: str, params: dict[str, Any], inputs: dict[str, str]) -> str:
-    """Id of a fitted model (prefix = first three letters of its kind)."""
-    return result_id(f"{kind[:3]}-", {"kind": kind, **params}, inputs)
+def model_id(prefix: str, kind: str, params: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """Id of a fitted model: its method's prefix ('gen-'), kind, parameters and input fingerprints."""
+    return result_id(prefix, {"kind": kind, "params": params}, inputs)
 
 
 def umap_id(params: dict[str, Any], inputs: dict[str, str]) -> str:
@@ -173,9 +173,9 @@ def query_id(params: dict[str, Any]) -> str:
     return content_id(params, prefix="q")
 
 
-def finetune_job_id(params: dict[str, Any], inputs: dict[str, str]) -> str:
-    """Id of a fine-tuning job."""
-    return result_id("j", params, inputs)
+def finetune_job_id(recipe: dict[str, Any], precision: str, fingerprints: dict[str, Any]) -> str:
+    """Id of a fine-tuning job ('ft-' prefix): its recipe, resolved precision and data fingerprints."""
+    return result_id("ft-", {"recipe": recipe, "precision": precision}, fingerprints)
 
 
 def run_id() -> str:

@@ -13,13 +13,18 @@ with a new kind of output adds its path function here.
     status/<stage>=<key>/<sid>.json                one slide's commit record (ok / skipped / failed)
     status/<stage>=<key>/<sid>.lock                a worker's claim on one slide
     compact/<family>/...                           compacted copies of the per-slide files (catalog speed)
-    models/<mid>/{model.json,index.json,...}       a fitted model (index.json written last)
-    predictions/model=<mid>/slide=<sid>.parquet    a model's per-slide predictions
-    indexes/<iid>/{index.json,index.faiss,...}     a neighbour index; queries/<qid>.parquet saved queries
+    models/<mid>/{model.json,arrays.npz,net.pt,<table>.parquet,index.json}
+                                                   a fitted model (index.json written last)
+    predictions/model=<mid>/slide=<sid>.parquet    a model's per-slide predictions; model=<mid> is a link
+                                                   to its current generation (hefeat.store.predictions)
+    predictions/.generations/<mid>/<gen>/          the generations (one current, others being written)
+    indexes/<iid>/{index.json,offsets.parquet,...} a neighbour index; queries/<qid>.parquet saved queries
     umaps/umap=<uid>.parquet                       a UMAP's coordinates
     runs/<run_id>/run.json                         what ran, with what, how long
-    jobs/<job_id>/{index.json,...}                 a fine-tuning job (index.json written last)
+    jobs/<job_id>/{job.json,index.json}            a fine-tuning job (index.json written last)
     jobs/<job_id>/heartbeat.json                   a running job's heartbeat (its state: running / stopped)
+    jobs/<job_id>/fold=<name>/{last.pt,best.pt,final.pt,metrics.json,predictions.npz,done.json}
+    jobs/<job_id>/encoder/{backbone-<fold>.safetensors,encoder.json}   the job's backbone as an encoder
     reports/<name>/                                PNG figures
 """
 
@@ -52,15 +57,31 @@ EXTRACTION_META = "_extraction.json"
 PRECISION_DECISION = "_precision.json"
 MODEL_INDEX = "index.json"
 MODEL_META = "model.json"
+MODEL_ARRAYS = "arrays.npz"
+MODEL_NET = "net.pt"
+TABLE_SUFFIX = ".parquet"
+INDEX_OFFSETS = "offsets.parquet"
 INDEX_META = "index.json"
 RUN_RECORD = "run.json"
 JOB_INDEX = "index.json"
 JOB_HEARTBEAT = "heartbeat.json"
+JOB_META = "job.json"
+FOLD_LAST = "last.pt"
+FOLD_BEST = "best.pt"
+FOLD_FINAL = "final.pt"
+FOLD_METRICS = "metrics.json"
+FOLD_PREDICTIONS = "predictions.npz"
+FOLD_DONE = "done.json"
+JOB_ENCODER = "encoder"
+ENCODER_META = "encoder.json"
 STATUS_SUFFIX = ".json"
 LOCK_SUFFIX = ".lock"
 
 #: Stages whose per-slide outputs go through the commit protocol, and the folder prefix of each.
 STAGES = ("tiling", "extraction")
+
+#: Inside predictions/: one folder per model holding its predictions generations.
+GENERATIONS = ".generations"
 
 
 def catalog_path(root: Path) -> Path:
@@ -177,6 +198,21 @@ def model_dir(root: Path, model_id: str) -> Path:
     return root / MODELS / check_id(model_id, "model_id")
 
 
+def model_index_path(root: Path, model_id: str) -> Path:
+    """A model's index record (written last: the model exists once it is there)."""
+    return model_dir(root, model_id) / MODEL_INDEX
+
+
+def model_file(root: Path, model_id: str, name: str) -> Path:
+    """One of a model's files (MODEL_META, MODEL_ARRAYS, MODEL_NET)."""
+    return model_dir(root, model_id) / name
+
+
+def model_table_path(root: Path, model_id: str, table: str) -> Path:
+    """A model's named table (metrics, slide_predictions, ...) as Parquet."""
+    return model_dir(root, model_id) / f"{check_id(table, 'table')}{TABLE_SUFFIX}"
+
+
 def predictions_dir(root: Path, model_id: str) -> Path:
     """Folder of one model's per-slide predictions."""
     return root / PREDICTIONS / f"model={check_id(model_id, 'model_id')}"
@@ -184,7 +220,22 @@ def predictions_dir(root: Path, model_id: str) -> Path:
 
 def predictions_path(root: Path, model_id: str, slide_id: str) -> Path:
     """Per-slide predictions Parquet of one model."""
-    return predictions_dir(root, model_id) / slide_file(check_id(slide_id), ".parquet")
+    return predictions_file_in(predictions_dir(root, model_id), slide_id)
+
+
+def predictions_file_in(folder: Path, slide_id: str) -> Path:
+    """One slide's predictions file inside a predictions folder (or a generation of one)."""
+    return folder / slide_file(check_id(slide_id), ".parquet")
+
+
+def is_predictions_file(name: str) -> bool:
+    """Whether a file name is one slide's predictions."""
+    return name.startswith("slide=") and name.endswith(".parquet")
+
+
+def predictions_generations(root: Path, model_id: str) -> Path:
+    """Folder of a model's predictions generations (the link predictions_dir points into it)."""
+    return root / PREDICTIONS / GENERATIONS / check_id(model_id, "model_id")
 
 
 def index_dir(root: Path, index_id: str) -> Path:
@@ -195,6 +246,16 @@ def index_dir(root: Path, index_id: str) -> Path:
 def index_query_path(root: Path, index_id: str, query_id: str) -> Path:
     """A saved neighbour query of one index."""
     return index_dir(root, index_id) / "queries" / f"{check_id(query_id, 'query_id')}.parquet"
+
+
+def index_meta_path(root: Path, index_id: str) -> Path:
+    """A neighbour index's provenance (written last)."""
+    return index_dir(root, index_id) / INDEX_META
+
+
+def index_offsets_path(index_file: Path) -> Path:
+    """The row-offsets table next to an index file."""
+    return Path(index_file).with_name(INDEX_OFFSETS)
 
 
 def umap_path(root: Path, umap_id: str) -> Path:
@@ -215,6 +276,36 @@ def job_dir(root: Path, job_id: str) -> Path:
 def job_heartbeat_path(root: Path, job_id: str) -> Path:
     """A fine-tuning job's heartbeat (host, pid, time of the last beat)."""
     return job_dir(root, job_id) / JOB_HEARTBEAT
+
+
+def job_meta_path(root: Path, job_id: str) -> Path:
+    """A job's full record (recipe, fingerprints, folds, status)."""
+    return job_dir(root, job_id) / JOB_META
+
+
+def job_index_path(root: Path, job_id: str) -> Path:
+    """A job's index record (the listing's row)."""
+    return job_dir(root, job_id) / JOB_INDEX
+
+
+def fold_dir(root: Path, job_id: str, fold: str) -> Path:
+    """Folder of one fold of a job (checkpoints, metrics, held-out predictions, done record)."""
+    return fold_dir_in(job_dir(root, job_id), fold)
+
+
+def fold_dir_in(job_folder: Path, fold: str) -> Path:
+    """The folder of `fold` inside a job folder."""
+    return Path(job_folder) / f"fold={fold}"  # fold names come from the split (not user text)
+
+
+def job_encoder_dir(root: Path, job_id: str) -> Path:
+    """Folder of a job's backbone registered as an encoder."""
+    return job_dir(root, job_id) / JOB_ENCODER
+
+
+def job_backbone_path(root: Path, job_id: str, fold: str) -> Path:
+    """One fold's backbone weights (safetensors) of a job, exported for use as an encoder."""
+    return job_encoder_dir(root, job_id) / f"backbone-{fold}.safetensors"
 
 
 def reports_dir(root: Path, name: str) -> Path:

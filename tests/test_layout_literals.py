@@ -1,0 +1,81 @@
+"""Store file names live in hefeat/store/layout.py only: an AST scan for name literals anywhere else."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import hefeat
+
+PKG = Path(hefeat.__file__).resolve().parent
+_EXT = r"(json|parquet|h5|npz|pt|safetensors)"
+FILE_NAME = re.compile(rf"^[\w.*{{}}/-]*\.{_EXT}$")  # 'model.json', '*.h5', '.parquet' (an f-string's tail)
+KEYED_FOLDER = re.compile(r"^[a-z_]+=[\w.*{}-]*$")  # 'fold=', 'slide=' (an f-string's head), 'model=abc'
+
+# Names that are not in a store, each with why.
+ALLOWED = {
+    ("extract/encoders.py", "model.safetensors"): "a hub repository's weight file, not a store file",
+    ("extract/interop.py", "*.h5"): "the user's CLAM/TRIDENT folder being imported",
+    ("extract/interop.py", ".h5"): "the CLAM/TRIDENT folder features are exported to",
+    ("extract/encoders.py", ".safetensors"): "the suffix of a user's weights file",
+    ("extract/encoders.py", ".pt"): "the suffix of a user's weights file",
+    ("cli/store_cmds.py", ".parquet"): "the suffix of the user's --out file",
+    ("learn/traits.py", ".parquet"): "the suffix of the user's --out file",
+    ("extract/precision.py", "precision.json"): "the per-user measurement cache, not a store",
+    ("demo.py", "truth.json"): "the synthetic cohort's folder (slides/synth)",
+    ("demo.py", "expression.parquet"): "the synthetic cohort's folder",
+    ("demo.py", "spots.parquet"): "the synthetic cohort's folder",
+    ("demo_stages.py", "truth.json"): "the synthetic cohort's folder",
+    ("demo_stages.py", "spots.parquet"): "the synthetic cohort's folder",
+    ("slides/synth.py", "truth.json"): "the synthetic cohort's folder",
+    ("slides/synth.py", "expression.parquet"): "the synthetic cohort's folder",
+    ("slides/synth.py", "spots.parquet"): "the synthetic cohort's folder",
+    ("slides/synth.py", ".classes.npz"): "the synthetic cohort's folder",
+}
+
+
+def store_literals(pkg: Path) -> list[tuple[str, int, str]]:
+    """(module, line, literal) of every store-looking file or folder name outside pkg/store/ (docstrings skipped)."""
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel.startswith("store/"):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            if not (isinstance(n, ast.Constant) and isinstance(n.value, str)) or id(n) in docs:
+                continue
+            if (FILE_NAME.match(n.value) or KEYED_FOLDER.match(n.value)) and (rel, n.value) not in ALLOWED:
+                found.append((rel, n.lineno, n.value))
+    return found
+
+
+def test_no_store_file_name_outside_store():
+    """Every model, prediction, job, index and stage file name comes from hefeat.store.layout."""
+    assert store_literals(PKG) == []
+
+
+def test_scan_catches_a_planted_literal(tmp_path):
+    """The scan fails on names planted outside store/ (plain, f-string head and tail) and not inside it."""
+    (tmp_path / "learn").mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "learn" / "planted.py").write_text(
+        '"""Docstrings may say model.json."""\n'
+        "def f(d, k, sid):\n"
+        "    a = d / 'model.json'\n"
+        "    b = d / f'fold={k}' / 'best.pt'\n"
+        "    return a, b, d / f'{sid}.h5', 'a sentence naming x.json is prose'\n")
+    (tmp_path / "store" / "layout.py").write_text("MODEL_META = 'model.json'\n")
+    found = store_literals(tmp_path)
+    assert sorted(found) == [("learn/planted.py", 3, "model.json"), ("learn/planted.py", 4, "best.pt"),
+                             ("learn/planted.py", 4, "fold="), ("learn/planted.py", 5, ".h5")]
+
+
+def test_allow_list_is_current():
+    """Every allowed name still occurs where it is allowed (a stale entry would hide a new literal)."""
+    for rel, name in ALLOWED:
+        assert repr(name)[1:-1] in (PKG / rel).read_text(), (rel, name)
