@@ -396,7 +396,14 @@ def _killed_child(store_root: Path, recipe, fault: str) -> int:
     import multiprocessing as mp
 
     def child():
-        os.environ["HEFEAT_FAULT"] = fault
+        if ":" in fault:  # a store commit step (hefeat.store.faults): 'predictions.swap:kill'
+            from hefeat.store import faults
+
+            name, _, action = fault.partition(":")
+            action, _, nth = action.partition("@")
+            faults.arm(name, action, int(nth or 1))
+        else:
+            os.environ["HEFEAT_FAULT"] = fault
         run_job(Store(store_root), recipe, RunOptions(workers=0, threads=1, checkpoint_every=3))
         os._exit(0)
 
@@ -410,7 +417,9 @@ def test_crash_at_every_commit_point_then_resume_gives_the_uninterrupted_result(
     """One chain of crashes, each run resuming what the previous one left: inside a checkpoint write
     (temporary file written, not renamed), right after a rename, after an epoch's evaluation but before
     its checkpoint, after a fold's predictions but before the fold is marked done, and after every fold
-    but before the job's results are committed. The last run finishes; everything equals a clean run."""
+    but before the job's results are committed, and at each step of that commit (a slide's predictions
+    written, the predictions swapped in, the model's tables and index record renamed). The last run
+    finishes; everything equals a clean run."""
     import torch
 
     r = _recipe("spots", tiling_id=ft_store[1], split="patient-kfold:2", epochs=2, val_share=0.3, dropout=0.2,
@@ -419,10 +428,23 @@ def test_crash_at_every_commit_point_then_resume_gives_the_uninterrupted_result(
     s = run_job(ref, r, RunOptions(workers=0, threads=1, checkpoint_every=3))
     crash = _copy(ft_store, tmp_path / "crash")
     jdir = crash.job_dir(s["job_id"])
-    for fault in ("ckpt-tmp@3", "ckpt-renamed@6", "epoch-end@1", "fold-done", "job-commit"):
+    for fault in ("ckpt-tmp@3", "ckpt-renamed@6", "epoch-end@1", "fold-done", "job-commit",
+                  "predictions.write:kill@2", "predictions.swap:kill", "predictions.swapped:kill",
+                  "model.table.rename:kill", "model.index.rename:kill"):
         assert _killed_child(crash.root, r, fault) == -9, fault
         assert not (crash.model_dir(s["job_id"]) / "index.json").exists()  # never looks finished
+        seen = Store(crash.root)  # a fresh reader: no job model listed, none of its predictions visible
+        assert s["job_id"] not in seen.sql("SELECT model_id FROM models")["model_id"].tolist(), fault
+        assert seen.sql(f"SELECT count(*) n FROM predictions WHERE model_id = '{s['job_id']}'")["n"][0] == 0, fault
     assert (jdir / "fold=fold1" / "done.json").exists() and (jdir / "fold=fold2" / "done.json").exists()
+    from hefeat.store import faults
+
+    for point in ("predictions.swap", "model.index.rename"):  # a full disk at the commit: nothing half, no listing
+        faults.arm(point, "enospc")
+        with pytest.raises(OSError, match="No space"):
+            run_job(Store(crash.root), r, RunOptions(workers=0, threads=1, checkpoint_every=3))
+        faults.disarm()
+        assert s["job_id"] not in Store(crash.root).sql("SELECT model_id FROM models")["model_id"].tolist(), point
     got = run_job(crash, r, RunOptions(workers=0, threads=1, checkpoint_every=3))
     assert got["cached"] is False and got["job_id"] == s["job_id"]
     for fold in ("fold1", "fold2"):

@@ -28,6 +28,7 @@ from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.ids import finetune_job_id
+from hefeat.store.predictions import write_predictions
 from hefeat.store.runs import timestamp
 
 JOB_PREFIX = "ft-"
@@ -408,7 +409,6 @@ def write_slide_predictions(store, jid, task, outputs, samples, pred, fold_of, m
     Regression: the `top` outputs by held-out metric (every output's head is in the model's arrays);
     classification: every output's probability (p_<label>).
     """
-    from hefeat.store.tables import write_parquet
 
     if task in ("spots", "genes"):
         col = "mean_r" if task == "spots" else "spearman_r"
@@ -419,11 +419,12 @@ def write_slide_predictions(store, jid, task, outputs, samples, pred, fold_of, m
     pref = "p_" if task == "classify" else ""
     keep = [c for c in ("tile_id", "spot_id", "x", "y", "row", "col") if c in samples.columns]
     tested = np.asarray(fold_of) != ""
-    for sid, idx in samples[tested].groupby("slide_id", sort=True).groups.items():
-        idx = np.asarray(idx)
-        df = samples.loc[idx, keep].reset_index(drop=True)
-        df = pd.concat([df, pd.DataFrame(pred[np.ix_(idx, cols)], columns=[pref + n for n in names])], axis=1)
-        df.insert(0, "fold", np.asarray(fold_of)[idx])
-        df.insert(0, "slide_id", sid)
-        df.insert(0, "model_id", jid)
-        write_parquet(df, store.predictions_path(jid, sid))
+    with write_predictions(store, jid) as write_pred:
+        for sid, idx in samples[tested].groupby("slide_id", sort=True).groups.items():
+            idx = np.asarray(idx)
+            df = samples.loc[idx, keep].reset_index(drop=True)
+            df = pd.concat([df, pd.DataFrame(pred[np.ix_(idx, cols)], columns=[pref + n for n in names])], axis=1)
+            df.insert(0, "fold", np.asarray(fold_of)[idx])
+            df.insert(0, "slide_id", sid)
+            df.insert(0, "model_id", jid)
+            write_pred(sid, df)

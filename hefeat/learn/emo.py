@@ -28,6 +28,7 @@ from hefeat.learn.registry import (
 )
 from hefeat.store import layout
 from hefeat.store.catalog import Store
+from hefeat.store.predictions import write_predictions
 
 PAM50_PROLIFERATION = ("BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2", "TYMS", "UBE2C")
 ALIASES = {"CDCA1": "NUF2", "KNTC2": "NDC80"}
@@ -339,17 +340,18 @@ def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, to
     cols = [all_genes.index(x) for x in chosen]
     coef, b = A["coef"].astype(np.float64), A["intercept"]
     slide_rows, n_tiles = [], 0
-    for st in slide_tiles(store, eid, slides):
-        X = st.X.astype(np.float64)
-        if "pca_components" in A:
-            X = (X - A["pca_mean"]) @ A["pca_components"].T
-        tile_pred = X @ coef[:, cols] + b[cols]
-        df = pd.concat([st.tiles, pd.DataFrame(tile_pred, columns=chosen)], axis=1)
-        df.insert(0, "slide_id", st.slide_id)
-        df.insert(0, "model_id", mid)
-        write_parquet(df, store.predictions_path(mid, st.slide_id))
-        slide_rows.append(pd.Series(X.mean(0) @ coef + b, index=all_genes, name=st.slide_id))
-        n_tiles += len(df)
+    with write_predictions(store, mid) as write_pred:
+        for st in slide_tiles(store, eid, slides):
+            X = st.X.astype(np.float64)
+            if "pca_components" in A:
+                X = (X - A["pca_mean"]) @ A["pca_components"].T
+            tile_pred = X @ coef[:, cols] + b[cols]
+            df = pd.concat([st.tiles, pd.DataFrame(tile_pred, columns=chosen)], axis=1)
+            df.insert(0, "slide_id", st.slide_id)
+            df.insert(0, "model_id", mid)
+            write_pred(st.slide_id, df)
+            slide_rows.append(pd.Series(X.mean(0) @ coef + b, index=all_genes, name=st.slide_id))
+            n_tiles += len(df)
     slide_df = pd.DataFrame(slide_rows)
     slide_df.index.name = "slide_id"
     write_parquet(slide_df.reset_index(), layout.model_table_path(store.root, mid, "slide_predictions"))

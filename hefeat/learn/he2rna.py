@@ -32,6 +32,7 @@ from hefeat.learn.registry import (
 )
 from hefeat.store import layout
 from hefeat.store.catalog import Store
+from hefeat.store.predictions import write_predictions
 
 SUPERTILE_KS = (1, 2, 5, 10, 20, 50, 100)
 ALL_TILE_KS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -271,14 +272,15 @@ def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, t
     A = meta["arrays"]  # a super-tile net scores raw tiles standardised by the raw tiles' own statistics
     tile_scale = (A["tile_mean"], A["tile_std"]) if "tile_mean" in A else ()
     rows, n = [], 0
-    for st in slide_tiles(store, meta["extraction_id"], slides):
-        s = est.tile_scores(st.X, *tile_scale)
-        df = pd.concat([st.tiles, pd.DataFrame(s[:, cols], columns=chosen)], axis=1)
-        df.insert(0, "slide_id", st.slide_id)
-        df.insert(0, "model_id", mid)
-        write_parquet(df, store.predictions_path(mid, st.slide_id))
-        rows.append(pd.Series(est.predict([slide_bag(st.X, st.tiles, p)])[0], index=genes, name=st.slide_id))
-        n += len(df)
+    with write_predictions(store, mid) as write_pred:
+        for st in slide_tiles(store, meta["extraction_id"], slides):
+            s = est.tile_scores(st.X, *tile_scale)
+            df = pd.concat([st.tiles, pd.DataFrame(s[:, cols], columns=chosen)], axis=1)
+            df.insert(0, "slide_id", st.slide_id)
+            df.insert(0, "model_id", mid)
+            write_pred(st.slide_id, df)
+            rows.append(pd.Series(est.predict([slide_bag(st.X, st.tiles, p)])[0], index=genes, name=st.slide_id))
+            n += len(df)
     sp = pd.DataFrame(rows)
     sp.index.name = "slide_id"
     write_parquet(sp.reset_index(), layout.model_table_path(store.root, mid, "slide_predictions"))

@@ -28,7 +28,7 @@ from hefeat.learn.registry import (
     register,
 )
 from hefeat.store.catalog import Store
-from hefeat.store.tables import write_parquet
+from hefeat.store.predictions import write_predictions
 
 QC_FEATURES = ["mean_r", "mean_g", "mean_b", "sharpness", "density", "background_frac"]
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
@@ -314,17 +314,18 @@ def _write_spot_predictions(store: Store, mid: str, d: SpotData, pred: np.ndarra
                             baseline: np.ndarray | None = None, n_genes: int = 20) -> None:
     top = genes.sort_values("mean_r_model", ascending=False)["gene"].head(n_genes).tolist()
     cols = [d.genes.index(g) for g in top]
-    for sid, idx in d.meta.groupby("slide_id").groups.items():
-        idx = np.asarray(idx)
-        m = d.meta.loc[idx, ["tile_id", "spot_id", "x", "y", "row", "col"]].reset_index(drop=True)
-        parts = [m, pd.DataFrame(pred[np.ix_(idx, cols)], columns=top),
-                 pd.DataFrame(d.Y[np.ix_(idx, cols)], columns=[f"measured_{g}" for g in top])]
-        if baseline is not None:  # the colour/texture baseline's held-out prediction, drawn next to the model's
-            parts.append(pd.DataFrame(baseline[np.ix_(idx, cols)], columns=[f"baseline_{g}" for g in top]))
-        df = pd.concat(parts, axis=1)
-        df.insert(0, "slide_id", sid)
-        df.insert(0, "model_id", mid)
-        write_parquet(df, store.predictions_path(mid, sid))
+    with write_predictions(store, mid) as write_pred:
+        for sid, idx in d.meta.groupby("slide_id").groups.items():
+            idx = np.asarray(idx)
+            m = d.meta.loc[idx, ["tile_id", "spot_id", "x", "y", "row", "col"]].reset_index(drop=True)
+            parts = [m, pd.DataFrame(pred[np.ix_(idx, cols)], columns=top),
+                     pd.DataFrame(d.Y[np.ix_(idx, cols)], columns=[f"measured_{g}" for g in top])]
+            if baseline is not None:  # the colour/texture baseline's held-out prediction, drawn next to the model's
+                parts.append(pd.DataFrame(baseline[np.ix_(idx, cols)], columns=[f"baseline_{g}" for g in top]))
+            df = pd.concat(parts, axis=1)
+            df.insert(0, "slide_id", sid)
+            df.insert(0, "model_id", mid)
+            write_pred(sid, df)
 
 
 TARGET_UNITS = "log share of the spot's counts, log((n+1)/Σ(n+1))"

@@ -37,6 +37,7 @@ from hefeat.learn.registry import (
 )
 from hefeat.store import layout
 from hefeat.store.catalog import Store
+from hefeat.store.predictions import write_predictions
 
 PARTS = ("train", "validation", "test", "ood", "ood_near")
 HELD_OUT = ("test", "ood", "ood_near")
@@ -122,7 +123,6 @@ def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
     from hefeat.learn.aggregate import majority_vote
     from hefeat.learn.data import expression_table, finished_slides, slide_tiles, transform_values
     from hefeat.learn.splits import assert_disjoint, group_holdout
-    from hefeat.store.tables import write_parquet
 
     wide = expression_table(store, p.dataset)
     missing = [t for t in p.traits if t not in wide.columns]
@@ -214,14 +214,15 @@ def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
     if n_pat_heldout < 10:
         notes.append(f"only {n_pat_heldout} patients are held out for every trait (test or OOD): HTI survival on "
                      "them has little power; use more slides or a larger --test-share")
-    for sid in sids:
-        t = coords[sid].reset_index(drop=True)
-        B = np.stack([maps[sid][x] for x in p.traits], 1)
-        df = pd.concat([t[["tile_id", "x", "y", "row", "col"]], pd.DataFrame(B, columns=list(p.traits))], axis=1)
-        df["combination"] = combination_codes(B)
-        df.insert(0, "slide_id", sid)
-        df.insert(0, "model_id", model_id)
-        write_parquet(df, store.predictions_path(model_id, sid))
+    with write_predictions(store, model_id) as write_pred:
+        for sid in sids:
+            t = coords[sid].reset_index(drop=True)
+            B = np.stack([maps[sid][x] for x in p.traits], 1)
+            df = pd.concat([t[["tile_id", "x", "y", "row", "col"]], pd.DataFrame(B, columns=list(p.traits))], axis=1)
+            df["combination"] = combination_codes(B)
+            df.insert(0, "slide_id", sid)
+            df.insert(0, "model_id", model_id)
+            write_pred(sid, df)
     summary = {"extraction_id": p.extraction_id, "traits": ",".join(p.traits), "n_slides": int(len(slides)),
                "n_patients": int(len(all_pat)), "n_test_patients": len(test_pat),
                "n_heldout_patients": n_pat_heldout,

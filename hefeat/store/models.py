@@ -29,9 +29,11 @@ def model_exists(store: Store, mid: str) -> bool:
 
 def discard_model(store: Store, mid: str) -> None:
     """Remove a model's files and predictions (before a refit); the index record goes first so it is never half-visible."""
+    from hefeat.store.predictions import discard_predictions
+
     layout.model_index_path(store.root, mid).unlink(missing_ok=True)
     shutil.rmtree(layout.model_dir(store.root, mid), ignore_errors=True)
-    shutil.rmtree(layout.predictions_dir(store.root, mid), ignore_errors=True)
+    discard_predictions(store, mid)
 
 
 def save_model(store: Store, mid: str, *, kind: str, params: dict, summary: dict, arrays: dict | None = None,
@@ -41,18 +43,20 @@ def save_model(store: Store, mid: str, *, kind: str, params: dict, summary: dict
     d = layout.model_dir(store.root, mid)
     d.mkdir(parents=True, exist_ok=True)
     if arrays:
-        with atomic_path(layout.model_file(store.root, mid, layout.MODEL_ARRAYS)) as tmp, open(tmp, "wb") as f:
+        with atomic_path(layout.model_file(store.root, mid, layout.MODEL_ARRAYS), kind="model.arrays") as tmp, \
+                open(tmp, "wb") as f:
             np.savez(f, **arrays)
     for name, df in (tables or {}).items():
-        write_parquet(df, layout.model_table_path(store.root, mid, name))
+        write_parquet(df, layout.model_table_path(store.root, mid, name), kind="model.table")
     created = timestamp()
-    write_json(layout.model_file(store.root, mid, layout.MODEL_META),
-               {"model_id": mid, "kind": kind, "params": params, "summary": summary, "extraction_id": extraction_id,
-                "inputs": inputs or {}, "created": created, "seconds": seconds, "code_version": __version__,
-                "tables": sorted(tables or {})})
+    meta = {"model_id": mid, "kind": kind, "params": params, "summary": summary, "extraction_id": extraction_id,
+            "inputs": inputs or {}, "created": created, "seconds": seconds, "code_version": __version__,
+            "tables": sorted(tables or {})}
+    write_json(layout.model_file(store.root, mid, layout.MODEL_META), meta, kind="model.meta")
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    write_json(layout.model_index_path(store.root, mid), {"model_id": mid, "kind": kind, "extraction_id": extraction_id,
-                                                          "created": created, "seconds": seconds, **flat})
+    index = {"model_id": mid, "kind": kind, "extraction_id": extraction_id, "created": created, "seconds": seconds,
+             **flat}
+    write_json(layout.model_index_path(store.root, mid), index, kind="model.index")  # the commit: written last
     store.compact_after_write("predictions", mid)
     return d
 

@@ -1,0 +1,155 @@
+"""Fits, predicts and fine-tuning jobs under fault injection: readers see the old state or the new one.
+
+A forked child SIGKILLs itself at one named step of the commit (hefeat.store.faults); a full disk
+(ENOSPC) is raised in-process at the same steps. After each crash the store must list no model
+whose predictions are missing, the predictions view must hold the old slides or the new ones (never
+a mix), and a re-run must finish with the uninterrupted result.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from hefeat.store import faults, layout
+from hefeat.store.catalog import Store
+from hefeat.store.summary import store_status
+
+FIT_POINTS = ("predictions.write@2", "predictions.rename@2", "predictions.swap", "predictions.swapped",
+              "model.table.rename", "model.meta.rename", "model.index.rename")
+PREDICT_POINTS = ("predictions.write@3", "predictions.rename@3", "predictions.swap", "predictions.swapped")
+
+
+@pytest.fixture(autouse=True)
+def _no_fault_left():
+    yield
+    faults.disarm()
+
+
+@pytest.fixture
+def st40(learned, tmp_path):
+    """A writable copy of the 40-slide store without its models, and its extraction."""
+    st0, eid, _, _ = learned
+    root = tmp_path / "st"
+    shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
+    return Store(root), eid
+
+
+def _arm(spec: str, action: str) -> None:
+    name, _, nth = spec.partition("@")
+    faults.arm(name, action, int(nth or 1))
+
+
+def _killed(fn, spec: str) -> int:
+    """Run fn() in a forked child that SIGKILLs itself at fault point `spec`; its exit code."""
+    def child():
+        _arm(spec, "kill")
+        fn()
+        os._exit(0)
+
+    p = mp.get_context("fork").Process(target=child)
+    p.start()
+    p.join(600)
+    return p.exitcode
+
+
+def _visible(root) -> tuple[dict, dict]:
+    """What a fresh reader sees: {model_id: kind} listed by `hefeat status`, {model_id: {slide: columns}}."""
+    st = Store(root)
+    models = {m["model_id"]: m["kind"] for m in store_status(st)["models"]}
+    rows = st.sql("SELECT model_id, slide_id, count(*) n FROM predictions GROUP BY ALL")
+    cols = {}
+    for mid, sid in zip(rows["model_id"], rows["slide_id"], strict=True):
+        cols.setdefault(mid, {})[sid] = tuple(pq.read_schema(layout.predictions_path(st.root, mid, sid)).names)
+    return models, cols
+
+
+def _fit_traits(root, eid):
+    from hefeat.learn.registry import fit_model
+    from hefeat.learn.traits import TraitsParams
+
+    return fit_model(Store(root), "traits", TraitsParams(extraction_id=eid, exclude_mid=[30, 70], test_share=0.2,
+                                                         splits=2, ensemble=1, max_tiles_per_slide=50))
+
+
+def test_fit_crash_at_every_commit_step_never_lists_a_model_with_missing_predictions(st40):
+    """Killed or out of disk at each step of a fit's commit: no model listed and no predictions visible
+    (or, after the index record, the whole model); a re-run fits it and equals an uninterrupted fit."""
+    st, eid = st40
+    ref_root = st.root.parent / "ref"
+    shutil.copytree(st.root, ref_root)
+    ref = _fit_traits(ref_root, eid)
+    mid = ref["model_id"]
+    ref_models, ref_cols = _visible(ref_root)
+    assert ref_models == {mid: "traits"} and len(ref_cols[mid]) == ref["n_slides"]
+    for spec in FIT_POINTS:
+        assert _killed(lambda: _fit_traits(st.root, eid), spec) == -9, spec
+        assert _visible(st.root) == ({}, {}), spec  # nothing half: no model, no predictions
+        _arm(spec, "enospc")
+        with pytest.raises(OSError, match="No space"):
+            _fit_traits(st.root, eid)
+        faults.disarm()
+        assert _visible(st.root) == ({}, {}), spec
+    got = _fit_traits(st.root, eid)
+    assert got["model_id"] == mid and not got["cached"]
+    assert _visible(st.root) == (ref_models, ref_cols)
+    a = Store(ref_root).sql(f"SELECT * EXCLUDE (model_id) FROM predictions WHERE model_id = '{mid}' ORDER BY ALL")
+    b = Store(st.root).sql(f"SELECT * EXCLUDE (model_id) FROM predictions WHERE model_id = '{mid}' ORDER BY ALL")
+    pd.testing.assert_frame_equal(a, b)
+    gens = layout.predictions_generations(st.root, mid)
+    assert [p.name for p in gens.iterdir()] == [os.path.basename(os.readlink(layout.predictions_dir(st.root, mid)))]
+
+
+def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_new(st40):
+    """A model predicted with 3 genes, then re-predicted with 5 and killed / out of disk at each step: before
+    the swap every slide shows the 3-gene predictions, after it every slide the 5-gene ones (never a mix);
+    the re-run gives 5 everywhere."""
+    from hefeat.learn.emo import GenesParams
+    from hefeat.learn.registry import fit_model, predict_model
+
+    st, eid = st40
+    mid = fit_model(st, "genes", GenesParams(extraction_id=eid, split="patient-kfold:3"))["model_id"]
+    predict_model(st, mid, top=3)
+    models, old = _visible(st.root)
+    assert mid in models and len(old[mid]) == 40 and len(set(old[mid].values())) == 1
+
+    def predict5():
+        predict_model(Store(st.root), mid, top=5)
+
+    def check(spec):
+        seen_models, seen = _visible(st.root)
+        assert seen_models == models and set(seen[mid]) == set(old[mid]), spec  # listed, every slide there
+        widths = {len(c) for c in seen[mid].values()}
+        assert len(widths) == 1, spec  # never some slides old and some new
+        return widths.pop() - len(next(iter(old[mid].values())))  # 0: old state, 2: new state
+
+    for spec in PREDICT_POINTS:
+        assert _killed(predict5, spec) == -9, spec
+        assert check(spec) == (2 if spec == "predictions.swapped" else 0), spec  # the swap is the commit
+        _arm(spec, "enospc")
+        with pytest.raises(OSError, match="No space"):
+            predict5()
+        faults.disarm()
+        assert check(spec) == (2 if spec == "predictions.swapped" else 0), spec
+    predict5()
+    assert check("re-run") == 2
+
+
+def test_legacy_predictions_folder_is_carried_into_a_generation(st40):
+    """A store written before generations (a plain predictions folder) keeps its slides on the next write."""
+    from hefeat.store.predictions import write_predictions
+
+    st, _ = st40
+    plain = layout.predictions_dir(st.root, "m-legacy")
+    plain.mkdir(parents=True)
+    pd.DataFrame({"model_id": ["m-legacy"], "slide_id": ["S01"], "v": [1.0]}).to_parquet(
+        layout.predictions_file_in(plain, "S01"))
+    with write_predictions(st, "m-legacy") as write:
+        write("S02", pd.DataFrame({"model_id": ["m-legacy"], "slide_id": ["S02"], "v": [2.0]}))
+    assert plain.is_symlink()
+    assert sorted(p.name for p in plain.iterdir()) == ["slide=S01.parquet", "slide=S02.parquet"]
