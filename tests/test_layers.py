@@ -40,3 +40,24 @@ def test_plugins_name_every_builtin_method_and_the_finetuned_scheme():
     assert registering <= set(METHOD_MODULES)
     assert encoder_scheme("finetuned:ft-abc") is finetuned_encoder
     assert encoder_scheme("hf-hub:org/model") is None and encoder_scheme("resnet50") is None
+
+
+# Modules over the size limit whose split is still to do (issue 20, step 6), with the plan.
+LONG_PENDING = {"extract/pipeline.py": "run_extraction as a plan (tiling, encoder, precision, id, metadata) + a run"}
+
+
+def test_long_modules_say_why():
+    """A module of hefeat/ over 600 lines states why in its docstring ('Over 600 lines: ...')."""
+    import ast
+
+    import hefeat
+
+    pkg = Path(hefeat.__file__).resolve().parent
+    unexplained = []
+    for path in sorted(pkg.rglob("*.py")):
+        text = path.read_text()
+        rel = path.relative_to(pkg).as_posix()
+        if text.count("\n") > 600 and rel not in LONG_PENDING and \
+                "Over 600 lines:" not in (ast.get_docstring(ast.parse(text)) or ""):
+            unexplained.append(rel)
+    assert unexplained == []

@@ -195,3 +195,18 @@ def test_estimators_are_scikit_learn_compatible():
     z = ExpressionRepresentation(8, code=4, epochs=3).fit(X, Y).transform(X)
     assert z.shape == (30, 4) and ((z > 0) & (z < 1)).all()
     assert pd.DataFrame(z).notna().all().all()
+
+
+def test_output_units_come_from_the_registration_for_frozen_and_finetuned_kinds():
+    """explore/values asks the registry (no kind ladder there): each kind's units are its method's own."""
+    from hefeat.explore.values import model_units
+    from hefeat.learn.registry import output_units
+
+    genes = {"kind": "genes", "params": {"dataset": "expression", "transform": "log1p"}}
+    assert model_units(genes, "ESR1") == output_units(genes, "ESR1") == "predicted log(1 + expression value)"
+    assert model_units({"kind": "traits", "params": {}}, "combination") == "traits predicted high (bit code)"
+    assert model_units({"kind": "finetune-classify", "params": {}}, "p_ER+") == "predicted probability of ER+"
+    ft_genes = {"kind": "finetune-genes", "params": {"dataset": "expression", "transform": "log1p"}}
+    assert model_units(ft_genes, "ESR1") == output_units(genes, "ESR1")
+    assert model_units({"kind": "finetune-spots", "params": {}}, "A").startswith("predicted log")
+    assert model_units({"kind": "emo", "params": {}}, "x") == "model output"  # a kind nobody registers

@@ -104,20 +104,10 @@ def _prediction_columns(store: Store, mid: str) -> list[str]:
 
 
 def model_units(meta: dict, column: str) -> str:
-    """Units of a model's per-tile output column, from its kind and target transform."""
-    kind, p = meta.get("kind", ""), meta.get("params", {})
-    if column == "combination":
-        return "traits predicted high"
-    if kind == "traits":
-        return "1 = predicted high, 0 = low"
-    measured = column.startswith("measured_")
-    if kind == "spots":
-        return "measured" if measured else "predicted" + f" {p.get('target', 'log-normalised count')}"
-    if kind in ("genes", "he2rna", "emo"):
-        return f"predicted {p.get('transform', '')}({p.get('dataset', 'expression')})".replace(" (", " ")
+    """Units of a model's per-tile output column, as its method registered them (hefeat.learn.registry)."""
     from hefeat.learn.registry import output_units
 
-    return output_units(meta, column)  # the method's own `units` (e.g. attention), else "model output"
+    return output_units(meta, column)
 
 
 def value_options(store: Store, tiling_id: str, *, umap_id: str | None = None) -> list[dict]:

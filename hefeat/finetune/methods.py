@@ -27,6 +27,24 @@ def _headline(s: dict) -> str:
     return headline(s)
 
 
+def _spot_units(params: dict, column: str) -> str:
+    from hefeat.learn.spots import TARGET_UNITS
+
+    return f"predicted {TARGET_UNITS}"
+
+
+def _gene_units(params: dict, column: str) -> str:
+    from hefeat.learn.emo import expression_units
+
+    return expression_units(params, column)
+
+
+def _class_units(params: dict, column: str) -> str:
+    return f"predicted probability of {column.removeprefix('p_')}" if column.startswith("p_") else "model output"
+
+
+UNITS = {"spots": _spot_units, "genes": _gene_units, "classify": _class_units}
+
 for _task in TASKS:
     register(Method(name=f"finetune-{_task}", prefix="ft-", headline=_headline, predict=_predict, report=_report,
-                    summary=f"a fine-tuning job ({_task}); run with hefeat finetune run"))
+                    units=UNITS.get(_task), summary=f"a fine-tuning job ({_task}); run with hefeat finetune run"))

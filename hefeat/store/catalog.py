@@ -11,6 +11,9 @@ families from their compacted parts plus the few files not compacted yet (`compa
 view has a fixed schema, so binding never reads thousands of files. The views are re-bound only
 when the store changed (a stat of its folders tells), and the connection is a sandbox
 (`sandbox.py`): ad-hoc SQL reads, never writes.
+
+Over 600 lines: the Store is the one object every layer holds; its views, their binding and the
+ingest tables stay in one class so the binding rules (what invalidates a view) are read in one place.
 """
 
 from __future__ import annotations

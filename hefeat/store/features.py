@@ -10,6 +10,9 @@ Every read checks the identity against the file itself, so the table is never tr
 added or redone since is read from its own file (and the table rewritten when refreshed).
 Reads of contiguous datasets go straight to their byte offsets (pread), which is what lets
 `load_features` run at disk speed instead of paying an HDF5 open per slide.
+
+Over 600 lines: the writer, the aggregates table and the pread reader share one file format (offsets,
+identity checks); splitting them would put the format's two halves in different files.
 """
 
 from __future__ import annotations
