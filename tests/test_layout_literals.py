@@ -32,6 +32,9 @@ ALLOWED = {
     ("slides/synth.py", "expression.parquet"): "the synthetic cohort's folder",
     ("slides/synth.py", "spots.parquet"): "the synthetic cohort's folder",
     ("slides/synth.py", ".classes.npz"): "the synthetic cohort's folder",
+    ("formats/synth_layouts.py", "truth.json"): "the synthetic cohort's folder",
+    ("formats/synth_layouts.py", "truth_tcga.json"): "the synthetic cohort's folder",
+    ("formats/synth_layouts.py", "expression.parquet"): "the synthetic cohort's folder",
 }
 
 

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -29,8 +30,10 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, tmp_path_for
-from hefeat.store.catalog import Store
 from hefeat.store.ids import check_id
+
+if TYPE_CHECKING:  # pragma: no cover  (the catalog imports this module to refresh aggregates)
+    from hefeat.store.catalog import Store
 
 AGGREGATES = "aggregates"  # group in each slide file
 TABLE_VERSION = 1
