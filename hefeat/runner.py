@@ -144,19 +144,20 @@ class SlideRunner:
         task.claim.release()
         return time.perf_counter() - task.start
 
-    def ok(self, task: SlideTask, *, n_tiles: int, digest: str | None, **info) -> None:
-        """Commit a slide whose output is in place (writes its record, releases its claim)."""
+    def ok(self, task: SlideTask, *, n_tiles: int, digest: str | None, **info) -> bool:
+        """Commit a slide whose output is in place (writes its record, releases its claim); False if not recorded."""
         try:
             commit.commit_ok(self.store, self.stage, self.key, task.slide_id, n_tiles=n_tiles,
                              seconds=time.perf_counter() - task.start, digest=digest,
                              input_digest=task.input_digest, **info)
         except Exception as e:
             self.fail(task, e)
-            return
+            return False
         self._finish(task)
         with self._mutex:
             self.summary.ok.append(task.slide_id)
             self.summary.tiles += int(n_tiles)
+        return True
 
     def fail(self, task: SlideTask, exc: BaseException | str, *, code: str | None = None) -> None:
         """Record a failed (or, for NoTissueError, skipped) slide; a full disk stops the whole run."""
@@ -206,12 +207,14 @@ def run_slides(
     progress: bool = False,
     desc: str | None = None,
     input_digest: Callable[[str], str | None] | None = None,
+    after_ok: Callable[[SlideTask, dict], None] | None = None,
 ) -> RunSummary:
     """Run `step(task)` for every slide not done yet; record each outcome.
 
     `step` writes the slide's output atomically to its layout path and returns at least n_tiles and
     digest. NoTissueError marks the slide skipped with its reason; any other error marks it failed
-    and the batch goes on (unless fail_fast); a full disk stops the batch.
+    and the batch goes on (unless fail_fast); a full disk stops the batch. `after_ok(task, info)`
+    runs once a slide's record is written (decode-once extracts the slide it has just tiled).
     """
     from tqdm import tqdm
 
@@ -226,7 +229,10 @@ def run_slides(
                 except Exception as e:
                     runner.fail(task, e)
                     continue
-                runner.ok(task, n_tiles=int(info.pop("n_tiles", 0)), digest=info.pop("digest", None), **info)
+                n_tiles, digest = int(info.pop("n_tiles", 0)), info.pop("digest", None)
+                extra = info.pop("_after", None)  # what the step hands to after_ok, not recorded
+                if runner.ok(task, n_tiles=n_tiles, digest=digest, **info) and after_ok is not None:
+                    after_ok(task, {"n_tiles": n_tiles, "digest": digest, **info, "_after": extra})
         finally:
             bar.close()
     return runner.summary

@@ -147,9 +147,7 @@ def run_fused(store, runner, params: TilingParams, slide_ids: list[str], table: 
     """
     import os
 
-    from tqdm import tqdm
-
-    from hefeat.runner import SlideRunner
+    from hefeat.runner import run_slides
     from hefeat.slides.run import (
         open_catalog_slide,
         slide_input_digest,
@@ -162,66 +160,63 @@ def run_fused(store, runner, params: TilingParams, slide_ids: list[str], table: 
     tid = tiling_id(params)
     threads = threads or min(4, os.cpu_count() or 1)
     stats = {"tiles_read_once": 0, "reads": 0, "read_s": 0.0}
-    bar = tqdm(slide_ids, disable=not progress, desc=f"tile+extract {runner.key}", unit="slide")
-    with SlideRunner(store, "tiling", tid, fail_fast=fail_fast,
-                     input_digest=lambda sid: slide_input_digest(table.loc[sid])) as tiler:
-        for task in tiler.claimed(bar):
-            sid = task.slide_id
-            try:
-                with open_catalog_slide(table.loc[sid]) as slide:
-                    own = spots[spots["slide_id"] == sid] if spots is not None else None
-                    res = tile_and_embed(slide, params if own is not None else params.for_slide(sid), embed,
-                                         batch_size, spots=own, threads=threads)
-                done = write_slide_tiles(store, tid, sid, res.tiles.copy())
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:  # noqa: BLE001  (recorded: skipped for no tissue, else failed)
-                tiler.fail(task, e)
-                continue
-            stats["reads"] += res.reads
-            stats["read_s"] += res.read_s
-            tiler.ok(task, n_tiles=done["n_tiles"], digest=done["digest"])
-            if sid not in tiler.summary.ok:  # the tiling record could not be written
-                continue
-            tiles_digest[sid] = done["digest"]
-            etask = next(iter(runner.claimed([sid])), None)  # done or busy elsewhere: nothing to add
-            if etask is None:
-                continue
-            etask.start = task.start
-            if res.embed_error is not None:
-                runner.fail(etask, res.embed_error)
-                continue
-            coords = res.coords
-            digest = ids.new_hasher()
-            digest.update(np.ascontiguousarray(coords, np.int64).tobytes())
+
+    def tile(task) -> dict:
+        """The tiling step: tile the slide, embedding each read once; the tiles are committed by run_slides."""
+        sid = task.slide_id
+        with open_catalog_slide(table.loc[sid]) as slide:
+            own = spots[spots["slide_id"] == sid] if spots is not None else None
+            res = tile_and_embed(slide, params if own is not None else params.for_slide(sid), embed,
+                                 batch_size, spots=own, threads=threads)
+        done = write_slide_tiles(store, tid, sid, res.tiles.copy())
+        stats["reads"] += res.reads
+        stats["read_s"] += res.read_s
+        return {"n_tiles": done["n_tiles"], "digest": done["digest"], "_after": res}
+
+    def extract(task, tiled: dict) -> None:
+        """Once the slide's tiles are recorded: its features through the extraction runner."""
+        sid, res = task.slide_id, tiled["_after"]
+        tiles_digest[sid] = tiled["digest"]
+        etask = next(iter(runner.claimed([sid])), None)  # done or busy elsewhere: nothing to add
+        if etask is None:
+            return
+        etask.start = task.start
+        if res.embed_error is not None:
+            runner.fail(etask, res.embed_error)
+            return
+        coords = res.coords
+        digest = ids.new_hasher()
+        digest.update(np.ascontiguousarray(coords, np.int64).tobytes())
+        writer = None
+        try:
+            writer = FeatureFileWriter(store.features_path(runner.key, sid), len(coords), int(info["dim"]),
+                                       dtype=dtype, coords=coords, attrs=attrs(sid, float(res.tiles["size0"].iloc[0])))
+            for start, rows in res.blocks:
+                faults.point("features.write")
+                writer.write(start, rows)
+                digest.update(np.ascontiguousarray(rows).tobytes())
+            faults.point("features.rename")
+            writer.commit()
             writer = None
-            try:
-                writer = FeatureFileWriter(store.features_path(runner.key, sid), len(coords), int(info["dim"]),
-                                           dtype=dtype, coords=coords, attrs=attrs(sid, float(res.tiles["size0"].iloc[0])))
-                for start, rows in res.blocks:
-                    faults.point("features.write")
-                    writer.write(start, rows)
-                    digest.update(np.ascontiguousarray(rows).tobytes())
-                faults.point("features.rename")
-                writer.commit()
+            faults.point("features.renamed")
+        except (OSError, NonFiniteError) as e:  # NonFiniteError: values the stored dtype cannot hold
+            if writer is not None:
+                writer.abort()
                 writer = None
-                faults.point("features.renamed")
-            except (OSError, NonFiniteError) as e:  # NonFiniteError: values the stored dtype cannot hold
-                if writer is not None:
-                    writer.abort()
-                    writer = None
-                runner.fail(etask, e)
-                continue
-            finally:
-                if writer is not None:  # a crash or Ctrl-C leaves no half-written file behind
-                    writer.abort()
-            runner.ok(etask, n_tiles=len(coords), digest=digest.hexdigest(), **info)
-            stats["tiles_read_once"] += len(coords)
-    bar.close()
+            runner.fail(etask, e)
+            return
+        finally:
+            if writer is not None:  # a crash or Ctrl-C leaves no half-written file behind
+                writer.abort()
+        runner.ok(etask, n_tiles=len(coords), digest=digest.hexdigest(), **info)
+        stats["tiles_read_once"] += len(coords)
+
+    t = run_slides(store, "tiling", tid, list(slide_ids), tile, fail_fast=fail_fast, progress=progress,
+                   desc=f"tile+extract {runner.key}", input_digest=lambda sid: slide_input_digest(table.loc[sid]),
+                   after_ok=extract)
     per_read = stats["read_s"] / stats["reads"] if stats["reads"] else 0.0
     stats["read_s_saved_est"] = round(stats["tiles_read_once"] * per_read, 3)
     stats["read_s"] = round(stats["read_s"], 3)
-    t = tiler.summary
     stats["tiling"] = {"tiling_id": tid, "ok": len(t.ok), "already_done": len(t.done), "skipped": t.skipped,
                        "failed": t.failed, "busy": t.busy, "tiles": t.tiles}
     stats["tiling_summary"] = t
