@@ -44,7 +44,9 @@ from hefeat.learn.registry import (
     param,
     register,
 )
+from hefeat.store import layout
 from hefeat.store.catalog import Store
+from hefeat.store.predictions import write_predictions
 
 TASKS = ("classification", "regression", "survival")
 SMALL_TEST = 10
@@ -819,30 +821,30 @@ def _write_tiles(store: Store, mid: str, p: MilParams, bags, reader, tiles_out: 
                  eval_rows) -> None:
     """Per-tile predictions (attention, its bag-size-scaled form, tile score) of each bag's held-out model."""
     from hefeat.store.features import read_slide_coords
-    from hefeat.store.tables import write_parquet
 
-    for i, r in tiles_out.items():
-        rows = eval_rows(i)
-        files = bags.files[i]
-        att = np.full(int(bags.n_tiles[i]), np.nan)
-        att[rows] = r["attention"]
-        tile = None
-        if "tile" in r and r["tile"].ndim == 1:
-            tile = np.full(len(att), np.nan)
-            tile[rows] = r["tile"]
-        start = 0
-        for f in files:
-            xy = read_slide_coords(f)
-            sl = slice(start, start + f.n)
-            df = pd.DataFrame({"model_id": mid, "slide_id": f.slide_id, "tile_id": np.arange(f.n, dtype=np.int64),
-                               "x": xy[:, 0], "y": xy[:, 1], "attention": att[sl],
-                               "attention_scaled": att[sl] * len(rows)})
-            if tile is not None:
-                df["tile_score"] = tile[sl]
-            df["bag_id"] = bags.ids[i]
-            df["fold"] = fold_names[fold_of[i]]
-            write_parquet(df, store.predictions_path(mid, f.slide_id))
-            start += f.n
+    with write_predictions(store, mid) as write_pred:
+        for i, r in tiles_out.items():
+            rows = eval_rows(i)
+            files = bags.files[i]
+            att = np.full(int(bags.n_tiles[i]), np.nan)
+            att[rows] = r["attention"]
+            tile = None
+            if "tile" in r and r["tile"].ndim == 1:
+                tile = np.full(len(att), np.nan)
+                tile[rows] = r["tile"]
+            start = 0
+            for f in files:
+                xy = read_slide_coords(f)
+                sl = slice(start, start + f.n)
+                df = pd.DataFrame({"model_id": mid, "slide_id": f.slide_id, "tile_id": np.arange(f.n, dtype=np.int64),
+                                   "x": xy[:, 0], "y": xy[:, 1], "attention": att[sl],
+                                   "attention_scaled": att[sl] * len(rows)})
+                if tile is not None:
+                    df["tile_score"] = tile[sl]
+                df["bag_id"] = bags.ids[i]
+                df["fold"] = fold_names[fold_of[i]]
+                write_pred(f.slide_id, df)
+                start += f.n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -884,7 +886,7 @@ def predict_mil(kind: str, store: Store, mid: str, *, slides: list[str] | None =
         out_rows.append(row)
     _write_tiles(store, mid, p, bags, reader, tiles_out, np.zeros(len(sids), int), ["ensemble"],
                  lambda i: tile_sample(int(bags.n_tiles[i]), p.eval_max_tiles, np.random.default_rng([p.seed, i])))
-    write_parquet(pd.DataFrame(out_rows), store.model_dir(mid) / "slide_predictions.parquet")
+    write_parquet(pd.DataFrame(out_rows), layout.model_table_path(store.root, mid, "slide_predictions"))
     return {"model_id": mid, "slides": len(sids), "tiles": int(bags.n_tiles.sum()),
             "slide_value": f"mean of {s['n_folds']} fold models; tile attention per slide"}
 
