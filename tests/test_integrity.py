@@ -142,6 +142,22 @@ def test_ids_do_not_depend_on_where_files_or_the_store_sit(learned, tmp_path):
     params = json.loads((moved.model_dir(a["model_id"]) / "model.json").read_text())["params"]
     assert params["region_labels"]["file"] == "regions.csv" and str(tmp_path) not in json.dumps(params)
 
+    from hefeat.learn.spots import SpotsParams
+
+    for d in ("one", "two"):  # a gene list given as a file: by content too
+        (tmp_path / d / "genes.txt").write_text("G001\nG002\n")
+    ids = [SpotsParams(extraction_id=seid, genes=str(tmp_path / d / "genes.txt")).portable(for_id=True)
+           for d in ("one", "two")]
+    assert ids[0] == ids[1] and ids[0]["genes"] == {"file_digest": ids[0]["genes"]["file_digest"]}
+    assert SpotsParams(extraction_id=seid).portable(for_id=True)["genes"] == "top:250"
+    from hefeat.learn.emo import GenesParams
+
+    for d in ("one", "two"):  # a held-out patient list: by content, whichever folder holds it
+        (tmp_path / d / "test.txt").write_text("P01\nP02\n")
+    split = [GenesParams(extraction_id=seid, split=f"holdout:{tmp_path / d / 'test.txt'}").portable(for_id=True)["split"]
+             for d in ("one", "two")]
+    assert split[0] == split[1] and split[0]["kind"] == "holdout"
+
 
 def test_ineffective_tiling_options_do_not_enter_the_id():
     """With --no-mask the tissue-mask settings do nothing, so they do not make another tiling."""

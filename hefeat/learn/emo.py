@@ -70,7 +70,7 @@ class GenesParams(Params):
     median_positive: bool = param(False, "Also require a training-fold median > 0.")
     transform: Literal["log1p", "log10p", "log2p", "none"] = param("log1p", "Target transform.",
                                                                    choices=("log1p", "log10p", "log2p", "none"))
-    split: str = param("patient-kfold:5", "patient-kfold:K, holdout:FILE or leave-one-patient-out.")
+    split: str = param("patient-kfold:5", "patient-kfold:K, holdout:FILE or leave-one-patient-out.", file=True)
     level: Literal["slide", "tile"] = param("slide", "slide: EMO-average; tile: heads on tiles with slide targets.",
                                             choices=("slide", "tile"))
     pca: int | None = param(None, "Principal components of the features fitted first (training fold only).")

@@ -80,7 +80,7 @@ class MilParams(Params):
     level: str = param("auto", "Bags per patient (slides pooled) or per slide; auto: patient when every "
                        "patient's slides share the label.", choices=("auto", "patient", "slide"))
     split: str = param("patient-kfold:5", "patient-kfold:K, holdout:FILE or leave-one-patient-out.",
-                       parse=_split_spec)
+                       parse=_split_spec, file=True)
     val_share: float = param(0.2, "Share of each fold's training patients for early stopping.")
     max_tiles: int = param(512, "Tiles per training bag: a random sample of this many each epoch.")
     eval_max_tiles: int = param(16384, "Tiles per bag at evaluation and prediction (a fixed sample beyond).")

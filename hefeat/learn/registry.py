@@ -64,8 +64,8 @@ def param(default: Any = MISSING, help: str = "", *, flag: str | None = None, mu
     flag: the option name (default --field-name); multiple: a repeated option (--trait A --trait B)
     for a tuple field; choices: allowed values; parse: turns a CLI/recipe string into the value
     (e.g. a gene-list file); cli=False keeps a field out of the generated command; file: the value
-    is a file path, which enters the model id by its content and is recorded by its name only (so
-    ids never depend on where the file or the store sits).
+    may be a file path; when it names a file, it enters the model id by its content and is recorded
+    by its name and digest only (so ids never depend on where the file or the store sits).
     """
     meta = {"help": help, "flag": flag, "multiple": multiple, "choices": choices, "parse": parse, "cli": cli,
             "file": file}
@@ -98,19 +98,23 @@ class Params:
         return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
 
     def portable(self, *, for_id: bool) -> dict:
-        """`to_dict()` with each file-valued field (param(file=True)) by content: its digest for the id
-        (`for_id`), its file name and digest for the record; never the path."""
+        """`to_dict()` with each field that may name a file (param(file=True)) by content when it names an
+        existing file: its digest for the id (`for_id`), its file name and digest for the record; never the path."""
         d = self.to_dict()
         for f in dataclasses.fields(self):
             v = d.get(f.name)
-            if f.metadata.get("file") and v:
-                p = Path(str(v))
+            if f.metadata.get("file") and isinstance(v, str) and v:
+                kind, p = None, Path(v)
+                if not p.is_file() and ":" in v:  # KIND:FILE (split=holdout:test_patients.txt)
+                    kind, rest = v.split(":", 1)
+                    p = Path(rest)
                 if not p.is_file():
-                    raise HefeatError(f"--{f.name.replace('_', '-')} file not found: {v}")
+                    continue  # not a file (e.g. genes=top:250); a method that needs one says so itself
                 from hefeat.store.ids import file_digest
 
                 digest = file_digest(p)
-                d[f.name] = {"file_digest": digest} if for_id else {"file": p.name, "file_digest": digest}
+                d[f.name] = {**({"kind": kind} if kind else {}), **({} if for_id else {"file": p.name}),
+                             "file_digest": digest}
         return d
 
     def replace(self, **changes) -> Params:

@@ -47,7 +47,7 @@ class SpotsParams(Params):
     """Parameters of `hefeat fit spots` (recorded with the model)."""
 
     extraction_id: str = param(help="An extraction on a spot tiling.", flag="--extraction")
-    genes: str = param("top:250", "top:N by mean, all, a file or a comma list.", parse=gene_spec)
+    genes: str = param("top:250", "top:N by mean, all, a file or a comma list.", parse=gene_spec, file=True)
     head: str = param("ridge", "ridge (per-gene LOO penalty) or mlp.", choices=("ridge", "mlp"))
     cv: str = param("leave-one-patient-out", "Cross-validation (ST-Net: leave-one-patient-out).",
                     choices=("leave-one-patient-out",))

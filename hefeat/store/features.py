@@ -114,8 +114,8 @@ def check_storable(rows: np.ndarray, stored: np.ndarray, start: int) -> None:
         top = float(np.abs(rows[bad]).max())
         raise NonFiniteError(
             f"{n} tile(s) (first: tile {first}) have values beyond {stored.dtype.name}'s range (largest |x| {top:.3g} > "
-            f"{float(np.finfo(stored.dtype).max):g}): stored they would be inf. Re-extract with --dtype float32; "
-            "nothing was written for this slide")
+            f"{float(np.finfo(stored.dtype).max):g}): stored they would be inf. Re-extract with --dtype float32 "
+            "(in a recipe: --set encoder.dtype=float32); nothing was written for this slide")
     raise NonFiniteError(f"non-finite embeddings for {n} tile(s) (first: tile {first}); "
                          "nothing was written for this slide")
 
