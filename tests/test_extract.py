@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -235,8 +236,11 @@ def test_ray_engine_matches_local(extracted, tmp_path, cohort):
     from hefeat.extract.ray_engine import run_extraction_ray
 
     st, tid = _store(tmp_path, cohort)
-    s = run_extraction_ray(st, shards=2, precision="fp32", dtype="float32",
-                           options=ExtractOptions(workers=0, batch_size=16), **ENC)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s = run_extraction_ray(st, shards=2, precision="fp32", dtype="float32",
+                               options=ExtractOptions(workers=0, batch_size=16), **ENC)
+    assert not [w for w in seen if issubclass(w.category, DeprecationWarning)]  # Ray's notices (issue 23)
     assert sorted(s.ok) == [f"S0{i}" for i in range(1, 9)] and s.extra["n_shards"] == 2
     ref_st, _, ref = extracted
     a, b = _all_features(st, s.extra["extraction_id"]), _all_features(ref_st, ref.extra["extraction_id"])

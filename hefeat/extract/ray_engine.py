@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 from hefeat.errors import HefeatError
 from hefeat.runner import RunSummary
@@ -41,8 +42,10 @@ def run_extraction_ray(store: Store, *, shards: int | None = None, address: str 
         limit = {"compute": ray.data.TaskPoolStrategy(size=n)}
     except (AttributeError, TypeError):
         limit = {"concurrency": n}
-    out = ray.data.from_items(items, override_num_blocks=n).map(
-        work, num_gpus=1 if gpus else 0, num_cpus=1, **limit).take_all()
+    with warnings.catch_warnings():  # Ray Data's own DataContext fields warn about themselves (use_polars, ...)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+        out = ray.data.from_items(items, override_num_blocks=n).map(
+            work, num_gpus=1 if gpus else 0, num_cpus=1, **limit).take_all()
     merged = RunSummary("extraction", "")
     for r in out:
         d = json.loads(r["summary"])
