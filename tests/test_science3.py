@@ -241,3 +241,62 @@ def test_permutation_null_sees_the_observed_median_shift(monkeypatch):
     assert len(targets) == 3  # observed + two permutations
     for b in targets:  # every statistic is computed on all-sample-shifted targets: cohort medians agree
         np.testing.assert_allclose(np.median(b[d.sites == "a"], 0), np.median(b[d.sites == "b"], 0), atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) fine-tuned trait jobs label, split and bootstrap by patient, as fit traits does
+# ---------------------------------------------------------------------------------------------
+def test_finetuned_traits_agree_with_fit_traits_on_labels_ood_and_test_patients(tiled, cohort, tmp_path, monkeypatch):
+    """Old main: slide percentiles and a slide median (a patient's two slides could differ), and no
+    split giving fit traits' subject-level test set."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    from hefeat.finetune import tasks
+    from hefeat.finetune.job import make_folds
+    from hefeat.finetune.recipe import recipe_from_dict
+    from hefeat.finetune.targets import load_task
+    from hefeat.learn import stats
+    from hefeat.learn.splits import group_holdout
+    from hefeat.store.catalog import Store
+    from hefeat.store.ingest import ingest_clinical
+
+    st0, tid, _ = tiled
+    shutil.copytree(st0.root, tmp_path / "st")
+    st = Store(tmp_path / "st")
+    slides = sorted(st.sql("SELECT slide_id FROM slides")["slide_id"])
+    pat = {s: f"P{i // 2 + 1}" for i, s in enumerate(slides)}  # two slides per patient
+    pd.DataFrame({"slide_id": slides, "patient_id": [pat[s] for s in slides]}).to_csv(tmp_path / "c.csv", index=False)
+    ingest_clinical(st, tmp_path / "c.csv")
+    r = recipe_from_dict({"task": "classify", "params": {
+        "backbone": "test_convnext", "weights": "none", "labels": ["trait:MKI67"], "tiling_id": tid,
+        "exclude_mid": [30, 70], "split": "patient-holdout:0.25", "val_share": 0.0}})
+    data = load_task(st, r)
+    # By hand: one log1p value per patient, high = above the patients' median, OOD = percentile in (30, 70].
+    expr = pd.read_parquet(cohort / "expression.parquet").set_index("sample_id")
+    v = pd.Series(np.log1p(expr.loc[slides, "MKI67"].to_numpy()), index=[pat[s] for s in slides]).groupby(level=0).mean()
+    pct = v.rank(pct=True) * 100
+    units = data.units.assign(label=data.unit_targets[:, 0])
+    assert (units["label"].to_numpy() == (v[units["patient_id"]] > v.median()).to_numpy()).all()
+    trains = pd.Series(~np.isnan(data.train_targets[:, 0])).groupby(data.unit_of).any()
+    ood = ((pct > 30) & (pct <= 70))[units["patient_id"]].to_numpy()
+    assert (trains.to_numpy() == ~ood).all()
+    # Held out: fit traits' subject-level test set (group_holdout of the patients, same share and seed).
+    (plan,) = make_folds(r, data)
+    test_pat = set(units.loc[np.unique(data.unit_of[plan.test]), "patient_id"])
+    all_pat = np.unique(units["patient_id"])
+    assert test_pat == set(all_pat[group_holdout(all_pat, 0.25, seed=0).test])
+    # The AUC's bootstrap resamples patients.
+    seen = []
+
+    def fake_auc(y, score, **k):
+        seen.append(k.get("groups"))
+        return {"auc": 0.5, "ci_low": 0.0, "ci_high": 1.0, "n": len(y)}
+
+    monkeypatch.setattr(stats, "auc_with_ci", fake_auc)
+    pred = np.random.default_rng(0).random((len(data.samples), 1))
+    tasks._eval_classify(data, pred, np.arange(len(pred)), "s")
+    boot = [g for g in seen if g is not None]
+    assert boot and all(set(g) <= set(all_pat) for g in boot)

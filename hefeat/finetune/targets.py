@@ -165,7 +165,8 @@ def _genes(store: Store, r: Recipe) -> TaskData:
 
 
 def _classify(store: Store, r: Recipe) -> TaskData:
-    from hefeat.learn.data import clinical_by_slide, expression_table, transform_values
+    from hefeat.learn.data import clinical_by_slide, expression_table
+    from hefeat.learn.traits import patient_parts, patient_trait_values
 
     tiling = pick_tiling(store, r.tiling_id, spots=False)
     slides = tiled_slides(store, tiling["tiling_id"])
@@ -178,16 +179,15 @@ def _classify(store: Store, r: Recipe) -> TaskData:
             wide = expression_table(store, r.dataset)
             if name not in wide.columns:
                 raise HefeatError(f"Missing labels: trait {name!r} is not in the expression table {r.dataset!r}")
-            smap = store.sql("SELECT sample_id, slide_id FROM samples WHERE dataset = ?", [r.dataset])
-            smap = smap[smap["sample_id"].isin(wide.index)].drop_duplicates("slide_id").set_index("slide_id")
-            v = pd.Series(units["unit_id"]).map(smap["sample_id"]).map(wide[name]).to_numpy(float)
-            v = transform_values(v, "log1p")
-            ok = ~np.isnan(v)
-            y = np.where(ok, (v > np.nanmedian(v)).astype(float), np.nan)
+            # By patient, exactly as `hefeat fit traits`: one value per patient, high = above the
+            # patients' median, OOD = the patient's percentile among patients; slides inherit it.
+            _, per_patient = patient_trait_values(store, r.dataset, [name], units["unit_id"], wide=wide)
+            pp = patient_parts(per_patient[name], set(), r.exclude_mid or (0.0, 100.0))
+            pat = units["patient_id"].astype(str)
+            y = pat.map(pp["label"].astype(float)).to_numpy(float)
             t = y.copy()
-            if r.exclude_mid is not None and ok.any():
-                pct = pd.Series(v).rank(pct=True).to_numpy() * 100
-                t[(pct > r.exclude_mid[0]) & (pct <= r.exclude_mid[1])] = np.nan
+            if r.exclude_mid is not None:
+                t[pat.map(pp["part"]).isin(["ood", "ood_near"]).to_numpy()] = np.nan
         else:
             clin = clinical_by_slide(store)
             if name not in clin.columns:

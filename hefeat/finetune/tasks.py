@@ -195,12 +195,13 @@ def _eval_classify(data: TaskData, pred, tested, split):
         return summary, {"metrics": pd.DataFrame([summary]), "slide_scores": table}
     trained = ~np.isnan(data.train_targets)  # a unit is "extreme" (in-distribution) if its label trains
     in_dist = pd.DataFrame(trained).groupby(data.unit_of, sort=True).any().reindex(units).to_numpy()
+    pats = data.units["patient_id"].to_numpy(str)[units]
     for j, name in enumerate(data.outputs):
         ok = ~np.isnan(U[:, j]) & np.isfinite(up[:, j])  # no score: that fold's training had one class only
         for subset, sel in (("all", ok), ("in_distribution", ok & in_dist[:, j])):
             if subset == "in_distribution" and sel.sum() == ok.sum():
                 continue
-            a = auc_with_ci(U[sel, j], up[sel, j], n_boot=500, seed=0)
+            a = auc_with_ci(U[sel, j], up[sel, j], n_boot=500, seed=0, groups=pats[sel])  # resample patients
             b = auc_with_ci(U[sel, j], frac[sel, j], n_boot=0, seed=0)
             rows.append({"label": name, "slides": subset, "n": int(sel.sum()), "auc_mean_prob": a["auc"],
                          "ci_low": a["ci_low"], "ci_high": a["ci_high"], "auc_fraction_positive": b["auc"],

@@ -66,7 +66,7 @@ def holdout_from_ids(sample_ids: np.ndarray, groups: np.ndarray, test_ids: set[s
 
 
 def parse_split(spec: str, sample_ids: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> list[Fold]:
-    """'patient-kfold:K' | 'holdout:FILE' (one id per line) | 'loo' (leave-one-patient-out)."""
+    """'patient-kfold:K' | 'holdout:FILE' (one id per line) | 'patient-holdout:SHARE' | 'loo' (leave-one-patient-out)."""
     kind, _, arg = spec.partition(":")
     if kind == "patient-kfold":
         return group_kfold(groups, int(arg or 5), seed=seed)
@@ -78,7 +78,16 @@ def parse_split(spec: str, sample_ids: np.ndarray, groups: np.ndarray, *, seed: 
         return [holdout_from_ids(sample_ids, groups, ids)]
     if kind in ("loo", "leave-one-patient-out"):
         return leave_one_group_out(groups)
-    raise HefeatError(f"Unknown split {spec!r}: use patient-kfold:5, holdout:FILE or leave-one-patient-out")
+    if kind == "patient-holdout":  # a seeded share of patients (fit traits' subject-level test set)
+        try:
+            share = float(arg or 0.1)
+        except ValueError:
+            raise HefeatError(f"patient-holdout needs a share of patients, e.g. patient-holdout:0.1, got {arg!r}") from None
+        if not 0 < share < 1:
+            raise HefeatError(f"patient-holdout share must be in (0, 1), got {share}")
+        return [group_holdout(groups, share, seed=seed)]
+    raise HefeatError(f"Unknown split {spec!r}: use patient-kfold:5, holdout:FILE, patient-holdout:0.1 or "
+                      "leave-one-patient-out")
 
 
 def site_split(sites: np.ndarray, *, val_share: float = 0.2, test_share: float = 0.2, seed: int = 0) -> Fold:

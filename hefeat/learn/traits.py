@@ -105,6 +105,26 @@ def patient_parts(values: pd.Series, test_patients: set[str], exclude_mid: tuple
     return pd.DataFrame({"value": values, "percentile": pct, "label": label, "part": part}, index=values.index)
 
 
+def patient_trait_values(store: Store, dataset: str, traits, slide_ids, *,
+                         wide: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(slides: slide_id, patient_id of those slides with expression; one log1p value per patient and trait).
+
+    A patient's value is the mean over its samples' rows; every method labelling traits (fit traits,
+    fine-tuned trait jobs) reads it here, so they agree on who is high, OOD and held out.
+    """
+    from hefeat.learn.data import expression_table, transform_values
+
+    wide = expression_table(store, dataset) if wide is None else wide
+    smap = store.sql("SELECT s.sample_id, s.slide_id, sl.patient_id FROM samples s JOIN slides sl USING (slide_id) "
+                     "WHERE s.dataset = ? ORDER BY s.slide_id, s.sample_id", [dataset])
+    smap = smap[smap["slide_id"].isin(set(slide_ids)) & smap["sample_id"].isin(wide.index)].reset_index(drop=True)
+    slides = smap.drop_duplicates("slide_id")[["slide_id", "patient_id"]].reset_index(drop=True)
+    vals = pd.DataFrame(transform_values(wide.loc[smap["sample_id"], list(traits)].to_numpy(float), "log1p"),
+                        columns=list(traits))
+    vals["patient_id"] = smap["patient_id"].to_numpy()
+    return slides, vals.groupby("patient_id").mean()
+
+
 def _slide_auc(y: np.ndarray, score: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -121,24 +141,17 @@ def _frac_pos(clf, F: np.ndarray) -> float:
 def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
     """Fit trait tile classifiers; binary tile maps (ensemble) for every slide; held-out AUCs per trait."""
     from hefeat.learn.aggregate import majority_vote
-    from hefeat.learn.data import expression_table, finished_slides, slide_tiles, transform_values
+    from hefeat.learn.data import expression_table, finished_slides, slide_tiles
     from hefeat.learn.splits import assert_disjoint, group_holdout
 
     wide = expression_table(store, p.dataset)
     missing = [t for t in p.traits if t not in wide.columns]
     if missing:
         raise HefeatError(f"Traits not in the expression table {p.dataset!r}: {', '.join(missing)}")
-    smap = store.sql("SELECT s.sample_id, s.slide_id, sl.patient_id FROM samples s JOIN slides sl USING (slide_id) "
-                     "WHERE s.dataset = ? ORDER BY s.slide_id", [p.dataset])
-    smap = smap[smap["slide_id"].isin(set(finished_slides(store, p.extraction_id)))]
-    slides = smap.drop_duplicates("slide_id")[["slide_id", "patient_id"]].reset_index(drop=True)
+    slides, per_patient = patient_trait_values(store, p.dataset, p.traits, finished_slides(store, p.extraction_id),
+                                               wide=wide)
     if len(slides) < 10:
         raise NotEstimable(f"Trait models need at least 10 slides with features and expression, found {len(slides)}")
-    # One value per patient and trait: mean over the patient's samples (log scale).
-    vals = pd.DataFrame(transform_values(wide.loc[smap["sample_id"], list(p.traits)].to_numpy(float), "log1p"),
-                        columns=list(p.traits))
-    vals["patient_id"] = smap["patient_id"].to_numpy()
-    per_patient = vals.groupby("patient_id").mean()
     patients = slides["patient_id"].to_numpy().astype(str)
     all_pat = np.unique(patients)
     test_pat = set(all_pat[group_holdout(all_pat, p.test_share, seed=p.seed).test])
