@@ -77,7 +77,7 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     extra.update(spots_model_id=sp["model_id"], genes_passing_sign_test=sp["genes_passing_sign_test"])
     lines.append(f"Spot heads {sp['model_id']}: {sp['genes_passing_sign_test']} of {sp['n_genes']} genes pass the sign "
                  f"test over {sp['n_patients']} patients; map of {gene} on {sid}: {out / 'spot_map.png'}")
-    say("[7] trait maps (MKI67, miR-17), heterogeneity index, survival on held-out patients")
+    say("[7] trait maps (MKI67, miR-17), heterogeneity index, survival over cross-fitted maps")
     from hefeat.errors import HefeatError
 
     tr = fit_model(store, "traits", TraitsParams(extraction_id=res["extraction_id"], exclude_mid=(30, 70),
@@ -89,11 +89,13 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     cartography(store, tr["model_id"], carto_slide, out / f"cartography_{carto_slide}.png")
     try:
         sv = survival(store, tr["model_id"], threshold=0.5, out=out / "hti_survival.png")
-        surv_text = (f"HTI > 0.5 vs <= 0.5 on held-out patients only ({sv['n_high']} vs {sv['n_low']}; "
-                     f"{sv['n_excluded_trained']} trained-on excluded, {sv['n_skipped_hti_zero']} with HTI 0 skipped): "
+        surv_text = (f"HTI > 0.5 vs <= 0.5 over {sv['n_high'] + sv['n_low']} patients, {sv['patients']} "
+                     f"({sv['n_high']} vs {sv['n_low']}; {sv['n_excluded_trained']} excluded, "
+                     f"{sv['n_skipped_hti_zero']} with HTI 0 skipped): "
                      f"log-rank p = {sv['logrank_p']:.3g} ({out / 'hti_survival.png'})"
                      + "".join(f"; {n}" for n in sv["notes"]))
-        extra.update(logrank_p=sv["logrank_p"], logrank_n_high=sv["n_high"], logrank_n_low=sv["n_low"])
+        extra.update(logrank_p=sv["logrank_p"], logrank_n_high=sv["n_high"], logrank_n_low=sv["n_low"],
+                     survival_rule=sv["rule"])
     except HefeatError as e:  # too few held-out patients on one side: say so instead of a p-value
         surv_text = f"no HTI survival test: {e}"
         extra.update(logrank_p=None)

@@ -234,7 +234,7 @@ def test_cli_spatial_and_exploration_commands(learned, tmp_path):
     h = js("hti", tr["model_id"], "--out", tmp_path / "hti.parquet", *S)
     assert h["n_slides"] == 40 and len(pd.read_parquet(tmp_path / "hti.parquet")) == 40
     sv = js("survival", "--model", tr["model_id"], "--by", "hti", "--threshold", "0.5", "--out", tmp_path / "km.png", *S)
-    assert 0 <= sv["logrank_p"] <= 1 and sv["n_high"] + sv["n_low"] <= tr["n_heldout_patients"]
+    assert 0 <= sv["logrank_p"] <= 1 and sv["n_high"] + sv["n_low"] <= tr["n_map_heldout_patients"]
     rt = js("report", tr["model_id"], "--out", tmp_path / "trt", *S)
     assert {"roc.png", "hti_survival.png"} <= {pathlib.Path(f).name for f in rt["files"]}
     c = js("cartography", tr["model_id"], "--slide", "S02", "--out", tmp_path / "c.png", *S)

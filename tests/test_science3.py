@@ -300,3 +300,45 @@ def test_finetuned_traits_agree_with_fit_traits_on_labels_ood_and_test_patients(
     tasks._eval_classify(data, pred, np.arange(len(pred)), "s")
     boot = [g for g in seen if g is not None]
     assert boot and all(set(g) <= set(all_pat) for g in boot)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) HTI survival over cross-fitted maps: every patient, each map from models that never saw it
+# ---------------------------------------------------------------------------------------------
+def test_crossfitted_trait_maps_never_come_from_a_model_that_saw_the_patient(learned, tmp_path, monkeypatch):
+    """Old main: maps from one model; survival only on the few held-out patients (no crossfit option)."""
+    import shutil
+
+    import pandas as pd
+
+    from hefeat.learn import traits
+    from hefeat.learn.registry import fit_model
+    from hefeat.learn.traits import TraitsParams, survival
+    from hefeat.store.catalog import Store
+
+    st0, eid, _, _ = learned
+    shutil.copytree(st0.root, tmp_path / "st", ignore=shutil.ignore_patterns("models", "predictions"))
+    st = Store(tmp_path / "st")
+    calls = []
+    real = traits._ensemble
+
+    def spy(p, ti, feats, draw, sids, patients, label, pool, seed):
+        calls.append((seed, set(patients[pool])))
+        return real(p, ti, feats, draw, sids, patients, label, pool, seed)
+
+    monkeypatch.setattr(traits, "_ensemble", spy)
+    p = TraitsParams(extraction_id=eid, exclude_mid=(30, 70), test_share=0.2, splits=2, ensemble=1, crossfit=3,
+                     max_tiles_per_slide=100)
+    s = fit_model(st, "traits", p)
+    slides = pd.read_parquet(st.model_dir(s["model_id"]) / "slides.parquet")
+    assert slides["map_from"].str.startswith("crossfit").all() and slides["map_heldout"].all()
+    assert s["n_map_heldout_patients"] == slides["patient_id"].nunique() > s["n_heldout_patients"]
+    for fold, g in slides.groupby("map_from"):  # the fold's models trained on none of its patients
+        k = int(fold.rsplit("fold", 1)[1])
+        pools = [pool for seed, pool in calls if seed == p.seed + 1000 * k]
+        assert len(pools) == 2 and all(not pool & set(g["patient_id"]) for pool in pools)
+    sv = survival(st, s["model_id"])
+    assert sv["rule"] == "crossfit" and sv["n_excluded_trained"] == 0
+    assert sv["n_high"] + sv["n_low"] + sv["n_skipped_hti_zero"] + sv["n_missing_survival"] == sv["n_patients"] >= 20
+    held = survival(st, s["model_id"], rule="heldout")
+    assert held["rule"] == "heldout" and held["n_high"] + held["n_low"] < sv["n_high"] + sv["n_low"]

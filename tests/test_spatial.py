@@ -115,19 +115,19 @@ def test_trained_slides_cannot_produce_a_significant_logrank(traits_store, tmp_p
     use(clin)
     naive = logrank_test(t[high], t[~high], e[high], e[~high]).p_value  # every patient, trained ones included
     assert naive < 0.05
-    sv = survival(st, s["model_id"])
-    assert sv["logrank_p"] > 0.05
+    sv = survival(st, s["model_id"], rule="heldout")
+    assert sv["logrank_p"] > 0.05 and sv["rule"] == "heldout"
     assert sv["n_excluded_trained"] == int((~pat["heldout"]).sum()) > 0
     assert sv["n_high"] + sv["n_low"] + sv["n_skipped_hti_zero"] == int(pat["heldout"].sum())
     trained = ~clin["patient_id"].map(pat["heldout"])
     clin.loc[trained, "survival_months"] = 1.0  # whatever the trained patients do ...
     use(clin)
-    assert survival(st, s["model_id"])["logrank_p"] == sv["logrank_p"]  # ... the answer is unchanged
+    assert survival(st, s["model_id"], rule="heldout")["logrank_p"] == sv["logrank_p"]  # ... the answer is unchanged
     clin["survival_months"] = 150.0  # follow-up capped at 10 years: events after 120 months are censored
     use(clin)
     with pytest.raises(HefeatError, match="one side"):
-        survival(st, s["model_id"], threshold=0.999)
-    capped = survival(st, s["model_id"])
+        survival(st, s["model_id"], threshold=0.999, rule="heldout")
+    capped = survival(st, s["model_id"], rule="heldout")
     assert capped["n_censored_at_cap"] == capped["n_high"] + capped["n_low"] and capped["max_follow_up"] == 120
 
 

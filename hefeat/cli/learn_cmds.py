@@ -266,13 +266,17 @@ def hti(model_id, out, store_path, as_json):
 @click.option("--max-follow-up", type=float, default=None,
               help="Cap follow-up here, in the time column's unit (default: 10 years, unit from the column name).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Kaplan–Meier PNG.")
+@click.option("--rule", type=click.Choice(["auto", "crossfit", "heldout"]), default="auto", show_default=True,
+              help="crossfit: every patient, maps from models that never saw it; heldout: PathoMCH's held-out "
+                   "patients only; auto: crossfit when the model has cross-fitted maps.")
 @store_option
 @json_option
-def survival(model_id, by, threshold, time_col, event_col, max_follow_up, out, store_path, as_json):
-    """Kaplan–Meier curves and log-rank test for HTI above vs below a threshold, on held-out patients.
+def survival(model_id, by, threshold, time_col, event_col, max_follow_up, out, rule, store_path, as_json):
+    """Kaplan–Meier curves and log-rank test for HTI above vs below a threshold, on patients with honest maps.
 
-    As in PathoMCH: patients a trait model trained on are excluded, HTI = 0 is skipped, follow-up
-    is capped at 10 years.
+    Cross-fitted maps (fit traits --crossfit 5, the default) let every patient in; --rule heldout keeps
+    PathoMCH's rule (patients a trait model trained on excluded). HTI = 0 is skipped, follow-up is
+    capped at 10 years.
 
     \b
     Example:
@@ -289,9 +293,9 @@ def survival(model_id, by, threshold, time_col, event_col, max_follow_up, out, s
         model_id = m["model_id"].iloc[0]
         chosen = f"the newest of {len(m)} traits model(s); pass --model to choose"
     s = surv(st, model_id, by=by, threshold=threshold, time_col=time_col, event_col=event_col,
-             max_follow_up=max_follow_up, out=out)
+             max_follow_up=max_follow_up, out=out, rule=rule)
     s = {"model_id": model_id, "model_chosen": chosen, **s}
-    text = (f"Traits model {model_id} ({chosen}).\nHeld-out patients, {by} > {threshold}: {s['n_high']} vs {s['n_low']}; log-rank p = {s['logrank_p']:.3g} "
+    text = (f"Traits model {model_id} ({chosen}).\n{s['patients']}; {by} > {threshold}: {s['n_high']} vs {s['n_low']}; log-rank p = {s['logrank_p']:.3g} "
             f"({s['n_excluded_trained']} trained-on patients excluded, {s['n_skipped_hti_zero']} with HTI = 0 skipped, "
             f"{s['n_censored_at_cap']} censored at {s['max_follow_up']:g})" + (f"; plot {out}" if out else ""))
     text += "".join(f"\n  note: {n}" for n in s["notes"])

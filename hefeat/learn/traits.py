@@ -60,6 +60,8 @@ class TraitsParams(Params):
     max_iter: int = param(2000, "Solver iterations of the tile classifier.")
     mlp_hidden: int = param(64, "Hidden units of the MLP tile classifier (--head mlp).")
     ensemble: int = param(3, "Models (best validation AUC) in the per-tile majority vote.")
+    crossfit: int = param(5, "Patient folds of the cross-fitted maps HTI survival uses (each patient's maps from "
+                             "models that never saw it); 0 = maps from the one model (held-out rule only).")
     max_tiles_per_slide: int = param(500, "Training tiles drawn per slide (maps use every tile).")
     seed: int = param(0, "Seed of the test set, the splits, the tile draws and the classifiers.")
 
@@ -78,6 +80,8 @@ class TraitsParams(Params):
         check_range("--max-iter", self.max_iter, 1)
         check_range("--ensemble", self.ensemble, 1, self.splits)
         check_range("--max-tiles-per-slide", self.max_tiles_per_slide, 1)
+        if self.crossfit:
+            check_range("--crossfit", self.crossfit, 2)
 
     def classifier(self, seed: int):
         """The tile classifier with these hyperparameters."""
@@ -125,6 +129,33 @@ def patient_trait_values(store: Store, dataset: str, traits, slide_ids, *,
     return slides, vals.groupby("patient_id").mean()
 
 
+def _ensemble(p: TraitsParams, ti: int, feats: dict, draw: dict, sids: list[str], patients: np.ndarray,
+              label: np.ndarray, pool: np.ndarray, seed: int) -> list:
+    """PathoMCH's model selection on the `pool` slides: p.splits random train/validation splits by patient,
+    one tile classifier each; returns (val AUC, split, classifier, validation rows), best first."""
+    from hefeat.learn.splits import assert_disjoint, group_holdout
+
+    pool_pat = np.array(sorted(set(patients[pool])))
+    models = []
+    if len(pool_pat) < 2:
+        return models
+    for s in range(p.splits):
+        f = group_holdout(pool_pat, p.val_share, seed=seed + 1 + s)
+        val_pat = set(pool_pat[f.test])
+        tr = np.flatnonzero(pool & ~np.isin(patients, list(val_pat)))
+        va = np.flatnonzero(np.isin(patients, list(val_pat)))
+        assert_disjoint(patients, tr, va, np.flatnonzero(~pool))
+        if len(np.unique(label[tr])) < 2:
+            continue
+        Xtr = np.concatenate([feats[sids[i]][draw[sids[i]]] for i in tr])
+        ytr = np.concatenate([np.full(len(draw[sids[i]]), label[i]) for i in tr])
+        clf = p.classifier(seed + 100 * ti + s).fit(Xtr, ytr)
+        val_auc = _slide_auc(label[va], np.array([_frac_pos(clf, feats[sids[i]]) for i in va]))
+        models.append((val_auc if np.isfinite(val_auc) else 0.0, s, clf, va))
+    models.sort(key=lambda m: (-m[0], m[1]))
+    return models
+
+
 def _slide_auc(y: np.ndarray, score: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -142,7 +173,7 @@ def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
     """Fit trait tile classifiers; binary tile maps (ensemble) for every slide; held-out AUCs per trait."""
     from hefeat.learn.aggregate import majority_vote
     from hefeat.learn.data import expression_table, finished_slides, slide_tiles
-    from hefeat.learn.splits import assert_disjoint, group_holdout
+    from hefeat.learn.splits import group_holdout, group_kfold
 
     wide = expression_table(store, p.dataset)
     missing = [t for t in p.traits if t not in wide.columns]
@@ -162,30 +193,20 @@ def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
         draw[st.slide_id] = np.sort(rng.choice(len(st.X), min(len(st.X), p.max_tiles_per_slide), replace=False))
     sids = slides["slide_id"].tolist()
     rows, maps, notes = [], {sid: {} for sid in sids}, []
+    cf_folds = group_kfold(patients, min(p.crossfit, len(all_pat)), seed=p.seed) if p.crossfit else []
+    cf_maps: dict = {sid: {} for sid in sids}
+    cf_missing: set[int] = set()
     for ti, trait in enumerate(p.traits):
         pp = patient_parts(per_patient[trait], test_pat, p.exclude_mid)
         label = pp.loc[patients, "label"].to_numpy()
         base_part = pp.loc[patients, "part"].to_numpy()
         pool_pat = np.array(sorted(pp.index[pp["part"] == "pool"]))
-        models, part = [], base_part.copy()
-        for s in range(p.splits):
-            f = group_holdout(pool_pat, p.val_share, seed=p.seed + 1 + s)
-            val_pat = set(pool_pat[f.test])
-            tr = np.flatnonzero((base_part == "pool") & ~np.isin(patients, list(val_pat)))
-            va = np.flatnonzero(np.isin(patients, list(val_pat)))
-            assert_disjoint(patients, tr, va, np.flatnonzero(base_part != "pool"))
-            if len(np.unique(label[tr])) < 2:
-                continue
-            Xtr = np.concatenate([feats[sids[i]][draw[sids[i]]] for i in tr])
-            ytr = np.concatenate([np.full(len(draw[sids[i]]), label[i]) for i in tr])
-            clf = p.classifier(p.seed + 100 * ti + s).fit(Xtr, ytr)
-            val_auc = _slide_auc(label[va], np.array([_frac_pos(clf, feats[sids[i]]) for i in va]))
-            models.append((val_auc if np.isfinite(val_auc) else 0.0, s, clf, va))
+        part = base_part.copy()
+        models = _ensemble(p, ti, feats, draw, sids, patients, label, base_part == "pool", p.seed)
         if not models:
             raise NotEstimable(f"Trait {trait}: no split had both classes among its training patients "
                                f"({len(pool_pat)} patients outside the {p.exclude_mid[0]:g}-{p.exclude_mid[1]:g} band); "
                                "narrow --exclude-mid or add slides")
-        models.sort(key=lambda m: (-m[0], m[1]))
         best = models[: p.ensemble]
         # Patients any chosen model validated on were used for selection: they count as training here.
         chosen_val = np.unique(np.concatenate([m[3] for m in best]))
@@ -213,6 +234,17 @@ def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
                                 else "add slides"))
         for sid in sids:
             maps[sid][trait] = votes[sid]
+        if p.crossfit:  # every patient's map from ensembles trained without it (the same procedure)
+            extreme = patient_parts(per_patient[trait], set(), p.exclude_mid).loc[patients, "part"].to_numpy() == "pool"
+            for k, f in enumerate(cf_folds):
+                fold_models = _ensemble(p, ti, feats, draw, sids, patients, label,
+                                        extreme & ~np.isin(np.arange(len(sids)), f.test), p.seed + 1000 * (k + 1))
+                if not fold_models:
+                    cf_missing.add(k)
+                    continue
+                for i in f.test:
+                    cf_maps[sids[i]][trait] = majority_vote(np.stack([m[2].predict(feats[sids[i]])
+                                                                      for m in fold_models[: p.ensemble]]))
         slides[f"label_{trait}"] = label
         slides[f"part_{trait}"] = part
         slides[f"score_{trait}"] = score
@@ -227,6 +259,18 @@ def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
     if n_pat_heldout < 10:
         notes.append(f"only {n_pat_heldout} patients are held out for every trait (test or OOD): HTI survival on "
                      "them has little power; use more slides or a larger --test-share")
+    # The maps written (and used by HTI): cross-fitted where every trait's fold ensemble exists.
+    slides["map_heldout"] = slides["heldout"]
+    slides["map_from"] = "model"
+    for k, f in enumerate(cf_folds):
+        if k in cf_missing:
+            notes.append(f"cross-fit fold {f.name}: a trait had one class among its training patients; its "
+                         f"{len(np.unique(patients[f.test]))} patients keep the main model's maps (held-out rule)")
+            continue
+        for i in f.test:
+            maps[sids[i]] = cf_maps[sids[i]]
+        slides.loc[f.test, "map_heldout"] = True
+        slides.loc[f.test, "map_from"] = f"crossfit {f.name}"
     with write_predictions(store, model_id) as write_pred:
         for sid in sids:
             t = coords[sid].reset_index(drop=True)
@@ -239,6 +283,8 @@ def fit_traits(store: Store, p: TraitsParams, model_id: str) -> FitResult:
     summary = {"extraction_id": p.extraction_id, "traits": ",".join(p.traits), "n_slides": int(len(slides)),
                "n_patients": int(len(all_pat)), "n_test_patients": len(test_pat),
                "n_heldout_patients": n_pat_heldout,
+               "maps": (f"cross-fitted over {len(cf_folds)} patient folds" if p.crossfit else "one model"),
+               "n_map_heldout_patients": int(slides.loc[slides["map_heldout"], "patient_id"].nunique()),
                **{f"test_auc_{r['trait']}": r["test_auc"] for r in rows},
                **{f"ood_all_auc_{r['trait']}": r["ood_all_auc"] for r in rows},
                **{f"heldout_auc_{r['trait']}": r["heldout_auc"] for r in rows},
@@ -273,7 +319,10 @@ def hti_table(store: Store, mid: str, out: str | Path | None = None) -> pd.DataF
         B = df[traits].to_numpy(bool)
         rows.append({"slide_id": sid, "hti": hti(B), "n_tiles": len(B), "positive_tiles": int(B.any(1).sum()),
                      **{f"share_{t}": float(df[t].mean()) for t in traits}})
-    res = pd.DataFrame(rows).merge(sl[["slide_id", "heldout", *[f"part_{t}" for t in traits]]], on="slide_id")
+    if "map_heldout" not in sl.columns:  # fitted before cross-fitting: maps from the one model
+        sl = sl.assign(map_heldout=sl["heldout"], map_from="model")
+    res = pd.DataFrame(rows).merge(sl[["slide_id", "heldout", "map_heldout", "map_from",
+                                       *[f"part_{t}" for t in traits]]], on="slide_id")
     clin = clinical_by_slide(store)
     res = res.merge(clin, on="slide_id", how="left")
     res.insert(0, "model_id", mid)
@@ -298,12 +347,18 @@ def _follow_up_cap(time_col: str, max_follow_up: float | None) -> float:
                       "pass --max-follow-up in that unit (10 years)")
 
 
-def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5, time_col: str = "survival_months",
-             event_col: str = "event", max_follow_up: float | None = None, out: str | Path | None = None) -> dict:
-    """Kaplan–Meier curves and log-rank test on held-out patients, `by` above vs at/below `threshold`.
+SURVIVAL_RULES = ("auto", "crossfit", "heldout")
 
-    PathoMCH's design: only patients no trait model trained or was selected on; patients with HTI = 0
-    skipped; follow-up capped at 10 years (events after the cap censored at it).
+
+def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5, time_col: str = "survival_months",
+             event_col: str = "event", max_follow_up: float | None = None, out: str | Path | None = None,
+             rule: str = "auto") -> dict:
+    """Kaplan–Meier curves and log-rank test, `by` above vs at/below `threshold`, on patients whose maps are honest.
+
+    rule 'crossfit': every patient whose maps came from cross-fitted models that never saw it (all of
+    them when the model was fitted with --crossfit); 'heldout': PathoMCH's rule, only patients no
+    trait model trained or was selected on; 'auto': crossfit when the model has cross-fitted maps.
+    Patients with HTI = 0 skipped; follow-up capped at 10 years (events after the cap censored at it).
     """
     from lifelines.statistics import logrank_test
 
@@ -314,9 +369,17 @@ def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5,
                               f"(use --time-col / --event-col)")
     if by not in res.columns:
         raise HefeatError(f"Cannot split by {by!r}; available: hti, share_<trait>")
+    if rule not in SURVIVAL_RULES:
+        raise HefeatError(f"--rule must be one of {', '.join(SURVIVAL_RULES)}, got {rule!r}")
+    crossfitted = res["map_from"].astype(str).str.startswith("crossfit")
+    if rule == "auto":
+        rule = "crossfit" if crossfitted.any() else "heldout"
+    if rule == "crossfit" and not crossfitted.any():
+        raise HefeatError(f"Traits model {mid} has no cross-fitted maps; refit with --crossfit 5 or use --rule heldout")
+    flag = "map_heldout" if rule == "crossfit" else "heldout"
     cap = _follow_up_cap(time_col, max_follow_up)
     pat = res.groupby("patient_id").agg(value=(by, "mean"), t=(time_col, "first"), e=(event_col, "first"),
-                                        heldout=("heldout", "all"), hti=("hti", "mean"))
+                                        heldout=(flag, "all"), hti=("hti", "mean"))
     n_all = len(pat)
     pat = pat.dropna(subset=["value", "t", "e"])
     n_missing = n_all - len(pat)
@@ -331,12 +394,12 @@ def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5,
     counts = (f"{n_all} patients: {n_trained} trained on (excluded), {n_zero} held-out with HTI = 0 (skipped), "
               f"{n_missing} without survival data")
     if hi.all() or (~hi).all():
-        raise NotEstimable(f"All {len(pat)} usable held-out patients are on one side of {by} = {threshold} "
+        raise NotEstimable(f"All {len(pat)} usable patients ({rule} rule) are on one side of {by} = {threshold} "
                            f"({counts}); choose another --threshold or fit traits on more slides")
     lr = logrank_test(pat.loc[hi, "t"], pat.loc[~hi, "t"], pat.loc[hi, "e"], pat.loc[~hi, "e"])
     med = {}
     if out:
-        med = _km_plot(pat, hi, by, threshold, time_col, float(lr.p_value), cap, mid, out)
+        med = _km_plot(pat, hi, by, threshold, time_col, float(lr.p_value), cap, mid, out, rule)
     events_hi = pat.loc[hi, "e"].sum() / pat.loc[hi, "t"].sum()
     events_lo = pat.loc[~hi, "e"].sum() / pat.loc[~hi, "t"].sum()
     notes = []
@@ -346,19 +409,23 @@ def survival(store: Store, mid: str, *, by: str = "hti", threshold: float = 0.5,
     return {"model_id": mid, "by": by, "threshold": threshold, "n_high": int(hi.sum()), "n_low": int((~hi).sum()),
             "n_patients": n_all, "n_excluded_trained": n_trained, "n_skipped_hti_zero": n_zero,
             "n_missing_survival": n_missing, "n_censored_at_cap": int(capped.sum()), "max_follow_up": cap,
-            "patients": "held-out (test + OOD for every trait)",
+            "rule": rule,
+            "patients": ("all patients, maps cross-fitted over patient folds (each from models that never saw it)"
+                         if rule == "crossfit" else "held-out only (test + OOD for every trait; PathoMCH's rule)"),
             "logrank_p": float(lr.p_value), "event_rate_high": float(events_hi), "event_rate_low": float(events_lo),
             "median_survival": med, "notes": notes, "out": str(out) if out else None}
 
 
 def _km_plot(pat: pd.DataFrame, hi: pd.Series, by: str, threshold: float, time_col: str, p: float, cap: float,
-             mid: str, out) -> dict:
+             mid: str, out, rule: str = "heldout") -> dict:
     from hefeat.figures.survival import kaplan_meier
 
     groups = {f"{by} > {threshold}": hi, f"{by} ≤ {threshold}": ~hi}
     what = "HTI (heterogeneity of trait maps)" if by == "hti" else f"{by} (trait maps)"
-    title = (f"Survival of {len(pat)} held-out patients: {what} > {threshold} vs ≤ {threshold}\n"
-             f"traits model {mid}; trained-on patients and HTI = 0 excluded; follow-up capped at {cap:g} {time_col.replace('_', ' ')}")
+    who = ("patients (cross-fitted maps)", "HTI = 0 excluded") if rule == "crossfit" else \
+        ("held-out patients", "trained-on patients and HTI = 0 excluded")
+    title = (f"Survival of {len(pat)} {who[0]}: {what} > {threshold} vs ≤ {threshold}\n"
+             f"traits model {mid}; {who[1]}; follow-up capped at {cap:g} {time_col.replace('_', ' ')}")
     return kaplan_meier({k: (pat.loc[m, "t"].to_numpy(), pat.loc[m, "e"].to_numpy()) for k, m in groups.items()},
                         title=title, time_label=time_col.replace("_", " "), p_value=p, out=out)["median_survival"]
 
