@@ -130,8 +130,12 @@ def test_he2rna_constant_prediction_has_undefined_r_not_zero(tmp_path, monkeypat
     monkeypatch.setattr(He2rnaParams, "estimator", lambda self, seed: Const())
 
     class FakeStore:
+        root = tmp_path
+
         def model_dir(self, mid):
-            return tmp_path / mid
+            from hefeat.store import layout
+
+            return layout.model_file(tmp_path, mid, layout.MODEL_NET).parent
 
     res = fit_he2rna(FakeStore(), He2rnaParams(extraction_id="e", median_positive=False, n_untrained=1), "he2-x")
     m = res.tables["metrics"].set_index("gene")
