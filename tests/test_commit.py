@@ -277,8 +277,8 @@ def test_layout_is_the_only_path_formatter():
     pkg = os.path.dirname(hefeat.__file__)
     offenders = []
     for path in glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True):
-        if os.sep + "store" + os.sep in path:
-            continue
+        if os.sep + "store" + os.sep in path or os.sep + "formats" + os.sep in path:
+            continue  # formats/ reads published layouts (Space Ranger outs/, HEST), not the store's files
         text = Path(path).read_text()
         for needle in ('root / "', '"slide=', '"tiling=', '"extraction=', '"model=', '"umap=', '/ "queries"'):
             if needle in text:
