@@ -36,6 +36,9 @@ sys.path.insert(0, str(HERE / "benchmarks"))
 def _store(a) -> tuple[Path, dict]:
     from store_scale import FORMAT, fabricate
 
+    if a.store:  # a store fabricated by store_scale.py (same fabrication), e.g. its 10,000-slide store
+        root = Path(a.store)
+        return root, json.loads((root / "_fabricated.json").read_text())
     root = Path(a.workdir) / f"mil-{a.slides}"
     meta = root / "_fabricated.json"
     want = {"slides": a.slides, "tiles_per_slide": [a.tiles, a.tiles], "dim": a.dim, "seed": a.seed, "format": FORMAT}
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="/tmp/hefeat-bench-mil")
     ap.add_argument("--reuse", action="store_true", help="reuse a fabricated store of the same parameters")
+    ap.add_argument("--store", default=None, help="use this store fabricated by store_scale.py (its slides, tiles and dim)")
     a = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
 
