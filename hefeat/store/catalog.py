@@ -439,6 +439,7 @@ class Store:
 
         try:
             self.compact([fam] if fam else [])
+            records.compact_settled(self.root)
         except (OSError, duckdb.Error) as e:
             import warnings
 

@@ -26,6 +26,8 @@ from hefeat.store.schema import STATES, STATUS_FIELDS
 FAMILY = "status"
 #: A folder modified less than this long ago is re-read next time (mtime granularity, clock steps).
 SETTLE_NS = 2_000_000_000
+#: Folders with at least this many records are compacted settled (readers skip per-file stats).
+SETTLE_MIN_ROWS = 1000
 _INT = {"BIGINT", "INTEGER"}
 
 
@@ -219,6 +221,31 @@ def load_status(root: Path, *, write: bool = True) -> StatusSnapshot:
         with contextlib.suppress(OSError):
             _write_part(root, cols, meta_cols, new_dirs, man.get("part"))
     return snap
+
+
+def compact_settled(root: Path, *, min_rows: int = SETTLE_MIN_ROWS) -> StatusSnapshot:
+    """Compact the records as a writer that just finished does, so that readers can trust folder mtimes.
+
+    A folder written to within SETTLE_NS is compacted without its mtime (a file added in the same clock
+    tick would not change it), and every reader then stats each of its files. For folders of at least
+    `min_rows` records (where those stats cost readers tenths of a second) the writer waits until the
+    folder has settled and compacts again, once.
+    """
+    snap = load_status(root, write=True)
+    try:
+        man = json.loads(layout.compact_manifest(root, FAMILY).read_text())
+    except (OSError, ValueError):
+        return snap
+    counts: dict[str, int] = {}
+    for stage, key in zip(snap.columns["stage"], snap.columns["id"], strict=True):
+        d = layout.status_dir(root, stage, key).name
+        counts[d] = counts.get(d, 0) + 1
+    fresh = [d for d, v in man.get("dirs", {}).items() if v.get("mtime") is None and counts.get(d, 0) >= min_rows]
+    if not fresh:
+        return snap
+    newest = max((layout.status_root(root) / d).stat().st_mtime_ns for d in fresh)
+    time.sleep(max(0.0, (newest + SETTLE_NS - time.time_ns()) / 1e9) + 0.05)
+    return load_status(root, write=True)
 
 
 def _write_part(root: Path, cols: dict, meta_cols: dict, dirs: dict, previous: str | None) -> None:
