@@ -77,3 +77,19 @@ def learned(tmp_path_factory, cohort40):
     eid = run_extraction(st, tiling_id=tid, **enc).extra["extraction_id"]
     seid = run_extraction(st, tiling_id=stid, **enc).extra["extraction_id"]
     return st, eid, seid, cohort40 / "truth.json"
+
+
+def _store_files(root) -> dict[str, tuple[int, int]]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            s = os.stat(p)
+            out[os.path.relpath(p, root)] = (s.st_size, s.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def files_state():
+    """A function: every file under a folder with its size and mtime (to prove a read wrote nothing)."""
+    return _store_files

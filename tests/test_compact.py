@@ -7,7 +7,6 @@ compacted and every query re-planned (and re-ran) the failed compaction over 10,
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -74,17 +73,6 @@ def write_predictions(st: Store, mid: str, slide_ids: list[str]) -> None:
     save_model(st, mid, kind="fabricated", params={}, summary={})
 
 
-def files_state(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under the store with its size and mtime (to prove a read wrote nothing)."""
-    out = {}
-    for dp, _, fns in os.walk(root):
-        for f in fns:
-            p = os.path.join(dp, f)
-            s = os.stat(p)
-            out[os.path.relpath(p, root)] = (s.st_size, s.st_mtime_ns)
-    return out
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     """A 2,000-slide store: one tiling written by the runner in two runs, one model's predictions. Read-only."""
@@ -129,7 +117,7 @@ def test_a_query_scans_the_compacted_parts_only(big):
     assert sql.count(".parquet'") == len(st.plans["tiles=tbig"].parts) <= compact.PARTS_MAX
 
 
-def test_reads_never_write_and_never_compact(big, monkeypatch):
+def test_reads_never_write_and_never_compact(big, monkeypatch, files_state):
     """status / sql through the CLI and the API leave every file of the store untouched; compaction is
     not even attempted by a reader."""
     from click.testing import CliRunner
@@ -149,7 +137,7 @@ def test_reads_never_write_and_never_compact(big, monkeypatch):
     assert files_state(big) == before
 
 
-def test_a_store_left_loose_is_read_whole_without_writing_and_compact_fixes_it(tmp_path, no_fsync):
+def test_a_store_left_loose_is_read_whole_without_writing_and_compact_fixes_it(tmp_path, no_fsync, files_state):
     """Files a writer left uncompacted (a crash after its commits, an older hefeat) are planned around by
     readers, who write nothing; `hefeat compact` then leaves no loose file and the same rows."""
     from click.testing import CliRunner
@@ -231,7 +219,7 @@ def test_retiled_slides_replace_their_rows_after_compaction(tmp_path, no_fsync):
     assert after.plans["tiles=tr"].compacted
 
 
-def test_slide_aggregates_read_without_writing_and_compact_consolidates(tmp_path, no_fsync):
+def test_slide_aggregates_read_without_writing_and_compact_consolidates(tmp_path, no_fsync, files_state):
     """An extraction whose consolidated slide table was never written (a worker died before it) is read
     from its files — right means, nothing written; `hefeat compact` then writes the table."""
     from hefeat.runner import run_slides

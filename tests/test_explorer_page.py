@@ -72,16 +72,6 @@ def _get(server, path, *, host=None, method="GET", body=None, headers=None):
     return r.status, r.getheader("Content-Type", ""), data
 
 
-def _listing(root) -> dict:
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            s = os.stat(p)
-            out[os.path.relpath(p, root)] = (s.st_size, s.st_mtime_ns)
-    return out
-
-
 # ---- server ------------------------------------------------------------------------------------------
 def test_host_header_and_origin_are_checked(server):
     ok, _, _ = _get(server, "/api/slides")
@@ -98,7 +88,7 @@ def test_host_header_and_origin_are_checked(server):
     assert status == 400 and "JSON" in json.loads(body)["error"]  # a plain cross-site form cannot compute
 
 
-def test_get_never_writes_to_the_store(server):
+def test_get_never_writes_to_the_store(server, files_state):
     """Every read route, with valid parameters, leaves the store's files exactly as they were."""
     st, e, u = server["store"], server["eid"], server["umap"]
     val = urllib.parse.quote(f"model:{server['model']}:{server['gene']}")
@@ -112,11 +102,11 @@ def test_get_never_writes_to_the_store(server):
              f"/api/tile/{e}/S02/3", f"/api/indexes?extraction={e}",
              f"/api/neighbors?extraction={e}&slide=S02&tile=3&k=5&exclude=patient",
              "/static/vendor/openseadragon/LICENSE.txt", "/static/explorer.js"]
-    before = _listing(st.root)
+    before = files_state(st.root)
     for p in paths:
         status, _, body = _get(server, p)
         assert status == 200, (p, body[:300])
-    assert _listing(st.root) == before
+    assert files_state(st.root) == before
     assert _get(server, "/api/umap")[0] == 405  # computing is a POST, never a GET
 
 
