@@ -412,7 +412,7 @@ class Store:
         t0 = time.perf_counter()
         self.require()
         with self._lock:
-            self._status = records.load_status(self.root, write=True)
+            self._status = records.compact_settled(self.root)
             fams = self._families(layout.known_ids(self.root, layout.TILES, "tiling"),
                                   layout.known_ids(self.root, layout.MODELS))
             if families is not None:
@@ -439,7 +439,6 @@ class Store:
 
         try:
             self.compact([fam] if fam else [])
-            records.compact_settled(self.root)
         except (OSError, duckdb.Error) as e:
             import warnings
 
