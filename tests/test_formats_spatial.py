@@ -27,6 +27,13 @@ def js(*args):
     return json.loads(res.output.strip().splitlines()[-1])
 
 
+def fails(*args) -> str:
+    """The one-line error of a CLI call that must fail."""
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code != 0, res.output
+    return res.output
+
+
 def _one_line(e) -> str:
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 600
@@ -168,3 +175,49 @@ def test_visium_and_hest_run_fit_spots_with_55um_patches(vis, tmp_path):
     assert (ad.obs["patient_id"].astype(str).to_numpy() == ref["patient_id"].to_numpy()).all()
     per = js("export", "anndata", tmp_path / "per", "--extraction", x["extraction_id"], "--per-slide", "--store", store)
     assert sorted(p.rsplit("/", 1)[1] for p in per["files"]) == sorted(f"{s}.h5ad" for s in {*tv["samples"], hid})
+
+
+def test_spatial_ingest_keeps_the_images_stated_mpp_unless_overridden(vis, tmp_path):
+    """ingest slides' rule for spatial samples: --mpp, or the data's own scale (Visium spot geometry, HEST metadata),
+    contradicting the µm/px the image states is refused without --override-mpp, and the override is recorded.
+    (The old code took either silently, with a note: the first two ingests below succeeded with the wrong µm/px.)"""
+    src, tv, th = vis
+    sid, t = next(iter(tv["samples"].items()))
+    d = tmp_path / sid
+    shutil.copytree(t["outs"], d / "outs")
+    shutil.copy(t["image"], d / f"{sid}.tif")
+    store = tmp_path / "st"
+    js("init", "--store", store)
+    stated = t["mpp"]
+    out = fails("ingest", "visium", d / "outs", "--mpp", stated * 0.6, "--store", store)
+    assert f"states {stated:.4g} µm/px (openslide.mpp-x) but --mpp says {stated * 0.6:.4g}" in out
+    assert "--override-mpp" in out and Store(store).slides().empty
+    sf = d / "outs" / "spatial" / "scalefactors_json.json"
+    scale = json.loads(sf.read_text())
+    sf.write_text(json.dumps({**scale, "spot_diameter_fullres": scale["spot_diameter_fullres"] * 2}))
+    out = fails("ingest", "visium", d / "outs", "--store", store)
+    assert f"55 µm / spot_diameter_fullres (Visium) says {stated / 2:.4g}; pass --override-mpp" in out
+    assert Store(store).slides().empty
+    sf.write_text(json.dumps({**scale, "spot_diameter_fullres": scale["spot_diameter_fullres"] * 1.03}))
+    r = js("ingest", "visium", d / "outs", "--store", store)  # 3 % off: a measurement of the stated value
+    row = Store(store).slides().set_index("slide_id").loc[sid]
+    assert row["mpp_x"] == pytest.approx(stated) and row["mpp_source"] == "openslide.mpp-x"
+    assert any("-2.9% from the" in n and "the image's value kept" in n for n in r["notes"])
+    sf.write_text(json.dumps({**scale, "spot_diameter_fullres": scale["spot_diameter_fullres"] * 2}))
+    js("ingest", "visium", d / "outs", "--override-mpp", "--store", store)
+    row = Store(store).slides().set_index("slide_id").loc[sid]
+    assert row["mpp_x"] == pytest.approx(stated / 2)
+    assert row["mpp_source"] == f"override of stated {stated:.4g} (openslide.mpp-x) by 55 µm / spot_diameter_fullres (Visium)"
+    js("ingest", "visium", d / "outs", "--mpp", stated * 0.6, "--override-mpp", "--store", store)
+    assert Store(store).slides().set_index("slide_id").loc[sid, "mpp_x"] == pytest.approx(stated * 0.6)
+    root = tmp_path / "h"
+    shutil.copytree(src / "hest", root)
+    hid = next(iter(th["samples"]))
+    m = json.loads((root / "metadata" / f"{hid}.json").read_text())
+    (root / "metadata" / f"{hid}.json").write_text(json.dumps({**m, "pixel_size_um_estimated": m["pixel_size_um_estimated"] * 2}))
+    before = len(Store(store).slides())
+    out = fails("ingest", "hest", root, "--store", store)
+    assert f"HEST metadata pixel_size_um_estimated (Visium) says {th['samples'][hid]['mpp'] * 2:.4g}" in out
+    assert len(Store(store).slides()) == before  # no sample written when one of them is refused
+    js("ingest", "hest", root, "--sample", hid, "--override-mpp", "--store", store)
+    assert Store(store).slides().set_index("slide_id").loc[hid, "mpp_x"] == pytest.approx(th["samples"][hid]["mpp"] * 2)

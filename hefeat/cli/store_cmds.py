@@ -203,11 +203,14 @@ def _spatial_text(rep) -> str:
               help="The full-resolution H&E given to Space Ranger (default: the one image next to outs/).")
 @click.option("--slide-id", default=None, help="Slide id (default: the folder holding outs/).")
 @click.option("--patient-id", default=None, help="Patient id (default: the slide id).")
-@click.option("--mpp", type=float, default=None, help="Override µm/px (default: 55 µm / spot_diameter_fullres).")
+@click.option("--mpp", type=float, default=None,
+              help="µm/px of the image (default: what it states, else 55 µm / spot_diameter_fullres).")
+@click.option("--override-mpp", is_flag=True,
+              help="Use --mpp (or the data's spot geometry) even where the image states another µm/px (recorded).")
 @click.option("--replace", is_flag=True, help="Apply a new µm/px to a slide that already has tiles.")
 @store_option
 @json_option
-def ingest_visium_cmd(outs, image, slide_id, patient_id, mpp, replace, store_path, as_json):
+def ingest_visium_cmd(outs, image, slide_id, patient_id, mpp, override_mpp, replace, store_path, as_json):
     """Ingest a 10x Visium Space Ranger outs/ folder: the H&E as a slide, spots in its pixels, counts.
 
     \b
@@ -217,17 +220,19 @@ def ingest_visium_cmd(outs, image, slide_id, patient_id, mpp, replace, store_pat
     from hefeat.slides.spatial import ingest_visium
 
     rep = ingest_visium(get_store(store_path), outs, image=image, slide_id=slide_id, patient_id=patient_id, mpp=mpp,
-                        replace=replace)
+                        override_mpp=override_mpp, replace=replace)
     emit(rep.to_dict(), as_json, _spatial_text(rep))
 
 
 @ingest.command("hest")
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--sample", "samples", multiple=True, help="Sample id (repeat; default: every st/*.h5ad).")
+@click.option("--override-mpp", is_flag=True,
+              help="Use the metadata's pixel size even where the WSI states another µm/px (recorded).")
 @click.option("--replace", is_flag=True, help="Apply a new µm/px to slides that already have tiles.")
 @store_option
 @json_option
-def ingest_hest_cmd(root, samples, replace, store_path, as_json):
+def ingest_hest_cmd(root, samples, override_mpp, replace, store_path, as_json):
     """Ingest HEST-1k samples: wsis/<id>.tif, st/<id>.h5ad (obsm['spatial']), metadata/<id>.json.
 
     \b
@@ -236,7 +241,7 @@ def ingest_hest_cmd(root, samples, replace, store_path, as_json):
     """
     from hefeat.slides.spatial import ingest_hest
 
-    rep = ingest_hest(get_store(store_path), root, list(samples) or None, replace=replace)
+    rep = ingest_hest(get_store(store_path), root, list(samples) or None, override_mpp=override_mpp, replace=replace)
     emit(rep.to_dict(), as_json, _spatial_text(rep))
 
 
@@ -247,11 +252,14 @@ def ingest_hest_cmd(root, samples, replace, store_path, as_json):
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="The section's H&E.")
 @click.option("--slide-id", default=None, help="Slide id (default: the image's file stem).")
 @click.option("--patient-id", default=None, help="Patient id (default: the slide id).")
-@click.option("--mpp", type=float, default=None, help="µm/px of the image (default: from the 200 µm spot pitch).")
+@click.option("--mpp", type=float, default=None,
+              help="µm/px of the image (default: what it states, else from the 200 µm spot pitch).")
+@click.option("--override-mpp", is_flag=True,
+              help="Use --mpp (or the data's spot geometry) even where the image states another µm/px (recorded).")
 @click.option("--replace", is_flag=True, help="Apply a new µm/px to a slide that already has tiles.")
 @store_option
 @json_option
-def ingest_st_cmd(counts, spot_table, image, slide_id, patient_id, mpp, replace, store_path, as_json):
+def ingest_st_cmd(counts, spot_table, image, slide_id, patient_id, mpp, override_mpp, replace, store_path, as_json):
     """Ingest an original-format ST section (ST-Net's data): counts with XxY spot ids, spot table, H&E.
 
     \b
@@ -261,7 +269,7 @@ def ingest_st_cmd(counts, spot_table, image, slide_id, patient_id, mpp, replace,
     from hefeat.slides.spatial import ingest_st
 
     rep = ingest_st(get_store(store_path), counts, spot_table, image, mpp=mpp, slide_id=slide_id,
-                    patient_id=patient_id, replace=replace)
+                    patient_id=patient_id, override_mpp=override_mpp, replace=replace)
     emit(rep.to_dict(), as_json, _spatial_text(rep))
 
 

@@ -77,4 +77,4 @@ def read_hest(root: str | os.PathLike, sample: str) -> SpotSet:
     gc.collect()  # AnnData leaves h5py-backed cycles; collected here, not in a process forked later (segfault)
     return SpotSet(sample=sample, spots=spots, counts=counts, genes=genes, spot_diameter_um=meta["_spot_um"],
                    mpp=meta["_mpp"], technology=str(meta.get("st_technology") or "unknown"), image=wsi, source=h5ad,
-                   notes=notes)
+                   notes=notes, mpp_from=f"HEST metadata {meta['_mpp_field']}")

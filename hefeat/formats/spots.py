@@ -17,8 +17,8 @@ class SpotSet:
     """Spots of one section: centres in level-0 pixels of the full-resolution H&E, counts, physical scale.
 
     spots: DataFrame with spot_id, x, y (n_spots rows); counts: sparse (n_spots, n_genes);
-    mpp: µm per full-resolution pixel (None when the data do not say); spot_diameter_um: the
-    technology's spot (Visium 55 µm, ST 100 µm).
+    mpp: µm per full-resolution pixel (None when the data do not say; mpp_from says how the data give
+    it); spot_diameter_um: the technology's spot (Visium 55 µm, ST 100 µm).
     """
 
     sample: str
@@ -31,6 +31,7 @@ class SpotSet:
     image: Path | None
     source: Path
     notes: list[str] = field(default_factory=list)
+    mpp_from: str = "spot geometry"  # where `mpp` comes from, e.g. "55 µm / spot_diameter_fullres"
 
 
 def sum_duplicate_genes(counts: sp.spmatrix, genes: list[str], notes: list[str]) -> tuple[sp.csr_matrix, list[str]]:

@@ -92,4 +92,4 @@ def read_st(counts: str | os.PathLike, spots: str | os.PathLike, image: str | os
     sp_df = pd.DataFrame({"spot_id": list(c.index), "x": pos["pixel_x"].to_numpy(float), "y": pos["pixel_y"].to_numpy(float)})
     return SpotSet(sample=sample or Path(image).stem, spots=sp_df, counts=counts_m, genes=genes,
                    spot_diameter_um=SPOT_DIAMETER_UM, mpp=mpp, technology="ST", image=Path(image), source=Path(counts),
-                   notes=notes)
+                   notes=notes, mpp_from="the 200 µm spot pitch" if notes[:1] and "pitch" in notes[0] else "--mpp")

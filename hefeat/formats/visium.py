@@ -155,4 +155,5 @@ def read_visium(outs: str | os.PathLike, image: str | os.PathLike | None = None,
         raise HefeatError(f"Visium {outs}: name the full-resolution H&E given to Space Ranger (--image); "
                           "none (or several) sits next to outs/")
     return SpotSet(sample=sample or outs.parent.name, spots=spots, counts=counts, genes=genes,
-                   spot_diameter_um=SPOT_DIAMETER_UM, mpp=mpp, technology="Visium", image=img, source=outs, notes=notes)
+                   spot_diameter_um=SPOT_DIAMETER_UM, mpp=mpp, technology="Visium", image=img, source=outs, notes=notes,
+                   mpp_from="55 µm / spot_diameter_fullres")
