@@ -38,10 +38,15 @@ def _one_line(e) -> str:
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory, cohort):
+def layout(tmp_path_factory):
+    """16 small slides of 15 patients at 4 sites as a TCGA download (+ 2 frozen sections and a frozen normal):
+    patients enough for the receptor (site split), trait (>= 10 slides) and survival fits to run on it."""
+    from hefeat.slides.synth import make_cohort
+
+    src = tmp_path_factory.mktemp("tcga_cohort")
+    make_cohort(src, n_slides=16, n_genes=40, seed=3, width_um=600, height_um=450)
     out = tmp_path_factory.mktemp("tcga")
-    truth = tcga_layout(cohort, out)
-    return out, truth
+    return out, tcga_layout(src, out)
 
 
 def test_barcodes_parse_as_the_gdc_documents_them():
@@ -99,7 +104,7 @@ def _copy_rna(out, tmp_path):
     return d, tmp_path / "gdc_sample_sheet.tsv"
 
 
-def test_malformed_gdc_files_are_refused_naming_file_and_field(layout, tmp_path, cohort):
+def test_malformed_gdc_files_are_refused_naming_file_and_field(layout, tmp_path):
     out, _ = layout
     st = Store.init(tmp_path / "st")
     from hefeat.slides.run import ingest_slides
@@ -160,7 +165,9 @@ def test_clinical_files_give_months_events_and_counted_receptor_labels(layout, t
 
 
 def test_tcga_layout_runs_end_to_end_with_generic_commands(layout, tmp_path):
-    """synth --layout tcga output -> ingest (no manifest) -> status -> tile -> extract -> fit genes."""
+    """synth --layout tcga output -> ingest (no manifest) -> status -> tile -> extract -> fit genes, receptors,
+    traits -> HTI -> survival: each fit sees exactly the tumour DX slides, the labels and the survival the truth lists
+    (frozen and normal slides are tiled and extracted, reported, and left out of every fit)."""
     out, truth = layout
     st = tmp_path / "st"
     run("init", "--store", st)
@@ -178,6 +185,9 @@ def test_tcga_layout_runs_end_to_end_with_generic_commands(layout, tmp_path):
         r = js("ingest", "slides", out / "slides", tmp_path / "S99.tiff", "--gdc-manifest", out / "gdc_manifest.txt",
                "--verify-md5", "--store", st)
     assert r["added"] == 2 and any("1 files are not in the GDC manifest" in n for n in r["notes"])
+    n_off = sum(t["slide_type"] != "DX" or t["sample_type"] != "01" for t in truth["slides"].values())
+    assert any(n.startswith(f"Excluded by default: {n_off} slides (1 frozen normal, {n_off - 1} frozen tumour)")
+               and "so fits leave them out" in n for n in r["notes"])
     slides = Store(st).slides().set_index("slide_id")
     assert slides.loc["S99", "patient_id"] == "S99"
     for bc, t in truth["slides"].items():
@@ -204,6 +214,7 @@ def test_tcga_layout_runs_end_to_end_with_generic_commands(layout, tmp_path):
            "--fit", "native", "--tiling", t["tiling_id"], "--store", st)
     f = js("fit", "genes", "--extraction", x["extraction_id"], "--split", "patient-kfold:3", "--store", st)
     assert f["n_samples"] == len(tumour) and 0 < f["n_genes"] <= len(truth["genes"])  # low-variance genes filtered
+    _fits_see_the_truth(st, x["extraction_id"], truth, set(mapped), tmp_path)
     # the other published matrices land as datasets of the same samples (tumour only, same slides)
     xe = js("ingest", "expression", out / "xena" / "TCGA-BRCA.star_tpm.tsv", "--format", "xena", "--dataset", "xena",
             "--gene-ids", "ensembl", "--store", st)
@@ -213,6 +224,62 @@ def test_tcga_layout_runs_end_to_end_with_generic_commands(layout, tmp_path):
     assert sm.to_dict() == {"expression": len(set(mapped)), "xena": len(set(mapped)), "rsem": len(set(mapped))}
     g = js("ingest", "clinical", out / "gdc_clinical" / "clinical.tsv", "--store", st)
     assert g["rows"] == len(set(mapped))
+
+
+def _fits_see_the_truth(st, eid, truth, tumour_dx: set, tmp_path) -> None:
+    """Receptors, traits, HTI and survival on the TCGA store, checked against the layout's truth."""
+    from lifelines.statistics import logrank_test
+
+    from hefeat.store.models import load_table
+
+    excluded = set(truth["slides"]) - tumour_dx
+    off = js("status", "--store", st)["tcga"]["outside_default_matching"]
+    assert off["slides"] == len(excluded) > 0 and off["matched"] == 0
+    assert off["frozen"] == sum(truth["slides"][s]["preservation"] == "frozen" for s in excluded)
+    assert off["normal"] == sum(truth["slides"][s]["sample_type"] == "11" for s in excluded) == 1
+    assert "none has an expression sample or clinical row, so fits leave them out" in run("status", "--store", st).output
+    # receptors: ER as the truth lists it ([Not Available], Indeterminate missing), split by the barcodes' sites
+    clin = Store(st).sql("SELECT slide_id, patient_id, er_status FROM clinical")
+    assert set(clin["slide_id"]) == tumour_dx
+    er = {p: v for p, v in truth["er_status"].items() if v is not None}
+    assert clin.dropna().groupby("patient_id")["er_status"].first().to_dict() == er
+    for seed in range(4):  # a site split whose test sites hold both classes (the split is random)
+        r = run("fit", "receptors", "--extraction", eid, "--tiles", "top:8", "--n-boot", "50", "--seed", seed,
+                "--store", st, "--json", ok=False)
+        if r.exit_code == 0:
+            break
+    assert r.exit_code == 0, r.output
+    rc = json.loads(r.output.strip().splitlines()[-1])
+    sc = load_table(Store(st), rc["model_id"], "patient_scores")
+    assert set(sc["patient_id"]) <= set(er) and sc["y"].tolist() == [er[p] for p in sc["patient_id"]]
+    test = sc[sc["part"] == "test"]
+    assert {p[5:7] for p in test["patient_id"]} == set(rc["test_sites"].split(",")) and len(test) == rc["n_test_patients"]
+    assert not {p[5:7] for p in test["patient_id"]} & {p[5:7] for p in sc.loc[sc["part"] == "validation", "patient_id"]}
+    assert 0 <= rc["patient_auc_ci_low"] <= rc["patient_auc"] <= rc["patient_auc_ci_high"] <= 1
+    # traits (PathoMCH) -> HTI -> survival: tumour DX slides only, each with its patient's cBioPortal survival
+    tr = js("fit", "traits", "--extraction", eid, "--trait", "MKI67", "--trait", "miR-17", "--exclude-mid", "30,70",
+            "--test-share", "0.3", "--splits", "2", "--ensemble", "1", "--crossfit", "2", "--store", st)
+    patients = {truth["slides"][s]["patient"] for s in tumour_dx}
+    assert tr["n_slides"] == len(tumour_dx) and tr["n_patients"] == len(patients)
+    js("hti", tr["model_id"], "--out", tmp_path / "hti.parquet", "--store", st)
+    h = pd.read_parquet(tmp_path / "hti.parquet")
+    assert set(h["slide_id"]) == tumour_dx  # frozen and normal slides have features, but no fit used them
+    src = pd.read_csv(truth_source(truth) / "clinical.csv").set_index("slide_id")
+    first = {t["patient"]: t["source_slide"] for b, t in truth["slides"].items() if b.endswith("-01Z-00-DX1")}
+    ref = src.loc[[first[p] for p in h["patient_id"]]]
+    np.testing.assert_allclose(h["survival_months"], ref["survival_months"], atol=0.006)
+    assert h["event"].astype(int).tolist() == ref["event"].tolist()
+    sv = js("survival", "--model", tr["model_id"], "--by", "hti", "--threshold", "0.5", "--store", st)
+    pat = h.groupby("patient_id").agg(hti=("hti", "mean"), ok=("map_heldout", "all"))
+    pat = pat[pat["ok"] & (pat["hti"] > 0)]
+    t = src.loc[[first[p] for p in pat.index], "survival_months"].to_numpy()
+    e = src.loc[[first[p] for p in pat.index], "event"].to_numpy() * (t <= sv["max_follow_up"])
+    t = np.minimum(t, sv["max_follow_up"])
+    hi = (pat["hti"] > 0.5).to_numpy()
+    lr = logrank_test(t[hi], t[~hi], e[hi], e[~hi])  # the truth's survival of the patients the rule admits
+    assert (sv["n_patients"], sv["n_missing_survival"], sv["rule"]) == (len(patients), 0, "crossfit")
+    assert (sv["n_high"], sv["n_low"]) == (int(hi.sum()), int((~hi).sum()))
+    assert sv["logrank_p"] == pytest.approx(lr.p_value, rel=1e-6)
 
 
 def test_xena_and_cbioportal_matrices_and_gdc_clinical_read_as_published(layout, tmp_path):

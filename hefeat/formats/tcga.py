@@ -122,18 +122,34 @@ def slide_table(slides: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def summarize(table: pd.DataFrame) -> dict:
-    """Counts of a slide_table: patients, slides per patient, FFPE vs frozen, sample types, sites."""
+def summarize(table: pd.DataFrame, matched: Iterable[str] | None = None) -> dict:
+    """Counts of a slide_table: patients, slides per patient, FFPE vs frozen, sample types, sites, and the
+    slides the default matching leaves out (frozen, normal, other sample types; `matched`: slide ids that
+    have expression or clinical rows, to count those of them matched anyway)."""
     if table.empty:
         return {}
     per = table.groupby("patient").size()
-    return {
+    out = {
         "patients": int(per.size), "slides": len(table),
         "slides_per_patient": {int(k): int(v) for k, v in per.value_counts().sort_index().items()},
         "preservation": {str(k): int(v) for k, v in table["preservation"].value_counts().sort_index().items()},
         "sample_types": {str(k): int(v) for k, v in table["sample_type"].value_counts().sort_index().items()},
         "sites": sorted(table["tss"].unique().tolist()),
     }
+    off = table[~(table["slide_type"].isin(DEFAULT_SLIDE_TYPES) & table["sample_type"].isin(DEFAULT_SAMPLE_TYPES))]
+    if len(off):
+        off = off.sort_values("slide_id")
+        normal = off["is_normal"].astype(bool)
+        kind = off["preservation"].fillna("unknown") + " " + off["sample_type"].where(
+            ~normal, "normal").where(normal | ~off["sample_type"].isin(DEFAULT_SAMPLE_TYPES), "tumour").map(
+            lambda t: t if t in ("normal", "tumour") else f"type {t}")
+        out["outside_default_matching"] = {
+            "slides": len(off), "frozen": int((off["preservation"] == "frozen").sum()), "normal": int(normal.sum()),
+            "other_sample_types": int((~normal & ~off["sample_type"].isin(DEFAULT_SAMPLE_TYPES)).sum()),
+            "kinds": {str(k): int(v) for k, v in kind.value_counts().sort_index().items()},
+            "examples": off["slide_id"].head(5).tolist(),
+            **({"matched": int(off["slide_id"].isin(set(matched)).sum())} if matched is not None else {})}
+    return out
 
 
 def summary_text(s: dict) -> str:
@@ -146,6 +162,25 @@ def summary_text(s: dict) -> str:
     return (f"TCGA slides: {s['slides']} from {s['patients']} patients (slides per patient: {per}); {pres}; "
             f"{types}; {len(s['sites'])} tissue source sites ({', '.join(s['sites'][:12])}"
             f"{' …' if len(s['sites']) > 12 else ''})")
+
+
+def excluded_text(s: dict) -> str | None:
+    """One line from `summarize` on the slides the default matching leaves out (None if none)."""
+    off = s.get("outside_default_matching")
+    if off:
+        kinds = ", ".join(f"{v} {k}" for k, v in off["kinds"].items())
+        ex = ", ".join(off["examples"]) + (" …" if off["slides"] > len(off["examples"]) else "")
+        if "matched" not in off:
+            fate = ("ingest expression / clinical match them to no sample or clinical row (--sample-types / "
+                    "--slide-types to include them), so fits leave them out; ingest slides --diagnostic-only "
+                    "keeps frozen ones out of the store")
+        elif off["matched"]:
+            fate = f"{off['matched']} of them have expression or clinical rows (matched with wider --sample-types / --slide-types)"
+        else:
+            fate = "none has an expression sample or clinical row, so fits leave them out"
+        return (f"Excluded by default: {off['slides']} slides ({kinds}) are not primary-tumour (01) diagnostic (DX) "
+                f"slides: {ex}; {fate}")
+    return None
 
 
 def looks_like_barcodes(ids: Iterable[str]) -> bool:

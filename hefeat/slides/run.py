@@ -188,7 +188,8 @@ def ingest_slides(
         rep = register_slides(store, probed, n_files=len(files), fail_fast=fail_fast, replace=replace)
     rep.notes += notes
     if any(barcodes.values()):
-        rep.notes.append(tcga.summary_text(tcga.summarize(tcga.slide_table(store.slides()))))
+        summary = tcga.summarize(tcga.slide_table(store.slides()))
+        rep.notes += [t for t in (tcga.summary_text(summary), tcga.excluded_text(summary)) if t]
     return rep
 
 

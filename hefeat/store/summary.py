@@ -27,6 +27,11 @@ def store_status(store: Store) -> dict:
         q = store.sql
         slides = q("SELECT count(*) n, count(DISTINCT patient_id) p, count(DISTINCT site) s FROM slides").iloc[0]
         slide_paths = q("SELECT slide_id, path FROM slides")
+        matched = set(q("SELECT DISTINCT slide_id FROM samples")["slide_id"])
+        if "clinical" in set(q("SHOW TABLES")["name"]):
+            clin = q("SELECT * FROM clinical LIMIT 0").columns
+            key = "slide_id" if "slide_id" in clin else "patient_id"
+            matched |= set(q(f"SELECT DISTINCT s.slide_id FROM slides s JOIN clinical c USING ({key})")["slide_id"])
         stages = q("SELECT stage, id, state, count(*) n, sum(n_tiles) tiles FROM status GROUP BY ALL ORDER BY ALL")
         tilings = q("SELECT tiling_id, mpp, size, background, spots FROM tilings ORDER BY created")
         exts = q("SELECT * FROM extractions")
@@ -60,9 +65,9 @@ def store_status(store: Store) -> dict:
              f"{out['spots']} spots on {out['spot_slides']} slides."]
     from hefeat.formats import tcga
 
-    out["tcga"] = tcga.summarize(tcga.slide_table(slide_paths))
+    out["tcga"] = tcga.summarize(tcga.slide_table(slide_paths), matched)
     if out["tcga"]:
-        lines.append("  " + tcga.summary_text(out["tcga"]))
+        lines += ["  " + t for t in (tcga.summary_text(out["tcga"]), tcga.excluded_text(out["tcga"])) if t]
     for e in out["expression"]:
         lines.append(f"  expression '{e['dataset']}': {e['samples']} samples x {e['genes']} genes"
                      + (f" ({e['n_missing']} missing values)" if e["n_missing"] else ""))
