@@ -5,6 +5,7 @@ diameter (55 µm for Visium), and malformed inputs are one-line errors with noth
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import h5py
@@ -55,17 +56,55 @@ def _source_spots(src, slide):
     return sp[sp["slide_id"] == slide].reset_index(drop=True)
 
 
+def _layout_spots(src, layout, slide):
+    sp = pd.read_parquet(src / layout / f"truth_{layout}_spots.parquet")
+    return sp[sp["slide_id"] == slide].reset_index(drop=True)
+
+
 def test_visium_outs_read_as_space_ranger_writes_them(vis):
+    """Spots, counts and scale as written, on Visium's geometry: 55 µm spots on a hexagonal grid of 100 µm pitch
+    (rows 86.6 µm apart, odd rows shifted by 50 µm, array_col even on even rows and odd on odd rows)."""
     src, tv, _ = vis
     assert len(tv["samples"]) >= 3
     for n, (sid, t) in enumerate(tv["samples"].items()):
         ss = visium.read_visium(t["outs"])
         assert ss.notes[0].endswith("tissue_positions.csv" if n == 0 else "tissue_positions_list.csv")
-        ref = _source_spots(src, sid)
-        assert [t["barcodes"][b] for b in ss.spots["spot_id"]] == ref["spot_id"].tolist()  # off-tissue spots left out
+        ref = _layout_spots(src, "visium", sid)
+        assert ss.spots["spot_id"].tolist() == ref["barcode"].tolist()  # off-tissue positions left out
         np.testing.assert_allclose(ss.spots[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy(), atol=0.5)
+        np.testing.assert_array_equal(ss.spots[["array_row", "array_col"]].to_numpy(), ref[["array_row", "array_col"]])
         np.testing.assert_array_equal(ss.counts.toarray(), ref[ss.genes].to_numpy())
         assert ss.mpp == pytest.approx(t["mpp"]) and ss.spot_diameter_um == 55.0 and ss.image.name == f"{sid}.tif"
+        pos = visium.read_positions(pathlib.Path(t["outs"]) / "spatial")  # every grid position, in tissue or not
+        assert len(pos) == t["grid_positions"] > len(ss.spots) > 0
+        assert ((pos["array_row"] + pos["array_col"]) % 2 == 0).all()
+        um = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float) * t["mpp"]
+        d = np.linalg.norm(um[:, None] - um[None], axis=2)
+        np.fill_diagonal(d, np.inf)
+        tol = t["mpp"]  # centres are written as whole pixels
+        np.testing.assert_allclose(d.min(1), 100.0, atol=tol)
+        six = (np.abs(d - 100.0) <= tol).sum(1)
+        inner = (pos["array_row"].between(1, pos["array_row"].max() - 1)
+                 & pos["array_col"].between(2, pos["array_col"].max() - 2)).to_numpy()
+        assert inner.any() and (six[inner] == 6).all() and six.max() == 6  # hexagonal, not square (4)
+        by_row = pd.DataFrame({"r": pos["array_row"], "x": um[:, 0], "y": um[:, 1]}).groupby("r")
+        np.testing.assert_allclose(np.diff(by_row["y"].mean()), 100 * np.sqrt(3) / 2, atol=tol)
+        np.testing.assert_allclose(np.diff(by_row["x"].min())[::2], 50.0, atol=tol)  # odd rows half a pitch over
+
+
+def test_layout_spots_follow_the_cohorts_spot_model(vis):
+    """The Visium/HEST layouts draw their hexagonal spots from make_cohort's spot model (synth_layouts.spot_counts):
+    given make_cohort's own square grid it reproduces spots.parquet exactly, so a change to the model in
+    hefeat.slides.synth that the layouts do not follow fails here."""
+    import hefeat.formats.synth_layouts as sl
+
+    src, _, _ = vis
+    truth = json.loads((src / "truth.json").read_text())
+    for sid, ref in pd.read_parquet(src / "spots.parquet").groupby("slide_id"):
+        mpp = truth["slides"][sid]["mpp"]
+        kept, _, counts = sl.spot_counts(src, truth, sid, ref[["x", "y"]].to_numpy() * mpp, truth["spots"]["diameter_um"])
+        assert kept.tolist() == list(range(len(ref)))
+        np.testing.assert_array_equal(counts, ref[truth["genes"]].to_numpy())
 
 
 def test_bad_visium_inputs_are_refused_before_the_store_changes(vis, tmp_path):
@@ -77,7 +116,9 @@ def test_bad_visium_inputs_are_refused_before_the_store_changes(vis, tmp_path):
     store = Store.init(tmp_path / "st")
     pos = d / "outs" / "spatial" / "tissue_positions.csv"
     good = pos.read_text()
-    pos.write_text("\n".join(good.splitlines()[:-1]) + "\n")  # the last barcode's row is gone
+    lines = good.splitlines()
+    gone = next(i for i, ln in enumerate(lines) if ln.split(",")[1] == "1")
+    pos.write_text("\n".join(lines[:gone] + lines[gone + 1:]) + "\n")  # an in-tissue barcode's row is gone
     with pytest.raises(HefeatError, match=r"filtered_feature_bc_matrix.h5: field 'matrix/barcodes' has 1 barcodes absent "
                                           r"from tissue_positions.csv") as e:
         ingest_visium(store, d / "outs")
@@ -107,7 +148,8 @@ def test_hest_samples_read_with_their_metadata(vis, tmp_path):
     src, _, th = vis
     for hid, t in th["samples"].items():
         ss = hest.read_hest(src / "hest", hid)
-        ref = _source_spots(src, t["source_slide"])
+        ref = _layout_spots(src, "hest", t["source_slide"])
+        assert ss.spots["spot_id"].tolist() == ref["barcode"].tolist()
         np.testing.assert_allclose(ss.spots[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy())
         np.testing.assert_array_equal(ss.counts.toarray(), ref[ss.genes].to_numpy())
         assert ss.mpp == pytest.approx(t["mpp"]) and ss.spot_diameter_um == 55.0 and ss.technology == "Visium"

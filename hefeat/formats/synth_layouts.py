@@ -263,6 +263,81 @@ def _grid(spot_ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return ji[0].to_numpy(), ji[1].to_numpy()
 
 
+VISIUM_PITCH_UM = 100.0     # Visium: spot centres 100 µm apart on a hexagonal grid ...
+VISIUM_SPOT_UM = 55.0       # ... of 55 µm spots (10x Genomics, Visium Spatial Gene Expression)
+
+
+def spot_counts(src: Path, truth: dict, slide_id: str, xy_um: np.ndarray, diameter_um: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_cohort's spot model at any spot centres (µm, in order) of a slide: (kept rows, class fractions, counts).
+
+    The rule and the draws of hefeat.slides.synth's spot writer: a spot counts when at least half its
+    disk on the class map is tissue; its class fractions give each gene's expected share
+    (synth._spot_shares) of a Poisson draw of 20,000-40,000 UMIs, drawn from the slide's seed + 3 in the
+    order given. On make_cohort's own square grid this reproduces spots.parquet exactly (a test checks).
+    """
+    from hefeat.slides.synth import CLASS_MPP, CLASSES, _spot_shares
+
+    cls = np.load(src / "truth" / f"{slide_id}.classes.npz")["classes"]
+    W, mu = np.asarray(truth["weights"]), np.asarray(truth["mu"])
+    rng = np.random.default_rng(int(truth["slides"][slide_id]["seed"]) + 3)
+    r = diameter_um / 2 / CLASS_MPP
+    yy, xx = np.mgrid[-int(r):int(r) + 1, -int(r):int(r) + 1]
+    disk = (yy**2 + xx**2) <= r * r
+    kept, fracs, counts = [], [], []
+    for k, (x, y) in enumerate(np.asarray(xy_um, float)):
+        cy, cx = int(y / CLASS_MPP), int(x / CLASS_MPP)
+        if cy - int(r) < 0 or cx - int(r) < 0:
+            continue
+        win = cls[cy - int(r):cy + int(r) + 1, cx - int(r):cx + int(r) + 1]
+        if win.shape != disk.shape:
+            continue
+        vals = win[disk]
+        tissue = vals != 255
+        if tissue.mean() < 0.5:
+            continue
+        comp = np.array([(vals[tissue] == c).mean() for c in range(len(CLASSES))])
+        depth = rng.uniform(20_000, 40_000)
+        kept.append(k)
+        fracs.append(comp)
+        counts.append(rng.poisson(depth * _spot_shares(mu, W, comp)))
+    n = len(truth["genes"])
+    return (np.asarray(kept, int), np.asarray(fracs, float).reshape(-1, len(CLASSES)),
+            np.asarray(counts, np.int64).reshape(-1, n))
+
+
+def visium_spots(src: Path, truth: dict, slide_id: str) -> pd.DataFrame:
+    """A Visium capture area over the slide: every position of the hexagonal grid (rows 100·√3/2 µm apart,
+    odd rows shifted by half the 100 µm pitch; array_col even on even rows, odd on odd rows, as Space
+    Ranger numbers them) with in_tissue, level-0 pixel centres, and the class fractions and counts of
+    the in-tissue 55 µm spots (spot_counts)."""
+    from hefeat.slides.synth import CLASS_MPP, CLASSES
+
+    shape = np.load(src / "truth" / f"{slide_id}.classes.npz")["classes"].shape
+    h_um, w_um = shape[0] * CLASS_MPP, shape[1] * CLASS_MPP
+    mpp = float(truth["slides"][slide_id]["mpp"])
+    rows = []
+    for r, y in enumerate(np.arange(VISIUM_PITCH_UM, h_um - VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * np.sqrt(3) / 2)):
+        for c in range(r % 2, 10**6, 2):
+            x = VISIUM_PITCH_UM + c * VISIUM_PITCH_UM / 2
+            if x >= w_um - VISIUM_PITCH_UM / 2:
+                break
+            rows.append({"array_row": r, "array_col": c, "x_um": x, "y_um": y})
+    grid = pd.DataFrame(rows)
+    kept, fracs, counts = spot_counts(src, truth, slide_id, grid[["x_um", "y_um"]].to_numpy(), VISIUM_SPOT_UM)
+    grid["spot_id"] = [f"{slide_id}_r{r}c{c}" for r, c in zip(grid["array_row"], grid["array_col"], strict=True)]
+    grid["x"], grid["y"] = grid["x_um"] / mpp, grid["y_um"] / mpp
+    grid["in_tissue"] = 0
+    grid.loc[kept, "in_tissue"] = 1
+    for j, name in enumerate(CLASSES):
+        grid[f"frac_{name}"] = np.nan
+        grid.loc[kept, f"frac_{name}"] = fracs[:, j]
+    genes = list(truth["genes"])
+    block = pd.DataFrame(0, index=grid.index, columns=genes, dtype=np.int64)
+    block.loc[kept] = counts
+    return pd.concat([grid, block], axis=1)
+
+
 def write_10x_h5(path: Path, barcodes: list[str], ids: list[str], names: list[str], counts: np.ndarray) -> None:
     """A 10x feature-barcode matrix HDF5, format version 2 (CSC: features x barcodes)."""
     import h5py
@@ -291,27 +366,30 @@ def write_10x_h5(path: Path, barcodes: list[str], ids: list[str], names: list[st
 
 def visium_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> dict:
     """Space Ranger outputs for each spot slide: out/<slide>/outs/{filtered_feature_bc_matrix.h5, spatial/...}
-    and out/<slide>/<slide>.tif (the full-resolution H&E). The first slide gets Space Ranger 2.x
-    tissue_positions.csv, the others 1.x tissue_positions_list.csv; each positions file also lists
-    off-tissue spots (in_tissue 0) that the filtered matrix leaves out."""
+    and out/<slide>/<slide>.tif (the full-resolution H&E), on Visium's geometry whatever spots the cohort
+    has: 55 µm spots on a hexagonal grid of 100 µm pitch (visium_spots), counts from the cohort's spot
+    model at those centres. The first slide gets Space Ranger 2.x tissue_positions.csv, the others 1.x
+    tissue_positions_list.csv; each lists every grid position (in_tissue 0 off the tissue), and the
+    filtered matrix holds the in-tissue spots. out/truth_visium_spots.parquet lists the spots written
+    (slide_id, spot_id, barcode, x, y, array_row, array_col, class fractions, counts)."""
     src, out = Path(src), Path(out)
     truth, spots, genes = _spot_slides(src)
-    t = {"layout": "visium", "source": str(src), "samples": {}}
+    t = {"layout": "visium", "source": str(src), "samples": {}, "spot_diameter_um": VISIUM_SPOT_UM,
+         "pitch_um": VISIUM_PITCH_UM}
     ens = [f"ENSG{900000 + i:011d}" for i in range(len(genes))]
-    for n, (sid, df) in enumerate(spots.groupby("slide_id", sort=True)):
+    frames = []
+    for n, sid in enumerate(sorted(spots["slide_id"].unique())):
         mpp = truth["slides"][sid]["mpp"]
-        diam_px = truth["spots"]["diameter_um"] / mpp
-        j, i = _grid(df["spot_id"])
-        bcs = [_barcode(seed, sid, k) for k in range(len(df))]
+        diam_px = VISIUM_SPOT_UM / mpp
+        g = visium_spots(src, truth, sid)
+        g["barcode"] = [_barcode(seed, sid, k) for k in range(len(g))]
+        g.insert(0, "slide_id", sid)
+        df = g[g["in_tissue"] == 1]
         d = out / sid
-        write_10x_h5(d / "outs" / "filtered_feature_bc_matrix.h5", bcs, ens, genes, df[genes].to_numpy())
-        pos = pd.DataFrame({"barcode": bcs, "in_tissue": 1, "array_row": j, "array_col": i,
-                            "pxl_row_in_fullres": np.round(df["y"].to_numpy()).astype(int),
-                            "pxl_col_in_fullres": np.round(df["x"].to_numpy()).astype(int)})
-        off = pd.DataFrame({"barcode": [_barcode(seed, sid, 10**6 + k) for k in range(3)], "in_tissue": 0,
-                            "array_row": [0, 0, 1], "array_col": [0, 1, 0], "pxl_row_in_fullres": 5,
-                            "pxl_col_in_fullres": 5})
-        pos = pd.concat([off, pos], ignore_index=True)
+        write_10x_h5(d / "outs" / "filtered_feature_bc_matrix.h5", df["barcode"].tolist(), ens, genes, df[genes].to_numpy())
+        pos = pd.DataFrame({"barcode": g["barcode"], "in_tissue": g["in_tissue"], "array_row": g["array_row"],
+                            "array_col": g["array_col"], "pxl_row_in_fullres": np.round(g["y"]).astype(int),
+                            "pxl_col_in_fullres": np.round(g["x"]).astype(int)})
         (d / "outs" / "spatial").mkdir(parents=True, exist_ok=True)
         if n == 0:
             pos.to_csv(d / "outs" / "spatial" / "tissue_positions.csv", index=False)
@@ -322,14 +400,18 @@ def visium_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int =
             "spot_diameter_fullres": diam_px}))
         _link(src / "slides" / f"{sid}.tiff", d / f"{sid}.tif")
         t["samples"][sid] = {"outs": str(d / "outs"), "image": str(d / f"{sid}.tif"), "mpp": mpp, "spots": len(df),
-                             "spot_diameter_um": truth["spots"]["diameter_um"],
-                             "barcodes": dict(zip(bcs, df["spot_id"], strict=True))}
+                             "grid_positions": len(g), "spot_diameter_um": VISIUM_SPOT_UM,
+                             "barcodes": dict(zip(df["barcode"], df["spot_id"], strict=True))}
+        frames.append(df.drop(columns=["in_tissue", "x_um", "y_um"]))
+    out.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames, ignore_index=True).to_parquet(out / "truth_visium_spots.parquet", index=False)
     (out / "truth_visium.json").write_text(json.dumps(t, indent=1))
     return t
 
 
 def hest_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> dict:
-    """HEST-1k samples for the spot slides: out/st/<id>.h5ad, out/metadata/<id>.json, out/wsis/<id>.tif."""
+    """HEST-1k samples for the spot slides: out/st/<id>.h5ad, out/metadata/<id>.json, out/wsis/<id>.tif, as HEST
+    holds Visium samples (the hexagonal 55 µm spots of visium_spots; out/truth_hest_spots.parquet lists them)."""
     import anndata
     import scipy.sparse as sp
 
@@ -338,13 +420,16 @@ def hest_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0
     t = {"layout": "hest", "source": str(src), "samples": {}}
     for d in ("st", "metadata", "wsis"):
         (out / d).mkdir(parents=True, exist_ok=True)
-    for sid, df in spots.groupby("slide_id", sort=True):
+    frames = []
+    for sid in sorted(spots["slide_id"].unique()):
         hid = f"SYN{sid}"
         mpp = truth["slides"][sid]["mpp"]
-        j, i = _grid(df["spot_id"])
-        bcs = [_barcode(seed, sid, k) for k in range(len(df))]
-        obs = pd.DataFrame({"in_tissue": 1, "array_row": j, "array_col": i, "pxl_col_in_fullres": df["x"].to_numpy(),
-                            "pxl_row_in_fullres": df["y"].to_numpy()}, index=pd.Index(bcs))
+        g = visium_spots(src, truth, sid)
+        g["barcode"] = [_barcode(seed, sid, k) for k in range(len(g))]
+        df = g[g["in_tissue"] == 1]
+        obs = pd.DataFrame({"in_tissue": 1, "array_row": df["array_row"].to_numpy(), "array_col": df["array_col"].to_numpy(),
+                            "pxl_col_in_fullres": df["x"].to_numpy(), "pxl_row_in_fullres": df["y"].to_numpy()},
+                           index=pd.Index(df["barcode"].tolist()))
         ad = anndata.AnnData(X=sp.csr_matrix(df[genes].to_numpy(np.float32)), obs=obs,
                              var=pd.DataFrame(index=pd.Index(genes)))
         ad.obsm["spatial"] = df[["x", "y"]].to_numpy(float)
@@ -355,12 +440,13 @@ def hest_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0
         (out / "metadata" / f"{hid}.json").write_text(json.dumps({
             "id": hid, "st_technology": "Visium", "species": "Homo sapiens", "organ": "Breast",
             "pixel_size_um_embedded": mpp, "pixel_size_um_estimated": mpp, "magnification": "20x",
-            "spot_diameter": truth["spots"]["diameter_um"], "inter_spot_dist": truth["spots"]["spacing_um"],
+            "spot_diameter": VISIUM_SPOT_UM, "inter_spot_dist": VISIUM_PITCH_UM,
             "spots_under_tissue": len(df), "nb_genes": len(genes),
             "patient": truth["slides"][sid]["patient_id"]}, indent=1))
-        t["samples"][hid] = {"source_slide": sid, "mpp": mpp, "spots": len(df),
-                             "spot_diameter_um": truth["spots"]["diameter_um"],
-                             "barcodes": dict(zip(bcs, df["spot_id"], strict=True))}
+        t["samples"][hid] = {"source_slide": sid, "mpp": mpp, "spots": len(df), "spot_diameter_um": VISIUM_SPOT_UM,
+                             "barcodes": dict(zip(df["barcode"], df["spot_id"], strict=True))}
+        frames.append(df.drop(columns=["in_tissue", "x_um", "y_um"]).assign(slide_id=sid, sample=hid))
+    pd.concat(frames, ignore_index=True).to_parquet(out / "truth_hest_spots.parquet", index=False)
     (out / "truth_hest.json").write_text(json.dumps(t, indent=1))
     return t
 
