@@ -137,6 +137,39 @@ def test_malformed_gdc_files_are_refused_naming_file_and_field(layout, tmp_path)
     assert st.sql("SELECT count(*) n FROM expression_datasets").iloc[0, 0] == 0  # nothing half-written
 
 
+def test_truncated_downloads_are_refused_before_the_store_changes(layout, tmp_path):
+    """A download cut mid-row (any of the tab-separated formats) or, for STAR-Counts, at a row boundary (fewer genes
+    than the other files) is a one-line error saying so. The previous readers took a cut RSEM or Xena matrix (the
+    cut gene's values empty) and blamed a cut STAR-Counts file's gene model."""
+    from hefeat.slides.run import ingest_slides
+    from hefeat.store.ingest import ingest_expression_source
+
+    out, _ = layout
+    st = Store.init(tmp_path / "st")
+    ingest_slides(st, [out / "slides"])
+    rna, sheet = _copy_rna(out, tmp_path)
+    f = sorted(rna.rglob("*.tsv"))[1]
+    lines = f.read_text().splitlines(True)  # comment, header, 4 N_ rows, then one row per gene id
+    f.write_text("".join(lines[:20]) + lines[20][:9])
+    with pytest.raises(HefeatError, match=rf"{f.name} ends mid-row: its last line has 1 of the 9 fields "
+                                          r"\(truncated download\?\)") as e:
+        ingest_expression_source(st, rna, sample_sheet=sheet)
+    _one_line(e)
+    f.write_text("".join(lines[:20]))
+    with pytest.raises(HefeatError, match=rf"{f.name}: field 'gene_id' stops after 14 of the {len(lines) - 6} genes "
+                                          r"the other files list \(truncated download\?\)"):
+        ingest_expression_source(st, rna, sample_sheet=sheet)
+    assert st.sql("SELECT count(*) n FROM expression_datasets").iloc[0, 0] == 0
+    for src, read in ((out / "xena" / "TCGA-BRCA.star_tpm.tsv", xena.xena_matrix),
+                      (out / "cbioportal" / "data_mrna_seq_v2_rsem.txt", cbioportal.rsem_matrix)):
+        rows = src.read_text().splitlines(True)
+        cut = tmp_path / src.name
+        cut.write_text("".join(rows[:10]) + rows[10][:14])
+        with pytest.raises(HefeatError, match=rf"{src.name} ends mid-row: its last line has \d+ of the "
+                                              rf"{rows[0].count(chr(9)) + 1} fields"):
+            read(cut)
+
+
 def test_clinical_files_give_months_events_and_counted_receptor_labels(layout, tmp_path):
     out, truth = layout
     pat, smp, notes = cbioportal.clinical_table(out / "cbioportal" / "data_clinical_patient.txt",

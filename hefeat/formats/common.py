@@ -40,10 +40,28 @@ def read_tsv(path: str | os.PathLike, what: str, **kw) -> pd.DataFrame:
     """A tab-separated file as strings (after the text checks); parse errors become one line naming the file."""
     text_head(path, what)
     try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, **kw)
-    except Exception as e:  # pandas' tokenizer errors: short rows, bad quoting, truncated gzip
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, **kw)
+    except Exception as e:  # pandas' tokenizer errors: long rows, bad quoting, truncated gzip
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HefeatError(f"{what} {Path(path).name} cannot be read as a tab-separated table: {msg}") from None
+    if len(df) and Path(path).suffix != ".gz":
+        n = last_line(path).count("\t") + 1  # pandas pads a short row with '' like empty cells: count the fields
+        if n < df.shape[1]:
+            raise HefeatError(f"{what} {Path(path).name} ends mid-row: its last line has {n} of the {df.shape[1]} "
+                              "fields (truncated download?); download it again")
+    return df
+
+
+def last_line(path: str | os.PathLike, block: int = 1 << 16) -> str:
+    """The last non-empty line of a text file (read from its end, as far back as the line goes)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        while True:
+            f.seek(max(0, size - block))
+            tail = f.read().rstrip(b"\r\n")
+            if b"\n" in tail or block >= size:
+                return tail.rsplit(b"\n", 1)[-1].decode("utf-8", "replace")
+            block *= 4
 
 
 def to_float(s: pd.Series, path, field: str, what: str) -> pd.Series:

@@ -144,6 +144,12 @@ def star_counts_matrix(folder: str | os.PathLike, sample_sheet: str | os.PathLik
         if model is None:
             model, ref = m, df[["gene_id", "gene_name"]]
         elif m != model or len(df) != len(ref) or not df["gene_id"].equals(ref["gene_id"]):
+            short, full = (df, ref) if len(df) < len(ref) else (ref, df)
+            if m == model and full["gene_id"].iloc[:len(short)].reset_index(drop=True).equals(
+                    short["gene_id"].reset_index(drop=True)):
+                which = p.name if short is df else paths[next(iter(paths))].name
+                raise HefeatError(f"STAR-Counts file {which}: field 'gene_id' stops after {len(short)} of the "
+                                  f"{len(full)} genes the other files list (truncated download?); download it again")
             raise HefeatError(f"STAR-Counts file {p.name}: field 'gene_id' lists other genes than {paths[next(iter(paths))].name} "
                               f"(gene models {model} vs {m}); ingest one GDC data release at a time")
         cols[fid] = df[value].to_numpy(np.float64)
