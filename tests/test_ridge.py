@@ -89,3 +89,28 @@ def test_rows_and_cols_select_without_copying():
     np.testing.assert_allclose(a.coef, b.coef, rtol=1e-12)
     m = RidgeHeads().fit(X[rows], Y, rows=rows, cols=np.flatnonzero(cols))
     np.testing.assert_allclose(m.predict(X), b.predict(X), rtol=1e-12)
+
+
+def test_low_rank_weights_and_shared_basis_match_sklearn():
+    """Many samples, few strong directions: the LOO weights are replaced by a low-rank form (m < A/2 GEMM
+    blocks); penalties still equal RidgeCV's, and one basis refitted on other targets equals a fresh fit."""
+    from hefeat.learn.ridge import RidgeBasis
+
+    rng = np.random.default_rng(6)
+    n, p, g = 1500, 16, 120
+    X = rng.normal(size=(n, 3)) @ rng.normal(size=(3, p)) * 3 + rng.normal(size=(n, p))
+    Y = X @ (rng.normal(size=(p, g)) * (rng.random(g) < 0.5)) * 0.05 + rng.normal(size=(n, g))
+    alphas = np.logspace(-2, 5, 15)
+    basis = RidgeBasis(X, alphas)
+    (idx, *_rest), = basis.parts
+    assert len(idx) == 15 and basis.parts[0][3].shape[1] // basis.rank < 8  # the low-rank path is the one tested
+    ref = RidgeCV(alphas=alphas, alpha_per_target=True).fit(X, Y)
+    fit = basis.fit(Y, block=50)
+    np.testing.assert_array_equal(fit.alpha, ref.alpha_)
+    np.testing.assert_allclose(fit.predict(X), ref.predict(X), rtol=1e-6, atol=1e-9)
+    exact = fit_ridge_heads(X, Y, alphas=alphas, dtype=np.float64)
+    np.testing.assert_allclose(fit.loo_mse, exact.loo_mse, rtol=1e-5)
+    rows = np.arange(n)[::-1]
+    again, fresh = basis.fit(Y[::-1][rows], cols=np.arange(0, g, 3)), fit_ridge_heads(X, Y[:, ::3], alphas=alphas)
+    np.testing.assert_array_equal(again.alpha, fresh.alpha)
+    np.testing.assert_allclose(again.coef, fresh.coef, rtol=1e-10, atol=1e-14)

@@ -101,74 +101,106 @@ class GenesParams(Params):
 # ----------------------------------------------------------------------------------------------
 # Fit: data assembly -> estimator (RidgeHeads) -> cross-validated evaluation -> FitResult
 # ----------------------------------------------------------------------------------------------
+CHUNK_BYTES = 128 << 20  # float64 targets of one gene chunk of the streamed CV (n x chunk x 8 bytes)
+
+
 def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
-    """Cross-validated per-gene heads; per-gene metrics, out-of-fold predictions, the refitted heads."""
+    """Cross-validated per-gene heads; per-gene metrics, out-of-fold predictions, the refitted heads.
+
+    Everything that scales with samples x genes streams over gene chunks (every statistic is per gene):
+    each chunk runs the whole CV, its metrics, the final refit and the permuted-target CVs against
+    decompositions built once per fold, so memory holds the targets, the out-of-fold predictions (a
+    result) and a few chunk-sized arrays, never samples x genes copies.
+    """
+    from hefeat.learn import stats
     from hefeat.learn.data import slide_level_data
-    from hefeat.learn.ridge import RidgeHeads
     from hefeat.learn.splits import parse_split
-    from hefeat.learn.stats import (
-        columnwise_spearman,
-        correct,
-        empirical_p,
-        gene_metrics,
-        gene_set_score,
-    )
 
     p = params
     data = slide_level_data(store, p.extraction_id, dataset=p.dataset, genes=list(p.genes) if p.genes else None,
                             transform=p.transform, level=p.unit)
-    n, _ = data.Y.shape
+    n, g = data.Y.shape
     if n < 6:
         raise NotEstimable(f"Only {n} samples have both targets and features; per-gene heads need at least 6 "
                            "(ingest more samples or extract the missing slides)")
-    const = np.ptp(data.Y, 0) <= 1e-12 * (1 + np.abs(data.Y).max(0))
-    if const.all():
+    hi, lo = data.Y.max(0), data.Y.min(0)
+    if ((hi - lo) <= 1e-12 * (1 + np.maximum(np.abs(hi), np.abs(lo)))).all():
         raise NotEstimable("Every gene is constant across samples: nothing to predict")
     folds = parse_split(p.split, data.ids, data.groups, seed=p.seed)
     cohort = _cohort_labels(store, data, p.cohort_col) if p.cohort_col else None
-    tiles_cache: dict = {}
-    oof, kept, alphas, fold_of = _cross_validate(store, p, data, folds, cohort, data.Y, tiles_cache)
-    if not kept.any():
-        raise NotEstimable(f"No gene passes the training-fold filter (variance > {p.min_variance}"
-                           f"{', median > 0' if p.median_positive else ''}) in every fold; lower --min-variance")
+    cv = _GeneCV(store, p, data, folds, cohort)
     # Rows some fold tested (a holdout split tests only its held-out rows; training rows have no
     # out-of-fold prediction and must not disqualify a gene).
+    fold_of = np.full(n, "", object)
+    for f in folds:
+        fold_of[f.test] = f.name
     tested = np.flatnonzero(fold_of != "")
-    evaluated = np.flatnonzero(~np.isnan(oof[tested]).any(0) & kept)
-    genes = [data.genes[j] for j in evaluated]
-    # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
-    Yeval = _shift_all(data.Y, cohort)
     # Correlations are across patients: a patient's samples (all in one test fold) are averaged first,
     # so n counts patients, not samples.
     to_patients = _patient_means(data.groups[tested])
     n_units = len(np.unique(data.groups[tested]))
+    # Null from permuted targets: the whole CV refitted on targets shuffled across samples, scored
+    # exactly as the observed statistic (same all-sample median shift, same patient means).
+    rng = np.random.default_rng([p.seed, 1])
+    perms = [rng.permutation(n) for _ in range(p.permutations)]
+    final = _final_design(data.X, p)
+    oof = np.full((n, g), np.nan)
+    kept = np.zeros(g, bool)
+    evaluated_mask = np.zeros(g, bool)
+    alphas = np.zeros((len(folds), g))
+    cols = {}
+    null = np.full((len(perms), g), np.nan)
+    coef = np.zeros((final.basis.p, g))
+    intercept, alpha_final = np.zeros(g), np.zeros(g)
+    step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n))))
+    for j0 in range(0, g, step):
+        Yc = np.ascontiguousarray(data.Y[:, j0:j0 + step])
+        o, keep, al = cv.run(Yc)
+        oof[:, j0:j0 + step] = o
+        kept[j0:j0 + step] = keep.all(0)
+        alphas[:, j0:j0 + step] = al
+        ev = np.flatnonzero(kept[j0:j0 + step] & ~np.isnan(o[tested]).any(0))
+        if not len(ev):
+            continue
+        evaluated_mask[j0 + ev] = True
+        # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
+        Ye = _shift_all(Yc, cohort)
+        for name, v in stats.gene_metric_columns(to_patients(o[np.ix_(tested, ev)]),
+                                                 to_patients(Ye[np.ix_(tested, ev)])).items():
+            cols.setdefault(name, np.full(g, np.nan))[j0 + ev] = v
+        # The deployed model: refit on every sample (metrics are out-of-fold and stay honest).
+        heads = final.basis.fit(Ye, cols=ev)
+        coef[:, j0 + ev], intercept[j0 + ev], alpha_final[j0 + ev] = heads.coef, heads.intercept, heads.alpha
+        for i, perm in enumerate(perms):
+            Yp = Yc[perm]
+            po, _, _ = cv.run(Yp)
+            null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po[np.ix_(tested, ev)]),
+                                                         to_patients(_shift_all(Yp, cohort)[np.ix_(tested, ev)]))
+    if not kept.any():
+        raise NotEstimable(f"No gene passes the training-fold filter (variance > {p.min_variance}"
+                           f"{', median > 0' if p.median_positive else ''}) in every fold; lower --min-variance")
+    evaluated = np.flatnonzero(evaluated_mask)
+    genes = [data.genes[j] for j in evaluated]
     split_name = f"{p.split} seed={p.seed}"
-    metrics = gene_metrics(to_patients(oof[np.ix_(tested, evaluated)]), to_patients(Yeval[np.ix_(tested, evaluated)]),
-                           genes, split=split_name)
+    metrics = stats.gene_metrics_table({k: v[evaluated] for k, v in cols.items()}, genes, n_units,
+                                       split=split_name)
     metrics["alpha_median"] = np.median(alphas[:, evaluated], 0)
     # The paper's calls: BH FDR on the one-sided Spearman p, and R² above the threshold; both reported.
     metrics["significant"] = metrics["spearman_p_bh"] < p.fdr
     metrics["significant_r2"] = metrics["significant"] & (metrics["r2"] > p.r2_threshold)
     if p.permutations:
-        # Null from permuted targets: the whole CV refitted on targets shuffled across samples, scored
-        # exactly as the observed statistic (same all-sample median shift, same patient means).
-        rng = np.random.default_rng([p.seed, 1])
-        null = []
-        for _ in range(p.permutations):
-            Yp = data.Y[rng.permutation(n)]
-            po, _, _, _ = _cross_validate(store, p, data, folds, cohort, Yp, tiles_cache)
-            null.append(columnwise_spearman(to_patients(po[np.ix_(tested, evaluated)]),
-                                            to_patients(_shift_all(Yp, cohort)[np.ix_(tested, evaluated)])))
-        null = np.concatenate(null)
-        metrics["p_permutation"] = empirical_p(metrics["spearman_r"].to_numpy(), null)
-        metrics["p_permutation_bh"] = correct(metrics["p_permutation"].to_numpy(), "bh")
-    # The deployed model: refit on every sample (metrics above are out-of-fold and stay honest).
-    final = RidgeHeads(p.alphas, pca=p.pca, random_state=p.seed).fit(data.X, Yeval, cols=evaluated)
-    prolif = _proliferation(to_patients(oof[np.ix_(tested, evaluated)]), to_patients(Yeval[np.ix_(tested, evaluated)]),
-                            genes)
+        null = null[:, evaluated].ravel()  # per-gene r under permuted targets, permutation after permutation
+        metrics["p_permutation"] = stats.empirical_p(metrics["spearman_r"].to_numpy(), null)
+        metrics["p_permutation_bh"] = stats.correct(metrics["p_permutation"].to_numpy(), "bh")
+    names = [ALIASES.get(x, x) for x in genes]
+    pro = evaluated[[i for i, x in enumerate(names) if x in PAM50_PROLIFERATION]]
+    prolif = {"proliferation_genes": len(pro)} if len(pro) < 3 else _proliferation(
+        to_patients(oof[np.ix_(tested, pro)]), to_patients(_shift_all(data.Y[:, pro], cohort)[tested]),
+        [data.genes[j] for j in pro])
     members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
     if len(members) >= 3 and len(genes) > len(members) + 5:
-        gs = gene_set_score(metrics.set_index("gene")["spearman_r"], members, n_random=p.n_random_sets, seed=p.seed)
+        gs = stats.gene_set_score(metrics.set_index("gene")["spearman_r"], members, n_random=p.n_random_sets,
+                                  seed=p.seed)
         prolif.update(proliferation_set_mean_r=gs["mean_r"], proliferation_set_random_mean_r=gs["random_mean"],
                       proliferation_set_p=gs["p_value"])
     summary = {
@@ -179,14 +211,18 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         "split": split_name, "level": p.level, "median_spearman_r": float(metrics["spearman_r"].median()),
         "unit": p.unit, **prolif,
     }
-    oof_df = pd.DataFrame(oof[np.ix_(tested, evaluated)], columns=genes)
+    ids, groups = data.ids, data.groups
+    del data, cv  # the targets are not needed any more (the caller holds no other reference in a real fit)
+    whole = len(tested) == n and len(evaluated) == g  # the out-of-fold table is then the array itself, not a copy
+    oof_df = pd.DataFrame(oof if whole else oof[np.ix_(tested, evaluated)], columns=genes, copy=False)
+    del oof
     oof_df.insert(0, "fold", fold_of[tested])
-    oof_df.insert(0, "patient_id", data.groups[tested])
-    oof_df.insert(0, "sample_id", data.ids[tested])
-    arrays = {"coef": final.coef_.astype(np.float32), "intercept": final.intercept_, "alpha": final.alpha_,
-              "genes": np.array(genes)}
-    if final.pca_ is not None:
-        arrays.update(pca_components=final.pca_.components_, pca_mean=final.pca_.mean_)
+    oof_df.insert(0, "patient_id", groups[tested])
+    oof_df.insert(0, "sample_id", ids[tested])
+    arrays = {"coef": coef[:, evaluated].astype(np.float32), "intercept": intercept[evaluated],
+              "alpha": alpha_final[evaluated], "genes": np.array(genes)}
+    if final.pca is not None:
+        arrays.update(pca_components=final.pca.components_, pca_mean=final.pca.mean_)
     notes = []
     if len(genes) < kept.size:
         notes.append(f"{kept.size - len(genes)} of {kept.size} genes failed the training-fold filter in some fold "
@@ -209,51 +245,88 @@ def _patient_means(groups: np.ndarray):
     ug, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     if len(ug) == len(inv):
         return lambda A: A
+    order = np.argsort(inv, kind="stable")  # each patient's rows in their order: the sums np.add.at made
+    starts = np.searchsorted(inv[order], np.arange(len(ug)))
     counts = np.bincount(inv, minlength=len(ug)).astype(float)
 
     def mean(A: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(ug), A.shape[1]))
-        np.add.at(out, inv, A)
-        return out / counts[:, None]
+        if A.shape[1] == 0:
+            return np.zeros((len(ug), 0))
+        return np.add.reduceat(np.asarray(A, float)[order], starts, axis=0) / counts[:, None]
 
     return mean
 
 
-def _cross_validate(store: Store, params: GenesParams, data: SlideLevelData, folds, cohort, Ytarget: np.ndarray,
-                    cache: dict):
-    """Out-of-fold predictions; filters, median shifts and penalties use each fold's training part only.
+@dataclass
+class _Design:
+    """A design's ridge basis (features PCA-reduced on its own rows when asked) and how it maps features."""
 
-    `cache` keeps each slide's tile features for the tile-level variant across folds and permutations.
+    basis: object
+    pca: object | None
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, np.float64)
+        return X if self.pca is None else self.pca.transform(X)
+
+
+def _final_design(X: np.ndarray, p: GenesParams) -> _Design:
+    """The basis of the heads fitted on rows X (as RidgeHeads(alphas, pca, seed) fits them)."""
+    from hefeat.learn.ridge import RidgeBasis
+
+    X = np.asarray(X, np.float64)
+    pca = None
+    if p.pca:
+        from sklearn.decomposition import PCA
+
+        k = min(p.pca, X.shape[0] - 1, X.shape[1])
+        pca = PCA(n_components=k, random_state=p.seed).fit(X)
+        X = pca.transform(X)
+    return _Design(RidgeBasis(X, p.alphas), pca)
+
+
+class _GeneCV:
+    """The CV of `fit genes` for one gene chunk at a time; each fold's decomposition is built once.
+
+    Filters, median shifts and penalties use each fold's training part only. `cache` keeps each slide's
+    tile features for the tile-level variant across folds, chunks and permutations.
     """
-    from hefeat.learn.data import median_shift, train_gene_filter
-    from hefeat.learn.ridge import RidgeHeads
-    from hefeat.learn.splits import assert_disjoint
 
-    n, g = Ytarget.shape
-    oof = np.full((n, g), np.nan)
-    kept = np.ones(g, bool)
-    alphas = np.zeros((len(folds), g))
-    fold_of = np.full(n, "", object)
-    for i, f in enumerate(folds):
-        assert_disjoint(data.groups, f.train, f.test)
-        Y = Ytarget
-        if cohort is not None:
-            Y, _ = median_shift(Y, cohort, f.train)
-        keep = train_gene_filter(Y[f.train], min_variance=params.min_variance, median_positive=params.median_positive)
-        kept &= keep
-        if not keep.any():
-            continue
-        heads = RidgeHeads(params.alphas, pca=params.pca, random_state=params.seed).fit(
-            data.X[f.train], Y, rows=f.train, cols=np.flatnonzero(keep))  # Y's rows/genes read in chunks, not copied
-        alphas[i, keep] = heads.alpha_
-        cols = np.flatnonzero(keep)
-        if params.level == "slide":
-            oof[np.ix_(f.test, cols)] = heads.predict(data.X[f.test])
-        else:
-            oof[np.ix_(f.test, cols)] = _tile_level_predict(store, params.extraction_id, data, f.train, f.test, keep,
-                                                            heads.alpha_, Y, cache)
-        fold_of[f.test] = f.name
-    return oof, kept, alphas, fold_of
+    def __init__(self, store: Store, params: GenesParams, data: SlideLevelData, folds, cohort):
+        from hefeat.learn.splits import assert_disjoint
+
+        self.store, self.p, self.data, self.folds, self.cohort = store, params, data, folds, cohort
+        self.designs, self.X_test = [], []
+        for f in folds:
+            assert_disjoint(data.groups, f.train, f.test)
+            d = _final_design(data.X[f.train], params)
+            self.designs.append(d)
+            self.X_test.append(d.transform(data.X[f.test]))
+        self.cache: dict = {}
+
+    def run(self, Yc: np.ndarray):
+        """Out-of-fold predictions (n, k), per-fold kept genes (folds, k) and penalties (folds, k) of targets Yc."""
+        from hefeat.learn.data import median_shift, train_gene_filter
+
+        p, data = self.p, self.data
+        n, k = Yc.shape
+        oof = np.full((n, k), np.nan)
+        kept = np.zeros((len(self.folds), k), bool)
+        alphas = np.zeros((len(self.folds), k))
+        for i, f in enumerate(self.folds):
+            Y = Yc if self.cohort is None else median_shift(Yc, self.cohort, f.train)[0]
+            keep = train_gene_filter(Y[f.train], min_variance=p.min_variance, median_positive=p.median_positive)
+            kept[i] = keep
+            if not keep.any():
+                continue
+            cols = np.flatnonzero(keep)
+            heads = self.designs[i].basis.fit(Y, rows=f.train, cols=cols)  # Y's rows/genes read in chunks
+            alphas[i, cols] = heads.alpha
+            if p.level == "slide":
+                oof[np.ix_(f.test, cols)] = heads.predict(self.X_test[i])
+            else:
+                oof[np.ix_(f.test, cols)] = _tile_level_predict(self.store, p.extraction_id, data, f.train, f.test,
+                                                                keep, heads.alpha, Y, self.cache)
+        return oof, kept, alphas
 
 
 def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.ndarray, test: np.ndarray,

@@ -32,6 +32,7 @@ DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 MEMORY_BYTES = 1 << 30  # working memory of the gene chunks (the design and its decomposition come on top)
 TIE_TOL = 2e-4  # relative MSE gap below which float32 scores are re-checked in float64
 MAX_WEIGHT_F32 = 4.0  # LOO weights 1/(1-h)² above this (leverage > 1/2) are scored in float64
+LOW_RANK_TOL = 1e-7  # relative error allowed in the low-rank LOO weights of the float32 penalties
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,19 @@ def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return U, s, V
 
 
-def _chunk(n: int, r: int, A: int, g: int, memory: int) -> int:
-    per_gene = 8 * n * 3 + 4 * n * 3 + 8 * r * (2 * A + 4)  # float64 y, fitted; float32 q, q²; (A, r) blocks
+def _chunk(n: int, r: int, A: int, m: int, g: int, memory: int) -> int:
+    per_gene = 8 * n * 3 + 4 * n * 3 + 4 * r * (m + 3 * A) + 8 * A * 4  # float64 y; float32 q, q²; (m|A, r) blocks
     return int(max(1, min(g, memory // per_gene)))
+
+
+def _low_rank(W: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """B (n, m), G (m, A) with B @ G within `tol` of W relative to every entry (W > 0), m as small as that allows."""
+    u, sv, vt = np.linalg.svd(W, full_matrices=False)
+    for m in range(1, len(sv) + 1):
+        B, G = u[:, :m] * sv[:m], vt[:m]
+        if np.abs(B @ G - W).max() <= tol * W.min():
+            return B, G
+    return W, np.eye(W.shape[1])  # cannot happen (m = A is exact up to rounding), but stay exact if it did
 
 
 def _loo_mse_exact(U: np.ndarray, s2: np.ndarray, h: np.ndarray, a: float, Yc: np.ndarray,
@@ -78,6 +89,126 @@ def _loo_mse_exact(U: np.ndarray, s2: np.ndarray, h: np.ndarray, a: float, Yc: n
     """Float64 LOO MSE of each column of Yc at penalty a, from the direct residuals."""
     loo = (Yc - U @ (s2 / (s2 + a) * C)) / (1.0 - h)[:, None]
     return (loo * loo).mean(0)
+
+
+class RidgeBasis:
+    """Everything about one design X that every target shares: its decomposition, the leverages and LOO weights
+    of every candidate penalty and the products the scores need. Build once per design (a CV fold), then
+    `fit` any number of target matrices or gene chunks against it.
+
+    The LOO weights w(a) = 1/(1-h(a))² of the float32 penalties form an n x A matrix of low numerical rank
+    (smooth in a): it is replaced by its truncated SVD B Γ wherever it stays within LOW_RANK_TOL of every
+    weight, so the big GEMM has m·r columns (m <= A, often A/2) instead of A·r. Every score then is the
+    exact LOO MSE under weights within LOW_RANK_TOL relative of the true ones (well inside TIE_TOL, below
+    which near ties are re-scored exactly in float64).
+    """
+
+    def __init__(self, X: np.ndarray, alphas=DEFAULT_ALPHAS, dtype=np.float32):
+        X = np.asarray(X, np.float64)
+        if not np.isfinite(X).all():
+            raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
+        if X.shape[0] < 3:
+            raise HefeatError(f"ridge needs >= 3 samples with matching X and Y rows (got X {X.shape})")
+        alphas = np.asarray(sorted(float(a) for a in alphas), np.float64)
+        if len(alphas) == 0 or (alphas <= 0).any():
+            raise HefeatError("ridge penalties must be > 0")
+        n = X.shape[0]
+        self.n, self.p, self.alphas = n, X.shape[1], alphas
+        self.x_mean = X.mean(0)
+        self.U, self.s, self.V = _decompose(X - self.x_mean)
+        U, A = self.U, len(alphas)
+        r = len(self.s)
+        self.s2 = s2 = self.s * self.s
+        D = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, A) shrinkage of each component
+        self.E = alphas[None, :] / (s2[:, None] + alphas[None, :])  # 1 - D without the cancellation
+        self.h_all = 1.0 / n + (U * U) @ D  # (n, A) leverages
+        w_all = 1.0 / (1.0 - self.h_all) ** 2  # (n, A) LOO weights
+        # float32 where the weights are tame (no leverage near 1: the terms of the sum cannot cancel much);
+        # penalties whose LOO weights explode (n near the rank, small penalties) are scored in float64.
+        f32 = np.flatnonzero(w_all.max(0) <= MAX_WEIGHT_F32) if np.dtype(dtype) == np.float32 else np.arange(0)
+        self.f32, self.f64 = f32, np.setdiff1d(np.arange(A), f32)
+        self.parts = []
+        for idx, dt in ((self.f32, np.float32), (self.f64, np.float64)):
+            if not len(idx):
+                continue
+            W = w_all[:, idx]
+            if dt == np.float32 and len(idx) > 1:
+                B, G = _low_rank(W, LOW_RANK_TOL)
+                W = B @ G  # the weights every term of the score uses (see the class docstring)
+            else:
+                B, G = W, np.eye(len(idx))
+            Ud = U.astype(dt)
+            UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1)  # (n, m·r)
+            N = (UB.T @ U).reshape(B.shape[1], r * r)  # U' diag(b_m) U, float64
+            M = (G.T @ N).reshape(len(idx), r, r).astype(dt)  # U' diag(w_a) U = Σ_m Γ_ma U' diag(b_m) U
+            UB = UB.astype(dt)
+            self.parts.append((idx, dt, Ud, UB, G.T.astype(dt), M, W.astype(dt)))
+        self.rank = r
+
+    def fit(self, Y: np.ndarray, *, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
+            block: int | None = None, memory: int = MEMORY_BYTES) -> RidgeFit:
+        """Heads for the columns `cols` of Y (rows `rows` of Y are the design's rows), in gene chunks."""
+        Y = np.asarray(Y)
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        rows = None if rows is None else np.asarray(rows)
+        cols = np.arange(Y.shape[1]) if cols is None else np.flatnonzero(cols) if np.asarray(cols).dtype == bool \
+            else np.asarray(cols)
+        n, g = self.n, len(cols)
+        if (Y.shape[0] if rows is None else len(rows)) != n:
+            raise HefeatError(f"ridge needs >= 3 samples with matching X and Y rows (got X ({n}, {self.p}), "
+                              f"Y {Y.shape})")
+        U, s, s2, V, E, alphas = self.U, self.s, self.s2, self.V, self.E, self.alphas
+        r, A = self.rank, len(alphas)
+        m_max = max((p[3].shape[1] // max(r, 1) for p in self.parts), default=1)
+        coef = np.empty((self.p, g))
+        intercept = np.empty(g)
+        best_a = np.empty(g)
+        best_mse = np.empty(g)
+        step = block or _chunk(n, r, A, m_max, g, memory)
+        for j0 in range(0, g, step):
+            cj = cols[j0:j0 + step]
+            k = len(cj)
+            Yj = np.asarray(Y[:, cj] if rows is None else Y[np.ix_(rows, cj)], np.float64)
+            if not np.isfinite(Yj).all():
+                raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
+            y_mean = Yj.mean(0)
+            Yj -= y_mean
+            C = U.T @ Yj  # (r, k) float64: the coefficients and the exact re-scoring use it
+            mse = np.empty((A, k))
+            for idx, dt, Ud, UB, GT, M, Wd in self.parts:
+                Cd = C.astype(dt)
+                Q = Yj.astype(dt)
+                Q -= Ud @ Cd  # least-squares residual (n, k)
+                T1 = Wd.T @ (Q * Q)  # (|idx|, k): Σ w q²
+                Z = (UB.T @ Q).reshape(GT.shape[1], r * k)  # (U∘b_m)' q for each weight component m
+                T2 = (GT @ Z).reshape(len(idx), r, k)  # U' diag(w_a) q for every penalty a
+                EC = E.T[idx].astype(dt)[:, :, None] * Cd  # (|idx|, r, k): shrunk part of the residual
+                T2 *= 2
+                T2 += np.matmul(M, EC)
+                mse[idx] = (T1 + np.einsum("ark,ark->ak", EC, T2, dtype=np.float64)) / n
+            ia = np.argmin(mse, 0)
+            if len(self.f32) and A > 1:  # penalties within float32 error of the best: decide them in float64
+                cols_k = np.arange(k)
+                m1 = np.abs(mse[ia, cols_k])
+                close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * (Yj * Yj).mean(0)))
+                close[self.f64] = False
+                close[ia, cols_k] = True
+                amb = np.flatnonzero(close.sum(0) > 1)
+                if len(amb):
+                    cand = close[:, amb]
+                    exact = np.full((A, len(amb)), np.inf)
+                    for a in np.flatnonzero(cand.any(1)):
+                        sel = np.flatnonzero(cand[a])
+                        exact[a, sel] = _loo_mse_exact(U, s2[:, None], self.h_all[:, a], alphas[a],
+                                                       Yj[:, amb[sel]], C[:, amb[sel]])
+                    ia[amb] = np.argmin(exact, 0)
+                    mse[ia[amb], amb] = exact[ia[amb], np.arange(len(amb))]
+            best_a[j0:j0 + step] = alphas[ia]
+            best_mse[j0:j0 + step] = mse[ia, np.arange(k)]
+            coef[:, j0:j0 + step] = V @ ((s[:, None] / (s2[:, None] + alphas[ia][None, :])) * C)
+            intercept[j0:j0 + step] = y_mean - self.x_mean @ coef[:, j0:j0 + step]
+        return RidgeFit(coef=coef, intercept=intercept, alpha=best_a, loo_mse=best_mse)
 
 
 def fit_ridge_heads(X: np.ndarray, Y: np.ndarray, *, alphas=DEFAULT_ALPHAS, dtype=np.float32,
@@ -91,85 +222,10 @@ def fit_ridge_heads(X: np.ndarray, Y: np.ndarray, *, alphas=DEFAULT_ALPHAS, dtyp
     """
     X = np.asarray(X, np.float64)
     Y = np.asarray(Y)
-    if Y.ndim == 1:
-        Y = Y[:, None]
-    rows = None if rows is None else np.asarray(rows)
-    cols = np.arange(Y.shape[1]) if cols is None else np.flatnonzero(cols) if np.asarray(cols).dtype == bool \
-        else np.asarray(cols)
-    n, g = X.shape[0], len(cols)
-    if n < 3 or (Y.shape[0] if rows is None else len(rows)) != n:
+    n_y = (Y.shape[0] if rows is None else len(rows)) if Y.ndim else 0
+    if X.shape[0] < 3 or n_y != X.shape[0]:
         raise HefeatError(f"ridge needs >= 3 samples with matching X and Y rows (got X {X.shape}, Y {Y.shape})")
-    if not np.isfinite(X).all():
-        raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
-    alphas = np.asarray(sorted(float(a) for a in alphas), np.float64)
-    if len(alphas) == 0 or (alphas <= 0).any():
-        raise HefeatError("ridge penalties must be > 0")
-    x_mean = X.mean(0)
-    U, s, V = _decompose(X - x_mean)
-    r, A = len(s), len(alphas)
-    s2 = s * s
-    D = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, A) shrinkage of each component
-    E = alphas[None, :] / (s2[:, None] + alphas[None, :])  # 1 - D without the cancellation
-    h_all = 1.0 / n + (U * U) @ D  # (n, A) leverages
-    w_all = 1.0 / (1.0 - h_all) ** 2  # (n, A) LOO weights
-    # float32 where the weights are tame (no leverage near 1: the terms of the sum cannot cancel much);
-    # penalties whose LOO weights explode (n near the rank, small penalties) are scored in float64.
-    f32 = np.flatnonzero(w_all.max(0) <= MAX_WEIGHT_F32) if np.dtype(dtype) == np.float32 else np.arange(0)
-    f64 = np.setdiff1d(np.arange(A), f32)
-    parts = []
-    for idx, dt in ((f32, np.float32), (f64, np.float64)):
-        if len(idx):
-            Ud = U.astype(dt)
-            UW = np.concatenate([U * w_all[:, [a]] for a in idx], axis=1).astype(dt)  # (n, |idx|·r)
-            M = (UW.T @ Ud).reshape(len(idx), r, r)  # U' diag(w_a) U per penalty
-            parts.append((idx, dt, Ud, UW, M, w_all[:, idx].astype(dt)))
-    coef = np.empty((X.shape[1], g))
-    intercept = np.empty(g)
-    best_a = np.empty(g)
-    best_mse = np.empty(g)
-    step = block or _chunk(n, r, A, g, memory)
-    for j0 in range(0, g, step):
-        cj = cols[j0:j0 + step]
-        k = len(cj)
-        Yj = np.asarray(Y[:, cj] if rows is None else Y[np.ix_(rows, cj)], np.float64)
-        if not np.isfinite(Yj).all():
-            raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
-        y_mean = Yj.mean(0)
-        Yj -= y_mean
-        C = U.T @ Yj  # (r, k) float64: the coefficients and the exact re-scoring use it
-        mse = np.empty((A, k))
-        for idx, dt, Ud, UW, M, Wd in parts:
-            Cd = C.astype(dt)
-            Q = Yj.astype(dt)
-            Q -= Ud @ Cd  # least-squares residual (n, k)
-            T1 = Wd.T @ (Q * Q)  # (|idx|, k): Σ w q²
-            T2 = (UW.T @ Q).reshape(len(idx), r, k)  # U' diag(w) q, every penalty in one GEMM
-            EC = E.T[idx].astype(dt)[:, :, None] * Cd  # (|idx|, r, k): shrunk part of the residual
-            T2 *= 2
-            T2 += np.matmul(M, EC)
-            mse[idx] = (T1 + np.einsum("ark,ark->ak", EC, T2, dtype=np.float64)) / n
-        ia = np.argmin(mse, 0)
-        if len(f32) and A > 1:  # penalties within float32 error of the best: decide them in float64
-            cols_k = np.arange(k)
-            m1 = np.abs(mse[ia, cols_k])
-            close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * (Yj * Yj).mean(0)))
-            close[f64] = False
-            close[ia, cols_k] = True
-            amb = np.flatnonzero(close.sum(0) > 1)
-            if len(amb):
-                cand = close[:, amb]
-                exact = np.full((A, len(amb)), np.inf)
-                for a in np.flatnonzero(cand.any(1)):
-                    sel = np.flatnonzero(cand[a])
-                    exact[a, sel] = _loo_mse_exact(U, s2[:, None], h_all[:, a], alphas[a], Yj[:, amb[sel]],
-                                                   C[:, amb[sel]])
-                ia[amb] = np.argmin(exact, 0)
-                mse[ia[amb], amb] = exact[ia[amb], np.arange(len(amb))]
-        best_a[j0:j0 + step] = alphas[ia]
-        best_mse[j0:j0 + step] = mse[ia, np.arange(k)]
-        coef[:, j0:j0 + step] = V @ ((s[:, None] / (s2[:, None] + alphas[ia][None, :])) * C)
-        intercept[j0:j0 + step] = y_mean - x_mean @ coef[:, j0:j0 + step]
-    return RidgeFit(coef=coef, intercept=intercept, alpha=best_a, loo_mse=best_mse)
+    return RidgeBasis(X, alphas, dtype).fit(Y, rows=rows, cols=cols, block=block, memory=memory)
 
 
 class RidgeHeads(RegressorMixin, BaseEstimator):

@@ -125,20 +125,30 @@ def rmse_cols(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.sqrt(((true - pred) ** 2).mean(0))
 
 
-def gene_metrics(pred: np.ndarray, true: np.ndarray, genes: list[str], *, split: str,
-                 alternative: str = "greater") -> pd.DataFrame:
-    """Per-gene Pearson/Spearman r with one-sided p, BH/Bonferroni/Holm/Holm–Šidák, R², RMSE."""
-    n = len(true)
-    pr = columnwise_pearson(pred, true)
-    sr = columnwise_spearman(pred, true)
+def gene_metric_columns(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-column Pearson r, Spearman r, R² and RMSE of pred (n, g) against true (n, g), in blocks of genes."""
+    return {"pearson_r": columnwise_pearson(pred, true), "spearman_r": columnwise_spearman(pred, true),
+            "r2": _by_columns(r2_score_cols, pred, true), "rmse": _by_columns(rmse_cols, pred, true)}
+
+
+def gene_metrics_table(columns: dict[str, np.ndarray], genes: list[str], n: int, *, split: str,
+                       alternative: str = "greater") -> pd.DataFrame:
+    """The per-gene metrics table from gene_metric_columns' arrays over n units: one-sided p, corrections."""
+    pr, sr = columns["pearson_r"], columns["spearman_r"]
     df = pd.DataFrame({"gene": genes, "n": n, "pearson_r": pr, "spearman_r": sr,
                        "pearson_p": r_pvalue(pr, n, alternative), "spearman_p": r_pvalue(sr, n, alternative),
-                       "r2": r2_score_cols(pred, true), "rmse": rmse_cols(pred, true)})
+                       "r2": columns["r2"], "rmse": columns["rmse"]})
     for m in CORRECTIONS:
         df[f"spearman_p_{m.replace('-', '_')}"] = correct(df["spearman_p"].to_numpy(), m)
     df["pearson_p_bh"] = correct(df["pearson_p"].to_numpy(), "bh")
     df["split"] = split
     return df
+
+
+def gene_metrics(pred: np.ndarray, true: np.ndarray, genes: list[str], *, split: str,
+                 alternative: str = "greater") -> pd.DataFrame:
+    """Per-gene Pearson/Spearman r with one-sided p, BH/Bonferroni/Holm/Holm–Šidák, R², RMSE."""
+    return gene_metrics_table(gene_metric_columns(pred, true), genes, len(true), split=split, alternative=alternative)
 
 
 def permutation_null(fit_predict: Callable[[np.ndarray], np.ndarray], Y: np.ndarray, *, n_perm: int = 1,

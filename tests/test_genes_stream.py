@@ -1,0 +1,94 @@
+"""`fit genes` streams over gene chunks: any chunk size gives the numbers of one whole-matrix pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hefeat.learn import data as data_mod
+from hefeat.learn import emo
+from hefeat.learn.data import SlideLevelData
+from hefeat.learn.emo import GenesParams, fit_genes
+
+PROLIF = ["BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2", "TYMS", "UBE2C"]
+
+
+def _data(seed=0, n_patients=24, n_genes=31, d=6) -> SlideLevelData:
+    rng = np.random.default_rng(seed)
+    groups = np.repeat([f"P{i:02d}" for i in range(n_patients)], 2)[: 2 * n_patients - 3]  # some patients once
+    n = len(groups)
+    X = rng.normal(size=(n, d))
+    Y = X[:, :2] @ rng.uniform(0, 1.5, (2, n_genes)) + 0.7 * rng.normal(size=(n, n_genes)) + 3
+    Y[:, 4] = 1e-3 * rng.normal(size=n)  # fails the variance filter in every fold
+    Y[:, 20] = np.abs(Y[:, 20]) - 5  # median < 0: dropped by --median-positive
+    ids = np.array([f"S{i:03d}" for i in range(n)])
+    genes = [f"G{j:02d}" for j in range(n_genes)]
+    genes[6:17] = PROLIF
+    return SlideLevelData(ids=ids, groups=groups, slides=[[s] for s in ids], X=X, Y=Y, genes=genes,
+                          sites=np.array(["a", "b", "c"] * n)[:n])
+
+
+def _fit(monkeypatch, chunk_genes: int | None, **kw):
+    d = _data()
+    monkeypatch.setattr(data_mod, "slide_level_data", lambda *a, **k: d)
+    if chunk_genes is not None:  # CHUNK_BYTES counts float64 targets of n samples per chunk
+        monkeypatch.setattr(emo, "CHUNK_BYTES", 8 * len(d.ids) * chunk_genes)
+    return fit_genes(None, GenesParams(extraction_id="e", **kw), "gen-x")
+
+
+@pytest.mark.parametrize("kw", [dict(cohort_col="site", permutations=2, median_positive=True),
+                                dict(pca=3, permutations=1, split="patient-kfold:4")])
+def test_gene_chunks_give_the_whole_matrix_numbers(monkeypatch, kw):
+    """Chunks of 1 and 4 genes (31 genes: a ragged last chunk) against one chunk of all genes: the same kept
+    genes, penalties, metrics, permutation null, out-of-fold table and final heads. Shifting a chunk's
+    columns, dropping its last gene, pairing the wrong null or targets with a chunk all fail this."""
+    whole = _fit(monkeypatch, None, **kw)
+    assert whole.summary["n_genes"] >= 20 and whole.summary["proliferation_genes"] == 11
+    for chunk in (1, 4):
+        part = _fit(monkeypatch, chunk, **kw)
+        assert part.summary == whole.summary or all(
+            part.summary[k] == pytest.approx(v, rel=1e-12, abs=1e-15) for k, v in whole.summary.items())
+        for name, table in whole.tables.items():
+            pd.testing.assert_frame_equal(part.tables[name], table, check_exact=False, rtol=1e-12, atol=1e-14)
+        for name, arr in whole.arrays.items():
+            if arr.dtype.kind == "f":
+                np.testing.assert_allclose(part.arrays[name], arr, rtol=1e-6 if name == "coef" else 1e-12, atol=1e-14)
+            else:
+                np.testing.assert_array_equal(part.arrays[name], arr)
+
+
+def test_streamed_fit_matches_a_direct_computation(monkeypatch):
+    """Independent reference for a 1-gene-chunk fit: per fold, heads from fit_ridge_heads on the copied
+    training rows; Spearman of patient means by scipy; the permutation null's first permutation likewise."""
+    from scipy import stats as ss
+
+    from hefeat.learn.ridge import fit_ridge_heads
+    from hefeat.learn.splits import parse_split
+
+    res = _fit(monkeypatch, 1, permutations=1)
+    d = _data()
+    folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
+    keep = np.all([d.Y[f.train].var(0, ddof=1) > 0.01 for f in folds], 0)
+    genes = np.flatnonzero(keep)
+    oof = np.full(d.Y.shape, np.nan)
+    for f in folds:
+        oof[f.test] = fit_ridge_heads(d.X[f.train], d.Y[f.train]).predict(d.X[f.test])
+    patients = pd.Series(d.groups)
+
+    def rho(pred, true):
+        pm = pd.DataFrame(pred).groupby(patients.to_numpy()).mean().to_numpy()
+        tm = pd.DataFrame(true).groupby(patients.to_numpy()).mean().to_numpy()
+        return np.array([ss.spearmanr(pm[:, j], tm[:, j])[0] for j in range(pm.shape[1])])
+
+    m = res.tables["metrics"]
+    assert m["gene"].tolist() == [d.genes[j] for j in genes]
+    np.testing.assert_allclose(m["spearman_r"], rho(oof[:, genes], d.Y[:, genes]), rtol=1e-10)
+    np.testing.assert_allclose(res.tables["oof_predictions"][m["gene"]].to_numpy(), oof[:, genes], rtol=1e-9)
+    perm = np.random.default_rng([0, 1]).permutation(len(d.Y))
+    Yp = d.Y[perm]
+    po = np.full(d.Y.shape, np.nan)
+    for f in folds:
+        po[f.test] = fit_ridge_heads(d.X[f.train], Yp[f.train]).predict(d.X[f.test])
+    null = rho(po[:, genes], Yp[:, genes])
+    np.testing.assert_allclose(res.tables["null"]["spearman_r"], null, rtol=1e-10)
