@@ -13,6 +13,7 @@ from hefeat.store.catalog import Store
 from hefeat.store.features import slide_means
 
 TRANSFORMS = ("log10p", "log1p", "log2p", "none")
+ROW_BLOCK = 1024  # sample rows per block when the targets are converted (no full-size temporaries)
 
 
 def transform_values(v: np.ndarray, how: str) -> np.ndarray:
@@ -63,14 +64,26 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     """
     if level not in ("sample", "patient"):
         raise HefeatError("level must be 'sample' or 'patient'")
-    wide = expression_table(store, dataset, genes)
-    if wide.isna().any().any():
-        bad = wide.columns[wide.isna().any()].tolist()
+    from hefeat.store.expression import read_matrix
+
+    known = store.sql("SELECT DISTINCT dataset FROM expression_matrix")["dataset"].tolist()
+    if dataset not in known:
+        raise HefeatError(f"No target table {dataset!r} in the store (have: {', '.join(known) or 'none'}); "
+                          "ingest one with hefeat ingest expression")
+    # The stored float32 matrix, read once: no float64 DataFrame, no sorted copy (expression_table's columns).
+    sample_ids, gene_names, values = read_matrix(store, dataset, genes)
+    order = np.arange(len(gene_names)) if genes is not None else np.argsort(np.array(gene_names, str), kind="stable")
+    nan = np.zeros(len(gene_names), bool)
+    for a in range(0, len(values), ROW_BLOCK):
+        nan |= np.isnan(values[a:a + ROW_BLOCK]).any(0)
+    if nan.any():
+        bad = [gene_names[j] for j in order if nan[j]]
         raise HefeatError(f"Targets contain NaN for genes {bad[:5]} (or samples missing genes); impute or drop them")
+    sample_index = pd.Index(sample_ids)
     smap = store.sql("SELECT s.sample_id, s.slide_id, sl.patient_id, sl.site FROM samples s JOIN slides sl "
                      "USING (slide_id) WHERE s.dataset = ?", [dataset])
     done = set(finished_slides(store, extraction_id))
-    smap = smap[smap["slide_id"].isin(done) & smap["sample_id"].isin(wide.index)]
+    smap = smap[smap["slide_id"].isin(done) & smap["sample_id"].isin(sample_index)]
     if smap.empty:
         raise HefeatError(f"No sample of {dataset!r} has a slide with features in extraction {extraction_id}")
     key = "sample_id" if level == "sample" else "patient_id"
@@ -84,11 +97,19 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     cut = np.searchsorted(sl["_g"].to_numpy(), np.arange(1, len(ids)))
     slides = [a.tolist() for a in np.split(sl["slide_id"].to_numpy(), cut)]
     sm = smap.assign(_g=gpos).drop_duplicates(["_g", "sample_id"]).sort_values("_g", kind="stable")
-    Yt = transform_values(wide.to_numpy(float)[wide.index.get_indexer(sm["sample_id"])], transform)
+    rows = sample_index.get_indexer(sm["sample_id"])
+    Yt = np.empty((len(rows), len(order)))  # float64 targets, filled and transformed in row blocks
+    sorted_cols = (order == np.arange(len(order))).all()
+    for a in range(0, len(rows), ROW_BLOCK):
+        block = values[rows[a:a + ROW_BLOCK]]
+        Yt[a:a + ROW_BLOCK] = block if sorted_cols else block[:, order]
+        Yt[a:a + ROW_BLOCK] = transform_values(Yt[a:a + ROW_BLOCK], transform)
+    del values
     starts = np.searchsorted(sm["_g"].to_numpy(), np.arange(len(ids)))
-    Y = np.add.reduceat(Yt, starts, axis=0) / np.diff(np.append(starts, len(Yt)))[:, None]
+    sizes = np.diff(np.append(starts, len(Yt)))
+    Y = Yt if (sizes == 1).all() else np.add.reduceat(Yt, starts, axis=0) / sizes[:, None]
     return SlideLevelData(ids=ids.astype(str), groups=first["patient_id"].to_numpy().astype(str), slides=slides,
-                          X=np.zeros((len(ids), 0)), Y=Y, genes=list(wide.columns),
+                          X=np.zeros((len(ids), 0)), Y=Y, genes=[gene_names[j] for j in order],
                           sites=first["site"].astype(str).to_numpy())
 
 
