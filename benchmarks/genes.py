@@ -7,14 +7,16 @@
 - Workload of `fit genes` (5-fold CV + final refit + one permutation of the CV = 11 ridge fits) on the
   arrays: seconds and peak RSS of this process.
 - With --store/--extraction: `hefeat fit genes --permutations 1 --force` on a fabricated store in a child
-  process (wall seconds, peak RSS), e.g. the 10,000-slide store of benchmarks/store_scale.py.
+  process (wall seconds, peak RSS), e.g. the 10,000-slide store of benchmarks/store_scale.py; --make-store
+  copies such a store (features hard-linked) with a --genes-gene expression table for it.
 - HE2RNA: one training epoch on super-tiles for 1,000 slides x 100 x 2,048 on the CPU.
 
 Issue-22 targets (2-core CPU): 20,000 genes x 10,000 samples x 256-d, CV + final + permutation null
 <= 60 s and <= 8 GB; 1,024-d <= 3 min; 1,000 samples <= 12 s.
-Run: python benchmarks/genes.py --genes 20000 --slides 10000 --dim 256 --no-he2rna
+Run: python benchmarks/genes.py --genes 20000 --slides 10000 --dim 256 --subset 1000 --no-he2rna
      python benchmarks/genes.py --genes 20000 --slides 1000 --dim 256 --no-he2rna
-     python benchmarks/genes.py --store DIR --extraction EID --no-he2rna --no-arrays
+     python benchmarks/genes.py --genes 20000 --make-store /tmp/hefeat-store-scale/store-10000 /tmp/g20k-10000
+     python benchmarks/genes.py --store /tmp/g20k-10000 --no-he2rna --no-arrays
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def arrays_benchmark(a, res: dict) -> None:
     """Ridge core vs scikit-learn on a subset, then the 11-fit workload of `fit genes` on all genes."""
     from sklearn.linear_model import RidgeCV
 
-    from hefeat.learn.ridge import fit_ridge_heads
+    from hefeat.learn.ridge import RidgeBasis, fit_ridge_heads
 
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(a.slides, 16))
@@ -64,18 +66,64 @@ def arrays_benchmark(a, res: dict) -> None:
     t = time.perf_counter()
     fit_ridge_heads(X, Y, alphas=alphas)
     res["ours_all_genes_one_fit_s"] = round(time.perf_counter() - t, 2)
-    # fit genes' workload: 5 folds (80 % of the samples each) + the final fit, then the CV again on permuted targets.
+    # fit genes' workload: 5 folds (80 % of the samples each) + the final fit, then the CV again on permuted
+    # targets; as fit genes runs it, each fold's basis is built once and serves both CVs.
     folds = np.array_split(rng.permutation(a.slides), 5)
+    perm = rng.permutation(a.slides)
     t = time.perf_counter()
-    for rep in range(2):
-        Yp = Y if rep == 0 else Y[rng.permutation(a.slides)]
-        for f in folds:
-            train = np.setdiff1d(np.arange(a.slides), f)
-            fit_ridge_heads(X[train], Yp, alphas=alphas, rows=train)
-        if rep == 0:
-            fit_ridge_heads(X, Y, alphas=alphas)
+    for f in folds:
+        train = np.setdiff1d(np.arange(a.slides), f)
+        basis = RidgeBasis(X[train], alphas)
+        basis.fit(Y, rows=train)
+        basis.fit(Y, rows=perm[train])  # the permuted targets' training rows, without copying Y
+    RidgeBasis(X, alphas).fit(Y)
     res["fit_genes_workload_11_fits_s"] = round(time.perf_counter() - t, 1)
+    res["weight_rank_of_a_fold"] = [f"{len(q[0])} penalties -> {q[3].shape[1] // basis.rank}" for q in basis.parts]
     res["peak_rss_mb"] = round(_rss_mb())
+
+
+def make_store(a) -> None:
+    """A copy of a fabricated store (feature files hard-linked, the rest copied) whose `expression` dataset has
+    --genes genes, drawn like store_scale.py's (from the same slide latents): `fit genes` at transcriptome scale
+    on the 10,000-slide store without fabricating it again. The source store is only read."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from store_scale import _slide_latent
+
+    from hefeat.store.catalog import Store
+    from hefeat.store.ingest import _Matrix, ingest_matrix
+
+    src, dst = Path(a.make_store[0]), Path(a.make_store[1])
+    if dst.exists():
+        raise SystemExit(f"{dst} exists; remove it first")
+    info = json.loads((src / "_fabricated.json").read_text())
+    t = time.perf_counter()
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name == "features":
+            shutil.copytree(item, dst / item.name, copy_function=os.link)  # immutable once written: share them
+        elif item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+    st = Store(dst)
+    ids = st.sql("SELECT slide_id FROM slides ORDER BY slide_id")["slide_id"].tolist()
+    g = np.random.default_rng([info["seed"], a.genes])
+    latent = _slide_latent(info["seed"], len(ids))
+    Y = np.empty((len(ids), a.genes), np.float32)
+    W = g.normal(size=(latent.shape[1], a.genes)) * (g.random(a.genes) < 0.3)
+    for r in range(0, len(ids), 1000):
+        Y[r:r + 1000] = np.exp(latent[r:r + 1000] @ W * 0.3 + g.normal(size=(len(Y[r:r + 1000]), a.genes)) * 0.5 + 2)
+    genes = [f"G{j:05d}" for j in range(a.genes)]
+    recipe = dst / "expression-fabricated.json"  # the "source file" the ingest records
+    recipe.write_text(json.dumps({"genes": a.genes, "seed": [info["seed"], a.genes], "like": "store_scale.py"}))
+    ingest_matrix(st, _Matrix(ids, genes, Y, "samples x genes"), recipe, dataset="expression")
+    info.update(genes=a.genes, copied_from=str(src), copy_s=round(time.perf_counter() - t, 1))
+    (dst / "_fabricated.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info, indent=1))
 
 
 def store_benchmark(a, res: dict) -> None:
@@ -83,8 +131,10 @@ def store_benchmark(a, res: dict) -> None:
     import resource
     import subprocess
     import sys
+    from pathlib import Path
 
-    cmd = [sys.executable, "-m", "hefeat.cli", "fit", "genes", "--store", a.store, "--extraction", a.extraction,
+    eid = a.extraction or json.loads((Path(a.store) / "_fabricated.json").read_text())["extraction_id"]
+    cmd = [sys.executable, "-m", "hefeat.cli", "fit", "genes", "--store", a.store, "--extraction", eid,
            "--permutations", "1", "--force", "--json"]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -108,8 +158,13 @@ def main() -> None:
     ap.add_argument("--no-he2rna", action="store_true")
     ap.add_argument("--no-arrays", action="store_true", help="skip the synthetic-array ridge measurements")
     ap.add_argument("--store", default=None, help="a store to run `hefeat fit genes` on (child process)")
-    ap.add_argument("--extraction", default=None)
+    ap.add_argument("--extraction", default=None, help="default: the store's _fabricated.json extraction")
+    ap.add_argument("--make-store", nargs=2, metavar=("SRC", "DST"), default=None,
+                    help="copy fabricated store SRC to DST (features hard-linked) with --genes genes, then exit")
     a = ap.parse_args()
+    if a.make_store:
+        make_store(a)
+        return
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "load_before": [round(v, 2) for v in os.getloadavg()], "genes": a.genes, "slides": a.slides,
            "dim": a.dim, "alphas": a.alphas}
