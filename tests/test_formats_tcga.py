@@ -197,6 +197,48 @@ def test_clinical_files_give_months_events_and_counted_receptor_labels(layout, t
         cbioportal.clinical_table(bad)
 
 
+def test_cbioportal_dfs_pfs_and_every_tcga_receptor_value(tmp_path):
+    """DFS/PFS pairs with their status words, and the six receptor values TCGA writes: Positive/Negative labelled,
+    Equivocal, Indeterminate, [Not Evaluated], [Not Available] missing and counted."""
+    f = tmp_path / "data_clinical_patient.txt"
+    cols = ["PATIENT_ID", "OS_MONTHS", "OS_STATUS", "DFS_MONTHS", "DFS_STATUS", "PFS_MONTHS", "PFS_STATUS",
+            "ER_STATUS_BY_IHC", "PR_STATUS_BY_IHC", "HER2_STATUS_BY_IHC"]
+    rows = [["TCGA-A1-A001", "10.5", "1:DECEASED", "8.25", "1:Recurred/Progressed", "7", "1:PROGRESSION",
+             "Positive", "Negative", "Equivocal"],
+            ["TCGA-A1-A002", "30", "0:LIVING", "30", "0:DiseaseFree", "[Not Available]", "[Not Available]",
+             "Negative", "[Not Evaluated]", "Positive"],
+            ["TCGA-A1-A003", "[Not Available]", "[Not Available]", "12", "0:DiseaseFree", "12", "0:CENSORED",
+             "Indeterminate", "Positive", "[Not Available]"]]
+    f.write_text("".join("#" + "\t".join(cols) + "\n" for _ in range(4)) + "\t".join(cols) + "\n"
+                 + "".join("\t".join(r) + "\n" for r in rows))
+    pat, _, notes = cbioportal.clinical_table(f)
+    pat = pat.set_index("patient_id")
+    exp = {"survival_months": [10.5, 30, np.nan], "event": [1, 0, np.nan], "dfs_months": [8.25, 30, 12],
+           "dfs_event": [1, 0, 0], "pfs_months": [7, np.nan, 12], "pfs_event": [1, np.nan, 0],
+           "er_status": [1, 0, np.nan], "pr_status": [0, np.nan, 1], "her2_status": [np.nan, 1, np.nan]}
+    for c, v in exp.items():
+        np.testing.assert_array_equal(pat[c].to_numpy(float), np.asarray(v, float), err_msg=c)
+    assert any(n.startswith("er_status from er_status_by_ihc: 2 labelled (1 positive), 1 missing (Indeterminate 1)")
+               for n in notes)
+    assert any("her2_status" in n and "2 missing" in n and "Equivocal 1" in n and "[Not Available] 1" in n for n in notes)
+    assert any("pr_status" in n and "[Not Evaluated] 1" in n for n in notes)
+
+
+def test_a_user_manifest_overrides_what_the_barcode_says(layout, tmp_path):
+    """Patient, site and slide id from a --manifest row win over the ones parsed from the TCGA file name."""
+    from hefeat.slides.run import ingest_slides
+
+    out, truth = layout
+    bc, t = next(iter(truth["slides"].items()))
+    f = out / t["file"]
+    (tmp_path / "m.csv").write_text(f"path,slide_id,patient_id,site\n{f.name},MY-SLIDE,MY-PATIENT,my-site\n")
+    st = Store.init(tmp_path / "st")
+    ingest_slides(st, [f, *[out / v["file"] for v in list(truth["slides"].values())[1:3]]], manifest=tmp_path / "m.csv")
+    row = st.slides().set_index("slide_id")
+    assert (row.loc["MY-SLIDE", "patient_id"], row.loc["MY-SLIDE", "site"]) == ("MY-PATIENT", "my-site")
+    assert bc not in row.index and len(row) == 3
+
+
 def test_tcga_layout_runs_end_to_end_with_generic_commands(layout, tmp_path):
     """synth --layout tcga output -> ingest (no manifest) -> status -> tile -> extract -> fit genes, receptors,
     traits -> HTI -> survival: each fit sees exactly the tumour DX slides, the labels and the survival the truth lists
