@@ -153,6 +153,9 @@ def test_hest_samples_read_with_their_metadata(vis, tmp_path):
         np.testing.assert_allclose(ss.spots[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy())
         np.testing.assert_array_equal(ss.counts.toarray(), ref[ss.genes].to_numpy())
         assert ss.mpp == pytest.approx(t["mpp"]) and ss.spot_diameter_um == 55.0 and ss.technology == "Visium"
+        assert ss.patient == t["patient"]  # sections of one patient share it: patient-grouped splits keep them together
+    assert hest.patient_of({"patient": "Patient 1", "dataset_title": "Study A"}) == "Study A / Patient 1"
+    assert hest.patient_of({"patient": float("nan"), "dataset_title": "Study A"}) is None
     root = tmp_path / "h"
     shutil.copytree(src / "hest", root)
     hid = next(iter(th["samples"]))
@@ -195,6 +198,7 @@ def test_visium_and_hest_run_fit_spots_with_55um_patches(vis, tmp_path):
     hid = next(iter(th["samples"]))
     h = js("ingest", "hest", src / "hest", "--sample", hid, "--store", store)
     assert h["ids"] == [hid] and h["rows"] == th["samples"][hid]["spots"]
+    assert Store(store).slides().set_index("slide_id").loc[hid, "patient_id"] == th["samples"][hid]["patient"]
     tile = js("tile", "--spots", "--store", store)
     tiles = Store(store).sql(f"SELECT t.slide_id, t.size0 * s.mpp_x AS um FROM tiles t JOIN slides s USING (slide_id) "
                              f"WHERE tiling_id = '{tile['tiling_id']}'")
@@ -203,7 +207,9 @@ def test_visium_and_hest_run_fit_spots_with_55um_patches(vis, tmp_path):
     x = js("extract", "--encoder", "resnet18", "--layer", "layer1", "--weights", "none", "--precision", "fp32",
            "--fit", "native", "--tiling", tile["tiling_id"], "--store", store)
     f = js("fit", "spots", "--extraction", x["extraction_id"], "--genes", "top:10", "--store", store)
-    assert f["model_id"]
+    n_spots = sum(t["spots"] for t in tv["samples"].values()) + th["samples"][hid]["spots"]
+    patients = {Store(store).slides().set_index("slide_id").loc[s, "patient_id"] for s in {*tv["samples"], hid}}
+    assert (f["n_spots"], f["n_patients"], f["n_genes"]) == (n_spots, len(patients), 10)  # every hexagonal spot
     import anndata
 
     e = js("export", "anndata", tmp_path / "tiles.h5ad", "--extraction", x["extraction_id"], "--store", store)

@@ -3,7 +3,9 @@
 A sample ``<id>`` of a HEST-1k download is ``st/<id>.h5ad`` (an AnnData: spots x genes counts,
 ``obsm['spatial']`` = spot centres (x, y) in pixels of the WSI), ``metadata/<id>.json`` (among its
 fields ``pixel_size_um_estimated`` / ``pixel_size_um_embedded`` (µm/px of the WSI), ``spot_diameter``
-and ``inter_spot_dist`` in µm, ``st_technology``) and ``wsis/<id>.tif`` (a pyramidal generic TIFF).
+and ``inter_spot_dist`` in µm, ``st_technology``, ``patient`` within ``dataset_title``) and ``wsis/<id>.tif``
+(a pyramidal generic TIFF). Sections of one patient share its patient id, so patient-grouped splits
+keep them together.
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def patient_of(meta: dict) -> str | None:
+    """The patient a HEST sample's metadata names, qualified by its dataset ('Patient 1' recurs across studies):
+    '<dataset_title> / <patient>'; None when the metadata names none."""
+    p = meta.get("patient")
+    if p is None or str(p).strip().lower() in ("", "nan", "none", "na"):
+        return None
+    title = str(meta.get("dataset_title") or "").strip()
+    return f"{title} / {str(p).strip()}" if title and title.lower() != "nan" else str(p).strip()
+
+
 def read_hest(root: str | os.PathLike, sample: str) -> SpotSet:
     """One HEST-1k sample -> SpotSet (counts from .X, or layers['counts'] when present)."""
     import anndata
@@ -77,4 +89,4 @@ def read_hest(root: str | os.PathLike, sample: str) -> SpotSet:
     gc.collect()  # AnnData leaves h5py-backed cycles; collected here, not in a process forked later (segfault)
     return SpotSet(sample=sample, spots=spots, counts=counts, genes=genes, spot_diameter_um=meta["_spot_um"],
                    mpp=meta["_mpp"], technology=str(meta.get("st_technology") or "unknown"), image=wsi, source=h5ad,
-                   notes=notes, mpp_from=f"HEST metadata {meta['_mpp_field']}")
+                   notes=notes, mpp_from=f"HEST metadata {meta['_mpp_field']}", patient=patient_of(meta))

@@ -32,6 +32,7 @@ class SpotSet:
     source: Path
     notes: list[str] = field(default_factory=list)
     mpp_from: str = "spot geometry"  # where `mpp` comes from, e.g. "55 µm / spot_diameter_fullres"
+    patient: str | None = None       # the patient the data name (HEST metadata), else the slide is its own
 
 
 def sum_duplicate_genes(counts: sp.spmatrix, genes: list[str], notes: list[str]) -> tuple[sp.csr_matrix, list[str]]:

@@ -438,12 +438,14 @@ def hest_layout(src: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0
         gc.collect()  # no AnnData/h5py garbage left for a forked worker to collect (it segfaults there)
         _link(src / "slides" / f"{sid}.tiff", out / "wsis" / f"{hid}.tif")
         (out / "metadata" / f"{hid}.json").write_text(json.dumps({
-            "id": hid, "st_technology": "Visium", "species": "Homo sapiens", "organ": "Breast",
+            "id": hid, "dataset_title": "hefeat synthetic cohort", "st_technology": "Visium",
+            "species": "Homo sapiens", "organ": "Breast",
             "pixel_size_um_embedded": mpp, "pixel_size_um_estimated": mpp, "magnification": "20x",
             "spot_diameter": VISIUM_SPOT_UM, "inter_spot_dist": VISIUM_PITCH_UM,
             "spots_under_tissue": len(df), "nb_genes": len(genes),
             "patient": truth["slides"][sid]["patient_id"]}, indent=1))
         t["samples"][hid] = {"source_slide": sid, "mpp": mpp, "spots": len(df), "spot_diameter_um": VISIUM_SPOT_UM,
+                             "patient": f"hefeat synthetic cohort / {truth['slides'][sid]['patient_id']}",
                              "barcodes": dict(zip(df["barcode"], df["spot_id"], strict=True))}
         frames.append(df.drop(columns=["in_tissue", "x_um", "y_um"]).assign(slide_id=sid, sample=hid))
     pd.concat(frames, ignore_index=True).to_parquet(out / "truth_hest_spots.parquet", index=False)

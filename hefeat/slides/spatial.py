@@ -68,6 +68,7 @@ def _prepare(store: Store, ss: SpotSet, *, slide_id: str | None, mpp: float | No
     if ss.image is None or not Path(ss.image).is_file():
         raise HefeatError(f"{ss.technology} sample {ss.sample}: image not found: {ss.image}")
     sid = check_id(slide_id or sanitize_id(ss.sample))
+    patient_id = patient_id or ss.patient
     meta = {"slide_id": sid, **({"patient_id": patient_id} if patient_id else {})}
     probe = mpp if mpp is not None else ss.mpp  # opens images that state nothing; replaced by the resolved value
     with Slide(ss.image, mpp=probe) as s:
