@@ -134,6 +134,21 @@ def test_malformed_gdc_files_are_refused_naming_file_and_field(layout, tmp_path)
     _one_line(e)
     with pytest.raises(HefeatError, match="--value 'counts' is not a STAR-Counts column"):
         ingest_expression_source(st, out / "gdc_rna", value="counts")
+    s.drop(columns="Case ID").to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"GDC sample sheet gdc_sample_sheet.tsv: missing field 'Case ID'"):
+        ingest_expression_source(st, rna, sample_sheet=sheet)
+    man = pd.read_csv(out / "gdc_manifest.txt", sep="\t", dtype=str)
+    bad = tmp_path / "gdc_manifest.txt"
+    man.drop(columns="md5").to_csv(bad, sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"GDC manifest gdc_manifest.txt: missing field 'md5'") as e:
+        gdc.read_manifest(bad)
+    _one_line(e)
+    man.assign(filename=[""] + man["filename"].tolist()[1:]).to_csv(bad, sep="\t", index=False)
+    with pytest.raises(HefeatError, match=r"field 'filename' is empty on data row 1"):
+        gdc.read_manifest(bad)
+    bad.write_text("<html><body>Service Unavailable</body></html>")
+    with pytest.raises(HefeatError, match=r"GDC manifest gdc_manifest.txt is an HTML/XML page"):
+        gdc.read_manifest(bad)
     assert st.sql("SELECT count(*) n FROM expression_datasets").iloc[0, 0] == 0  # nothing half-written
 
 
