@@ -239,6 +239,28 @@ def test_cbioportal_dfs_pfs_and_every_tcga_receptor_value(tmp_path):
     assert any("pr_status" in n and "[Not Evaluated] 1" in n for n in notes)
 
 
+def test_a_plain_patient_table_labels_only_the_eligible_tcga_slides(layout, tmp_path):
+    """A hand-made clinical table keyed by TCGA patient barcodes goes to the tumour DX slides like the cBioPortal and
+    GDC files do: a frozen or normal section never inherits its patient's label. (Previously the table was stored
+    patient-keyed and every slide of the patient, frozen and normal ones included, carried the label.)"""
+    from hefeat.learn.data import clinical_by_slide
+    from hefeat.slides.run import ingest_slides
+    from hefeat.store.ingest import ingest_clinical_source
+
+    out, truth = layout
+    st = Store.init(tmp_path / "st")
+    ingest_slides(st, [out / "slides"])
+    pd.DataFrame({"patient_id": truth["patients"], "label": range(len(truth["patients"]))}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    rep = ingest_clinical_source(st, tmp_path / "labels.csv")
+    n_off = sum(t["slide_type"] != "DX" or t["sample_type"] != "01" for t in truth["slides"].values())
+    assert any(n.startswith(f"{n_off} slides (frozen, normal or other sample types) get no clinical row") for n in rep.notes)
+    lab = clinical_by_slide(st).set_index("slide_id")["label"]
+    for bc, t in truth["slides"].items():
+        eligible = t["slide_type"] == "DX" and t["sample_type"] == "01"
+        assert (lab[bc] == truth["patients"].index(t["patient"])) if eligible else np.isnan(lab[bc]), bc
+
+
 def test_a_user_manifest_overrides_what_the_barcode_says(layout, tmp_path):
     """Patient, site and slide id from a --manifest row win over the ones parsed from the TCGA file name."""
     from hefeat.slides.run import ingest_slides

@@ -622,8 +622,13 @@ def ingest_clinical_source(
     if fmt == "table":
         if samples:
             raise HefeatError("--samples goes with cBioPortal files (data_clinical_sample.txt)")
-        return ingest_clinical(store, p, allow_unmatched=allow_unmatched)
-    if fmt == "cbioportal":
+        table = read_table(p)
+        if "slide_id" in table.columns or "patient_id" not in table.columns or table["patient_id"].isna().any() or \
+                table["patient_id"].duplicated().any() or not tcga.looks_like_barcodes(table["patient_id"].astype(str)):
+            return write_clinical(store, table, p, allow_unmatched=allow_unmatched)
+        # a patient-keyed table of TCGA patients: rows go to the eligible slides, as for cBioPortal/GDC files
+        pat, smp, notes = table.assign(patient_id=table["patient_id"].astype(str)), None, []
+    elif fmt == "cbioportal":
         pat, smp, notes = cbioportal.clinical_table(p, samples)
     else:
         if samples:
