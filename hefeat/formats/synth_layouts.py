@@ -269,7 +269,10 @@ VISIUM_SPOT_UM = 55.0       # ... of 55 µm spots (10x Genomics, Visium Spatial 
 
 def spot_counts(src: Path, truth: dict, slide_id: str, xy_um: np.ndarray, diameter_um: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_cohort's spot model at any spot centres (µm, in order) of a slide: (kept rows, class fractions, counts).
+    """make_cohort's spot model at any spot centres of a slide (xy_um: ndarray of shape (n, 2), µm, in order).
+
+    Returns (kept: indices into xy_um of shape (n_kept,), class fractions of shape (n_kept, n_classes),
+    counts of shape (n_kept, n_genes)).
 
     The rule and the draws of hefeat.slides.synth's spot writer: a spot counts when at least half its
     disk on the class map is tissue; its class fractions give each gene's expected share
