@@ -267,6 +267,24 @@ VISIUM_PITCH_UM = 100.0     # Visium: spot centres 100 µm apart on a hexagonal 
 VISIUM_SPOT_UM = 55.0       # ... of 55 µm spots (10x Genomics, Visium Spatial Gene Expression)
 
 
+def _class_map(src: Path, slide_id: str) -> tuple[np.ndarray, float, list[str]]:
+    """make_cohort's class map of a slide: (classes of shape (h, w), µm per class-map pixel, class names)."""
+    z = np.load(src / "truth" / f"{slide_id}.classes.npz")
+    return z["classes"], float(z["mpp"]), [str(c) for c in z["class_names"]]
+
+
+def spot_shares(mu: np.ndarray, W: np.ndarray, comp: np.ndarray) -> np.ndarray:
+    """Expected share of each gene in a spot's counts (make_cohort's model): null genes keep their fixed share
+    2**mu / sum(2**mu); signal genes (a non-zero row of W, shape (n_genes, n_classes)) split the rest by
+    2**(mu + W . composition)."""
+    sig = (W != 0).any(1)
+    share = 2.0**mu / (2.0**mu).sum()
+    r = 2.0 ** (mu[sig] + W[sig] @ comp)
+    out = share.copy()
+    out[sig] = share[sig].sum() * r / r.sum()
+    return out
+
+
 def spot_counts(src: Path, truth: dict, slide_id: str, xy_um: np.ndarray, diameter_um: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_cohort's spot model at any spot centres of a slide (xy_um: ndarray of shape (n, 2), µm, in order).
@@ -274,22 +292,22 @@ def spot_counts(src: Path, truth: dict, slide_id: str, xy_um: np.ndarray, diamet
     Returns (kept: indices into xy_um of shape (n_kept,), class fractions of shape (n_kept, n_classes),
     counts of shape (n_kept, n_genes)).
 
-    The rule and the draws of hefeat.slides.synth's spot writer: a spot counts when at least half its
-    disk on the class map is tissue; its class fractions give each gene's expected share
-    (synth._spot_shares) of a Poisson draw of 20,000-40,000 UMIs, drawn from the slide's seed + 3 in the
-    order given. On make_cohort's own square grid this reproduces spots.parquet exactly (a test checks).
+    The rule and the draws of hefeat.slides.synth's spot writer (restated here: formats is the lowest
+    layer and imports no other hefeat package): a spot counts when at least half its disk on the class
+    map (truth/<slide>.classes.npz) is tissue; its class fractions give each gene's expected share
+    (spot_shares) of a Poisson draw of 20,000-40,000 UMIs, drawn from the slide's seed + 3 in the order
+    given. On make_cohort's own square grid this reproduces spots.parquet exactly (a test checks, so a
+    change to the model in synth.py that this copy misses fails there).
     """
-    from hefeat.slides.synth import CLASS_MPP, CLASSES, _spot_shares
-
-    cls = np.load(src / "truth" / f"{slide_id}.classes.npz")["classes"]
+    cls, cmpp, classes = _class_map(src, slide_id)
     W, mu = np.asarray(truth["weights"]), np.asarray(truth["mu"])
     rng = np.random.default_rng(int(truth["slides"][slide_id]["seed"]) + 3)
-    r = diameter_um / 2 / CLASS_MPP
+    r = diameter_um / 2 / cmpp
     yy, xx = np.mgrid[-int(r):int(r) + 1, -int(r):int(r) + 1]
     disk = (yy**2 + xx**2) <= r * r
     kept, fracs, counts = [], [], []
     for k, (x, y) in enumerate(np.asarray(xy_um, float)):
-        cy, cx = int(y / CLASS_MPP), int(x / CLASS_MPP)
+        cy, cx = int(y / cmpp), int(x / cmpp)
         if cy - int(r) < 0 or cx - int(r) < 0:
             continue
         win = cls[cy - int(r):cy + int(r) + 1, cx - int(r):cx + int(r) + 1]
@@ -299,13 +317,13 @@ def spot_counts(src: Path, truth: dict, slide_id: str, xy_um: np.ndarray, diamet
         tissue = vals != 255
         if tissue.mean() < 0.5:
             continue
-        comp = np.array([(vals[tissue] == c).mean() for c in range(len(CLASSES))])
+        comp = np.array([(vals[tissue] == c).mean() for c in range(len(classes))])
         depth = rng.uniform(20_000, 40_000)
         kept.append(k)
         fracs.append(comp)
-        counts.append(rng.poisson(depth * _spot_shares(mu, W, comp)))
+        counts.append(rng.poisson(depth * spot_shares(mu, W, comp)))
     n = len(truth["genes"])
-    return (np.asarray(kept, int), np.asarray(fracs, float).reshape(-1, len(CLASSES)),
+    return (np.asarray(kept, int), np.asarray(fracs, float).reshape(-1, len(classes)),
             np.asarray(counts, np.int64).reshape(-1, n))
 
 
@@ -314,10 +332,9 @@ def visium_spots(src: Path, truth: dict, slide_id: str) -> pd.DataFrame:
     odd rows shifted by half the 100 µm pitch; array_col even on even rows, odd on odd rows, as Space
     Ranger numbers them) with in_tissue, level-0 pixel centres, and the class fractions and counts of
     the in-tissue 55 µm spots (spot_counts)."""
-    from hefeat.slides.synth import CLASS_MPP, CLASSES
-
-    shape = np.load(src / "truth" / f"{slide_id}.classes.npz")["classes"].shape
-    h_um, w_um = shape[0] * CLASS_MPP, shape[1] * CLASS_MPP
+    cls, cmpp, classes = _class_map(src, slide_id)
+    shape = cls.shape
+    h_um, w_um = shape[0] * cmpp, shape[1] * cmpp
     mpp = float(truth["slides"][slide_id]["mpp"])
     rows = []
     for r, y in enumerate(np.arange(VISIUM_PITCH_UM, h_um - VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * np.sqrt(3) / 2)):
@@ -332,7 +349,7 @@ def visium_spots(src: Path, truth: dict, slide_id: str) -> pd.DataFrame:
     grid["x"], grid["y"] = grid["x_um"] / mpp, grid["y_um"] / mpp
     grid["in_tissue"] = 0
     grid.loc[kept, "in_tissue"] = 1
-    for j, name in enumerate(CLASSES):
+    for j, name in enumerate(classes):
         grid[f"frac_{name}"] = np.nan
         grid.loc[kept, f"frac_{name}"] = fracs[:, j]
     genes = list(truth["genes"])

@@ -23,15 +23,20 @@ def _busy(store: Store, lock_names: list[str]) -> list[dict]:
 
 def store_status(store: Store) -> dict:
     """Counts of slides, tilings, extractions, models; per-stage ok/skipped/failed/busy; problems (plus text)."""
+    from hefeat.formats import tcga
+
     with store.session():
         q = store.sql
         slides = q("SELECT count(*) n, count(DISTINCT patient_id) p, count(DISTINCT site) s FROM slides").iloc[0]
         slide_paths = q("SELECT slide_id, path FROM slides")
-        matched = set(q("SELECT DISTINCT slide_id FROM samples")["slide_id"])
-        if "clinical" in set(q("SHOW TABLES")["name"]):
-            clin = q("SELECT * FROM clinical LIMIT 0").columns
-            key = "slide_id" if "slide_id" in clin else "patient_id"
-            matched |= set(q(f"SELECT DISTINCT s.slide_id FROM slides s JOIN clinical c USING ({key})")["slide_id"])
+        tcga_slides = tcga.slide_table(slide_paths)
+        matched: set[str] = set()  # slides with an expression sample or a clinical row (TCGA stores only)
+        if not tcga_slides.empty:
+            matched = set(q("SELECT DISTINCT slide_id FROM samples")["slide_id"])
+            if "clinical" in set(q("SHOW TABLES")["name"]):
+                clin = q("SELECT * FROM clinical LIMIT 0").columns
+                key = "slide_id" if "slide_id" in clin else "patient_id"
+                matched |= set(q(f"SELECT DISTINCT s.slide_id FROM slides s JOIN clinical c USING ({key})")["slide_id"])
         stages = q("SELECT stage, id, state, count(*) n, sum(n_tiles) tiles FROM status GROUP BY ALL ORDER BY ALL")
         tilings = q("SELECT tiling_id, mpp, size, background, spots FROM tilings ORDER BY created")
         exts = q("SELECT * FROM extractions")
@@ -63,9 +68,7 @@ def store_status(store: Store) -> dict:
     }
     lines = [f"Store {store.root}: {out['slides']} slides from {out['patients']} patients at {out['sites']} sites; "
              f"{out['spots']} spots on {out['spot_slides']} slides."]
-    from hefeat.formats import tcga
-
-    out["tcga"] = tcga.summarize(tcga.slide_table(slide_paths), matched)
+    out["tcga"] = tcga.summarize(tcga_slides, matched)
     if out["tcga"]:
         lines += ["  " + t for t in (tcga.summary_text(out["tcga"]), tcga.excluded_text(out["tcga"])) if t]
     for e in out["expression"]:
