@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.store.ids import new_hasher
+
+READ_ROWS = 256  # samples per record batch when the matrix is read (20,000 genes: 20 MB)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hefeat.store.catalog import Store
@@ -82,11 +85,29 @@ def read_matrix(store: Store, dataset: str = "expression", genes: list[str] | No
                               f"{', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
         out_genes = list(genes)
         sel = f'list_select("values", {[pos[g] for g in genes]})' if genes else "[]::FLOAT[]"
-    tbl = store.sql_arrow(f'SELECT sample_id, {sel} AS v FROM expression_matrix WHERE dataset = ? ORDER BY sample_id',
-                          [dataset])
-    ids = tbl.column("sample_id").to_pylist()
-    col = tbl.column("v").combine_chunks()
-    flat = pc.fill_null(col.flatten(), np.nan).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if flat.size != len(ids) * len(out_genes):
-        raise HefeatError(f"Expression dataset {dataset!r} is inconsistent (rows of different lengths); re-ingest it")
-    return ids, out_genes, flat.reshape(len(ids), len(out_genes))
+    # Streamed in record batches into one preallocated array: the whole result never exists as an Arrow
+    # table, a flattened copy and a NaN-filled copy at once (5 GB at 10,000 x 20,000 instead of 0.8 GB).
+    ids = store.sql("SELECT sample_id FROM expression_matrix WHERE dataset = ? ORDER BY sample_id",
+                    [dataset])["sample_id"].tolist()
+    where = pd.Index(ids)
+    if not where.is_unique:
+        raise HefeatError(f"Expression dataset {dataset!r} lists a sample twice; re-ingest it")
+    g = len(out_genes)
+    out = np.empty((len(ids), g), np.float32)
+    filled = np.zeros(len(ids), bool)
+
+    def fill(cur, statement, params):
+        rel = cur.sql(statement.query, params=params or None)
+        for batch in (getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch)(READ_ROWS):
+            rows = where.get_indexer(batch.column(0).to_pylist())
+            flat = pc.fill_null(batch.column(1).flatten(), np.nan).to_numpy(zero_copy_only=False)
+            if (rows < 0).any() or flat.size != len(rows) * g:
+                raise HefeatError(f"Expression dataset {dataset!r} is inconsistent (rows of different lengths, or "
+                                  "changed while read); re-ingest it")
+            out[rows] = flat.reshape(len(rows), g)
+            filled[rows] = True
+
+    store._run(f'SELECT sample_id, {sel} AS v FROM expression_matrix WHERE dataset = ?', [dataset], None, fill)
+    if not filled.all():
+        raise HefeatError(f"Expression dataset {dataset!r} changed while it was read; read it again")
+    return ids, out_genes, out
