@@ -44,7 +44,7 @@ def _rank(a: np.ndarray) -> np.ndarray:
     return out.T
 
 
-COLUMN_BLOCK = 2048  # genes per block of the column-wise statistics: temporaries stay (n, block), not (n, g)
+COLUMN_BLOCK = 256  # genes per block of the column-wise statistics: temporaries stay (n, block), not (n, g)
 
 
 def _by_columns(fn, pred: np.ndarray, true: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
@@ -64,9 +64,9 @@ def _by_columns(fn, pred: np.ndarray, true: np.ndarray, cols: np.ndarray | None 
 def _pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     p = pred - pred.mean(0)
     t = true - true.mean(0)
-    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    den = np.sqrt(np.einsum("ij,ij->j", p, p) * np.einsum("ij,ij->j", t, t))  # no (n, g) product temporaries
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = (p * t).sum(0) / den
+        r = np.einsum("ij,ij->j", p, t) / den
     return np.where(den > 0, r, np.nan)
 
 
@@ -114,15 +114,16 @@ def correct(p: np.ndarray, method: str = "bh", alpha: float = 0.05) -> np.ndarra
 
 def r2_score_cols(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Coefficient of determination per column (1 - SSE/SST); can be negative."""
-    sse = ((true - pred) ** 2).sum(0)
-    sst = ((true - true.mean(0)) ** 2).sum(0)
+    e, c = true - pred, true - true.mean(0)
+    sse, sst = np.einsum("ij,ij->j", e, e), np.einsum("ij,ij->j", c, c)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(sst > 0, 1 - sse / sst, np.nan)
 
 
 def rmse_cols(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Root mean squared error per column."""
-    return np.sqrt(((true - pred) ** 2).mean(0))
+    e = true - pred
+    return np.sqrt(np.einsum("ij,ij->j", e, e) / len(e))
 
 
 def gene_metric_columns(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
