@@ -114,3 +114,15 @@ def test_low_rank_weights_and_shared_basis_match_sklearn():
     again, fresh = basis.fit(Y[::-1][rows], cols=np.arange(0, g, 3)), fit_ridge_heads(X, Y[:, ::3], alphas=alphas)
     np.testing.assert_array_equal(again.alpha, fresh.alpha)
     np.testing.assert_allclose(again.coef, fresh.coef, rtol=1e-10, atol=1e-14)
+
+
+def test_near_ties_are_decided_in_float64():
+    """Penalties 1e-7 apart give LOO MSEs closer than float32 can tell apart: the float64 re-scoring of near
+    ties must pick RidgeCV's penalty for every gene (float32 scores alone pick wrongly for some)."""
+    rng = np.random.default_rng(7)
+    n, p, g = 400, 20, 300
+    X = rng.normal(size=(n, p))
+    Y = X @ rng.normal(size=(p, g)) * 0.3 + rng.normal(size=(n, g))
+    alphas = (30.0, 30.0 * (1 + 1e-7), 30.0 * (1 + 2e-7), 1e4)
+    ref = RidgeCV(alphas=alphas, alpha_per_target=True).fit(X, Y)
+    np.testing.assert_array_equal(fit_ridge_heads(X, Y, alphas=alphas).alpha, ref.alpha_)
