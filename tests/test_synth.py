@@ -25,8 +25,9 @@ def test_expression_follows_the_truth_function(cohort):
     truth = json.loads((cohort / "truth.json").read_text())
     expr = pd.read_parquet(cohort / "expression.parquet").set_index("sample_id")
     comp = np.array([truth["slides"][s]["composition"] for s in expr.index])
-    W, mu = np.array(truth["weights"]), np.array(truth["mu"])
-    expected = mu + comp @ W.T
+    morph = np.array([[truth["slides"][s]["morphology"][k] for k in truth["morphology"]] for s in expr.index])
+    W, M, mu = np.array(truth["weights"]), np.array(truth["morph_weights"]), np.array(truth["mu"])
+    expected = mu + comp @ W.T + morph @ M.T
     observed = np.log2(expr[truth["genes"]].to_numpy() + 1)
     sig = [truth["genes"].index(g) for g in truth["signal_genes"]]
     nul = [truth["genes"].index(g) for g in truth["null_genes"]]

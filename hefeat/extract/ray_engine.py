@@ -33,8 +33,12 @@ def run_extraction_ray(store: Store, *, shards: int | None = None, address: str 
         s = run_extraction(Store(root), shard=row["shard"], **kwargs)
         return {"summary": json.dumps(dataclasses.asdict(s), default=str)}
 
+    import logging
+
     import ray.data
 
+    # Ray Data says at INFO that it logs progress (stdout is not a terminal); our own summary follows instead.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.WARNING)
     items = [{"shard": f"{i + 1}/{n}"} for i in range(n)]
     # At most n tasks at once: `compute=TaskPoolStrategy(size=n)` where Ray has it (`concurrency=` is
     # deprecated since Ray 2.51 and prints a notice on every run), `concurrency=n` on older Ray.

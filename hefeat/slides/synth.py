@@ -16,6 +16,16 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from hefeat.slides.synth_morphology import (
+    MORPHOLOGY,
+    MORPHOLOGY_GENES,
+    MORPHOLOGY_MU,
+    gland_field,
+    gland_nuclei,
+    morphology_of,
+    morphology_shares,
+)
+
 CLASSES = ("tumour", "stroma", "lymphocytes", "necrosis")
 CLASS_MPP = 4.0  # µm per pixel of the class map
 PAM50_PROLIFERATION = (
@@ -74,7 +84,10 @@ def slide_layout(spec: SlideSpec) -> tuple[np.ndarray, np.ndarray, dict]:
     cls = _classes_from_fields(fields)
     tissue = cls != 255
     comp = np.array([(cls[tissue] == k).mean() if tissue.any() else 0.0 for k in range(len(CLASSES))])
-    return cls, fields, {"composition": comp}
+    gfield, _ = gland_field(spec.seed, (h, w))
+    gland = gfield > 0
+    return cls, fields, {"composition": comp, "gland_field": gfield, "gland": gland,
+                         "morphology": morphology_of(cls, gland)}
 
 
 def _classes_from_fields(fields: np.ndarray) -> np.ndarray:
@@ -101,12 +114,17 @@ def _sprite(ry: float, rx: float) -> np.ndarray:
     return np.clip((1.0 - d) * max(ry, rx) + 0.5, 0, 1)
 
 
-def render_slide(spec: SlideSpec, fields: np.ndarray | None = None) -> np.ndarray:
-    """RGB uint8 image (H, W, 3) of the slide at spec.mpp µm/px (fields: slide_layout's, if already made)."""
-    if fields is None:
-        _, fields, _ = slide_layout(spec)
+def render_slide(spec: SlideSpec, fields: np.ndarray | None = None, gland: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 image (H, W, 3) of the slide at spec.mpp µm/px (fields, gland: slide_layout's, if already made).
+
+    `gland` is the gland field on the class map (> 0 = glandular where tumour; synth_morphology.py).
+    """
+    if fields is None or gland is None:
+        _, fields, info = slide_layout(spec)
+        gland = info["gland_field"]
     H, W = int(round(spec.height_um / spec.mpp)), int(round(spec.width_um / spec.mpp))
     cls = _classes_from_fields(np.stack([_resize_f(f, H, W) for f in fields]))
+    glandular = (cls == 0) & (_resize_f(gland, H, W) > 0)
     tissue = cls != 255
     cls_t = np.where(tissue, cls, 0)
     tex_rng = np.random.default_rng(spec.seed + 1)
@@ -130,15 +148,12 @@ def render_slide(spec: SlideSpec, fields: np.ndarray | None = None) -> np.ndarra
     colour = np.zeros((H, W, 3), np.float32)
     area_um2 = spec.width_um * spec.height_um
     pos_rng = np.random.default_rng(spec.seed + 2)
-    for k, (density, (ry, rx), pleo) in _NUCLEI.items():
-        n = pos_rng.poisson(density * area_um2 / 1e4)
-        px = pos_rng.uniform(0, spec.width_um, n)
-        py = pos_rng.uniform(0, spec.height_um, n)
-        scale = pos_rng.uniform(1 - pleo, 1 + pleo, n)
-        shade = pos_rng.uniform(0.8, 1.15, n)
+
+    def stamp(k: int, px: np.ndarray, py: np.ndarray, scale: np.ndarray, shade: np.ndarray, where: np.ndarray) -> None:
+        ry, rx = _NUCLEI[k][1]
         ix = np.clip((px / spec.mpp).astype(int), 0, W - 1)
         iy = np.clip((py / spec.mpp).astype(int), 0, H - 1)
-        keep = np.flatnonzero(cls[iy, ix] == k)
+        keep = np.flatnonzero(where[iy, ix])
         cache: dict[int, np.ndarray] = {}
         for j in keep:
             q = int(round(scale[j] * 8))
@@ -157,6 +172,16 @@ def render_slide(spec: SlideSpec, fields: np.ndarray | None = None) -> np.ndarra
             upd = s_ > region
             region[upd] = s_[upd]
             colour[ya:yb, xa:xb][upd] = _NUC[k] * shade[j]
+
+    for k, (density, _radii, pleo) in _NUCLEI.items():
+        n = pos_rng.poisson(density * area_um2 / 1e4)
+        px = pos_rng.uniform(0, spec.width_um, n)
+        py = pos_rng.uniform(0, spec.height_um, n)
+        scale = pos_rng.uniform(1 - pleo, 1 + pleo, n)
+        shade = pos_rng.uniform(0.8, 1.15, n)
+        # Solid tumour keeps the random nuclei; glandular tumour gets the same nuclei on rings instead.
+        stamp(k, px, py, scale, shade, (cls == k) & ~glandular if k == 0 else cls == k)
+    stamp(0, *gland_nuclei(spec.seed, spec.width_um, spec.height_um), glandular)
     alpha *= tissue
     img = img * (1 - alpha[..., None]) + colour * alpha[..., None]
     img[~tissue] = _BACKGROUND
@@ -200,7 +225,7 @@ def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, *, 
 # ----------------------------------------------------------------------------------------------
 # Cohort and ground truth
 # ----------------------------------------------------------------------------------------------
-NAMED_GENES = (*PAM50_PROLIFERATION, "miR-17", "CD3E", "COL1A1", "ESR1")
+NAMED_GENES = (*PAM50_PROLIFERATION, "miR-17", "CD3E", "COL1A1", "ESR1", *MORPHOLOGY_GENES)
 MIN_GENES = len(NAMED_GENES)
 
 
@@ -214,9 +239,16 @@ def _gene_names(n_genes: int) -> list[str]:
 
 
 def make_truth(n_genes: int, signal_share: float, rng: np.random.Generator) -> dict:
-    """Gene model: log2 expression = mu + W · composition + N(0, sigma); W = 0 for null genes."""
+    """Gene model: log2 expression = mu + W · composition + M · morphology + N(0, sigma); W = M = 0 for null genes.
+
+    The morphology genes (synth_morphology.MORPHOLOGY_GENES) follow gland_index only, at a high baseline so
+    that every spot panel of the top expressed genes includes them.
+    """
     genes = _gene_names(n_genes)
-    n_signal = max(MIN_GENES, int(round(signal_share * n_genes)))
+    # signal_share counts the composition genes; the morphology genes come on top, so that the composition
+    # genes (and every draw after them: expression noise, clinical) are those of a cohort without morphology.
+    n_composition = max(MIN_GENES - len(MORPHOLOGY_GENES), int(round(signal_share * n_genes)))
+    n_signal = min(n_genes, n_composition + len(MORPHOLOGY_GENES))
     K = len(CLASSES)
     W = np.zeros((n_genes, K))
     mu = rng.uniform(3, 8, n_genes)
@@ -231,18 +263,32 @@ def make_truth(n_genes: int, signal_share: float, rng: np.random.Generator) -> d
             W[g, 1] = 3.5
         elif name == "ESR1":
             W[g, 0], W[g, 3] = 2.0, -1.0
+        elif name in MORPHOLOGY_GENES:
+            continue  # morphology only (below)
         else:
             ks = rng.choice(K, size=rng.integers(1, 3), replace=False)
             W[g, ks] = rng.choice([-1, 1], size=len(ks)) * rng.uniform(1.5, 3.5, len(ks))
+    M = np.zeros((n_genes, len(MORPHOLOGY)))
+    for name, w in MORPHOLOGY_GENES.items():
+        g = genes.index(name)
+        M[g, 0] = w
+        mu[g] = MORPHOLOGY_MU[name]
     return {
         "classes": list(CLASSES),
+        "morphology": list(MORPHOLOGY),
         "genes": genes,
         "signal_genes": genes[:n_signal],
         "null_genes": genes[n_signal:],
         "mu": mu.round(4).tolist(),
         "weights": W.round(4).tolist(),
+        "morph_weights": M.round(4).tolist(),
+        "morphology_genes": list(MORPHOLOGY_GENES),
         "sigma": sigma.round(4).tolist(),
-        "formula": "log2(value + 1) = mu[g] + sum_k weights[g][k] * composition[k] + N(0, sigma[g])",
+        "formula": "log2(value + 1) = mu[g] + sum_k weights[g][k] * composition[k] "
+                   "+ sum_m morph_weights[g][m] * morphology[m] + N(0, sigma[g])",
+        "spot_formula": "counts ~ Poisson(depth * share): null genes 2**mu (fixed); composition genes a fixed pool "
+                        "split by 2**(mu + weights . composition); morphology genes a fixed pool, "
+                        "2**mu * (1 + a . morphology), a = 0.9 * sign(morph_weights) balanced to a constant sum",
         "proliferation_genes": list(PAM50_PROLIFERATION),
     }
 
@@ -276,23 +322,29 @@ def _heterogeneity(comp: np.ndarray) -> float:
     return float(-(c * np.log(c)).sum() / np.log(len(CLASSES)))
 
 
-def _spot_shares(mu: np.ndarray, W: np.ndarray, comp: np.ndarray) -> np.ndarray:
-    """Expected share of each gene in a spot's counts. Null genes keep a fixed share (so normalising by
-    the spot total gives them no composition signal); signal genes split the remaining mass by
-    2 ** (mu + W . composition)."""
-    sig = (W != 0).any(1)
+def _spot_shares(mu: np.ndarray, W: np.ndarray, M: np.ndarray, comp: np.ndarray, morph: np.ndarray) -> np.ndarray:
+    """Expected share of each gene in a spot's counts.
+
+    Null genes keep a fixed share (so normalising by the spot total gives them no composition signal);
+    composition genes split their fixed pool by 2 ** (mu + W . composition); the morphology genes share
+    a pool of fixed mass by their morphology (synth_morphology.morphology_shares). Every pool's mass is
+    constant, so no gene's share carries another pool's signal through the spot total.
+    """
+    morph_sig = (M != 0).any(1)
+    sig = (W != 0).any(1) & ~morph_sig
     base = 2.0**mu
     share = base / base.sum()
     sig_mass = share[sig].sum()
     r = 2.0 ** (mu[sig] + W[sig] @ comp)
     share = share.copy()
     share[sig] = sig_mass * r / r.sum()
+    share[morph_sig] = morphology_shares(share[morph_sig], M[morph_sig], morph)
     return share
 
 
-def _spots_for(spec: SlideSpec, cls: np.ndarray, truth: dict, rng: np.random.Generator, spacing_um: float,
-               diameter_um: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    W = np.asarray(truth["weights"])
+def _spots_for(spec: SlideSpec, cls: np.ndarray, gland: np.ndarray, truth: dict, rng: np.random.Generator,
+               spacing_um: float, diameter_um: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    W, M = np.asarray(truth["weights"]), np.asarray(truth["morph_weights"])
     mu = np.asarray(truth["mu"])
     xs = np.arange(spacing_um, spec.width_um - spacing_um / 2, spacing_um)
     ys = np.arange(spacing_um, spec.height_um - spacing_um / 2, spacing_um)
@@ -311,12 +363,16 @@ def _spots_for(spec: SlideSpec, cls: np.ndarray, truth: dict, rng: np.random.Gen
             if tissue.mean() < 0.5:
                 continue
             comp = np.array([(vals[tissue] == k).mean() for k in range(len(CLASSES))])
+            gvals = gland[cy - int(r):cy + int(r) + 1, cx - int(r):cx + int(r) + 1][disk]
+            morph = morphology_of(vals, gvals)
             depth = rng.uniform(20_000, 40_000)  # UMIs per spot, Visium-like
-            c = rng.poisson(depth * _spot_shares(mu, W, comp))
+            c = rng.poisson(depth * _spot_shares(mu, W, M, comp, np.array([morph[m] for m in MORPHOLOGY])))
             rows.append({
                 "slide_id": spec.slide_id, "spot_id": f"{spec.slide_id}_{j}x{i}",
                 "x": x / spec.mpp, "y": y / spec.mpp,
                 **{f"frac_{n}": comp[k] for k, n in enumerate(CLASSES)},
+                "frac_glandular": float(((vals == 0) & gvals).sum() / max(int(tissue.sum()), 1)),
+                **{m: morph[m] for m in MORPHOLOGY},
             })
             counts.append(c)
     truth_df = pd.DataFrame(rows)
@@ -331,17 +387,19 @@ def _make_one(args) -> dict:
     from hefeat.slides.synth_focal import focal_region, paint_focal
 
     cls, fields, info = slide_layout(spec)
-    rgb = render_slide(spec, fields)
+    rgb = render_slide(spec, fields, info["gland_field"])
     focal = focal_region(spec.seed, cls, CLASS_MPP)  # the focal slide label (synth_focal.py)
     if focal is not None:
         paint_focal(rgb, focal, spec.mpp)
     levels = write_pyramid_tiff(Path(out) / "slides" / f"{spec.slide_id}.tiff", rgb, spec.mpp)
     np.savez_compressed(Path(out) / "truth" / f"{spec.slide_id}.classes.npz", classes=cls, mpp=CLASS_MPP,
-                        class_names=np.array(CLASSES))
+                        class_names=np.array(CLASSES), gland=info["gland"])
     spots = None
     if spec.has_spots:
-        spots = _spots_for(spec, cls, truth, np.random.default_rng(spec.seed + 3), spacing_um, diameter_um)
+        spots = _spots_for(spec, cls, info["gland"], truth, np.random.default_rng(spec.seed + 3), spacing_um,
+                           diameter_um)
     return {"slide_id": spec.slide_id, "levels": levels, "composition": info["composition"].tolist(),
+            "morphology": info["morphology"],
             "shape": list(rgb.shape[:2]), "spots": spots, "focal": focal}
 
 
@@ -380,10 +438,12 @@ def make_cohort(
         results = [_make_one(j) for j in tqdm(jobs, disable=not progress, desc="slides")]
     comp = {r["slide_id"]: np.asarray(r["composition"]) for r in results}
     focal = {r["slide_id"]: r["focal"] for r in results}
+    morph = {r["slide_id"]: r["morphology"] for r in results}
 
-    W, mu, sigma = (np.asarray(truth[k]) for k in ("weights", "mu", "sigma"))
+    W, M, mu, sigma = (np.asarray(truth[k]) for k in ("weights", "morph_weights", "mu", "sigma"))
     genes = truth["genes"]
-    log2 = np.stack([mu + W @ comp[s.slide_id] + rng.normal(0, sigma) for s in specs])
+    log2 = np.stack([mu + W @ comp[s.slide_id] + M @ np.array([morph[s.slide_id][m] for m in MORPHOLOGY])
+                     + rng.normal(0, sigma) for s in specs])
     expr = pd.DataFrame(np.round(2.0**log2 - 1, 4), columns=genes)
     expr.insert(0, "sample_id", [s.slide_id for s in specs])
     expr.to_parquet(out / "expression.parquet", index=False)
@@ -418,6 +478,7 @@ def make_cohort(
         s.slide_id: {"patient_id": s.patient_id, "site": s.site, "mpp": s.mpp, "seed": s.seed,
                      "has_spots": s.has_spots, "composition": comp[s.slide_id].round(5).tolist(),
                      "heterogeneity": round(_heterogeneity(comp[s.slide_id]), 5),
+                     "morphology": {k: round(v, 5) for k, v in morph[s.slide_id].items()},
                      "levels": next(r["levels"] for r in results if r["slide_id"] == s.slide_id),
                      "focal": int(focal[s.slide_id] is not None), "focal_region": focal[s.slide_id]}
         for s in specs
