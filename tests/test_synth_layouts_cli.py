@@ -98,7 +98,7 @@ CHECKS = {"tcga": _check_tcga, "visium": _check_visium, "hest": _check_hest, "st
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_synth_layout_files_parse_with_the_readers(layout, tmp_path):
     out = tmp_path / "cohort"
-    res = CliRunner().invoke(main, ["synth", str(out), "--slides", "4", "--genes", "15", "--width-um", "500",
+    res = CliRunner().invoke(main, ["synth", str(out), "--slides", "4", "--genes", "20", "--width-um", "500",
                                     "--height-um", "400", "--seed", "2", "--layout", layout, "--json"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hefeat.formats.spot_model import spot_shares as _spot_shares
 from hefeat.slides.qc import tile_qc
-from hefeat.slides.synth import CLASS_MPP, SlideSpec, _spot_shares, render_slide, slide_layout
+from hefeat.slides.synth import CLASS_MPP, SlideSpec, render_slide, slide_layout
 from hefeat.slides.synth_morphology import (
     GLAND_SPACING_UM,
     MORPHOLOGY_GENES,

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hefeat.formats.spot_model import draw_spots
+
 TSS_CODES = ("A1", "A2", "AN", "B6", "BH", "E2", "D8", "GM")  # real BRCA tissue source site codes
 PROJECT = "TCGA-BRCA"
 
@@ -267,64 +269,25 @@ VISIUM_PITCH_UM = 100.0     # Visium: spot centres 100 µm apart on a hexagonal 
 VISIUM_SPOT_UM = 55.0       # ... of 55 µm spots (10x Genomics, Visium Spatial Gene Expression)
 
 
-def _class_map(src: Path, slide_id: str) -> tuple[np.ndarray, float, list[str]]:
-    """make_cohort's class map of a slide: (classes of shape (h, w), µm per class-map pixel, class names)."""
+def _class_map(src: Path, slide_id: str) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    """make_cohort's maps of a slide: (classes (h, w), glandular (h, w), µm per map pixel, class names)."""
     z = np.load(src / "truth" / f"{slide_id}.classes.npz")
-    return z["classes"], float(z["mpp"]), [str(c) for c in z["class_names"]]
-
-
-def spot_shares(mu: np.ndarray, W: np.ndarray, comp: np.ndarray) -> np.ndarray:
-    """Expected share of each gene in a spot's counts (make_cohort's model): null genes keep their fixed share
-    2**mu / sum(2**mu); signal genes (a non-zero row of W, shape (n_genes, n_classes)) split the rest by
-    2**(mu + W . composition)."""
-    sig = (W != 0).any(1)
-    share = 2.0**mu / (2.0**mu).sum()
-    r = 2.0 ** (mu[sig] + W[sig] @ comp)
-    out = share.copy()
-    out[sig] = share[sig].sum() * r / r.sum()
-    return out
+    gland = z["gland"] if "gland" in z.files else np.zeros(z["classes"].shape, bool)
+    return z["classes"], gland, float(z["mpp"]), [str(c) for c in z["class_names"]]
 
 
 def spot_counts(src: Path, truth: dict, slide_id: str, xy_um: np.ndarray, diameter_um: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_cohort's spot model at any spot centres of a slide (xy_um: ndarray of shape (n, 2), µm, in order).
+    """make_cohort's spot model (hefeat.formats.spot_model) at any spot centres of a slide, drawn in order
+    from the slide's seed + 3 as make_cohort draws its own grid.
 
     Returns (kept: indices into xy_um of shape (n_kept,), class fractions of shape (n_kept, n_classes),
-    counts of shape (n_kept, n_genes)).
-
-    The rule and the draws of hefeat.slides.synth's spot writer (restated here: formats is the lowest
-    layer and imports no other hefeat package): a spot counts when at least half its disk on the class
-    map (truth/<slide>.classes.npz) is tissue; its class fractions give each gene's expected share
-    (spot_shares) of a Poisson draw of 20,000-40,000 UMIs, drawn from the slide's seed + 3 in the order
-    given. On make_cohort's own square grid this reproduces spots.parquet exactly (a test checks, so a
-    change to the model in synth.py that this copy misses fails there).
+    counts of shape (n_kept, n_genes)). On make_cohort's own square grid this reproduces spots.parquet.
     """
-    cls, cmpp, classes = _class_map(src, slide_id)
-    W, mu = np.asarray(truth["weights"]), np.asarray(truth["mu"])
+    cls, gland, cmpp, _ = _class_map(src, slide_id)
     rng = np.random.default_rng(int(truth["slides"][slide_id]["seed"]) + 3)
-    r = diameter_um / 2 / cmpp
-    yy, xx = np.mgrid[-int(r):int(r) + 1, -int(r):int(r) + 1]
-    disk = (yy**2 + xx**2) <= r * r
-    kept, fracs, counts = [], [], []
-    for k, (x, y) in enumerate(np.asarray(xy_um, float)):
-        cy, cx = int(y / cmpp), int(x / cmpp)
-        if cy - int(r) < 0 or cx - int(r) < 0:
-            continue
-        win = cls[cy - int(r):cy + int(r) + 1, cx - int(r):cx + int(r) + 1]
-        if win.shape != disk.shape:
-            continue
-        vals = win[disk]
-        tissue = vals != 255
-        if tissue.mean() < 0.5:
-            continue
-        comp = np.array([(vals[tissue] == c).mean() for c in range(len(classes))])
-        depth = rng.uniform(20_000, 40_000)
-        kept.append(k)
-        fracs.append(comp)
-        counts.append(rng.poisson(depth * spot_shares(mu, W, comp)))
-    n = len(truth["genes"])
-    return (np.asarray(kept, int), np.asarray(fracs, float).reshape(-1, len(classes)),
-            np.asarray(counts, np.int64).reshape(-1, n))
+    kept, fracs, _, counts = draw_spots(cls, gland, cmpp, truth, rng, xy_um, diameter_um)
+    return kept, fracs, counts
 
 
 def visium_spots(src: Path, truth: dict, slide_id: str) -> pd.DataFrame:
@@ -332,7 +295,7 @@ def visium_spots(src: Path, truth: dict, slide_id: str) -> pd.DataFrame:
     odd rows shifted by half the 100 µm pitch; array_col even on even rows, odd on odd rows, as Space
     Ranger numbers them) with in_tissue, level-0 pixel centres, and the class fractions and counts of
     the in-tissue 55 µm spots (spot_counts)."""
-    cls, cmpp, classes = _class_map(src, slide_id)
+    cls, _, cmpp, classes = _class_map(src, slide_id)
     shape = cls.shape
     h_um, w_um = shape[0] * cmpp, shape[1] * cmpp
     mpp = float(truth["slides"][slide_id]["mpp"])

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from hefeat.formats.spot_model import draw_spots
 from hefeat.slides.synth_morphology import (
     MORPHOLOGY,
     MORPHOLOGY_GENES,
@@ -23,7 +24,6 @@ from hefeat.slides.synth_morphology import (
     gland_field,
     gland_nuclei,
     morphology_of,
-    morphology_shares,
 )
 
 CLASSES = ("tumour", "stroma", "lymphocytes", "necrosis")
@@ -322,61 +322,22 @@ def _heterogeneity(comp: np.ndarray) -> float:
     return float(-(c * np.log(c)).sum() / np.log(len(CLASSES)))
 
 
-def _spot_shares(mu: np.ndarray, W: np.ndarray, M: np.ndarray, comp: np.ndarray, morph: np.ndarray) -> np.ndarray:
-    """Expected share of each gene in a spot's counts.
-
-    Null genes keep a fixed share (so normalising by the spot total gives them no composition signal);
-    composition genes split their fixed pool by 2 ** (mu + W . composition); the morphology genes share
-    a pool of fixed mass by their morphology (synth_morphology.morphology_shares). Every pool's mass is
-    constant, so no gene's share carries another pool's signal through the spot total.
-    """
-    morph_sig = (M != 0).any(1)
-    sig = (W != 0).any(1) & ~morph_sig
-    base = 2.0**mu
-    share = base / base.sum()
-    sig_mass = share[sig].sum()
-    r = 2.0 ** (mu[sig] + W[sig] @ comp)
-    share = share.copy()
-    share[sig] = sig_mass * r / r.sum()
-    share[morph_sig] = morphology_shares(share[morph_sig], M[morph_sig], morph)
-    return share
-
-
 def _spots_for(spec: SlideSpec, cls: np.ndarray, gland: np.ndarray, truth: dict, rng: np.random.Generator,
                spacing_um: float, diameter_um: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    W, M = np.asarray(truth["weights"]), np.asarray(truth["morph_weights"])
-    mu = np.asarray(truth["mu"])
+    """The slide's spots on a square grid (hefeat.formats.spot_model draws them): counts and their truth."""
     xs = np.arange(spacing_um, spec.width_um - spacing_um / 2, spacing_um)
     ys = np.arange(spacing_um, spec.height_um - spacing_um / 2, spacing_um)
-    r = diameter_um / 2 / CLASS_MPP
-    yy, xx = np.mgrid[-int(r):int(r) + 1, -int(r):int(r) + 1]
-    disk = (yy**2 + xx**2) <= r * r
-    rows, counts = [], []
-    for j, y in enumerate(ys):
-        for i, x in enumerate(xs):
-            cy, cx = int(y / CLASS_MPP), int(x / CLASS_MPP)
-            win = cls[cy - int(r):cy + int(r) + 1, cx - int(r):cx + int(r) + 1]
-            if win.shape != disk.shape:
-                continue
-            vals = win[disk]
-            tissue = vals != 255
-            if tissue.mean() < 0.5:
-                continue
-            comp = np.array([(vals[tissue] == k).mean() for k in range(len(CLASSES))])
-            gvals = gland[cy - int(r):cy + int(r) + 1, cx - int(r):cx + int(r) + 1][disk]
-            morph = morphology_of(vals, gvals)
-            depth = rng.uniform(20_000, 40_000)  # UMIs per spot, Visium-like
-            c = rng.poisson(depth * _spot_shares(mu, W, M, comp, np.array([morph[m] for m in MORPHOLOGY])))
-            rows.append({
-                "slide_id": spec.slide_id, "spot_id": f"{spec.slide_id}_{j}x{i}",
-                "x": x / spec.mpp, "y": y / spec.mpp,
-                **{f"frac_{n}": comp[k] for k, n in enumerate(CLASSES)},
-                "frac_glandular": float(((vals == 0) & gvals).sum() / max(int(tissue.sum()), 1)),
-                **{m: morph[m] for m in MORPHOLOGY},
-            })
-            counts.append(c)
-    truth_df = pd.DataFrame(rows)
-    cnt = pd.DataFrame(np.asarray(counts, np.int32).reshape(len(rows), -1), columns=truth["genes"])
+    grid = [(j, i, x, y) for j, y in enumerate(ys) for i, x in enumerate(xs)]
+    xy = np.array([(x, y) for _, _, x, y in grid], float).reshape(-1, 2)
+    kept, comp, morph, counts = draw_spots(cls, gland, CLASS_MPP, truth, rng, xy, diameter_um)
+    rows = []
+    for n, k in enumerate(kept):
+        j, i, x, y = grid[k]
+        rows.append({"slide_id": spec.slide_id, "spot_id": f"{spec.slide_id}_{j}x{i}",
+                     "x": x / spec.mpp, "y": y / spec.mpp,
+                     **{f"frac_{c}": comp[n, ci] for ci, c in enumerate(CLASSES)}, **morph[n]})
+    truth_df = pd.DataFrame(rows, columns=None if rows else ["slide_id", "spot_id", "x", "y"])
+    cnt = pd.DataFrame(counts.astype(np.int32), columns=truth["genes"])
     spots = pd.concat([truth_df[["slide_id", "spot_id", "x", "y"]], cnt], axis=1)
     return spots, truth_df
 

@@ -23,12 +23,15 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-MORPHOLOGY = ("gland_index",)
+from hefeat.formats.spot_model import MORPHOLOGY, morphology_of
+
+__all__ = ["MORPHOLOGY", "MORPHOLOGY_GENES", "MORPHOLOGY_MU", "gland_field", "gland_nuclei", "glandular_fraction",
+           "morphology_of"]
+
 # Glandular differentiation markers (intestinal-type epithelium) rise with gland formation; vimentin falls.
 MORPHOLOGY_GENES = {"CDX2": 3.0, "KRT20": 3.0, "CDH17": 2.5, "VIL1": 2.5, "VIM": -3.0}
-# log2 baselines: vimentin's is 4x each marker's, so the pool's spot share can stay constant (morphology_shares)
+# log2 baselines: vimentin's is 4x each marker's, so the pool's spot share can stay constant (hefeat.formats.spot_model.morphology_shares)
 MORPHOLOGY_MU = {"CDX2": 8.0, "KRT20": 8.0, "CDH17": 8.0, "VIL1": 8.0, "VIM": 10.0}
-SPOT_AMPLITUDE = 0.9
 GLAND_SPACING_UM = 43.5  # 8 ring nuclei per 43.5² µm²: colour and sharpness of the random nuclei (measured)
 GLAND_NUCLEI = 8
 GLAND_RADIUS_UM = (10.5, 13.5)
@@ -43,16 +46,6 @@ def gland_field(seed: int, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
     share = float(rng.uniform(0.0, 1.0))
     f = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), rng.uniform(10, 25), mode="wrap")
     return (f - np.quantile(f, 1.0 - share)).astype(np.float32), share
-
-
-def morphology_of(cls: np.ndarray, gland: np.ndarray) -> dict[str, float]:
-    """gland_index and glandular share of tumour of a window of the class map (255 = background)."""
-    tissue = cls != 255
-    n = max(int(tissue.sum()), 1)
-    tum = cls == 0
-    g = (tum & gland).sum() / n
-    s = (tum & ~gland).sum() / n
-    return {"gland_index": float(g - s), "gland_share": float((tum & gland).sum() / max(int(tum.sum()), 1))}
 
 
 def gland_nuclei(seed: int, width_um: float, height_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -87,17 +80,3 @@ def glandular_fraction(cls: np.ndarray, gland: np.ndarray, class_mpp: float, x: 
         out[i] = morphology_of(cls[a:b, c:d], gland[a:b, c:d])["gland_index"]
     return out
 
-
-def morphology_shares(base: np.ndarray, M: np.ndarray, morph: np.ndarray) -> np.ndarray:
-    """Spot shares of the morphology genes: base · (1 + a · morphology), their sum independent of morphology.
-
-    a = SPOT_AMPLITUDE · sign(M), the falling genes' a scaled so that Σ base · a = 0. A spot's counts are
-    normalised by its total (ST-Net's target), so a pool whose mass moved with morphology would put a
-    morphology term into every other gene; a constant pool keeps the composition genes free of it.
-    """
-    a = SPOT_AMPLITUDE * np.sign(M)
-    up, down = (base[:, None] * np.clip(a, 0, None)).sum(0), (base[:, None] * np.clip(-a, 0, None)).sum(0)
-    a = np.where(a < 0, a * up / np.where(down > 0, down, 1), a)
-    if np.abs(a).max(initial=0) >= 1:
-        raise ValueError("morphology gene baselines cannot balance the pool (a share would turn negative)")
-    return base * (1.0 + a @ morph)
