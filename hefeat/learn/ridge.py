@@ -128,7 +128,8 @@ class RidgeBasis:
         # penalties whose LOO weights explode (n near the rank, small penalties) are scored in float64.
         f32 = np.flatnonzero(w_all.max(0) <= MAX_WEIGHT_F32) if np.dtype(dtype) == np.float32 else np.arange(0)
         self.f32, self.f64 = f32, np.setdiff1d(np.arange(A), f32)
-        self.parts = []
+        self.w_all = w_all
+        self._low = []  # (penalty indices, dtype, B, Γ, weights) per precision; the GEMM operands come lazily
         for idx, dt in ((self.f32, np.float32), (self.f64, np.float64)):
             if not len(idx):
                 continue
@@ -138,13 +139,34 @@ class RidgeBasis:
                 W = B @ G  # the weights every term of the score uses (see the class docstring)
             else:
                 B, G = W, np.eye(len(idx))
-            Ud = U.astype(dt)
-            UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1)  # (n, m·r)
-            N = (UB.T @ U).reshape(B.shape[1], r * r)  # U' diag(b_m) U, float64
-            M = (G.T @ N).reshape(len(idx), r, r).astype(dt)  # U' diag(w_a) U = Σ_m Γ_ma U' diag(b_m) U
-            UB = UB.astype(dt)
-            self.parts.append((idx, dt, Ud, UB, G.T.astype(dt), M, W.astype(dt)))
+            self._low.append((idx, dt, B, G, W))
+        self._parts = None
         self.rank = r
+
+    @property
+    def parts(self) -> list:
+        """Per precision: penalty indices, dtype, U, [U∘b_1 … U∘b_m], Γ', U' diag(w_a) U, weights (built once)."""
+        if self._parts is None:
+            U, r = self.U, self.rank
+            self._parts = []
+            for idx, dt, B, G, W in self._low:
+                Ud = U.astype(dt)
+                UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1).astype(dt)  # (n, m·r)
+                N = (UB.T @ Ud).reshape(B.shape[1], r * r)  # U' diag(b_m) U
+                M = (G.T.astype(dt) @ N).reshape(len(idx), r, r)  # U' diag(w_a) U = Σ_m Γ_ma U' diag(b_m) U
+                self._parts.append((idx, dt, Ud, UB, G.T.astype(dt), M, W.astype(dt)))
+        return self._parts
+
+    def _score_direct(self, Yj: np.ndarray, C: np.ndarray) -> np.ndarray:
+        """Float64 LOO MSE (A, k) from each penalty's residuals: cheaper than the GEMM path's set-up for few genes."""
+        Q = Yj - self.U @ C
+        mse = np.empty((len(self.alphas), Yj.shape[1]))
+        for a in range(len(self.alphas)):
+            R = self.U @ (self.E[:, [a]] * C)
+            R += Q
+            R *= R
+            mse[a] = (self.w_all[:, a] @ R) / self.n
+        return mse
 
     def fit(self, Y: np.ndarray, *, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
             block: int | None = None, memory: int = MEMORY_BYTES) -> RidgeFit:
@@ -161,7 +183,11 @@ class RidgeBasis:
                               f"Y {Y.shape})")
         U, s, s2, V, E, alphas = self.U, self.s, self.s2, self.V, self.E, self.alphas
         r, A = self.rank, len(alphas)
-        m_max = max((p[3].shape[1] // max(r, 1) for p in self.parts), default=1)
+        m_all = sum(low[2].shape[1] for low in self._low)
+        # Few genes (spot heads: hundreds of genes, 1,024-d, 30,000 spots): scoring each penalty's residuals in
+        # float64 costs A·n·r·g, less than the GEMM path's U' diag(w) U products (m·n·r²) it would set up.
+        direct = self._parts is None and g * len(alphas) < m_all * r
+        m_max = max((low[2].shape[1] for low in self._low), default=1)
         coef = np.empty((self.p, g))
         intercept = np.empty(g)
         best_a = np.empty(g)
@@ -176,8 +202,8 @@ class RidgeBasis:
             y_mean = Yj.mean(0)
             Yj -= y_mean
             C = U.T @ Yj  # (r, k) float64: the coefficients and the exact re-scoring use it
-            mse = np.empty((A, k))
-            for idx, dt, Ud, UB, GT, M, Wd in self.parts:
+            mse = self._score_direct(Yj, C) if direct else np.empty((A, k))
+            for idx, dt, Ud, UB, GT, M, Wd in ([] if direct else self.parts):
                 Cd = C.astype(dt)
                 Q = Yj.astype(dt)
                 Q -= Ud @ Cd  # least-squares residual (n, k)
@@ -189,7 +215,7 @@ class RidgeBasis:
                 T2 += np.matmul(M, EC)
                 mse[idx] = (T1 + np.einsum("ark,ark->ak", EC, T2, dtype=np.float64)) / n
             ia = np.argmin(mse, 0)
-            if len(self.f32) and A > 1:  # penalties within float32 error of the best: decide them in float64
+            if len(self.f32) and A > 1 and not direct:  # penalties within float32 error of the best: float64
                 cols_k = np.arange(k)
                 m1 = np.abs(mse[ia, cols_k])
                 close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * (Yj * Yj).mean(0)))
