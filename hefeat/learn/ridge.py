@@ -16,7 +16,9 @@ which for every penalty at once is one GEMM of [U∘w(a₁) … U∘w(a_A)]' (n 
 plus small r x genes products. Genes stream in chunks sized to memory. The big GEMMs run in float32;
 the decomposition, c and the final coefficients are float64, and genes whose best two penalties are
 within float32 error of each other are re-scored exactly in float64, so the chosen penalties are the
-float64 ones.
+float64 ones. The n x A weight matrix is smooth in the penalty, so the GEMM uses its truncated SVD
+(m <= A blocks of U∘b instead of A; see RidgeBasis). A fit with few targets (genes x A < m x r) skips
+the GEMM set-up and scores each penalty's residuals directly in float64.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class RidgeBasis:
 
     The LOO weights w(a) = 1/(1-h(a))² of the float32 penalties form an n x A matrix of low numerical rank
     (smooth in a): it is replaced by its truncated SVD B Γ wherever it stays within LOW_RANK_TOL of every
-    weight, so the big GEMM has m·r columns (m <= A, often A/2) instead of A·r. Every score then is the
+    weight, so the big GEMM has m·r columns instead of A·r (m = 6 of 15 at 8,000 samples with a few strong
+    feature directions, 13 when feature scales spread widely, as on the fabricated store). Every score is the
     exact LOO MSE under weights within LOW_RANK_TOL relative of the true ones (well inside TIE_TOL, below
     which near ties are re-scored exactly in float64).
     """
