@@ -289,3 +289,19 @@ def test_ivfpq_training_prints_no_code_word_warnings(capfd):
     idx = _make("ivfpq", 64, "l2", len(x), nlist=None, pq_m=None, hnsw_m=32, n_train=len(x))
     idx.train(x)
     assert idx.is_trained and "WARNING clustering" not in capfd.readouterr().err
+
+
+def test_every_float_stored_in_the_test_stores_is_finite(learned, tiled):
+    """A raw scan (h5py, not the readers that refuse non-finite rows) of every .h5 the shared test stores hold."""
+    scanned = 0
+    for root in (learned[0].root, tiled[0].root):
+        for path in sorted(glob.glob(str(root / "**" / "*.h5"), recursive=True)):
+            with h5py.File(path, "r") as f:
+                def check(name, obj, path=path):
+                    nonlocal scanned
+                    if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" and obj.size:
+                        for i in range(0, obj.shape[0], 65536):
+                            assert np.isfinite(obj[i:i + 65536]).all(), f"{path}:{name}"
+                        scanned += obj.size
+                f.visititems(check)
+    assert scanned > 400_000  # the features of the stores (453,888 values), not an empty walk
