@@ -105,39 +105,57 @@ def test_fit_crash_at_every_commit_step_never_lists_a_model_with_missing_predict
     assert [p.name for p in gens.iterdir()] == [os.path.basename(os.readlink(layout.predictions_dir(st.root, mid)))]
 
 
+def _slide_table(root, mid) -> list[str]:
+    """Slides of a model's slide_predictions table as a reader sees it ([] when there is none)."""
+    p = layout.model_table_path(root, mid, "slide_predictions")
+    return sorted(pd.read_parquet(p)["slide_id"]) if p.exists() else []
+
+
 def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_new(st40):
-    """A model predicted with 3 genes, then re-predicted with 5 and killed / out of disk at each step: before
-    the swap every slide shows the 3-gene predictions, after it every slide the 5-gene ones (never a mix);
-    the re-run gives 5 everywhere."""
+    """A model predicted with 3 genes on 20 slides, then re-predicted with 5 on all 40 and killed / out of disk at
+    each step: before the swap the 20 slides show the 3-gene predictions, after it all 40 the 5-gene ones (never a
+    mix), and the slide_predictions table always lists exactly the predicted slides (it was written after the
+    swap: a crash there left 40 slides of tiles with the 20-slide table, or none on a first predict); the re-run
+    gives 5 everywhere."""
     from hefeat.learn.emo import GenesParams
     from hefeat.learn.registry import fit_model, predict_model
 
     st, eid = st40
     mid = fit_model(st, "genes", GenesParams(extraction_id=eid, split="patient-kfold:3"))["model_id"]
-    predict_model(st, mid, top=3)
-    models, old = _visible(st.root)
-    assert mid in models and len(old[mid]) == 40 and len(set(old[mid].values())) == 1
+    first = sorted(st.sql("SELECT slide_id FROM slides")["slide_id"])[:20]
 
-    def predict5():
-        predict_model(Store(st.root), mid, top=5)
+    def predict(top, slides):
+        return lambda: predict_model(Store(st.root), mid, top=top, slides=slides)
 
-    def check(spec):
+    def check(spec, old):
         seen_models, seen = _visible(st.root)
-        assert seen_models == models and set(seen[mid]) == set(old[mid]), spec  # listed, every slide there
+        assert mid in seen_models, spec
+        assert _slide_table(st.root, mid) == sorted(seen.get(mid, {})), spec  # the table goes with the tiles
+        if old is None:  # first predict: none or all
+            return 0 if mid not in seen else len(seen[mid])
         widths = {len(c) for c in seen[mid].values()}
         assert len(widths) == 1, spec  # never some slides old and some new
-        return widths.pop() - len(next(iter(old[mid].values())))  # 0: old state, 2: new state
+        state = widths.pop() - len(next(iter(old[mid].values())))  # 0: old state, 2: new state
+        assert len(seen[mid]) == {0: 20, 2: 40}[state] and set(old[mid]) <= set(seen[mid]), spec
+        return state
 
-    for spec in PREDICT_POINTS:
-        assert _killed(predict5, spec) == -9, spec
-        assert check(spec) == (2 if spec == "predictions.swapped" else 0), spec  # the swap is the commit
+    for spec in ("predictions.table.write", "predictions.table.link", "predictions.swap", "predictions.swapped"):
+        assert _killed(predict(3, first), spec) == -9, spec
+        assert check(spec, None) == (20 if spec == "predictions.swapped" else 0), spec
+    predict(3, first)()
+    models, old = _visible(st.root)
+    assert sorted(old[mid]) == first == _slide_table(st.root, mid) and len(set(old[mid].values())) == 1
+
+    for spec in (*PREDICT_POINTS[:2], "predictions.table.rename", *PREDICT_POINTS[2:]):  # swapped last
+        assert _killed(predict(5, None), spec) == -9, spec
+        assert check(spec, old) == (2 if spec == "predictions.swapped" else 0), spec  # the swap is the commit
         _arm(spec, "enospc")
         with pytest.raises(OSError, match="No space"):
-            predict5()
+            predict(5, None)()
         faults.disarm()
-        assert check(spec) == (2 if spec == "predictions.swapped" else 0), spec
-    predict5()
-    assert check("re-run") == 2
+        assert check(spec, old) == (2 if spec == "predictions.swapped" else 0), spec
+    predict(5, None)()
+    assert check("re-run", old) == 2 and len(_slide_table(st.root, mid)) == 40
 
 
 def test_legacy_predictions_folder_is_carried_into_a_generation(st40):
@@ -153,3 +171,22 @@ def test_legacy_predictions_folder_is_carried_into_a_generation(st40):
         write("S02", pd.DataFrame({"model_id": ["m-legacy"], "slide_id": ["S02"], "v": [2.0]}))
     assert plain.is_symlink()
     assert sorted(p.name for p in plain.iterdir()) == ["slide=S01.parquet", "slide=S02.parquet"]
+
+
+def test_plain_slide_table_moves_into_the_generations_and_keeps_its_other_slides(st40):
+    """A slide_predictions table written in models/<mid>/ (before it moved into the predictions generation) stays
+    readable, and a predict on one slide replaces that slide's row and keeps the others."""
+    from hefeat.store.predictions import write_predictions
+
+    st, _ = st40
+    table = layout.model_table_path(st.root, "m-plain", "slide_predictions")
+    table.parent.mkdir(parents=True)
+    with write_predictions(st, "m-plain") as write:
+        write("S01", pd.DataFrame({"model_id": ["m-plain"], "slide_id": ["S01"], "v": [1.0]}))
+    pd.DataFrame({"slide_id": ["S01", "S02"], "g": [1.0, 2.0]}).to_parquet(table)  # as the old code left it
+    with write_predictions(st, "m-plain") as write:
+        write("S02", pd.DataFrame({"model_id": ["m-plain"], "slide_id": ["S02"], "v": [2.0]}))
+        write.table("slide_predictions", pd.DataFrame({"slide_id": ["S02", "S03"], "g": [20.0, 30.0]}))
+    assert table.is_symlink()
+    got = pd.read_parquet(table)
+    assert got.to_dict("list") == {"slide_id": ["S01", "S02", "S03"], "g": [1.0, 20.0, 30.0]}

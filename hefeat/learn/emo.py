@@ -26,7 +26,6 @@ from hefeat.learn.registry import (
     param,
     register,
 )
-from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.predictions import write_predictions
 
@@ -399,7 +398,6 @@ def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, to
     """Tile-level (EMO-spatial) predictions for the best genes into predictions/, slide-level for all genes."""
     from hefeat.learn.data import slide_tiles
     from hefeat.learn.models import load_model, load_table
-    from hefeat.store.tables import write_parquet
 
     meta = load_model(store, mid)
     A = meta["arrays"]
@@ -425,9 +423,9 @@ def predict_genes(store: Store, mid: str, *, slides: list[str] | None = None, to
             write_pred(st.slide_id, df)
             slide_rows.append(pd.Series(X.mean(0) @ coef + b, index=all_genes, name=st.slide_id))
             n_tiles += len(df)
-    slide_df = pd.DataFrame(slide_rows)
-    slide_df.index.name = "slide_id"
-    write_parquet(slide_df.reset_index(), layout.model_table_path(store.root, mid, "slide_predictions"))
+        slide_df = pd.DataFrame(slide_rows)
+        slide_df.index.name = "slide_id"
+        write_pred.table("slide_predictions", slide_df.reset_index())  # committed with the tile predictions
     return {"model_id": mid, "slides": len(slide_rows), "tiles": n_tiles, "tile_genes": chosen}
 
 

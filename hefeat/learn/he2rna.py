@@ -263,7 +263,6 @@ def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, t
     """Slide predictions as in cross-validation (same bags, k-averaged top-k) and every tile's score."""
     from hefeat.learn.data import slide_tiles
     from hefeat.learn.models import load_table
-    from hefeat.store.tables import write_parquet
 
     est, p, meta, genes = load_estimator(store, mid)
     m = load_table(store, mid, "metrics")
@@ -281,9 +280,9 @@ def predict_he2rna(store: Store, mid: str, *, slides: list[str] | None = None, t
             write_pred(st.slide_id, df)
             rows.append(pd.Series(est.predict([slide_bag(st.X, st.tiles, p)])[0], index=genes, name=st.slide_id))
             n += len(df)
-    sp = pd.DataFrame(rows)
-    sp.index.name = "slide_id"
-    write_parquet(sp.reset_index(), layout.model_table_path(store.root, mid, "slide_predictions"))
+        sp = pd.DataFrame(rows)
+        sp.index.name = "slide_id"
+        write_pred.table("slide_predictions", sp.reset_index())  # committed with the tile predictions
     return {"model_id": mid, "slides": len(rows), "tiles": n, "tile_genes": chosen,
             "slide_value": f"k-averaged top-k over {meta['summary'].get('bag', 'the training bags')} (as in CV)"}
 

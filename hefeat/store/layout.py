@@ -18,6 +18,8 @@ with a new kind of output adds its path function here.
     predictions/model=<mid>/slide=<sid>.parquet    a model's per-slide predictions; model=<mid> is a link
                                                    to its current generation (hefeat.store.predictions)
     predictions/.generations/<mid>/<gen>/          the generations (one current, others being written)
+    predictions/model=<mid>/table=<name>.parquet   a model-level table written with its predictions (slide
+                                                   values); models/<mid>/<name>.parquet links to it
     indexes/<iid>/{index.json,offsets.parquet,...} a neighbour index; queries/<qid>.parquet saved queries
     umaps/umap=<uid>.parquet                       a UMAP's coordinates
     runs/<run_id>/run.json                         what ran, with what, how long
@@ -231,6 +233,16 @@ def predictions_file_in(folder: Path, slide_id: str) -> Path:
 def is_predictions_file(name: str) -> bool:
     """Whether a file name is one slide's predictions."""
     return name.startswith("slide=") and name.endswith(".parquet")
+
+
+def predictions_table_in(folder: Path, table: str) -> Path:
+    """A model-level table (e.g. slide_predictions) written in a predictions generation, committed with it."""
+    return folder / f"table={check_id(table, 'table')}{TABLE_SUFFIX}"
+
+
+def is_predictions_table(name: str) -> bool:
+    """Whether a file name in a predictions generation is a model-level table."""
+    return name.startswith("table=") and name.endswith(TABLE_SUFFIX)
 
 
 def predictions_generations(root: Path, model_id: str) -> Path:
