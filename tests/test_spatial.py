@@ -13,8 +13,9 @@ from hefeat.errors import HefeatError
 from hefeat.learn.receptors import ReceptorParams
 from hefeat.learn.registry import fit_model
 from hefeat.learn.spots import SpotsParams, smooth3x3, spot_maps, spot_targets
-from hefeat.learn.traits import TraitsParams, cartography, hti_table, survival
+from hefeat.learn.traits import TraitsParams, cartography, hti_summary, hti_table, survival
 from hefeat.store.catalog import Store
+from hefeat.store.models import newest_model
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,14 @@ def test_trait_parts_are_per_patient_and_ood_never_shares_a_patient_with_trainin
     assert set(h.loc[h["heldout"], "patient_id"]) == set(slides.loc[slides["heldout"], "patient_id"])
     c = cartography(st, s["model_id"], "S01", tmp_path / "carto.png")
     assert c["hti"] == pytest.approx(h.set_index("slide_id").loc["S01", "hti"])
+    # What `hefeat hti` and `hefeat survival` print comes from the library (the CLI only formats it).
+    summ = hti_summary(h)
+    assert summ["n_slides"] == 40 and summ["n_heldout_slides"] == int(h["heldout"].sum()) > 0
+    assert summ["mean_hti_heldout"] == pytest.approx(h.loc[h["heldout"], "hti"].mean())
+    assert summ["mean_hti_trained"] == pytest.approx(h.loc[~h["heldout"], "hti"].mean())
+    assert newest_model(st, "traits") == (s["model_id"], 1)
+    with pytest.raises(HefeatError, match="No he2rna model in the store"):
+        newest_model(st, "he2rna")
 
 
 def test_trained_slides_cannot_produce_a_significant_logrank(traits_store, tmp_path):

@@ -17,7 +17,6 @@ from hefeat.cli.common import (
     split_ids,
     store_option,
 )
-from hefeat.errors import HefeatError
 
 SET_HELP = "Override a recipe value: section.key=value (YAML), e.g. encoder.name=resnet18 or params.seed=3; repeat."
 
@@ -240,17 +239,14 @@ def hti(model_id, out, store_path, as_json):
     Example:
       hefeat hti trt-0123abcd --out hti.csv
     """
-    from hefeat.learn.traits import hti_table
+    from hefeat.learn.traits import hti_summary, hti_table
 
     df = hti_table(get_store(store_path), model_id, out)
-    held = df[df["heldout"]]
-    s = {"model_id": model_id, "n_slides": len(df), "n_heldout_slides": len(held),
-         "hti": df[["slide_id", "hti", "heldout"]].to_dict("records"),
-         "mean_hti_heldout": float(held["hti"].mean()) if len(held) else None,
-         "mean_hti_trained": float(df.loc[~df["heldout"], "hti"].mean()) if (~df["heldout"]).any() else None}
-    text = (f"HTI for {len(df)} slides: held-out (test + OOD for every trait) {len(held)} slides, mean "
+    s = {"model_id": model_id, **hti_summary(df)}
+    n_held = s["n_heldout_slides"]
+    text = (f"HTI for {len(df)} slides: held-out (test + OOD for every trait) {n_held} slides, mean "
             f"{s['mean_hti_heldout'] if s['mean_hti_heldout'] is None else round(s['mean_hti_heldout'], 3)}; "
-            f"trained on {len(df) - len(held)}, mean "
+            f"trained on {len(df) - n_held}, mean "
             f"{s['mean_hti_trained'] if s['mean_hti_trained'] is None else round(s['mean_hti_trained'], 3)} "
             "(in-sample maps)" + (f": {out}" if out else "") + "\n"
             + df[["slide_id", "hti", "positive_tiles", "heldout"]].to_string(index=False))
@@ -283,15 +279,13 @@ def survival(model_id, by, threshold, time_col, event_col, max_follow_up, out, r
       hefeat survival --by hti --threshold 0.5 --out km.png
     """
     from hefeat.learn.traits import survival as surv
+    from hefeat.store.models import newest_model
 
     st = get_store(store_path)
     chosen = "--model"
     if not model_id:
-        m = st.sql("SELECT model_id FROM models WHERE kind = 'traits' ORDER BY created DESC")
-        if m.empty:
-            raise HefeatError("No traits model in the store; run hefeat fit traits first")
-        model_id = m["model_id"].iloc[0]
-        chosen = f"the newest of {len(m)} traits model(s); pass --model to choose"
+        model_id, n = newest_model(st, "traits")
+        chosen = f"the newest of {n} traits model(s); pass --model to choose"
     s = surv(st, model_id, by=by, threshold=threshold, time_col=time_col, event_col=event_col,
              max_follow_up=max_follow_up, out=out, rule=rule)
     s = {"model_id": model_id, "model_chosen": chosen, **s}

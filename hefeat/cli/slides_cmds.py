@@ -222,17 +222,7 @@ def extract(encoder, weights, layer, tiling_id, tile_spec, slides, precision, ba
     if engine == "ray":
         from hefeat.extract.ray_engine import run_extraction_ray
 
-        once = None
-        if tile_params is not None:  # each Ray shard extracts; tiling runs here first
-            from hefeat.slides.run import run_tiling
-
-            t = run_tiling(st, tile_params, slides=split_ids(slides), fail_fast=fail_fast, progress=progress_enabled(as_json))
-            kw["tiling_id"] = t.extra["tiling_id"]
-            once = {"used": False, "why": "--engine ray: slides are tiled first, then embedded from a second read",
-                    "tiling": t.to_dict()}
-        s = run_extraction_ray(st, shard=shard, **kw).to_dict()
-        if once:
-            s["decode_once"] = once
+        s = run_extraction_ray(st, shard=shard, tile_params=tile_params, **kw).to_dict()
     else:
         s = run_extraction(st, shard=shard, tile_params=tile_params, **kw).to_dict()
     text = run_text(s, f"Extraction {s['extraction_id']} ({s.get('encoder')}, {s.get('dim')}-d)")

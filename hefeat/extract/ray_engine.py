@@ -5,20 +5,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from typing import TYPE_CHECKING
 
 from hefeat.errors import HefeatError
 from hefeat.runner import RunSummary
 from hefeat.store.catalog import Store
 
+if TYPE_CHECKING:  # pragma: no cover
+    from hefeat.slides.tiling import TilingParams
 
-def run_extraction_ray(store: Store, *, shards: int | None = None, address: str | None = None, **kwargs) -> RunSummary:
-    """Split the slides into shards and run `run_extraction` for each on Ray Data (local Ray if no address)."""
+
+def run_extraction_ray(store: Store, *, shards: int | None = None, address: str | None = None,
+                       tile_params: TilingParams | None = None, **kwargs) -> RunSummary:
+    """Split the slides into shards and run `run_extraction` for each on Ray Data (local Ray if no address).
+
+    With `tile_params` the slides are tiled here first (every shard embeds from a finished tiling, so
+    decode once is not used; the summary's `decode_once` says so and carries the tiling's summary).
+    """
     try:
         import ray
     except ImportError:
         raise HefeatError("--engine ray needs Ray: pip install 'hefeat[ray]'") from None
     if kwargs.pop("shard", None):
         raise HefeatError("--shard and --engine ray do not combine: Ray does the sharding")
+    once = None
+    if tile_params is not None:
+        from hefeat.slides.run import run_tiling
+
+        opt = kwargs.get("options")
+        t = run_tiling(store, tile_params, slides=kwargs.get("slides"), fail_fast=bool(opt and opt.fail_fast),
+                       progress=bool(opt and opt.progress))
+        kwargs["tiling_id"] = t.extra["tiling_id"]
+        once = {"used": False, "why": "--engine ray: slides are tiled first, then embedded from a second read",
+                "tiling": t.to_dict()}
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -57,4 +76,6 @@ def run_extraction_ray(store: Store, *, shards: int | None = None, address: str 
         merged.extra.setdefault("shards", []).append({"ok": len(d["ok"]), "tiles": d["tiles"], "seconds": d["seconds"]})
         merged.extra.update({k: v for k, v in d["extra"].items() if k in ("extraction_id", "tiling_id", "dim", "encoder")})
     merged.extra.update({"engine": "ray", "n_shards": n, "gpus": gpus})
+    if once:
+        merged.extra["decode_once"] = once
     return merged

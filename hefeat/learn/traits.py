@@ -335,6 +335,16 @@ def hti_table(store: Store, mid: str, out: str | Path | None = None) -> pd.DataF
     return res
 
 
+def hti_summary(res: pd.DataFrame) -> dict:
+    """Counts and mean HTI of an hti_table, held-out slides (the only ones survival may use) apart from trained-on ones."""
+    held = res[res["heldout"]]
+    trained = res[~res["heldout"]]
+    return {"n_slides": len(res), "n_heldout_slides": len(held),
+            "hti": res[["slide_id", "hti", "heldout"]].to_dict("records"),
+            "mean_hti_heldout": float(held["hti"].mean()) if len(held) else None,
+            "mean_hti_trained": float(trained["hti"].mean()) if len(trained) else None}
+
+
 def _follow_up_cap(time_col: str, max_follow_up: float | None) -> float:
     """10 years in the time column's unit (months, days, years by its name), or the cap given."""
     if max_follow_up is not None:

@@ -27,6 +27,14 @@ def model_exists(store: Store, mid: str) -> bool:
     return layout.model_index_path(store.root, mid).exists()
 
 
+def newest_model(store: Store, kind: str) -> tuple[str, int]:
+    """(id of the most recently created model of this kind, how many of that kind there are); refuses when none."""
+    m = store.sql(f"SELECT model_id FROM models WHERE kind = '{kind}' ORDER BY created DESC")
+    if m.empty:
+        raise HefeatError(f"No {kind} model in the store; run hefeat fit {kind} first")
+    return str(m["model_id"].iloc[0]), len(m)
+
+
 def discard_model(store: Store, mid: str) -> None:
     """Remove a model's files and predictions (before a refit); the index record goes first so it is never half-visible."""
     from hefeat.store.predictions import discard_predictions
