@@ -260,3 +260,125 @@ def test_rank_auc_equals_scikit_learn_with_ties_and_multiclass():
     ovr = np.mean([binary_auc((y3 == c).astype(int), P[:, c]) for c in range(3)])
     assert ovr == pytest.approx(roc_auc_score(y3, P, multi_class="ovr"))
     assert np.isnan(binary_auc(np.ones(5, int), s[:5]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The focal label itself (synth_focal.py) and the NLL survival loss: no store, a few seconds
+# ----------------------------------------------------------------------------------------------
+def _positive_specs(n: int, w: float, h: float):
+    from hefeat.slides.synth import SlideSpec
+
+    out, seed = [], 0
+    while len(out) < n:
+        seed += 1
+        if np.random.default_rng([seed, 104_723]).random() < 0.5:  # focal_region's own draw: positive
+            out.append(SlideSpec(slide_id=f"S{seed:02d}", patient_id="P01", site="s", seed=seed, mpp=0.5,
+                                 width_um=w, height_um=h, has_spots=False))
+    return out
+
+
+def test_focal_disc_holds_more_truth_tiles_than_a_top_decile_on_default_slides():
+    """>= 70 % of the top-decile attention tiles can be truth tiles only if truth tiles are >= 7 % of the tissue
+    tiles; on the default 1.6 x 1.2 mm slide with 112 µm tiles the old 4 % disc held 4 of ~68 (top decile 7)."""
+    from hefeat.slides.synth import CLASS_MPP, slide_layout
+    from hefeat.slides.synth_focal import focal_region
+
+    side_um = 112.0  # the default tiling: 224 px at 0.5 µm/px
+    b = int(round(side_um / CLASS_MPP))
+    for spec in _positive_specs(4, 1600.0, 1200.0):
+        cls, _, _ = slide_layout(spec)
+        region = focal_region(spec.seed, cls, CLASS_MPP)
+        H, W = (cls.shape[0] // b) * b, (cls.shape[1] // b) * b
+        tissue = (cls[:H, :W] != 255).reshape(H // b, b, W // b, b).mean((1, 3)) >= 0.5  # tissue tiles
+        ty, tx = np.nonzero(tissue)
+        truth = focal_tiles(region, tx * side_um, ty * side_um, side_um, 1.0)
+        assert truth.sum() >= np.ceil(0.1 * len(tx)), (spec.seed, int(truth.sum()), len(tx))
+
+
+def _disc_mask(region: dict, shape, mpp: float) -> np.ndarray:
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    d = np.hypot(yy + 0.5 - region["cy_um"] / mpp, xx + 0.5 - region["cx_um"] / mpp)
+    return d <= region["r_um"] / mpp + 1
+
+
+def test_focal_texture_keeps_the_mean_colour_and_a_small_cnn_sees_it():
+    """Matched colour: inside the disc every 32 µm patch keeps its mean RGB (within a few grey levels; the old
+    lattice clipped pale tissue at 255 and darkened the disc by ~5), the slide's mean is unchanged, and the glass
+    and everything outside the disc stay as they were; a random-weight ResNet-18 stem (layer1) tells painted
+    patches from the same patches unpainted, where their mean colour cannot."""
+    import torch
+    from torchvision.models import resnet18
+
+    from hefeat.slides.synth import CLASS_MPP, render_slide, slide_layout
+    from hefeat.slides.synth_focal import focal_region, paint_focal
+
+    spec = _positive_specs(1, 600.0, 450.0)[0]
+    cls, fields, info = slide_layout(spec)
+    region = focal_region(spec.seed, cls, CLASS_MPP)
+    before = render_slide(spec, fields, info["gland_field"])
+    tissue = cls != 255
+    after = paint_focal(before.copy(), region, spec.mpp, tissue, CLASS_MPP)
+    outside = ~_disc_mask(region, before.shape[:2], spec.mpp)
+    assert np.array_equal(before[outside], after[outside])  # nothing changes outside the disc
+    iy = np.minimum(((np.arange(before.shape[0]) + 0.5) * spec.mpp / CLASS_MPP).astype(int), tissue.shape[0] - 1)
+    ix = np.minimum(((np.arange(before.shape[1]) + 0.5) * spec.mpp / CLASS_MPP).astype(int), tissue.shape[1] - 1)
+    on_glass = ~tissue[np.ix_(iy, ix)]
+    assert np.abs(before[on_glass].astype(int) - after[on_glass]).max() <= 1  # nor on the glass inside it
+    p, c = 64, int(round(32 / CLASS_MPP))  # 32 µm patches wholly inside the disc and on tissue
+    cx, cy, r = (region[k] / spec.mpp for k in ("cx_um", "cy_um", "r_um"))
+    xy = [(x, y) for y in range(0, before.shape[0] - p, p) for x in range(0, before.shape[1] - p, p)
+          if (x + p / 2 - cx) ** 2 + (y + p / 2 - cy) ** 2 <= (r - p * 0.71) ** 2
+          and tissue[y // p * c:(y // p + 1) * c, x // p * c:(x // p + 1) * c].all()]
+    assert len(xy) >= 12
+
+    def patches(img):
+        return np.stack([img[y:y + p, x:x + p] for x, y in xy]).astype(np.float32)
+
+    A, B = patches(before), patches(after)
+    dmean = np.abs(A.mean((1, 2)) - B.mean((1, 2)))
+    assert dmean.mean() < 2.0 and dmean.max() < 6.0, (dmean.mean(), dmean.max())  # matched mean colour
+    assert abs(before.astype(float).mean() - after.astype(float).mean()) < 0.2
+    torch.manual_seed(0)
+    net = resnet18(weights=None).eval()
+    stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+    with torch.no_grad():
+        # texture: how much each feature map varies across the patch
+        feats = [stem(torch.from_numpy(X).permute(0, 3, 1, 2) / 255).std((2, 3)).numpy() for X in (A, B)]
+
+    def held_out_accuracy(F0, F1):  # nearest centroid on standardised features, leave one patch pair out
+        F = np.concatenate([F0, F1])
+        F0, F1 = (F0 - F.mean(0)) / (F.std(0) + 1e-9), (F1 - F.mean(0)) / (F.std(0) + 1e-9)
+        hits = 0
+        for i in range(len(F0)):
+            m0, m1 = np.delete(F0, i, 0).mean(0), np.delete(F1, i, 0).mean(0)
+            for f, lab in ((F0[i], 0), (F1[i], 1)):
+                hits += int((np.linalg.norm(f - m1) < np.linalg.norm(f - m0)) == lab)
+        return hits / (2 * len(F0))
+
+    assert held_out_accuracy(*feats) >= 0.95
+    assert held_out_accuracy(A.mean((1, 2)), B.mean((1, 2))) <= 0.75  # mean colour alone: near chance
+
+
+def test_nll_survival_loss_is_the_discrete_time_likelihood():
+    """PORPOISE's NLL by hand: an event in bin b contributes -log(S(b-1) h(b)), a censored bag -log S(b);
+    higher hazards give a higher risk score."""
+    import torch
+
+    from hefeat.learn.mil import _bins, nll_survival_loss, survival_risk
+
+    logits = torch.tensor([[0.3, -1.0, 0.5], [-0.2, 0.4, 1.0]])
+    h = torch.sigmoid(logits)
+    S = torch.cumprod(1 - h, 1)
+    # bag 0: event in bin 1; bag 1: censored in bin 2
+    want = (-(torch.log(S[0, 0]) + torch.log(h[0, 1])) - torch.log(S[1, 2])) / 2
+    got = nll_survival_loss(logits, torch.tensor([1, 2]), torch.tensor([1.0, 0.0]))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    # The loss falls when an early event's hazard rises and when a censored bag's hazards fall.
+    x = logits.clone().requires_grad_(True)
+    nll_survival_loss(x, torch.tensor([0, 2]), torch.tensor([1.0, 0.0])).backward()
+    assert x.grad[0, 0] < 0 and (x.grad[1] > 0).all()
+    risk = survival_risk(torch.tensor([[-2.0, -2.0, -2.0], [1.0, 1.0, 1.0]]), "nll")
+    assert risk[1] > risk[0]
+    # Bins: inner quantile cuts of the training event times only (censored times ignored).
+    cuts = _bins(np.array([1.0, 2, 3, 4, 100, 200]), np.array([1, 1, 1, 1, 0, 0]), 2)
+    assert cuts.tolist() == [2.5]

@@ -351,7 +351,7 @@ def _make_one(args) -> dict:
     rgb = render_slide(spec, fields, info["gland_field"])
     focal = focal_region(spec.seed, cls, CLASS_MPP)  # the focal slide label (synth_focal.py)
     if focal is not None:
-        paint_focal(rgb, focal, spec.mpp)
+        paint_focal(rgb, focal, spec.mpp, cls != 255, CLASS_MPP)
     levels = write_pyramid_tiff(Path(out) / "slides" / f"{spec.slide_id}.tiff", rgb, spec.mpp)
     np.savez_compressed(Path(out) / "truth" / f"{spec.slide_id}.classes.npz", classes=cls, mpp=CLASS_MPP,
                         class_names=np.array(CLASSES), gland=info["gland"])
