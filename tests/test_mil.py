@@ -336,8 +336,8 @@ def test_focal_texture_keeps_the_mean_colour_and_a_small_cnn_sees_it():
 
     A, B = patches(before), patches(after)
     dmean = np.abs(A.mean((1, 2)) - B.mean((1, 2)))
-    assert dmean.mean() < 2.0 and dmean.max() < 6.0, (dmean.mean(), dmean.max())  # matched mean colour
-    assert abs(before.astype(float).mean() - after.astype(float).mean()) < 0.2
+    assert dmean.mean() < 1.0 and dmean.max() < 4.0, (dmean.mean(), dmean.max())  # matched (old: 1.3, 5.5)
+    assert abs(before.astype(float).mean() - after.astype(float).mean()) < 0.2  # old: 0.39
     torch.manual_seed(0)
     net = resnet18(weights=None).eval()
     stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
