@@ -166,9 +166,9 @@ def main() -> None:
         make_store(a)
         return
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "load_before": [round(v, 2) for v in os.getloadavg()], "genes": a.genes, "slides": a.slides,
-           "dim": a.dim, "alphas": a.alphas}
-    if not a.no_arrays:
+           "load_before": [round(v, 2) for v in os.getloadavg()], "alphas": a.alphas}
+    if not a.no_arrays:  # the synthetic arrays' problem size (a --store run reports its own n_samples, n_genes)
+        res.update(genes=a.genes, slides=a.slides, dim=a.dim)
         arrays_benchmark(a, res)
     if a.store:
         store_benchmark(a, res)
