@@ -123,7 +123,7 @@ def throughput(a) -> dict:
     from hefeat.finetune.ddp import Dist
     from hefeat.finetune.job import choose_precision, make_folds, run_job
     from hefeat.finetune.recipe import RunOptions, recipe_from_dict
-    from hefeat.finetune.targets import load_task
+    from hefeat.finetune.tasks import load_task
     from hefeat.slides.reader import Slide
     from hefeat.store.atomic import read_json
 

@@ -129,7 +129,7 @@ def test_finetuned_beats_frozen_random_init_on_heldout_patients(spots_job, cohor
 def test_same_folds_as_the_frozen_fit(ft_store, tmp_path):
     """The job's folds are hefeat.learn.splits' folds over the same units (patients grouped)."""
     from hefeat.finetune.job import make_folds
-    from hefeat.finetune.targets import load_task
+    from hefeat.finetune.tasks import load_task
     from hefeat.learn.splits import parse_split
 
     st = _copy(ft_store, tmp_path)

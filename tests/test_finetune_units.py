@@ -131,7 +131,7 @@ def _data(kind="regression", T=None, units=None):
 def test_targets_are_scaled_on_training_rows_and_losses_mask_missing_labels():
     import torch
 
-    from hefeat.finetune.tasks import activate, fold_targets, loss
+    from hefeat.finetune.heads import activate, fold_targets, loss
 
     Y = np.array([[1.0, 5.0], [3.0, 5.001], [5.0, 5.0], [100.0, 0.0]])
     d = _data(T=Y)
@@ -192,3 +192,73 @@ def test_fold_loader_workers_persist_across_epochs_and_serve_each_epochs_batches
         loader.close()
     inline = FoldLoader(_PidSamples(), workers=0, pin=False, seed=0)
     assert [b[1].tolist() for b in inline.batches([np.array([6, 0])])] == [[6, 0]]
+
+
+def test_no_task_ladder_in_finetune():
+    """No module of finetune/ compares a task name with a string (`task == "spots"`, `r.task in (...)`): what
+    differs between tasks is in their registrations (hefeat.finetune.tasks)."""
+    import ast
+    from pathlib import Path
+
+    import hefeat.finetune
+
+    def is_task(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "task") or (isinstance(node, ast.Attribute) and node.attr == "task")
+
+    def is_str(node) -> bool:
+        return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or \
+            (isinstance(node, ast.Tuple | ast.List | ast.Set) and any(is_str(e) for e in node.elts))
+
+    ladders = []
+    for path in sorted(Path(hefeat.finetune.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(is_task(s) for s in sides) and any(is_str(s) for s in sides):
+                    ladders.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.Subscript) and is_task(node.slice) and isinstance(node.value, ast.Dict):
+                ladders.append(f"{path.name}:{node.lineno}")  # {"spots": f, ...}[r.task]
+    assert ladders == []
+
+
+def test_a_task_is_one_registration(tmp_path):
+    """A toy task registered once is a valid recipe task, a `finetune-<task>` kind with its units and headline,
+    and its predictions, comparison and report rows follow its registration."""
+    from hefeat.finetune import methods, tasks
+    from hefeat.finetune.job import write_slide_predictions
+    from hefeat.finetune.recipe import recipe_from_dict
+    from hefeat.finetune.report import headline
+    from hefeat.learn.registry import get_method, output_units, unregister
+    from hefeat.store.catalog import Store
+
+    toy = tasks.Task(name="toy", summary="a toy", predicts="toy scores", load=lambda store, r: None,
+                     evaluate=lambda *a, **k: ({}, {}), baseline=lambda *a, **k: None,
+                     headline=lambda s: f"toy headline {s['x']}", units=lambda params, col: f"toy units of {col}",
+                     output_col="thing", metric="score", metric_label="toy score", compare=("score", "n"),
+                     prefix="t_")
+    tasks.register_task(toy)
+    try:
+        assert recipe_from_dict({"task": "toy", "params": {"backbone": "test_convnext"}}).task == "toy"
+        with pytest.raises(HefeatError, match="labels are for task classify; task toy predicts toy scores"):
+            recipe_from_dict({"task": "toy", "params": {"backbone": "test_convnext", "labels": ["trait:A"]}})
+        methods.register_method(toy)
+        assert get_method("finetune-toy").headline({"x": 3}) == "toy headline 3" == headline({"kind": "finetune-toy",
+                                                                                             "x": 3})
+        assert output_units({"kind": "finetune-toy", "params": {}}, "t_a") == "toy units of t_a"
+        fine = pd.DataFrame({"thing": ["a", "b", "c"], "score": [0.1, 0.9, 0.5], "n": [1, 2, 3]})
+        frozen = fine.assign(score=[0.0, 0.5, 0.5])
+        cmp = toy.compare_tables(fine, frozen)
+        assert list(cmp["score_difference"]) == pytest.approx([0.1, 0.4, 0.0])
+        rows = toy.comparison_rows(cmp)
+        assert list(rows["name"][::2]) == ["b", "c", "a"] and set(rows["metric"]) == {"toy score"}
+        st = Store.init(tmp_path / "st")
+        samples = pd.DataFrame({"slide_id": ["s1", "s1", "s2"], "tile_id": [0, 1, 0], "x": 0, "y": 0})
+        pred = np.arange(9, dtype=float).reshape(3, 3)
+        write_slide_predictions(st, "ft-toy", "toy", ["a", "b", "c"], samples, pred,
+                                np.array(["f1", "f1", "f2"], object), fine, top=2)
+        df = pd.read_parquet(st.predictions_path("ft-toy", "s1"))
+        assert [c for c in df.columns if c.startswith("t_")] == ["t_b", "t_c"]  # the 2 best by score, prefixed
+        assert df["t_b"].tolist() == [1.0, 4.0]
+    finally:
+        tasks._TASKS.pop("toy", None)
+        unregister("finetune-toy")

@@ -261,7 +261,7 @@ def test_finetuned_traits_agree_with_fit_traits_on_labels_ood_and_test_patients(
     from hefeat.finetune import tasks
     from hefeat.finetune.job import make_folds
     from hefeat.finetune.recipe import recipe_from_dict
-    from hefeat.finetune.targets import load_task
+    from hefeat.finetune.tasks import load_task
     from hefeat.learn import stats
     from hefeat.learn.splits import group_holdout
     from hefeat.store.catalog import Store

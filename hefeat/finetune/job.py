@@ -21,9 +21,10 @@ from hefeat import __version__
 from hefeat.errors import HefeatError
 from hefeat.finetune import ddp, heartbeat
 from hefeat.finetune.faults import fault_point
+from hefeat.finetune.heads import fold_targets, output_bias
 from hefeat.finetune.recipe import Recipe, RunOptions
-from hefeat.finetune.targets import TaskData, load_task
-from hefeat.finetune.tasks import baseline_predict, evaluate, fold_targets, output_bias
+from hefeat.finetune.targets import TaskData
+from hefeat.finetune.tasks import get_task
 from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
 from hefeat.store.catalog import Store
@@ -186,7 +187,8 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
 
     t0 = time.perf_counter()
     r = resolve_tiling(store, r, d)
-    data = load_task(store, r)
+    task = get_task(r.task)
+    data = task.load(store, r)
     plans = make_folds(r, data)
     source = TileSource.from_samples(data.samples, data.slides, size=int(data.tiling["size"]), mpp=float(data.tiling["mpp"]))
     dataset = TileImages(source)
@@ -248,34 +250,21 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
         kept &= np.asarray(done["targets"]["mask"], bool)
         results[plan.name] = done
     tested = fold_of != ""
-    summary, tables = evaluate(r.task, data, oof, tested, kept=kept, split=split_name)
+    summary, tables = task.evaluate(data, oof, tested, split_name, kept=kept)
     if r.baseline != "none":
         F = _baseline_features(store, r, data, jid, base, plans)
         bpred = np.full_like(oof, np.nan)
         for plan in plans:
-            bpred[plan.test] = baseline_predict(r.task, data, F, np.concatenate([plan.train, plan.val]), plan.test,
-                                                seed=r.seed)
-        bsum, btab = evaluate(r.task, data, bpred, tested, kept=kept, split=split_name)
+            bpred[plan.test] = task.baseline(data, F, np.concatenate([plan.train, plan.val]), plan.test, seed=r.seed)
+        bsum, btab = task.evaluate(data, bpred, tested, split_name, kept=kept)
         summary.update({f"frozen_{k}": v for k, v in bsum.items() if k != "split"})
-        tables["frozen_vs_finetuned"] = _compare(r.task, tables["metrics"], btab["metrics"])
-    if r.task == "genes":
-        summary.update(_emo_cost(r, int(kept.sum()), results))
+        tables["frozen_vs_finetuned"] = task.compare_tables(tables["metrics"], btab["metrics"])
+    if task.extra_summary is not None:
+        summary.update(task.extra_summary(r, int(kept.sum()), results))
     if not d.main:
         return {"job_id": jid, "rank": d.rank}
     fault_point("job-commit")
     return _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables, jid, precision, t0)
-
-
-def _emo_cost(r: Recipe, genes: int, results: dict) -> dict:
-    """EMO's per-gene CNNs vs this one network: FLOPs counted on the backbone, throughput measured here."""
-    from hefeat.finetune.cost import emo_cost, forward_flops
-    from hefeat.finetune.train import build_net
-
-    net, cfg = build_net(r, 1)
-    flops = forward_flops(net.backbone, cfg.input_size[0])
-    hist = pd.concat([pd.DataFrame(v["history"]) for v in results.values()])
-    per_net = float(np.mean([v["steps"] for v in results.values()])) * r.batch_size
-    return emo_cost(flops, cfg.dim, genes, images_per_s=_f(hist["images_per_s"].median()), images_per_network=per_net)
 
 
 def _replace(s, **kw):
@@ -348,25 +337,6 @@ def _baseline_features(store: Store, r: Recipe, data: TaskData, jid: str, base, 
     return F
 
 
-def _compare(task: str, fine: pd.DataFrame, frozen: pd.DataFrame) -> pd.DataFrame:
-    """Per output: the headline metric fine-tuned vs frozen on the same folds."""
-    if task == "spots":
-        key, cols = "gene", ["mean_r", "n_positive", "works"]
-    elif task == "genes":
-        key, cols = "gene", ["spearman_r", "r2", "significant"]
-    else:
-        key = ["label", "slides"] if "label" in fine.columns else None
-        if key is None:
-            return pd.concat([fine.assign(model="fine-tuned"), frozen.assign(model="frozen")], ignore_index=True)
-        cols = ["auc_mean_prob", "ci_low", "ci_high", "auc_fraction_positive"]
-    a = fine[([key] if isinstance(key, str) else key) + cols]
-    b = frozen[([key] if isinstance(key, str) else key) + cols]
-    out = a.merge(b, on=key, suffixes=("_finetuned", "_frozen"))
-    first = cols[0]
-    out[f"{first}_difference"] = out[f"{first}_finetuned"] - out[f"{first}_frozen"]
-    return out
-
-
 def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables, jid, precision, t0) -> dict:
     """Predictions into the predictions view, the registered encoder, the job as a model, job.json finished."""
     from hefeat.finetune.register import export_encoder
@@ -406,24 +376,20 @@ def _f(v):
 def write_slide_predictions(store, jid, task, outputs, samples, pred, fold_of, metrics, top: int = 20) -> None:
     """Per-slide predictions (tiles or spots; rows with a fold label) into predictions/model=<job_id>/.
 
-    Regression: the `top` outputs by held-out metric (every output's head is in the model's arrays);
-    classification: every output's probability (p_<label>).
+    The task's prediction outputs (tasks.Task.prediction_outputs: regression, the `top` outputs by
+    held-out metric, every output's head being in the model's arrays; classification, every output's
+    probability), each a column named its prefix + output (p_<label>).
     """
-
-    if task in ("spots", "genes"):
-        col = "mean_r" if task == "spots" else "spearman_r"
-        names = metrics.sort_values(col, ascending=False)["gene"].head(top).tolist()
-    else:
-        names = list(outputs)
+    t = get_task(task)
+    names = t.prediction_outputs(list(outputs), metrics, top)
     cols = [list(outputs).index(n) for n in names]
-    pref = "p_" if task == "classify" else ""
     keep = [c for c in ("tile_id", "spot_id", "x", "y", "row", "col") if c in samples.columns]
     tested = np.asarray(fold_of) != ""
     with write_predictions(store, jid) as write_pred:
         for sid, idx in samples[tested].groupby("slide_id", sort=True).groups.items():
             idx = np.asarray(idx)
             df = samples.loc[idx, keep].reset_index(drop=True)
-            df = pd.concat([df, pd.DataFrame(pred[np.ix_(idx, cols)], columns=[pref + n for n in names])], axis=1)
+            df = pd.concat([df, pd.DataFrame(pred[np.ix_(idx, cols)], columns=[t.prefix + n for n in names])], axis=1)
             df.insert(0, "fold", np.asarray(fold_of)[idx])
             df.insert(0, "slide_id", sid)
             df.insert(0, "model_id", jid)

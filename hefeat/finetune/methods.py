@@ -1,11 +1,13 @@
 """Fine-tuning job kinds in the method registry (contract 7): `hefeat predict` and `hefeat report` on a job id.
 
-Jobs are made by `hefeat finetune run` (not `hefeat fit`), so the kinds register without params/fit.
+Every registered fine-tuning task (hefeat.finetune.tasks) is a kind `finetune-<task>`, its units and
+headline from the task's registration. Jobs are made by `hefeat finetune run` (not `hefeat fit`), so
+the kinds register without params/fit.
 """
 
 from __future__ import annotations
 
-from hefeat.finetune.recipe import TASKS
+from hefeat.finetune.tasks import Task, tasks
 from hefeat.learn.registry import Method, register
 
 
@@ -21,30 +23,12 @@ def _report(store, mid, out=None) -> dict:
     return report_job(store, mid, out)
 
 
-def _headline(s: dict) -> str:
-    from hefeat.finetune.report import headline
-
-    return headline(s)
-
-
-def _spot_units(params: dict, column: str) -> str:
-    from hefeat.learn.spots import TARGET_UNITS
-
-    return f"predicted {TARGET_UNITS}"
+def register_method(task: Task) -> Method:
+    """The job kind `finetune-<task>` of a fine-tuning task, in the method registry."""
+    return register(Method(name=f"finetune-{task.name}", prefix="ft-", headline=task.headline, predict=_predict,
+                           report=_report, units=task.units,
+                           summary=f"a fine-tuning job ({task.name}); run with hefeat finetune run"))
 
 
-def _gene_units(params: dict, column: str) -> str:
-    from hefeat.learn.emo import expression_units
-
-    return expression_units(params, column)
-
-
-def _class_units(params: dict, column: str) -> str:
-    return f"predicted probability of {column.removeprefix('p_')}" if column.startswith("p_") else "model output"
-
-
-UNITS = {"spots": _spot_units, "genes": _gene_units, "classify": _class_units}
-
-for _task in TASKS:
-    register(Method(name=f"finetune-{_task}", prefix="ft-", headline=_headline, predict=_predict, report=_report,
-                    units=UNITS.get(_task), summary=f"a fine-tuning job ({_task}); run with hefeat finetune run"))
+for _task in tasks().values():
+    register_method(_task)

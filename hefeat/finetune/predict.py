@@ -24,11 +24,12 @@ def predict_job(store: Store, jid: str, *, slides: list[str] | None = None, top:
 
     from hefeat.finetune import ddp
     from hefeat.finetune.data import TileImages, TileSource
+    from hefeat.finetune.heads import FoldTargets, activate
     from hefeat.finetune.job import write_slide_predictions
     from hefeat.finetune.recipe import RunOptions, recipe_from_dict
     from hefeat.finetune.register import _job
     from hefeat.finetune.targets import tiled_slides
-    from hefeat.finetune.tasks import FoldTargets, activate
+    from hefeat.finetune.tasks import get_task
     from hefeat.finetune.train import FoldSetup, build_net, infer, make_transform
     from hefeat.learn.models import load_table
 
@@ -60,7 +61,7 @@ def predict_job(store: Store, jid: str, *, slides: list[str] | None = None, top:
     ft = FoldTargets.from_dict(done["targets"])
     outputs = [str(x) for x in np.atleast_1d(_outputs(store, jid))]
     d = ddp.Dist(device=ddp._device(device, 0))
-    kind = "regression" if r.task != "classify" else ("multiclass" if "=" in outputs[0] else "binary")
+    kind = get_task(r.task).head(outputs)
     from hefeat.extract.compute import InputPlan
 
     s = FoldSetup(recipe=r, kind=kind, n_out=len(outputs), targets=np.zeros((len(tiles), 1), np.float32),

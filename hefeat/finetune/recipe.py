@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hefeat.errors import HefeatError
+from hefeat.finetune.tasks import tasks
 
-TASKS = ("spots", "genes", "classify")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "plateau")
 AUGMENTATIONS = ("dihedral", "hed", "brightness_contrast")
@@ -28,10 +28,10 @@ class Recipe:
     genes: 'top:N' (highest mean), 'all', a file or 'A,B,C'; default top:250 for spots, all for genes.
     fit: how tiles become the backbone's input, as extraction's --fit (auto refuses a resize that
     changes µm/px by more than 10 %; resize/crop/native say what to do instead).
-    task: 'spots' (ST-Net: spot patches -> log-normalised counts), 'genes' (EMO: tiles with their
-    sample's bulk expression, one output per gene), 'classify' (PathoMCH/receptors: tiles with their
-    slide's label). labels (classify): 'trait:GENE' (high = above the cohort median of the expression
-    dataset) or 'clinical:COLUMN'.
+    task: a registered task (hefeat.finetune.tasks): 'spots' (ST-Net: spot patches -> log-normalised
+    counts), 'genes' (EMO: tiles with their sample's bulk expression, one output per gene), 'classify'
+    (PathoMCH/receptors: tiles with their slide's label). labels (a task that takes them, classify):
+    'trait:GENE' (high = above the cohort median of the expression dataset) or 'clinical:COLUMN'.
     """
 
     task: str
@@ -111,8 +111,9 @@ def _fail(msg: str):
 
 
 def _check(r: Recipe) -> None:
-    if r.task not in TASKS:
-        _fail(f"task {r.task!r} unknown; use one of {', '.join(TASKS)}")
+    known = tasks()
+    if r.task not in known:
+        _fail(f"task {r.task!r} unknown; use one of {', '.join(known)}")
     for name, value, allowed in (("optimizer", r.optimizer, OPTIMIZERS), ("schedule", r.schedule, SCHEDULES),
                                  ("precision", r.precision, PRECISIONS), ("fit", r.fit, FITS)):
         if value not in allowed:
@@ -137,15 +138,16 @@ def _check(r: Recipe) -> None:
         _fail(f"val_share must be in [0, 1), got {r.val_share}")
     if not 0 <= r.dropout < 1:
         _fail(f"dropout must be in [0, 1), got {r.dropout}")
-    if r.task == "classify":
+    if known[r.task].labels:
         if not r.labels:
-            _fail("task classify needs labels, e.g. labels: [trait:MKI67] or [clinical:er_status]")
+            _fail(f"task {r.task} needs labels, e.g. labels: [trait:MKI67] or [clinical:er_status]")
         for lab in r.labels:
             kind, _, name = lab.partition(":")
             if kind not in ("trait", "clinical") or not name:
                 _fail(f"label {lab!r}: expected trait:GENE or clinical:COLUMN")
     elif r.labels:
-        _fail(f"labels are for task classify; task {r.task} predicts expression")
+        takes = " or ".join(n for n, t in known.items() if t.labels)
+        _fail(f"labels are for task {takes}; task {r.task} predicts {known[r.task].predicts}")
     if r.exclude_mid is not None:
         lo, hi = r.exclude_mid
         if not 0 <= lo < 50 < hi <= 100:
@@ -164,7 +166,7 @@ def _check_backbone(name: str) -> None:
 def recipe_from_dict(cfg: dict, overrides: dict | None = None) -> Recipe:
     """A Recipe from a YAML mapping ({task, params}) plus overrides; unknown keys fail with suggestions."""
     if not isinstance(cfg, dict) or "task" not in cfg:
-        _fail(f"a recipe needs a 'task' key ({', '.join(TASKS)}) and a 'params' mapping")
+        _fail(f"a recipe needs a 'task' key ({', '.join(tasks())}) and a 'params' mapping")
     params = {**(cfg.get("params") or {}), **(overrides or {})}
     if cfg.get("tiling") and "tiling" not in params:
         params["tiling"] = dict(cfg["tiling"])

@@ -8,19 +8,24 @@
 - classify (PathoMCH, receptors): every tile carries its slide's label; trait labels are "above the
   cohort median"; slides between the exclude_mid percentiles keep their label for evaluation but are
   never trained on; units = slides.
+
+Each loader is its task's `load` in the task registrations (tasks.py; `tasks.load_task` picks it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
-from hefeat.finetune.recipe import Recipe
 from hefeat.store.catalog import Store
+
+if TYPE_CHECKING:
+    from hefeat.finetune.recipe import Recipe
 
 
 @dataclass
@@ -100,17 +105,12 @@ def select_genes(names: list[str], Y: np.ndarray, spec: str) -> np.ndarray:
     return np.array([names.index(g) for g in wanted])
 
 
-def load_task(store: Store, r: Recipe) -> TaskData:
-    """TaskData for a recipe; clear errors when targets, labels or tiles are missing."""
-    loader = {"spots": _spots, "genes": _genes, "classify": _classify}[r.task]
-    return loader(store, r)
-
-
 def _slides_table(store: Store, slide_ids) -> pd.DataFrame:
     return store.slides(sorted(set(slide_ids)))[["slide_id", "patient_id", "site", "path", "mpp_x", "fingerprint"]]
 
 
-def _spots(store: Store, r: Recipe) -> TaskData:
+def load_spots(store: Store, r: Recipe) -> TaskData:
+    """TaskData of task spots (see the module docstring); clear errors when what it needs is missing."""
     from hefeat.learn.spots import spot_targets
 
     tiling = pick_tiling(store, r.tiling_id, spots=True)
@@ -135,7 +135,8 @@ def _spots(store: Store, r: Recipe) -> TaskData:
                     tiling=tiling, slides=slides, info={"target": "log((counts + 1) / spot total)"})
 
 
-def _genes(store: Store, r: Recipe) -> TaskData:
+def load_genes(store: Store, r: Recipe) -> TaskData:
+    """TaskData of task genes (see the module docstring); clear errors when what it needs is missing."""
     from hefeat.learn.data import expression_table, transform_values
 
     tiling = pick_tiling(store, r.tiling_id, spots=False)
@@ -164,7 +165,8 @@ def _genes(store: Store, r: Recipe) -> TaskData:
                     variance_filter=True, info={"target": f"{r.transform} of {r.dataset}"})
 
 
-def _classify(store: Store, r: Recipe) -> TaskData:
+def load_classify(store: Store, r: Recipe) -> TaskData:
+    """TaskData of task classify (see the module docstring); clear errors when what it needs is missing."""
     from hefeat.learn.data import clinical_by_slide, expression_table
     from hefeat.learn.traits import patient_parts, patient_trait_values
 

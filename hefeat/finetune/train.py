@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,10 +33,12 @@ from hefeat.finetune.data import (
     steps_per_epoch,
 )
 from hefeat.finetune.faults import fault_point
-from hefeat.finetune.recipe import Recipe, RunOptions
-from hefeat.finetune.tasks import FoldTargets, activate, loss
+from hefeat.finetune.heads import FoldTargets, activate, loss
 from hefeat.store import layout
 from hefeat.store.atomic import write_json
+
+if TYPE_CHECKING:
+    from hefeat.finetune.recipe import Recipe, RunOptions
 
 
 def recipe_hint(msg: str) -> str:
