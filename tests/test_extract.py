@@ -334,3 +334,36 @@ def test_device_jpeg_decode_path_gives_the_same_features(tiled):
     assert dev.extra["decode"].startswith("device") and sorted(dev.ok) == ["S01", "S02"]
     for s in ("S01", "S02"):
         np.testing.assert_allclose(read_features(st.features_path(eid, s)), want[s], rtol=1e-4, atol=1e-4)
+
+
+def test_batches_span_slides_and_features_equal_per_slide_runs(tmp_path, cohort, monkeypatch):
+    """8 slides of 5 tiles at batch 16 take ceil(40/16) = 3 forward calls, not one short batch per slide;
+    each slide's features are byte-identical to extracting that slide on its own."""
+    import hefeat.extract.pipeline as p
+
+    def tiled_store(root):
+        st = Store.init(root)
+        ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff"))))
+        return st, run_tiling(st, TilingParams(max_tiles=5)).extra["tiling_id"]
+
+    real, calls = p.embed_batch, []
+
+    def counting(enc, tr, x, **k):
+        calls.append(len(x))
+        return real(enc, tr, x, **k)
+
+    monkeypatch.setattr(p, "embed_batch", counting)
+    kw = dict(precision="fp32", dtype="float32", options=ExtractOptions(batch_size=16, workers=0), **ENC)
+    st, tid = tiled_store(tmp_path / "all")
+    s = run_extraction(st, tiling_id=tid, **kw)
+    assert sorted(s.ok) == [f"S0{i}" for i in range(1, 9)] and s.tiles == 40
+    assert calls == [16, 16, 8]
+    one, _ = tiled_store(tmp_path / "one")
+    for sid in sorted(s.ok):
+        r = run_extraction(one, tiling_id=tid, slides=[sid], **kw)
+        assert r.ok == [sid] and r.extra["extraction_id"] == s.extra["extraction_id"]
+    assert len(calls) == 3 + 8  # one call per single-slide run
+    a, b = _all_features(st, s.extra["extraction_id"]), _all_features(one, s.extra["extraction_id"])
+    assert a.keys() == b.keys() and len(a) == 8
+    for k in a:
+        assert a[k].shape == (5, 128) and a[k].tobytes() == b[k].tobytes(), k

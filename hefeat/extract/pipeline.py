@@ -2,8 +2,14 @@
 
 DataLoader workers read tiles (OpenSlide) in tile-aligned scan order; uint8 batches go to the
 device, where the encoder's own transform runs; autocast; optional 8-fold dihedral TTA; a
-background thread writes each batch while the next one computes. Batches never span slides, so a
-slide's features do not depend on which other slides ran with it (resume is byte-identical).
+background thread writes each batch while the next one computes.
+
+One stream of full batches runs across slides: a batch may end one slide and begin the next, and
+its rows are split back per slide (each slide is still written to its own file and committed on its
+own once its last row is in). So many small slides cost what one large one does: no batch is cut
+short at a slide's end (only the run's last), and one DataLoader serves the whole run. A tile's
+embedding does not depend on which other tiles share its batch (each sample's forward is its own:
+tests check that resume and single-slide runs give byte-identical features on the CPU).
 """
 
 from __future__ import annotations
@@ -124,21 +130,41 @@ class TileDataset:
 class _ClaimingBatches:
     """The DataLoader's batch sampler: claims the next slide only when the loader asks for more tiles.
 
-    Batches never cross a slide boundary and start at each slide's tile 0, so a slide's features do
-    not depend on which other slides ran with it.
+    Batches are full across slide boundaries (a slide's last tiles and the next slide's first share a
+    batch); only the run's last batch may be short. Each reference carries its slide (k) and tile (t),
+    so the loop splits a batch's rows back per slide.
     """
 
     def __init__(self, jobs: list[_SlideJob], source, batch_size: int):
         self.jobs, self.source, self.batch_size = jobs, source, batch_size
 
     def __iter__(self):
+        batch: list[tuple] = []
         for job in self.source:
             self.jobs.append(job)
             k = len(self.jobs) - 1
-            n = len(job.coords)
-            for s in range(0, n, self.batch_size):
-                yield [(k, t, job.path, job.mpp, int(job.coords[t, 0]), int(job.coords[t, 1]))
-                       for t in range(s, min(s + self.batch_size, n))]
+            xy = job.coords.tolist()
+            t = 0
+            while t < len(xy):
+                take = min(self.batch_size - len(batch), len(xy) - t)
+                batch.extend((k, i, job.path, job.mpp, xy[i][0], xy[i][1]) for i in range(t, t + take))
+                t += take
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+
+def _segments(ks) -> list[tuple[int, int, int]]:
+    """(slide k, first row, end row) of each run of equal slide indices in a batch, in order."""
+    ks = ks.tolist() if hasattr(ks, "tolist") else [int(k) for k in ks]
+    out, a = [], 0
+    for i in range(1, len(ks) + 1):
+        if i == len(ks) or ks[i] != ks[a]:
+            out.append((ks[a], a, i))
+            a = i
+    return out
 
 
 def _worker_init(_):
@@ -345,16 +371,19 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     pending = None
 
     def _finish(item) -> None:
-        """Check a computed batch on the host and queue it (or its slide's failure) for the writer."""
-        k, first, n, handle = item
+        """Check a computed batch on the host and queue each slide's rows (or its failure) for the writer."""
+        segs, n, handle = item
         host = copies.wait(handle)
-        if not jobs[k].failed:
-            bad_rows = check_finite(host, first, precision)
-            if bad_rows:  # fails this slide through the runner (reason_code non_finite); the batch goes on
+        for k, first, a, b in segs:
+            if jobs[k].failed:
+                continue
+            rows = host[a:b]
+            bad_rows = check_finite(rows, first, precision)
+            if bad_rows:  # fails this slide through the runner (reason_code non_finite); the others go on
                 jobs[k].failed = "pending"
                 _put(writer, (k, 0, None, NonFiniteError(bad_rows)))
             else:
-                _put(writer, (k, first, host.numpy(), None))
+                _put(writer, (k, first, rows.numpy(), None))
         bar.update(n)
 
     bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
@@ -370,20 +399,22 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
             except StopIteration:
                 break
             timings["read_wait_s"] += time.perf_counter() - t
-            k = int(ks[0])
-            job = jobs[k]
-            bad = [e for e in errs if e]
-            if job.failed or bad:
-                if bad and not job.failed:
-                    job.failed = "pending"
-                    _put(writer, (k, 0, None, f"reading tile {int(ts[errs.index(bad[0])])}: {bad[0]}"))
+            segs = []
+            for k, a, b in _segments(ks):  # the slides in this batch, in order
+                bad = [i for i in range(a, b) if errs[i]]
+                if bad and not jobs[k].failed:  # a tile that failed to read fails its slide, not the batch
+                    jobs[k].failed = "pending"
+                    _put(writer, (k, 0, None, f"reading tile {int(ts[bad[0]])}: {errs[bad[0]]}"))
+                if not jobs[k].failed:
+                    segs.append((k, int(ts[a]), a, b))
+            if not segs:
                 bar.update(len(ks))
                 continue
             t = time.perf_counter()
             feats = embed_batch(enc, transform, imgs, device=device, precision=precision, tta=tta)
             # One batch in flight: this batch's features copy back (asynchronously on a GPU) while the
             # previous batch is checked and handed to the writer, so the device never waits on the host.
-            current = (k, int(ts[0]), len(ks), copies.start(feats))
+            current = (segs, len(ks), copies.start(feats))
             if pending is not None:
                 _finish(pending)
             pending = current
