@@ -139,7 +139,37 @@ def test_measurements_on_a_busy_machine_are_used_but_not_cached(tmp_path, monkey
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
     assert P.busy_machine([Trial(Candidate("fp32"), 10.0, 0.0, spread=1.6)]) == "timed rounds differed by 1.60x"
     monkeypatch.setattr(P, "busy_machine", lambda trials: "load average 9.0 on 2 cores")
+    monkeypatch.setattr(P, "decisive_lead", lambda trials, chosen: None)  # a near tie (see the test below)
     a = select_precision(_tiny(), torch.rand(4, 3, 16, 16), device="cpu", model_key={"m": "busy"})
     assert a.source == "measured" and "not cached: load average" in a.reason
     b = select_precision(_tiny(), torch.rand(4, 3, 16, 16), device="cpu", model_key={"m": "busy"})
     assert b.source == "measured"
+
+
+def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatch):
+    """Measured while busy, but the winner leads the next candidate by more than the rounds varied:
+    cached, so the next run pays no calibration; a near tie measured while busy is not."""
+    lead = P.decisive_lead
+    win, cl = Candidate("bf16", True), Candidate("bf16", False)
+    trials = [Trial(Candidate("fp32"), 10.0, 0.0, spread=1.4), Trial(win, 30.0, 0.003, spread=1.3),
+              Trial(cl, 20.0, 0.003, spread=1.2), Trial(Candidate("fp16"), 0.0, 0.0, note="not timed")]
+    assert lead(trials, win) == 1.5
+    assert lead([*trials[:2], Trial(cl, 25.0, 0.003)], win) is None  # 1.2x < NOISY
+    assert lead([Trial(Candidate("fp32"), 10.0, 0.0, spread=2.0), Trial(win, 19.0, 0.003)], win) is None  # < spread
+    assert lead(trials, Candidate("fp32")) is None  # chosen but slower than others: nothing decisive about it
+
+    monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(P, "busy_machine", lambda trials: "load average 6.5 on 2 cores")
+    monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
+    rates = {("bf16", True): 30.0, ("bf16", False): 20.0, ("fp32", True): 10.0, ("fp32", False): 8.0}
+    monkeypatch.setattr(P, "measure", lambda model, sample, cands, **kw: [
+        Trial(c, rates[(c.precision, c.channels_last)], 0.003 if c.precision == "bf16" else 0.0, spread=1.3)
+        for c in cands])
+    x = torch.rand(4, 3, 16, 16)
+    a = select_precision(_tiny(), x, device="cpu", model_key={"m": "decisive"})
+    assert (a.precision, a.source) == ("bf16", "measured") and "but cached: it leads the next candidate 1.50x" in a.reason
+    assert select_precision(_tiny(), x, device="cpu", model_key={"m": "decisive"}).source == "cache"
+    rates[("bf16", False)] = 27.0  # 1.11x: within the noise
+    b = select_precision(_tiny(), x, device="cpu", model_key={"m": "near tie"})
+    assert b.source == "measured" and "not cached: load average 6.5" in b.reason
+    assert select_precision(_tiny(), x, device="cpu", model_key={"m": "near tie"}).source == "measured"

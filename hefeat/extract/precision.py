@@ -42,7 +42,9 @@ MARGIN = 0.03
 PROBE_DROP = 4.0
 CACHE_VERSION = 1
 # Rounds differing by more than this (slowest / fastest), or a load average above the core count,
-# mean the machine was busy while measuring: the choice is used but not cached (re-measured next run).
+# mean the machine was busy while measuring: the choice is used but not cached (re-measured next run),
+# unless it is decisive: the winner leads every other candidate by more than the rounds varied
+# (see `decisive_lead`), so no amount of that noise could have changed it.
 NOISY = 1.25
 
 
@@ -318,6 +320,23 @@ def busy_machine(trials: Sequence[Trial]) -> str | None:
     return None
 
 
+def decisive_lead(trials: Sequence[Trial], chosen: Candidate) -> float | None:
+    """The chosen candidate's lead (its tiles/s over the fastest other timed candidate's) when that lead
+    exceeds both NOISY and the largest spread of any timed candidate's rounds, else None.
+
+    A busy machine slows the round-robin rounds of every candidate alike; a lead larger than any
+    round-to-round variation was not made by the load, so such a measurement is worth caching.
+    """
+    timed = [t for t in trials if t.tiles_per_s > 0]
+    win = [t for t in timed if t.candidate == chosen]
+    others = [t for t in timed if t.candidate != chosen]
+    if not win or not others:
+        return None
+    lead = win[0].tiles_per_s / max(t.tiles_per_s for t in others)
+    noise = max([NOISY, *(t.spread for t in timed)])
+    return round(lead, 3) if lead > noise else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Deciding
 # ----------------------------------------------------------------------------------------------
@@ -461,14 +480,17 @@ def select_precision(
         trials = measure(model, sample, cands, device=device, step=step)
         best, reason = decide(trials)
         busy = busy_machine(trials) if device == "cpu" else None
-        if busy:
+        lead = decisive_lead(trials, best) if busy else None
+        if busy and lead:
+            reason += f"; measured while busy ({busy}) but cached: it leads the next candidate {lead:.2f}x"
+        elif busy:
             reason += f"; not cached: {busy} while measuring"
         choice = PrecisionChoice(
             best.precision, best.channels_last, best.batch_size, device, "measured", reason, caps["name"],
             tuple({"candidate": t.candidate.label, "tiles_per_s": t.tiles_per_s, "rel_err": round(t.rel_err, 5)
                    if t.finite else None, "spread": t.spread, "note": t.note} for t in trials),
             excluded, key)
-        if use_cache and not busy:
+        if use_cache and (not busy or lead):
             _cache_put(key, {**choice.to_dict(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     apply_memory_format(model, sample, best.channels_last)
     return choice
