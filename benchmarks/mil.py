@@ -6,7 +6,7 @@ clinical label. In one process it times:
 
   bare read  the rows one epoch samples (the same `tile_sample` draws), read as stored (float16), nothing else
   epoch      one ABMIL training epoch over every slide (read + float16 -> float32 + forward/backward + Adam),
-             through the method's own fold trainer (`hefeat.learn.mil._Fold.fit`, one epoch, one validation bag)
+             through the method's own fold trainer (`hefeat.learn.mil.training._Fold.fit`, one epoch, one validation bag)
 
 and prints both, their ratio, slides/s and the process's peak RSS.
 

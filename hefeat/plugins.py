@@ -15,7 +15,7 @@ from collections.abc import Callable
 METHOD_MODULES = (
     "hefeat.learn.emo",
     "hefeat.learn.he2rna",
-    "hefeat.learn.mil",
+    "hefeat.learn.mil.method",
     "hefeat.learn.receptors",
     "hefeat.learn.spots",
     "hefeat.learn.traits",
