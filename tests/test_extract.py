@@ -321,8 +321,10 @@ def test_stain_normalisation_is_part_of_the_extraction(tiled, tmp_path):
         run_extraction(st, slides=["S03"], stain="reinhard", stain_reference=str(tmp_path / "nope.png"), **kw)
 
 
-def test_device_jpeg_decode_path_gives_the_same_features(tiled):
+def test_device_jpeg_decode_path_gives_the_same_features(tiled, monkeypatch):
     """decode='device' (raw JPEG tiles decoded by torchvision, here on the CPU) = the OpenSlide path."""
+    import hefeat.extract.pipeline as p
+
     st, tid, _ = tiled
     kw = dict(tiling_id=tid, precision="fp32", dtype="float32", slides=["S01", "S02"], **ENC)
     ref = run_extraction(st, options=ExtractOptions(batch_size=16, decode="cpu"), **kw)
@@ -330,8 +332,13 @@ def test_device_jpeg_decode_path_gives_the_same_features(tiled):
     want = {s: read_features(st.features_path(eid, s)) for s in ("S01", "S02")}
     for s in ("S01", "S02"):
         st.features_path(eid, s).unlink()
+    n = {s: len(want[s]) for s in want}
+    real, calls = p.embed_batch, []
+    monkeypatch.setattr(p, "embed_batch", lambda enc, tr, x, **k: calls.append(len(x)) or real(enc, tr, x, **k))
     dev = run_extraction(st, options=ExtractOptions(batch_size=16, decode="device", workers=0), **kw)
     assert dev.extra["decode"].startswith("device") and sorted(dev.ok) == ["S01", "S02"]
+    total = n["S01"] + n["S02"]  # batches run on across the two slides, as on the CPU path
+    assert calls == [16] * (total // 16) + ([total % 16] if total % 16 else [])
     for s in ("S01", "S02"):
         np.testing.assert_allclose(read_features(st.features_path(eid, s)), want[s], rtol=1e-4, atol=1e-4)
 

@@ -468,6 +468,9 @@ def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: 
     info["decode"] = f"device ({device}, torchvision decode_jpeg)"
 
     def batches():
+        """Full batches across slide boundaries, as the CPU path's sampler makes them (only the last is short)."""
+        chunks: list[tuple] = []  # (imgs, k, first tile) read so far for the next batch
+        have = 0
         for j in source:
             jobs.append(j)
             k = len(jobs) - 1
@@ -478,11 +481,23 @@ def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: 
                 level = src.levels[lv_i]
                 down = s.dimensions[0] / level.width
                 n = max(1, int(round(s.level0_size(ds.size, ds.mpp) / down)))
-                for a in range(0, len(j.coords), batch_size):
-                    xy = j.coords[a:a + batch_size]
+                a = 0
+                while a < len(j.coords):
+                    xy = j.coords[a:a + batch_size - have]
                     regions = [(int(round(x / down)), int(round(y / down)), n) for x, y in xy]
-                    imgs = read_regions(src, level, regions, ds.size, device)
-                    yield imgs, torch.full((len(xy),), k), torch.arange(a, a + len(xy)), [""] * len(xy)
+                    chunks.append((read_regions(src, level, regions, ds.size, device), k, a))
+                    have, a = have + len(xy), a + len(xy)
+                    if have == batch_size:
+                        yield _joined(chunks)
+                        chunks, have = [], 0
+        if chunks:
+            yield _joined(chunks)
+
+    def _joined(chunks):
+        imgs = chunks[0][0] if len(chunks) == 1 else torch.cat([c[0] for c in chunks])
+        ks = torch.cat([torch.full((len(c[0]),), c[1]) for c in chunks])
+        ts = torch.cat([torch.arange(c[2], c[2] + len(c[0])) for c in chunks])
+        return imgs, ks, ts, [""] * len(ks)
 
     return batches()
 
