@@ -94,7 +94,7 @@ def make_store(a) -> None:
     from store_scale import _slide_latent
 
     from hefeat.store.catalog import Store
-    from hefeat.store.ingest import _Matrix, ingest_matrix
+    from hefeat.store.ingest import ExpressionMatrix, ingest_matrix
 
     src, dst = Path(a.make_store[0]), Path(a.make_store[1])
     if dst.exists():
@@ -120,7 +120,7 @@ def make_store(a) -> None:
     genes = [f"G{j:05d}" for j in range(a.genes)]
     recipe = dst / "expression-fabricated.json"  # the "source file" the ingest records
     recipe.write_text(json.dumps({"genes": a.genes, "seed": [info["seed"], a.genes], "like": "store_scale.py"}))
-    ingest_matrix(st, _Matrix(ids, genes, Y, "samples x genes"), recipe, dataset="expression")
+    ingest_matrix(st, ExpressionMatrix(ids, genes, Y, "samples x genes"), recipe, dataset="expression")
     info.update(genes=a.genes, copied_from=str(src), copy_s=round(time.perf_counter() - t, 1))
     (dst / "_fabricated.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1))

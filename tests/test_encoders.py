@@ -88,11 +88,11 @@ def test_every_preset_builds_full_size_with_its_declared_dim(name):
     """The full-size architecture (on the meta device: no memory) gives the dim the preset declares."""
     import timm
 
-    from hefeat.extract.presets import _resolve_kwargs
+    from hefeat.extract.presets import resolve_kwargs
 
     p = PRESETS[name]
     with torch.device("meta"):
-        net = timm.create_model(p.architecture, pretrained=False, num_classes=0, **_resolve_kwargs(p.kwargs))
+        net = timm.create_model(p.architecture, pretrained=False, num_classes=0, **resolve_kwargs(p.kwargs))
     assert net.num_features * (2 if p.pooling == "cls+mean" else 1) == p.dim
     assert p.licence and (p.hub or p.package_weights) and len(p.mean) == len(p.std) == 3
 

@@ -67,3 +67,47 @@ def test_long_modules_say_why(tmp_path):
     assert _unexplained_long_modules(tmp_path) == ["sub/long.py"]
     (tmp_path / "sub" / "long.py").write_text('"""A long module.\n\nOver 600 lines: one table."""\n' + body)
     assert _unexplained_long_modules(tmp_path) == []
+
+
+#: Packages whose modules share private helpers among themselves (one module split into several), each with why.
+PRIVATE_SHARED = {
+    "learn/mil/": "learn/mil.py split into a package; its modules share the former module's helpers",
+    "explore/": "the explorer's request helpers (hefeat.explore.web) shared by its blueprints",
+}
+
+
+def _private_imports(pkg: Path) -> list[str]:
+    """'module: from X import _name' for every private name a module of `pkg` imports from another module,
+    except between modules of one PRIVATE_SHARED package."""
+    import ast
+
+    out = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        for n in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] == pkg.name):
+                continue
+            src = "/".join(n.module.split(".")[1:]) + "/"
+            for a in n.names:
+                if not a.name.startswith("_") or a.name.startswith("__"):
+                    continue
+                if any(rel.startswith(p) and src.startswith(p) for p in PRIVATE_SHARED):
+                    continue
+                out.append(f"{rel}: from {n.module} import {a.name}")
+    return out
+
+
+def test_no_module_imports_another_modules_private_name(tmp_path):
+    """No module of hefeat/ imports a `_name` from another module (tests may); the check catches a planted one
+    and lets a PRIVATE_SHARED package's modules share theirs."""
+    import hefeat
+
+    assert _private_imports(Path(hefeat.__file__).resolve().parent) == []
+    pkg = tmp_path / "hefeat"
+    for sub in ("finetune", "learn/mil"):
+        (pkg / sub).mkdir(parents=True)
+    (pkg / "finetune" / "predict.py").write_text("from hefeat.finetune.register import _job, finished_job\n")
+    (pkg / "learn" / "mil" / "method.py").write_text("from hefeat.learn.mil.training import _Fold\n")
+    (pkg / "learn" / "other.py").write_text("from hefeat.learn.mil.training import _Fold\n")
+    assert _private_imports(pkg) == ["finetune/predict.py: from hefeat.finetune.register import _job",
+                                     "learn/other.py: from hefeat.learn.mil.training import _Fold"]

@@ -26,13 +26,13 @@ SET_HELP = "Override a recipe value: section.key=value (YAML), e.g. encoder.name
 # ---------------------------------------------------------------------------------------------
 def _option(f: dataclasses.Field, tp) -> click.Option:
     """A click option for one Params field; unset options stay None so the dataclass default applies."""
-    from hefeat.learn.registry import _is_optional
+    from hefeat.learn.registry import is_optional
 
     meta = f.metadata
     flag = meta.get("flag") or "--" + f.name.replace("_", "-")
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     default = None if required else f.default
-    _, base = _is_optional(tp)
+    _, base = is_optional(tp)
     help_ = meta.get("help", "")
     if base is bool and not required:
         help_ += f"  [default: {'on' if default else 'off'}]"

@@ -274,13 +274,13 @@ def _create_preset(p, *, weights, layer, seed, overrides: dict) -> Encoder:
     import timm
     import torch
 
-    from hefeat.extract.presets import KEY_MAPS, _resolve_kwargs, package_weights_path
+    from hefeat.extract.presets import KEY_MAPS, package_weights_path, resolve_kwargs
 
     if layer is not None:
         raise HefeatError(f"{p.name} is a preset with its published pooling ({p.pooling}); --layer applies to timm "
                           "CNN names such as resnet50")
     weights = _preset_weights(p, weights)
-    kwargs = {**_resolve_kwargs(p.kwargs), **overrides, "num_classes": 0}
+    kwargs = {**resolve_kwargs(p.kwargs), **overrides, "num_classes": 0}
     torch.manual_seed(seed)
     key_map = KEY_MAPS.get(p.key_map) if p.key_map else None
     if weights == "hub" and p.hub and p.hub_format == "timm":

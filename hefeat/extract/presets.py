@@ -25,7 +25,7 @@ class Preset:
 
     name: str
     architecture: str
-    kwargs: dict = field(default_factory=dict)  # timm kwargs; callables named by string (see _resolve_kwargs)
+    kwargs: dict = field(default_factory=dict)  # timm kwargs; callables named by string (see resolve_kwargs)
     dim: int = 0
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -51,7 +51,7 @@ class Preset:
                 "reference": self.reference}
 
 
-def _resolve_kwargs(kwargs: dict) -> dict:
+def resolve_kwargs(kwargs: dict) -> dict:
     """timm kwargs with 'SwiGLUPacked'/'SiLU' strings replaced by the classes (presets stay plain data)."""
     import torch
     from timm.layers import SwiGLUPacked

@@ -36,9 +36,9 @@ def setup(device: str | None = None) -> Dist:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(device=_device(device, 0))
+        return Dist(device=process_device(device, 0))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _device(device, local)
+    dev = process_device(device, local)
     backend = "nccl" if dev.startswith("cuda") else "gloo"
     if dev.startswith("cuda"):
         torch.cuda.set_device(int(dev.split(":")[1]))
@@ -47,7 +47,8 @@ def setup(device: str | None = None) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, device=dev, backend=backend)
 
 
-def _device(device: str | None, local_rank: int) -> str:
+def process_device(device: str | None, local_rank: int) -> str:
+    """The torch device of the process with this local rank: 'cpu', or 'cuda:N' (auto: CUDA when visible)."""
     import torch
 
     if device in (None, "auto"):

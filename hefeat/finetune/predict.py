@@ -27,13 +27,13 @@ def predict_job(store: Store, jid: str, *, slides: list[str] | None = None, top:
     from hefeat.finetune.heads import FoldTargets, activate
     from hefeat.finetune.job import write_slide_predictions
     from hefeat.finetune.recipe import RunOptions, recipe_from_dict
-    from hefeat.finetune.register import _job
+    from hefeat.finetune.register import finished_job
     from hefeat.finetune.targets import tiled_slides
     from hefeat.finetune.tasks import get_task
     from hefeat.finetune.train import FoldSetup, build_net, infer, make_transform
     from hefeat.learn.models import load_table
 
-    job = _job(store, jid)
+    job = finished_job(store, jid)
     r = recipe_from_dict({"task": job["task"], "params": {k: v for k, v in job["recipe"].items() if k != "task"}})
     fold = job["summary"]["register_fold"]
     tiling = store.tiling(job["data"]["tiling_id"])
@@ -60,7 +60,7 @@ def predict_job(store: Store, jid: str, *, slides: list[str] | None = None, top:
     done = read_json(layout.fold_dir(store.root, jid, fold) / layout.FOLD_DONE)
     ft = FoldTargets.from_dict(done["targets"])
     outputs = [str(x) for x in np.atleast_1d(_outputs(store, jid))]
-    d = ddp.Dist(device=ddp._device(device, 0))
+    d = ddp.Dist(device=ddp.process_device(device, 0))
     kind = get_task(r.task).head(outputs)
     from hefeat.extract.compute import InputPlan
 

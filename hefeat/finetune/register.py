@@ -30,7 +30,8 @@ def parse_name(name: str) -> tuple[str, str | None]:
     return jid, fold or None
 
 
-def _job(store: Store, jid: str) -> dict:
+def finished_job(store: Store, jid: str) -> dict:
+    """A job's record (job.json), refusing a job that is missing or has not finished."""
     p = layout.job_meta_path(store.root, jid)
     if not p.exists():
         known = [j for j in layout.known_ids(store.root, layout.JOBS) if layout.job_meta_path(store.root, j).exists()]
@@ -95,7 +96,7 @@ def finetuned_encoder(store: Store | None, name: str, *, layer: str | None = Non
     if store is None:
         raise HefeatError(f"Encoder {name!r} lives in a store: pass the store (hefeat extract --store PATH)")
     jid, fold = parse_name(name)
-    job = _job_record or _job(store, jid)
+    job = _job_record or finished_job(store, jid)
     names = [f["name"] for f in job["folds"]]
     fold = fold or job["recipe"].get("register_fold") or names[0]
     if fold not in names:

@@ -128,7 +128,8 @@ def _jsonable(v):
     return v
 
 
-def _is_optional(tp) -> tuple[bool, Any]:
+def is_optional(tp) -> tuple[bool, Any]:
+    """(True, T) for a type `T | None`, else (False, tp)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
@@ -142,7 +143,7 @@ def coerce_value(v, tp, name: str, metadata: dict | None = None):
 
 
 def _coerce(v, tp, f: dataclasses.Field):
-    opt, base = _is_optional(tp)
+    opt, base = is_optional(tp)
     name = f.name
     if opt and isinstance(v, str) and v.strip().lower() in ("none", "null"):
         v = None  # the CLI's way to say "not set" for an optional value

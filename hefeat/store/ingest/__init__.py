@@ -29,7 +29,7 @@ from hefeat.store.ingest.common import (
 )
 from hefeat.store.ingest.expression import (
     EXPRESSION_FORMATS,
-    _Matrix,
+    ExpressionMatrix,
     expression_format,
     expression_matrix,
     find_sample_sheet,
@@ -43,8 +43,8 @@ from hefeat.store.ingest.slides import SlideManifest, register_slides, slide_row
 from hefeat.store.ingest.spots import check_spot_set, ingest_spots, write_spot_set
 
 __all__ = [
-    "CLINICAL_FORMATS", "EXPRESSION_FORMATS", "GENE_COLUMN_NAMES", "MPP_AGREE", "MPP_RANGE", "IngestReport",
-    "SlideManifest", "_Matrix", "check_mpp", "check_spot_set", "clinical_by_slide", "clinical_format",
+    "CLINICAL_FORMATS", "EXPRESSION_FORMATS", "GENE_COLUMN_NAMES", "MPP_AGREE", "MPP_RANGE", "ExpressionMatrix", "IngestReport",
+    "SlideManifest", "check_mpp", "check_spot_set", "clinical_by_slide", "clinical_format",
     "expression_format", "expression_matrix", "find_sample_sheet", "first_line", "ingest_clinical",
     "ingest_clinical_source", "ingest_expression", "ingest_expression_source", "ingest_matrix", "ingest_spots",
     "match_expression_samples", "matrix_of", "numeric_block", "read_table", "register_slides", "slide_row",

@@ -23,7 +23,9 @@ from hefeat.store.ingest.common import (
 
 
 @dataclass
-class _Matrix:
+class ExpressionMatrix:
+    """A validated expression table: samples x genes values and the shape it was read from."""
+
     sample_ids: list[str]
     genes: list[str]
     values: np.ndarray  # float32 (n_samples, n_genes), NaN = missing
@@ -36,7 +38,7 @@ def _check_unique(names: list[str], what: str) -> None:
         raise HefeatError(f"Expression table has duplicate {what}: {sorted(set(s[s.duplicated()]))[:5]}; each must appear once")
 
 
-def expression_matrix(df: pd.DataFrame, sample_col: str | None = None) -> _Matrix:
+def expression_matrix(df: pd.DataFrame, sample_col: str | None = None) -> ExpressionMatrix:
     """Parse an expression table in any of its three shapes into a validated matrix.
 
     Long (sample_id, gene, value columns); wide samples x genes (sample column first, or named by
@@ -54,7 +56,7 @@ def expression_matrix(df: pd.DataFrame, sample_col: str | None = None) -> _Matri
         vals = numeric_block(long[["value"]], long["sample_id"] + " / " + long["gene"], "Expression table")
         long["value"] = vals[:, 0]
         wide = long.pivot(index="sample_id", columns="gene", values="value")
-        return _Matrix([str(s) for s in wide.index], [str(g) for g in wide.columns], wide.to_numpy(np.float32), "long")
+        return ExpressionMatrix([str(s) for s in wide.index], [str(g) for g in wide.columns], wide.to_numpy(np.float32), "long")
     if df.shape[1] < 2:
         raise HefeatError("Expression table needs a sample column and at least one gene column (or sample_id, gene, value)")
     first = df.columns[0]
@@ -64,7 +66,7 @@ def expression_matrix(df: pd.DataFrame, sample_col: str | None = None) -> _Matri
         samples = [str(c) for c in df.columns[1:]]
         _check_unique(samples, "samples (columns)")
         vals = numeric_block(df[df.columns[1:]], df[first].astype(str), "Expression table (genes x samples)")
-        return _Matrix(samples, genes, vals.T.astype(np.float32), "genes x samples")
+        return ExpressionMatrix(samples, genes, vals.T.astype(np.float32), "genes x samples")
     sc = sample_col or next((cols[c] for c in ("sample_id", "sample", "slide_id", "patient_id") if c in cols), first)
     if sc not in df.columns:
         raise HefeatError(f"--sample-col {sc!r} is not a column of the expression table; it has {list(df.columns)[:6]}")
@@ -74,7 +76,7 @@ def expression_matrix(df: pd.DataFrame, sample_col: str | None = None) -> _Matri
     genes = [c for c in df.columns if c != sc]
     _check_unique([str(g) for g in genes], "gene columns")
     vals = numeric_block(df[genes], samples, "Expression table")
-    return _Matrix(samples.tolist(), [str(g) for g in genes], vals.astype(np.float32), "samples x genes")
+    return ExpressionMatrix(samples.tolist(), [str(g) for g in genes], vals.astype(np.float32), "samples x genes")
 
 
 def _sample_map(store: Store, samples: list[str]) -> pd.DataFrame:
@@ -121,14 +123,14 @@ def ingest_expression(
                          sample_types=sample_types, slide_types=slide_types)
 
 
-def matrix_of(wide: pd.DataFrame, what: str) -> _Matrix:
+def matrix_of(wide: pd.DataFrame, what: str) -> ExpressionMatrix:
     """A reader's samples x genes DataFrame (index = sample ids) as a validated matrix."""
     _check_unique([str(g) for g in wide.columns], "gene columns")
     _check_unique([str(s) for s in wide.index], "samples")
     vals = wide.to_numpy(np.float64)
     if np.isinf(vals).any():
         raise HefeatError(f"{what}: {int(np.isinf(vals).sum())} values are infinite; expression must be finite")
-    return _Matrix([str(s) for s in wide.index], [str(g) for g in wide.columns], vals.astype(np.float32),
+    return ExpressionMatrix([str(s) for s in wide.index], [str(g) for g in wide.columns], vals.astype(np.float32),
                    "samples x genes")
 
 
@@ -155,7 +157,7 @@ def match_expression_samples(store: Store, samples: list[str], *, sample_types: 
     return mapping, sorted(set(samples) - set(mapping["sample_id"])), [], []
 
 
-def ingest_matrix(store: Store, mat: _Matrix, path: str | os.PathLike, *, dataset: str = "expression",
+def ingest_matrix(store: Store, mat: ExpressionMatrix, path: str | os.PathLike, *, dataset: str = "expression",
                   allow_unmatched: bool = False, sample_types: Iterable[str] | None = None,
                   slide_types: Iterable[str] | None = None, notes: list[str] | None = None,
                   source_file: str | os.PathLike | None = None) -> IngestReport:
@@ -168,7 +170,7 @@ def ingest_matrix(store: Store, mat: _Matrix, path: str | os.PathLike, *, datase
                                                                       slide_types=slide_types)
     if apart:  # other sample types (normals ...) are not part of this dataset
         keep = [i for i, s in enumerate(mat.sample_ids) if s not in set(apart)]
-        mat = _Matrix([mat.sample_ids[i] for i in keep], mat.genes, mat.values[keep], mat.orientation)
+        mat = ExpressionMatrix([mat.sample_ids[i] for i in keep], mat.genes, mat.values[keep], mat.orientation)
     if unmatched and not allow_unmatched:
         raise HefeatError(
             f"{len(unmatched)} of {len(mat.sample_ids)} samples match no slide or patient in the store: "
