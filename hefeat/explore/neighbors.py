@@ -277,7 +277,7 @@ def build_index(store: Store, extraction_id: str, *, index: str = "auto", metric
     query_ms = (time.perf_counter() - t) / max(len(Q), 1) * 1000
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact.ids, strict=True)]))
     d.mkdir(parents=True, exist_ok=True)
-    with atomic_path(d / "index.faiss") as tmp:
+    with atomic_path(d / layout.INDEX_FILE) as tmp:
         faiss.write_index(idx, str(tmp))
     write_parquet(ids.to_frame(), d / layout.INDEX_OFFSETS)
     meta = {"index_id": iid, "extraction_id": extraction_id, "type": kind, "metric": metric, "n_vectors": n,
@@ -319,7 +319,7 @@ def load_index(store: Store, meta: dict):
 
     IVF indexes are memory-mapped, so a query process does not read the whole index first.
     """
-    p = store.index_dir(meta["index_id"]) / "index.faiss"
+    p = layout.index_file_path(store.root, meta["index_id"])
     return _load_index_files(str(p), p.stat().st_mtime_ns)
 
 

@@ -322,7 +322,7 @@ def _baseline_features(store: Store, r: Recipe, data: TaskData, jid: str, base, 
 
     from hefeat.finetune.train import build_net, infer, make_transform
 
-    path = store.job_dir(jid) / "baseline_features.npy"
+    path = layout.job_baseline_features_path(store.root, jid)
     if path.exists():
         return np.load(path)
     net, cfg = build_net(r, len(data.outputs))

@@ -330,7 +330,7 @@ def write_history(fold_dir: Path, history: list[dict]) -> None:
     from hefeat.store.atomic import atomic_path
 
     write_json(fold_dir / layout.FOLD_METRICS, history)
-    with atomic_path(fold_dir / "metrics.csv") as tmp:
+    with atomic_path(fold_dir / layout.FOLD_METRICS_CSV) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
 

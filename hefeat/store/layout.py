@@ -20,12 +20,13 @@ with a new kind of output adds its path function here.
     predictions/.generations/<mid>/<gen>/          the generations (one current, others being written)
     predictions/model=<mid>/table=<name>.parquet   a model-level table written with its predictions (slide
                                                    values); models/<mid>/<name>.parquet links to it
-    indexes/<iid>/{index.json,offsets.parquet,...} a neighbour index; queries/<qid>.parquet saved queries
+    indexes/<iid>/{index.json,index.faiss,offsets.parquet}  a neighbour index; queries/<qid>.parquet saved queries
     umaps/umap=<uid>.parquet                       a UMAP's coordinates
     runs/<run_id>/run.json                         what ran, with what, how long
     jobs/<job_id>/{job.json,index.json}            a fine-tuning job (index.json written last)
     jobs/<job_id>/heartbeat.json                   a running job's heartbeat (its state: running / stopped)
-    jobs/<job_id>/fold=<name>/{last.pt,best.pt,final.pt,metrics.json,predictions.npz,done.json}
+    jobs/<job_id>/baseline_features.npy            frozen features of the job's initial backbone (baseline: init)
+    jobs/<job_id>/fold=<name>/{last.pt,best.pt,final.pt,metrics.json,metrics.csv,predictions.npz,done.json}
     jobs/<job_id>/encoder/{backbone-<fold>.safetensors,encoder.json}   the job's backbone as an encoder
     reports/<name>/                                PNG figures
 """
@@ -64,14 +65,17 @@ MODEL_NET = "net.pt"
 TABLE_SUFFIX = ".parquet"
 INDEX_OFFSETS = "offsets.parquet"
 INDEX_META = "index.json"
+INDEX_FILE = "index.faiss"
 RUN_RECORD = "run.json"
 JOB_INDEX = "index.json"
 JOB_HEARTBEAT = "heartbeat.json"
 JOB_META = "job.json"
+JOB_BASELINE_FEATURES = "baseline_features.npy"
 FOLD_LAST = "last.pt"
 FOLD_BEST = "best.pt"
 FOLD_FINAL = "final.pt"
 FOLD_METRICS = "metrics.json"
+FOLD_METRICS_CSV = "metrics.csv"
 FOLD_PREDICTIONS = "predictions.npz"
 FOLD_DONE = "done.json"
 JOB_ENCODER = "encoder"
@@ -265,6 +269,11 @@ def index_meta_path(root: Path, index_id: str) -> Path:
     return index_dir(root, index_id) / INDEX_META
 
 
+def index_file_path(root: Path, index_id: str) -> Path:
+    """A neighbour index's faiss file."""
+    return index_dir(root, index_id) / INDEX_FILE
+
+
 def index_offsets_path(index_file: Path) -> Path:
     """The row-offsets table next to an index file."""
     return Path(index_file).with_name(INDEX_OFFSETS)
@@ -288,6 +297,11 @@ def job_dir(root: Path, job_id: str) -> Path:
 def job_heartbeat_path(root: Path, job_id: str) -> Path:
     """A fine-tuning job's heartbeat (host, pid, time of the last beat)."""
     return job_dir(root, job_id) / JOB_HEARTBEAT
+
+
+def job_baseline_features_path(root: Path, job_id: str) -> Path:
+    """Frozen features of every sample from a job's initial backbone (NumPy .npy, the job's baseline: init)."""
+    return job_dir(root, job_id) / JOB_BASELINE_FEATURES
 
 
 def job_meta_path(root: Path, job_id: str) -> Path:
