@@ -3,7 +3,9 @@
 Otsu (1979) always splits a histogram in two, so on an image that is all tissue it splits tissue
 from tissue. Glass is unsaturated; so when the class Otsu would call background is itself clearly
 stained and the split is weak (Otsu's separability eta = between-class / total variance below
-UNIMODAL_ETA), there is no background mode: every stained pixel is tissue.
+UNIMODAL_ETA), there is no background mode: every stained pixel is tissue. When the slide holds glass,
+pale tissue and dark tissue, Otsu's cut falls between the two tissues; a second Otsu cut inside the
+lower class that cleanly splits glass from a stained mode is used instead (`glass_cut`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ MIN_SATURATION = 0.07
 # lower class has a median saturation above STAINED_SATURATION (glass measures < 0.05).
 UNIMODAL_ETA = 0.8
 STAINED_SATURATION = 0.1
+# Glass, pale tissue (necrosis, mucin, loose stroma) and dark tissue make three modes; Otsu's one cut then
+# falls between the two tissues and drops the pale one. A second cut inside the lower class is taken when
+# it cleanly splits glass (median below GLASS_SATURATION) from a stained mode of at least PALE_MIN_SHARE
+# of the usable pixels.
+GLASS_SATURATION = 0.05
+PALE_MIN_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,25 @@ def is_unimodal(values: np.ndarray, threshold: float) -> bool:
     return bool(lo.size and np.median(lo) > STAINED_SATURATION and separability(values, threshold) < UNIMODAL_ETA)
 
 
+def glass_cut(values: np.ndarray, threshold: float) -> float | None:
+    """The cut between glass and pale tissue when the Otsu split at `threshold` left pale tissue with the glass.
+
+    None when the lower class is not itself a clean (eta >= UNIMODAL_ETA) split of glass from a stained mode
+    holding PALE_MIN_SHARE of the pixels: glass alone is one noisy mode (a Gaussian's best Otsu eta is 2/pi).
+    """
+    v = values.ravel()
+    lo = v[v <= threshold]
+    if lo.size < 16:
+        return None
+    t2 = otsu_threshold(lo)
+    glass, pale = lo[lo <= t2], lo[lo > t2]
+    if not glass.size or pale.size < PALE_MIN_SHARE * v.size or separability(lo, t2) < UNIMODAL_ETA:
+        return None
+    if np.median(glass) >= GLASS_SATURATION or np.median(pale) <= MIN_SATURATION:
+        return None
+    return t2
+
+
 def clean_mask(mask: np.ndarray, *, min_object_px: int, max_hole_px: int) -> np.ndarray:
     """Drop connected components smaller than `min_object_px` and fill holes smaller than `max_hole_px`."""
     mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
@@ -111,6 +138,9 @@ def detect_tissue(
     usable = sat[(gray > 20) & (gray < 250)]
     thr = otsu_threshold(usable) if usable.size > 16 else 1.0
     unimodal = usable.size > 16 and is_unimodal(usable, thr)
+    if usable.size > 16 and not unimodal:
+        cut = glass_cut(usable, thr)
+        thr = thr if cut is None else cut
     thr = MIN_SATURATION if unimodal else max(thr, MIN_SATURATION)
     mask = (sat > thr) & (gray > 20)
     px_area = mpp * mpp
