@@ -457,3 +457,75 @@ def test_crash_at_every_commit_point_then_resume_gives_the_uninterrupted_result(
     mb = pd.read_parquet(crash.model_dir(s["job_id"]) / "metrics.parquet")
     pd.testing.assert_frame_equal(ma, mb, check_exact=True)
     assert not [p for p in jdir.rglob("*") if ".tmp-" in p.name]  # dead processes' temporary files are gone
+
+
+def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim_is_taken_over(ft_store, tmp_path,
+                                                                                                 monkeypatch):
+    """Two processes of one job never train a fold (or commit) at once: a fold whose claim a live process holds
+    is skipped — with --no-wait the run does the other fold and stops, naming the holder; waiting, it looks
+    again after a pause and takes the claim over once its holder is dead (as it does the commit's claim)."""
+    import socket
+
+    from hefeat.finetune import job as jobmod
+    from hefeat.finetune.tasks import load_task
+    from hefeat.learn.models import model_exists
+    from hefeat.store import layout
+
+    st = _copy(ft_store, tmp_path)
+    r = _recipe("spots", tiling_id=ft_store[1], split="patient-kfold:2", epochs=1, val_share=0.0, genes="top:20",
+                baseline="none")
+    jid = jobmod.job_id(r, jobmod.data_fingerprints(load_task(st, r)), "fp32")
+    jdir = st.job_dir(jid)
+    opts = dict(workers=0, threads=1, checkpoint_every=0)
+
+    def live_claim(path: Path) -> subprocess.Popen:
+        """A claim held by a live process of this host (it runs until killed)."""
+        holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "now"}))
+        return holder
+
+    fold1 = layout.fold_dir_in(jdir, "fold1")
+    h1 = live_claim(layout.fold_claim_path(jdir, "fold1"))
+    h2 = None
+    try:
+        with pytest.raises(HefeatError, match=f"fold1 is held by {socket.gethostname()}:{h1.pid}") as e:
+            run_job(st, r, RunOptions(**opts, wait=False))
+        assert "\n" not in str(e.value)
+        assert (layout.fold_dir_in(jdir, "fold2") / "done.json").exists()  # the free fold is trained
+        assert not [p.name for p in fold1.iterdir() if p.name != "claim.lock"]  # the held one is not touched
+        assert json.loads((fold1 / "claim.lock").read_text())["pid"] == h1.pid  # nor its claim
+        assert not model_exists(st, jid)  # no commit, and no claim of ours left behind
+        assert [p.relative_to(jdir).as_posix() for p in jdir.rglob("*.lock")] == ["fold=fold1/claim.lock"]
+        from hefeat.finetune.report import job_status
+
+        states = {f["name"]: f["state"] for f in job_status(st, jid)["folds"]}
+        assert states == {"fold1": f"training (claimed by {socket.gethostname()}:{h1.pid})", "fold2": "finished"}
+
+        pauses = []
+
+        def pause(seconds):  # the waiting run's pauses: the fold's holder dies; then the commit's holder does
+            nonlocal h2
+            pauses.append(seconds)
+            if len(pauses) == 1:
+                assert not (fold1 / "done.json").exists()
+                h1.kill()
+                h1.wait()
+                h2 = live_claim(layout.job_commit_claim_path(st.root, jid))
+            else:
+                assert (fold1 / "done.json").exists() and not (fold1 / "claim.lock").exists()
+                assert not model_exists(st, jid)
+                h2.kill()
+                h2.wait()
+
+        monkeypatch.setattr(jobmod, "_pause", pause)
+        s = run_job(st, r, RunOptions(**opts))
+        assert pauses == [jobmod.WAIT_POLL_S] * 2
+        assert s["job_id"] == jid and s["cached"] is False and s["folds"] == 2
+        assert (fold1 / "done.json").exists() and not list(jdir.rglob("*.lock"))
+        assert json.loads((jdir / "job.json").read_text())["status"] == "finished"
+    finally:
+        for h in (h1, h2):
+            if h is not None and h.poll() is None:
+                h.kill()
+                h.wait()

@@ -44,12 +44,16 @@ def finetune():
 @click.option("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's; 1 on a busy machine).")
 @click.option("--checkpoint-every", default=50, show_default=True, help="Also checkpoint every N optimiser steps.")
 @click.option("--force", is_flag=True, help="Train again even if this exact job finished.")
+@click.option("--no-wait", "no_wait", is_flag=True,
+              help="Do the folds no other process holds, then stop (instead of waiting for the others).")
 @store_option
 @json_option
-def run_cmd(config_path, sets, tiling, device, workers, threads, checkpoint_every, force, store_path, as_json):
+def run_cmd(config_path, sets, tiling, device, workers, threads, checkpoint_every, force, no_wait, store_path, as_json):
     """Train every fold of a recipe; the same command resumes after a crash (kill -9 included).
 
     Under torchrun each process takes one GPU (or CPU share) and the slides are sharded between them.
+    Several runs of the same job (e.g. two cluster tasks) share its folds: each claims a fold before
+    training it and skips one another live process holds, then waits for it (or stops: --no-wait).
 
     \b
     Example:
@@ -60,7 +64,7 @@ def run_cmd(config_path, sets, tiling, device, workers, threads, checkpoint_ever
 
     recipe = load_recipe(config_path, _overrides(sets, tiling))
     opts = RunOptions(device=device, threads=threads, workers=workers, checkpoint_every=checkpoint_every, force=force,
-                      progress=progress_enabled(as_json))
+                      progress=progress_enabled(as_json), wait=not no_wait)
     s = run_job(get_store(store_path), recipe, opts)
     if "rank" in s:  # torchrun: only rank 0 reports
         return

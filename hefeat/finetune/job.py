@@ -1,8 +1,15 @@
 """A fine-tuning job: folds from the frozen fits' split functions, one resumable training per fold,
 held-out evaluation against frozen features on the same folds, and the results back in the store.
 
+Several processes may run one job (two cluster tasks started with the same recipe): before training a
+fold its process group claims it (rank 0 holds a hefeat.store.locks claim for all its ranks), and a
+fold another live process holds is skipped, then waited for (RunOptions.wait) while this process
+does the others; the claim of a dead holder is taken over and its fold resumes from its checkpoint.
+The commit is claimed the same way, so one process commits and the others find the job finished.
+
 jobs/<job_id>/  job.json (recipe, data fingerprints, folds and their patients, status), index.json
-                fold=<name>/  last.pt (resume), best.pt (kept), metrics.csv/.json, predictions.npz, done.json
+                fold=<name>/  last.pt (resume), best.pt (kept), metrics.csv/.json, predictions.npz, done.json,
+                              claim.lock while a process (group) trains it
                 encoder/      backbone-<fold>.safetensors + encoder.json (the registered encoder's provenance)
 models/<job_id>/ the job as a model (kind finetune-<task>): summary, metrics tables, per-output heads
 predictions/model=<job_id>/   held-out tile/spot predictions, in the predictions view
@@ -29,10 +36,12 @@ from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.ids import finetune_job_id
+from hefeat.store.locks import SlideClaim, lock_state
 from hefeat.store.predictions import write_predictions
 from hefeat.store.runs import timestamp
 
 JOB_PREFIX = "ft-"
+WAIT_POLL_S = 30.0  # how often a process waiting for another's fold (or commit) looks again
 
 
 def _digest(*parts) -> str:
@@ -182,7 +191,7 @@ def choose_precision(r: Recipe, data: TaskData, dataset, train: np.ndarray, d: d
 def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     from hefeat.extract.pipeline import default_workers
     from hefeat.finetune.data import TileImages, TileSource
-    from hefeat.finetune.train import FoldSetup, predict_fold, train_fold
+    from hefeat.finetune.train import FoldSetup
     from hefeat.learn.models import model_exists, model_summary
 
     t0 = time.perf_counter()
@@ -217,30 +226,13 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     base = FoldSetup(recipe=r, kind=data.kind, n_out=n_out, targets=data.train_targets, slide_of=source.slide_of,
                      dataset=dataset, fold_dir=jdir, job_id=jid, precision=precision, dist=d,
                      options=opts, workers=workers, input_plan=input_plan, channels_last=choice.channels_last)
+    _train_folds(plans, jdir, base, data, source, opts)
     oof = np.full((len(data.samples), n_out), np.nan)
     fold_of = np.full(len(data.samples), "", object)
     kept = np.ones(n_out, bool)
     results = {}
     for plan in plans:
         fdir = layout.fold_dir_in(jdir, plan.name)
-        s = _replace(base, fold_dir=fdir)
-        if d.main:
-            fdir.mkdir(parents=True, exist_ok=True)
-            clean_stale_tmp(fdir)
-        if not (fdir / layout.FOLD_DONE).exists():
-            ft = fold_targets(data, plan.train, min_variance=r.min_variance, standardize=r.standardize_targets)
-            res = train_fold(s, plan, ft, output_bias(data.kind, data, plan.train, ft))
-            res["slides_per_rank_per_epoch"] = [[[source.slide_ids[k] for k in rank] for rank in ep]
-                                                for ep in res["slides_per_rank_per_epoch"]]
-            pred = predict_fold(s, plan, ft)
-            if d.main:
-                with atomic_path(fdir / layout.FOLD_PREDICTIONS) as tmp, open(tmp, "wb") as fh:
-                    np.savez(fh, test=plan.test, pred=pred)
-                fault_point("fold-done")
-                write_json(fdir / layout.FOLD_DONE, {**res, "fold": plan.name, "targets": ft.to_dict(),
-                                                "finished": timestamp()})
-                (fdir / layout.FOLD_LAST).unlink(missing_ok=True)
-            ddp.barrier(d)
         done = read_json(fdir / layout.FOLD_DONE)
         with np.load(fdir / layout.FOLD_PREDICTIONS) as z:
             if not np.array_equal(z["test"], plan.test):
@@ -249,6 +241,20 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
         fold_of[plan.test] = plan.name
         kept &= np.asarray(done["targets"]["mask"], bool)
         results[plan.name] = done
+    commit_claim = _claim_waiting(layout.job_commit_claim_path(store.root, jid), "the commit", jid, d, opts)
+    try:
+        if ddp.broadcast(d, d.main and model_exists(store, jid) and not opts.force):  # committed by another process
+            return {**model_summary(store, jid, cached=True), "job_id": jid} if d.main else {"job_id": jid, "rank": d.rank}
+        return _evaluate_and_commit(store, r, task, data, plans, results, oof, fold_of, kept, split_name, base,
+                                    jid, precision, t0)
+    finally:
+        if commit_claim is not None:
+            commit_claim.release()
+
+
+def _evaluate_and_commit(store, r, task, data, plans, results, oof, fold_of, kept, split_name, base, jid, precision,
+                         t0) -> dict:
+    d = base.dist
     tested = fold_of != ""
     summary, tables = task.evaluate(data, oof, tested, split_name, kept=kept)
     if r.baseline != "none":
@@ -265,6 +271,95 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
         return {"job_id": jid, "rank": d.rank}
     fault_point("job-commit")
     return _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables, jid, precision, t0)
+
+
+def _train_folds(plans, jdir, base, data: TaskData, source, opts: RunOptions) -> None:
+    """Train every fold not done yet that no other live process holds; then wait for (or stop at) the others."""
+    pending = list(plans)
+    while True:
+        busy = {}
+        for plan in pending:
+            holder = _train_fold_if_free(plan, jdir, base, data, source)
+            if holder is not None:
+                busy[plan.name] = holder
+        if not busy:
+            return
+        pending = [p for p in pending if p.name in busy]
+        _wait_or_stop(busy, base.job_id, opts)
+
+
+def _train_fold_if_free(plan, jdir, base, data: TaskData, source) -> str | None:
+    """Train one fold unless it is done or another live process holds it; None when it is done, else its holder."""
+    from hefeat.finetune.train import predict_fold, train_fold
+
+    d, r = base.dist, base.recipe
+    fdir = layout.fold_dir_in(jdir, plan.name)
+    if d.main:
+        fdir.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(fdir)
+    if (fdir / layout.FOLD_DONE).exists():
+        return None
+    claim, holder = _claim(layout.fold_claim_path(jdir, plan.name), d)
+    if holder is not None:
+        return holder
+    try:
+        if ddp.broadcast(d, (fdir / layout.FOLD_DONE).exists()):  # its previous holder finished it meanwhile
+            return None
+        s = _replace(base, fold_dir=fdir)
+        ft = fold_targets(data, plan.train, min_variance=r.min_variance, standardize=r.standardize_targets)
+        res = train_fold(s, plan, ft, output_bias(data.kind, data, plan.train, ft))
+        res["slides_per_rank_per_epoch"] = [[[source.slide_ids[k] for k in rank] for rank in ep]
+                                            for ep in res["slides_per_rank_per_epoch"]]
+        pred = predict_fold(s, plan, ft)
+        if d.main:
+            with atomic_path(fdir / layout.FOLD_PREDICTIONS) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, test=plan.test, pred=pred)
+            fault_point("fold-done")
+            write_json(fdir / layout.FOLD_DONE, {**res, "fold": plan.name, "targets": ft.to_dict(),
+                                                 "finished": timestamp()})
+            (fdir / layout.FOLD_LAST).unlink(missing_ok=True)
+        ddp.barrier(d)
+        return None
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _claim(path, d: ddp.Dist) -> tuple[SlideClaim | None, str | None]:
+    """(claim, None) when this process group now holds `path` (rank 0 holds it for every rank; the others get
+    (None, None)), or (None, 'host:pid') when another live process holds it. A dead holder's claim is taken over."""
+    claim, holder = None, None
+    if d.main:
+        c = SlideClaim(path)
+        if c.acquire():
+            claim = c
+        else:
+            st = lock_state(path) or {}
+            holder = f"{st.get('host')}:{st.get('pid')}, last seen {st.get('age_s', 0):.0f} s ago"
+    return claim, ddp.broadcast(d, holder)
+
+
+def _claim_waiting(path, what: str, jid: str, d: ddp.Dist, opts: RunOptions) -> SlideClaim | None:
+    """Claim `path`, waiting (or stopping, see RunOptions.wait) while another live process holds it."""
+    while True:
+        claim, holder = _claim(path, d)
+        if holder is None:
+            return claim
+        _wait_or_stop({what: holder}, jid, opts)
+
+
+def _wait_or_stop(busy: dict[str, str], jid: str, opts: RunOptions) -> None:
+    """Pause before another look at what other live processes hold ({what: holder}), or stop when not waiting."""
+    if not opts.wait:
+        held = "; ".join(f"{k} is held by {v}" for k, v in busy.items())
+        raise HefeatError(f"Job {jid}: {held} (another process of this job); this process did everything else. "
+                          "Run the same command again to finish the job (it waits for the other process)")
+    _pause(WAIT_POLL_S)
+
+
+def _pause(seconds: float) -> None:
+    """Wait before looking again at claims other processes hold (tests replace it)."""
+    time.sleep(seconds)
 
 
 def _replace(s, **kw):

@@ -218,3 +218,7 @@ class RunOptions:
     checkpoint_every: int = 50
     progress: bool = False
     force: bool = False
+    #: A fold (or the commit) claimed by another live process of the same job: wait for it (True), or stop
+    #: with an error once this process has done every fold it could claim (False). A dead holder's claim is
+    #: taken over either way.
+    wait: bool = True

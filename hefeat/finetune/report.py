@@ -13,6 +13,7 @@ from hefeat.finetune.tasks import get_task
 from hefeat.store import layout
 from hefeat.store.atomic import read_json
 from hefeat.store.catalog import Store
+from hefeat.store.locks import lock_state
 
 
 def headline(s: dict) -> str:
@@ -32,7 +33,10 @@ def job_status(store: Store, jid: str) -> dict:
     for f in job["folds"]:
         d = layout.fold_dir(store.root, jid, f["name"])
         hist = read_json(d / layout.FOLD_METRICS) if (d / layout.FOLD_METRICS).exists() else []
-        fstate = ("finished" if (d / layout.FOLD_DONE).exists() else "not started" if not (d / layout.FOLD_LAST).exists()
+        claim = lock_state(d / layout.FOLD_CLAIM)
+        fstate = ("finished" if (d / layout.FOLD_DONE).exists()
+                  else f"training (claimed by {claim['host']}:{claim['pid']})" if claim and not claim["stale"]
+                  else "not started" if not (d / layout.FOLD_LAST).exists()
                   else "training" if state == "running" else "interrupted (resumes from its checkpoint)")
         last = hist[-1] if hist else {}
         folds.append({"name": f["name"], "state": fstate, "epochs": len(hist), "best_epoch": last.get("best_epoch"),

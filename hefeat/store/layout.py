@@ -26,7 +26,9 @@ with a new kind of output adds its path function here.
     jobs/<job_id>/{job.json,index.json}            a fine-tuning job (index.json written last)
     jobs/<job_id>/heartbeat.json                   a running job's heartbeat (its state: running / stopped)
     jobs/<job_id>/baseline_features.npy            frozen features of the job's initial backbone (baseline: init)
+    jobs/<job_id>/commit.lock                      the claim of the process committing the job's results
     jobs/<job_id>/fold=<name>/{last.pt,best.pt,final.pt,metrics.json,metrics.csv,predictions.npz,done.json}
+    jobs/<job_id>/fold=<name>/claim.lock           the claim of the process (group) training the fold
     jobs/<job_id>/encoder/{backbone-<fold>.safetensors,encoder.json}   the job's backbone as an encoder
     reports/<name>/                                PNG figures
 """
@@ -78,6 +80,8 @@ FOLD_METRICS = "metrics.json"
 FOLD_METRICS_CSV = "metrics.csv"
 FOLD_PREDICTIONS = "predictions.npz"
 FOLD_DONE = "done.json"
+FOLD_CLAIM = "claim.lock"
+JOB_COMMIT_CLAIM = "commit.lock"
 JOB_ENCODER = "encoder"
 ENCODER_META = "encoder.json"
 STATUS_SUFFIX = ".json"
@@ -322,6 +326,16 @@ def fold_dir(root: Path, job_id: str, fold: str) -> Path:
 def fold_dir_in(job_folder: Path, fold: str) -> Path:
     """The folder of `fold` inside a job folder."""
     return Path(job_folder) / f"fold={fold}"  # fold names come from the split (not user text)
+
+
+def fold_claim_path(job_folder: Path, fold: str) -> Path:
+    """The claim (hefeat.store.locks) of the process group training `fold` of a job."""
+    return fold_dir_in(job_folder, fold) / FOLD_CLAIM
+
+
+def job_commit_claim_path(root: Path, job_id: str) -> Path:
+    """The claim of the process committing a job's results (so two processes of one job never commit at once)."""
+    return job_dir(root, job_id) / JOB_COMMIT_CLAIM
 
 
 def job_encoder_dir(root: Path, job_id: str) -> Path:

@@ -5,7 +5,8 @@ NFS), so no worker ever reads a half-written lock. Its holder touches it every H
 a lock is stale when its holder is a dead process on this host, or when nobody touched it for
 STALE_AFTER_S seconds (a holder on another host, e.g. a requeued cluster job, or a file whose
 owner cannot be read — an empty lock is never stolen while it is fresh). Taking over a stale lock
-renames it aside first, so two workers cannot both take it.
+renames it aside first, so two workers cannot both take it. A claim is any path: fine-tuning jobs
+claim each fold and their commit with the same class (hefeat.finetune.job).
 """
 
 from __future__ import annotations
