@@ -103,6 +103,29 @@ def site_split(sites: np.ndarray, *, val_share: float = 0.2, test_share: float =
     return Fold(np.flatnonzero(part == 0), np.flatnonzero(part == 2), "site", val=np.flatnonzero(part == 1))
 
 
+def inner_group_folds(groups: np.ndarray, k: int, *, seed: int, y: np.ndarray | None = None) -> list[Fold]:
+    """Up to k patient-grouped folds of one training part, for choosing a penalty on it alone: no group (patient)
+    has rows on both sides of any fold, every row is held out once. With class labels y the folds are stratified
+    by class (StratifiedGroupKFold) and k is at most the number of groups of the rarest class; [] when fewer than
+    two folds can be formed."""
+    groups = np.asarray(groups).astype(str)
+    k = min(k, len(np.unique(groups)))
+    if y is not None:
+        k = min(k, *(len(np.unique(groups[y == c])) for c in np.unique(y)))
+    if k < 2:
+        return []
+    if y is None:
+        folds = group_kfold(groups, k, seed=seed)
+    else:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        split = StratifiedGroupKFold(k, shuffle=True, random_state=seed % 2**32).split(groups, y, groups)
+        folds = [Fold(tr, te, f"inner{i + 1}") for i, (tr, te) in enumerate(split)]
+    for f in folds:
+        assert_disjoint(groups, f.train, f.test)
+    return folds
+
+
 def assert_disjoint(groups: np.ndarray, *parts: np.ndarray) -> None:
     """Raise if any group (patient/site) appears in two of the index sets."""
     groups = np.asarray(groups).astype(str)

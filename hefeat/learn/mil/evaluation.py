@@ -7,7 +7,14 @@ import numpy as np
 
 from hefeat.learn.mil.data import Targets
 from hefeat.learn.mil.params import MilParams
-from hefeat.learn.mil.survival import _c_index, _linear_cox, time_dependent_auc
+from hefeat.learn.mil.survival import (
+    COX_L2_GRID,
+    _c_index,
+    _linear_cox,
+    _row_space,
+    time_dependent_auc,
+    tune_cox_l2,
+)
 
 
 def binary_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -67,25 +74,91 @@ def _metric_rows(tg: Targets, idx: np.ndarray, score: np.ndarray, groups: np.nda
     return rows
 
 
-def _baseline_scores(Xm: np.ndarray, tg: Targets, folds, p: MilParams) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression, RidgeCV
-    from sklearn.pipeline import make_pipeline
+INNER_FOLDS = 5  # patient-grouped inner folds of each training fold that choose the baseline's penalty
+LOGISTIC_C_GRID = np.logspace(-4, 2, 13)  # inverse L2 penalty C (1.0 among them)
+RIDGE_ALPHA_GRID = np.logspace(-2, 4, 13)
+PENALTIES = {"classification": "C", "regression": "alpha", "survival": "l2"}
+
+
+def baseline_tuning_rule(task: str) -> str:
+    """How the baseline's penalty is chosen (recorded with the model)."""
+    grid = {"classification": LOGISTIC_C_GRID, "regression": RIDGE_ALPHA_GRID, "survival": COX_L2_GRID}[task]
+    score = {"classification": "held-out log-loss", "regression": "held-out squared error",
+             "survival": "cross-validated partial likelihood (Verweij & van Houwelingen)"}[task]
+    model = {"classification": "logistic regression (L2, C)", "regression": "ridge regression (alpha)",
+             "survival": "linear Cox (Breslow, l2 |beta|^2 / n)"}[task]
+    return (f"standardised mean-pooled features + {model}; {PENALTIES[task]} from {len(grid)} values "
+            f"{grid[0]:g}..{grid[-1]:g} (log grid) by {score} over up to {INNER_FOLDS} patient-grouped inner folds "
+            "of each training fold (seeded; the training fold only), ties to the stronger penalty")
+
+
+def _logistic(C: float, p: MilParams):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=2000, class_weight="balanced" if p.class_weights else None)
+
+
+def _proba(clf, X: np.ndarray, K: int) -> np.ndarray:
+    P = np.zeros((len(X), K))
+    P[:, clf.classes_] = clf.predict_proba(X)
+    return P
+
+
+def _choose(grid: np.ndarray, inner, loss) -> float:
+    """The value of `grid` (strongest penalty first) with the least summed loss(value, train, test) over `inner`."""
+    total = [sum(loss(v, f.train, f.test) for f in inner) for v in grid]
+    return float(grid[int(np.argmin(total))])
+
+
+def _baseline_scores(Xm: np.ndarray, tg: Targets, folds, p: MilParams,
+                     groups: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Out-of-fold scores of the mean-pool baseline on `folds`, and per fold its chosen penalty.
+
+    Each training fold is standardised, its penalty chosen on it alone (`baseline_tuning_rule`; inner folds
+    grouped by `groups`, the patients, else one group per row) and the model refitted on all of it. The features
+    are first projected on the row space of the training fold: every ridge-penalised linear model's coefficients
+    lie there, so the fits are the same in at most n dimensions.
+    """
+    from sklearn.linear_model import Ridge
     from sklearn.preprocessing import StandardScaler
 
+    from hefeat.learn.nets import derive_seed
+    from hefeat.learn.splits import inner_group_folds
+    from hefeat.learn.threads import training_threads
+
     n = len(Xm)
+    groups = np.arange(n).astype(str) if groups is None else np.asarray(groups).astype(str)
     K = len(tg.classes)
     score = np.full((n, K) if tg.task == "classification" else (n,), np.nan)
-    for f in folds:
-        sc = StandardScaler().fit(Xm[f.train])
-        A, B = sc.transform(Xm[f.train]), sc.transform(Xm[f.test])
-        if tg.task == "classification":
-            clf = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced" if p.class_weights else None)
-            clf.fit(A, tg.y[f.train])
-            P = np.zeros((len(f.test), K))
-            P[:, clf.classes_] = clf.predict_proba(B)
-            score[f.test] = P
-        elif tg.task == "regression":
-            score[f.test] = make_pipeline(RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(A, tg.y[f.train]).predict(B)
-        else:
-            score[f.test] = _linear_cox(A, tg.time[f.train], tg.event[f.train], B)
-    return score
+    chosen = []
+    with training_threads(0.0):  # small matrices: BLAS and torch on one thread
+        for k, f in enumerate(folds):
+            sc = StandardScaler().fit(Xm[f.train])
+            A, B = sc.transform(Xm[f.train]), sc.transform(Xm[f.test])
+            V = _row_space(A)
+            A, B = A @ V, B @ V
+            seed = derive_seed(p.seed, k, 4)
+            if tg.task == "classification":
+                y = tg.y[f.train]
+                inner = inner_group_folds(groups[f.train], INNER_FOLDS, seed=seed, y=y)
+
+                def logloss(C, tr, te, A=A, y=y):
+                    P = _proba(_logistic(C, p).fit(A[tr], y[tr]), A[te], K)
+                    return -float(np.log(np.clip(P[np.arange(len(te)), y[te]], 1e-15, 1)).sum())
+                value = _choose(LOGISTIC_C_GRID, inner, logloss) if inner else 1.0
+                score[f.test] = _proba(_logistic(value, p).fit(A, y), B, K)
+            elif tg.task == "regression":
+                y = tg.y[f.train]
+                inner = inner_group_folds(groups[f.train], INNER_FOLDS, seed=seed)
+
+                def sq(alpha, tr, te, A=A, y=y):
+                    return float(((Ridge(alpha=alpha).fit(A[tr], y[tr]).predict(A[te]) - y[te]) ** 2).sum())
+                value = _choose(RIDGE_ALPHA_GRID[::-1], inner, sq) if inner else 1.0
+                score[f.test] = Ridge(alpha=value).fit(A, y).predict(B)
+            else:
+                t, e = tg.time[f.train], tg.event[f.train]
+                inner = inner_group_folds(groups[f.train], INNER_FOLDS, seed=seed)
+                value = tune_cox_l2(A, t, e, [(g.train, g.test) for g in inner])[0] if inner else 1.0
+                score[f.test] = _linear_cox(A, t, e, B, l2=value)
+            chosen.append({"fold": f.name, "penalty": PENALTIES[tg.task], "value": value, "inner_folds": len(inner)})
+    return score, chosen

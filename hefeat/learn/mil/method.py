@@ -17,7 +17,12 @@ from hefeat.learn.mil.data import (
     _tile_moments,
     mean_pooled,
 )
-from hefeat.learn.mil.evaluation import _baseline_scores, _metric_rows
+from hefeat.learn.mil.evaluation import (
+    PENALTIES,
+    _baseline_scores,
+    _metric_rows,
+    baseline_tuning_rule,
+)
 from hefeat.learn.mil.params import AbmilParams, ClamParams, MilParams, TransmilParams
 from hefeat.learn.mil.training import _Fold, _infer
 from hefeat.learn.registry import FitResult, Method, NotEstimable, register
@@ -113,8 +118,12 @@ def fit_mil(kind: str, store: Store, p: MilParams, model_id: str) -> FitResult:
     base = None
     if p.baseline:
         Xm = mean_pooled(store, p.extraction_id, bags.slides)
-        base = _baseline_scores(Xm, tg, folds, p)
+        base, chosen = _baseline_scores(Xm, tg, folds, p, patients)
         metrics += _metric_rows(tg, tested, base[tested], patients, p, "mean-pool baseline")
+        for r in fold_rows:  # each fold's chosen penalty next to its MIL training record
+            c = next(c for c in chosen if c["fold"] == r["fold"])
+            if not r.get("history"):
+                r[f"baseline_{c['penalty']}"], r["baseline_inner_folds"] = c["value"], c["inner_folds"]
     metrics = pd.DataFrame(metrics)
     main_metric = {"classification": "auc", "regression": "pearson_r", "survival": "c_index"}[tg.task]
     mine = metrics[(metrics["model"] == kind) & (metrics["metric"] == main_metric)].iloc[0]
@@ -134,7 +143,9 @@ def fit_mil(kind: str, store: Store, p: MilParams, model_id: str) -> FitResult:
     if base is not None:
         b = metrics[(metrics["model"] == "mean-pool baseline") & (metrics["metric"] == main_metric)].iloc[0]
         summary.update({"baseline_value": float(b["value"]), "baseline_ci_low": float(b["ci_low"]),
-                        "baseline_ci_high": float(b["ci_high"])})
+                        "baseline_ci_high": float(b["ci_high"]), "baseline_model": baseline_tuning_rule(tg.task),
+                        "baseline_penalty": PENALTIES[tg.task],
+                        "baseline_penalties": {c["fold"]: c["value"] for c in chosen}})
     if len(np.unique(patients[tested])) < SMALL_TEST:
         notes.append(f"{main_metric} from {len(np.unique(patients[tested]))} held-out patients: the bootstrap CI of so "
                      "few patients is unreliable; add patients")

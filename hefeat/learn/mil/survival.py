@@ -68,20 +68,84 @@ def _c_index(t, e, risk) -> float:
     return float(concordance_index(t, -risk, e))
 
 
+COX_L2_GRID = np.logspace(-2, 4, 13)  # the baseline's L2 penalties (1.0, the former fixed value, among them)
+
+
+def cox_objective(gamma: np.ndarray, Z: np.ndarray, t: np.ndarray, e: np.ndarray, l2: float) -> tuple[float, np.ndarray]:
+    """Ridge Cox objective and its gradient: minus the Breslow partial log-likelihood per event + l2 |gamma|^2 / n.
+
+    Breslow ties: every subject with time >= t_i is in the risk set of an event at t_i, tied ones included.
+    No event: the penalty alone (its minimum is gamma = 0).
+    """
+    n = len(Z)
+    ll, g_eta = cox_loglik(Z @ gamma, t, e)
+    E = max(float(np.sum(e)), 1.0)
+    return -ll / E + l2 * float(gamma @ gamma) / n, -(Z.T @ g_eta) / E + 2 * l2 * gamma / n
+
+
+def cox_loglik(eta: np.ndarray, t: np.ndarray, e: np.ndarray) -> tuple[float, np.ndarray]:
+    """Breslow partial log-likelihood sum_events [eta_i - log sum_{t_j >= t_i} exp eta_j] and its gradient in eta."""
+    o = np.argsort(t, kind="stable")
+    ts, es, m = np.asarray(t, float)[o], np.asarray(e, float)[o], np.asarray(eta, float)[o]
+    ev = es > 0
+    logS = np.logaddexp.accumulate(m[::-1])[::-1][np.searchsorted(ts, ts, side="left")]  # risk sets, ties in
+    ll = float(np.sum(es[ev] * (m[ev] - logS[ev])))
+    # log of sum over events k with t_k <= t_i of 1/S_k (-inf before the first event), all in log space
+    logH = np.logaddexp.accumulate(np.where(ev, np.log(np.where(ev, es, 1.0)) - logS, -np.inf))
+    logH = logH[np.searchsorted(ts, ts, side="right") - 1]
+    g = np.empty(len(m))
+    g[o] = es - np.exp(m + logH)
+    return ll, g
+
+
+def _row_space(X: np.ndarray) -> np.ndarray:
+    """An orthonormal basis V (d, r) of the row space of X, r = rank <= n (eigenvectors of the n x n Gram matrix)."""
+    w, U = np.linalg.eigh(X @ X.T)
+    keep = w > max(float(w.max(initial=0.0)), 1e-300) * 1e-10
+    return (X.T @ U[:, keep]) / np.sqrt(w[keep])
+
+
+def _fit_cox(X, t, e, l2: float, start: np.ndarray | None = None, V: np.ndarray | None = None) -> np.ndarray:
+    """Coefficients of the ridge Cox model on X (L-BFGS, float64), warm-started at `start` if given.
+
+    The solution lies in the row space of X (the loss sees X only through X beta, and the ridge gradient is
+    2 l2 beta / n), so it is fitted on the r <= n coordinates X V of an orthonormal basis V of that space
+    (`_row_space`, passed in when several penalties share X) and mapped back, beta = V gamma: the same minimum
+    in at most n dimensions however many features.
+    """
+    from scipy.optimize import minimize
+
+    X = np.asarray(X, float)
+    V = _row_space(X) if V is None else V
+    g0 = V.T @ start if start is not None else np.zeros(V.shape[1])
+    res = minimize(cox_objective, g0, args=(X @ V, np.asarray(t, float), np.asarray(e, float), l2), jac=True,
+                   method="L-BFGS-B", options={"maxiter": 2000, "gtol": 1e-9, "ftol": 1e-14})
+    return V @ res.x
+
+
+def tune_cox_l2(X, t, e, folds, grid=COX_L2_GRID) -> tuple[float, np.ndarray]:
+    """The L2 penalty of `grid` with the best cross-validated partial likelihood over `folds` (inner (train, test)
+    index pairs of X's rows), and that likelihood for each penalty of the grid in ascending order.
+
+    Verweij & van Houwelingen (Stat Med 1993): fold k adds l(beta_-k) - l_-k(beta_-k), the partial likelihood of
+    all of X's rows minus that of the fold's training rows, both at the coefficients fitted without fold k; it
+    needs no event in the held-out part and no common scale of risks across folds (glmnet's cv deviance).
+    Ties go to the larger penalty.
+    """
+    X, t, e = np.asarray(X, float), np.asarray(t, float), np.asarray(e, float)
+    grid = np.sort(np.asarray(grid, float))[::-1]  # strongest first: warm starts along a growing norm
+    cvpl = np.zeros(len(grid))
+    for tr, _ in folds:
+        beta, V = None, _row_space(X[tr])
+        for j, l2 in enumerate(grid):
+            beta = _fit_cox(X[tr], t[tr], e[tr], l2, beta, V)
+            eta = X @ beta
+            cvpl[j] += cox_loglik(eta, t, e)[0] - cox_loglik(eta[tr], t[tr], e[tr])[0]
+    j = int(np.argmax(cvpl))
+    return float(grid[j]), cvpl[::-1]
+
+
 def _linear_cox(Xtr, t, e, Xte, l2: float = 1.0) -> np.ndarray:
-    """Ridge-penalised linear Cox model (L-BFGS on the Breslow partial likelihood); risks of Xte."""
-    import torch
-
-    X = torch.as_tensor(Xtr, dtype=torch.float64)
-    beta = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
-    tt, ee = torch.as_tensor(t), torch.as_tensor(e, dtype=torch.float64)
-    opt = torch.optim.LBFGS([beta], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = cox_loss(X @ beta, tt, ee) + l2 * (beta ** 2).sum() / len(X)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return (torch.as_tensor(Xte, dtype=torch.float64) @ beta).detach().numpy()
+    """Ridge-penalised linear Cox model (`_fit_cox`, penalty l2 |beta|^2 / n on the per-event Breslow
+    partial likelihood); risks of Xte."""
+    return np.asarray(Xte, float) @ _fit_cox(Xtr, t, e, l2)
