@@ -365,6 +365,8 @@ def test_batches_span_slides_and_features_equal_per_slide_runs(tmp_path, cohort,
     s = run_extraction(st, tiling_id=tid, **kw)
     assert sorted(s.ok) == [f"S0{i}" for i in range(1, 9)] and s.tiles == 40
     assert calls == [16, 16, 8]
+    tm = s.extra["timings"]
+    assert tm["loop_cpu_s"] > 0 and tm["loop_s"] > 0  # the loop's CPU seconds (process + workers) are reported
     one, _ = tiled_store(tmp_path / "one")
     for sid in sorted(s.ok):
         r = run_extraction(one, tiling_id=tid, slides=[sid], **kw)

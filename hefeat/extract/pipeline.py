@@ -349,7 +349,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    timings = {"read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "loop_s": 0.0}
+    timings = {"read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "loop_s": 0.0, "loop_cpu_s": 0.0}
     if not todo:
         return timings
     eid = runner.key
@@ -387,7 +387,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         bar.update(n)
 
     bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
-    t_loop = time.perf_counter()
+    t_loop, cpu_loop = time.perf_counter(), _cpu_seconds()
     try:
         paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
         it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info) \
@@ -434,7 +434,17 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     if writer.error:
         raise _writer_error(writer.error)
     timings["write_s"] = writer.seconds
+    del it, loader  # DataLoader workers exit and are reaped: their CPU time counts below
+    timings["loop_cpu_s"] = _cpu_seconds() - cpu_loop
     return {k: round(v, 3) for k, v in timings.items()}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its reaped children (the DataLoader workers)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: TileDataset, batch_size: int,
