@@ -529,3 +529,31 @@ def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim
             if h is not None and h.poll() is None:
                 h.kill()
                 h.wait()
+
+
+def test_a_second_start_never_rewrites_a_finished_jobs_record(ft_store, tmp_path, monkeypatch):
+    """A process started on a job that another process commits just after this one's first look (the look
+    says 'not committed', the commit lands before the start-up write) returns the job as cached and leaves
+    the finished job.json (status, summary, encoder) as it is. The race is made deterministic: the first
+    model_exists call answers what it would have answered before the other process committed."""
+    from hefeat.learn import models
+
+    st = _copy(ft_store, tmp_path)
+    r = _recipe("spots", tiling_id=ft_store[1], split="patient-kfold:2", folds=["fold1"], epochs=1, val_share=0.0,
+                genes="top:20", baseline="none")
+    opts = RunOptions(workers=0, threads=1, checkpoint_every=0)
+    s = run_job(st, r, opts)
+    meta = st.job_dir(s["job_id"]) / "job.json"
+    before = meta.read_text()
+    assert json.loads(before)["status"] == "finished" and "summary" in json.loads(before)
+    real, calls = models.model_exists, []
+
+    def racing(store, mid):  # the start-up look happens before the other process's commit
+        calls.append(mid)
+        return False if len(calls) == 1 else real(store, mid)
+
+    monkeypatch.setattr(models, "model_exists", racing)
+    again = run_job(st, r, opts)
+    assert len(calls) >= 2 and again["cached"] is True and again["job_id"] == s["job_id"]
+    assert meta.read_text() == before
+    assert not list(st.job_dir(s["job_id"]).rglob("*.lock"))

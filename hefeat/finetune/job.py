@@ -5,7 +5,9 @@ Several processes may run one job (two cluster tasks started with the same recip
 fold its process group claims it (rank 0 holds a hefeat.store.locks claim for all its ranks), and a
 fold another live process holds is skipped, then waited for (RunOptions.wait) while this process
 does the others; the claim of a dead holder is taken over and its fold resumes from its checkpoint.
-The commit is claimed the same way, so one process commits and the others find the job finished.
+The commit is claimed the same way, so one process commits and the others find the job finished; the
+start-up write of job.json (status running) takes that claim too and looks again for a committed model
+under it, so a process started just after another committed never rewrites the finished record.
 
 jobs/<job_id>/  job.json (recipe, data fingerprints, folds and their patients, status), index.json
                 fold=<name>/  last.pt (resume), best.pt (kept), metrics.csv/.json, predictions.npz, done.json,
@@ -212,12 +214,24 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     if d.main:
         jdir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(jdir)
-        job = {"job_id": jid, "task": r.task, "status": "running", "recipe": r.to_dict(), "precision": precision,
-               "precision_choice": choice.to_dict(), "input_plan": input_plan.to_dict(),
-               "data": fps, "split": split_name, "folds": _fold_record(data, plans), "code_version": __version__,
-               "device": d.device, "processes": d.world, "created": _created(jdir), "updated": timestamp()}
-        write_json(jdir / layout.JOB_META, job)
-        write_json(jdir / layout.JOB_INDEX, _index(job))
+    # The start-up record is written under the commit's claim, after looking again for a committed model:
+    # another process of this job may have committed since the look above, and its finished record
+    # (summary, encoder) must not be overwritten by a "running" one.
+    start_claim = _claim_waiting(layout.job_commit_claim_path(store.root, jid), "the commit", jid, d, opts)
+    try:
+        if ddp.broadcast(d, d.main and model_exists(store, jid) and not opts.force):  # committed by another process
+            return {**model_summary(store, jid, cached=True), "job_id": jid} if d.main else {"job_id": jid, "rank": d.rank}
+        if d.main:
+            job = {"job_id": jid, "task": r.task, "status": "running", "recipe": r.to_dict(), "precision": precision,
+                   "precision_choice": choice.to_dict(), "input_plan": input_plan.to_dict(),
+                   "data": fps, "split": split_name, "folds": _fold_record(data, plans), "code_version": __version__,
+                   "device": d.device, "processes": d.world, "created": _created(jdir), "updated": timestamp()}
+            write_json(jdir / layout.JOB_META, job)
+            write_json(jdir / layout.JOB_INDEX, _index(job))
+    finally:
+        if start_claim is not None:
+            start_claim.release()
+    if d.main:
         heartbeat.start(store.root, jid)
     ddp.barrier(d)
     _check_slides(data, d)
