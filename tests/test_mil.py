@@ -421,6 +421,13 @@ def test_ridge_cox_objective_is_the_breslow_partial_likelihood_by_hand():
         num = [(cox_objective(g[o] + eps * np.eye(4)[i], np.eye(4), np.array([1.0, 2, 2, 3])[o],
                               np.array([1.0, 1, 1, 0])[o], 0.7)[0] - val) / eps for i in range(4)]
         assert np.allclose(grad, num, atol=1e-5)
+        # The MIL heads' torch loss is the same partial likelihood (no penalty), ties included, in either order.
+        import torch
+
+        from hefeat.learn.mil import cox_loss
+
+        got = cox_loss(torch.tensor(g[o]), torch.tensor([1.0, 2, 2, 3])[o], torch.tensor([1.0, 1, 1, 0])[o])
+        assert float(got) == pytest.approx(-ll / 3, rel=1e-12)
 
 
 def test_baseline_inner_folds_never_split_a_patient(monkeypatch):

@@ -20,12 +20,14 @@ def nll_survival_loss(logits, bins, events, eps: float = 1e-7):
 
 
 def cox_loss(risk, times, events):
-    """Negative Cox partial log-likelihood (Breslow ties) per event; 0 when the batch holds no event."""
+    """Negative Cox partial log-likelihood (Breslow ties: tied subjects all in each other's risk sets) per event;
+    0 when the batch holds no event."""
     import torch
 
     order = torch.argsort(times, descending=True)
-    r, e = risk[order], events[order]
-    lse = torch.logcumsumexp(r, 0)
+    r, e, ts = risk[order], events[order], times[order]
+    last = torch.searchsorted(-ts, -ts, right=True) - 1  # last position of each time's tie group
+    lse = torch.logcumsumexp(r, 0)[last]
     n = e.sum()
     return -((r - lse) * e).sum() / n.clamp_min(1.0)
 
