@@ -531,21 +531,61 @@ def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim
                 h.wait()
 
 
-def test_a_second_start_never_rewrites_a_finished_jobs_record(ft_store, tmp_path, monkeypatch):
-    """A process started on a job that another process commits just after this one's first look (the look
-    says 'not committed', the commit lands before the start-up write) returns the job as cached and leaves
-    the finished job.json (status, summary, encoder) as it is. The race is made deterministic: the first
-    model_exists call answers what it would have answered before the other process committed."""
+def test_a_finished_jobs_record_is_completed_after_a_crash_and_never_rewritten_by_a_second_start(ft_store, tmp_path,
+                                                                                                monkeypatch):
+    """Killed, then out of disk, between the model's index record (the commit) and job.json's finished record,
+    the job's model is listed while job.json says running (its encoder refused); a re-run finds the model
+    committed and completes job.json from it (summary, seconds, the encoder's record), and so for the job's
+    index record written after job.json. Before, the re-run returned the job as cached and job.json stayed
+    running for ever.
+
+    Then a process started on the finished job that another process commits just after this one's first look
+    (the look says 'not committed', the commit lands before the start-up write) returns the job as cached and
+    leaves job.json as it is. The race is made deterministic: the first model_exists call answers what it
+    would have answered before the other process committed."""
+    from hefeat.finetune import job as jobmod
+    from hefeat.finetune.register import finished_job
+    from hefeat.finetune.tasks import load_task
     from hefeat.learn import models
+    from hefeat.store import faults, layout
 
     st = _copy(ft_store, tmp_path)
     r = _recipe("spots", tiling_id=ft_store[1], split="patient-kfold:2", folds=["fold1"], epochs=1, val_share=0.0,
                 genes="top:20", baseline="none")
     opts = RunOptions(workers=0, threads=1, checkpoint_every=0)
+    jid = jobmod.job_id(r, jobmod.data_fingerprints(load_task(st, r)), "fp32")
+    meta = layout.job_meta_path(st.root, jid)
+    assert _killed_child(st.root, r, "job.meta.rename:kill") == -9
+    assert models.model_exists(st, jid) and json.loads(meta.read_text())["status"] == "running"
+    with pytest.raises(HefeatError, match="is running"):
+        finished_job(st, jid)
+    faults.arm("job.meta.rename", "enospc")
+    try:
+        with pytest.raises(OSError, match="No space"):
+            run_job(st, r, opts)
+    finally:
+        faults.disarm()
+    assert json.loads(meta.read_text())["status"] == "running"
+    index = layout.job_index_path(st.root, jid)  # job.json written, its index record not: completed the same way
+    assert _killed_child(st.root, r, "job.index.rename:kill") == -9
+    assert json.loads(meta.read_text())["status"] == "finished" and json.loads(index.read_text())["status"] == "running"
+    faults.arm("job.index.rename", "enospc")
+    try:
+        with pytest.raises(OSError, match="No space"):
+            run_job(st, r, opts)
+    finally:
+        faults.disarm()
+    assert json.loads(index.read_text())["status"] == "running"
     s = run_job(st, r, opts)
-    meta = st.job_dir(s["job_id"]) / "job.json"
+    assert s["cached"] is True and s["job_id"] == jid
+    job = json.loads(meta.read_text())
+    m = json.loads(layout.model_file(st.root, jid, layout.MODEL_META).read_text())
+    assert job["status"] == "finished" and job["summary"] == m["summary"] and job["seconds"] == m["seconds"]
+    assert job["encoder"] == json.loads((layout.job_encoder_dir(st.root, jid) / layout.ENCODER_META).read_text())
+    assert json.loads(index.read_text())["status"] == "finished"
+    assert finished_job(st, jid)["encoder"]["encoder"] == f"finetuned:{jid}"
+
     before = meta.read_text()
-    assert json.loads(before)["status"] == "finished" and "summary" in json.loads(before)
     real, calls = models.model_exists, []
 
     def racing(store, mid):  # the start-up look happens before the other process's commit
@@ -554,6 +594,6 @@ def test_a_second_start_never_rewrites_a_finished_jobs_record(ft_store, tmp_path
 
     monkeypatch.setattr(models, "model_exists", racing)
     again = run_job(st, r, opts)
-    assert len(calls) >= 2 and again["cached"] is True and again["job_id"] == s["job_id"]
+    assert len(calls) >= 2 and again["cached"] is True and again["job_id"] == jid
     assert meta.read_text() == before
-    assert not list(st.job_dir(s["job_id"]).rglob("*.lock"))
+    assert not list(st.job_dir(jid).rglob("*.lock"))

@@ -207,7 +207,7 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     precision = choice.precision
     fps = data_fingerprints(data)
     jid = job_id(r, fps, precision)
-    if model_exists(store, jid) and not opts.force:
+    if model_exists(store, jid) and not opts.force and _record_finished(store, jid):
         return {**model_summary(store, jid, cached=True), "job_id": jid}
     jdir = store.job_dir(jid)
     split_name = f"{r.split} seed={r.seed}"
@@ -220,7 +220,7 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     start_claim = _claim_waiting(layout.job_commit_claim_path(store.root, jid), "the commit", jid, d, opts)
     try:
         if ddp.broadcast(d, d.main and model_exists(store, jid) and not opts.force):  # committed by another process
-            return {**model_summary(store, jid, cached=True), "job_id": jid} if d.main else {"job_id": jid, "rank": d.rank}
+            return _cached(store, jid, d)
         if d.main:
             job = {"job_id": jid, "task": r.task, "status": "running", "recipe": r.to_dict(), "precision": precision,
                    "precision_choice": choice.to_dict(), "input_plan": input_plan.to_dict(),
@@ -258,7 +258,7 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     commit_claim = _claim_waiting(layout.job_commit_claim_path(store.root, jid), "the commit", jid, d, opts)
     try:
         if ddp.broadcast(d, d.main and model_exists(store, jid) and not opts.force):  # committed by another process
-            return {**model_summary(store, jid, cached=True), "job_id": jid} if d.main else {"job_id": jid, "rank": d.rank}
+            return _cached(store, jid, d)
         return _evaluate_and_commit(store, r, task, data, plans, results, oof, fold_of, kept, split_name, base,
                                     jid, precision, t0)
     finally:
@@ -451,7 +451,6 @@ def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables,
     from hefeat.finetune.register import export_encoder
     from hefeat.learn.models import model_summary, save_model
 
-    jdir = store.job_dir(jid)
     reg = r.register_fold or plans[0].name
     if reg not in results:
         raise HefeatError(f"register_fold {reg!r} is not a fold of this job ({', '.join(results)})")
@@ -467,11 +466,40 @@ def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables,
     seconds = round(time.perf_counter() - t0, 3)
     save_model(store, jid, kind=f"finetune-{r.task}", params=r.to_dict(), summary=summary, arrays=heads,
                tables={**tables, "history": history}, seconds=seconds)
+    _finish_record(store, jid, summary, enc, seconds)
+    return {**model_summary(store, jid, cached=False), "job_id": jid}
+
+
+def _finish_record(store, jid, summary, enc, seconds) -> None:
+    """job.json (and its index record) as finished: written after the model's index record, the commit."""
+    jdir = store.job_dir(jid)
     job = read_json(jdir / layout.JOB_META)
     job.update(status="finished", updated=timestamp(), summary=summary, encoder=enc, seconds=seconds)
-    write_json(jdir / layout.JOB_META, job)
-    write_json(jdir / layout.JOB_INDEX, _index(job))
-    return {**model_summary(store, jid, cached=False), "job_id": jid}
+    write_json(jdir / layout.JOB_META, job, kind="job.meta")
+    write_json(jdir / layout.JOB_INDEX, _index(job), kind="job.index")
+
+
+def _record_finished(store, jid) -> bool:
+    """Whether the job's records (job.json and its index record) say finished; a missing one counts as finished
+    (a model copied without its job folder)."""
+    return all(not p.exists() or read_json(p).get("status") == "finished"
+               for p in (layout.job_meta_path(store.root, jid), layout.job_index_path(store.root, jid)))
+
+
+def _cached(store, jid, d: ddp.Dist) -> dict:
+    """A job another process (or an earlier run) committed, returned as cached. Rank 0 holds the commit claim:
+    when the committer was killed or ran out of disk between the model's index record and job.json, it
+    completes job.json and its index record from what was committed (the model's summary and seconds, the
+    encoder's record)."""
+    from hefeat.learn.models import model_summary
+
+    if not d.main:
+        return {"job_id": jid, "rank": d.rank}
+    if not _record_finished(store, jid):
+        meta = read_json(layout.model_file(store.root, jid, layout.MODEL_META))
+        enc = read_json(layout.job_encoder_dir(store.root, jid) / layout.ENCODER_META)
+        _finish_record(store, jid, meta["summary"], enc, meta.get("seconds"))
+    return {**model_summary(store, jid, cached=True), "job_id": jid}
 
 
 def _f(v):

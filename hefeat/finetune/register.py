@@ -59,7 +59,7 @@ def backbone_file(store: Store, jid: str, fold: str) -> Path:
     if not p.exists():
         sd = {k.removeprefix("backbone."): v.contiguous() for k, v in _best_state(store, jid, fold).items()
               if k.startswith("backbone.")}
-        with atomic_path(p) as tmp:
+        with atomic_path(p, kind="encoder.backbone") as tmp:
             save_file(sd, str(tmp))
     return p
 
@@ -80,7 +80,7 @@ def export_encoder(store: Store, jid: str, fold: str, recipe, data, results: dic
            "train_patients": folds[fold]["train_patients"], "val_patients": folds[fold]["val_patients"],
            "test_patients": folds[fold]["test_patients"],
            "note": "features of this encoder are held-out only for test_patients: the backbone trained on the others"}
-    write_json(layout.job_encoder_dir(store.root, jid) / layout.ENCODER_META, rec)
+    write_json(layout.job_encoder_dir(store.root, jid) / layout.ENCODER_META, rec, kind="encoder.meta")
     rec["heads"] = {"head_weight": sd["head.weight"].float().numpy(), "head_bias": sd["head.bias"].float().numpy(),
                     "outputs": np.array(list(data.outputs)), "target_mean": np.asarray(t["mean"], np.float32),
                     "target_std": np.asarray(t["std"], np.float32), "kept": np.asarray(t["mask"], bool)}
