@@ -130,6 +130,7 @@ def test_measure_drops_a_hopeless_candidate_after_one_pass(monkeypatch):
                        device="cpu", step=step)
     slow = [t for t in trials if t.candidate.precision == "bf16"][0]
     assert slow.tiles_per_s == 0.0 and "not timed" in slow.note
+    assert slow.rounds == 0 and [t.rounds for t in trials if t.candidate.precision == "fp32"] == [3]
     c, _ = decide(trials)
     assert c.precision == "fp32"
 
@@ -151,19 +152,24 @@ def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatc
     cached, so the next run pays no calibration; a near tie measured while busy is not."""
     lead = P.decisive_lead
     win, cl = Candidate("bf16", True), Candidate("bf16", False)
-    trials = [Trial(Candidate("fp32"), 10.0, 0.0, spread=1.4), Trial(win, 30.0, 0.003, spread=1.3),
-              Trial(cl, 20.0, 0.003, spread=1.2), Trial(Candidate("fp16"), 0.0, 0.0, note="not timed")]
+    trials = [Trial(Candidate("fp32"), 10.0, 0.0, spread=1.4, rounds=3), Trial(win, 30.0, 0.003, spread=1.3, rounds=3),
+              Trial(cl, 20.0, 0.003, spread=1.2, rounds=3), Trial(Candidate("fp16"), 0.0, 0.0, note="not timed")]
     assert lead(trials, win) == 1.5
-    assert lead([*trials[:2], Trial(cl, 25.0, 0.003)], win) is None  # 1.2x < NOISY
-    assert lead([Trial(Candidate("fp32"), 10.0, 0.0, spread=2.0), Trial(win, 19.0, 0.003)], win) is None  # < spread
+    assert lead([*trials[:2], Trial(cl, 25.0, 0.003, rounds=3)], win) is None  # 1.2x < NOISY
+    assert lead([Trial(Candidate("fp32"), 10.0, 0.0, spread=2.0, rounds=3), Trial(win, 19.0, 0.003, rounds=3)],
+                win) is None  # < spread
     assert lead(trials, Candidate("fp32")) is None  # chosen but slower than others: nothing decisive about it
+    # One timed round each (a busy machine ran out the time budget): no spread was measured, so a
+    # 1.3x lead of fp32 over a reduced precision that AMX should make faster proves nothing.
+    one = [Trial(Candidate("fp32"), 3.2, 0.0), Trial(win, 2.1, 0.003), Trial(Candidate("fp16"), 2.45, 0.0004)]
+    assert [t.rounds for t in one] == [1, 1, 1] and lead(one, Candidate("fp32")) is None
 
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(P, "busy_machine", lambda trials: "load average 6.5 on 2 cores")
     monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
     rates = {("bf16", True): 30.0, ("bf16", False): 20.0, ("fp32", True): 10.0, ("fp32", False): 8.0}
     monkeypatch.setattr(P, "measure", lambda model, sample, cands, **kw: [
-        Trial(c, rates[(c.precision, c.channels_last)], 0.003 if c.precision == "bf16" else 0.0, spread=1.3)
+        Trial(c, rates[(c.precision, c.channels_last)], 0.003 if c.precision == "bf16" else 0.0, spread=1.3, rounds=3)
         for c in cands])
     x = torch.rand(4, 3, 16, 16)
     a = select_precision(_tiny(), x, device="cpu", model_key={"m": "decisive"})

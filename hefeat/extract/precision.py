@@ -40,7 +40,7 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 0.05, "fp16": 0.02}  # fp32: other kernels (N
 MARGIN = 0.03
 # A candidate whose first (warm-up) pass is this many times slower than the best is not timed further.
 PROBE_DROP = 4.0
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: drops choices cached from a single timed round on a busy machine (decisive_lead)
 # Rounds differing by more than this (slowest / fastest), or a load average above the core count,
 # mean the machine was busy while measuring: the choice is used but not cached (re-measured next run),
 # unless it is decisive: the winner leads every other candidate by more than the rounds varied
@@ -72,6 +72,7 @@ class Trial:
     finite: bool = True
     note: str = ""
     spread: float = 1.0  # slowest / fastest timed round: > NOISY means the machine was busy
+    rounds: int = 1  # timed rounds (a busy machine can exhaust the budget after one: then the spread says nothing)
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,8 @@ def measure(
         if time.perf_counter() - t_start > budget_s:
             break
     return [Trial(c, round(best.get(c, 0.0), 3), errs[c][0], errs[c][1], notes.get(c, ""),
-                  round(max(rates[c]) / min(rates[c]), 3) if len(rates.get(c, ())) > 1 and min(rates[c]) > 0 else 1.0)
+                  round(max(rates[c]) / min(rates[c]), 3) if len(rates.get(c, ())) > 1 and min(rates[c]) > 0 else 1.0,
+                  len(rates.get(c, ())))
             for c in cands]
 
 
@@ -325,9 +327,13 @@ def decisive_lead(trials: Sequence[Trial], chosen: Candidate) -> float | None:
     exceeds both NOISY and the largest spread of any timed candidate's rounds, else None.
 
     A busy machine slows the round-robin rounds of every candidate alike; a lead larger than any
-    round-to-round variation was not made by the load, so such a measurement is worth caching.
+    round-to-round variation was not made by the load, so such a measurement is worth caching. A
+    candidate timed in one round only (the time budget ran out) shows no variation to compare with:
+    then nothing is decisive.
     """
     timed = [t for t in trials if t.tiles_per_s > 0]
+    if any(t.rounds < 2 for t in timed):
+        return None
     win = [t for t in timed if t.candidate == chosen]
     others = [t for t in timed if t.candidate != chosen]
     if not win or not others:
@@ -488,7 +494,7 @@ def select_precision(
         choice = PrecisionChoice(
             best.precision, best.channels_last, best.batch_size, device, "measured", reason, caps["name"],
             tuple({"candidate": t.candidate.label, "tiles_per_s": t.tiles_per_s, "rel_err": round(t.rel_err, 5)
-                   if t.finite else None, "spread": t.spread, "note": t.note} for t in trials),
+                   if t.finite else None, "spread": t.spread, "rounds": t.rounds, "note": t.note} for t in trials),
             excluded, key)
         if use_cache and (not busy or lead):
             _cache_put(key, {**choice.to_dict(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
