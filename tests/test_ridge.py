@@ -126,3 +126,18 @@ def test_near_ties_are_decided_in_float64():
     alphas = (30.0, 30.0 * (1 + 1e-7), 30.0 * (1 + 2e-7), 1e4)
     ref = RidgeCV(alphas=alphas, alpha_per_target=True).fit(X, Y)
     np.testing.assert_array_equal(fit_ridge_heads(X, Y, alphas=alphas).alpha, ref.alpha_)
+
+
+def test_contiguous_columns_are_sliced_not_modified():
+    """A contiguous column range is sliced from Y rather than gathered; the caller's Y is left untouched and the
+    heads equal those of a gathered (non-contiguous) selection."""
+    rng = np.random.default_rng(8)
+    X, Y = rng.normal(size=(40, 6)), rng.normal(size=(40, 12)) + 3
+    before = Y.copy()
+    a = fit_ridge_heads(X, Y, block=5)
+    np.testing.assert_array_equal(Y, before)
+    b = fit_ridge_heads(X[5:], Y, rows=np.arange(5, 40), cols=np.arange(2, 9), block=3)
+    c = fit_ridge_heads(X[5:], Y[5:, 2:9].copy(order="F"))
+    np.testing.assert_array_equal(Y, before)
+    np.testing.assert_allclose(b.coef, c.coef, rtol=1e-12)
+    assert a.coef.shape == (6, 12)

@@ -12,8 +12,11 @@ is r = q + U(e∘c), so for the LOO weights w = 1/(1-h)²
 
     n·MSE(a) = Σ w q²  +  2 (e∘c)·(U' diag(w) q)  +  (e∘c)' (U' diag(w) U) (e∘c),
 
-which for every penalty at once is one GEMM of [U∘w(a₁) … U∘w(a_A)]' (n x A·r) with q (n x genes),
-plus small r x genes products. Genes stream in chunks sized to memory. The big GEMMs run in float32;
+which for every penalty at once is one GEMM of [U∘w(a₁) … U∘w(a_A)]' (n x A·r) with q (n x genes)
+(in its low-rank form, below). The middle term is then Σ_m Γ_ma e_a·(c∘(U∘b_m)'q): small (A x r) GEMMs,
+no A x r x genes array; the last is |L_a'(e∘c)|² with L_a the Cholesky factor of U' diag(w_a) U (w >= 1,
+so it is well conditioned): one triangular product per penalty, half a general one. Genes stream in
+chunks sized to memory. The big GEMMs run in float32;
 the decomposition, c and the final coefficients are float64, and genes whose best two penalties are
 within float32 error of each other are re-scored exactly in float64, so the chosen penalties are the
 float64 ones. The n x A weight matrix is smooth in the penalty, so the GEMM uses its truncated SVD
@@ -26,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import blas
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from hefeat.errors import HefeatError
@@ -35,7 +39,9 @@ MEMORY_BYTES = 1 << 30  # working memory of the gene chunks (the design and its 
 TIE_TOL = 5e-5  # relative MSE gap below which float32 scores are re-checked in float64 (measured float32
 # score error: <= 3.1e-7 relative at 8,000 samples on the fabricated store; 2e-4 re-scored a third of the genes)
 MAX_WEIGHT_F32 = 4.0  # LOO weights 1/(1-h)² above this (leverage > 1/2) are scored in float64
-LOW_RANK_TOL = 1e-7  # relative error allowed in the low-rank LOO weights of the float32 penalties
+LOW_RANK_TOL = 1e-6  # relative error allowed in the low-rank LOO weights of the float32 penalties (the scores
+# then err by <= 1e-6 relative, far inside TIE_TOL; 1e-7 needed 10 GEMM blocks instead of 9 at 800 x 256)
+_TRMM = {"f": blas.strmm, "d": blas.dtrmm}
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _chunk(n: int, r: int, A: int, m: int, g: int, memory: int) -> int:
-    per_gene = 8 * n * 3 + 4 * n * 3 + 4 * r * (m + 3 * A) + 8 * A * 4  # float64 y; float32 q, q²; (m|A, r) blocks
+    per_gene = 8 * n + 4 * n * 3 + 4 * r * (m + 2) + 4 * m * A + 8 * A * 2  # float64 y; float32 q, q², U c; z
     return int(max(1, min(g, memory // per_gene)))
 
 
@@ -85,6 +91,14 @@ def _low_rank(W: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
         if np.abs(B @ G - W).max() <= tol * W.min():
             return B, G
     return W, np.eye(W.shape[1])  # cannot happen (m = A is exact up to rounding), but stay exact if it did
+
+
+def _take(Y: np.ndarray, rows: np.ndarray | None, cols) -> np.ndarray:
+    """A float64 copy of Y[rows][:, cols] (the caller centres it in place), copied once."""
+    sub = Y[:, cols] if rows is None else Y[rows, cols] if isinstance(cols, slice) else Y[np.ix_(rows, cols)]
+    if sub.dtype == np.float64 and not np.shares_memory(sub, Y):
+        return sub
+    return sub.astype(np.float64)
 
 
 def _loo_mse_exact(U: np.ndarray, s2: np.ndarray, h: np.ndarray, a: float, Yc: np.ndarray,
@@ -148,16 +162,20 @@ class RidgeBasis:
 
     @property
     def parts(self) -> list:
-        """Per precision: penalty indices, dtype, U, [U∘b_1 … U∘b_m], Γ', U' diag(w_a) U, weights (built once)."""
+        """Per precision: penalty indices, dtype, U, [U∘b_1 … U∘b_m], Γ (m, |idx|), E' (|idx|, r), and the
+        Cholesky factors of U' diag(w_a) U (stored transposed, so that `[a].T` is the lower factor in
+        Fortran order for BLAS trmm), weights (built once)."""
         if self._parts is None:
             U, r = self.U, self.rank
             self._parts = []
             for idx, dt, B, G, W in self._low:
-                Ud = U.astype(dt)
-                UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1).astype(dt)  # (n, m·r)
-                N = (UB.T @ Ud).reshape(B.shape[1], r * r)  # U' diag(b_m) U
-                M = (G.T.astype(dt) @ N).reshape(len(idx), r, r)  # U' diag(w_a) U = Σ_m Γ_ma U' diag(b_m) U
-                self._parts.append((idx, dt, Ud, UB, G.T.astype(dt), M, W.astype(dt)))
+                UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1)  # (n, m·r)
+                N = (UB.T @ U).reshape(B.shape[1], r * r)  # U' diag(b_m) U (float64)
+                M = (G.T @ N).reshape(len(idx), r, r)  # U' diag(w_a) U = Σ_m Γ_ma U' diag(b_m) U
+                M = (M + M.transpose(0, 2, 1)) / 2
+                LT = np.linalg.cholesky(M).transpose(0, 2, 1).astype(dt)  # w >= 1: M >= I, well conditioned
+                self._parts.append((idx, dt, U.astype(dt), UB.astype(dt), G.astype(dt),
+                                    np.ascontiguousarray(self.E.T[idx], dt), LT, W.astype(dt)))
         return self._parts
 
     def _score_direct(self, Yj: np.ndarray, C: np.ndarray) -> np.ndarray:
@@ -181,10 +199,12 @@ class RidgeBasis:
         cols = np.arange(Y.shape[1]) if cols is None else np.flatnonzero(cols) if np.asarray(cols).dtype == bool \
             else np.asarray(cols)
         n, g = self.n, len(cols)
+        # a contiguous column range (the default: every column) is sliced, not gathered
+        contiguous = int(cols[0]) if g and (np.diff(cols) == 1).all() else None
         if (Y.shape[0] if rows is None else len(rows)) != n:
             raise HefeatError(f"ridge needs >= 3 samples with matching X and Y rows (got X ({n}, {self.p}), "
                               f"Y {Y.shape})")
-        U, s, s2, V, E, alphas = self.U, self.s, self.s2, self.V, self.E, self.alphas
+        U, s, s2, V, alphas = self.U, self.s, self.s2, self.V, self.alphas
         r, A = self.rank, len(alphas)
         m_all = sum(low[2].shape[1] for low in self._low)
         # Few genes (spot heads: hundreds of genes, 1,024-d, 30,000 spots): scoring each penalty's residuals in
@@ -199,29 +219,36 @@ class RidgeBasis:
         for j0 in range(0, g, step):
             cj = cols[j0:j0 + step]
             k = len(cj)
-            Yj = np.asarray(Y[:, cj] if rows is None else Y[np.ix_(rows, cj)], np.float64)
+            Yj = _take(Y, rows, cj if contiguous is None else slice(contiguous + j0, contiguous + j0 + k))
             if not np.isfinite(Yj).all():
                 raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
             y_mean = Yj.mean(0)
             Yj -= y_mean
             C = U.T @ Yj  # (r, k) float64: the coefficients and the exact re-scoring use it
             mse = self._score_direct(Yj, C) if direct else np.empty((A, k))
-            for idx, dt, Ud, UB, GT, M, Wd in ([] if direct else self.parts):
+            for idx, dt, Ud, UB, G, Et, LT, Wd in ([] if direct else self.parts):
                 Cd = C.astype(dt)
                 Q = Yj.astype(dt)
                 Q -= Ud @ Cd  # least-squares residual (n, k)
                 T1 = Wd.T @ (Q * Q)  # (|idx|, k): Σ w q²
-                Z = (UB.T @ Q).reshape(GT.shape[1], r * k)  # (U∘b_m)' q for each weight component m
-                T2 = (GT @ Z).reshape(len(idx), r, k)  # U' diag(w_a) q for every penalty a
-                EC = E.T[idx].astype(dt)[:, :, None] * Cd  # (|idx|, r, k): shrunk part of the residual
-                T2 *= 2
-                T2 += np.matmul(M, EC)
-                mse[idx] = (T1 + np.einsum("ark,ark->ak", EC, T2, dtype=np.float64)) / n
+                Z = (UB.T @ Q).reshape(G.shape[0], r, k)  # (U∘b_m)' q for each weight component m
+                Z *= Cd
+                # 2 (e_a∘c)·(U' diag(w_a) q) = 2 Σ_m Γ_ma e_a·(c∘(U∘b_m)'q): m small GEMMs, no (A, r, k) array
+                lin = np.einsum("ma,mak->ak", G, np.matmul(Et, Z))
+                mse[idx] = T1
+                mse[idx] += 2 * lin
+                trmm = _TRMM[np.dtype(dt).char]
+                for i, a in enumerate(idx):
+                    EC = Et[i][:, None] * Cd  # (r, k) shrunk part of the residual
+                    # (e∘c)' U' diag(w_a) U (e∘c) = |L_a'(e∘c)|² with L_a L_a' = U' diag(w_a) U: one trmm
+                    T = trmm(1.0, LT[i].T, EC.T, side=1, lower=1, overwrite_b=1).T  # (r, k)
+                    mse[a] += np.einsum("rk,rk->k", T, T, dtype=np.float64)
+                mse[idx] /= n
             ia = np.argmin(mse, 0)
             if len(self.f32) and A > 1 and not direct:  # penalties within float32 error of the best: float64
                 cols_k = np.arange(k)
                 m1 = np.abs(mse[ia, cols_k])
-                close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * (Yj * Yj).mean(0)))
+                close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * np.einsum("ik,ik->k", Yj, Yj) / n))
                 close[self.f64] = False
                 close[ia, cols_k] = True
                 amb = np.flatnonzero(close.sum(0) > 1)
