@@ -111,3 +111,44 @@ def test_no_module_imports_another_modules_private_name(tmp_path):
     (pkg / "learn" / "other.py").write_text("from hefeat.learn.mil.training import _Fold\n")
     assert _private_imports(pkg) == ["finetune/predict.py: from hefeat.finetune.register import _job",
                                      "learn/other.py: from hefeat.learn.mil.training import _Fold"]
+
+
+def readme_layout_problems(readme: str, pyproject: dict, pkg: Path) -> list[str]:
+    """What README's 'Package layout' misses: a package of hefeat/ not in its tree, or a layer of the
+    import-linter layers contract not drawn in the contract's order on its diagram line."""
+    text = readme.split("## Package layout", 1)[1].split("\n## ", 1)[0]
+    problems = [f"package {p.name}/ not in the tree" for p in sorted(pkg.iterdir())
+                if (p / "__init__.py").exists() and f"\n  {p.name}/ " not in text]
+    diagram = next(line for line in text.splitlines() if line.startswith("cli "))
+    layers = next(c for c in pyproject["tool"]["importlinter"]["contracts"] if c["type"] == "layers")["layers"]
+    last = -1
+    for layer in layers:
+        at = []
+        for mod in (m.strip() for m in layer.replace("|", ":").split(":")):
+            short = mod.removeprefix("hefeat.")
+            if short in ("demo", "demo_stages"):  # drawn as 'cli (+ demo)'
+                short = "demo"
+            elif (pkg / f"{short}.py").exists():  # a module layer: runner.py
+                short += ".py"
+            pos = diagram.find(short)
+            if pos < 0:
+                problems.append(f"layer {mod} not on the diagram")
+            at.append(pos)
+        if min(at) <= last:
+            problems.append(f"layer {layer!r} drawn out of order")
+        last = max(at)
+    return problems
+
+
+def test_readme_package_layout_matches_the_contracts_and_the_packages():
+    """README 'Package layout' draws pyproject's layers in order and lists every package of hefeat/."""
+    import tomllib
+
+    import hefeat
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    readme = (ROOT / "README.md").read_text()
+    pkg = Path(hefeat.__file__).resolve().parent
+    assert readme_layout_problems(readme, pyproject, pkg) == []
+    swapped = readme.replace("->  learn  ->  extract", "->  extract  ->  learn")
+    assert readme_layout_problems(swapped, pyproject, pkg) == ["layer 'hefeat.extract' drawn out of order"]
