@@ -10,7 +10,7 @@ from hefeat.learn.mil.params import MilParams
 from hefeat.learn.mil.survival import (
     COX_L2_GRID,
     _c_index,
-    _linear_cox,
+    _fit_cox,
     _row_space,
     time_dependent_auc,
     tune_cox_l2,
@@ -89,7 +89,8 @@ def baseline_tuning_rule(task: str) -> str:
              "survival": "linear Cox (Breslow, l2 |beta|^2 / n)"}[task]
     return (f"standardised mean-pooled features + {model}; {PENALTIES[task]} from {len(grid)} values "
             f"{grid[0]:g}..{grid[-1]:g} (log grid) by {score} over up to {INNER_FOLDS} patient-grouped inner folds "
-            "of each training fold (seeded; the training fold only), ties to the stronger penalty")
+            "of each training fold (seeded; the training fold only), ties to the stronger penalty"
+            + ("" if task == "regression" else "; each fold's scores divided by their SD on its training rows"))
 
 
 def _logistic(C: float, p: MilParams):
@@ -104,6 +105,26 @@ def _proba(clf, X: np.ndarray, K: int) -> np.ndarray:
     return P
 
 
+def _fold_scaled_proba(clf, A: np.ndarray, B: np.ndarray, K: int) -> np.ndarray:
+    """Probabilities of B from the logits divided by the SD of the training rows' (A's) logits.
+
+    The out-of-fold scores of all folds are pooled into one AUC: with a penalty chosen per fold, a strongly
+    penalised fold's probabilities sit near the prior and a weakly penalised one's near 0 and 1, so pairs across
+    folds are ranked by the penalty, not the bags (measured: pooled AUC 0.548 against 0.588 on the same folds
+    rescaled, 20 seeds of a 3-in-200-feature logistic truth). One positive factor per fold: the binary ranking
+    within a fold and every argmax (accuracy) are unchanged.
+    """
+    from scipy.special import softmax
+
+    zA, zB = clf.decision_function(A), clf.decision_function(B)
+    s = float(np.std(zA)) or 1.0
+    if zB.ndim == 1:  # binary: p1 = sigmoid(z) = softmax([-z/2, z/2])
+        zB = np.c_[-zB / 2, zB / 2]
+    P = np.zeros((len(B), K))
+    P[:, clf.classes_] = softmax(zB / s, axis=1)
+    return P
+
+
 def _choose(grid: np.ndarray, inner, loss) -> float:
     """The value of `grid` (strongest penalty first) with the least summed loss(value, train, test) over `inner`."""
     total = [sum(loss(v, f.train, f.test) for f in inner) for v in grid]
@@ -115,7 +136,10 @@ def _baseline_scores(Xm: np.ndarray, tg: Targets, folds, p: MilParams,
     """Out-of-fold scores of the mean-pool baseline on `folds`, and per fold its chosen penalty.
 
     Each training fold is standardised, its penalty chosen on it alone (`baseline_tuning_rule`; inner folds
-    grouped by `groups`, the patients, else one group per row) and the model refitted on all of it. The features
+    grouped by `groups`, the patients, else one group per row) and the model refitted on all of it. Scores
+    are pooled across folds into one AUC / C-index, so each fold's logits (classification) and Cox risks are
+    divided by their SD on the fold's training rows (`_fold_scaled_proba`); regression predictions stay in
+    the target's units. The features
     are first projected on the row space of the training fold: every ridge-penalised linear model's coefficients
     lie there, so the fits are the same in at most n dimensions.
     """
@@ -146,7 +170,7 @@ def _baseline_scores(Xm: np.ndarray, tg: Targets, folds, p: MilParams,
                     P = _proba(_logistic(C, p).fit(A[tr], y[tr]), A[te], K)
                     return -float(np.log(np.clip(P[np.arange(len(te)), y[te]], 1e-15, 1)).sum())
                 value = _choose(LOGISTIC_C_GRID, inner, logloss) if inner else 1.0
-                score[f.test] = _proba(_logistic(value, p).fit(A, y), B, K)
+                score[f.test] = _fold_scaled_proba(_logistic(value, p).fit(A, y), A, B, K)
             elif tg.task == "regression":
                 y = tg.y[f.train]
                 inner = inner_group_folds(groups[f.train], INNER_FOLDS, seed=seed)
@@ -159,6 +183,7 @@ def _baseline_scores(Xm: np.ndarray, tg: Targets, folds, p: MilParams,
                 t, e = tg.time[f.train], tg.event[f.train]
                 inner = inner_group_folds(groups[f.train], INNER_FOLDS, seed=seed)
                 value = tune_cox_l2(A, t, e, [(g.train, g.test) for g in inner])[0] if inner else 1.0
-                score[f.test] = _linear_cox(A, t, e, B, l2=value)
+                beta = _fit_cox(A, t, e, value)
+                score[f.test] = (B @ beta) / (float(np.std(A @ beta)) or 1.0)  # as for classification
             chosen.append({"fold": f.name, "penalty": PENALTIES[tg.task], "value": value, "inner_folds": len(inner)})
     return score, chosen
