@@ -19,7 +19,8 @@ label, else slides (--level). Splits are patient-grouped (`hefeat.learn.splits.p
 stops early on a patient-grouped validation part of its training patients; class weights balance
 classes; every random choice derives from --seed. Metrics on the out-of-fold bags with patient
 bootstrap CIs (AUC; C-index and time-dependent AUC; Pearson r), next to the same folds' baseline:
-mean-pooled features + logistic / Cox / ridge regression.
+mean-pooled features + logistic / Cox / ridge regression, each fold's penalty chosen by patient-grouped
+inner cross-validation on its training bags (evaluation.baseline_tuning_rule).
 
 Attention weights (and per-tile scores: the head applied to each tile's hidden vector, or CLAM's
 instance logits) of each bag's held-out fold model are written as per-tile predictions, so heatmaps,
