@@ -415,38 +415,64 @@ def _killed_child(store_root: Path, recipe, fault: str) -> int:
     return p.exitcode
 
 
+JOB_COMMIT_POINTS = ("encoder.backbone.write", "encoder.backbone.rename", "encoder.meta.write", "encoder.meta.rename",
+                     "predictions.write@2", "predictions.rename@2", "predictions.swap", "predictions.swapped",
+                     "model.arrays.write", "model.arrays.rename", "model.table.write", "model.table.rename",
+                     "model.meta.write", "model.meta.rename", "model.index.write", "model.index.rename")
+
+
 def test_crash_at_every_commit_point_then_resume_gives_the_uninterrupted_result(ft_store, tmp_path):
     """One chain of crashes, each run resuming what the previous one left: inside a checkpoint write
     (temporary file written, not renamed), right after a rename, after an epoch's evaluation but before
     its checkpoint, after a fold's predictions but before the fold is marked done, and after every fold
-    but before the job's results are committed, and at each step of that commit (a slide's predictions
-    written, the predictions swapped in, the model's tables and index record renamed). The last run
-    finishes; everything equals a clean run."""
+    but before the job's results are committed, and at each step of that commit (JOB_COMMIT_POINTS: the
+    encoder's files, a slide's predictions, the predictions swapped in, the model's arrays, tables, record and
+    index record), where a full disk is tried too. The last run finishes; everything equals a clean run."""
     import torch
 
     r = _recipe("spots", tiling_id=ft_store[1], split="patient-kfold:2", epochs=2, val_share=0.3, dropout=0.2,
                 batch_size=8, genes="top:20", baseline="none")
+    from hefeat.store import faults
+
     ref = _copy(ft_store, tmp_path / "ref")
-    s = run_job(ref, r, RunOptions(workers=0, threads=1, checkpoint_every=3))
+    seen_points, real_point = [], faults.point
+
+    def record(name):
+        seen_points.append(name)
+        real_point(name)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(faults, "point", record)
+        s = run_job(ref, r, RunOptions(workers=0, threads=1, checkpoint_every=3))
+    # Every step of the job's commit (store fault points, see test_commit_models._steps) is tried below, but
+    # job.meta/job.index, written after the model's index record, which the test of a finished record tries.
+    steps = {n.replace(".fsync", ".rename") for n in seen_points
+             if n.startswith(("predictions.", "encoder.", "model.")) and not n.endswith(".renamed")}
+    assert steps == {p.partition("@")[0] for p in JOB_COMMIT_POINTS}
     crash = _copy(ft_store, tmp_path / "crash")
     jdir = crash.job_dir(s["job_id"])
-    for fault in ("ckpt-tmp@3", "ckpt-renamed@6", "epoch-end@1", "fold-done", "job-commit",
-                  "predictions.write:kill@2", "predictions.swap:kill", "predictions.swapped:kill",
-                  "model.table.rename:kill", "model.index.rename:kill"):
-        assert _killed_child(crash.root, r, fault) == -9, fault
+
+    def nothing_listed(fault):
         assert not (crash.model_dir(s["job_id"]) / "index.json").exists()  # never looks finished
         seen = Store(crash.root)  # a fresh reader: no job model listed, none of its predictions visible
         assert s["job_id"] not in seen.sql("SELECT model_id FROM models")["model_id"].tolist(), fault
         assert seen.sql(f"SELECT count(*) n FROM predictions WHERE model_id = '{s['job_id']}'")["n"][0] == 0, fault
-    assert (jdir / "fold=fold1" / "done.json").exists() and (jdir / "fold=fold2" / "done.json").exists()
-    from hefeat.store import faults
 
-    for point in ("predictions.swap", "model.index.rename"):  # a full disk at the commit: nothing half, no listing
-        faults.arm(point, "enospc")
-        with pytest.raises(OSError, match="No space"):
-            run_job(Store(crash.root), r, RunOptions(workers=0, threads=1, checkpoint_every=3))
-        faults.disarm()
-        assert s["job_id"] not in Store(crash.root).sql("SELECT model_id FROM models")["model_id"].tolist(), point
+    for fault in ("ckpt-tmp@3", "ckpt-renamed@6", "epoch-end@1", "fold-done", "job-commit"):
+        assert _killed_child(crash.root, r, fault) == -9, fault
+        nothing_listed(fault)
+    assert (jdir / "fold=fold1" / "done.json").exists() and (jdir / "fold=fold2" / "done.json").exists()
+    for point in JOB_COMMIT_POINTS:  # killed, then out of disk, at each step of the commit: nothing half, no listing
+        name, _, nth = point.partition("@")
+        assert _killed_child(crash.root, r, f"{name}:kill@{nth or 1}") == -9, point
+        nothing_listed(point)
+        faults.arm(name, "enospc", int(nth or 1))
+        try:
+            with pytest.raises(OSError, match="No space"):
+                run_job(Store(crash.root), r, RunOptions(workers=0, threads=1, checkpoint_every=3))
+        finally:
+            faults.disarm()
+        nothing_listed(point)
     got = run_job(crash, r, RunOptions(workers=0, threads=1, checkpoint_every=3))
     assert got["cached"] is False and got["job_id"] == s["job_id"]
     for fold in ("fold1", "fold2"):
@@ -456,7 +482,8 @@ def test_crash_at_every_commit_point_then_resume_gives_the_uninterrupted_result(
     ma = pd.read_parquet(ref.model_dir(s["job_id"]) / "metrics.parquet")
     mb = pd.read_parquet(crash.model_dir(s["job_id"]) / "metrics.parquet")
     pd.testing.assert_frame_equal(ma, mb, check_exact=True)
-    assert not [p for p in jdir.rglob("*") if ".tmp-" in p.name]  # dead processes' temporary files are gone
+    for folder in (jdir, crash.model_dir(s["job_id"])):  # dead processes' temporary files are gone
+        assert not [p for p in folder.rglob("*") if ".tmp-" in p.name], folder
 
 
 def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim_is_taken_over(ft_store, tmp_path,

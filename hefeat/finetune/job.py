@@ -451,6 +451,8 @@ def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables,
     from hefeat.finetune.register import export_encoder
     from hefeat.learn.models import model_summary, save_model
 
+    for folder in (layout.job_encoder_dir(store.root, jid), store.model_dir(jid)):
+        clean_stale_tmp(folder)  # temporary files of a commit killed before (dead processes' only)
     reg = r.register_fold or plans[0].name
     if reg not in results:
         raise HefeatError(f"register_fold {reg!r} is not a fold of this job ({', '.join(results)})")
