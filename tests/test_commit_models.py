@@ -21,8 +21,10 @@ from hefeat.store.catalog import Store
 from hefeat.store.summary import store_status
 
 FIT_POINTS = ("predictions.write@2", "predictions.rename@2", "predictions.swap", "predictions.swapped",
-              "model.table.rename", "model.meta.rename", "model.index.rename")
-PREDICT_POINTS = ("predictions.write@3", "predictions.rename@3", "predictions.swap", "predictions.swapped")
+              "model.table.write", "model.table.rename", "model.meta.write", "model.meta.rename",
+              "model.index.write", "model.index.rename")
+PREDICT_POINTS = ("predictions.write@3", "predictions.rename@3", "predictions.table.write", "predictions.table.rename",
+                  "predictions.carry", "predictions.swap", "predictions.swapped")  # the swap is the commit: last
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +60,33 @@ def _killed(fn, spec: str) -> int:
     return p.exitcode
 
 
+def _reached(fn) -> tuple[list[str], object]:
+    """(the fault points fn() passes, in order; its result), with no fault armed."""
+    seen, real = [], faults.point
+
+    def record(name: str) -> None:
+        seen.append(name)
+        real(name)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(faults, "point", record)
+        out = fn()
+    return seen, out
+
+
+def _steps(reached: list[str]) -> set[str]:
+    """The distinct commit steps among fault points: a file's '.fsync' leaves what its '.rename' does (the temporary
+    file written, not renamed) and its '.renamed' what the next step does (or, after the last, the whole commit).
+    Compaction (compact.*) runs after the commit and only saves readers time: a failure there is a warning."""
+    out = set()
+    for name in reached:
+        kind, _, step = name.rpartition(".")
+        if step == "renamed" or kind == "compact":
+            continue
+        out.add(f"{kind}.rename" if step == "fsync" else name)
+    return out
+
+
 def _visible(root) -> tuple[dict, dict]:
     """What a fresh reader sees: {model_id: kind} listed by `hefeat status`, {model_id: {slide: columns}}."""
     st = Store(root)
@@ -83,7 +112,8 @@ def test_fit_crash_at_every_commit_step_never_lists_a_model_with_missing_predict
     st, eid = st40
     ref_root = st.root.parent / "ref"
     shutil.copytree(st.root, ref_root)
-    ref = _fit_traits(ref_root, eid)
+    reached, ref = _reached(lambda: _fit_traits(ref_root, eid))
+    assert _steps(reached) == {spec.partition("@")[0] for spec in FIT_POINTS}  # every step of the commit is tried
     mid = ref["model_id"]
     ref_models, ref_cols = _visible(ref_root)
     assert ref_models == {mid: "traits"} and len(ref_cols[mid]) == ref["n_slides"]
@@ -146,7 +176,7 @@ def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_ne
     models, old = _visible(st.root)
     assert sorted(old[mid]) == first == _slide_table(st.root, mid) and len(set(old[mid].values())) == 1
 
-    for spec in (*PREDICT_POINTS[:2], "predictions.table.rename", *PREDICT_POINTS[2:]):  # swapped last
+    for spec in PREDICT_POINTS:
         assert _killed(predict(5, None), spec) == -9, spec
         assert check(spec, old) == (2 if spec == "predictions.swapped" else 0), spec  # the swap is the commit
         _arm(spec, "enospc")
@@ -154,8 +184,9 @@ def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_ne
             predict(5, None)()
         faults.disarm()
         assert check(spec, old) == (2 if spec == "predictions.swapped" else 0), spec
-    predict(5, None)()
+    reached, _ = _reached(predict(5, None))
     assert check("re-run", old) == 2 and len(_slide_table(st.root, mid)) == 40
+    assert _steps(reached) == {spec.partition("@")[0] for spec in PREDICT_POINTS}  # every step of the commit was tried
 
 
 def test_legacy_predictions_folder_is_carried_into_a_generation(st40):
