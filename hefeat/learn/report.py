@@ -22,7 +22,7 @@ def report(store: Store, mid: str, out: str | Path | None = None) -> dict:
     m, meta = method_of(store, mid)
     if m.report is not None:
         return m.report(store, mid, out)
-    out = Path(out) if out else store.model_dir(mid) / "report"
+    out = Path(out) if out else layout.model_report_dir(store.root, mid)
     out.mkdir(parents=True, exist_ok=True)
     s = {**meta["summary"], "model_id": mid, "kind": m.name}
     s["headline"] = m.headline(s)
@@ -47,7 +47,7 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
     fdr = meta["summary"].get("fdr", 0.05)
     null = load_table(store, mid, "null")[r_col].to_numpy() if "null" in meta.get("tables", []) else None
     split = meta.get("summary", {}).get("split", "cross-validation")
-    files.append(out / "r_distribution.png")
+    files.append(out / layout.FIG_R_DISTRIBUTION)
     r_distribution(m[r_col].to_numpy(), metric=r_col.replace("_", " "), r_null=null, threshold=thr,
                    threshold_label=f"smallest r significant at FDR {fdr:g}",
                    title=f"Per-gene heads {mid} ({meta['kind']}): {len(sig)} of {len(m)} genes significant, {split}",
@@ -60,7 +60,7 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
         units = meta.get("params", {}).get("transform", "") + " expression"
         if truth is not None and top:
             rs = m.set_index("gene")[r_col]
-            files.append(out / "top_genes.png")
+            files.append(out / layout.FIG_TOP_GENES)
             rname = r_col.replace("_r", " r").replace("_", " ")
             predicted_vs_measured([{"name": g, "measured": truth[g], "predicted": oof[g], "stat": f"{rname} = {rs[g]:.2f}"}
                                    for g in top], units=units.strip(), out=files[-1],
@@ -70,7 +70,7 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
 
             prol = [g for g in oof.columns if ALIASES.get(g, g) in PAM50_PROLIFERATION]
             if len(prol) >= 3:
-                files.append(out / "proliferation.png")
+                files.append(out / layout.FIG_PROLIFERATION)
                 from scipy.stats import spearmanr
 
                 a, b = truth[prol].mean(1), oof[prol].mean(1)
@@ -110,7 +110,7 @@ def learning_curve_plot(store: Store, mid: str, out: Path, table: str) -> list[P
     if h.empty:
         return []
     cv = h[h["fold"] != "final"]
-    f = out / "learning_curves.png"
+    f = out / layout.FIG_LEARNING_CURVES
     learning_curves(cv if len(cv) else h, out=f,
                     title=f"{meta['kind']} model {mid}: mean squared error per epoch in each cross-validation fold "
                           "(validation = patients held out of that fold's training for early stopping)")
@@ -133,7 +133,7 @@ def roc_plot(store: Store, mid: str, out: Path) -> list[Path]:
     curves = [{"label": f"{part} sites" + (f" ({s['test_sites']})" if part == "test" else " (model choice)"),
                "y_true": g["y"].to_numpy(), "score": g[f"p_{classes[1]}"].to_numpy()}
               for part, g in sc.groupby("part", sort=False)]
-    f = out / "roc.png"
+    f = out / layout.FIG_ROC
     roc_curves(curves, out=f, seed=meta["params"].get("seed", 0), n_boot=meta["params"].get("n_boot", 500),
                title=f"{s['label']} = {classes[1]} per patient (mean tile probability), site-grouped split, model {mid}")
     return [f]
@@ -148,7 +148,7 @@ def transfer_plot(store: Store, mid: str, out: Path) -> list[Path]:
 
     meta = load_model(store, mid)
     a = load_table(store, mid, "aucs")
-    f = out / "transfer.png"
+    f = out / layout.FIG_TRANSFER
     transfer_comparison(a, tests=load_table(store, mid, "tests"), out=f,
                         title=f"{meta['summary']['label']} at hospital B: AUC ({meta['params']['folds']}-fold CV on B) "
                               f"over {a['split'].nunique()} random A/B patient splits per size (model {mid})")
@@ -168,7 +168,7 @@ def spot_map_plot(store: Store, mid: str, out: Path) -> list[Path]:
     if n.empty:
         return []
     sid = max(zip(n["n"], n["slide_id"], strict=True))[1]  # most spots; ties to the last slide id
-    f = out / "spot_map.png"
+    f = out / layout.FIG_SPOT_MAP
     spot_maps(store, mid, sid, gene, f, why=f"best of {len(m)} genes by mean held-out r; slide with the most spots")
     return [f]
 
@@ -185,19 +185,19 @@ def trait_plots(store: Store, mid: str, out: Path) -> list[Path]:
     files = []
     held = sl[sl["heldout"]]
     sid = (held if len(held) else sl)["slide_id"].iloc[0]
-    files.append(out / f"cartography_{sid}.png")
+    files.append(out / layout.cartography_figure(sid))
     cartography(store, mid, sid, files[-1])
     curves = []
     for t in traits:
         h = sl[sl[f"part_{t}"].isin(HELD_OUT)]
         curves.append({"label": f"{t} (test + OOD slides)", "y_true": h[f"label_{t}"].to_numpy(),
                        "score": h[f"score_{t}"].to_numpy()})
-    files.append(out / "roc.png")
+    files.append(out / layout.FIG_ROC)
     roc_curves(curves, out=files[-1], seed=meta["params"].get("seed", 0),
                title=f"Trait high vs low per slide (share of tiles called positive) on held-out slides, model {mid}")
     try:
-        survival(store, mid, out=out / "hti_survival.png")
-        files.append(out / "hti_survival.png")
+        survival(store, mid, out=out / layout.FIG_HTI_SURVIVAL)
+        files.append(out / layout.FIG_HTI_SURVIVAL)
     except HefeatError:
         pass  # no survival columns, or every held-out patient on one side: the headline says what exists
     return files

@@ -30,7 +30,9 @@ with a new kind of output adds its path function here.
     jobs/<job_id>/fold=<name>/{last.pt,best.pt,final.pt,metrics.json,metrics.csv,predictions.npz,done.json}
     jobs/<job_id>/fold=<name>/claim.lock           the claim of the process (group) training the fold
     jobs/<job_id>/encoder/{backbone-<fold>.safetensors,encoder.json}   the job's backbone as an encoder
-    reports/<name>/                                PNG figures
+    models/<mid>/report/<figure>.png               a model's report figures (hefeat report; FIG_* names)
+    reports/<name>/                                PNG figures (the demo's: reports/demo/<figure>.png)
+    reports/qc-<tid>/<sid>.png                     a slide's QC picture in one tiling
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ REPORTS = "reports"
 
 #: Folders created by `hefeat init`.
 FOLDERS = (TILES, FEATURES, STATUS, COMPACT, MODELS, PREDICTIONS, INDEXES, UMAPS, RUNS, REPORTS)
+
+#: Report figures (PNG), by file name: in a model's report folder (model_report_dir, or the user's --out) and in
+#: reports/<name>/ (the demo's figures).
+MODEL_REPORT = "report"
+FIG_R_DISTRIBUTION = "r_distribution.png"
+FIG_TOP_GENES = "top_genes.png"
+FIG_PROLIFERATION = "proliferation.png"
+FIG_LEARNING_CURVES = "learning_curves.png"
+FIG_ROC = "roc.png"
+FIG_TRANSFER = "transfer.png"
+FIG_SPOT_MAP = "spot_map.png"
+FIG_HTI_SURVIVAL = "hti_survival.png"
+FIG_FROZEN_VS_FINETUNED = "frozen_vs_finetuned.png"
+FIG_UMAP = "umap.png"
 
 TILING_META = "_tiling.json"
 EXTRACTION_META = "_extraction.json"
@@ -356,6 +372,16 @@ def reports_dir(root: Path, name: str) -> Path:
 def qc_thumbnail_path(root: Path, tiling_id: str, slide_id: str) -> Path:
     """QC picture (thumbnail, mask outline, tiles) of one slide in one tiling."""
     return root / REPORTS / f"qc-{check_id(tiling_id, 'tiling_id')}" / f"{check_id(slide_id)}.png"
+
+
+def model_report_dir(root: Path, model_id: str) -> Path:
+    """Default folder of a model's report figures (hefeat report; --out puts them elsewhere)."""
+    return model_dir(root, model_id) / MODEL_REPORT
+
+
+def cartography_figure(slide_id: str) -> str:
+    """File name of a trait model's cartography of one slide (in a report folder)."""
+    return f"cartography_{check_id(slide_id)}.png"
 
 
 # -- listing ---------------------------------------------------------------------------------
