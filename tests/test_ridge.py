@@ -141,3 +141,21 @@ def test_contiguous_columns_are_sliced_not_modified():
     np.testing.assert_array_equal(Y, before)
     np.testing.assert_allclose(b.coef, c.coef, rtol=1e-12)
     assert a.coef.shape == (6, 12)
+
+
+def test_near_ties_with_few_genes_are_decided_in_float64():
+    """Few genes (the direct path that scores each penalty's residuals, in float32 for tame weights): near ties
+    are re-scored in float64 there too, so penalties 1e-7 apart still give RidgeCV's choice for every gene."""
+    from hefeat.learn.ridge import RidgeBasis
+
+    rng = np.random.default_rng(9)
+    n, p, g = 1000, 100, 20
+    X = rng.normal(size=(n, p))
+    Y = X @ rng.normal(size=(p, g)) * 0.3 + rng.normal(size=(n, g))
+    alphas = (30.0, 30.0 * (1 + 1e-7), 30.0 * (1 + 2e-7), 1e4)
+    basis = RidgeBasis(X, alphas)
+    assert g * len(alphas) < basis.rank and len(basis.f32) == 4  # the direct path, float32 scores
+    ref = RidgeCV(alphas=alphas, alpha_per_target=True).fit(X, Y)
+    fit = basis.fit(Y)
+    np.testing.assert_array_equal(fit.alpha, ref.alpha_)
+    np.testing.assert_allclose(fit.predict(X), ref.predict(X), rtol=1e-6, atol=1e-9)

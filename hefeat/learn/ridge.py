@@ -21,7 +21,8 @@ the decomposition, c and the final coefficients are float64, and genes whose bes
 within float32 error of each other are re-scored exactly in float64, so the chosen penalties are the
 float64 ones. The n x A weight matrix is smooth in the penalty, so the GEMM uses its truncated SVD
 (m <= A blocks of U∘b instead of A; see RidgeBasis). A fit with few targets (genes x A < m x r) skips
-the GEMM set-up and scores each penalty's residuals directly in float64.
+the GEMM set-up and scores each penalty's residuals directly (float32 GEMMs where the weights are tame,
+near ties re-scored in float64 as on the GEMM path).
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class RidgeBasis:
                 B, G = W, np.eye(len(idx))
             self._low.append((idx, dt, B, G, W))
         self._parts = None
+        self._U32 = None  # U in float32 for the direct scores (few genes), made on first use
         self.rank = r
 
     @property
@@ -179,12 +181,19 @@ class RidgeBasis:
         return self._parts
 
     def _score_direct(self, Yj: np.ndarray, C: np.ndarray) -> np.ndarray:
-        """Float64 LOO MSE (A, k) from each penalty's residuals: cheaper than the GEMM path's set-up for few genes."""
+        """LOO MSE (A, k) from each penalty's residuals: cheaper than the GEMM path's set-up for few genes. The
+        float32 penalties' residuals come from float32 GEMMs (their near ties are re-scored in float64 by `fit`),
+        the others' in float64; the weighted sums over samples are float64."""
         Q = Yj - self.U @ C
         mse = np.empty((len(self.alphas), Yj.shape[1]))
+        if len(self.f32):
+            if self._U32 is None:
+                self._U32 = self.U.astype(np.float32)
+            Q32, C32 = Q.astype(np.float32), C.astype(np.float32)
         for a in range(len(self.alphas)):
-            R = self.U @ (self.E[:, [a]] * C)
-            R += Q
+            f32 = a in self.f32
+            R = (self._U32 @ (self.E[:, [a]].astype(np.float32) * C32)) if f32 else self.U @ (self.E[:, [a]] * C)
+            R += Q32 if f32 else Q
             R *= R
             mse[a] = (self.w_all[:, a] @ R) / self.n
         return mse
@@ -245,7 +254,7 @@ class RidgeBasis:
                     mse[a] += np.einsum("rk,rk->k", T, T, dtype=np.float64)
                 mse[idx] /= n
             ia = np.argmin(mse, 0)
-            if len(self.f32) and A > 1 and not direct:  # penalties within float32 error of the best: float64
+            if len(self.f32) and A > 1:  # penalties within float32 error of the best: float64
                 cols_k = np.arange(k)
                 m1 = np.abs(mse[ia, cols_k])
                 close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * np.einsum("ik,ik->k", Yj, Yj) / n))
