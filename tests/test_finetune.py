@@ -560,7 +560,7 @@ def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim
 
 def test_a_finished_jobs_record_is_completed_after_a_crash_and_never_rewritten_by_a_second_start(ft_store, tmp_path,
                                                                                                 monkeypatch):
-    """Killed, then out of disk, between the model's index record (the commit) and job.json's finished record,
+    """Out of disk, then killed, between the model's index record (the commit) and job.json's finished record,
     the job's model is listed while job.json says running (its encoder refused); a re-run finds the model
     committed and completes job.json from it (summary, seconds, the encoder's record), and so for the job's
     index record written after job.json. Before, the re-run returned the job as cached and job.json stayed
@@ -582,16 +582,16 @@ def test_a_finished_jobs_record_is_completed_after_a_crash_and_never_rewritten_b
     opts = RunOptions(workers=0, threads=1, checkpoint_every=0)
     jid = jobmod.job_id(r, jobmod.data_fingerprints(load_task(st, r)), "fp32")
     meta = layout.job_meta_path(st.root, jid)
-    assert _killed_child(st.root, r, "job.meta.rename:kill") == -9
-    assert models.model_exists(st, jid) and json.loads(meta.read_text())["status"] == "running"
-    with pytest.raises(HefeatError, match="is running"):
-        finished_job(st, jid)
-    faults.arm("job.meta.rename", "enospc")
+    faults.arm("job.meta.rename", "enospc")  # trains in this process: a forked child only commits (see below)
     try:
         with pytest.raises(OSError, match="No space"):
             run_job(st, r, opts)
     finally:
         faults.disarm()
+    assert models.model_exists(st, jid) and json.loads(meta.read_text())["status"] == "running"
+    with pytest.raises(HefeatError, match="is running"):
+        finished_job(st, jid)
+    assert _killed_child(st.root, r, "job.meta.rename:kill") == -9  # the re-run completing it is killed there
     assert json.loads(meta.read_text())["status"] == "running"
     index = layout.job_index_path(st.root, jid)  # job.json written, its index record not: completed the same way
     assert _killed_child(st.root, r, "job.index.rename:kill") == -9
