@@ -93,3 +93,38 @@ def test_allow_list_is_current():
     """Every allowed name still occurs where it is allowed (a stale entry would hide a new literal)."""
     for rel, name in ALLOWED:
         assert repr(name)[1:-1] in (PKG / rel).read_text(), (rel, name)
+
+
+RECORD_NAMES = {"JOB_META", "JOB_INDEX", "job_meta_path", "job_index_path", "MODEL_META", "MODEL_INDEX",
+                "MODEL_ARRAYS", "model_index_path"}
+
+
+def record_name_uses(pkg: Path) -> list[tuple[str, int, str]]:
+    """(module, line, name) of every use of a model's or a job's record names (layout.MODEL_META, job_meta_path, ...)
+    outside pkg/store/: those records are saved, loaded and checked by hefeat.store.models and hefeat.store.jobs."""
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel.startswith("store/"):
+            continue
+        for n in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            name = n.attr if isinstance(n, ast.Attribute) else n.id if isinstance(n, ast.Name) else None
+            if name in RECORD_NAMES:
+                found.append((rel, n.lineno, name))
+    return found
+
+
+def test_model_and_job_records_go_through_the_store():
+    """No module outside store/ reads or writes a model's or a job's record files itself; a planted use is found."""
+    assert record_name_uses(PKG) == []
+
+
+def test_record_scan_catches_a_planted_use(tmp_path):
+    """The record scan reports exactly the names planted outside store/."""
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "planted.py").write_text(
+        "from hefeat.store import layout\n"
+        "def f(root, jid, jdir):\n"
+        "    return layout.job_meta_path(root, jid), jdir / layout.JOB_INDEX\n")
+    assert record_name_uses(tmp_path) == [("finetune/planted.py", 3, "job_meta_path"),
+                                          ("finetune/planted.py", 3, "JOB_INDEX")]

@@ -38,6 +38,7 @@ from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
 from hefeat.store.catalog import Store
 from hefeat.store.ids import finetune_job_id
+from hefeat.store.jobs import job_exists, job_finished, load_job, save_job
 from hefeat.store.locks import SlideClaim, lock_state
 from hefeat.store.predictions import write_predictions
 from hefeat.store.runs import timestamp
@@ -207,7 +208,7 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     precision = choice.precision
     fps = data_fingerprints(data)
     jid = job_id(r, fps, precision)
-    if model_exists(store, jid) and not opts.force and _record_finished(store, jid):
+    if model_exists(store, jid) and not opts.force and job_finished(store, jid):
         return {**model_summary(store, jid, cached=True), "job_id": jid}
     jdir = store.job_dir(jid)
     split_name = f"{r.split} seed={r.seed}"
@@ -225,9 +226,8 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
             job = {"job_id": jid, "task": r.task, "status": "running", "recipe": r.to_dict(), "precision": precision,
                    "precision_choice": choice.to_dict(), "input_plan": input_plan.to_dict(),
                    "data": fps, "split": split_name, "folds": _fold_record(data, plans), "code_version": __version__,
-                   "device": d.device, "processes": d.world, "created": _created(jdir), "updated": timestamp()}
-            write_json(jdir / layout.JOB_META, job)
-            write_json(jdir / layout.JOB_INDEX, _index(job))
+                   "device": d.device, "processes": d.world, "created": _created(store, jid), "updated": timestamp()}
+            save_job(store, jid, job)
     finally:
         if start_claim is not None:
             start_claim.release()
@@ -382,14 +382,8 @@ def _replace(s, **kw):
     return dataclasses.replace(s, **kw)
 
 
-def _created(jdir) -> str:
-    p = jdir / layout.JOB_META
-    return read_json(p)["created"] if p.exists() else timestamp()
-
-
-def _index(job: dict) -> dict:
-    return {k: job.get(k) for k in ("job_id", "task", "status", "precision", "split", "device", "processes",
-                                    "created", "updated")} | {"backbone": job["recipe"]["backbone"]}
+def _created(store: Store, jid: str) -> str:
+    return load_job(store, jid)["created"] if job_exists(store, jid) else timestamp()
 
 
 def _fold_record(data: TaskData, plans) -> list[dict]:
@@ -474,18 +468,9 @@ def _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables,
 
 def _finish_record(store, jid, summary, enc, seconds) -> None:
     """job.json (and its index record) as finished: written after the model's index record, the commit."""
-    jdir = store.job_dir(jid)
-    job = read_json(jdir / layout.JOB_META)
+    job = load_job(store, jid)
     job.update(status="finished", updated=timestamp(), summary=summary, encoder=enc, seconds=seconds)
-    write_json(jdir / layout.JOB_META, job, kind="job.meta")
-    write_json(jdir / layout.JOB_INDEX, _index(job), kind="job.index")
-
-
-def _record_finished(store, jid) -> bool:
-    """Whether the job's records (job.json and its index record) say finished; a missing one counts as finished
-    (a model copied without its job folder)."""
-    return all(not p.exists() or read_json(p).get("status") == "finished"
-               for p in (layout.job_meta_path(store.root, jid), layout.job_index_path(store.root, jid)))
+    save_job(store, jid, job, fault_kind="job")
 
 
 def _cached(store, jid, d: ddp.Dist) -> dict:
@@ -493,12 +478,12 @@ def _cached(store, jid, d: ddp.Dist) -> dict:
     when the committer was killed or ran out of disk between the model's index record and job.json, it
     completes job.json and its index record from what was committed (the model's summary and seconds, the
     encoder's record)."""
-    from hefeat.learn.models import model_summary
+    from hefeat.learn.models import load_model, model_summary
 
     if not d.main:
         return {"job_id": jid, "rank": d.rank}
-    if not _record_finished(store, jid):
-        meta = read_json(layout.model_file(store.root, jid, layout.MODEL_META))
+    if not job_finished(store, jid):
+        meta = load_model(store, jid)
         enc = read_json(layout.job_encoder_dir(store.root, jid) / layout.ENCODER_META)
         _finish_record(store, jid, meta["summary"], enc, meta.get("seconds"))
     return {**model_summary(store, jid, cached=True), "job_id": jid}

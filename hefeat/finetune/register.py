@@ -15,8 +15,9 @@ import numpy as np
 
 from hefeat.errors import HefeatError
 from hefeat.store import layout
-from hefeat.store.atomic import atomic_path, read_json, write_json
+from hefeat.store.atomic import atomic_path, write_json
 from hefeat.store.catalog import Store
+from hefeat.store.jobs import job_exists, known_jobs, load_job
 
 PREFIX = "finetuned:"
 
@@ -32,11 +33,10 @@ def parse_name(name: str) -> tuple[str, str | None]:
 
 def finished_job(store: Store, jid: str) -> dict:
     """A job's record (job.json), refusing a job that is missing or has not finished."""
-    p = layout.job_meta_path(store.root, jid)
-    if not p.exists():
-        known = [j for j in layout.known_ids(store.root, layout.JOBS) if layout.job_meta_path(store.root, j).exists()]
+    if not job_exists(store, jid):
+        known = known_jobs(store)
         raise HefeatError(f"No fine-tuning job {jid!r} in {store.root}. Known: {', '.join(known[:10]) or 'none'}")
-    job = read_json(p)
+    job = load_job(store, jid)
     if job.get("status") != "finished":
         raise HefeatError(f"Job {jid} is {job.get('status')}: run it to the end (hefeat finetune run) before using its encoder")
     return job
@@ -67,7 +67,7 @@ def backbone_file(store: Store, jid: str, fold: str) -> Path:
 def export_encoder(store: Store, jid: str, fold: str, recipe, data, results: dict, precision: str) -> dict:
     """Write the registered encoder (backbone file + encoder.json); returns its record plus the head arrays."""
     backbone_file(store, jid, fold)
-    job = read_json(layout.job_meta_path(store.root, jid))
+    job = load_job(store, jid)
     folds = {f["name"]: f for f in job["folds"]}
     enc = finetuned_encoder(store, f"{PREFIX}{jid}:{fold}", _job_record=job)
     sd = _best_state(store, jid, fold)

@@ -13,6 +13,7 @@ from hefeat.finetune.tasks import get_task
 from hefeat.store import layout
 from hefeat.store.atomic import read_json
 from hefeat.store.catalog import Store
+from hefeat.store.jobs import job_exists, load_job
 from hefeat.store.locks import lock_state
 
 
@@ -24,10 +25,9 @@ def headline(s: dict) -> str:
 def job_status(store: Store, jid: str) -> dict:
     """The job's state from its heartbeat (done / running / stopped); per fold: finished / trained up to a
     checkpoint / not started, epochs, best epoch, last losses."""
-    p = layout.job_meta_path(store.root, jid)
-    if not p.exists():
+    if not job_exists(store, jid):
         raise HefeatError(f"No fine-tuning job {jid!r} in {store.root} (see: hefeat finetune list)")
-    job = read_json(p)
+    job = load_job(store, jid)
     state, why = job_state(store.root, job)
     folds = []
     for f in job["folds"]:
