@@ -171,12 +171,13 @@ class RidgeBasis:
             U, r = self.U, self.rank
             self._parts = []
             for idx, dt, B, G, W in self._low:
-                UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1)  # (n, m·r)
-                N = (UB.T @ U).reshape(B.shape[1], r * r)  # U' diag(b_m) U (float64)
+                UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1).astype(dt)  # (n, m·r)
+                Ud = U.astype(dt)
+                N = (UB.T @ Ud).reshape(B.shape[1], r * r).astype(np.float64)  # U' diag(b_m) U
                 M = (G.T @ N).reshape(len(idx), r, r)  # U' diag(w_a) U = Σ_m Γ_ma U' diag(b_m) U
                 M = (M + M.transpose(0, 2, 1)) / 2
                 LT = np.linalg.cholesky(M).transpose(0, 2, 1).astype(dt)  # w >= 1: M >= I, well conditioned
-                self._parts.append((idx, dt, U.astype(dt), UB.astype(dt), G.astype(dt),
+                self._parts.append((idx, dt, Ud, UB, G.astype(dt),
                                     np.ascontiguousarray(self.E.T[idx], dt), LT, W.astype(dt)))
         return self._parts
 
