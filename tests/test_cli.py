@@ -93,7 +93,7 @@ def test_cli_extract_export_import(tmp_path, tiled, cohort):
     e = js("extract", "--encoder", "resnet18", "--layer", "layer2", "--weights", "none", "--tiling", tid,
            "--precision", "fp32", "--batch-size", "32", "--store", st)
     assert e["ok"] == 8 and e["dim"] == 128 and e["failed"] == {}
-    assert set(e["timings"]) == {"read_wait_s", "compute_s", "write_s", "loop_s", "calibrate_s"}
+    assert set(e["timings"]) == {"read_wait_s", "compute_s", "write_s", "loop_s", "loop_cpu_s", "calibrate_s"}
     x = js("export", "h5", tmp_path / "h5", "--extraction", e["extraction_id"], "--store", st)
     assert x["slides"] == 8
     r = run("extract", "--encoder", "nosuchnet", "--weights", "none", "--tiling", tid, "--store", st, ok=False)
