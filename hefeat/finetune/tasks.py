@@ -199,7 +199,7 @@ def _eval_genes(data: TaskData, pred, tested, split, *, kept=None, fdr: float = 
     summary = {"n_samples": len(units), "n_genes": len(genes), "n_significant": int(m["significant"].sum()),
                "n_r2_above_0.2": int((m["r2"] > 0.2).sum()), "median_spearman_r": _f(m["spearman_r"].median()),
                "split": split}
-    from hefeat.learn.emo import ALIASES, PAM50_PROLIFERATION
+    from hefeat.learn.genesets import ALIASES, PAM50_PROLIFERATION
 
     prol = [i for i, g in enumerate(genes) if ALIASES.get(g, g) in PAM50_PROLIFERATION]
     if len(prol) >= 3:

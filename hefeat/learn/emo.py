@@ -17,6 +17,7 @@ import pandas as pd
 
 from hefeat.errors import HefeatError
 from hefeat.learn.data import SlideLevelData
+from hefeat.learn.genesets import ALIASES, PAM50_PROLIFERATION
 from hefeat.learn.registry import (
     FitResult,
     Method,
@@ -29,8 +30,6 @@ from hefeat.learn.registry import (
 from hefeat.store.catalog import Store
 from hefeat.store.predictions import write_predictions
 
-PAM50_PROLIFERATION = ("BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2", "TYMS", "UBE2C")
-ALIASES = {"CDCA1": "NUF2", "KNTC2": "NDC80"}
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 SPLIT_KINDS = ("patient-kfold", "holdout", "loo", "leave-one-patient-out")
 

@@ -66,7 +66,7 @@ def gene_plots(store: Store, mid: str, out: Path) -> list[Path]:
                                    for g in top], units=units.strip(), out=files[-1],
                                   title=f"The {len(top)} genes with the highest held-out {r_col.replace('_', ' ')} of "
                                         f"{len(m)} (model {mid}; out-of-fold predictions)")
-            from hefeat.learn.emo import ALIASES, PAM50_PROLIFERATION
+            from hefeat.learn.genesets import ALIASES, PAM50_PROLIFERATION
 
             prol = [g for g in oof.columns if ALIASES.get(g, g) in PAM50_PROLIFERATION]
             if len(prol) >= 3:
@@ -153,51 +153,3 @@ def transfer_plot(store: Store, mid: str, out: Path) -> list[Path]:
                         title=f"{meta['summary']['label']} at hospital B: AUC ({meta['params']['folds']}-fold CV on B) "
                               f"over {a['split'].nunique()} random A/B patient splits per size (model {mid})")
     return [f]
-
-
-# ----------------------------------------------------------------------------------------------
-# Spatial (spots, traits)
-# ----------------------------------------------------------------------------------------------
-def spot_map_plot(store: Store, mid: str, out: Path) -> list[Path]:
-    """Map of the best gene on the slide with the most spots: measured, predicted, baseline."""
-    from hefeat.learn.spots import spot_maps
-
-    m = load_table(store, mid, "metrics")
-    gene = m.sort_values("mean_r_model", ascending=False)["gene"].iloc[0]
-    n = store.sql("SELECT slide_id, count(*) AS n FROM predictions WHERE model_id = ? GROUP BY 1", [mid])
-    if n.empty:
-        return []
-    sid = max(zip(n["n"], n["slide_id"], strict=True))[1]  # most spots; ties to the last slide id
-    f = out / layout.FIG_SPOT_MAP
-    spot_maps(store, mid, sid, gene, f, why=f"best of {len(m)} genes by mean held-out r; slide with the most spots")
-    return [f]
-
-
-def trait_plots(store: Store, mid: str, out: Path) -> list[Path]:
-    """Cartography of a held-out slide, held-out ROC per trait, HTI survival when the clinical data allow."""
-    from hefeat.errors import HefeatError
-    from hefeat.figures.metrics import roc_curves
-    from hefeat.learn.traits import HELD_OUT, cartography, survival
-
-    meta = load_model(store, mid)
-    traits = meta["params"]["traits"]
-    sl = load_table(store, mid, "slides")
-    files = []
-    held = sl[sl["heldout"]]
-    sid = (held if len(held) else sl)["slide_id"].iloc[0]
-    files.append(out / layout.cartography_figure(sid))
-    cartography(store, mid, sid, files[-1])
-    curves = []
-    for t in traits:
-        h = sl[sl[f"part_{t}"].isin(HELD_OUT)]
-        curves.append({"label": f"{t} (test + OOD slides)", "y_true": h[f"label_{t}"].to_numpy(),
-                       "score": h[f"score_{t}"].to_numpy()})
-    files.append(out / layout.FIG_ROC)
-    roc_curves(curves, out=files[-1], seed=meta["params"].get("seed", 0),
-               title=f"Trait high vs low per slide (share of tiles called positive) on held-out slides, model {mid}")
-    try:
-        survival(store, mid, out=out / layout.FIG_HTI_SURVIVAL)
-        files.append(out / layout.FIG_HTI_SURVIVAL)
-    except HefeatError:
-        pass  # no survival columns, or every held-out patient on one side: the headline says what exists
-    return files

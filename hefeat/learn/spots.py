@@ -27,6 +27,7 @@ from hefeat.learn.registry import (
     param,
     register,
 )
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.predictions import write_predictions
 
@@ -406,8 +407,23 @@ def _units(column: str) -> str:
     return f"predicted {TARGET_UNITS}"
 
 
+def spot_map_plot(store: Store, mid: str, out: Path) -> list[Path]:
+    """Map of the best gene on the slide with the most spots: measured, predicted, baseline."""
+    from hefeat.learn.models import load_table
+
+    m = load_table(store, mid, "metrics")
+    gene = m.sort_values("mean_r_model", ascending=False)["gene"].iloc[0]
+    n = store.sql("SELECT slide_id, count(*) AS n FROM predictions WHERE model_id = ? GROUP BY 1", [mid])
+    if n.empty:
+        return []
+    sid = max(zip(n["n"], n["slide_id"], strict=True))[1]  # most spots; ties to the last slide id
+    f = out / layout.FIG_SPOT_MAP
+    spot_maps(store, mid, sid, gene, f, why=f"best of {len(m)} genes by mean held-out r; slide with the most spots")
+    return [f]
+
+
 def _plots(store: Store, mid: str, out: Path) -> list[Path]:
-    from hefeat.learn.report import learning_curve_plot, spot_map_plot
+    from hefeat.learn.report import learning_curve_plot
 
     return spot_map_plot(store, mid, out) + learning_curve_plot(store, mid, out, "training")
 

@@ -480,9 +480,36 @@ def headline(s: dict) -> str:
             f"{s.get('n_patients', '?')} patients held out for every trait (the ones HTI survival uses)")
 
 
-def _plots(store: Store, mid: str, out: Path) -> list[Path]:
-    from hefeat.learn.report import trait_plots
+def trait_plots(store: Store, mid: str, out: Path) -> list[Path]:
+    """Cartography of a held-out slide, held-out ROC per trait, HTI survival when the clinical data allow."""
+    from hefeat.figures.metrics import roc_curves
+    from hefeat.learn.models import load_model, load_table
 
+    meta = load_model(store, mid)
+    traits = meta["params"]["traits"]
+    sl = load_table(store, mid, "slides")
+    files = []
+    held = sl[sl["heldout"]]
+    sid = (held if len(held) else sl)["slide_id"].iloc[0]
+    files.append(out / layout.cartography_figure(sid))
+    cartography(store, mid, sid, files[-1])
+    curves = []
+    for t in traits:
+        h = sl[sl[f"part_{t}"].isin(HELD_OUT)]
+        curves.append({"label": f"{t} (test + OOD slides)", "y_true": h[f"label_{t}"].to_numpy(),
+                       "score": h[f"score_{t}"].to_numpy()})
+    files.append(out / layout.FIG_ROC)
+    roc_curves(curves, out=files[-1], seed=meta["params"].get("seed", 0),
+               title=f"Trait high vs low per slide (share of tiles called positive) on held-out slides, model {mid}")
+    try:
+        survival(store, mid, out=out / layout.FIG_HTI_SURVIVAL)
+        files.append(out / layout.FIG_HTI_SURVIVAL)
+    except HefeatError:
+        pass  # no survival columns, or every held-out patient on one side: the headline says what exists
+    return files
+
+
+def _plots(store: Store, mid: str, out: Path) -> list[Path]:
     return trait_plots(store, mid, out)
 
 
