@@ -128,3 +128,45 @@ def test_record_scan_catches_a_planted_use(tmp_path):
         "    return layout.job_meta_path(root, jid), jdir / layout.JOB_INDEX\n")
     assert record_name_uses(tmp_path) == [("finetune/planted.py", 3, "job_meta_path"),
                                           ("finetune/planted.py", 3, "JOB_INDEX")]
+
+
+# Modules outside store/ids.py that hash, each with what it hashes: content fingerprints that go into ids
+# (ids.py mints the ids from them), never an id itself.
+HASHING = {
+    "extract/interop.py": "the imported CLAM/TRIDENT folder's coords and features (ids.imported_* take the digests)",
+    "extract/precision.py": "the key of the per-user measurement cache (not a store id)",
+    "extract/encoders.py": "an encoder's weights digest (part of an extraction's provenance and id inputs)",
+    "finetune/job.py": "a job's data fingerprints (ids.finetune_job_id takes them)",
+    "finetune/train.py": "a network's weights digest (every DDP rank must agree; recorded per fold)",
+    "formats/synth_layouts.py": "deterministic seeds and fake checksums of synthetic published layouts",
+    "formats/gdc.py": "the md5 a GDC manifest lists for each file (checked on read)",
+    "slides/stain.py": "a stain reference's fingerprint (an extraction's id input)",
+    "learn/emo.py": "the hold-out file's content (a model's id input)",
+    "learn/spots.py": "the region-label file's content (a model's id input)",
+}
+
+
+def hashing_modules(pkg: Path) -> list[str]:
+    """Modules outside store/ that import hashlib (where an id formula other than hefeat.store.ids' would hide)."""
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if "hashlib" in names and not rel.startswith("store/"):
+            found.append(rel)
+    return found
+
+
+def test_ids_are_minted_in_store_ids_only():
+    """Every module outside store/ that hashes is listed with what it hashes (fingerprints, not ids), and
+    every listed one still hashes; a planted hashing module is found."""
+    assert sorted(hashing_modules(PKG)) == sorted(HASHING)
+
+
+def test_hashing_scan_catches_a_planted_module(tmp_path):
+    (tmp_path / "learn").mkdir()
+    (tmp_path / "learn" / "planted.py").write_text("from hashlib import sha256\n\ndef my_id(p):\n"
+                                                   "    return sha256(repr(p).encode()).hexdigest()[:12]\n")
+    assert hashing_modules(tmp_path) == ["learn/planted.py"]
