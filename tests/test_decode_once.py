@@ -77,6 +77,29 @@ class ReadCounter:
         return [self.n[(sid, int(x), int(y), params.size, float(params.mpp))] for sid, x, y in t.itertuples(index=False)]
 
 
+class SinkSpy:
+    """Every block handed to the pipeline's feature writer (hefeat.extract.writer.FeatureSink.put): slide, first row, rows."""
+
+    def __init__(self, monkeypatch):
+        from hefeat.extract.writer import FeatureSink
+
+        self.blocks: list[tuple[str, int, int]] = []
+        orig = FeatureSink.put
+
+        def put(sink, job, start, rows):
+            self.blocks.append((job.slide_id, int(start), len(rows)))
+            return orig(sink, job, start, rows)
+
+        monkeypatch.setattr(FeatureSink, "put", put)
+
+    def rows(self) -> dict[str, int]:
+        """Rows written per slide."""
+        out: dict[str, int] = collections.Counter()
+        for sid, _, n in self.blocks:
+            out[sid] += n
+        return dict(out)
+
+
 def _outputs(st: Store, tid: str, eid: str, slides: list[str] = SLIDES) -> dict:
     """Every slide's tiles Parquet bytes, feature rows and coords."""
     out = {}
@@ -96,14 +119,19 @@ def test_fused_equals_tile_then_extract_and_reads_each_tile_once(tmp_path, cohor
     two = _store(tmp_path / "two", cohort, spots=params.spots)
     count_two = ReadCounter(monkeypatch)
     tid = run_tiling(two, params).extra["tiling_id"]
+    sink_two = SinkSpy(monkeypatch)
     ref = run_extraction(two, tiling_id=tid, fit=FIT[rule], options=ExtractOptions(**OPT), **ENC)
     reads_two = count_two.of(two, tid, params)
     monkeypatch.undo()
 
     one = _store(tmp_path / "one", cohort, spots=params.spots)
     count_one = ReadCounter(monkeypatch)
+    sink_one = SinkSpy(monkeypatch)
     s = run_extraction(one, tile_params=params, fit=FIT[rule], options=ExtractOptions(**OPT), **ENC)
     reads_one = count_one.of(one, tid, params)
+    # Both paths write every row through the pipeline's one feature writer (decode-once has no copy of it).
+    n_tiles = one.sql("SELECT slide_id, count(*) n FROM tiles GROUP BY ALL", tiling=tid)
+    assert sink_one.rows() == sink_two.rows() == dict(zip(n_tiles["slide_id"], n_tiles["n"], strict=True))
     eid = ref.extra["extraction_id"]
     assert s.extra["extraction_id"] == eid and sorted(s.ok) == slides and s.failed == {}
     assert _outputs(one, tid, eid, slides) == _outputs(two, tid, eid, slides)

@@ -147,6 +147,7 @@ def run_fused(store, runner, params: TilingParams, slide_ids: list[str], table: 
     """
     import os
 
+    from hefeat.extract.writer import FeatureSink, SlideFeatures
     from hefeat.runner import run_slides
     from hefeat.slides.run import (
         open_catalog_slide,
@@ -154,12 +155,14 @@ def run_fused(store, runner, params: TilingParams, slide_ids: list[str], table: 
         tiling_id,
         write_slide_tiles,
     )
-    from hefeat.store import faults, ids
     from hefeat.store.features import FeatureFileWriter
 
     tid = tiling_id(params)
     threads = threads or min(4, os.cpu_count() or 1)
     stats = {"tiles_read_once": 0, "reads": 0, "read_s": 0.0}
+    sink = FeatureSink(runner, lambda job: FeatureFileWriter(
+        store.features_path(runner.key, job.slide_id), len(job.coords), int(info["dim"]), dtype=dtype,
+        coords=job.coords, attrs=attrs(job.slide_id, job.size0)), info, dtype)
 
     def tile(task) -> dict:
         """The tiling step: tile the slide, embedding each read once; the tiles are committed by run_slides."""
@@ -185,30 +188,15 @@ def run_fused(store, runner, params: TilingParams, slide_ids: list[str], table: 
             runner.fail(etask, res.embed_error)
             return
         coords = res.coords
-        digest = ids.new_hasher()
-        digest.update(np.ascontiguousarray(coords, np.int64).tobytes())
-        writer = None
-        try:
-            writer = FeatureFileWriter(store.features_path(runner.key, sid), len(coords), int(info["dim"]),
-                                       dtype=dtype, coords=coords, attrs=attrs(sid, float(res.tiles["size0"].iloc[0])))
-            for start, rows in res.blocks:
-                faults.point("features.write")
-                writer.write(start, rows)
-                digest.update(np.ascontiguousarray(rows).tobytes())
-            faults.point("features.rename")
-            writer.commit()
-            writer = None
-            faults.point("features.renamed")
-        except (OSError, NonFiniteError) as e:  # NonFiniteError: values the stored dtype cannot hold
-            if writer is not None:
-                writer.abort()
-                writer = None
-            runner.fail(etask, e)
-            return
+        job = SlideFeatures(etask, str(table.loc[sid, "path"]), float(table.loc[sid, "mpp_x"]), coords,
+                            float(res.tiles["size0"].iloc[0]))
+        try:  # the pipeline's writer: same cast, checks, file, fault points and record as a two-pass extraction
+            for start, rows in res.blocks or [(0, np.zeros((0, int(info["dim"])), dtype))]:
+                sink.put(job, start, rows)
         finally:
-            if writer is not None:  # a crash or Ctrl-C leaves no half-written file behind
-                writer.abort()
-        runner.ok(etask, n_tiles=len(coords), digest=digest.hexdigest(), **info)
+            sink.abort(job)  # a crash or Ctrl-C leaves no half-written file behind
+        if job.failed:
+            return
         stats["tiles_read_once"] += len(coords)
 
     t = run_slides(store, "tiling", tid, list(slide_ids), tile, fail_fast=fail_fast, progress=progress,

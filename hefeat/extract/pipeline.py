@@ -18,7 +18,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,11 +53,12 @@ from hefeat.extract.plan import (  # noqa: F401  (re-exported: the plan side liv
     recorded_choice,
     resolve_device,
 )
-from hefeat.runner import RunSummary, SlideRunner, SlideTask
-from hefeat.store import faults, ids, layout
+from hefeat.extract.writer import FeatureSink, SlideFeatures
+from hefeat.runner import RunSummary, SlideRunner
+from hefeat.store import layout
 from hefeat.store.atomic import clean_stale_tmp, write_json
 from hefeat.store.catalog import Store
-from hefeat.store.features import FeatureFileWriter, check_storable, refresh_aggregates
+from hefeat.store.features import FeatureFileWriter, refresh_aggregates
 from hefeat.store.runs import record_run
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,20 +77,7 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class _SlideJob:
-    task: SlideTask
-    path: str
-    mpp: float
-    coords: np.ndarray  # (n, 2) level-0 x, y
-    size0: float
-    failed: str | None = None
-    writer: FeatureFileWriter | None = None
-    digest: object = field(default_factory=ids.new_hasher)
-
-    @property
-    def slide_id(self) -> str:
-        return self.task.slide_id
+_SlideJob = SlideFeatures  # a claimed slide being embedded and written (hefeat.extract.writer)
 
 
 class TileDataset:
@@ -180,12 +167,13 @@ def _worker_init(_):
 # Writing
 # ----------------------------------------------------------------------------------------------
 class _Writer(threading.Thread):
-    """Background writer: appends batches to per-slide files; a finished slide is committed through the runner."""
+    """Background writer: hands each batch's rows to the FeatureSink (hefeat.extract.writer), which commits a
+    finished slide through the runner."""
 
     def __init__(self, runner: SlideRunner, jobs: list[_SlideJob], open_writer, info: dict, dtype: str):
         super().__init__(daemon=True, name="hefeat-extract-writer")
         self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.runner, self.jobs, self.open_writer, self.info, self.dtype = runner, jobs, open_writer, info, np.dtype(dtype)
+        self.jobs, self.sink = jobs, FeatureSink(runner, open_writer, info, dtype)
         self.seconds = 0.0
         self.error: BaseException | None = None
 
@@ -204,40 +192,10 @@ class _Writer(threading.Thread):
                 self.seconds += time.perf_counter() - t
 
     def _handle(self, k: int, start: int, rows: np.ndarray | None, err: str | BaseException | None) -> None:
-        job = self.jobs[k]
         if err is not None:
-            self.fail(k, err)
-            return
-        if job.failed:
-            return
-        try:
-            if job.writer is None:
-                job.writer = self.open_writer(job)
-                job.digest.update(np.ascontiguousarray(job.coords, np.int64).tobytes())
-            faults.point("features.write")
-            with np.errstate(over="ignore"):
-                block = rows.astype(self.dtype, copy=False)
-            check_storable(rows, block, start)  # finite as stored: a float16 overflow fails the slide
-            job.writer.write(start, block)
-            job.digest.update(np.ascontiguousarray(block).tobytes())
-            if job.writer.written < len(job.coords):
-                return
-            faults.point("features.rename")
-            job.writer.commit()
-            job.writer = None
-            faults.point("features.renamed")
-        except (OSError, NonFiniteError) as e:  # a full disk (or a failing one), or values the stored dtype
-            self.fail(k, e)                       # cannot hold, fail the slide; the runner decides whether to stop
-            return
-        self.runner.ok(job.task, n_tiles=len(job.coords), digest=job.digest.hexdigest(), **self.info)
-
-    def fail(self, k: int, err: str | BaseException) -> None:
-        job = self.jobs[k]
-        job.failed = str(err)
-        if job.writer is not None:
-            job.writer.abort()
-            job.writer = None
-        self.runner.fail(job.task, err, code="read_error" if isinstance(err, str) else None)
+            self.sink.fail(self.jobs[k], err)
+        else:
+            self.sink.put(self.jobs[k], start, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,8 +387,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         _stop(writer)
         timings["loop_s"] = time.perf_counter() - t_loop
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
-            if j.writer is not None:
-                j.writer.abort()
+            FeatureSink.abort(j)
     if writer.error:
         raise _writer_error(writer.error)
     timings["write_s"] = writer.seconds
