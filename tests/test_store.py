@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -155,15 +154,27 @@ def _tile_table(st, tid):
     return st.sql(f"SELECT slide_id, tile_id, x, y, sharpness FROM tiles WHERE tiling_id = '{tid}' ORDER BY 1, 2")
 
 
+KILLED_TILER = textwrap.dedent("""
+    import glob, os, signal, sys
+    import hefeat.slides.run as r
+    from hefeat.slides.tiling import TilingParams
+    from hefeat.store.catalog import Store
+    real = r.tile_slide
+    def tile_then_die(*a, **k):  # SIGKILL inside the first slide begun after two slides' files are in
+        out = real(*a, **k)
+        if len(glob.glob(os.path.join(sys.argv[1], "tiles", "*", "slide=*.parquet"))) >= 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    r.tile_slide = tile_then_die
+    r.run_tiling(Store(sys.argv[1]), TilingParams())
+""")
+
+
 def test_killed_tiling_resumes_without_duplicates(tmp_path, cohort):
     st = _fresh(tmp_path, cohort)
     tid = tiling_id(TilingParams())
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_TILER, str(st.root)])
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(st.tiling_dir(tid).glob("slide=*.parquet"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert subprocess.run([sys.executable, "-c", KILLED_TILER, str(st.root)], timeout=300).returncode == -9
+    assert st.tiling_dir(tid) == st.root / "tiles" / st.tiling_dir(tid).name  # the child's glob looks there
     n_files = len(list(st.tiling_dir(tid).glob("slide=*.parquet")))
     n_before = len(st.finished("tiling", tid))  # committed; a file renamed just before the kill is not
     assert 2 <= n_files < 8 and n_files - 1 <= n_before <= n_files
