@@ -152,7 +152,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     intercept, alpha_final = np.zeros(g), np.zeros(g)
     step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n))))
     for j0 in range(0, g, step):
-        Yc = np.ascontiguousarray(data.Y[:, j0:j0 + step])
+        Yc = np.asfortranarray(data.Y[:, j0:j0 + step])  # gene-major: the ridge gathers each fold's rows per gene
         o, keep, al = cv.run(Yc)
         oof[:, j0:j0 + step] = o
         kept[j0:j0 + step] = keep.all(0)
@@ -170,7 +170,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         heads = final.basis.fit(Ye, cols=ev)
         coef[:, j0 + ev], intercept[j0 + ev], alpha_final[j0 + ev] = heads.coef, heads.intercept, heads.alpha
         for i, perm in enumerate(perms):
-            Yp = Yc[perm]
+            Yp = Yc.T.take(perm, axis=1).T  # permuted rows, still gene-major
             po, _, _ = cv.run(Yp)
             null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po[np.ix_(tested, ev)]),
                                                          to_patients(_shift_all(Yp, cohort)[np.ix_(tested, ev)]))

@@ -7,22 +7,32 @@ is r_i / (1 - h_i) (Allen 1974; Golub, Heath & Wahba 1979). The intercept is unp
 scikit-learn's RidgeCV, whose `alpha_per_target=True` path this reproduces.
 
 At transcriptome scale (20,000 genes x 10,000 samples) the n x g residual matrix is never formed per
-penalty. With c = U'y, the least-squares residual q = y - U c and e = 1 - d = a/(s²+a), the residual
-is r = q + U(e∘c), so for the LOO weights w = 1/(1-h)²
+penalty. With c = U'y, the least-squares residual q = y - U c, e = 1 - d = a/(s²+a) and the shrunk part
+ρ = U(e∘c), the residual is r = q + ρ, and with the LOO weights w = 1/(1-h)²
 
-    n·MSE(a) = Σ w q²  +  2 (e∘c)·(U' diag(w) q)  +  (e∘c)' (U' diag(w) U) (e∘c),
+    n·MSE(a) = Σ w q²  +  ρ' diag(w) ρ  +  2 Σ w q ρ.
 
-which for every penalty at once is one GEMM of [U∘w(a₁) … U∘w(a_A)]' (n x A·r) with q (n x genes)
-(in its low-rank form, below). The middle term is then Σ_m Γ_ma e_a·(c∘(U∘b_m)'q): small (A x r) GEMMs,
-no A x r x genes array; the last is |L_a'(e∘c)|² with L_a the Cholesky factor of U' diag(w_a) U (w >= 1,
-so it is well conditioned): one triangular product per penalty, half a general one. Genes stream in
-chunks sized to memory. The big GEMMs run in float32;
-the decomposition, c and the final coefficients are float64, and genes whose best two penalties are
-within float32 error of each other are re-scored exactly in float64, so the chosen penalties are the
-float64 ones. The n x A weight matrix is smooth in the penalty, so the GEMM uses its truncated SVD
-(m <= A blocks of U∘b instead of A; see RidgeBasis). A fit with few targets (genes x A < m x r) skips
-the GEMM set-up and scores each penalty's residuals directly (float32 GEMMs where the weights are tame,
-near ties re-scored in float64 as on the GEMM path).
+The first term is one GEMM of (q∘q)' with the n x A weight matrix; the second is |L_a'(e∘c)|² with L_a the
+Cholesky factor of U' diag(w_a) U (w >= 1, well conditioned): one triangular product per penalty. Only the
+cross term needs an n x r x genes product per penalty. It is bounded first, exactly and cheaply: q is
+orthogonal to U (U'q = 0), so Σ q ρ = 0 and, for the centred weights δ = w - mean(w),
+
+    Σ w q ρ = Σ δ q ρ,   |Σ δ q ρ| <= sqrt(Σ |δ| q²) · sqrt((e∘c)' U' diag(|δ|) U (e∘c))      (Cauchy-Schwarz)
+
+(the first factor is the same GEMM as Σ w q², the second one more triangular product per penalty with the
+Cholesky factor of U' diag(|δ|) U). So every penalty's score lies in [T - B, T + B] with T = Σ w q² + ρ'diag(w)ρ
+and B = 2·(that product). A penalty whose lower end lies above the smallest upper end (plus TIE_TOL, the
+float32 margin) cannot be the gene's LOO-best; only the others (2-3 of 15 per gene on the fabricated
+store's features, where δ spans ~0.08) get their cross term computed exactly, as (e∘c)·((U∘δ)'q) for the
+genes where that penalty is a candidate. The best penalty always is one, so every gene's reported LOO
+MSE is exact. No weight approximation is involved: the chosen penalties are those of the exact scores.
+
+Genes stream in chunks sized to memory. The big GEMMs run in float32; the decomposition, c and the final
+coefficients are float64, and genes whose best two penalties are within float32 error of each other are
+re-scored exactly in float64, so the chosen penalties are the float64 ones. Penalties whose LOO weights
+explode (leverage > 1/2) and dtype=float64 fits are scored from their float64 residuals. A fit with few
+targets skips the per-basis set-up (two r x r factors per penalty) and scores each penalty's residuals
+directly (float32 GEMMs where the weights are tame, near ties re-scored in float64 as on the GEMM path).
 """
 
 from __future__ import annotations
@@ -40,8 +50,6 @@ MEMORY_BYTES = 1 << 30  # working memory of the gene chunks (the design and its 
 TIE_TOL = 5e-5  # relative MSE gap below which float32 scores are re-checked in float64 (measured float32
 # score error: <= 3.1e-7 relative at 8,000 samples on the fabricated store; 2e-4 re-scored a third of the genes)
 MAX_WEIGHT_F32 = 4.0  # LOO weights 1/(1-h)² above this (leverage > 1/2) are scored in float64
-LOW_RANK_TOL = 1e-6  # relative error allowed in the low-rank LOO weights of the float32 penalties (the scores
-# then err by <= 1e-6 relative, far inside TIE_TOL; 1e-7 needed 10 GEMM blocks instead of 9 at 800 x 256)
 _TRMM = {"f": blas.strmm, "d": blas.dtrmm}
 
 
@@ -79,23 +87,29 @@ def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return U, s, V
 
 
-def _chunk(n: int, r: int, A: int, m: int, g: int, memory: int) -> int:
-    per_gene = 8 * n + 4 * n * 3 + 4 * r * (m + 2) + 4 * m * A + 8 * A * 2  # float64 y; float32 q, q², U c; z
+def _chunk(n: int, r: int, A: int, g: int, memory: int) -> int:
+    per_gene = 8 * n + 4 * n * 3 + 4 * r * 4 + 8 * A * 6  # float64 y; float32 q (genes by rows), q², U c; scores
     return int(max(1, min(g, memory // per_gene)))
 
 
-def _low_rank(W: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """B (n, m), G (m, A) with B @ G within `tol` of W relative to every entry (W > 0), m as small as that allows."""
-    u, sv, vt = np.linalg.svd(W, full_matrices=False)
-    for m in range(1, len(sv) + 1):
-        B, G = u[:, :m] * sv[:m], vt[:m]
-        if np.abs(B @ G - W).max() <= tol * W.min():
-            return B, G
-    return W, np.eye(W.shape[1])  # cannot happen (m = A is exact up to rounding), but stay exact if it did
+def _cholesky_t(M: np.ndarray, dt, jitter: float = 0.0) -> np.ndarray:
+    """Transposed lower Cholesky factors (Fortran-ordered lower factors for BLAS trmm) of the symmetric positive
+    (semi)definite matrices M (..., r, r), in dtype dt. `jitter` (relative to the largest diagonal entry) keeps
+    semidefinite ones factorable; it only enlarges the quadratic forms (used for the bounds, never the scores)."""
+    M = (M + np.swapaxes(M, -1, -2)) / 2
+    r = M.shape[-1]
+    if jitter:
+        M = M + (jitter * np.abs(np.diagonal(M, axis1=-2, axis2=-1)).max(-1) + 1e-300)[..., None, None] * np.eye(r)
+    L = np.linalg.cholesky(M)
+    return np.swapaxes(L, -1, -2).astype(dt)
 
 
 def _take(Y: np.ndarray, rows: np.ndarray | None, cols) -> np.ndarray:
-    """A float64 copy of Y[rows][:, cols] (the caller centres it in place), copied once."""
+    """A float64 copy of Y[rows][:, cols] (the caller centres it in place), copied once; gene-major (Fortran-ordered)
+    when Y is, which the float32 scoring path reads fastest."""
+    if rows is not None and isinstance(cols, slice) and Y.flags.f_contiguous:
+        sub = Y[:, cols].T.take(rows, axis=1).T  # each gene's rows gathered from its contiguous column
+        return sub if sub.dtype == np.float64 else sub.astype(np.float64)
     sub = Y[:, cols] if rows is None else Y[rows, cols] if isinstance(cols, slice) else Y[np.ix_(rows, cols)]
     if sub.dtype == np.float64 and not np.shares_memory(sub, Y):
         return sub
@@ -111,15 +125,11 @@ def _loo_mse_exact(U: np.ndarray, s2: np.ndarray, h: np.ndarray, a: float, Yc: n
 
 class RidgeBasis:
     """Everything about one design X that every target shares: its decomposition, the leverages and LOO weights
-    of every candidate penalty and the products the scores need. Build once per design (a CV fold), then
-    `fit` any number of target matrices or gene chunks against it.
+    of every candidate penalty and the factors the scores and their bounds need. Build once per design (a CV
+    fold), then `fit` any number of target matrices or gene chunks against it.
 
-    The LOO weights w(a) = 1/(1-h(a))² of the float32 penalties form an n x A matrix of low numerical rank
-    (smooth in a): it is replaced by its truncated SVD B Γ wherever it stays within LOW_RANK_TOL of every
-    weight, so the big GEMM has m·r columns instead of A·r (m = 6 of 15 at 8,000 samples with a few strong
-    feature directions, 13 when feature scales spread widely, as on the fabricated store). Every score is the
-    exact LOO MSE under weights within LOW_RANK_TOL relative of the true ones (well inside TIE_TOL, below
-    which near ties are re-scored exactly in float64).
+    `pairs_scored` / `genes_scored` count the (penalty, gene) cross terms computed exactly on the GEMM path (the
+    rest were excluded by the bounds, see the module docstring) and the genes fitted there.
     """
 
     def __init__(self, X: np.ndarray, alphas=DEFAULT_ALPHAS, dtype=np.float32):
@@ -135,50 +145,44 @@ class RidgeBasis:
         self.n, self.p, self.alphas = n, X.shape[1], alphas
         self.x_mean = X.mean(0)
         self.U, self.s, self.V = _decompose(X - self.x_mean)
-        U, A = self.U, len(alphas)
-        r = len(self.s)
+        U = self.U
         self.s2 = s2 = self.s * self.s
         D = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, A) shrinkage of each component
         self.E = alphas[None, :] / (s2[:, None] + alphas[None, :])  # 1 - D without the cancellation
         self.h_all = 1.0 / n + (U * U) @ D  # (n, A) leverages
-        w_all = 1.0 / (1.0 - self.h_all) ** 2  # (n, A) LOO weights
+        self.w_all = w_all = 1.0 / (1.0 - self.h_all) ** 2  # (n, A) LOO weights
         # float32 where the weights are tame (no leverage near 1: the terms of the sum cannot cancel much);
         # penalties whose LOO weights explode (n near the rank, small penalties) are scored in float64.
         f32 = np.flatnonzero(w_all.max(0) <= MAX_WEIGHT_F32) if np.dtype(dtype) == np.float32 else np.arange(0)
-        self.f32, self.f64 = f32, np.setdiff1d(np.arange(A), f32)
-        self.w_all = w_all
-        self._low = []  # (penalty indices, dtype, B, Γ, weights) per precision; the GEMM operands come lazily
-        for idx, dt in ((self.f32, np.float32), (self.f64, np.float64)):
-            if not len(idx):
-                continue
-            W = w_all[:, idx]
-            if dt == np.float32 and len(idx) > 1:
-                B, G = _low_rank(W, LOW_RANK_TOL)
-                W = B @ G  # the weights every term of the score uses (see the class docstring)
-            else:
-                B, G = W, np.eye(len(idx))
-            self._low.append((idx, dt, B, G, W))
+        self.f32, self.f64 = f32, np.setdiff1d(np.arange(len(alphas)), f32)
         self._parts = None
         self._U32 = None  # U in float32 for the direct scores (few genes), made on first use
-        self.rank = r
+        self.rank = len(self.s)
+        self.pairs_scored = self.genes_scored = 0
 
     @property
-    def parts(self) -> list:
-        """Per precision: penalty indices, dtype, U, [U∘b_1 … U∘b_m], Γ (m, |idx|), E' (|idx|, r), and the
-        Cholesky factors of U' diag(w_a) U (stored transposed, so that `[a].T` is the lower factor in
-        Fortran order for BLAS trmm), weights (built once)."""
-        if self._parts is None:
-            U, r = self.U, self.rank
-            self._parts = []
-            for idx, dt, B, G, W in self._low:
-                UB = np.concatenate([U * B[:, [m]] for m in range(B.shape[1])], axis=1).astype(dt)  # (n, m·r)
-                Ud = U.astype(dt)
-                N = (UB.T @ Ud).reshape(B.shape[1], r * r).astype(np.float64)  # U' diag(b_m) U
-                M = (G.T @ N).reshape(len(idx), r, r)  # U' diag(w_a) U = Σ_m Γ_ma U' diag(b_m) U
-                M = (M + M.transpose(0, 2, 1)) / 2
-                LT = np.linalg.cholesky(M).transpose(0, 2, 1).astype(dt)  # w >= 1: M >= I, well conditioned
-                self._parts.append((idx, dt, Ud, UB, G.astype(dt),
-                                    np.ascontiguousarray(self.E.T[idx], dt), LT, W.astype(dt)))
+    def parts(self) -> tuple | None:
+        """For the float32 penalties (None without any): their indices, U (float32), U∘δ_a per penalty (|idx|, n, r)
+        with δ_a = w_a - mean(w_a), [w | |δ|] (n, 2|idx|), E' (|idx|, r), and the transposed Cholesky factors of
+        U' diag(w_a) U and of U' diag(|δ_a|) U (|idx|, r, r; `[i].T` is the lower factor in Fortran order for
+        BLAS trmm). Built once, on the first fit with many genes."""
+        if self._parts is None and len(self.f32):
+            idx = self.f32
+            U32 = self.U.astype(np.float32)
+            W = self.w_all[:, idx]
+            dev = W - W.mean(0)
+            UD = np.empty((len(idx), self.n, self.rank), np.float32)
+            Mw = np.empty((len(idx), self.rank, self.rank))
+            Md = np.empty_like(Mw)
+            for i in range(len(idx)):
+                np.multiply(U32, dev[:, [i]].astype(np.float32), out=UD[i])
+                S = U32 * np.sqrt(W[:, [i]]).astype(np.float32)
+                Mw[i] = S.T @ S  # U' diag(w_a) U (float32 products: the score's last digits are float32 anyway)
+                S = U32 * np.sqrt(np.abs(dev[:, [i]])).astype(np.float32)
+                Md[i] = S.T @ S  # U' diag(|δ_a|) U, for the bound only
+            WB = np.concatenate([W, np.abs(dev)], axis=1).astype(np.float32)
+            self._parts = (idx, U32, UD, WB, np.ascontiguousarray(self.E.T[idx], np.float32),
+                           _cholesky_t(Mw, np.float32), _cholesky_t(Md, np.float32, jitter=1e-6))
         return self._parts
 
     def _score_direct(self, Yj: np.ndarray, C: np.ndarray) -> np.ndarray:
@@ -199,6 +203,52 @@ class RidgeBasis:
             mse[a] = (self.w_all[:, a] @ R) / self.n
         return mse
 
+    def _bracket(self, Yj: np.ndarray, C: np.ndarray):
+        """For centred targets Yj (n, k) and C = U'Yj: the float32 residual q (k, n), c (float32), and per float32
+        penalty T = Σ w q² + ρ'diag(w)ρ and the bound B on the cross term (|idx|, k): n·MSE lies in [T - B, T + B]."""
+        idx, U32, UD, WB, Et, LT, LD = self.parts
+        A = len(idx)
+        Cd = C.astype(np.float32)
+        # least-squares residual q = y - U c in one GEMM, stored genes by rows (Qt, k x n) so that a candidate
+        # subset is a contiguous gather; gene-major (Fortran-ordered) targets make the float32 copy a plain one
+        Q = blas.sgemm(-1.0, U32.T, Cd.T, beta=1.0, c=np.asarray(Yj, np.float32, order="F"), trans_a=1, trans_b=1,
+                       overwrite_c=1)
+        Qt = Q.T
+        TB = (Qt * Qt) @ WB  # (k, 2A): Σ w q² and Σ |δ| q²
+        est = TB[:, :A].T.astype(np.float64)
+        bnd = np.sqrt(np.maximum(TB[:, A:].T, 0).astype(np.float64))
+        trmm = _TRMM["f"]
+        for i in range(A):
+            EC = (Et[i][:, None] * Cd).T  # (k, r) shrunk part of the residual, e∘c (Fortran-ordered for trmm)
+            # ρ' diag(w) ρ = |L_a'(e∘c)|² with L_a L_a' = U' diag(w_a) U: one trmm; the bound's form likewise
+            T = trmm(1.0, LT[i].T, EC, side=1, lower=1)
+            est[i] += np.einsum("kr,kr->k", T, T, dtype=np.float64)
+            T = trmm(1.0, LD[i].T, EC, side=1, lower=1, overwrite_b=1)
+            bnd[i] *= 2 * np.sqrt(np.einsum("kr,kr->k", T, T, dtype=np.float64))
+        return Qt, Cd, est, bnd
+
+    def _score_bounded(self, Yj: np.ndarray, C: np.ndarray, y2: np.ndarray, mse: np.ndarray) -> None:
+        """mse[f32] (|idx|, k): exact float32 scores of every penalty the bounds leave as a candidate, inf for the
+        others (module docstring)."""
+        idx, _, UD, _, Et, _, _ = self.parts
+        n, k, A = self.n, Yj.shape[1], len(idx)
+        Qt, Cd, est, bnd = self._bracket(Yj, C)
+        hi = (est + bnd).min(0)
+        m1 = hi / n
+        cand = est - bnd <= hi + n * TIE_TOL * (m1 + np.sqrt(m1 * y2 / n))  # the best penalty is always one
+        out = np.full((A, k), np.inf)
+        for i in range(A):
+            sel = np.flatnonzero(cand[i])
+            if not len(sel):
+                continue
+            # (U∘δ_a)'q for the genes where penalty a is a candidate (all of them when that is most)
+            Z = (Qt @ UD[i])[sel] if 2 * len(sel) > k else Qt[sel] @ UD[i]
+            cross = np.einsum("kr,rk->k", Z, Et[i][:, None] * Cd[:, sel], dtype=np.float64)
+            out[i, sel] = est[i, sel] + 2 * cross
+        mse[idx] = out / n
+        self.pairs_scored += int(cand.sum())
+        self.genes_scored += k
+
     def fit(self, Y: np.ndarray, *, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
             block: int | None = None, memory: int = MEMORY_BYTES) -> RidgeFit:
         """Heads for the columns `cols` of Y (rows `rows` of Y are the design's rows), in gene chunks."""
@@ -216,16 +266,14 @@ class RidgeBasis:
                               f"Y {Y.shape})")
         U, s, s2, V, alphas = self.U, self.s, self.s2, self.V, self.alphas
         r, A = self.rank, len(alphas)
-        m_all = sum(low[2].shape[1] for low in self._low)
-        # Few genes (spot heads: hundreds of genes, 1,024-d, 30,000 spots): scoring each penalty's residuals in
-        # float64 costs A·n·r·g, less than the GEMM path's U' diag(w) U products (m·n·r²) it would set up.
-        direct = self._parts is None and g * len(alphas) < m_all * r
-        m_max = max((low[2].shape[1] for low in self._low), default=1)
+        # Few genes (spot heads: hundreds of genes, 1,024-d, 30,000 spots): scoring each penalty's residuals
+        # directly costs A·n·r·g, less than the bounded path's per-basis factors (~A·n·r²) plus its ~3·n·r·g.
+        direct = self._parts is None and g * max(A - 3, 1) < A * r
         coef = np.empty((self.p, g))
         intercept = np.empty(g)
         best_a = np.empty(g)
         best_mse = np.empty(g)
-        step = block or _chunk(n, r, A, m_max, g, memory)
+        step = block or _chunk(n, r, A, g, memory)
         for j0 in range(0, g, step):
             cj = cols[j0:j0 + step]
             k = len(cj)
@@ -235,30 +283,20 @@ class RidgeBasis:
             y_mean = Yj.mean(0)
             Yj -= y_mean
             C = U.T @ Yj  # (r, k) float64: the coefficients and the exact re-scoring use it
-            mse = self._score_direct(Yj, C) if direct else np.empty((A, k))
-            for idx, dt, Ud, UB, G, Et, LT, Wd in ([] if direct else self.parts):
-                Cd = C.astype(dt)
-                Q = Yj.astype(dt)
-                Q -= Ud @ Cd  # least-squares residual (n, k)
-                T1 = Wd.T @ (Q * Q)  # (|idx|, k): Σ w q²
-                Z = (UB.T @ Q).reshape(G.shape[0], r, k)  # (U∘b_m)' q for each weight component m
-                Z *= Cd
-                # 2 (e_a∘c)·(U' diag(w_a) q) = 2 Σ_m Γ_ma e_a·(c∘(U∘b_m)'q): m small GEMMs, no (A, r, k) array
-                lin = np.einsum("ma,mak->ak", G, np.matmul(Et, Z))
-                mse[idx] = T1
-                mse[idx] += 2 * lin
-                trmm = _TRMM[np.dtype(dt).char]
-                for i, a in enumerate(idx):
-                    EC = Et[i][:, None] * Cd  # (r, k) shrunk part of the residual
-                    # (e∘c)' U' diag(w_a) U (e∘c) = |L_a'(e∘c)|² with L_a L_a' = U' diag(w_a) U: one trmm
-                    T = trmm(1.0, LT[i].T, EC.T, side=1, lower=1, overwrite_b=1).T  # (r, k)
-                    mse[a] += np.einsum("rk,rk->k", T, T, dtype=np.float64)
-                mse[idx] /= n
+            y2 = np.einsum("ik,ik->k", Yj, Yj)
+            if direct:
+                mse = self._score_direct(Yj, C)
+            else:
+                mse = np.empty((A, k))
+                if len(self.f32):
+                    self._score_bounded(Yj, C, y2, mse)
+                for a in self.f64:  # exploding weights or dtype=float64: float64 residuals
+                    mse[a] = _loo_mse_exact(U, s2[:, None], self.h_all[:, a], alphas[a], Yj, C)
             ia = np.argmin(mse, 0)
             if len(self.f32) and A > 1:  # penalties within float32 error of the best: float64
                 cols_k = np.arange(k)
                 m1 = np.abs(mse[ia, cols_k])
-                close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * np.einsum("ik,ik->k", Yj, Yj) / n))
+                close = mse <= m1 + TIE_TOL * (m1 + np.sqrt(m1 * y2 / n))
                 close[self.f64] = False
                 close[ia, cols_k] = True
                 amb = np.flatnonzero(close.sum(0) > 1)
