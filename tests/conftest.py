@@ -93,3 +93,56 @@ def _store_files(root) -> dict[str, tuple[int, int]]:
 def files_state():
     """A function: every file under a folder with its size and mtime (to prove a read wrote nothing)."""
     return _store_files
+
+
+class ForkedCommit(BaseException):
+    """Stops the test process's own run once every child has crashed in its commit (it writes nothing itself)."""
+
+
+def _crash_children(fn, owner, name: str, faults_to_try, check, *, before=None) -> None:
+    """Run fn() once up to its call of `owner.<name>` (where a commit starts, after the deterministic work:
+    training, fitting); there, for each (fault point spec 'name@nth', action 'kill' | 'enospc'), fork a child
+    that runs the rest of fn() from that call (after `before()`, what a re-run does first) with that fault armed,
+    and call check(spec, action, exit code) in this process once the child is gone: -9 for a child killed at its
+    point, 3 for one out of disk there (ENOSPC raised out of fn), 4 for another error, 0 when it finished.
+    Then this process stops its own run (ForkedCommit): each crash costs one commit, not one more fit."""
+    import errno
+
+    from hefeat.store import faults
+
+    real, parent = getattr(owner, name), os.getpid()
+
+    def at_commit(*args, **kwargs):
+        for spec, action in faults_to_try:
+            pid = os.fork()
+            if pid == 0:  # the child: the rest of fn() from here, with the fault armed
+                if before is not None:
+                    before()
+                point, _, nth = spec.partition("@")
+                faults.disarm()
+                faults.arm(point, action, int(nth or 1))
+                return real(*args, **kwargs)
+            _, status = os.waitpid(pid, 0)
+            check(spec, action, os.waitstatus_to_exitcode(status))
+        raise ForkedCommit
+
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(owner, name, at_commit)
+            fn()
+    except ForkedCommit:
+        assert os.getpid() == parent
+        return
+    except BaseException as e:
+        if os.getpid() != parent:
+            os._exit(3 if isinstance(e, OSError) and e.errno == errno.ENOSPC else 4)
+        raise
+    if os.getpid() != parent:
+        os._exit(0)
+    raise AssertionError(f"{owner.__name__}.{name} was never called: no commit to crash in")
+
+
+@pytest.fixture
+def crash_children():
+    """_crash_children: crash a run's commit at each fault point in forked children, paying for the run once."""
+    return _crash_children

@@ -1,14 +1,14 @@
 """Fits, predicts and fine-tuning jobs under fault injection: readers see the old state or the new one.
 
-A forked child SIGKILLs itself at one named step of the commit (hefeat.store.faults); a full disk
-(ENOSPC) is raised in-process at the same steps. After each crash the store must list no model
+A forked child SIGKILLs itself at one named step of the commit (hefeat.store.faults), or runs out of disk
+(ENOSPC) there; the children are forked where the commit starts (conftest._crash_children), so the fit or
+predict before it runs once per test, not once per crash. After each crash the store must list no model
 whose predictions are missing, the predictions view must hold the old slides or the new ones (never
 a mix), and a re-run must finish with the uninterrupted result.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
 
@@ -16,13 +16,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from hefeat.learn import emo, traits
 from hefeat.store import faults, layout
 from hefeat.store.catalog import Store
+from hefeat.store.models import discard_model
 from hefeat.store.summary import store_status
 
 FIT_POINTS = ("predictions.write@2", "predictions.rename@2", "predictions.swap", "predictions.swapped",
               "model.table.write", "model.table.rename", "model.meta.write", "model.meta.rename",
               "model.index.write", "model.index.rename")
+FIRST_PREDICT_POINTS = ("predictions.write@3", "predictions.rename@3", "predictions.table.write",
+                        "predictions.table.rename", "predictions.table.link", "predictions.swap", "predictions.swapped")
 PREDICT_POINTS = ("predictions.write@3", "predictions.rename@3", "predictions.table.write", "predictions.table.rename",
                   "predictions.carry", "predictions.swap", "predictions.swapped")  # the swap is the commit: last
 
@@ -40,24 +44,6 @@ def st40(learned, tmp_path):
     root = tmp_path / "st"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
     return Store(root), eid
-
-
-def _arm(spec: str, action: str) -> None:
-    name, _, nth = spec.partition("@")
-    faults.arm(name, action, int(nth or 1))
-
-
-def _killed(fn, spec: str) -> int:
-    """Run fn() in a forked child that SIGKILLs itself at fault point `spec`; its exit code."""
-    def child():
-        _arm(spec, "kill")
-        fn()
-        os._exit(0)
-
-    p = mp.get_context("fork").Process(target=child)
-    p.start()
-    p.join(600)
-    return p.exitcode
 
 
 def _reached(fn) -> tuple[list[str], object]:
@@ -106,7 +92,7 @@ def _fit_traits(root, eid):
                                                          splits=2, ensemble=1, max_tiles_per_slide=50))
 
 
-def test_fit_crash_at_every_commit_step_never_lists_a_model_with_missing_predictions(st40):
+def test_fit_crash_at_every_commit_step_never_lists_a_model_with_missing_predictions(st40, crash_children):
     """Killed or out of disk at each step of a fit's commit: no model listed and no predictions visible
     (or, after the index record, the whole model); a re-run fits it and equals an uninterrupted fit."""
     st, eid = st40
@@ -117,14 +103,19 @@ def test_fit_crash_at_every_commit_step_never_lists_a_model_with_missing_predict
     mid = ref["model_id"]
     ref_models, ref_cols = _visible(ref_root)
     assert ref_models == {mid: "traits"} and len(ref_cols[mid]) == ref["n_slides"]
-    for spec in FIT_POINTS:
-        assert _killed(lambda: _fit_traits(st.root, eid), spec) == -9, spec
-        assert _visible(st.root) == ({}, {}), spec  # nothing half: no model, no predictions
-        _arm(spec, "enospc")
-        with pytest.raises(OSError, match="No space"):
-            _fit_traits(st.root, eid)
-        faults.disarm()
-        assert _visible(st.root) == ({}, {}), spec
+    tried = []
+
+    def check(spec, action, code):
+        assert code == {"kill": -9, "enospc": 3}[action], (spec, action)
+        assert _visible(st.root) == ({}, {}), (spec, action)  # nothing half: no model, no predictions
+        tried.append((spec, action))
+
+    # One fit up to its commit (the predictions' writer); each crash in a forked child that first discards the
+    # interrupted fit's leftovers, as fit_model does before fitting, then commits with the fault armed.
+    crashes = [(spec, action) for spec in FIT_POINTS for action in ("kill", "enospc")]
+    crash_children(lambda: _fit_traits(st.root, eid), traits, "write_predictions", crashes, check,
+                   before=lambda: discard_model(Store(st.root), mid))
+    assert tried == crashes
     got = _fit_traits(st.root, eid)
     assert got["model_id"] == mid and not got["cached"]
     assert _visible(st.root) == (ref_models, ref_cols)
@@ -141,12 +132,15 @@ def _slide_table(root, mid) -> list[str]:
     return sorted(pd.read_parquet(p)["slide_id"]) if p.exists() else []
 
 
-def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_new(st40):
-    """A model predicted with 3 genes on 20 slides, then re-predicted with 5 on all 40 and killed / out of disk at
-    each step: before the swap the 20 slides show the 3-gene predictions, after it all 40 the 5-gene ones (never a
-    mix), and the slide_predictions table always lists exactly the predicted slides (it was written after the
-    swap: a crash there left 40 slides of tiles with the 20-slide table, or none on a first predict); the re-run
-    gives 5 everywhere."""
+def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_new(st40, crash_children):
+    """A model's first predict (3 genes on 20 slides), killed and out of disk at each step of its commit: readers
+    see no predictions of it until the swap and all 20 slides after, `hefeat status` lists it (as before the
+    predict) and never with part of its predictions, and a re-run completes it. Then a re-predict with 5 genes on
+    all 40, killed / out of disk at each step: before the swap the 20 slides show the 3-gene predictions, after
+    it all 40 the 5-gene ones (never a mix), and the slide_predictions table always lists exactly the predicted
+    slides (it was written after the swap: a crash there left 40 slides of tiles with the 20-slide table, or
+    none on a first predict); the re-run gives 5 everywhere. Each crash runs in a child forked where the predict
+    starts writing (conftest._crash_children)."""
     from hefeat.learn.emo import GenesParams
     from hefeat.learn.registry import fit_model, predict_model
 
@@ -169,21 +163,35 @@ def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_ne
         assert len(seen[mid]) == {0: 20, 2: 40}[state] and set(old[mid]) <= set(seen[mid]), spec
         return state
 
-    for spec in ("predictions.table.write", "predictions.table.link", "predictions.swap", "predictions.swapped"):
-        assert _killed(predict(3, first), spec) == -9, spec
-        assert check(spec, None) == (20 if spec == "predictions.swapped" else 0), spec
-    predict(3, first)()
+    tried = []
+
+    def crashed(old, committed_at):
+        def check_child(spec, action, code):
+            assert code == {"kill": -9, "enospc": 3}[action], (spec, action)
+            want = (20 if old is None else 2) if spec == committed_at else 0
+            assert check(f"{spec}:{action}", old) == want, (spec, action)
+            tried.append((spec, action))
+        return check_child
+
+    # First predict: the swap is the commit; out of disk after it the predictions are in, as after a kill there,
+    # so the full disk is tried at every step before it and the kill at the swap's end comes last.
+    crashes = [(spec, action) for spec in FIRST_PREDICT_POINTS[:-1] for action in ("kill", "enospc")] + \
+        [(FIRST_PREDICT_POINTS[-1], "kill")]
+    ref_root = st.root.parent / "ref"
+    shutil.copytree(st.root, ref_root)
+    reached, _ = _reached(lambda: predict_model(Store(ref_root), mid, top=3, slides=first))  # an uninterrupted one
+    assert _steps(reached) == {spec.partition("@")[0] for spec in FIRST_PREDICT_POINTS}  # every step is tried
+    crash_children(predict(3, first), emo, "write_predictions", crashes, crashed(None, "predictions.swapped"))
+    assert tried == crashes
+    predict(3, first)()  # the re-run completes it
+    assert _visible(st.root) == _visible(ref_root)
     models, old = _visible(st.root)
     assert sorted(old[mid]) == first == _slide_table(st.root, mid) and len(set(old[mid].values())) == 1
 
-    for spec in PREDICT_POINTS:
-        assert _killed(predict(5, None), spec) == -9, spec
-        assert check(spec, old) == (2 if spec == "predictions.swapped" else 0), spec  # the swap is the commit
-        _arm(spec, "enospc")
-        with pytest.raises(OSError, match="No space"):
-            predict(5, None)()
-        faults.disarm()
-        assert check(spec, old) == (2 if spec == "predictions.swapped" else 0), spec
+    tried.clear()
+    crashes = [(spec, action) for spec in PREDICT_POINTS for action in ("kill", "enospc")]
+    crash_children(predict(5, None), emo, "write_predictions", crashes, crashed(old, "predictions.swapped"))
+    assert tried == crashes
     reached, _ = _reached(predict(5, None))
     assert check("re-run", old) == 2 and len(_slide_table(st.root, mid)) == 40
     assert _steps(reached) == {spec.partition("@")[0] for spec in PREDICT_POINTS}  # every step of the commit was tried
