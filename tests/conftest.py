@@ -146,3 +146,63 @@ def _crash_children(fn, owner, name: str, faults_to_try, check, *, before=None) 
 def crash_children():
     """_crash_children: crash a run's commit at each fault point in forked children, paying for the run once."""
     return _crash_children
+
+
+#: How the code before records v3 named what it stored (frozen from git: learn/models.py model_id and
+#: finetune/job.py job_id at 7bb85df^, predictions before their generations): model ids hashed the full package
+#: version, job ids the recipe, precision and data with the major.minor version; a model's predictions were a
+#: plain folder predictions/model=<id>/slide=<sid>.parquet and its slide_predictions table a plain file
+#: models/<id>/slide_predictions.parquet; file names (model.json, index.json, arrays.npz, job.json, index.json,
+#: fold=<name>/done.json) are unchanged.
+PRE_V3 = {"model_code": "0.1.0", "job_code": "0.1", "job_prefix": "ft-"}
+
+
+def as_pre_v3(root: Path, mid: str) -> str:
+    """Rewrite model `mid` of the store at `root` (and its fine-tuning job, if it is one) as the code before
+    records v3 left it (PRE_V3): its old id, plain predictions folder and table files. Returns the old id."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from hefeat.store.ids import content_id
+
+    models, preds = root / "models", root / "predictions"
+    meta = json.loads((models / mid / "model.json").read_text())
+    jdir = root / "jobs" / mid
+    if jdir.exists():
+        job = json.loads((jdir / "job.json").read_text())
+        old = content_id({"recipe": job["recipe"], "precision": job["precision"], "data": job["data"],
+                          "code": PRE_V3["job_code"]}, prefix=PRE_V3["job_prefix"])
+    else:
+        old = content_id({"kind": meta["kind"], "params": meta["params"], "inputs": meta["inputs"],
+                          "code": PRE_V3["model_code"]}, prefix=mid[:-12])
+    assert old != mid
+    link = preds / f"model={mid}"
+    gen = link.resolve()  # the current generation (a copied store holds a plain copy of it)
+    plain = preds / f"model={old}"
+    plain.mkdir(parents=True)
+    (models / mid).rename(models / old)
+    for p in sorted(gen.iterdir()):
+        df = pd.read_parquet(p)
+        for col in ("model_id", "job_id"):
+            if col in df.columns:
+                df[col] = df[col].replace(mid, old)
+        if p.name.startswith("table="):  # the slide_predictions table, then a plain file of the model
+            dest = models / old / f"{p.name[len('table='):]}"
+            dest.unlink(missing_ok=True)  # the link into the generations
+            df.to_parquet(dest)
+        else:
+            df.to_parquet(plain / p.name)
+    if link.is_symlink():
+        link.unlink()
+    else:
+        shutil.rmtree(link)
+    shutil.rmtree(preds / ".generations" / mid, ignore_errors=True)
+    if jdir.exists():
+        jdir.rename(root / "jobs" / old)
+    for folder in (models / old, root / "jobs" / old):
+        for p in folder.rglob("*.json") if folder.exists() else ():
+            p.write_text(p.read_text().replace(mid, old))
+    shutil.rmtree(root / "compact", ignore_errors=True)  # the catalog's caches are rebuilt from the files
+    return old

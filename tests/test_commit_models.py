@@ -229,3 +229,44 @@ def test_plain_slide_table_moves_into_the_generations_and_keeps_its_other_slides
     assert table.is_symlink()
     got = pd.read_parquet(table)
     assert got.to_dict("list") == {"slide_id": ["S01", "S02", "S03"], "g": [1.0, 20.0, 30.0]}
+
+
+def test_a_model_stored_before_records_v3_opens_with_status_predict_and_report(st40):
+    """A genes model as the code before records v3 stored it (conftest.PRE_V3: the old id formula, a plain
+    predictions folder and slide_predictions table): `hefeat status` lists it, `hefeat report` reports it, and
+    `hefeat predict` on two more slides keeps its three earlier ones (the plain folder and table are carried into
+    the predictions generations). Fitting the same model again makes the current id once (README: ids changed)."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import as_pre_v3
+
+    from hefeat.cli import main
+    from hefeat.learn.emo import GenesParams
+    from hefeat.learn.registry import fit_model, predict_model
+
+    st, eid = st40
+    params = GenesParams(extraction_id=eid, split="patient-kfold:3")
+    mid = fit_model(st, "genes", params)["model_id"]
+    slides = sorted(st.sql("SELECT slide_id FROM slides")["slide_id"])[:5]
+    predict_model(st, mid, top=3, slides=slides[:3])
+    old = as_pre_v3(st.root, mid)
+    assert not layout.predictions_dir(st.root, old).is_symlink()  # the old layout: a plain folder
+    assert not layout.model_table_path(st.root, old, "slide_predictions").is_symlink()
+    cli = CliRunner()
+
+    def run(*args):
+        r = cli.invoke(main, [*args, "--store", str(st.root), "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    assert run("status")["models"] == [{"model_id": old, "kind": "genes", "extraction_id": eid}]
+    assert _visible(st.root)[1][old].keys() == set(slides[:3])
+    rep = run("report", old)
+    assert rep["files"] and all(os.path.exists(f) for f in rep["files"])
+    run("predict", old, "--slides", f"{slides[3]},{slides[4]}", "--top", "3")
+    models, seen = _visible(st.root)
+    assert models == {old: "genes"} and sorted(seen[old]) == slides and _slide_table(st.root, old) == slides
+    assert layout.predictions_dir(st.root, old).is_symlink()  # now in the generations
+    again = fit_model(Store(st.root), "genes", params)
+    assert again["model_id"] == mid != old and not again["cached"]

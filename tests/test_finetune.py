@@ -393,6 +393,40 @@ def test_predict_applies_the_network_to_unseen_slides_and_refuses_in_sample_ones
     assert bad.exit_code != 0 and "would be in-sample" in bad.output
 
 
+def test_a_job_stored_before_records_v3_opens_with_status_report_and_predict(spots_job, tmp_path):
+    """The trained job as the code before records v3 stored it (conftest.PRE_V3: the old job id, a plain
+    predictions folder): `hefeat status` lists its model, `finetune status` its folds, `hefeat report` reports it,
+    and `hefeat predict` puts back a held-out slide's predictions (its other slides kept)."""
+    from click.testing import CliRunner
+    from conftest import as_pre_v3
+
+    from hefeat.cli import main
+
+    root, s = spots_job
+    dst = tmp_path / "store"
+    shutil.copytree(root, dst)
+    old = as_pre_v3(dst, s["job_id"])
+    st = Store(dst)
+    cli = CliRunner()
+
+    def run(*args):
+        r = cli.invoke(main, [*args, "--store", str(dst), "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    assert [m["model_id"] for m in run("status")["models"]] == [old]
+    fs = run("finetune", "status", old)
+    assert fs["job_id"] == old and fs["status"] == "finished" and [f["state"] for f in fs["folds"]] == ["finished"]
+    assert run("report", old)["files"]
+    before = st.sql(f"SELECT * FROM predictions WHERE model_id = '{old}' ORDER BY slide_id, tile_id")
+    victim = before["slide_id"].iloc[0]
+    (st.root / "predictions" / f"model={old}" / f"slide={victim}.parquet").unlink()
+    out = run("predict", old)
+    assert out["slides"] == 1
+    after = Store(dst).sql(f"SELECT * FROM predictions WHERE model_id = '{old}' ORDER BY slide_id, tile_id")
+    assert sorted(set(after["slide_id"])) == sorted(set(before["slide_id"])) and len(after) == len(before)
+
+
 def _killed_child(store_root: Path, recipe, fault: str) -> int:
     """Run the job in a forked child that SIGKILLs itself at `fault`; returns its exit code."""
     import multiprocessing as mp
