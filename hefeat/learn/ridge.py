@@ -162,24 +162,22 @@ class RidgeBasis:
 
     @property
     def parts(self) -> tuple | None:
-        """For the float32 penalties (None without any): their indices, U (float32), U∘δ_a per penalty (|idx|, n, r)
+        """For the float32 penalties (None without any): their indices, U (float32), [U∘δ_1 | … ] (n, |idx|·r)
         with δ_a = w_a - mean(w_a), [w | |δ|] (n, 2|idx|), E' (|idx|, r), and the transposed Cholesky factors of
         U' diag(w_a) U and of U' diag(|δ_a|) U (|idx|, r, r; `[i].T` is the lower factor in Fortran order for
         BLAS trmm). Built once, on the first fit with many genes."""
         if self._parts is None and len(self.f32):
             idx = self.f32
             U32 = self.U.astype(np.float32)
+            n, r, A = self.n, self.rank, len(idx)
             W = self.w_all[:, idx]
             dev = W - W.mean(0)
-            UD = np.empty((len(idx), self.n, self.rank), np.float32)
-            Mw = np.empty((len(idx), self.rank, self.rank))
-            Md = np.empty_like(Mw)
-            for i in range(len(idx)):
-                np.multiply(U32, dev[:, [i]].astype(np.float32), out=UD[i])
-                S = U32 * np.sqrt(W[:, [i]]).astype(np.float32)
-                Mw[i] = S.T @ S  # U' diag(w_a) U (float32 products: the score's last digits are float32 anyway)
-                S = U32 * np.sqrt(np.abs(dev[:, [i]])).astype(np.float32)
-                Md[i] = S.T @ S  # U' diag(|δ_a|) U, for the bound only
+            # [U∘δ_1 | … | U∘δ_A] (n, A·r); U' diag(w_a) U = U' diag(δ_a) U + mean(w_a) I (U'U = I): one GEMM for all
+            UD = (U32[:, None, :] * dev.astype(np.float32)[:, :, None]).reshape(n, A * r)
+            Mw = (UD.T @ U32).reshape(A, r, r).astype(np.float64) + W.mean(0)[:, None, None] * np.eye(r)
+            UA = (U32[:, None, :] * np.abs(dev).astype(np.float32)[:, :, None]).reshape(n, A * r)
+            Md = (UA.T @ U32).reshape(A, r, r).astype(np.float64)  # U' diag(|δ_a|) U, for the bound only
+            del UA
             WB = np.concatenate([W, np.abs(dev)], axis=1).astype(np.float32)
             self._parts = (idx, U32, UD, WB, np.ascontiguousarray(self.E.T[idx], np.float32),
                            _cholesky_t(Mw, np.float32), _cholesky_t(Md, np.float32, jitter=1e-6))
@@ -231,7 +229,7 @@ class RidgeBasis:
         """mse[f32] (|idx|, k): exact float32 scores of every penalty the bounds leave as a candidate, inf for the
         others (module docstring)."""
         idx, _, UD, _, Et, _, _ = self.parts
-        n, k, A = self.n, Yj.shape[1], len(idx)
+        n, k, A, r = self.n, Yj.shape[1], len(idx), self.rank
         Qt, Cd, est, bnd = self._bracket(Yj, C)
         hi = (est + bnd).min(0)
         m1 = hi / n
@@ -242,7 +240,8 @@ class RidgeBasis:
             if not len(sel):
                 continue
             # (U∘δ_a)'q for the genes where penalty a is a candidate (all of them when that is most)
-            Z = (Qt @ UD[i])[sel] if 2 * len(sel) > k else Qt[sel] @ UD[i]
+            UDi = UD[:, i * r:(i + 1) * r]
+            Z = (Qt @ UDi)[sel] if 2 * len(sel) > k else Qt[sel] @ UDi
             cross = np.einsum("kr,rk->k", Z, Et[i][:, None] * Cd[:, sel], dtype=np.float64)
             out[i, sel] = est[i, sel] + 2 * cross
         mse[idx] = out / n
