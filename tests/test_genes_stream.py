@@ -92,3 +92,22 @@ def test_streamed_fit_matches_a_direct_computation(monkeypatch):
         po[f.test] = fit_ridge_heads(d.X[f.train], Yp[f.train]).predict(d.X[f.test])
     null = rho(po[:, genes], Yp[:, genes])
     np.testing.assert_allclose(res.tables["null"]["spearman_r"], null, rtol=1e-10)
+
+
+def test_patient_means_gather_single_rows_and_sum_the_rest_in_order():
+    """Patients with one row are gathered, the others summed row after row: the means are those of one
+    reduceat over all patients' rows to the bit (so summaries and tables do not move), and equal np.add.at's."""
+    rng = np.random.default_rng(3)
+    groups = np.array([f"P{i}" for i in rng.integers(0, 40, 60)])
+    A = rng.normal(size=(60, 5)) * np.array([1e-3, 1, 10, 1e3, 1e6])
+    ug, inv = np.unique(groups, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv)
+    ref = np.add.reduceat(A[order], np.searchsorted(inv[order], np.arange(len(ug))), axis=0) / counts[:, None]
+    got = emo._patient_means(groups)(A)
+    assert (counts > 1).any() and (counts == 1).any()
+    np.testing.assert_array_equal(got, ref)
+    summed = np.zeros_like(ref)
+    np.add.at(summed, inv, A)
+    np.testing.assert_allclose(got, summed / counts[:, None], rtol=1e-13)
+    assert emo._patient_means(groups)(A[:, :0]).shape == (len(ug), 0)

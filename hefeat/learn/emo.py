@@ -246,11 +246,19 @@ def _patient_means(groups: np.ndarray):
     order = np.argsort(inv, kind="stable")  # each patient's rows in their order: the sums np.add.at made
     starts = np.searchsorted(inv[order], np.arange(len(ug)))
     counts = np.bincount(inv, minlength=len(ug)).astype(float)
+    # Most patients have one row: that row is their mean (a gather); only the others are summed, row after row
+    # in the same order as over all patients, so the result is the same to the bit.
+    first, multi = order[starts], np.flatnonzero(counts > 1)
+    rows_multi = np.concatenate([order[starts[q]:starts[q] + int(counts[q])] for q in multi])
+    starts_multi = np.r_[0, np.cumsum(counts[multi][:-1])].astype(np.int64)
 
     def mean(A: np.ndarray) -> np.ndarray:
         if A.shape[1] == 0:
             return np.zeros((len(ug), 0))
-        return np.add.reduceat(np.asarray(A, float)[order], starts, axis=0) / counts[:, None]
+        A = np.asarray(A, float)
+        out = A[first]
+        out[multi] = np.add.reduceat(A[rows_multi], starts_multi, axis=0) / counts[multi, None]
+        return out
 
     return mean
 
