@@ -40,10 +40,12 @@ sys.path.insert(0, str(HERE))
 def _cohort(a) -> Path:
     from hefeat.slides.synth import make_cohort
 
-    out = Path(a.workdir) / f"cohort-{a.slides}-{a.seed}-{a.width_um:g}x{a.height_um:g}"
+    out = Path(a.workdir) / f"cohort-{a.slides}-{a.seed}-{a.width_um:g}x{a.height_um:g}" \
+        f"{'' if a.focal == 'lattice' else '-' + a.focal}"
     if not (out / "truth.json").exists():
         t = time.perf_counter()
-        make_cohort(out, n_slides=a.slides, n_genes=40, seed=a.seed, width_um=a.width_um, height_um=a.height_um)
+        make_cohort(out, n_slides=a.slides, n_genes=40, seed=a.seed, width_um=a.width_um, height_um=a.height_um,
+                    focal=a.focal)
         print(f"cohort     {a.slides} slides {a.width_um:g} x {a.height_um:g} µm in {time.perf_counter() - t:.0f} s")
     return out
 
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width-um", type=float, default=1600.0)
     ap.add_argument("--height-um", type=float, default=1200.0)
+    ap.add_argument("--focal", default="hotspot", choices=("hotspot", "lattice"),
+                    help="how the focal label is drawn (make_cohort(focal=...)); lattice: the earlier disc texture")
     ap.add_argument("--encoder", default="efficientnet-lite0")
     ap.add_argument("--weights", default="bundled")
     ap.add_argument("--precision", default="fp32")
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     n = np.array([len(tt[s]) for s in pos])
     m = np.array([int(tt[s].sum()) for s in pos])
     k = np.maximum(1, np.ceil(0.1 * n))
-    print(f"truth      {len(pos)}/{len(tt)} slides positive; tiles per positive slide median {np.median(n):.0f}, "
+    print(f"truth      focal={truth.get('focal_kind', 'lattice')}; {len(pos)}/{len(tt)} slides positive; tiles per positive slide median {np.median(n):.0f}, "
           f"truth tiles median {np.median(m):.0f} (min {m.min()}, max {m.max()}), truth share "
           f"{m.sum() / n.sum():.1%}; top-decile ceiling {np.minimum(k, m).sum() / k.sum():.0%}")
     print(f"tiles      truth-vs-other tile AUC (linear, slide-grouped) {tile_separability(st, eid, tt):.3f}")

@@ -344,13 +344,17 @@ def _spots_for(spec: SlideSpec, cls: np.ndarray, gland: np.ndarray, truth: dict,
 
 def _make_one(args) -> dict:
     """One slide, in a worker: layout once, then the image, the class map and (if any) its spots."""
-    spec, out, truth, spacing_um, diameter_um = args
-    from hefeat.slides.synth_focal import focal_region, paint_focal
+    spec, out, truth, spacing_um, diameter_um, focal_kind = args
+    from hefeat.slides.synth_focal import focal_region, hotspot_bulk, paint_focal, paint_hotspot
 
     cls, fields, info = slide_layout(spec)
     rgb = render_slide(spec, fields, info["gland_field"])
     focal = focal_region(spec.seed, cls, CLASS_MPP)  # the focal slide label (synth_focal.py)
-    if focal is not None:
+    bulk = None
+    if focal_kind == "hotspot":  # every slide carries target objects; a positive's disc holds them densely
+        paint_hotspot(rgb, spec.seed, focal, spec.mpp, cls != 255, CLASS_MPP)
+        bulk = round(hotspot_bulk(spec.seed), 3)
+    elif focal is not None:
         paint_focal(rgb, focal, spec.mpp, cls != 255, CLASS_MPP)
     levels = write_pyramid_tiff(Path(out) / "slides" / f"{spec.slide_id}.tiff", rgb, spec.mpp)
     np.savez_compressed(Path(out) / "truth" / f"{spec.slide_id}.classes.npz", classes=cls, mpp=CLASS_MPP,
@@ -361,7 +365,7 @@ def _make_one(args) -> dict:
                            diameter_um)
     return {"slide_id": spec.slide_id, "levels": levels, "composition": info["composition"].tolist(),
             "morphology": info["morphology"],
-            "shape": list(rgb.shape[:2]), "spots": spots, "focal": focal}
+            "shape": list(rgb.shape[:2]), "spots": spots, "focal": focal, "focal_bulk": bulk}
 
 
 def make_cohort(
@@ -377,8 +381,17 @@ def make_cohort(
     spot_diameter_um: float = 100.0,
     workers: int | None = None,
     progress: bool = False,
+    focal: str = "lattice",
 ) -> dict:
-    """Write a synthetic cohort under `out`; returns a summary. Deterministic from `seed`."""
+    """Write a synthetic cohort under `out`; returns a summary. Deterministic from `seed`.
+
+    `focal`: how the focal slide label is drawn (hefeat.slides.synth_focal): 'lattice' (a disc of fine dot
+    lattice) or 'hotspot' (target objects on every slide, dense in a positive's disc).
+    """
+    from hefeat.slides.synth_focal import FOCAL_KINDS
+
+    if focal not in FOCAL_KINDS:
+        raise ValueError(f"focal must be one of {FOCAL_KINDS}, got {focal!r}")
     from tqdm import tqdm
 
     out = Path(out)
@@ -388,7 +401,7 @@ def make_cohort(
     truth = make_truth(n_genes, signal_share, rng)
     specs = cohort_specs(n_slides, seed, width_um=width_um, height_um=height_um)
     workers = workers or min(len(specs), os.cpu_count() or 1)
-    jobs = [(s, str(out), truth, spot_spacing_um, spot_diameter_um) for s in specs]
+    jobs = [(s, str(out), truth, spot_spacing_um, spot_diameter_um, focal) for s in specs]
     if workers > 1:
         import gc
 
@@ -398,6 +411,7 @@ def make_cohort(
     else:
         results = [_make_one(j) for j in tqdm(jobs, disable=not progress, desc="slides")]
     comp = {r["slide_id"]: np.asarray(r["composition"]) for r in results}
+    focal_kind, bulk = focal, {r["slide_id"]: r["focal_bulk"] for r in results}
     focal = {r["slide_id"]: r["focal"] for r in results}
     morph = {r["slide_id"]: r["morphology"] for r in results}
 
@@ -441,9 +455,11 @@ def make_cohort(
                      "heterogeneity": round(_heterogeneity(comp[s.slide_id]), 5),
                      "morphology": {k: round(v, 5) for k, v in morph[s.slide_id].items()},
                      "levels": next(r["levels"] for r in results if r["slide_id"] == s.slide_id),
-                     "focal": int(focal[s.slide_id] is not None), "focal_region": focal[s.slide_id]}
+                     "focal": int(focal[s.slide_id] is not None), "focal_region": focal[s.slide_id],
+                     **({"focal_bulk_per_mm2": bulk[s.slide_id]} if focal_kind == "hotspot" else {})}
         for s in specs
     }
+    truth["focal_kind"] = focal_kind
     truth["seed"] = seed
     truth["spots"] = {"spacing_um": spot_spacing_um, "diameter_um": spot_diameter_um}
     (out / "truth.json").write_text(json.dumps(truth, indent=1))

@@ -9,6 +9,14 @@ model can find it. This is the case multiple-instance learning is for (Ilse et a
 
 Truth (truth.json, per slide): `focal` (0/1) and `focal_region` {cx_um, cy_um, r_um} in slide µm;
 `focal_tiles` turns it into per-tile truth for any tiling.
+
+`make_cohort(focal="hotspot")` draws the label another way, for the case where mean pooling must fail:
+every slide carries small zero-mean "target" objects (a dark core in a pale surround) scattered over its
+tissue at its own bulk density (uniform 0..HOTSPOT_BULK_MAX_PER_MM2, both classes), and a positive slide's
+disc holds them at HOTSPOT_FOCAL_PER_MM2 (3x the densest bulk). A tile's features move with its object
+count in one direction, so a bag's mean is confounded by the slide's bulk density; the label is in the
+densest tiles, which attention can find (benchmarks/README.md, mil_focal.py). Truth adds
+`focal_bulk_per_mm2` per slide.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ FOCAL_MIN_RADIUS_UM = 130.0
 FOCAL_PERIOD_UM = 8.0  # lattice period of the focal texture
 FOCAL_AMPLITUDE = 100.0  # grey levels from the ground to a dot's centre (before the headroom limit)
 DOT_MEAN = 9 / 64  # mean of the dot profile ((1 + cos kx)(1 + cos ky) / 4)^2 over a period
+FOCAL_KINDS = ("lattice", "hotspot")
+# The hotspot label (measured on EfficientNet-Lite0 features, benchmarks/README.md): 16 and 48 objects per
+# 112 x 112 µm tile; a difference-of-Gaussians object (core sd 2.5 µm, surround sd 5.5 µm, zero integral).
+HOTSPOT_BULK_MAX_PER_MM2 = 1275.0
+HOTSPOT_FOCAL_PER_MM2 = 3825.0
+HOTSPOT_CORE_UM, HOTSPOT_SURROUND_UM, HOTSPOT_AMPLITUDE = 2.5, 5.5, 150.0
 
 
 def focal_region(seed: int, cls: np.ndarray, class_mpp: float) -> dict | None:
@@ -99,3 +113,64 @@ def focal_tiles(region: dict | None, x: np.ndarray, y: np.ndarray, size0: np.nda
     py = (y[:, None, None] + s[:, None, None] * g[None, :, None]) * slide_mpp
     inside = (px - region["cx_um"]) ** 2 + (py - region["cy_um"]) ** 2 <= region["r_um"] ** 2
     return inside.mean((1, 2)) >= min_overlap
+
+
+def hotspot_bulk(seed: int) -> float:
+    """A slide's bulk density of target objects (per mm² of tissue), from its own random stream."""
+    return float(np.random.default_rng([int(seed), 104_729]).uniform(0, HOTSPOT_BULK_MAX_PER_MM2))
+
+
+def _jittered(rng: np.random.Generator, per_mm2: float, w_um: float, h_um: float) -> np.ndarray:
+    """Points (x, y) µm at `per_mm2`: one uniform point per cell of a square grid (no Poisson count noise)."""
+    if per_mm2 <= 0:
+        return np.zeros((0, 2))
+    c = 1e3 / np.sqrt(per_mm2)
+    gx, gy = np.meshgrid(np.arange(0, w_um, c), np.arange(0, h_um, c))
+    return np.c_[gx.ravel(), gy.ravel()] + rng.uniform(0, c, (gx.size, 2))
+
+
+def hotspot_objects(seed: int, region: dict | None, tissue: np.ndarray, tissue_mpp: float, w_um: float,
+                    h_um: float) -> np.ndarray:
+    """Centres (x, y) µm of a slide's target objects: bulk density on its tissue, focal density in the disc."""
+    rng = np.random.default_rng([int(seed), 104_759])
+
+    def on_tissue(p):
+        ty = np.clip((p[:, 1] / tissue_mpp).astype(int), 0, tissue.shape[0] - 1)
+        tx = np.clip((p[:, 0] / tissue_mpp).astype(int), 0, tissue.shape[1] - 1)
+        return tissue[ty, tx]
+
+    def in_disc(p):
+        if region is None:
+            return np.zeros(len(p), bool)
+        return (p[:, 0] - region["cx_um"]) ** 2 + (p[:, 1] - region["cy_um"]) ** 2 <= region["r_um"] ** 2
+
+    bulk = _jittered(rng, hotspot_bulk(seed), w_um, h_um)
+    bulk = bulk[on_tissue(bulk) & ~in_disc(bulk)]
+    if region is None:
+        return bulk
+    foc = _jittered(rng, HOTSPOT_FOCAL_PER_MM2, w_um, h_um)
+    return np.concatenate([bulk, foc[on_tissue(foc) & in_disc(foc)]])
+
+
+def paint_hotspot(rgb: np.ndarray, seed: int, region: dict | None, mpp: float, tissue: np.ndarray,
+                  tissue_mpp: float = 4.0) -> np.ndarray:
+    """Stamp a slide's target objects (`hotspot_objects`) into the RGB image in place; mean colour is kept
+    (each object integrates to zero; only the rare clip at 0/255 moves it)."""
+    from scipy.signal import oaconvolve
+
+    H, W = rgb.shape[:2]
+    pts = hotspot_objects(seed, region, tissue, tissue_mpp, W * mpp, H * mpp)
+    imp = np.zeros((H, W), np.float32)
+    ix = np.clip((pts[:, 0] / mpp).astype(int), 0, W - 1)
+    iy = np.clip((pts[:, 1] / mpp).astype(int), 0, H - 1)
+    np.add.at(imp, (iy, ix), 1.0)
+    s1, s2 = HOTSPOT_CORE_UM / mpp, HOTSPOT_SURROUND_UM / mpp
+    r = int(np.ceil(3 * s2))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1].astype(np.float32)
+    d2 = xx**2 + yy**2
+    k = np.exp(-d2 / (2 * s1**2)) - (s1**2 / s2**2) * np.exp(-d2 / (2 * s2**2))
+    k -= k.mean()
+    q = oaconvolve(imp, k, mode="same").astype(np.float32)
+    out = rgb.astype(np.float32) - HOTSPOT_AMPLITUDE * q[..., None] * np.array([1.0, 1.15, 0.8], np.float32)
+    rgb[:] = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return rgb
