@@ -204,5 +204,6 @@ def as_pre_v3(root: Path, mid: str) -> str:
     for folder in (models / old, root / "jobs" / old):
         for p in folder.rglob("*.json") if folder.exists() else ():
             p.write_text(p.read_text().replace(mid, old))
+    shutil.rmtree(root / "status" / f"finetune={mid}", ignore_errors=True)  # folds had no commit records then
     shutil.rmtree(root / "compact", ignore_errors=True)  # the catalog's caches are rebuilt from the files
     return old

@@ -550,6 +550,13 @@ def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim
         path.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "now"}))
         return holder
 
+    def recorded() -> dict:
+        """The folds' commit records (the per-slide runner's, stage finetune, the job id as key): {fold: state}."""
+        from hefeat.store.records import read_record
+
+        folder = layout.status_dir(st.root, layout.FOLD_STAGE, jid)
+        return {p.stem: read_record(p)["state"] for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
+
     fold1 = layout.fold_dir_in(jdir, "fold1")
     h1 = live_claim(layout.fold_claim_path(jdir, "fold1"))
     h2 = None
@@ -566,6 +573,14 @@ def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim
 
         states = {f["name"]: f["state"] for f in job_status(st, jid)["folds"]}
         assert states == {"fold1": f"training (claimed by {socket.gethostname()}:{h1.pid})", "fold2": "finished"}
+        assert recorded() == {"fold2": "ok"}  # a finished fold has a commit record like a slide's
+        # A fold whose done record has no commit record (a job trained before folds were recorded) is adopted,
+        # not trained again: the waiting run below trains fold1 only.
+        layout.status_path(st.root, layout.FOLD_STAGE, jid, "fold2").unlink()
+        from hefeat.finetune import train as trainmod
+
+        trained, real_train = [], trainmod.train_fold
+        monkeypatch.setattr(trainmod, "train_fold", lambda s, plan, *a: trained.append(plan.name) or real_train(s, plan, *a))
 
         pauses = []
 
@@ -586,6 +601,7 @@ def test_a_fold_claimed_by_a_live_process_is_left_to_it_and_a_dead_holders_claim
         monkeypatch.setattr(jobmod, "_pause", pause)
         s = run_job(st, r, RunOptions(**opts))
         assert pauses == [jobmod.WAIT_POLL_S] * 2
+        assert trained == ["fold1"] and recorded() == {"fold1": "ok", "fold2": "ok"}
         assert s["job_id"] == jid and s["cached"] is False and s["folds"] == 2
         assert (fold1 / "done.json").exists() and not list(jdir.rglob("*.lock"))
         assert json.loads((jdir / "job.json").read_text())["status"] == "finished"

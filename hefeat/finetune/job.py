@@ -12,6 +12,7 @@ under it, so a process started just after another committed never rewrites the f
 jobs/<job_id>/  job.json (recipe, data fingerprints, folds and their patients, status), index.json
                 fold=<name>/  last.pt (resume), best.pt (kept), metrics.csv/.json, predictions.npz, done.json,
                               claim.lock while a process (group) trains it
+status/finetune=<job_id>/<fold>.json  a finished fold's commit record (the per-slide runner's, as a slide's)
                 encoder/      backbone-<fold>.safetensors + encoder.json (the registered encoder's provenance)
 models/<job_id>/ the job as a model (kind finetune-<task>): summary, metrics tables, per-output heads
 predictions/model=<job_id>/   held-out tile/spot predictions, in the predictions view
@@ -34,6 +35,7 @@ from hefeat.finetune.heads import fold_targets, output_bias
 from hefeat.finetune.recipe import Recipe, RunOptions
 from hefeat.finetune.targets import TaskData
 from hefeat.finetune.tasks import get_task
+from hefeat.runner import SlideRunner
 from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
 from hefeat.store.catalog import Store
@@ -240,7 +242,7 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     base = FoldSetup(recipe=r, kind=data.kind, n_out=n_out, targets=data.train_targets, slide_of=source.slide_of,
                      dataset=dataset, fold_dir=jdir, job_id=jid, precision=precision, dist=d,
                      options=opts, workers=workers, input_plan=input_plan, channels_last=choice.channels_last)
-    _train_folds(plans, jdir, base, data, source, opts)
+    _train_folds(store, plans, jdir, base, data, source, opts)
     oof = np.full((len(data.samples), n_out), np.nan)
     fold_of = np.full(len(data.samples), "", object)
     kept = np.ones(n_out, bool)
@@ -287,56 +289,79 @@ def _evaluate_and_commit(store, r, task, data, plans, results, oof, fold_of, kep
     return _commit(store, r, data, plans, results, oof, fold_of, kept, summary, tables, jid, precision, t0)
 
 
-def _train_folds(plans, jdir, base, data: TaskData, source, opts: RunOptions) -> None:
-    """Train every fold not done yet that no other live process holds; then wait for (or stop at) the others."""
-    pending = list(plans)
-    while True:
-        busy = {}
-        for plan in pending:
-            holder = _train_fold_if_free(plan, jdir, base, data, source)
-            if holder is not None:
-                busy[plan.name] = holder
-        if not busy:
-            return
-        pending = [p for p in pending if p.name in busy]
-        _wait_or_stop(busy, base.job_id, opts)
+def _train_folds(store: Store, plans, jdir, base, data: TaskData, source, opts: RunOptions) -> None:
+    """Train every fold not done yet that no other live process holds; then wait for (or stop at) the others.
+
+    The folds go through the per-slide runner (hefeat.runner.SlideRunner, stage layout.FOLD_STAGE, the job id
+    as key, the fold name as the 'slide'): rank 0 claims a fold for its process group and, once the fold's
+    done record is in place, commits it with a status record like a slide's (status/finetune=<job>/<fold>.json);
+    a fold is done when its record is (hefeat.store.commit.is_done)."""
+    d = base.dist
+    runner = SlideRunner(store, layout.FOLD_STAGE, base.job_id) if d.main else None
+    try:
+        pending = list(plans)
+        while True:
+            busy = {}
+            for plan in pending:
+                holder = _train_fold_if_free(plan, jdir, base, data, source, runner)
+                if holder is not None:
+                    busy[plan.name] = holder
+            if not busy:
+                return
+            pending = [p for p in pending if p.name in busy]
+            _wait_or_stop(busy, base.job_id, opts)
+    finally:
+        if runner is not None:
+            runner.close()  # claims still held (a fold interrupted) are released; the fold stays not done
 
 
-def _train_fold_if_free(plan, jdir, base, data: TaskData, source) -> str | None:
+def _adopt_done_fold(runner, fold: str) -> None:
+    """A fold whose done record is there without its commit record (trained before folds were recorded, or
+    killed between the two writes) is recorded now: its done record is written last, atomically."""
+    from hefeat.store import commit
+
+    store, key = runner.store, runner.key
+    if layout.output_path(store.root, layout.FOLD_STAGE, key, fold).exists() and \
+            not commit.is_done(store, layout.FOLD_STAGE, key, fold):
+        commit.commit_ok(store, layout.FOLD_STAGE, key, fold, n_tiles=0, seconds=0.0, digest=None, adopted=True)
+
+
+def _train_fold_if_free(plan, jdir, base, data: TaskData, source, runner) -> str | None:
     """Train one fold unless it is done or another live process holds it; None when it is done, else its holder."""
     from hefeat.finetune.train import predict_fold, train_fold
 
     d, r = base.dist, base.recipe
     fdir = layout.fold_dir_in(jdir, plan.name)
+    task, holder = None, None
     if d.main:
         fdir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(fdir)
-    if (fdir / layout.FOLD_DONE).exists():
-        return None
-    claim, holder = _claim(layout.fold_claim_path(jdir, plan.name), d)
-    if holder is not None:
-        return holder
-    try:
-        if ddp.broadcast(d, (fdir / layout.FOLD_DONE).exists()):  # its previous holder finished it meanwhile
-            return None
-        s = _replace(base, fold_dir=fdir)
-        ft = fold_targets(data, plan.train, min_variance=r.min_variance, standardize=r.standardize_targets)
-        res = train_fold(s, plan, ft, output_bias(data.kind, data, plan.train, ft))
-        res["slides_per_rank_per_epoch"] = [[[source.slide_ids[k] for k in rank] for rank in ep]
-                                            for ep in res["slides_per_rank_per_epoch"]]
-        pred = predict_fold(s, plan, ft)
-        if d.main:
-            with atomic_path(fdir / layout.FOLD_PREDICTIONS) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, test=plan.test, pred=pred)
-            fault_point("fold-done")
-            write_json(fdir / layout.FOLD_DONE, {**res, "fold": plan.name, "targets": ft.to_dict(),
-                                                 "finished": timestamp()})
-            (fdir / layout.FOLD_LAST).unlink(missing_ok=True)
-        ddp.barrier(d)
-        return None
-    finally:
-        if claim is not None:
-            claim.release()
+        _adopt_done_fold(runner, plan.name)
+        task = next(iter(runner.claimed([plan.name])), None)
+        if task is None and runner.summary.busy.pop(plan.name, None) is not None:
+            st = lock_state(layout.lock_path(runner.store.root, layout.FOLD_STAGE, base.job_id, plan.name)) or {}
+            holder = f"{st.get('host')}:{st.get('pid')}, last seen {st.get('age_s', 0):.0f} s ago"
+    train, holder = ddp.broadcast(d, (task is not None, holder))
+    if not train:
+        return holder  # None: done (before, or by its previous holder meanwhile)
+    s = _replace(base, fold_dir=fdir)
+    ft = fold_targets(data, plan.train, min_variance=r.min_variance, standardize=r.standardize_targets)
+    res = train_fold(s, plan, ft, output_bias(data.kind, data, plan.train, ft))
+    res["slides_per_rank_per_epoch"] = [[[source.slide_ids[k] for k in rank] for rank in ep]
+                                        for ep in res["slides_per_rank_per_epoch"]]
+    pred = predict_fold(s, plan, ft)
+    if d.main:
+        with atomic_path(fdir / layout.FOLD_PREDICTIONS) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, test=plan.test, pred=pred)
+        fault_point("fold-done")
+        write_json(fdir / layout.FOLD_DONE, {**res, "fold": plan.name, "targets": ft.to_dict(),
+                                             "finished": timestamp()})
+        if not runner.ok(task, n_tiles=len(plan.test), digest=None):  # the fold's commit record (claim released)
+            raise HefeatError(f"Job {base.job_id}: fold {plan.name} trained but not recorded "
+                              f"({runner.summary.failed.get(plan.name)})")
+        (fdir / layout.FOLD_LAST).unlink(missing_ok=True)
+    ddp.barrier(d)
+    return None
 
 
 def _claim(path, d: ddp.Dist) -> tuple[SlideClaim | None, str | None]:

@@ -96,6 +96,7 @@ FOLD_METRICS = "metrics.json"
 FOLD_METRICS_CSV = "metrics.csv"
 FOLD_PREDICTIONS = "predictions.npz"
 FOLD_DONE = "done.json"
+FOLD_STAGE = "finetune"  # the per-slide runner's stage of fine-tuning folds: status/finetune=<job_id>/<fold>.json
 FOLD_CLAIM = "claim.lock"
 JOB_COMMIT_CLAIM = "commit.lock"
 JOB_ENCODER = "encoder"
@@ -174,7 +175,9 @@ def status_path(root: Path, stage: str, key: str, slide_id: str) -> Path:
 
 
 def lock_path(root: Path, stage: str, key: str, slide_id: str) -> Path:
-    """A worker's claim on one slide for one stage and id."""
+    """A worker's claim on one slide for one stage and id (a fine-tuning fold's: in the fold's folder)."""
+    if stage == FOLD_STAGE:
+        return fold_claim_path(job_dir(root, key), check_id(slide_id))
     return status_dir(root, stage, key) / f"{check_id(slide_id)}{LOCK_SUFFIX}"
 
 
@@ -189,6 +192,8 @@ def output_dir(root: Path, stage: str, key: str) -> Path:
         return tiling_dir(root, key)
     if stage == "extraction":
         return extraction_dir(root, key)
+    if stage == FOLD_STAGE:
+        return job_dir(root, key)
     raise ValueError(f"stage {stage!r} has no per-slide output")
 
 
@@ -198,6 +203,8 @@ def output_name(stage: str, slide_id: str) -> str:
         return slide_file(slide_id, ".parquet")
     if stage == "extraction":
         return f"{slide_id}.h5"
+    if stage == FOLD_STAGE:  # a fold's done record is its output; its commit record is in status/ like a slide's
+        return f"fold={slide_id}/{FOLD_DONE}"
     raise ValueError(f"stage {stage!r} has no per-slide output")
 
 
