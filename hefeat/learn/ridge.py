@@ -209,9 +209,11 @@ class RidgeBasis:
         Cd = C.astype(np.float32)
         # least-squares residual q = y - U c in one GEMM, stored genes by rows (Qt, k x n) so that a candidate
         # subset is a contiguous gather; gene-major (Fortran-ordered) targets make the float32 copy a plain one
-        Q = blas.sgemm(-1.0, U32.T, Cd.T, beta=1.0, c=np.asarray(Yj, np.float32, order="F"), trans_a=1, trans_b=1,
-                       overwrite_c=1)
-        Qt = Q.T
+        if Yj.flags.f_contiguous:
+            Qt = blas.sgemm(-1.0, U32.T, Cd.T, beta=1.0, c=Yj.astype(np.float32), trans_a=1, trans_b=1,
+                            overwrite_c=1).T
+        else:  # sample-major targets: the same product transposed (Fortran-ordered Qt), no transposing copy
+            Qt = blas.sgemm(-1.0, Cd.T, U32.T, beta=1.0, c=Yj.astype(np.float32).T, overwrite_c=1)
         TB = (Qt * Qt) @ WB  # (k, 2A): Σ w q² and Σ |δ| q²
         est = TB[:, :A].T.astype(np.float64)
         bnd = np.sqrt(np.maximum(TB[:, A:].T, 0).astype(np.float64))
