@@ -112,3 +112,25 @@ def test_glass_and_one_tissue_keep_otsus_cut():
     assert t.threshold == pytest.approx(max(otsu_threshold(saturation(noisy)[(noisy.mean(2) > 20) & (noisy.mean(2) < 250)]),
                                             0.07))
     assert not t.mask[:40].any() and t.mask[60:140, 110:190].all()
+
+
+def test_textured_pale_tissue_with_dense_dark_nuclei_is_kept():
+    """Pale tissue carrying a dense field of small dark objects on a paler ground (at the mask's 8 µm/px most of
+    its pixels are paler than the cut, its mean colour is tissue): judged pixel by pixel it was a hole larger than
+    max_hole and was dropped (the synthetic hotspot cohort's S28 lost its whole focal disc, 0 of 8 truth tiles).
+    Each pixel is now also judged by its neighbourhood's colour; glass stays glass."""
+    from hefeat.slides.tissue import saturation
+
+    img = _three_mode_thumbnail()
+    ground, nucleus = np.array((248, 236, 242.0)), np.array((110, 30, 100.0))
+    yy, xx = np.mgrid[60:140, 130:210]
+    dots = (yy % 3 == 0) & (xx % 3 == 0)  # one dark pixel in nine, ~24 µm apart: a dense aggregate at 8 µm/px
+    img[60:140, 130:210] = np.where(dots[..., None], nucleus, ground).astype(np.uint8)
+    pale_cut = np.median(saturation(img[:, 100:125]))
+    assert saturation(ground[None, None].astype(np.uint8)).item() < 0.07 < pale_cut  # the ground alone is glass-pale
+    mean = img[60:140, 130:210].reshape(-1, 3).mean(0)
+    assert saturation(mean[None, None].astype(np.uint8)).item() > 0.07  # the region's colour is tissue
+    t = detect_tissue(img, 8.0, min_object_um2=1000, max_hole_um2=1000)
+    assert t.mask[62:138, 132:208].mean() > 0.99  # the textured region is tissue
+    assert t.mask[:, 105:295].mean() > 0.99
+    assert not t.mask[:, :95].any()  # glass is not

@@ -16,8 +16,9 @@ from hefeat.slides.reader import Slide
 from hefeat.slides.tissue import TissueMask, detect_tissue
 
 BACKGROUND_RULES = ("otsu", "mean-rgb", "density")
-TILING_VERSION = 3  # bump when tile selection changes, so new runs get new tiling ids (2: unimodal images, small ROIs;
-# 3: the glass | pale-tissue cut of tissue.glass_cut)
+TILING_VERSION = 4  # bump when tile selection changes, so new runs get new tiling ids (2: unimodal images, small ROIs;
+# 3: the glass | pale-tissue cut of tissue.glass_cut; 4: a pixel is also tissue by its neighbourhood's mean colour,
+# tissue.TEXTURE_UM)
 # Per-slide overrides a manifest may carry (hefeat tile --manifest): tissue detection only.
 UPSAMPLE_TOLERANCE = 0.10  # tiles may be up to 10 % finer than a slide's level 0 without --allow-upsample
 _MASK_ONLY = ("min_object_um2", "max_hole_um2", "mask_mpp")  # settings of the tissue mask, unused with mask off
