@@ -53,6 +53,35 @@ def test_weights_file_matches_loading_by_hand(tmp_path, suffix, layer):
     assert enc.config.weights_digest != create_encoder("resnet18", weights="none", layer=layer).config.weights_digest
 
 
+@pytest.mark.parametrize(("name", "layer", "meta"), [("resnet18", "layer2", True),
+                                                   ("swin_tiny_patch4_window7_224", "layers.1", False)])
+def test_truncated_network_built_on_meta_equals_a_normal_build(name, layer, meta, monkeypatch):
+    """The stage-truncated net is materialised from the meta device only when a state dict fills all of it.
+
+    swin keeps its relative position index as a non-persistent buffer: an empty materialisation would
+    leave it garbage, so that model is built normally. Either way the features equal a net built the
+    ordinary way with the full model's weights.
+    """
+    import timm
+
+    from hefeat.extract import encoders
+
+    made = []
+    real = encoders._truncated
+    monkeypatch.setattr(encoders, "_truncated", lambda *a: made.append(r := real(*a)) or r)
+    create_encoder(name, weights="none", layer=layer, seed=3)
+    net = made[0]
+    names = [i["module"] for i in timm.create_model(name, pretrained=False, features_only=True).feature_info.info]
+    ref = timm.create_model(name, pretrained=False, features_only=True, out_indices=(names.index(layer),))
+    ref.load_state_dict(net.state_dict(), strict=True)  # what a state dict carries is the same by construction
+    ref.eval()
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[-1], ref(x)[-1], rtol=0, atol=0)  # and what it does not carry too
+    nonpersistent = {k for k, _ in net.named_buffers()} - set(net.state_dict())
+    assert bool(nonpersistent) is not meta
+
+
 def test_bad_encoders_and_weights(tmp_path):
     import timm
     from safetensors.torch import save_file

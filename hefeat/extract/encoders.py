@@ -204,13 +204,13 @@ def _create_timm(name: str, *, weights, layer, seed, model_kwargs) -> Encoder:
     fixed_size = bool((getattr(full, "pretrained_cfg", None) or {}).get("fixed_input_size", False))
     truncated = layer is not None
     if truncated:
-        net = timm.create_model(name, pretrained=False, features_only=True, **model_kwargs)
-        names = [i["module"] for i in net.feature_info.info]
+        with torch.device("meta"):  # only the stage names are read: no weights allocated or initialised
+            probe = timm.create_model(name, pretrained=False, features_only=True, **model_kwargs)
+        names = [i["module"] for i in probe.feature_info.info]
         match = [i for i, m in enumerate(names) if m == layer or m.split(".")[-1] == layer]
         if not match:
             raise HefeatError(f"Encoder {name} has no stage {layer!r}; stages: {', '.join(names)}")
-        idx = match[0]
-        net = timm.create_model(name, pretrained=False, features_only=True, out_indices=(idx,), **model_kwargs)
+        net = _truncated(timm, name, match[0], model_kwargs)
         src = {_norm_key(k): v for k, v in full.state_dict().items()}
         net.load_state_dict({k: src[_norm_key(k)] for k in net.state_dict()}, strict=True)
         dim = int(net.feature_info.channels()[-1])
@@ -223,6 +223,21 @@ def _create_timm(name: str, *, weights, layer, seed, model_kwargs) -> Encoder:
                    input_size=(int(h), int(w)), mean=data_cfg["mean"], std=data_cfg["std"],
                    interpolation=str(data_cfg.get("interpolation", "bilinear")),
                    crop_pct=float(data_cfg.get("crop_pct") or 1.0), fixed=fixed_size, truncated=truncated)
+
+
+def _truncated(timm, name: str, idx: int, model_kwargs: dict):
+    """The network up to stage `idx`, its weights to be loaded from the full model.
+
+    Built on the meta device and materialised empty (the full model's state dict fills every
+    parameter and persistent buffer) unless it has buffers a state dict does not carry.
+    """
+    import torch
+
+    with torch.device("meta"):
+        net = timm.create_model(name, pretrained=False, features_only=True, out_indices=(idx,), **model_kwargs)
+    if {k for k, _ in net.named_buffers()} <= set(net.state_dict()):
+        return net.to_empty(device="cpu")
+    return timm.create_model(name, pretrained=False, features_only=True, out_indices=(idx,), **model_kwargs)
 
 
 def _finish(net, *, name, layer, weights, dim, input_size, mean, std, interpolation, crop_pct, fixed, truncated,
