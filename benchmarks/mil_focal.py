@@ -166,6 +166,20 @@ def main(argv=None) -> int:
         print(f"{meth:<10} AUC {s['value']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f}); mean-pool baseline "
               f"{s['baseline_value']:.3f} ({s['baseline_ci_low']:.3f}-{s['baseline_ci_high']:.3f}); top-decile "
               f"attention on truth tiles {prec:.0%} (ceiling {ceil:.0%}); {time.perf_counter() - t:.0f} s")
+        # The same fit's AUC had each fold's logits not been divided by their training SD (fold_score_sd) before
+        # pooling, and the baseline's chosen C per fold (with any grid-edge flag) and the fit's notes.
+        sc = pd.read_parquet(st.model_dir(s["model_id"]) / "patient_scores.parquet")
+        folds = list(s["baseline_penalties"])  # the fold names in fit order
+        sd = sc["fold"].map(dict(zip(folds, s["fold_score_sd"], strict=True))).to_numpy(float)
+        from hefeat.learn.mil import binary_auc
+
+        raw = binary_auc((sc["y"].astype(str) == "1").to_numpy().astype(int),
+                         np.log(sc["p_1"] / sc["p_0"]).to_numpy() * sd)
+        print(f"{'':<10} folds unscaled AUC {raw:.3f}; fold score SD {', '.join(f'{v:.2f}' for v in s['fold_score_sd'])}; "
+              f"baseline C {', '.join(f'{v:g}' for v in s['baseline_penalties'].values())}"
+              f"{' (at the grid edge: ' + str(s['baseline_penalty_at_edge']) + ')' if s.get('baseline_penalty_at_edge') else ''}")
+        for note in s.get("notes") or []:
+            print(f"{'':<10} note: {note}")
         if meth == "abmil":
             ok = s["value"] >= 0.9 and s["value"] >= s["baseline_value"] + 0.1 and prec >= 0.7
     print(f"acceptance (ABMIL AUC >= 0.9, >= baseline + 0.1, top-decile >= 70 %): {'met' if ok else 'MISSED'}; "

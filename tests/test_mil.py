@@ -254,6 +254,77 @@ def test_patient_bags_pool_slides_and_multiclass_labels(focal_store):
     assert np.allclose(sc[[f"p_{c}" for c in s["classes"]]].sum(1), 1)
 
 
+def test_mil_fold_scores_are_scaled_like_the_baselines_before_pooling(focal_store):
+    """The held-out scores of all folds are pooled into one AUC; each fold's net stops at its own confidence, so
+    (like the baseline's) each fold's logits are divided by their SD on the fold's training bags first: the
+    pooled p_1 of a held-out bag is sigmoid(d / sd_k), d its fold net's logit difference, sd_k the SD of d over
+    the fold's training bags (recorded as fold_score_sd)."""
+    import torch
+
+    from hefeat.learn.bags import BagReader, make_bags
+    from hefeat.learn.mil import _infer
+    from hefeat.learn.mil.method import _load_nets
+    from hefeat.learn.mil.params import AbmilParams
+    from hefeat.learn.models import load_model
+    from hefeat.learn.registry import make_params
+
+    st, eid, _, _ = focal_store
+    s = fit_model(st, "abmil", {"extraction_id": eid, "label": "focal_status", **FAST, "epochs": 3,
+                                "split": "patient-kfold:3", "seed": 5})
+    assert len(s["fold_score_sd"]) == s["n_folds"] and "training bags" in s["pooling"], s
+    meta = load_model(st, s["model_id"])
+    nets = _load_nets("abmil", meta, make_params(AbmilParams, meta["params"]))
+    sc = pd.read_parquet(st.model_dir(s["model_id"]) / "patient_scores.parquet")
+    sids = sc["bag_id"].tolist()  # slide bags
+    reader = BagReader(make_bags(st, eid, np.array(sids), np.array(sids), [[x] for x in sids]))
+    with torch.no_grad():
+        d = {}
+        for k in range(s["n_folds"]):
+            for i, sid in enumerate(sids):
+                z = _infer([nets[k]], reader.read(i), "classification", "cox")["logits"]
+                d[k, sid] = float(z[1] - z[0])
+    spread = []
+    for k, fold in enumerate(s["baseline_penalties"]):  # the fold names in fit order
+        test, train = sc[sc["fold"] == fold], sc[sc["fold"] != fold]
+        sd = float(np.std([d[k, x] for x in train["bag_id"]]))
+        assert s["fold_score_sd"][k] == pytest.approx(sd, rel=1e-4)
+        got = np.log(test["p_1"] / test["p_0"]).to_numpy()
+        assert np.allclose(got, [d[k, x] / sd for x in test["bag_id"]], atol=1e-4)
+        spread.append(sd)
+    assert max(spread) > 1.05 * min(spread)  # the folds' scales differ: the division changes the pooled ranking
+
+
+def test_baseline_flags_a_penalty_at_the_edge_of_its_grid():
+    """A chosen penalty at the grid's edge (noise labels: the strongest C; separable classes: the weakest) is
+    recorded per fold ('edge') and named in one note; inside the grid nothing is flagged."""
+    from hefeat.learn.mil import Targets, _baseline_scores
+    from hefeat.learn.mil.evaluation import LOGISTIC_C_GRID, RIDGE_ALPHA_GRID, edge_note, grid_edge
+    from hefeat.learn.mil.params import AbmilParams
+    from hefeat.learn.mil.survival import COX_L2_GRID
+    from hefeat.learn.splits import group_kfold
+
+    r = np.random.default_rng(0)
+    n = 40
+    pat = np.array([f"P{i:02d}" for i in range(n)])
+    folds = group_kfold(pat, 4, seed=0)
+    p = AbmilParams(extraction_id="e", label="y")
+    noise = r.integers(0, 2, n)
+    _, chosen = _baseline_scores(r.normal(size=(n, 100)), Targets("classification", noise, ["0", "1"]), folds, p, pat)
+    assert all(c["edge"] == "strongest" and c["value"] == LOGISTIC_C_GRID.min() for c in chosen), chosen
+    note = edge_note(chosen, "classification")
+    assert note is not None and "4 of 4 folds" in note and "C = 0.0001 (strongest)" in note and "\n" not in note
+    X = r.normal(size=(n, 5))
+    y = (X[:, 0] > 0).astype(int)
+    X[:, 0] += 20 * (2 * y - 1)  # separable by a wide margin: the weakest penalty wins
+    _, chosen = _baseline_scores(X, Targets("classification", y, ["0", "1"]), folds, p, pat)
+    assert all(c["edge"] == "weakest" and c["value"] == LOGISTIC_C_GRID.max() for c in chosen), chosen
+    # the direction of each grid: C is an inverse penalty; alpha and l2 are penalties
+    assert grid_edge(RIDGE_ALPHA_GRID.max(), "regression") == "strongest"
+    assert grid_edge(RIDGE_ALPHA_GRID.min(), "regression") == "weakest"
+    assert grid_edge(COX_L2_GRID.max(), "survival") == "strongest" and grid_edge(1.0, "survival") == ""
+    assert edge_note([{**c, "edge": ""} for c in chosen], "classification") is None
+
+
 def test_rank_auc_equals_scikit_learn_with_ties_and_multiclass():
     from sklearn.metrics import roc_auc_score
 

@@ -80,9 +80,14 @@ RIDGE_ALPHA_GRID = np.logspace(-2, 4, 13)
 PENALTIES = {"classification": "C", "regression": "alpha", "survival": "l2"}
 
 
+def penalty_grid(task: str) -> np.ndarray:
+    """The grid the baseline's penalty is chosen from."""
+    return {"classification": LOGISTIC_C_GRID, "regression": RIDGE_ALPHA_GRID, "survival": COX_L2_GRID}[task]
+
+
 def baseline_tuning_rule(task: str) -> str:
     """How the baseline's penalty is chosen (recorded with the model)."""
-    grid = {"classification": LOGISTIC_C_GRID, "regression": RIDGE_ALPHA_GRID, "survival": COX_L2_GRID}[task]
+    grid = penalty_grid(task)
     score = {"classification": "held-out log-loss", "regression": "held-out squared error",
              "survival": "cross-validated partial likelihood (Verweij & van Houwelingen)"}[task]
     model = {"classification": "logistic regression (L2, C)", "regression": "ridge regression (alpha)",
@@ -123,6 +128,33 @@ def _fold_scaled_proba(clf, A: np.ndarray, B: np.ndarray, K: int) -> np.ndarray:
     P = np.zeros((len(B), K))
     P[:, clf.classes_] = softmax(zB / s, axis=1)
     return P
+
+
+def fold_score_scale(z_train: np.ndarray, task: str) -> float:
+    """The positive factor a fold's held-out scores are divided by before folds are pooled into one metric.
+
+    The baseline's rule (`_fold_scaled_proba`, its Cox risks) for any model: the SD of the fold's scores on its
+    own training rows -- of the logit difference for two classes, of every logit for more, of the risk for
+    survival; 1 for regression (its predictions stay in the target's units) or a constant score.
+    """
+    if task == "regression":
+        return 1.0
+    z = np.asarray(z_train, np.float64)
+    if task == "classification" and z.ndim == 2 and z.shape[1] == 2:
+        z = z[:, 1] - z[:, 0]
+    s = float(np.std(z))
+    return s if np.isfinite(s) and s > 0 else 1.0
+
+
+def fold_scaled_scores(z_test: np.ndarray, s: float, task: str) -> np.ndarray:
+    """Held-out scores divided by the fold's `fold_score_scale`: class probabilities softmax(logits / s)
+    (classification: z_test the logits, (K,) or (n, K)), risks / s (survival), unchanged (regression)."""
+    from scipy.special import softmax
+
+    z = np.asarray(z_test, np.float64)
+    if task == "classification":
+        return softmax(z / s, axis=-1)
+    return z / s if task == "survival" else z
 
 
 def _choose(grid: np.ndarray, inner, loss) -> float:
@@ -185,5 +217,33 @@ def _baseline_scores(Xm: np.ndarray, tg: Targets, folds, p: MilParams,
                 value = tune_cox_l2(A, t, e, [(g.train, g.test) for g in inner])[0] if inner else 1.0
                 beta = _fit_cox(A, t, e, value)
                 score[f.test] = (B @ beta) / (float(np.std(A @ beta)) or 1.0)  # as for classification
-            chosen.append({"fold": f.name, "penalty": PENALTIES[tg.task], "value": value, "inner_folds": len(inner)})
+            chosen.append({"fold": f.name, "penalty": PENALTIES[tg.task], "value": value, "inner_folds": len(inner),
+                           "edge": grid_edge(value, tg.task) if inner else ""})
     return score, chosen
+
+
+def grid_edge(value: float, task: str) -> str:
+    """'strongest' / 'weakest' when a chosen baseline penalty is the grid's strongest / weakest value, else ''.
+
+    A penalty at the edge says the optimum may lie beyond the grid: the baseline may be under- (weakest) or
+    over-regularised (strongest) for want of a wider grid. (C is an inverse penalty: its smallest is strongest.)
+    """
+    grid = penalty_grid(task)
+    lo, hi = float(np.min(grid)), float(np.max(grid))
+    at_lo, at_hi = np.isclose(value, lo, rtol=1e-9), np.isclose(value, hi, rtol=1e-9)
+    if not (at_lo or at_hi):
+        return ""
+    inverse = task == "classification"  # C: small is strong
+    return "strongest" if at_lo == inverse else "weakest"
+
+
+def edge_note(chosen: list[dict], task: str) -> str | None:
+    """One line naming the folds whose baseline penalty sits at an edge of its grid (None when none does)."""
+    hit = [c for c in chosen if c.get("edge")]
+    if not hit:
+        return None
+    grid = penalty_grid(task)
+    which = "; ".join(f"{c['fold']}: {c['penalty']} = {c['value']:g} ({c['edge']})" for c in hit)
+    return (f"the mean-pool baseline's {PENALTIES[task]} is at the edge of its grid ({grid.min():g}..{grid.max():g}) "
+            f"in {len(hit)} of {len(chosen)} folds ({which}): its best value may lie beyond the grid, so the baseline "
+            "may be weaker than a wider search would make it")

@@ -22,6 +22,9 @@ from hefeat.learn.mil.evaluation import (
     _baseline_scores,
     _metric_rows,
     baseline_tuning_rule,
+    edge_note,
+    fold_scaled_scores,
+    fold_score_scale,
 )
 from hefeat.learn.mil.params import AbmilParams, ClamParams, MilParams, TransmilParams
 from hefeat.learn.mil.training import _Fold, _infer
@@ -77,7 +80,7 @@ def fit_mil(kind: str, store: Store, p: MilParams, model_id: str) -> FitResult:
     oof = np.full((n, K) if tg.task == "classification" else (n,), np.nan)
     fold_of = np.full(n, -1)
     tiles_out: dict[int, dict] = {}
-    arrays, fold_rows, n_out, scale, notes = {}, [], [], [], []
+    arrays, fold_rows, n_out, scale, notes, score_sd = {}, [], [], [], [], []
     d = bags.dim
     agg = _aggregates(store, p.extraction_id)
     flops = 6.0 * p.batch_size * p.max_tiles * d * p.hidden
@@ -99,14 +102,22 @@ def fit_mil(kind: str, store: Store, p: MilParams, model_id: str) -> FitResult:
             fm = _Fold(kind, p, tg, d, tr, derive_seed(p.seed, k, 2), _tile_moments(agg, bags.slides, tr))
             info = fm.fit(reader, tr, va, derive_seed(p.seed, k, 3), eval_rows)
             nets = [(fm.net, fm.mu, fm.sd)]
+            # Pooled into one metric, each fold's scores are first divided by their SD on the fold's training bags,
+            # the baseline's rule (`fold_score_scale`): folds whose nets stopped at different confidence are
+            # otherwise ranked against each other by that confidence, not by their bags.
+            raw = "logits" if tg.task == "classification" else "score"
+            zs = 1.0 if tg.task == "regression" else fold_score_scale(np.array(
+                [_infer(nets, reader.read(int(i), eval_rows(int(i))), tg.task, p.survival_loss)[raw] for i in f.train]),
+                tg.task)
             for i in f.test:
                 r = _infer(nets, reader.read(int(i), eval_rows(int(i))), tg.task, p.survival_loss)
-                oof[i] = r["score"]
+                oof[i] = fold_scaled_scores(r[raw], zs, tg.task)
                 fold_of[i] = k
                 tiles_out[int(i)] = r
             arrays.update(_state_arrays(k, fm.net))
             n_out.append(int(fm.net.head.out_features))
             scale.append([fm.mu, fm.sd])
+            score_sd.append(zs)
             fold_rows.append({"fold": f.name, "n_train": len(tr), "n_validation": len(va), "n_test": len(f.test),
                               "best_epoch": info["best_epoch"], "best_val_loss": info["best_val_loss"],
                               "epochs_run": len(info["history"]),
@@ -124,6 +135,7 @@ def fit_mil(kind: str, store: Store, p: MilParams, model_id: str) -> FitResult:
             c = next(c for c in chosen if c["fold"] == r["fold"])
             if not r.get("history"):
                 r[f"baseline_{c['penalty']}"], r["baseline_inner_folds"] = c["value"], c["inner_folds"]
+                r["baseline_penalty_edge"] = c["edge"]
     metrics = pd.DataFrame(metrics)
     main_metric = {"classification": "auc", "regression": "pearson_r", "survival": "c_index"}[tg.task]
     mine = metrics[(metrics["model"] == kind) & (metrics["metric"] == main_metric)].iloc[0]
@@ -139,13 +151,22 @@ def fit_mil(kind: str, store: Store, p: MilParams, model_id: str) -> FitResult:
                "classes": tg.classes,
                "tiles": f"training: random {p.max_tiles} tiles per bag per epoch (seeded by seed, fold, epoch); "
                         f"evaluation: all tiles up to {p.eval_max_tiles} (fixed seeded sample beyond)",
-               "n_tiles_total": int(bags.n_tiles.sum()), "max_bag_tiles": int(bags.n_tiles.max())}
+               "n_tiles_total": int(bags.n_tiles.sum()), "max_bag_tiles": int(bags.n_tiles.max()),
+               "fold_score_sd": score_sd,
+               "pooling": "each fold's held-out " + {"classification": "logits (probabilities = softmax(logits / sd))",
+                                                      "survival": "risks", "regression": "predictions"}[tg.task]
+                          + (" in the target's units" if tg.task == "regression" else
+                             " divided by their SD on the fold's training bags (fold_score_sd), as the baseline's")
+                          + ", then pooled into one metric"}
     if base is not None:
         b = metrics[(metrics["model"] == "mean-pool baseline") & (metrics["metric"] == main_metric)].iloc[0]
         summary.update({"baseline_value": float(b["value"]), "baseline_ci_low": float(b["ci_low"]),
                         "baseline_ci_high": float(b["ci_high"]), "baseline_model": baseline_tuning_rule(tg.task),
                         "baseline_penalty": PENALTIES[tg.task],
-                        "baseline_penalties": {c["fold"]: c["value"] for c in chosen}})
+                        "baseline_penalties": {c["fold"]: c["value"] for c in chosen},
+                        "baseline_penalty_at_edge": {c["fold"]: c["edge"] for c in chosen if c["edge"]}})
+        if (line := edge_note(chosen, tg.task)) is not None:
+            notes.append(line)
     if len(np.unique(patients[tested])) < SMALL_TEST:
         notes.append(f"{main_metric} from {len(np.unique(patients[tested]))} held-out patients: the bootstrap CI of so "
                      "few patients is unreliable; add patients")

@@ -156,12 +156,13 @@ class _Fold:
 
 
 def _infer(nets: list, X: np.ndarray, task: str, loss: str) -> dict:
-    """Mean over nets of one bag's score(s), attention and per-tile scores (eval mode, no grad)."""
+    """Mean over nets of one bag's score(s), attention and per-tile scores (eval mode, no grad); with
+    classification also the mean logits ("logits")."""
     import torch
 
     Xt = torch.from_numpy(X)[None]
     M = torch.ones(1, len(X), dtype=torch.bool)
-    score, att, tile = [], [], []
+    score, att, tile, logits = [], [], [], []
     with torch.no_grad():
         for net, mu, sd in nets:
             net.eval()
@@ -169,6 +170,7 @@ def _infer(nets: list, X: np.ndarray, task: str, loss: str) -> dict:
             out = r["out"]
             if task == "classification":
                 score.append(torch.softmax(out, 1)[0].numpy())
+                logits.append(out[0].numpy())
             elif task == "regression":
                 score.append(out[0].numpy() * sd + mu)
             else:
@@ -178,6 +180,8 @@ def _infer(nets: list, X: np.ndarray, task: str, loss: str) -> dict:
                 tile.append(r["tile"][0].numpy())
     sc = np.mean(score, 0)
     res = {"score": sc if task == "classification" else float(np.ravel(sc)[0]), "attention": np.mean(att, 0)}
+    if logits:  # classification: the nets' mean logits (the fold scaling of fit_mil divides them)
+        res["logits"] = np.mean(logits, 0)
     if tile:
         T = np.mean(tile, 0)
         if task == "classification" and T.shape[1] == 2 and nets[0][0].head.out_features == 2:
