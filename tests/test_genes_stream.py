@@ -38,7 +38,8 @@ def _fit(monkeypatch, chunk_genes: int | None, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(cohort_col="site", permutations=2, median_positive=True),
-                                dict(pca=3, permutations=1, split="patient-kfold:4")])
+                                dict(pca=3, permutations=1, split="patient-kfold:4"),
+                                dict(permutations=2, median_positive=True)])
 def test_gene_chunks_give_the_whole_matrix_numbers(monkeypatch, kw):
     """Chunks of 1 and 4 genes (31 genes: a ragged last chunk) against one chunk of all genes: the same kept
     genes, penalties, metrics, permutation null, out-of-fold table and final heads. Shifting a chunk's
@@ -92,6 +93,68 @@ def test_streamed_fit_matches_a_direct_computation(monkeypatch):
         po[f.test] = fit_ridge_heads(d.X[f.train], Yp[f.train]).predict(d.X[f.test])
     null = rho(po[:, genes], Yp[:, genes])
     np.testing.assert_allclose(res.tables["null"]["spearman_r"], null, rtol=1e-10)
+
+
+def _rows_path(monkeypatch):
+    """Force the per-fold row path of _GeneCV (training rows gathered, c = U'y) where the sums path would run."""
+    init = emo._GeneCV.__init__
+
+    def rows_init(self, *a, **k):
+        init(self, *a, **k)
+        self.sums = False
+
+    monkeypatch.setattr(emo._GeneCV, "__init__", rows_init)
+
+
+@pytest.mark.parametrize("kw", [dict(permutations=2), dict(permutations=1, median_positive=True,
+                                                           split="patient-kfold:4")])
+def test_sums_path_gives_the_row_path_numbers(monkeypatch, kw):
+    """The sums path (each fold's training variances and Xc'Yc from whole-chunk sums minus its test rows', the
+    permuted CV read as rows perm of the chunk) against the row path: the same kept genes, penalties, metrics,
+    null, out-of-fold table and heads. A wrong centring correction, a permutation applied the wrong way round
+    (Xg[perm] for Xg[perm⁻¹]) or the test rows of the unpermuted targets all fail this."""
+    sums = _fit(monkeypatch, 4, **kw)
+    _rows_path(monkeypatch)
+    rows = _fit(monkeypatch, 4, **kw)
+    assert sums.summary == rows.summary or all(
+        sums.summary[k] == pytest.approx(v, rel=1e-10, abs=1e-14) for k, v in rows.summary.items())
+    for name, table in rows.tables.items():
+        pd.testing.assert_frame_equal(sums.tables[name], table, check_exact=False, rtol=1e-9, atol=1e-12)
+    for name, arr in rows.arrays.items():
+        if arr.dtype.kind == "f":
+            np.testing.assert_allclose(sums.arrays[name], arr, rtol=1e-6 if name == "coef" else 1e-10, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(sums.arrays[name], arr)
+
+
+def test_variance_filter_at_the_threshold_decides_like_the_row_filter(monkeypatch):
+    """A gene whose smallest training variance over the folds is exactly the threshold (as the row filter, numpy's
+    var of the fold's rows, computes it): the row filter drops it (var > threshold is false); the sums formula
+    lands a few ulps above it for the gene chosen here, so genes within its rounding bound are decided on the rows.
+    Without that re-check the gene is kept and the gene set differs from the row path's."""
+    from hefeat.learn.splits import parse_split
+
+    d = _data()
+    Y = np.asfortranarray(d.Y)
+    folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
+    rows = np.array([Y[f.train].var(0, ddof=1) for f in folds])  # the row filter's variances
+    s1, s2 = Y.sum(0), np.einsum("ij,ij->j", Y, Y)
+    sums = []
+    for f in folds:  # the sums formula, as _fold_sums computes it
+        n_t, Yt = len(f.train), Y[f.test]
+        m = (s1 - Yt.sum(0)) / n_t
+        sums.append((s2 - np.einsum("ij,ij->j", Yt, Yt) - n_t * m * m) / (n_t - 1))
+    sums = np.array(sums)
+    low = rows.argmin(0)
+    j = next(j for j in range(Y.shape[1]) if sums[low[j], j] > rows[low[j], j] and j not in (4, 20))
+    thr = float(rows[low[j], j])
+    results = []
+    for force_rows in (False, True):
+        if force_rows:
+            _rows_path(monkeypatch)
+        res = _fit(monkeypatch, None, min_variance=thr)
+        results.append(res.tables["metrics"]["gene"].tolist())
+    assert d.genes[j] not in results[1] and results[0] == results[1]
 
 
 def test_patient_means_gather_single_rows_and_sum_the_rest_in_order():

@@ -153,6 +153,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n))))
     for j0 in range(0, g, step):
         Yc = np.asfortranarray(data.Y[:, j0:j0 + step])  # gene-major: the ridge gathers each fold's rows per gene
+        cv.begin_chunk(Yc)
         o, keep, al = cv.run(Yc)
         oof[:, j0:j0 + step] = o
         kept[j0:j0 + step] = keep.all(0)
@@ -167,13 +168,17 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
                                                  to_patients(Ye[np.ix_(tested, ev)])).items():
             cols.setdefault(name, np.full(g, np.nan))[j0 + ev] = v
         # The deployed model: refit on every sample (metrics are out-of-fold and stay honest).
-        heads = final.basis.fit(Ye, cols=ev)
+        heads = final.basis.fit(Ye, cols=ev, xty=cv.final_xty(ev))
         coef[:, j0 + ev], intercept[j0 + ev], alpha_final[j0 + ev] = heads.coef, heads.intercept, heads.alpha
         for i, perm in enumerate(perms):
-            Yp = Yc.T.take(perm, axis=1).T  # permuted rows, still gene-major
-            po, _, _ = cv.run(Yp)
-            null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po[np.ix_(tested, ev)]),
-                                                         to_patients(_shift_all(Yp, cohort)[np.ix_(tested, ev)]))
+            if cv.sums:  # the permuted targets are read as rows perm of Yc, never copied whole
+                po, _, _ = cv.run(Yc, perm)
+                true = Yc[np.ix_(perm[tested], ev)]
+            else:
+                Yp = Yc.T.take(perm, axis=1).T  # permuted rows, still gene-major
+                po, _, _ = cv.run(Yp)
+                true = _shift_all(Yp, cohort)[np.ix_(tested, ev)]
+            null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po[np.ix_(tested, ev)]), to_patients(true))
     if not kept.any():
         raise NotEstimable(f"No gene passes the training-fold filter (variance > {p.min_variance}"
                            f"{', median > 0' if p.median_positive else ''}) in every fold; lower --min-variance")
@@ -308,9 +313,62 @@ class _GeneCV:
             self.designs.append(d)
             self.X_test.append(d.transform(data.X[f.test]))
         self.cache: dict = {}
+        # Sums path (slide level, raw features, no per-fold median shift: every fold's design is rows of X and its
+        # targets rows of the chunk): each fold's training variances and Xc'Yc come from whole-chunk sums minus its
+        # test rows' (see `_fold_sums`), no gather of each fold's training rows for the filter and no n x r x genes
+        # float64 product U'y per fit.
+        self.sums = cohort is None and not params.pca and params.level == "slide"
+        if self.sums:
+            X = np.asarray(data.X, np.float64)
+            self.Xg = X - X.mean(0)  # Xc_train'Yc_train does not change with a shift of X: this one keeps sums small
+            self.xg_mean = self.Xg.mean(0)
+            self.xg_train_mean = [self.Xg[f.train].mean(0) for f in folds]
+            self.Xg_test = [self.Xg[f.test] for f in folds]
+            self._chunk = None
 
-    def run(self, Yc: np.ndarray):
-        """Out-of-fold predictions (n, k), per-fold kept genes (folds, k) and penalties (folds, k) of targets Yc."""
+    def begin_chunk(self, Yc: np.ndarray) -> None:
+        """Whole-chunk sums of targets Yc (n, k) shared by its CV, its final fit and its permuted CVs (sums over all
+        rows do not change under a permutation of the rows); X'Yc is made on first use per row order."""
+        if self.sums:
+            self._chunk = (Yc, Yc.sum(0), np.einsum("ij,ij->j", Yc, Yc), {})
+
+    def _xty(self, perm: np.ndarray | None) -> np.ndarray:
+        """Xg'Y (p, k) of the chunk's targets in row order perm (Y = Yc[perm]: Σ_i x_i y_perm(i) = Xg[perm⁻¹]'Yc)."""
+        Yc, _, _, xty = self._chunk
+        key = None if perm is None else id(perm)
+        if key not in xty:
+            Xg = self.Xg if perm is None else self.Xg[np.argsort(perm)]
+            xty[key] = Xg.T @ Yc
+        return xty[key]
+
+    def final_xty(self, cols: np.ndarray) -> np.ndarray | None:
+        """Xc'Yc (p, len(cols)) of every sample for the final fit (its design is all of X), or None (no sums path)."""
+        if not self.sums:
+            return None
+        _, s1, _, _ = self._chunk
+        n = len(self.Xg)
+        return self._xty(None)[:, cols] - n * np.outer(self.xg_mean, s1[cols] / n)
+
+    def _fold_sums(self, i: int, perm: np.ndarray | None):
+        """Fold i's training variances (ddof 1) and Xc'Yc (p, k) of the chunk (rows in order perm) from the chunk's
+        sums minus those of the fold's test rows: var = (S2 - n_t ȳ_t²)/(n_t - 1), Xc'Yc = X'Y - n_t x̄_t ȳ_t'.
+        Also a bound on the variance's rounding error (the raw sums cancel by ȳ²/var)."""
+        Yc, s1, s2, _ = self._chunk
+        f = self.folds[i]
+        rows = f.test if perm is None else perm[f.test]
+        Yt = Yc.T.take(rows, axis=1).T  # the test rows, gathered per gene
+        n_t = len(f.train)
+        t1 = s1 - Yt.sum(0)
+        t2 = s2 - np.einsum("ij,ij->j", Yt, Yt)
+        m = t1 / n_t
+        var = (t2 - n_t * m * m) / (n_t - 1)
+        err = 64 * np.finfo(np.float64).eps * (np.abs(t2) + n_t * m * m) / (n_t - 1)
+        xty = self._xty(perm) - self.Xg_test[i].T @ Yt - n_t * np.outer(self.xg_train_mean[i], m)
+        return var, err, xty
+
+    def run(self, Yc: np.ndarray, perm: np.ndarray | None = None):
+        """Out-of-fold predictions (n, k), per-fold kept genes (folds, k) and penalties (folds, k) of targets Yc
+        (of Yc[perm] when perm is given: the sums path only, after begin_chunk(Yc))."""
         from hefeat.learn.data import median_shift, train_gene_filter
 
         p, data = self.p, self.data
@@ -319,13 +377,29 @@ class _GeneCV:
         kept = np.zeros((len(self.folds), k), bool)
         alphas = np.zeros((len(self.folds), k))
         for i, f in enumerate(self.folds):
-            Y = Yc if self.cohort is None else median_shift(Yc, self.cohort, f.train)[0]
-            keep = train_gene_filter(Y[f.train], min_variance=p.min_variance, median_positive=p.median_positive)
+            xty = None
+            if self.sums:
+                var, err, xty = self._fold_sums(i, perm)
+                train = f.train if perm is None else perm[f.train]
+                keep = var > p.min_variance
+                near = np.flatnonzero(np.abs(var - p.min_variance) <= err)
+                if len(near):  # within rounding of the threshold: decided on the rows themselves as the row filter
+                    # does (numpy sums a 2-column gather row after row, as it sums the whole chunk's rows)
+                    two = np.r_[near, near[:1]]
+                    keep[near] = Yc[np.ix_(train, two)].var(0, ddof=1)[:len(near)] > p.min_variance
+                if p.median_positive:
+                    keep &= np.median(Yc[train], 0) > 0
+                Y, rows = Yc, train
+            else:
+                Y = Yc if self.cohort is None else median_shift(Yc, self.cohort, f.train)[0]
+                keep = train_gene_filter(Y[f.train], min_variance=p.min_variance, median_positive=p.median_positive)
+                rows = f.train
             kept[i] = keep
             if not keep.any():
                 continue
             cols = np.flatnonzero(keep)
-            heads = self.designs[i].basis.fit(Y, rows=f.train, cols=cols)  # Y's rows/genes read in chunks
+            heads = self.designs[i].basis.fit(Y, rows=rows, cols=cols,  # Y's rows/genes read in chunks
+                                              xty=None if xty is None else xty[:, cols])
             alphas[i, cols] = heads.alpha
             if p.level == "slide":
                 oof[np.ix_(f.test, cols)] = heads.predict(self.X_test[i])

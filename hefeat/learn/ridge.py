@@ -67,13 +67,25 @@ class RidgeFit:
         return X @ self.coef + self.intercept
 
 
+def _one_blas_thread():
+    """LAPACK factorisations of small matrices (eigh of a 256 x 256 Gram, 15 Cholesky factors of 256 x 256) on one
+    BLAS thread: OpenBLAS's threaded potrf/syevd synchronise between many small steps, and with the other core
+    busy (another process, or a spinning BLAS thread) they wait there: measured 0.6-8.5 s per basis set-up at load
+    6 on 2 cores (3.9 s per batch of 15 Cholesky factors) against 0.5-0.7 s single-threaded."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """U (n, r), s (r,), V (p, r) of the centred design from the smaller Gram matrix (float64), rank-truncated."""
     n, p = Xc.shape
-    if n >= p:
-        s2, V = np.linalg.eigh(Xc.T @ Xc)
-    else:
-        s2, U = np.linalg.eigh(Xc @ Xc.T)
+    G = Xc.T @ Xc if n >= p else Xc @ Xc.T
+    with _one_blas_thread():
+        if n >= p:
+            s2, V = np.linalg.eigh(G)
+        else:
+            s2, U = np.linalg.eigh(G)
     top = s2.max() if len(s2) else 0.0
     keep = s2 > top * max(n, p) * np.finfo(np.float64).eps if top > 0 else np.zeros(len(s2), bool)
     s2 = s2[keep][::-1]
@@ -100,7 +112,8 @@ def _cholesky_t(M: np.ndarray, dt, jitter: float = 0.0) -> np.ndarray:
     r = M.shape[-1]
     if jitter:
         M = M + (jitter * np.abs(np.diagonal(M, axis1=-2, axis2=-1)).max(-1) + 1e-300)[..., None, None] * np.eye(r)
-    L = np.linalg.cholesky(M)
+    with _one_blas_thread():
+        L = np.linalg.cholesky(M)
     return np.swapaxes(L, -1, -2).astype(dt)
 
 
@@ -251,8 +264,12 @@ class RidgeBasis:
         self.genes_scored += k
 
     def fit(self, Y: np.ndarray, *, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
-            block: int | None = None, memory: int = MEMORY_BYTES) -> RidgeFit:
-        """Heads for the columns `cols` of Y (rows `rows` of Y are the design's rows), in gene chunks."""
+            block: int | None = None, memory: int = MEMORY_BYTES, xty: np.ndarray | None = None) -> RidgeFit:
+        """Heads for the columns `cols` of Y (rows `rows` of Y are the design's rows), in gene chunks.
+
+        `xty` (p, len(cols)), optional: Xc'Yc of the centred design and the centred selected targets, computed by
+        the caller (`fit genes` makes every fold's from one X'Y per gene chunk). Then c = U'y = V'(Xc'y)/s comes
+        from it, a p x r x genes product instead of the n x r x genes one; the rest of the fit is unchanged."""
         Y = np.asarray(Y)
         if Y.ndim == 1:
             Y = Y[:, None]
@@ -283,7 +300,8 @@ class RidgeBasis:
                 raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
             y_mean = Yj.mean(0)
             Yj -= y_mean
-            C = U.T @ Yj  # (r, k) float64: the coefficients and the exact re-scoring use it
+            # (r, k) float64: the coefficients and the exact re-scoring use it (U = Xc V / s)
+            C = U.T @ Yj if xty is None else (V.T @ xty[:, j0:j0 + k]) / s[:, None]
             y2 = np.einsum("ik,ik->k", Yj, Yj)
             if direct:
                 mse = self._score_direct(Yj, C)
