@@ -49,6 +49,20 @@ def test_matrix_ranks_equal_scipy_rankdata_with_ties_and_nan(monkeypatch):
     np.testing.assert_allclose(stats.columnwise_spearman(a, b, cols=cols), whole[0][cols], rtol=1e-13)
 
 
+def test_tiled_transposed_copy_equals_the_transpose(monkeypatch):
+    """Ragged tiles (shapes not multiples of the tile), strided column slices, float32 kept; and ranks of a block
+    wider and taller than a tile still equal scipy's rankdata."""
+    monkeypatch.setattr(stats, "TRANSPOSE_BLOCK", 16)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(53, 70))
+    for view in (a, a[:, 5:44], a[3:, ::3], a.astype(np.float32), np.asfortranarray(a)[:, :17]):
+        t = stats.transposed_copy(view)
+        assert t.flags.c_contiguous and t.dtype == view.dtype
+        np.testing.assert_array_equal(t, view.T)
+    b = rng.integers(0, 9, size=(53, 70)).astype(float)
+    np.testing.assert_array_equal(stats._rank(b), ss.rankdata(b, axis=0))
+
+
 def test_permutation_null_gives_uniformish_pvalues():
     """On pure-noise targets, refitted predictions give p-values spread over [0, 1]."""
     from hefeat.learn.ridge import fit_ridge_heads

@@ -152,7 +152,8 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     intercept, alpha_final = np.zeros(g), np.zeros(g)
     step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n))))
     for j0 in range(0, g, step):
-        Yc = np.asfortranarray(data.Y[:, j0:j0 + step])  # gene-major: the ridge gathers each fold's rows per gene
+        # gene-major (Fortran-ordered): the ridge gathers each fold's rows per gene
+        Yc = stats.transposed_copy(data.Y[:, j0:j0 + step]).T
         cv.begin_chunk(Yc)
         o, keep, al = cv.run(Yc)
         oof[:, j0:j0 + step] = o

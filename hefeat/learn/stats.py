@@ -16,6 +16,22 @@ from scipy import stats as ss
 CORRECTIONS = {"bh": "fdr_bh", "bonferroni": "bonferroni", "holm": "holm", "holm-sidak": "holm-sidak"}
 
 
+TRANSPOSE_BLOCK = 128  # rows and columns per tile of transposed_copy: a 128 x 128 float64 tile pair stays in L2
+
+
+def transposed_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of a.T (a 2-d), copied tile by tile. numpy's own transposing copy walks one side with a
+    large stride: measured 449 ms for a 10,000 x 1,677 float64 chunk (np.asfortranarray) and 32 ms for an
+    8,968 x 256 block of ranks against 59 ms and ~3 ms tiled; the values are the same."""
+    n, g = a.shape
+    out = np.empty((g, n), a.dtype)
+    b = TRANSPOSE_BLOCK
+    for j in range(0, g, b):
+        for i in range(0, n, b):
+            out[j:j + b, i:i + b] = a[i:i + b, j:j + b].T
+    return out
+
+
 def _rank(a: np.ndarray) -> np.ndarray:
     """Average ranks (1-based) down each column, ties averaged, a column with NaN all NaN (scipy's rankdata
     semantics), from one row-wise argsort of the transposed matrix instead of a rankdata call per column."""
@@ -25,7 +41,7 @@ def _rank(a: np.ndarray) -> np.ndarray:
     g, n = a.shape[1], a.shape[0]
     if n == 0 or g == 0:
         return a.copy()
-    t = np.ascontiguousarray(a.T)  # one gene per contiguous row: the sorts run on contiguous memory
+    t = transposed_copy(a)  # one gene per contiguous row: the sorts run on contiguous memory
     order = np.argsort(t, axis=1)
     v = np.take_along_axis(t, order, 1)
     start = np.ones(v.shape, bool)
