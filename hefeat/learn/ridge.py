@@ -67,21 +67,27 @@ class RidgeFit:
         return X @ self.coef + self.intercept
 
 
-def _one_blas_thread():
+SMALL_LAPACK = 512  # matrices up to this order are factorised on one BLAS thread (_one_blas_thread)
+
+
+def _one_blas_thread(order: int):
     """LAPACK factorisations of small matrices (eigh of a 256 x 256 Gram, 15 Cholesky factors of 256 x 256) on one
     BLAS thread: OpenBLAS's threaded potrf/syevd synchronise between many small steps, and with the other core
     busy (another process, or a spinning BLAS thread) they wait there: measured 0.6-8.5 s per basis set-up at load
-    6 on 2 cores (3.9 s per batch of 15 Cholesky factors) against 0.5-0.7 s single-threaded."""
+    6 on 2 cores (3.9 s per batch of 15 Cholesky factors) against 0.5-0.7 s single-threaded. Larger ones keep the
+    threads (at 1,024-d the single-threaded eigh and factors cost ~3 s per fit on the quiet machine)."""
+    import contextlib
+
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=1, user_api="blas")
+    return threadpool_limits(limits=1, user_api="blas") if order <= SMALL_LAPACK else contextlib.nullcontext()
 
 
 def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """U (n, r), s (r,), V (p, r) of the centred design from the smaller Gram matrix (float64), rank-truncated."""
     n, p = Xc.shape
     G = Xc.T @ Xc if n >= p else Xc @ Xc.T
-    with _one_blas_thread():
+    with _one_blas_thread(G.shape[0]):
         if n >= p:
             s2, V = np.linalg.eigh(G)
         else:
@@ -112,7 +118,7 @@ def _cholesky_t(M: np.ndarray, dt, jitter: float = 0.0) -> np.ndarray:
     r = M.shape[-1]
     if jitter:
         M = M + (jitter * np.abs(np.diagonal(M, axis1=-2, axis2=-1)).max(-1) + 1e-300)[..., None, None] * np.eye(r)
-    with _one_blas_thread():
+    with _one_blas_thread(r):
         L = np.linalg.cholesky(M)
     return np.swapaxes(L, -1, -2).astype(dt)
 
