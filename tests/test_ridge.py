@@ -183,3 +183,22 @@ def test_near_ties_with_few_genes_are_decided_in_float64():
     fit = basis.fit(Y)
     np.testing.assert_array_equal(fit.alpha, ref.alpha_)
     np.testing.assert_allclose(fit.predict(X), ref.predict(X), rtol=1e-6, atol=1e-9)
+
+
+def test_small_factorisations_run_on_one_blas_thread_and_restore_the_pool():
+    """eigh/Cholesky of order <= SMALL_LAPACK run with every BLAS pool at one thread, larger ones untouched, and the
+    pools' sizes are restored afterwards (a kept threadpoolctl controller, not one per call)."""
+    from threadpoolctl import threadpool_info
+
+    from hefeat.learn import ridge
+
+    def sizes():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = sizes()
+    with ridge._one_blas_thread(ridge.SMALL_LAPACK):
+        assert set(sizes()) == {1}
+    assert sizes() == before
+    with ridge._one_blas_thread(ridge.SMALL_LAPACK + 1):
+        assert sizes() == before
+    assert ridge._blas_controller() is ridge._blas_controller()

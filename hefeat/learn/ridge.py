@@ -37,6 +37,7 @@ directly (float32 GEMMs where the weights are tame, near ties re-scored in float
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,9 +79,18 @@ def _one_blas_thread(order: int):
     threads (at 1,024-d the single-threaded eigh and factors cost ~3 s per fit on the quiet machine)."""
     import contextlib
 
-    from threadpoolctl import threadpool_limits
+    if order > SMALL_LAPACK:
+        return contextlib.nullcontext()
+    return _blas_controller().limit(limits=1, user_api="blas")
 
-    return threadpool_limits(limits=1, user_api="blas") if order <= SMALL_LAPACK else contextlib.nullcontext()
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's controller, made once: threadpool_limits() inspects the loaded libraries on every call
+    (0.77 ms, more than a small ridge fit's eigh), a kept controller's limit() costs ~2 µs."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
