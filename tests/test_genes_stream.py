@@ -37,6 +37,19 @@ def _fit(monkeypatch, chunk_genes: int | None, **kw):
     return fit_genes(None, GenesParams(extraction_id="e", **kw), "gen-x")
 
 
+def _assert_same_fit(got, want, *, rel: float, abs_summary: float, abs_: float, rel_tables: float | None = None):
+    """Summary, tables and arrays of two fits equal within the tolerances (coefficients to 1e-6 relative)."""
+    assert got.summary == want.summary or all(
+        got.summary[k] == pytest.approx(v, rel=rel, abs=abs_summary) for k, v in want.summary.items())
+    for name, table in want.tables.items():
+        pd.testing.assert_frame_equal(got.tables[name], table, check_exact=False, rtol=rel_tables or rel, atol=abs_)
+    for name, arr in want.arrays.items():
+        if arr.dtype.kind == "f":
+            np.testing.assert_allclose(got.arrays[name], arr, rtol=1e-6 if name == "coef" else rel, atol=abs_)
+        else:
+            np.testing.assert_array_equal(got.arrays[name], arr)
+
+
 @pytest.mark.parametrize("kw", [dict(cohort_col="site", permutations=2, median_positive=True),
                                 dict(pca=3, permutations=1, split="patient-kfold:4"),
                                 dict(permutations=2, median_positive=True)])
@@ -47,16 +60,7 @@ def test_gene_chunks_give_the_whole_matrix_numbers(monkeypatch, kw):
     whole = _fit(monkeypatch, None, **kw)
     assert whole.summary["n_genes"] >= 20 and whole.summary["proliferation_genes"] == 11
     for chunk in (1, 4):
-        part = _fit(monkeypatch, chunk, **kw)
-        assert part.summary == whole.summary or all(
-            part.summary[k] == pytest.approx(v, rel=1e-12, abs=1e-15) for k, v in whole.summary.items())
-        for name, table in whole.tables.items():
-            pd.testing.assert_frame_equal(part.tables[name], table, check_exact=False, rtol=1e-12, atol=1e-14)
-        for name, arr in whole.arrays.items():
-            if arr.dtype.kind == "f":
-                np.testing.assert_allclose(part.arrays[name], arr, rtol=1e-6 if name == "coef" else 1e-12, atol=1e-14)
-            else:
-                np.testing.assert_array_equal(part.arrays[name], arr)
+        _assert_same_fit(_fit(monkeypatch, chunk, **kw), whole, rel=1e-12, abs_summary=1e-15, abs_=1e-14)
 
 
 def test_streamed_fit_matches_a_direct_computation(monkeypatch):
@@ -115,16 +119,7 @@ def test_sums_path_gives_the_row_path_numbers(monkeypatch, kw):
     (Xg[perm] for Xg[perm⁻¹]) or the test rows of the unpermuted targets all fail this."""
     sums = _fit(monkeypatch, 4, **kw)
     _rows_path(monkeypatch)
-    rows = _fit(monkeypatch, 4, **kw)
-    assert sums.summary == rows.summary or all(
-        sums.summary[k] == pytest.approx(v, rel=1e-10, abs=1e-14) for k, v in rows.summary.items())
-    for name, table in rows.tables.items():
-        pd.testing.assert_frame_equal(sums.tables[name], table, check_exact=False, rtol=1e-9, atol=1e-12)
-    for name, arr in rows.arrays.items():
-        if arr.dtype.kind == "f":
-            np.testing.assert_allclose(sums.arrays[name], arr, rtol=1e-6 if name == "coef" else 1e-10, atol=1e-12)
-        else:
-            np.testing.assert_array_equal(sums.arrays[name], arr)
+    _assert_same_fit(sums, _fit(monkeypatch, 4, **kw), rel=1e-10, abs_summary=1e-14, abs_=1e-12, rel_tables=1e-9)
 
 
 def test_variance_filter_at_the_threshold_decides_like_the_row_filter(monkeypatch):
