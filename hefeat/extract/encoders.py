@@ -210,7 +210,7 @@ def _create_timm(name: str, *, weights, layer, seed, model_kwargs) -> Encoder:
         match = [i for i, m in enumerate(names) if m == layer or m.split(".")[-1] == layer]
         if not match:
             raise HefeatError(f"Encoder {name} has no stage {layer!r}; stages: {', '.join(names)}")
-        net = _truncated(timm, name, match[0], model_kwargs)
+        net = _truncated(name, match[0], model_kwargs)
         src = {_norm_key(k): v for k, v in full.state_dict().items()}
         net.load_state_dict({k: src[_norm_key(k)] for k in net.state_dict()}, strict=True)
         dim = int(net.feature_info.channels()[-1])
@@ -225,12 +225,13 @@ def _create_timm(name: str, *, weights, layer, seed, model_kwargs) -> Encoder:
                    crop_pct=float(data_cfg.get("crop_pct") or 1.0), fixed=fixed_size, truncated=truncated)
 
 
-def _truncated(timm, name: str, idx: int, model_kwargs: dict):
+def _truncated(name: str, idx: int, model_kwargs: dict):
     """The network up to stage `idx`, its weights to be loaded from the full model.
 
     Built on the meta device and materialised empty (the full model's state dict fills every
     parameter and persistent buffer) unless it has buffers a state dict does not carry.
     """
+    import timm
     import torch
 
     with torch.device("meta"):

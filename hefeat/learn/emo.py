@@ -336,7 +336,7 @@ class _GeneCV:
     def _xty(self, perm: np.ndarray | None) -> np.ndarray:
         """Xg'Y (p, k) of the chunk's targets in row order perm (Y = Yc[perm]: Σ_i x_i y_perm(i) = Xg[perm⁻¹]'Yc)."""
         Yc, _, _, xty = self._chunk
-        key = None if perm is None else id(perm)
+        key = None if perm is None else perm.tobytes()  # by content: an id() can be reused by a later array
         if key not in xty:
             Xg = self.Xg if perm is None else self.Xg[np.argsort(perm)]
             xty[key] = Xg.T @ Yc

@@ -37,6 +37,7 @@ directly (float32 GEMMs where the weights are tame, near ties re-scored in float
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -77,8 +78,6 @@ def _one_blas_thread(order: int):
     busy (another process, or a spinning BLAS thread) they wait there: measured 0.6-8.5 s per basis set-up at load
     6 on 2 cores (3.9 s per batch of 15 Cholesky factors) against 0.5-0.7 s single-threaded. Larger ones keep the
     threads (at 1,024-d the single-threaded eigh and factors cost ~3 s per fit on the quiet machine)."""
-    import contextlib
-
     if order > SMALL_LAPACK:
         return contextlib.nullcontext()
     return _blas_controller().limit(limits=1, user_api="blas")
@@ -98,20 +97,16 @@ def _decompose(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, p = Xc.shape
     G = Xc.T @ Xc if n >= p else Xc @ Xc.T
     with _one_blas_thread(G.shape[0]):
-        if n >= p:
-            s2, V = np.linalg.eigh(G)
-        else:
-            s2, U = np.linalg.eigh(G)
+        s2, W = np.linalg.eigh(G)  # W: V's columns when n >= p, else U's
     top = s2.max() if len(s2) else 0.0
     keep = s2 > top * max(n, p) * np.finfo(np.float64).eps if top > 0 else np.zeros(len(s2), bool)
     s2 = s2[keep][::-1]
     s = np.sqrt(s2)
+    W = W[:, keep][:, ::-1]
     if n >= p:
-        V = V[:, keep][:, ::-1]
-        U = (Xc @ V) / s
+        V, U = W, (Xc @ W) / s
     else:
-        U = U[:, keep][:, ::-1]
-        V = (Xc.T @ U) / s
+        U, V = W, (Xc.T @ W) / s
     return U, s, V
 
 
