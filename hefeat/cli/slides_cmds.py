@@ -13,6 +13,7 @@ from hefeat.cli.common import (
     json_option,
     main,
     progress_enabled,
+    quiet_gc,
     run_text,
     split_ids,
     store_option,
@@ -209,9 +210,11 @@ def extract(encoder, weights, layer, tiling_id, tile_spec, slides, precision, ba
       hefeat extract --encoder uni --weights uni.bin --stain-norm macenko --stain-reference ref.png
       hefeat extract --tile mpp=0.5,size=224 --encoder resnet50 --weights imagenet   # tile + embed, one read
     """
-    from hefeat.extract.pipeline import ExtractOptions, run_extraction
-    from hefeat.slides.tiling import TilingParams
+    with quiet_gc():  # torch and timm import with the collector paused (see quiet_gc)
+        from hefeat.extract.pipeline import ExtractOptions, import_runtime, run_extraction
+        from hefeat.slides.tiling import TilingParams
 
+        import_runtime()
     opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
                          fail_fast=fail_fast, progress=progress_enabled(as_json))
     kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,

@@ -65,6 +65,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from hefeat.slides.tiling import TilingParams
 
 
+def import_runtime() -> None:
+    """Import now what an extraction runs on (torch, its DataLoader, timm, h5py), which would otherwise
+    import on first use: for a caller that wants them imported at one known point (the CLI does it
+    with the garbage collector paused, hefeat.cli.common.quiet_gc)."""
+    import h5py  # noqa: F401
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+    import torch.utils.data  # noqa: F401
+
+
 def default_workers() -> int:
     """DataLoader workers: the CPUs this process may use, minus one for the main process."""
     try:
