@@ -82,6 +82,33 @@ def test_truncated_network_built_on_meta_equals_a_normal_build(name, layer, meta
     assert bool(nonpersistent) is not meta
 
 
+def test_truncated_network_takes_the_full_models_tensors(monkeypatch):
+    """The truncated net has no storage of its own until it takes the full model's tensors (load_state_dict
+    with assign: no copy); afterwards nothing is left on the meta device and its weights are the full model's."""
+    import timm
+
+    from hefeat.extract import encoders
+
+    seen = []
+    real = encoders._truncated
+
+    def spy(*a):
+        net = real(*a)
+        seen.append(all(t.is_meta for t in [*net.parameters(), *net.buffers()]))
+        made.append(net)
+        return net
+
+    made: list = []
+    monkeypatch.setattr(encoders, "_truncated", spy)
+    enc = create_encoder("resnet18", weights="none", layer="layer2", seed=5)
+    assert seen == [True]  # built without storage
+    assert enc.net is made[0] and not any(t.is_meta for t in [*enc.net.parameters(), *enc.net.buffers()])
+    torch.manual_seed(5)
+    full = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
+    got = enc.net.state_dict()
+    assert got.keys() <= full.keys() and all(torch.equal(got[k], full[k]) for k in got)
+
+
 def test_bad_encoders_and_weights(tmp_path):
     import timm
     from safetensors.torch import save_file

@@ -212,7 +212,9 @@ def _create_timm(name: str, *, weights, layer, seed, model_kwargs) -> Encoder:
             raise HefeatError(f"Encoder {name} has no stage {layer!r}; stages: {', '.join(names)}")
         net = _truncated(name, match[0], model_kwargs)
         src = {_norm_key(k): v for k, v in full.state_dict().items()}
-        net.load_state_dict({k: src[_norm_key(k)] for k in net.state_dict()}, strict=True)
+        # assign: the truncated network takes the full model's tensors themselves (the full model is dropped
+        # below), where copying them into fresh storage cost ~0.25 s for ResNet-50's layer3
+        net.load_state_dict({k: src[_norm_key(k)] for k in net.state_dict()}, strict=True, assign=True)
         dim = int(net.feature_info.channels()[-1])
         del full
     else:
@@ -226,10 +228,10 @@ def _create_timm(name: str, *, weights, layer, seed, model_kwargs) -> Encoder:
 
 
 def _truncated(name: str, idx: int, model_kwargs: dict):
-    """The network up to stage `idx`, its weights to be loaded from the full model.
+    """The network up to stage `idx`, its weights to be loaded (load_state_dict(assign=True)) from the full model.
 
-    Built on the meta device and materialised empty (the full model's state dict fills every
-    parameter and persistent buffer) unless it has buffers a state dict does not carry.
+    Built on the meta device, without storage: the full model's state dict supplies every parameter
+    and persistent buffer; built on the CPU where it has buffers a state dict does not carry.
     """
     import timm
     import torch
@@ -237,7 +239,7 @@ def _truncated(name: str, idx: int, model_kwargs: dict):
     with torch.device("meta"):
         net = timm.create_model(name, pretrained=False, features_only=True, out_indices=(idx,), **model_kwargs)
     if {k for k, _ in net.named_buffers()} <= set(net.state_dict()):
-        return net.to_empty(device="cpu")
+        return net
     return timm.create_model(name, pretrained=False, features_only=True, out_indices=(idx,), **model_kwargs)
 
 
