@@ -72,6 +72,13 @@ def test_cli_process_freezes_what_it_imported(cli_run):
     assert rep["gc_enabled"]
 
 
+def test_cli_process_does_not_import_what_extraction_does_not_use(cli_run):
+    """scipy (~0.3 s: tissue detection and tile QC, imported by hefeat.slides.tiling's modules) stays out of an
+    extraction of tiled slides."""
+    _, rep = cli_run
+    assert not [m for m in rep["modules"] if m == "scipy" or m.startswith("scipy.")]
+
+
 def test_quiet_gc_in_a_longer_lived_process_only_pauses(monkeypatch):
     """In-process callers (tests, CliRunner) get the pause but nothing frozen; the collector's state is restored."""
     from hefeat.cli.common import HefeatGroup, quiet_gc

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 
 def sharpness(rgb: np.ndarray) -> float:
     """Variance of the Laplacian of the grey image (blurred tiles score low)."""
+    # scipy here, not at module level: ~0.3 s that an extraction (it imports this module) does not pay
+    from scipy import ndimage as ndi
+
     gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return float(ndi.laplace(gray).var())
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
+
+# scipy.ndimage is imported in the functions that use it: ~0.3 s that an extraction, which imports this
+# module through hefeat.slides.tiling without detecting tissue, does not pay.
 
 # Below this saturation nothing is tissue, whatever Otsu says (a blank slide has only noise).
 MIN_SATURATION = 0.07
@@ -113,6 +115,8 @@ def glass_cut(values: np.ndarray, threshold: float) -> float | None:
 
 def clean_mask(mask: np.ndarray, *, min_object_px: int, max_hole_px: int) -> np.ndarray:
     """Drop connected components smaller than `min_object_px` and fill holes smaller than `max_hole_px`."""
+    from scipy import ndimage as ndi
+
     mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
     lab, n = ndi.label(mask)
     if n:
@@ -139,6 +143,8 @@ def detect_tissue(
     max_hole_um2: float = 20_000.0,
 ) -> TissueMask:
     """Tissue mask of an RGB thumbnail (h, w, 3) taken at `mpp` µm/px."""
+    from scipy import ndimage as ndi
+
     sat = saturation(thumb)
     # Near-white and near-black pixels (background, pen, scanner edges) never set the threshold.
     gray = thumb.mean(axis=2)
