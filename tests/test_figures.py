@@ -119,6 +119,38 @@ def test_metric_figures_match_sklearn():
     assert transfer_comparison(rows, tests=tests, title="t", out=io.BytesIO())["arms"] == ["a", "b"]
 
 
+def test_bootstrap_roc_equals_sklearns_roc_curve_and_auc_to_the_bit():
+    """The report's bootstrap band and AUC CI (figures.metrics._bootstrap_roc, sklearn's validation skipped) equal
+    the loop over roc_curve / roc_auc_score: tied scores, tiny samples, constant scores, perfect separation."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from hefeat.figures.metrics import _bootstrap_roc
+
+    def reference(y, s, grid, n_boot, seed):
+        rng = np.random.default_rng(seed)
+        aucs, tprs = [], []
+        for _ in range(n_boot):
+            i = rng.integers(0, len(y), len(y))
+            if len(np.unique(y[i])) < 2:
+                continue
+            f, t, _ = roc_curve(y[i], s[i])
+            aucs.append(roc_auc_score(y[i], s[i]))
+            tprs.append(np.interp(grid, f, t))
+        return np.array(aucs), np.array(tprs)
+
+    rng = np.random.default_rng(3)
+    grid = np.linspace(0, 1, 101)
+    cases = []
+    for n in (3, 5, 12, 60, 300):
+        y = rng.integers(0, 2, n)
+        cases += [(y, y + rng.normal(0, 1, n)), (y, np.round(y + rng.normal(0, 1, n))), (y, np.zeros(n)),
+                  (y, y.astype(float)), (y, -rng.integers(0, 3, n).astype(float))]
+    for k, (y, s) in enumerate(cases):
+        got, want = _bootstrap_roc(y, s, grid, 20, k), reference(y, s, grid, 20, k)
+        assert len(got[0]) == len(want[0]) > 0, k
+        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes(), k
+
+
 def test_umap_scatter_links_thumbnails():
     rng = np.random.default_rng(2)
     xy = rng.normal(size=(500, 2))

@@ -83,17 +83,33 @@ def predicted_vs_measured(panels: list[dict], *, units: str, title: str, out: Ou
     return {"panels": n}
 
 
-def _bootstrap_roc(y: np.ndarray, s: np.ndarray, grid: np.ndarray, n_boot: int, seed: int):
-    from sklearn.metrics import roc_auc_score, roc_curve
+def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn.metrics.roc_curve(y, s)'s (fpr, tpr) for 0/1 labels with both classes present, to the bit (the same
+    sort, threshold grouping, collinear-point dropping and divisions) without its per-call input validation,
+    which costs ~1 ms a call: 10x the arithmetic at bootstrap sizes."""
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, y = s[order], y[order]
+    idx = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tps = np.cumsum(y == 1, dtype=np.float64)[idx]
+    fps = 1 + idx - tps
+    if fps.shape[0] > 2:
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        fps, tps = fps[keep], tps[keep]
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    return fps / fps[-1], tps / tps[-1]
 
+
+def _bootstrap_roc(y: np.ndarray, s: np.ndarray, grid: np.ndarray, n_boot: int, seed: int):
+    """AUCs and TPRs on `grid` of `n_boot` resamples (those with both classes), as roc_curve and roc_auc_score
+    give them (_roc; AUC the trapezoid under that curve, as sklearn.metrics.auc computes it)."""
     rng = np.random.default_rng(seed)
     aucs, tprs = [], []
     for _ in range(n_boot):
         i = rng.integers(0, len(y), len(y))
         if len(np.unique(y[i])) < 2:
             continue
-        f, t, _ = roc_curve(y[i], s[i])
-        aucs.append(roc_auc_score(y[i], s[i]))
+        f, t = _roc(y[i], s[i])
+        aucs.append(float(np.trapezoid(t, f)))
         tprs.append(np.interp(grid, f, t))
     return np.array(aucs), np.array(tprs)
 
