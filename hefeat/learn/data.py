@@ -13,7 +13,7 @@ from hefeat.store.catalog import Store
 from hefeat.store.features import slide_means
 
 TRANSFORMS = ("log10p", "log1p", "log2p", "none")
-ROW_BLOCK = 1024  # sample rows per block when the targets are converted (no full-size temporaries)
+ROW_BLOCK = 256  # sample rows per block when the targets are converted (no full-size temporaries)
 
 
 def transform_values(v: np.ndarray, how: str) -> np.ndarray:
@@ -27,6 +27,33 @@ def transform_values(v: np.ndarray, how: str) -> np.ndarray:
     if how == "none":
         return v
     raise HefeatError(f"Unknown transform {how!r}; use one of {', '.join(TRANSFORMS)}")
+
+
+def transform_inplace(v: np.ndarray, how: str) -> None:
+    """`transform_values` written over `v` (a float64 array): the same ufuncs in the same order, so the
+    same bits, without the temporaries (1 + v and the result) of the copying version."""
+    if how == "log1p":
+        np.log1p(v, out=v)
+    elif how in ("log10p", "log2p"):
+        np.add(v, 1, out=v)
+        (np.log10 if how == "log10p" else np.log2)(v, out=v)
+    elif how != "none":
+        raise HefeatError(f"Unknown transform {how!r}; use one of {', '.join(TRANSFORMS)}")
+
+
+def _blocks(n: int, fn) -> list:
+    """fn(a, b) over row blocks [a, b) of n rows, on every core: numpy's copies and ufuncs release the
+    GIL, so threads split the element-wise work of a samples x genes matrix without copying it."""
+    from hefeat.learn.threads import available_cores
+
+    spans = [(a, min(n, a + ROW_BLOCK)) for a in range(0, n, ROW_BLOCK)]
+    workers = min(available_cores(), len(spans))
+    if workers <= 1:
+        return [fn(a, b) for a, b in spans]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(lambda ab: fn(*ab), spans))
 
 
 def expression_table(store: Store, dataset: str = "expression", genes: list[str] | None = None) -> pd.DataFrame:
@@ -74,8 +101,8 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     sample_ids, gene_names, values = read_matrix(store, dataset, genes)
     order = np.arange(len(gene_names)) if genes is not None else np.argsort(np.array(gene_names, str), kind="stable")
     nan = np.zeros(len(gene_names), bool)
-    for a in range(0, len(values), ROW_BLOCK):
-        nan |= np.isnan(values[a:a + ROW_BLOCK]).any(0)
+    for part in _blocks(len(values), lambda a, b: np.isnan(values[a:b]).any(0)):
+        nan |= part
     if nan.any():
         bad = [gene_names[j] for j in order if nan[j]]
         raise HefeatError(f"Targets contain NaN for genes {bad[:5]} (or samples missing genes); impute or drop them")
@@ -98,13 +125,19 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     slides = [a.tolist() for a in np.split(sl["slide_id"].to_numpy(), cut)]
     sm = smap.assign(_g=gpos).drop_duplicates(["_g", "sample_id"]).sort_values("_g", kind="stable")
     rows = sample_index.get_indexer(sm["sample_id"])
-    Yt = np.empty((len(rows), len(order)))  # float64 targets, filled and transformed in row blocks
-    sorted_cols = (order == np.arange(len(order))).all()
-    for a in range(0, len(rows), ROW_BLOCK):
-        block = values[rows[a:a + ROW_BLOCK]]
-        Yt[a:a + ROW_BLOCK] = block if sorted_cols else block[:, order]
-        Yt[a:a + ROW_BLOCK] = transform_values(Yt[a:a + ROW_BLOCK], transform)
-    del values
+    if transform not in TRANSFORMS:
+        transform_inplace(np.zeros(0), transform)  # the one-line error, before any work
+    Yt = np.empty((len(rows), len(order)))  # float64 targets, filled and transformed in place in row blocks
+    sorted_cols = bool((order == np.arange(len(order))).all())
+    same_rows = len(rows) == len(values) and bool((rows == np.arange(len(rows))).all())
+
+    def fill(a: int, b: int) -> None:
+        block = values[a:b] if same_rows else values[rows[a:b]]  # a view when every sample is used, in order
+        np.copyto(Yt[a:b], block if sorted_cols else block[:, order])  # float32 -> float64, into place
+        transform_inplace(Yt[a:b], transform)
+
+    _blocks(len(rows), fill)
+    values = None  # the float32 matrix is freed here (the closures above read it)
     starts = np.searchsorted(sm["_g"].to_numpy(), np.arange(len(ids)))
     sizes = np.diff(np.append(starts, len(Yt)))
     Y = Yt if (sizes == 1).all() else np.add.reduceat(Yt, starts, axis=0) / sizes[:, None]

@@ -100,11 +100,14 @@ def read_matrix(store: Store, dataset: str = "expression", genes: list[str] | No
         rel = cur.sql(statement.query, params=params or None)
         for batch in (getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch)(READ_ROWS):
             rows = where.get_indexer(batch.column(0).to_pylist())
-            flat = pc.fill_null(batch.column(1).flatten(), np.nan).to_numpy(zero_copy_only=False)
+            flat = batch.column(1).flatten()
+            # No missing value (the usual case): the batch's floats as they are, copied once into place.
+            flat = (pc.fill_null(flat, np.nan) if flat.null_count else flat).to_numpy(zero_copy_only=False)
             if (rows < 0).any() or flat.size != len(rows) * g:
                 raise HefeatError(f"Expression dataset {dataset!r} is inconsistent (rows of different lengths, or "
                                   "changed while read); re-ingest it")
-            out[rows] = flat.reshape(len(rows), g)
+            run = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all()
+            out[slice(rows[0], rows[-1] + 1) if run else rows] = flat.reshape(len(rows), g)
             filled[rows] = True
 
     store._run(f'SELECT sample_id, {sel} AS v FROM expression_matrix WHERE dataset = ?', [dataset], None, fill)
