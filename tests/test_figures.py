@@ -78,6 +78,11 @@ def test_spatial_maps_share_one_scale():
     t = trait_maps(img, tiles, {"A": np.array([1, 0, 1], bool), "B": np.array([1, 1, 0], bool)}, title="t",
                    note="HTI ...", out=io.BytesIO())
     assert t["combinations"] == {"none high": 0, "A high": 1, "B high": 1, "A+B high": 1}
+    assert t["legend"] == ["none high", "A high", "B high", "A+B high"]
+    t = trait_maps(img, tiles, {"A": np.array([1, 0, 1], bool), "B": np.array([0, 0, 0], bool)}, title="t",
+                   out=io.BytesIO())  # legend and colours for the combinations present only
+    assert t["combinations"] == {"none high": 1, "A high": 2, "B high": 0, "A+B high": 0}
+    assert t["legend"] == ["none high", "A high"]
 
 
 def test_kaplan_meier_matches_hand_computation():

@@ -166,6 +166,10 @@ def test_cartography_with_many_traits_and_a_wrong_model_kind(learned, tmp_path):
     save_model(st, "trt-many", kind="traits", params={"traits": traits}, summary={}, extraction_id=eid)
     c = cartography(st, "trt-many", "S01", tmp_path / "many.png")
     assert c["tiles"] == len(t) and 0 < c["hti"] <= 1
+    present = sorted(set(df["combination"]) - {0})
+    assert len(c["combinations"]) == 2**11 and sum(c["combinations"].values()) == len(t)
+    assert c["legend"] == ["none high"] + ["+".join(f"T{k}" for k in range(11) if code >> k & 1) + " high"
+                                           for code in present]
     save_model(st, "xfr-other", kind="transfer", params={}, summary={}, extraction_id=eid)
     with pytest.raises(HefeatError, match="is a transfer model; cartography needs a traits model"):
         cartography(st, "xfr-other", "S01", tmp_path / "x.png")

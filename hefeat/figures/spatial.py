@@ -236,15 +236,19 @@ def trait_maps(img: SlideImage, tiles: pd.DataFrame, traits: dict[str, np.ndarra
         ax.set_title(f"{names[k]}: {n_hi / max(len(B), 1):.0%} of tiles high", fontsize=9)
         ax.legend(handles=[Patch(color=high, label=f"high ({n_hi})"), Patch(color=low, label=f"low ({len(B) - n_hi})")],
                   fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2, frameon=False)
-    combo_colors = ["#e0e0e0"] + category_colors(2 ** len(names) - 1)
+    # Colours and legend entries for the combinations present on the slide only: 2^T - 1 of them would repeat
+    # the palette (11 traits: 2,047 entries, a legend taller than the figure) for combinations no tile has.
+    present = [int(c) for c in np.unique(codes) if c]
+    combo_colors = {0: "#e0e0e0", **dict(zip(present, category_colors(len(present)), strict=True))}
     _panel_image(axes[-1], img, rows, cols, grey=True)
     draw(axes[-1], np.array([combo_colors[c] for c in codes], dtype=object))
     labels = ["none high"] + ["+".join(t for k, t in enumerate(names) if c >> k & 1) + " high"
                               for c in range(1, 2 ** len(names))]
-    handles = [Patch(color=combo_colors[i], label=f"{labels[i]} ({int((codes == i).sum())})")
-               for i in range(len(labels))]
+    shown = [0, *present]
+    handles = [Patch(color=combo_colors[i], label=f"{labels[i]} ({int((codes == i).sum())})") for i in shown]
     axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     axes[-1].set_title("combined", fontsize=9)
     _titles(fig, title, note)
     save(fig, out)
-    return {"tiles": len(B), "combinations": {labels[i]: int((codes == i).sum()) for i in range(len(labels))}}
+    return {"tiles": len(B), "combinations": {labels[i]: int((codes == i).sum()) for i in range(len(labels))},
+            "legend": [labels[i] for i in shown]}
