@@ -136,17 +136,18 @@ def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_ne
     """A model's first predict (3 genes on 5 slides), killed and out of disk at each step of its commit: readers
     see no predictions of it until the swap and all 5 slides after, `hefeat status` lists it (as before the
     predict) and never with part of its predictions, and a re-run completes it. Then a re-predict with 5 genes on
-    all 40, killed / out of disk at each step: before the swap the 5 slides show the 3-gene predictions, after
-    it all 40 the 5-gene ones (never a mix), and the slide_predictions table always lists exactly the predicted
-    slides (it was written after the swap: a crash there left 40 slides of tiles with the 5-slide table, or
-    none on a first predict); the re-run gives 5 everywhere. Each crash runs in a child forked where the predict
-    starts writing (conftest._crash_children)."""
+    12 slides (those 5 and 7 more), killed / out of disk at each step: before the swap the 5 slides show the
+    3-gene predictions, after it all 12 show the 5-gene ones (never a mix), and the slide_predictions table
+    always lists exactly the predicted slides (it was written after the swap: a crash there left 12 slides of
+    tiles with the 5-slide table, or none on a first predict); the re-run gives 5 everywhere. Each crash runs in
+    a child forked where the predict starts writing (conftest._crash_children)."""
     from hefeat.learn.emo import GenesParams
     from hefeat.learn.registry import fit_model, predict_model
 
     st, eid = st40
     mid = fit_model(st, "genes", GenesParams(extraction_id=eid, split="patient-kfold:3"))["model_id"]
-    first = sorted(st.sql("SELECT slide_id FROM slides")["slide_id"])[:5]  # few: a first predict's crashes cost little
+    every = sorted(st.sql("SELECT slide_id FROM slides")["slide_id"])
+    first, more = every[:5], every[:12]  # few: each crash's child writes them all
 
     def predict(top, slides):
         return lambda: predict_model(Store(st.root), mid, top=top, slides=slides)
@@ -160,7 +161,7 @@ def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_ne
         widths = {len(c) for c in seen[mid].values()}
         assert len(widths) == 1, spec  # never some slides old and some new
         state = widths.pop() - len(next(iter(old[mid].values())))  # 0: old state, 2: new state
-        assert len(seen[mid]) == {0: len(first), 2: 40}[state] and set(old[mid]) <= set(seen[mid]), spec
+        assert sorted(seen[mid]) == {0: first, 2: more}[state] and set(old[mid]) <= set(seen[mid]), spec
         return state
 
     tried = []
@@ -190,10 +191,10 @@ def test_predict_crash_at_every_commit_step_leaves_the_old_predictions_or_the_ne
 
     tried.clear()
     crashes = [(spec, action) for spec in PREDICT_POINTS for action in ("kill", "enospc")]
-    crash_children(predict(5, None), emo, "write_predictions", crashes, crashed(old, "predictions.swapped"))
+    crash_children(predict(5, more), emo, "write_predictions", crashes, crashed(old, "predictions.swapped"))
     assert tried == crashes
-    reached, _ = _reached(predict(5, None))
-    assert check("re-run", old) == 2 and len(_slide_table(st.root, mid)) == 40
+    reached, _ = _reached(predict(5, more))
+    assert check("re-run", old) == 2 and _slide_table(st.root, mid) == more
     assert _steps(reached) == {spec.partition("@")[0] for spec in PREDICT_POINTS}  # every step of the commit was tried
 
 
