@@ -17,6 +17,7 @@ import pytest
 from hefeat.extract.pipeline import ExtractOptions, run_extraction
 from hefeat.slides.run import ingest_slides, run_tiling
 from hefeat.slides.tiling import TilingParams
+from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.features import read_features
 
@@ -109,3 +110,38 @@ def test_cli_process_features_are_those_of_the_library_run(cli_run, tmp_path, co
     a, b = _features(st), _features(ref)
     assert a.keys() == b.keys() and len(a) == 2
     assert all(a[k] == b[k] for k in a)
+
+
+def test_cached_calibration_reads_no_tiles(tmp_path, cohort, monkeypatch):
+    """With this machine's calibration cached, --precision auto takes it without reading the calibration sample
+    (the cache key needs only the sample's shape); the choice, the id and the features are those of the run that
+    measured, and the extraction's decision records that no tile was read."""
+    import hefeat.extract.plan as plan
+    import hefeat.extract.precision as P
+    from hefeat.extract.precision import Trial
+
+    monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "measure", lambda model, sample, cands, **kw: [  # injected timings: bf16/cl wins
+        Trial(c, 30.0 if c.precision == "bf16" and c.channels_last else 10.0, 0.004 if c.precision == "bf16" else 0.0)
+        for c in cands])
+    monkeypatch.setattr(P, "busy_machine", lambda trials: None)
+    monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
+    kw = dict(encoder="resnet18", weights="none", layer="layer2", precision="auto", options=ExtractOptions(batch_size=4))
+    first = _tiny_store(tmp_path / "a", cohort)
+    a = run_extraction(first, **kw)
+    assert a.extra["precision_choice"]["source"] == "measured" and a.extra["precision"] == "bf16"
+
+    def no_reading(*a, **k):
+        raise AssertionError("the calibration sample was read although the cache answers")
+
+    monkeypatch.setattr(plan, "calibration_tiles", no_reading)
+    second = _tiny_store(tmp_path / "b", cohort)
+    b = run_extraction(second, **kw)
+    assert b.extra["precision_choice"]["source"] == "cache" and b.extra["precision"] == "bf16"
+    assert b.extra["precision_choice"]["channels_last"] is True
+    eid = b.extra["extraction_id"]
+    assert eid == a.extra["extraction_id"]
+    rec = json.loads(layout.precision_decision_path(second.root, eid).read_text())
+    assert rec["sample_tiles"] == 0 and rec["precision"] == "bf16"
+    fa, fb = _features(first), _features(second)
+    assert fa.keys() == fb.keys() and len(fa) == 2 and all(fa[k] == fb[k] for k in fa)

@@ -22,7 +22,7 @@ from hefeat.errors import HefeatError
 from hefeat.extract.compute import DeviceTransform, InputPlan, plan_input
 from hefeat.extract.decode_once import DecodeOnce
 from hefeat.extract.encoders import Encoder, EncoderConfig, create_encoder
-from hefeat.extract.precision import CHOICES, PrecisionChoice, select_precision
+from hefeat.extract.precision import CHOICES, PrecisionChoice, cached_precision, select_precision
 from hefeat.runner import shard_slides
 from hefeat.store import ids, layout
 from hefeat.store.catalog import Store
@@ -288,22 +288,32 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
             transform.channels_last = choice.channels_last
             return choice
     n = CALIBRATION_TILES.get(kind, 8)
-    imgs = calibration_tiles(store, tiling_id, slide_ids, n) if requested == "auto" else None
-    if imgs is None and requested == "auto" and fallback is not None:
-        imgs = fallback(n)
-    if imgs is None:  # nothing to read (all done, or a fixed precision): uniform noise has the right shape
-        size = transform.plan.tile_px if transform.plan else transform.size[0]
-        imgs = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    with torch.inference_mode():
-        sample = transform(torch.from_numpy(imgs))
+    size = transform.plan.tile_px if transform.plan else transform.size[0]
     ladder = GPU_BATCH_LADDER if kind == "cuda" and batch_size is None else (None,)
-    choice = select_precision(enc, sample, device=device, requested=requested, batch_sizes=ladder,
-                              model_key={**enc.config.to_dict(), "plan": transform.plan.to_dict() if transform.plan else None})
+    model_key = {**enc.config.to_dict(), "plan": transform.plan.to_dict() if transform.plan else None}
+    choice = None
+    if requested == "auto":  # this machine's cached calibration, if any, needs no tiles read (only their shape)
+        noise = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            shape = transform(torch.from_numpy(noise)).shape
+        choice = cached_precision(enc, (n, *shape[1:]), device=device, model_key=model_key, batch_sizes=ladder)
+    sample_tiles = 0
+    if choice is None:
+        imgs = calibration_tiles(store, tiling_id, slide_ids, n) if requested == "auto" else None
+        if imgs is None and requested == "auto" and fallback is not None:
+            imgs = fallback(n)
+        if imgs is None:  # nothing to read (all done, or a fixed precision): uniform noise has the right shape
+            imgs = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            sample = transform(torch.from_numpy(imgs))
+        sample_tiles = int(len(imgs))
+        choice = select_precision(enc, sample, device=device, requested=requested, batch_sizes=ladder,
+                                  model_key=model_key)
     if requested == "auto" and decision_path is not None:
         from hefeat.store.atomic import write_json_once
 
         rec, mine = write_json_once(decision_path, {**choice.to_dict(), "decided_at": timestamp(),
-                                                    "device_kind": kind, "sample_tiles": int(len(imgs))})
+                                                    "device_kind": kind, "sample_tiles": sample_tiles})
         if not mine:  # another worker decided first: its decision is the extraction's
             choice = recorded_choice(rec, device)
     transform.channels_last = choice.channels_last

@@ -442,6 +442,29 @@ def _cache_put(key: str, value: dict) -> None:
         write_json(path, data)
 
 
+def _cached_choice(hit: dict, device: str) -> PrecisionChoice:
+    fields = set(PrecisionChoice.__dataclass_fields__)
+    kept = {k: v for k, v in hit.items() if k in fields}
+    return PrecisionChoice(**{**kept, "trials": tuple(hit.get("trials", ())), "source": "cache", "device": device})
+
+
+def cached_precision(model, sample_shape: Sequence[int], *, device: str, model_key: dict | None = None,
+                     batch_sizes: Sequence[int | None] = (None,)) -> PrecisionChoice | None:
+    """What select_precision('auto') answers from this machine's cache for a sample of `sample_shape`, or None
+    when it would measure; needs no sample, so a caller can skip reading one. On a hit the model is left
+    in the chosen memory format. (Reads without the calibration lock: the cache is replaced atomically.)"""
+    caps = device_capabilities(device)
+    cands, _ = candidates(caps, batch_sizes=batch_sizes)
+    hit = _cache_get(cache_key(caps, model_key or {"model": type(model).__name__}, device, cands, tuple(sample_shape)))
+    if not hit:
+        return None
+    choice = _cached_choice(hit, device)
+    import torch
+
+    model.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
+    return choice
+
+
 # ----------------------------------------------------------------------------------------------
 # The one entry point
 # ----------------------------------------------------------------------------------------------
@@ -478,9 +501,7 @@ def select_precision(
     with _calibration_lock() if use_cache else contextlib.nullcontext():
         hit = _cache_get(key) if use_cache else None
         if hit:
-            fields = set(PrecisionChoice.__dataclass_fields__)
-            kept = {k: v for k, v in hit.items() if k in fields}
-            choice = PrecisionChoice(**{**kept, "trials": tuple(hit.get("trials", ())), "source": "cache", "device": device})
+            choice = _cached_choice(hit, device)
             apply_memory_format(model, sample, choice.channels_last)
             return choice
         trials = measure(model, sample, cands, device=device, step=step)
