@@ -91,11 +91,11 @@ def test_cli_extract_export_import(tmp_path, tiled, cohort):
     st = tmp_path / "st"
     shutil.copytree(st0.root, st)
     e = js("extract", "--encoder", "resnet18", "--layer", "layer2", "--weights", "none", "--tiling", tid,
-           "--precision", "fp32", "--batch-size", "32", "--store", st)
-    assert e["ok"] == 8 and e["dim"] == 128 and e["failed"] == {}
+           "--precision", "fp32", "--batch-size", "32", "--slides", "S02,S05", "--store", st)
+    assert e["ok"] == 2 and e["dim"] == 128 and e["failed"] == {}
     assert set(e["timings"]) == {"read_wait_s", "compute_s", "write_s", "loop_s", "loop_cpu_s", "calibrate_s"}
     x = js("export", "h5", tmp_path / "h5", "--extraction", e["extraction_id"], "--store", st)
-    assert x["slides"] == 8
+    assert x["slides"] == 2 and sorted(p.name for p in (tmp_path / "h5").glob("*.h5")) == ["S02.h5", "S05.h5"]
     r = run("extract", "--encoder", "nosuchnet", "--weights", "none", "--tiling", tid, "--store", st, ok=False)
     assert r.exit_code != 0 and "Unknown encoder" in r.output
     r = run("extract", "--encoder", "resnet18", "--store", st, ok=False)  # imagenet weights, hub offline
