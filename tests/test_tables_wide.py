@@ -90,7 +90,8 @@ def test_a_fit_frames_float_block_is_laid_out_once_not_selected_first(monkeypatc
 
 def test_fit_genes_tables_written_wide_read_the_same_everywhere(learned, tmp_path, monkeypatch):
     """The 40-slide cohort's 80-gene fit with every table forced through the wide path (WIDE = 5): its
-    tables read back equal to the narrow path's, and the report and `hefeat report` read them."""
+    tables read back equal to the narrow path's, and the report and `hefeat report` read them (the report
+    only the out-of-fold columns it draws)."""
     import shutil
 
     from click.testing import CliRunner
@@ -120,7 +121,17 @@ def test_fit_genes_tables_written_wide_read_the_same_everywhere(learned, tmp_pat
     assert codec == "UNCOMPRESSED"  # the wide path was taken
     for t in ("metrics", "oof_predictions", "null"):
         pd.testing.assert_frame_equal(load_table(a, mid, t), load_table(b, mid, t))
+    reads, real_read = [], pd.read_parquet
+
+    def spy(path, *args, **kw):
+        reads.append((str(path), kw.get("columns")))
+        return real_read(path, *args, **kw)
+
+    monkeypatch.setattr(pd, "read_parquet", spy)
     ra, rb = report(a, mid, tmp_path / "ra"), report(b, mid, tmp_path / "rb")
+    # The report reads the out-of-fold columns it draws (ids, top 6, proliferation genes), not all 80.
+    oof_cols = [c for p, c in reads if p.endswith("oof_predictions.parquet")]
+    assert len(oof_cols) == 2 and all(c is not None and "sample_id" in c and 7 <= len(c) < 40 for c in oof_cols)
     assert [p.rsplit("/", 1)[1] for p in ra["files"]] == [p.rsplit("/", 1)[1] for p in rb["files"]]
     assert len(rb["files"]) >= 2  # the top-genes figure reads the out-of-fold table
     res = CliRunner().invoke(cli, ["report", mid, "--store", str(b.root)])
