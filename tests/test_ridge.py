@@ -122,7 +122,7 @@ def test_cross_term_bound_brackets_the_exact_scores(seed):
     """The bracket [T - B, T + B] of every penalty's n·MSE (the cross term bounded by Cauchy-Schwarz with the
     centred LOO weights, using U'q = 0) contains the float64 LOO score, for feature scales spread over two
     decades and targets from noise to nearly exact; and it is not vacuous (B well below T)."""
-    from hefeat.learn.ridge import RidgeBasis
+    from hefeat.learn.ridge import RidgeBasis, _rows_f32
 
     rng = np.random.default_rng(seed)
     n, p, g = 600, 40, 90
@@ -131,7 +131,7 @@ def test_cross_term_bound_brackets_the_exact_scores(seed):
     basis = RidgeBasis(X, np.logspace(-2, 5, 15))
     Yc = Y - Y.mean(0)
     C = basis.U.T @ Yc
-    _, _, T, B = basis._bracket(Yc, C)
+    _, _, T, B = basis._bracket(_rows_f32(Yc), C)
     Q = Yc - basis.U @ C
     for i, a in enumerate(basis.f32):
         R = Q + basis.U @ (basis.E[:, [a]] * C)
@@ -208,3 +208,37 @@ def test_small_factorisations_run_on_one_blas_thread_and_restore_the_pool():
     with ridge._one_blas_thread(ridge.SMALL_LAPACK + 1):
         assert sizes() == before
     assert ridge._blas_controller() is ridge._blas_controller()
+
+
+def test_training_sums_path_matches_the_rows_path():
+    """Targets given as training sums and a float32 gene-major copy (offset by all rows' means, not the training
+    rows'), training rows and columns gathered from it: the same penalties, coefficients and LOO MSEs as the fit
+    that gathers the float64 rows itself. A wrong shift (offset not removed, or removed twice), rows gathered in
+    the wrong order or columns misaligned with their sums all change the penalties or coefficients. NaN in a
+    training row is refused through the sums."""
+    from hefeat.learn.ridge import RidgeBasis, TrainingSums
+
+    rng = np.random.default_rng(12)
+    n_all, p, g = 500, 12, 60
+    X = rng.normal(size=(n_all, p)) * np.exp(rng.normal(size=p))
+    Y = X @ (rng.normal(size=(p, g)) * (rng.random(g) < 0.5)) * 0.2 + rng.normal(size=(n_all, g)) + 7
+    Y = np.asfortranarray(Y)
+    rows = rng.permutation(n_all)[:380]
+    cols = np.sort(rng.choice(g, 45, replace=False))
+    basis = RidgeBasis(X[rows], np.logspace(-2, 5, 15))
+    want = basis.fit(Y, rows=rows, cols=cols)
+    assert basis.genes_scored == len(cols)  # the bounded (float32 residual) path
+    Yt = Y[rows][:, cols]
+    mean = Yt.mean(0)
+    xty = (X[rows] - X[rows].mean(0)).T @ (Yt - mean)
+    offset = Y.mean(0)
+    sums = TrainingSums(mean=mean, y2=((Yt - mean) ** 2).sum(0), y32=TrainingSums.gene_major(Y, offset), offset=offset)
+    got = basis.fit(Y, rows=rows, cols=cols, xty=xty, sums=sums)
+    np.testing.assert_array_equal(got.alpha, want.alpha)
+    np.testing.assert_allclose(got.coef, want.coef, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(got.intercept, want.intercept, rtol=1e-12)
+    np.testing.assert_allclose(got.loo_mse, want.loo_mse, rtol=1e-5)
+    bad = sums.mean.copy()
+    bad[3] = np.nan
+    with pytest.raises(HefeatError, match="NaN"):
+        basis.fit(Y, rows=rows, cols=cols, xty=xty, sums=TrainingSums(bad, sums.y2, sums.y32, sums.offset))

@@ -169,7 +169,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
                                                  to_patients(Ye[np.ix_(tested, ev)])).items():
             cols.setdefault(name, np.full(g, np.nan))[j0 + ev] = v
         # The deployed model: refit on every sample (metrics are out-of-fold and stay honest).
-        heads = final.basis.fit(Ye, cols=ev, xty=cv.final_xty(ev))
+        heads = final.basis.fit(Ye, cols=ev, xty=cv.final_xty(ev), sums=cv.final_sums(ev))
         coef[:, j0 + ev], intercept[j0 + ev], alpha_final[j0 + ev] = heads.coef, heads.intercept, heads.alpha
         for i, perm in enumerate(perms):
             if cv.sums:  # the permuted targets are read as rows perm of Yc, never copied whole
@@ -331,7 +331,13 @@ class _GeneCV:
         """Whole-chunk sums of targets Yc (n, k) shared by its CV, its final fit and its permuted CVs (sums over all
         rows do not change under a permutation of the rows); X'Yc is made on first use per row order."""
         if self.sums:
-            self._chunk = (Yc, Yc.sum(0), np.einsum("ij,ij->j", Yc, Yc), {})
+            from hefeat.learn.ridge import TrainingSums
+
+            s1 = Yc.sum(0)
+            self._chunk = (Yc, s1, np.einsum("ij,ij->j", Yc, Yc), {})
+            # float32 gene-major copy minus each gene's mean (a permutation does not change it): every fit of the
+            # chunk gathers its training rows from it for the float32 residuals
+            self._y32 = (TrainingSums.gene_major(Yc, s1 / len(Yc)), s1 / len(Yc))
 
     def _xty(self, perm: np.ndarray | None) -> np.ndarray:
         """Xg'Y (p, k) of the chunk's targets in row order perm (Y = Yc[perm]: Σ_i x_i y_perm(i) = Xg[perm⁻¹]'Yc)."""
@@ -350,6 +356,18 @@ class _GeneCV:
         n = len(self.Xg)
         return self._xty(None)[:, cols] - n * np.outer(self.xg_mean, s1[cols] / n)
 
+    def final_sums(self, cols: np.ndarray):
+        """The training sums (ridge.TrainingSums) of the final fit (every sample) for the chunk's columns cols, or
+        None (no sums path)."""
+        from hefeat.learn.ridge import TrainingSums
+
+        if not self.sums:
+            return None
+        Yc, s1, s2, _ = self._chunk
+        n = len(Yc)
+        m = s1[cols] / n
+        return TrainingSums(mean=m, y2=np.maximum(s2[cols] - n * m * m, 0), y32=self._y32[0], offset=self._y32[1])
+
     def _fold_sums(self, i: int, perm: np.ndarray | None):
         """Fold i's training variances (ddof 1) and Xc'Yc (p, k) of the chunk (rows in order perm) from the chunk's
         sums minus those of the fold's test rows: var = (S2 - n_t ȳ_t²)/(n_t - 1), Xc'Yc = X'Y - n_t x̄_t ȳ_t'.
@@ -365,12 +383,13 @@ class _GeneCV:
         var = (t2 - n_t * m * m) / (n_t - 1)
         err = 64 * np.finfo(np.float64).eps * (np.abs(t2) + n_t * m * m) / (n_t - 1)
         xty = self._xty(perm) - self.Xg_test[i].T @ Yt - n_t * np.outer(self.xg_train_mean[i], m)
-        return var, err, xty
+        return var, err, xty, m
 
     def run(self, Yc: np.ndarray, perm: np.ndarray | None = None):
         """Out-of-fold predictions (n, k), per-fold kept genes (folds, k) and penalties (folds, k) of targets Yc
         (of Yc[perm] when perm is given: the sums path only, after begin_chunk(Yc))."""
         from hefeat.learn.data import median_shift, train_gene_filter
+        from hefeat.learn.ridge import TrainingSums
 
         p, data = self.p, self.data
         n, k = Yc.shape
@@ -378,9 +397,9 @@ class _GeneCV:
         kept = np.zeros((len(self.folds), k), bool)
         alphas = np.zeros((len(self.folds), k))
         for i, f in enumerate(self.folds):
-            xty = None
+            xty = sums = None
             if self.sums:
-                var, err, xty = self._fold_sums(i, perm)
+                var, err, xty, mean = self._fold_sums(i, perm)
                 train = f.train if perm is None else perm[f.train]
                 keep = var > p.min_variance
                 near = np.flatnonzero(np.abs(var - p.min_variance) <= err)
@@ -399,8 +418,11 @@ class _GeneCV:
             if not keep.any():
                 continue
             cols = np.flatnonzero(keep)
+            if self.sums:
+                sums = TrainingSums(mean=mean[cols], y2=(len(f.train) - 1) * var[cols], y32=self._y32[0],
+                                    offset=self._y32[1])
             heads = self.designs[i].basis.fit(Y, rows=rows, cols=cols,  # Y's rows/genes read in chunks
-                                              xty=None if xty is None else xty[:, cols])
+                                              xty=None if xty is None else xty[:, cols], sums=sums)
             alphas[i, cols] = heads.alpha
             if p.level == "slide":
                 oof[np.ix_(f.test, cols)] = heads.predict(self.X_test[i])

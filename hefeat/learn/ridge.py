@@ -51,6 +51,7 @@ DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 MEMORY_BYTES = 1 << 30  # working memory of the gene chunks (the design and its decomposition come on top)
 TIE_TOL = 5e-5  # relative MSE gap below which float32 scores are re-checked in float64 (measured float32
 # score error: <= 3.1e-7 relative at 8,000 samples on the fabricated store; 2e-4 re-scored a third of the genes)
+SQUARE_BLOCK = 64  # genes per block of squared residuals (64 x 8,000 float32: 2 MB, one core's L2)
 MAX_WEIGHT_F32 = 4.0  # LOO weights 1/(1-h)² above this (leverage > 1/2) are scored in float64
 _TRMM = {"f": blas.strmm, "d": blas.dtrmm}
 
@@ -181,6 +182,7 @@ class RidgeBasis:
         self.f32, self.f64 = f32, np.setdiff1d(np.arange(len(alphas)), f32)
         self._parts = None
         self._U32 = None  # U in float32 for the direct scores (few genes), made on first use
+        self._U1 = None  # [U | 1] in float32, made on first use (`_u_ones`)
         self.rank = len(self.s)
         self.pairs_scored = self.genes_scored = 0
 
@@ -225,20 +227,24 @@ class RidgeBasis:
             mse[a] = (self.w_all[:, a] @ R) / self.n
         return mse
 
-    def _bracket(self, Yj: np.ndarray, C: np.ndarray):
-        """For centred targets Yj (n, k) and C = U'Yj: the float32 residual q (k, n), c (float32), and per float32
-        penalty T = Σ w q² + ρ'diag(w)ρ and the bound B on the cross term (|idx|, k): n·MSE lies in [T - B, T + B]."""
+    def _bracket(self, Qt: np.ndarray, C: np.ndarray, shift: np.ndarray | None = None):
+        """For targets Qt (k, n) float32, gene by row, overwritten in place by their residual, and C = U'y (r, k) of the
+        centred targets y = Qt - shift (shift (k,): the training mean minus what was already subtracted; None: 0):
+        the float32 residual q = y - U c (k, n; Qt itself), c (float32), and per float32 penalty T = Σ w q² +
+        ρ'diag(w)ρ and the bound B on the cross term (|idx|, k): n·MSE lies in [T - B, T + B]."""
         idx, U32, UD, WB, Et, LT, LD = self.parts
-        A = len(idx)
+        A, k = len(idx), Qt.shape[0]
         Cd = C.astype(np.float32)
-        # least-squares residual q = y - U c in one GEMM, stored genes by rows (Qt, k x n) so that a candidate
-        # subset is a contiguous gather; gene-major (Fortran-ordered) targets make the float32 copy a plain one
-        if Yj.flags.f_contiguous:
-            Qt = blas.sgemm(-1.0, U32.T, Cd.T, beta=1.0, c=Yj.astype(np.float32), trans_a=1, trans_b=1,
-                            overwrite_c=1).T
-        else:  # sample-major targets: the same product transposed (Fortran-ordered Qt), no transposing copy
-            Qt = blas.sgemm(-1.0, Cd.T, U32.T, beta=1.0, c=Yj.astype(np.float32).T, overwrite_c=1)
-        TB = (Qt * Qt) @ WB  # (k, 2A): Σ w q² and Σ |δ| q²
+        # q = y - U c in one GEMM on Qt's memory (Qt.T is the Fortran-ordered n x k matrix BLAS overwrites); the
+        # training mean rides along as one more column of ones in U and one more row of C
+        Ua, Ca = (U32, Cd) if shift is None else (self._u_ones(), np.vstack([Cd, shift.astype(np.float32)[None]]))
+        blas.sgemm(-1.0, Ua.T, Ca.T, beta=1.0, c=Qt.T, trans_a=1, trans_b=1, overwrite_c=1)
+        # Σ w q² and Σ |δ| q² (k, 2A), genes in blocks: the squares stay in cache instead of a k x n temporary
+        TB = np.empty((k, WB.shape[1]), np.float32)
+        sq = np.empty((min(k, SQUARE_BLOCK), Qt.shape[1]), np.float32)
+        for j in range(0, k, SQUARE_BLOCK):
+            b = np.square(Qt[j:j + SQUARE_BLOCK], out=sq[:min(SQUARE_BLOCK, k - j)])
+            np.matmul(b, WB, out=TB[j:j + SQUARE_BLOCK])
         est = TB[:, :A].T.astype(np.float64)
         bnd = np.sqrt(np.maximum(TB[:, A:].T, 0).astype(np.float64))
         trmm = _TRMM["f"]
@@ -251,12 +257,19 @@ class RidgeBasis:
             bnd[i] *= 2 * np.sqrt(np.einsum("kr,kr->k", T, T, dtype=np.float64))
         return Qt, Cd, est, bnd
 
-    def _score_bounded(self, Yj: np.ndarray, C: np.ndarray, y2: np.ndarray, mse: np.ndarray) -> None:
+    def _u_ones(self) -> np.ndarray:
+        """[U | 1] (n, r + 1) float32, for residuals that also remove a mean."""
+        if self._U1 is None:
+            self._U1 = np.hstack([self.parts[1], np.ones((self.n, 1), np.float32)])
+        return self._U1
+
+    def _score_bounded(self, Qt: np.ndarray, C: np.ndarray, y2: np.ndarray, mse: np.ndarray,
+                       shift: np.ndarray | None = None) -> None:
         """mse[f32] (|idx|, k): exact float32 scores of every penalty the bounds leave as a candidate, inf for the
-        others (module docstring)."""
+        others (module docstring). Qt, C, shift: as `_bracket` takes them (Qt is overwritten)."""
         idx, _, UD, _, Et, _, _ = self.parts
-        n, k, A, r = self.n, Yj.shape[1], len(idx), self.rank
-        Qt, Cd, est, bnd = self._bracket(Yj, C)
+        n, k, A, r = self.n, Qt.shape[0], len(idx), self.rank
+        Qt, Cd, est, bnd = self._bracket(Qt, C, shift)
         hi = (est + bnd).min(0)
         m1 = hi / n
         cand = est - bnd <= hi + n * TIE_TOL * (m1 + np.sqrt(m1 * y2 / n))  # the best penalty is always one
@@ -265,9 +278,10 @@ class RidgeBasis:
             sel = np.flatnonzero(cand[i])
             if not len(sel):
                 continue
-            # (U∘δ_a)'q for the genes where penalty a is a candidate (all of them when that is most)
+            # (U∘δ_a)'q for the genes where penalty a is a candidate only: gathering their rows of q costs a copy
+            # of them, far less than the GEMM over the others
             UDi = UD[:, i * r:(i + 1) * r]
-            Z = (Qt @ UDi)[sel] if 2 * len(sel) > k else Qt[sel] @ UDi
+            Z = Qt @ UDi if len(sel) == k else Qt[sel] @ UDi
             cross = np.einsum("kr,rk->k", Z, Et[i][:, None] * Cd[:, sel], dtype=np.float64)
             out[i, sel] = est[i, sel] + 2 * cross
         mse[idx] = out / n
@@ -275,12 +289,16 @@ class RidgeBasis:
         self.genes_scored += k
 
     def fit(self, Y: np.ndarray, *, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
-            block: int | None = None, memory: int = MEMORY_BYTES, xty: np.ndarray | None = None) -> RidgeFit:
+            block: int | None = None, memory: int = MEMORY_BYTES, xty: np.ndarray | None = None,
+            sums: TrainingSums | None = None) -> RidgeFit:
         """Heads for the columns `cols` of Y (rows `rows` of Y are the design's rows), in gene chunks.
 
         `xty` (p, len(cols)), optional: Xc'Yc of the centred design and the centred selected targets, computed by
         the caller (`fit genes` makes every fold's from one X'Y per gene chunk). Then c = U'y = V'(Xc'y)/s comes
-        from it, a p x r x genes product instead of the n x r x genes one; the rest of the fit is unchanged."""
+        from it, a p x r x genes product instead of the n x r x genes one; the rest of the fit is unchanged.
+        `sums` (with `xty`): the selected targets' training means and sums of squares and a float32 copy of Y (see
+        TrainingSums); the residuals are then made from that copy's rows and Y itself is read only for the genes
+        re-scored in float64, so no float64 copy of the training rows is made."""
         Y = np.asarray(Y)
         if Y.ndim == 1:
             Y = Y[:, None]
@@ -293,6 +311,8 @@ class RidgeBasis:
         if (Y.shape[0] if rows is None else len(rows)) != n:
             raise HefeatError(f"ridge needs >= 3 samples with matching X and Y rows (got X ({n}, {self.p}), "
                               f"Y {Y.shape})")
+        if sums is not None and (xty is None or sums.mean.shape != (g,) or sums.y2.shape != (g,)):
+            raise ValueError("TrainingSums need xty and one mean and sum of squares per selected column")
         U, s, s2, V, alphas = self.U, self.s, self.s2, self.V, self.alphas
         r, A = self.rank, len(alphas)
         # Few genes (spot heads: hundreds of genes, 1,024-d, 30,000 spots): scoring each penalty's residuals
@@ -306,20 +326,35 @@ class RidgeBasis:
         for j0 in range(0, g, step):
             cj = cols[j0:j0 + step]
             k = len(cj)
-            Yj = _take(Y, rows, cj if contiguous is None else slice(contiguous + j0, contiguous + j0 + k))
-            if not np.isfinite(Yj).all():
-                raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
-            y_mean = Yj.mean(0)
-            Yj -= y_mean
+            sl = cj if contiguous is None else slice(contiguous + j0, contiguous + j0 + k)
             # (r, k) float64: the coefficients and the exact re-scoring use it (U = Xc V / s)
-            C = U.T @ Yj if xty is None else (V.T @ xty[:, j0:j0 + k]) / s[:, None]
-            y2 = np.einsum("ik,ik->k", Yj, Yj)
+            C = None if xty is None else (V.T @ xty[:, j0:j0 + k]) / s[:, None]
+            if sums is None or direct or len(self.f64) or not len(self.f32):
+                Yj = _take(Y, rows, sl)
+                if not np.isfinite(Yj).all():
+                    raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
+                y_mean = Yj.mean(0)
+                Yj -= y_mean
+                C = U.T @ Yj if C is None else C
+                y2 = np.einsum("ik,ik->k", Yj, Yj)
+                Qt, shift = None, None
+            else:  # NaN or inf in any training row makes its column's sums non-finite
+                y_mean, y2 = sums.mean[j0:j0 + k], sums.y2[j0:j0 + k]
+                if not (np.isfinite(y_mean).all() and np.isfinite(y2).all()):
+                    raise HefeatError("ridge inputs contain NaN or inf; drop or impute those samples/genes first")
+                Yj = None
+                Qt, shift = sums.rows32(rows, sl), y_mean - sums.offset[sl]
+
+            def centred(idx: np.ndarray, Yj=Yj, cj=cj, y_mean=y_mean) -> np.ndarray:
+                """Float64 centred targets of chunk columns idx (for the exact re-scoring)."""
+                return Yj[:, idx] if Yj is not None else _take(Y, rows, cj[idx]) - y_mean[idx]
+
             if direct:
                 mse = self._score_direct(Yj, C)
             else:
                 mse = np.empty((A, k))
                 if len(self.f32):
-                    self._score_bounded(Yj, C, y2, mse)
+                    self._score_bounded(_rows_f32(Yj) if Qt is None else Qt, C, y2, mse, shift)
                 for a in self.f64:  # exploding weights or dtype=float64: float64 residuals
                     mse[a] = _loo_mse_exact(U, s2[:, None], self.h_all[:, a], alphas[a], Yj, C)
             ia = np.argmin(mse, 0)
@@ -333,10 +368,11 @@ class RidgeBasis:
                 if len(amb):
                     cand = close[:, amb]
                     exact = np.full((A, len(amb)), np.inf)
+                    Ya = centred(amb)
                     for a in np.flatnonzero(cand.any(1)):
                         sel = np.flatnonzero(cand[a])
                         exact[a, sel] = _loo_mse_exact(U, s2[:, None], self.h_all[:, a], alphas[a],
-                                                       Yj[:, amb[sel]], C[:, amb[sel]])
+                                                       Ya[:, sel], C[:, amb[sel]])
                     ia[amb] = np.argmin(exact, 0)
                     mse[ia[amb], amb] = exact[ia[amb], np.arange(len(amb))]
             best_a[j0:j0 + step] = alphas[ia]
@@ -344,6 +380,42 @@ class RidgeBasis:
             coef[:, j0:j0 + step] = V @ ((s[:, None] / (s2[:, None] + alphas[ia][None, :])) * C)
             intercept[j0:j0 + step] = y_mean - self.x_mean @ coef[:, j0:j0 + step]
         return RidgeFit(coef=coef, intercept=intercept, alpha=best_a, loo_mse=best_mse)
+
+
+@dataclass(frozen=True)
+class TrainingSums:
+    """What `RidgeBasis.fit` needs of the selected targets when the caller has their training sums (`fit genes`
+    makes each fold's from whole-chunk sums): mean (g,) and y2 (g,) = Σ (y - mean)² over the training rows, and
+    y32 (columns of Y, rows of Y) float32 = Y.T - offset[:, None] for every column of Y, made once per gene chunk
+    and read by every fold, the final fit and the permuted CVs (offset: e.g. each column's mean over all rows, so
+    that float32 keeps the digits that vary)."""
+
+    mean: np.ndarray
+    y2: np.ndarray
+    y32: np.ndarray
+    offset: np.ndarray
+
+    def rows32(self, rows: np.ndarray | None, cols) -> np.ndarray:
+        """y32's columns `cols` (slice or indices) and rows `rows` (None: all) as a new (k, n) float32 array."""
+        if rows is None:
+            return self.y32[cols].copy()
+        if isinstance(cols, slice):
+            return self.y32[cols].take(rows, axis=1)
+        return self.y32[np.ix_(cols, rows)]  # one gather, not the columns' copy and then its rows
+
+    @staticmethod
+    def gene_major(Y: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """(g, n) float32 copy of Y (n, g) minus offset (g,) per column, as TrainingSums.y32."""
+        out = np.empty(Y.shape[::-1], np.float32)
+        np.subtract(Y.T, offset[:, None], out=out, casting="same_kind")
+        return out
+
+
+def _rows_f32(Yj: np.ndarray) -> np.ndarray:
+    """(k, n) C-ordered float32 copy of Yj (n, k): a plain cast of gene-major (Fortran-ordered) targets."""
+    if Yj.flags.f_contiguous:
+        return Yj.astype(np.float32, order="F").T
+    return np.ascontiguousarray(Yj.T, dtype=np.float32)
 
 
 def fit_ridge_heads(X: np.ndarray, Y: np.ndarray, *, alphas=DEFAULT_ALPHAS, dtype=np.float32,
