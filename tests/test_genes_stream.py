@@ -169,3 +169,10 @@ def test_patient_means_gather_single_rows_and_sum_the_rest_in_order():
     np.add.at(summed, inv, A)
     np.testing.assert_allclose(got, summed / counts[:, None], rtol=1e-13)
     assert emo._patient_means(groups)(A[:, :0]).shape == (len(ug), 0)
+    # rows, columns and a row permutation read in the one gather: the same means as on the copied selection
+    big = rng.normal(size=(80, 7))
+    rows, cols, perm = rng.permutation(80)[:60], np.array([5, 1, 3]), rng.permutation(80)
+    means = emo._patient_means(groups, rows)
+    np.testing.assert_array_equal(means(big, cols), emo._patient_means(groups)(big[np.ix_(rows, cols)]))
+    np.testing.assert_array_equal(means(big, cols, perm), emo._patient_means(groups)(big[perm][np.ix_(rows, cols)]))
+    np.testing.assert_array_equal(means(big)[:, 2], means(big, np.array([2]))[:, 0])

@@ -104,3 +104,25 @@ def test_bootstrap_auc_ci_and_gene_set_score():
     r.iloc[:10] += 0.5
     out = stats.gene_set_score(r, [f"g{i}" for i in range(10)], n_random=2000)
     assert out["p_value"] < 0.01 and out["mean_r"] > out["random_mean"]
+
+
+def test_column_statistics_in_threads_equal_one_thread(monkeypatch):
+    """Blocks of columns computed on several threads give the one-thread result to the bit, in column order (a
+    block returned out of order or computed on the wrong columns fails), and match scipy per column."""
+    from scipy import stats as ss
+
+    rng = np.random.default_rng(4)
+    a = np.round(rng.normal(size=(40, 3 * stats.COLUMN_BLOCK + 17)), 1)  # ties
+    b = a + rng.normal(size=a.shape)
+    cols = rng.permutation(a.shape[1])[:2 * stats.COLUMN_BLOCK + 5]
+    monkeypatch.setattr(stats, "COLUMN_THREADS", 1)
+    one = stats.gene_metric_columns(a, b), stats.columnwise_spearman(a, b, cols)
+    monkeypatch.setattr(stats, "COLUMN_THREADS", 3)
+    many = stats.gene_metric_columns(a, b), stats.columnwise_spearman(a, b, cols)
+    for k in one[0]:
+        np.testing.assert_array_equal(many[0][k], one[0][k])
+    np.testing.assert_array_equal(many[1], one[1])
+    for j in (0, stats.COLUMN_BLOCK + 3, a.shape[1] - 1):
+        assert many[0]["spearman_r"][j] == pytest.approx(ss.spearmanr(a[:, j], b[:, j])[0], rel=1e-12)
+        assert many[0]["pearson_r"][j] == pytest.approx(ss.pearsonr(a[:, j], b[:, j])[0], rel=1e-12)
+    assert many[1][7] == pytest.approx(ss.spearmanr(a[:, cols[7]], b[:, cols[7]])[0], rel=1e-12)

@@ -135,14 +135,14 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     tested = np.flatnonzero(fold_of != "")
     # Correlations are across patients: a patient's samples (all in one test fold) are averaged first,
     # so n counts patients, not samples.
-    to_patients = _patient_means(data.groups[tested])
+    to_patients = _patient_means(data.groups[tested], tested)
     n_units = len(np.unique(data.groups[tested]))
     # Null from permuted targets: the whole CV refitted on targets shuffled across samples, scored
     # exactly as the observed statistic (same all-sample median shift, same patient means).
     rng = np.random.default_rng([p.seed, 1])
     perms = [rng.permutation(n) for _ in range(p.permutations)]
     final = _final_design(data.X, p)
-    oof = np.full((n, g), np.nan)
+    oof = np.empty((n, g))  # every chunk writes all its rows (NaN where no fold tested them)
     kept = np.zeros(g, bool)
     evaluated_mask = np.zeros(g, bool)
     alphas = np.zeros((len(folds), g))
@@ -165,8 +165,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         evaluated_mask[j0 + ev] = True
         # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
         Ye = _shift_all(Yc, cohort)
-        for name, v in stats.gene_metric_columns(to_patients(o[np.ix_(tested, ev)]),
-                                                 to_patients(Ye[np.ix_(tested, ev)])).items():
+        for name, v in stats.gene_metric_columns(to_patients(o, ev), to_patients(Ye, ev)).items():
             cols.setdefault(name, np.full(g, np.nan))[j0 + ev] = v
         # The deployed model: refit on every sample (metrics are out-of-fold and stay honest).
         heads = final.basis.fit(Ye, cols=ev, xty=cv.final_xty(ev), sums=cv.final_sums(ev))
@@ -174,12 +173,12 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         for i, perm in enumerate(perms):
             if cv.sums:  # the permuted targets are read as rows perm of Yc, never copied whole
                 po, _, _ = cv.run(Yc, perm)
-                true = Yc[np.ix_(perm[tested], ev)]
+                true = to_patients(Yc, ev, perm)
             else:
                 Yp = Yc.T.take(perm, axis=1).T  # permuted rows, still gene-major
                 po, _, _ = cv.run(Yp)
-                true = _shift_all(Yp, cohort)[np.ix_(tested, ev)]
-            null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po[np.ix_(tested, ev)]), to_patients(true))
+                true = to_patients(_shift_all(Yp, cohort), ev)
+            null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po, ev), true)
     if not kept.any():
         raise NotEstimable(f"No gene passes the training-fold filter (variance > {p.min_variance}"
                            f"{', median > 0' if p.median_positive else ''}) in every fold; lower --min-variance")
@@ -199,7 +198,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     names = [ALIASES.get(x, x) for x in genes]
     pro = evaluated[[i for i, x in enumerate(names) if x in PAM50_PROLIFERATION]]
     prolif = {"proliferation_genes": len(pro)} if len(pro) < 3 else _proliferation(
-        to_patients(oof[np.ix_(tested, pro)]), to_patients(_shift_all(data.Y[:, pro], cohort)[tested]),
+        to_patients(oof, pro), to_patients(_shift_all(data.Y[:, pro], cohort)),
         [data.genes[j] for j in pro])
     members = [x for x in genes if ALIASES.get(x, x) in PAM50_PROLIFERATION]
     if len(members) >= 3 and len(genes) > len(members) + 5:
@@ -244,26 +243,37 @@ def _shift_all(Y: np.ndarray, cohort: np.ndarray | None) -> np.ndarray:
     return Y if cohort is None else median_shift(Y, cohort, np.arange(len(Y)))[0]
 
 
-def _patient_means(groups: np.ndarray):
-    """A function averaging rows (n, g) per patient (patients sorted); identity when every patient has one row."""
+def _patient_means(groups: np.ndarray, rows: np.ndarray | None = None):
+    """A function mean(A, cols=None, perm=None) averaging the rows `rows` of A (n, g) (all rows if None; each has
+    the patient in `groups`) per patient (patients sorted), columns `cols` only if given; with perm, row r of A is
+    read as A[perm[r]]. Reads the rows and columns it needs from A in one gather: no copy of A's selection first.
+    Every patient with one row: their rows themselves."""
     ug, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    if len(ug) == len(inv):
-        return lambda A: A
+    rows = np.arange(len(inv)) if rows is None else np.asarray(rows)
     order = np.argsort(inv, kind="stable")  # each patient's rows in their order: the sums np.add.at made
     starts = np.searchsorted(inv[order], np.arange(len(ug)))
     counts = np.bincount(inv, minlength=len(ug)).astype(float)
     # Most patients have one row: that row is their mean (a gather); only the others are summed, row after row
     # in the same order as over all patients, so the result is the same to the bit.
     first, multi = order[starts], np.flatnonzero(counts > 1)
-    rows_multi = np.concatenate([order[starts[q]:starts[q] + int(counts[q])] for q in multi])
+    rows_multi = np.concatenate([order[starts[q]:starts[q] + int(counts[q])] for q in multi]) if len(multi) \
+        else np.zeros(0, np.int64)
     starts_multi = np.r_[0, np.cumsum(counts[multi][:-1])].astype(np.int64)
 
-    def mean(A: np.ndarray) -> np.ndarray:
-        if A.shape[1] == 0:
-            return np.zeros((len(ug), 0))
-        A = np.asarray(A, float)
-        out = A[first]
-        out[multi] = np.add.reduceat(A[rows_multi], starts_multi, axis=0) / counts[multi, None]
+    def mean(A: np.ndarray, cols: np.ndarray | None = None, perm: np.ndarray | None = None) -> np.ndarray:
+        A = np.asarray(A)
+        src = rows if perm is None else np.asarray(perm)[rows]
+
+        every = cols is None or (len(cols) == A.shape[1] and (np.asarray(cols) == np.arange(A.shape[1])).all())
+
+        def take(r: np.ndarray) -> np.ndarray:  # whole rows are copied (take) faster than a 2-d gather
+            got = A.take(src[r], axis=0) if every else A[np.ix_(src[r], cols)]
+            return got if got.dtype == np.float64 else got.astype(float)
+
+        out = take(first)
+        if out.shape[1] == 0 or not len(multi):
+            return out
+        out[multi] = np.add.reduceat(take(rows_multi), starts_multi, axis=0) / counts[multi, None]
         return out
 
     return mean
