@@ -49,8 +49,9 @@ from hefeat.errors import HefeatError
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 MEMORY_BYTES = 1 << 30  # working memory of the gene chunks (the design and its decomposition come on top)
-TIE_TOL = 5e-5  # relative MSE gap below which float32 scores are re-checked in float64 (measured float32
-# score error: <= 3.1e-7 relative at 8,000 samples on the fabricated store; 2e-4 re-scored a third of the genes)
+TIE_TOL = 2e-5  # relative MSE gap below which float32 scores are re-checked in float64 (measured float32 score
+# error, scaled as here: <= 1.9e-7 at 8,000 samples on the fabricated store, observed and permuted targets, so two
+# scores' gap is off by <= 3.7e-7; 5e-5 re-scored a quarter of the genes, 2e-5 a fifteenth, with the same penalties)
 SQUARE_BLOCK = 64  # genes per block of squared residuals (64 x 8,000 float32: 2 MB, one core's L2)
 MAX_WEIGHT_F32 = 4.0  # LOO weights 1/(1-h)² above this (leverage > 1/2) are scored in float64
 _TRMM = {"f": blas.strmm, "d": blas.dtrmm}
@@ -183,13 +184,14 @@ class RidgeBasis:
         self._parts = None
         self._U32 = None  # U in float32 for the direct scores (few genes), made on first use
         self._U1 = None  # [U | 1] in float32, made on first use (`_u_ones`)
+        self._ud = {}  # U∘δ_a per float32 penalty index, made on first use (`_u_dev`)
         self.rank = len(self.s)
         self.pairs_scored = self.genes_scored = 0
 
     @property
     def parts(self) -> tuple | None:
-        """For the float32 penalties (None without any): their indices, U (float32), [U∘δ_1 | … ] (n, |idx|·r)
-        with δ_a = w_a - mean(w_a), [w | |δ|] (n, 2|idx|), E' (|idx|, r), and the transposed Cholesky factors of
+        """For the float32 penalties (None without any): their indices, U (float32), δ (n, |idx|) with δ_a = w_a -
+        mean(w_a) (float32), [w | |δ|] (n, 2|idx|), E' (|idx|, r), and the transposed Cholesky factors of
         U' diag(w_a) U and of U' diag(|δ_a|) U (|idx|, r, r; `[i].T` is the lower factor in Fortran order for
         BLAS trmm). Built once, on the first fit with many genes."""
         if self._parts is None and len(self.f32):
@@ -198,16 +200,26 @@ class RidgeBasis:
             n, r, A = self.n, self.rank, len(idx)
             W = self.w_all[:, idx]
             dev = W - W.mean(0)
-            # [U∘δ_1 | … | U∘δ_A] (n, A·r); U' diag(w_a) U = U' diag(δ_a) U + mean(w_a) I (U'U = I): one GEMM for all
-            UD = (U32[:, None, :] * dev.astype(np.float32)[:, :, None]).reshape(n, A * r)
-            Mw = (UD.T @ U32).reshape(A, r, r).astype(np.float64) + W.mean(0)[:, None, None] * np.eye(r)
-            UA = (U32[:, None, :] * np.abs(dev).astype(np.float32)[:, :, None]).reshape(n, A * r)
-            Md = (UA.T @ U32).reshape(A, r, r).astype(np.float64)  # U' diag(|δ_a|) U, for the bound only
-            del UA
+            dev32, adev32 = dev.astype(np.float32), np.abs(dev).astype(np.float32)
+            # U' diag(w_a) U = U' diag(δ_a) U + mean(w_a) I (U'U = I), and U' diag(|δ_a|) U for the bound: one n x r
+            # buffer reused per penalty (no n x A x r array)
+            Mw, Md = np.empty((A, r, r)), np.empty((A, r, r))
+            buf = np.empty((n, r), np.float32)
+            for i in range(A):
+                Mw[i] = np.multiply(U32, dev32[:, i:i + 1], out=buf).T @ U32
+                Md[i] = np.multiply(U32, adev32[:, i:i + 1], out=buf).T @ U32
+            Mw += W.mean(0)[:, None, None] * np.eye(r)
             WB = np.concatenate([W, np.abs(dev)], axis=1).astype(np.float32)
-            self._parts = (idx, U32, UD, WB, np.ascontiguousarray(self.E.T[idx], np.float32),
+            self._parts = (idx, U32, dev32, WB, np.ascontiguousarray(self.E.T[idx], np.float32),
                            _cholesky_t(Mw, np.float32), _cholesky_t(Md, np.float32, jitter=1e-6))
         return self._parts
+
+    def _u_dev(self, i: int) -> np.ndarray:
+        """U∘δ_a (n, r) float32 of the i-th float32 penalty, made on the first fit that has a candidate there."""
+        if i not in self._ud:
+            _, U32, dev32, *_ = self.parts
+            self._ud[i] = U32 * dev32[:, i:i + 1]
+        return self._ud[i]
 
     def _score_direct(self, Yj: np.ndarray, C: np.ndarray) -> np.ndarray:
         """LOO MSE (A, k) from each penalty's residuals: cheaper than the GEMM path's set-up for few genes. The
@@ -232,7 +244,7 @@ class RidgeBasis:
         centred targets y = Qt - shift (shift (k,): the training mean minus what was already subtracted; None: 0):
         the float32 residual q = y - U c (k, n; Qt itself), c (float32), and per float32 penalty T = Σ w q² +
         ρ'diag(w)ρ and the bound B on the cross term (|idx|, k): n·MSE lies in [T - B, T + B]."""
-        idx, U32, UD, WB, Et, LT, LD = self.parts
+        idx, U32, _, WB, Et, LT, LD = self.parts
         A, k = len(idx), Qt.shape[0]
         Cd = C.astype(np.float32)
         # q = y - U c in one GEMM on Qt's memory (Qt.T is the Fortran-ordered n x k matrix BLAS overwrites); the
@@ -267,8 +279,8 @@ class RidgeBasis:
                        shift: np.ndarray | None = None) -> None:
         """mse[f32] (|idx|, k): exact float32 scores of every penalty the bounds leave as a candidate, inf for the
         others (module docstring). Qt, C, shift: as `_bracket` takes them (Qt is overwritten)."""
-        idx, _, UD, _, Et, _, _ = self.parts
-        n, k, A, r = self.n, Qt.shape[0], len(idx), self.rank
+        idx, _, _, _, Et, _, _ = self.parts
+        n, k, A = self.n, Qt.shape[0], len(idx)
         Qt, Cd, est, bnd = self._bracket(Qt, C, shift)
         hi = (est + bnd).min(0)
         m1 = hi / n
@@ -280,7 +292,7 @@ class RidgeBasis:
                 continue
             # (U∘δ_a)'q for the genes where penalty a is a candidate only: gathering their rows of q costs a copy
             # of them, far less than the GEMM over the others
-            UDi = UD[:, i * r:(i + 1) * r]
+            UDi = self._u_dev(i)
             Z = Qt @ UDi if len(sel) == k else Qt[sel] @ UDi
             cross = np.einsum("kr,rk->k", Z, Et[i][:, None] * Cd[:, sel], dtype=np.float64)
             out[i, sel] = est[i, sel] + 2 * cross
