@@ -132,12 +132,17 @@ def test_cross_term_bound_brackets_the_exact_scores(seed):
     Yc = Y - Y.mean(0)
     C = basis.U.T @ Yc
     _, _, T, B = basis._bracket(_rows_f32(Yc), C)
+    # with y2: the cheap intervals (|U'diag(δ)U| <= max|δ|) where they already exclude a penalty, the forms elsewhere
+    _, _, T2, B2 = basis._bracket(_rows_f32(Yc), C, y2=(Yc * Yc).sum(0))
     Q = Yc - basis.U @ C
-    for i, a in enumerate(basis.f32):
-        R = Q + basis.U @ (basis.E[:, [a]] * C)
-        S = basis.w_all[:, a] @ (R * R)  # the exact n·MSE
-        assert (np.abs(S - T[i]) <= B[i] + 1e-5 * S).all()
+    S = np.array([basis.w_all[:, a] @ ((Q + basis.U @ (basis.E[:, [a]] * C)) ** 2) for a in basis.f32])  # exact n·MSE
+    for t, b in ((T, B), (T2, B2)):
+        assert (np.abs(S - t) <= b + 1e-5 * S).all()
     assert np.median(B / T) < 0.2
+    cheap = B2 > B * (1 + 1e-9)
+    assert 0.2 < cheap.mean() < 1  # the cheap intervals are used, and not for everything
+    best = S.argmin(0)
+    assert not cheap[best, np.arange(g)].any()  # never for a gene's best penalty
 
 
 def test_near_ties_are_decided_in_float64():
