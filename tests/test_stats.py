@@ -126,3 +126,26 @@ def test_column_statistics_in_threads_equal_one_thread(monkeypatch):
         assert many[0]["spearman_r"][j] == pytest.approx(ss.spearmanr(a[:, j], b[:, j])[0], rel=1e-12)
         assert many[0]["pearson_r"][j] == pytest.approx(ss.pearsonr(a[:, j], b[:, j])[0], rel=1e-12)
     assert many[1][7] == pytest.approx(ss.spearmanr(a[:, cols[7]], b[:, cols[7]])[0], rel=1e-12)
+
+
+def test_bootstrap_auc_equals_scikit_learns_per_resample():
+    """auc_with_ci's resamples use the rank (Mann-Whitney) AUC: equal to roc_auc_score on ties, string labels and
+    resamples with one class (skipped); the CI equals the one from roc_auc_score per resample."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    y = np.where(rng.random(60) < 0.3, "pos", "neg")  # "pos" > "neg": the positive class, as scikit-learn takes it
+    score = np.round(rng.normal(size=60) + (y == "pos"), 1)  # ties
+    assert stats.binary_auc(y == "pos", score) == pytest.approx(roc_auc_score(y, score), abs=1e-14)
+    assert stats.binary_auc(np.zeros(5, bool), np.arange(5.0)) is None
+    got = stats.auc_with_ci(y, score, n_boot=300, seed=2)
+
+    def ref_stat(idx):
+        return roc_auc_score(y[idx], score[idx]) if len(np.unique(y[idx])) == 2 else None
+
+    lo, hi = stats.bootstrap_ci(ref_stat, len(y), n_boot=300, seed=2)
+    assert got["auc"] == roc_auc_score(y, score)
+    assert got["ci_low"] == pytest.approx(lo, abs=1e-12) and got["ci_high"] == pytest.approx(hi, abs=1e-12)
+    small = stats.auc_with_ci(y[:8], score[:8], n_boot=200, seed=1)  # many one-class resamples
+    lo, hi = stats.bootstrap_ci(ref_stat, 8, n_boot=200, seed=1)
+    assert small["ci_low"] == pytest.approx(lo, abs=1e-12) and small["ci_high"] == pytest.approx(hi, abs=1e-12)
