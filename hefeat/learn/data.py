@@ -44,16 +44,9 @@ def transform_inplace(v: np.ndarray, how: str) -> None:
 def _blocks(n: int, fn) -> list:
     """fn(a, b) over row blocks [a, b) of n rows, on every core: numpy's copies and ufuncs release the
     GIL, so threads split the element-wise work of a samples x genes matrix without copying it."""
-    from hefeat.learn.threads import available_cores
+    from hefeat.learn.threads import thread_map
 
-    spans = [(a, min(n, a + ROW_BLOCK)) for a in range(0, n, ROW_BLOCK)]
-    workers = min(available_cores(), len(spans))
-    if workers <= 1:
-        return [fn(a, b) for a, b in spans]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(lambda ab: fn(*ab), spans))
+    return thread_map(lambda ab: fn(*ab), [(a, min(n, a + ROW_BLOCK)) for a in range(0, n, ROW_BLOCK)])
 
 
 def expression_table(store: Store, dataset: str = "expression", genes: list[str] | None = None) -> pd.DataFrame:

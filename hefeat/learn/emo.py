@@ -347,7 +347,7 @@ class _GeneCV:
             self._chunk = (Yc, s1, np.einsum("ij,ij->j", Yc, Yc), {})
             # float32 gene-major copy minus each gene's mean (a permutation does not change it): every fit of the
             # chunk gathers its training rows from it for the float32 residuals
-            self._y32 = (TrainingSums.gene_major(Yc, s1 / len(Yc)), s1 / len(Yc))
+            self._y32 = TrainingSums.gene_major(Yc, s1 / len(Yc))
 
     def _xty(self, perm: np.ndarray | None) -> np.ndarray:
         """Xg'Y (p, k) of the chunk's targets in row order perm (Y = Yc[perm]: Σ_i x_i y_perm(i) = Xg[perm⁻¹]'Yc)."""
@@ -366,17 +366,22 @@ class _GeneCV:
         n = len(self.Xg)
         return self._xty(None)[:, cols] - n * np.outer(self.xg_mean, s1[cols] / n)
 
+    def _sums(self, mean: np.ndarray, y2: np.ndarray):
+        """ridge.TrainingSums of a fit of the chunk: its training means and sums of squares, the chunk's float32 copy."""
+        from hefeat.learn.ridge import TrainingSums
+
+        Yc, s1, _, _ = self._chunk
+        return TrainingSums(mean=mean, y2=y2, y32=self._y32, offset=s1 / len(Yc))
+
     def final_sums(self, cols: np.ndarray):
         """The training sums (ridge.TrainingSums) of the final fit (every sample) for the chunk's columns cols, or
         None (no sums path)."""
-        from hefeat.learn.ridge import TrainingSums
-
         if not self.sums:
             return None
         Yc, s1, s2, _ = self._chunk
         n = len(Yc)
         m = s1[cols] / n
-        return TrainingSums(mean=m, y2=np.maximum(s2[cols] - n * m * m, 0), y32=self._y32[0], offset=self._y32[1])
+        return self._sums(m, np.maximum(s2[cols] - n * m * m, 0))
 
     def _fold_sums(self, i: int, perm: np.ndarray | None):
         """Fold i's training variances (ddof 1) and Xc'Yc (p, k) of the chunk (rows in order perm) from the chunk's
@@ -399,7 +404,6 @@ class _GeneCV:
         """Out-of-fold predictions (n, k), per-fold kept genes (folds, k) and penalties (folds, k) of targets Yc
         (of Yc[perm] when perm is given: the sums path only, after begin_chunk(Yc))."""
         from hefeat.learn.data import median_shift, train_gene_filter
-        from hefeat.learn.ridge import TrainingSums
 
         p, data = self.p, self.data
         n, k = Yc.shape
@@ -429,8 +433,7 @@ class _GeneCV:
                 continue
             cols = np.flatnonzero(keep)
             if self.sums:
-                sums = TrainingSums(mean=mean[cols], y2=(len(f.train) - 1) * var[cols], y32=self._y32[0],
-                                    offset=self._y32[1])
+                sums = self._sums(mean[cols], (len(f.train) - 1) * var[cols])
             heads = self.designs[i].basis.fit(Y, rows=rows, cols=cols,  # Y's rows/genes read in chunks
                                               xty=None if xty is None else xty[:, cols], sums=sums)
             alphas[i, cols] = heads.alpha

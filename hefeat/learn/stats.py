@@ -7,12 +7,13 @@ correlate negatively with it, and a two-sided test would call those genes signif
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 from scipy import stats as ss
+
+from hefeat.learn.threads import available_cores, thread_map
 
 CORRECTIONS = {"bh": "fdr_bh", "bonferroni": "bonferroni", "holm": "holm", "holm-sidak": "holm-sidak"}
 
@@ -62,7 +63,7 @@ def _rank(a: np.ndarray) -> np.ndarray:
 
 
 COLUMN_BLOCK = 256  # genes per block of the column-wise statistics: temporaries stay (n, block), not (n, g)
-COLUMN_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+COLUMN_THREADS = min(8, available_cores())  # threads for the blocks (they release the GIL)
 
 
 def _by_columns(fn, pred: np.ndarray, true: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
@@ -80,15 +81,7 @@ def _by_columns(fn, pred: np.ndarray, true: np.ndarray, cols: np.ndarray | None 
             return np.zeros(0)
         blocks = [cols[j:j + COLUMN_BLOCK] for j in range(0, len(cols), COLUMN_BLOCK)]
 
-    def one(c):
-        return fn(pred[:, c], true[:, c])
-
-    if len(blocks) == 1 or COLUMN_THREADS == 1:
-        return np.concatenate([one(c) for c in blocks], axis=-1)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(COLUMN_THREADS, len(blocks))) as pool:  # per call: a kept pool would not survive fork
-        return np.concatenate(list(pool.map(one, blocks)), axis=-1)
+    return np.concatenate(thread_map(lambda c: fn(pred[:, c], true[:, c]), blocks, COLUMN_THREADS), axis=-1)
 
 
 def _pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

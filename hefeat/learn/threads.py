@@ -37,6 +37,19 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_map(fn: Callable, items: list, workers: int | None = None) -> list:
+    """[fn(x) for x in items], in order, on up to `workers` threads (default: every core); serial for one item or
+    one worker. For numpy work that releases the GIL (sorts, gathers, ufuncs, copies) on independent blocks; the
+    pool is made per call (a kept one would not survive a fork)."""
+    workers = min(available_cores() if workers is None else workers, len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(fn, items))
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name, "").strip()
     return int(v) if v.isdigit() else None
