@@ -176,3 +176,29 @@ def test_patient_means_gather_single_rows_and_sum_the_rest_in_order():
     np.testing.assert_array_equal(means(big, cols), emo._patient_means(groups)(big[np.ix_(rows, cols)]))
     np.testing.assert_array_equal(means(big, cols, perm), emo._patient_means(groups)(big[perm][np.ix_(rows, cols)]))
     np.testing.assert_array_equal(means(big)[:, 2], means(big, np.array([2]))[:, 0])
+
+
+def test_cv_writes_out_of_fold_predictions_in_place():
+    """_GeneCV.run writes every element of the block it is given (a column slice of the whole out-of-fold array, as
+    fit genes passes it, holding other values before): the predictions run() returns without it, NaN where a fold
+    dropped the gene, nothing outside the slice touched; and patient means read the strided slice as a copy would."""
+    from hefeat.learn.splits import parse_split
+
+    d = _data()
+    n, g = d.Y.shape
+    folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
+    cv = emo._GeneCV(None, GenesParams(extraction_id="e"), d, folds, None)
+    Yc = np.asfortranarray(d.Y)
+    cv.begin_chunk(Yc)
+    ref, kept, alphas = cv.run(Yc)
+    whole = np.full((n, g + 5), 7.0)
+    block = whole[:, 2:2 + g]
+    got, kept2, alphas2 = cv.run(Yc, out=block)
+    assert np.shares_memory(got, whole)
+    np.testing.assert_array_equal(block, ref)
+    np.testing.assert_array_equal(kept2, kept)
+    np.testing.assert_array_equal(alphas2, alphas)
+    assert np.isnan(ref[:, 4]).all() and not np.isnan(np.delete(ref, 4, axis=1)).any()
+    assert (whole[:, :2] == 7).all() and (whole[:, 2 + g:] == 7).all()
+    means = emo._patient_means(d.groups)
+    np.testing.assert_array_equal(means(block), means(np.ascontiguousarray(block)))

@@ -63,6 +63,35 @@ def test_tiled_transposed_copy_equals_the_transpose(monkeypatch):
     np.testing.assert_array_equal(stats._rank(b), ss.rankdata(b, axis=0))
 
 
+def test_ranks_from_float32_keys_are_exact_without_a_float64_argsort(monkeypatch):
+    """_rank sorts 64-bit keys (float32 value, position) instead of argsorting float64: values one float32 apart or
+    closer (distinct in float64), exact ties among them, -0.0 and +0.0, values beyond float32's range, infinities and
+    subnormals still get scipy's average ranks; no float64 argsort is made."""
+    rng = np.random.default_rng(3)
+    n = 300
+    close = 2 + rng.integers(0, 4, size=(n, 6)) * 1e-12 + rng.integers(0, 3, size=(n, 6)) * 1e-7  # float32 collisions
+    odd = rng.choice([1e300, -1e300, 1e-300, -1e-300, 0.0, -0.0, 5e-324, 3.5e38, 3.4e38, -3.5e38, np.inf, -np.inf],
+                     size=(n, 6))
+    smooth = rng.normal(size=(n, 6)) * 1e-3 + 2
+    a = np.hstack([close, odd, smooth, np.round(smooth, 4)])
+
+    def no_argsort(*args, **kwargs):
+        raise AssertionError("float64 argsort")
+
+    monkeypatch.setattr(stats.np, "argsort", no_argsort)
+    try:
+        got = stats._rank(a)
+    finally:
+        monkeypatch.undo()
+    np.testing.assert_array_equal(got, ss.rankdata(a, axis=0))
+    np.testing.assert_array_equal(got, stats._rank_argsort(a))
+    np.testing.assert_array_equal(stats._rank(np.asfortranarray(a)[:, ::2]), ss.rankdata(a[:, ::2], axis=0))
+    b = a.copy()
+    b[7, 3] = np.nan
+    r = stats._rank(b)
+    assert np.isnan(r[:, 3]).all() and not np.isnan(np.delete(r, 3, axis=1)).any()
+
+
 def test_permutation_null_gives_uniformish_pvalues():
     """On pure-noise targets, refitted predictions give p-values spread over [0, 1]."""
     from hefeat.learn.ridge import fit_ridge_heads

@@ -155,11 +155,10 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         # gene-major (Fortran-ordered): the ridge gathers each fold's rows per gene
         Yc = stats.transposed_copy(data.Y[:, j0:j0 + step]).T
         cv.begin_chunk(Yc)
-        o, keep, al = cv.run(Yc)
-        oof[:, j0:j0 + step] = o
+        o, keep, al = cv.run(Yc, out=oof[:, j0:j0 + step])  # written in place: no chunk-sized copy
         kept[j0:j0 + step] = keep.all(0)
         alphas[:, j0:j0 + step] = al
-        ev = np.flatnonzero(kept[j0:j0 + step] & ~np.isnan(o[tested]).any(0))
+        ev = np.flatnonzero(kept[j0:j0 + step] & ~np.isnan(o if len(tested) == n else o[tested]).any(0))
         if not len(ev):
             continue
         evaluated_mask[j0 + ev] = True
@@ -266,8 +265,11 @@ def _patient_means(groups: np.ndarray, rows: np.ndarray | None = None):
 
         every = cols is None or (len(cols) == A.shape[1] and (np.asarray(cols) == np.arange(A.shape[1])).all())
 
-        def take(r: np.ndarray) -> np.ndarray:  # whole rows are copied (take) faster than a 2-d gather
-            got = A.take(src[r], axis=0) if every else A[np.ix_(src[r], cols)]
+        def take(r: np.ndarray) -> np.ndarray:  # whole rows are copied faster than a 2-d gather
+            # rows stored contiguously (a column slice of the out-of-fold array): indexing, as take would copy the view
+            # whole first; a gene-major chunk: take (indexing gathers it element by element)
+            rowwise = A.ndim == 2 and A.strides[1] == A.itemsize
+            got = (A[src[r]] if rowwise else A.take(src[r], axis=0)) if every else A[np.ix_(src[r], cols)]
             return got if got.dtype == np.float64 else got.astype(float)
 
         out = take(first)
@@ -400,14 +402,19 @@ class _GeneCV:
         xty = self._xty(perm) - self.Xg_test[i].T @ Yt - n_t * np.outer(self.xg_train_mean[i], m)
         return var, err, xty, m
 
-    def run(self, Yc: np.ndarray, perm: np.ndarray | None = None):
+    def run(self, Yc: np.ndarray, perm: np.ndarray | None = None, out: np.ndarray | None = None):
         """Out-of-fold predictions (n, k), per-fold kept genes (folds, k) and penalties (folds, k) of targets Yc
-        (of Yc[perm] when perm is given: the sums path only, after begin_chunk(Yc))."""
+        (of Yc[perm] when perm is given: the sums path only, after begin_chunk(Yc)). The predictions are written into
+        `out` (n, k) when given (every element: NaN where no fold tested the row or a fold did not keep the gene)."""
         from hefeat.learn.data import median_shift, train_gene_filter
 
         p, data = self.p, self.data
         n, k = Yc.shape
-        oof = np.full((n, k), np.nan)
+        oof = np.empty((n, k)) if out is None else out
+        untested = np.ones(n, bool)
+        for f in self.folds:
+            untested[f.test] = False
+        oof[untested] = np.nan  # the folds' test rows are written below, each fold all its row's columns
         kept = np.zeros((len(self.folds), k), bool)
         alphas = np.zeros((len(self.folds), k))
         for i, f in enumerate(self.folds):
@@ -429,19 +436,22 @@ class _GeneCV:
                 keep = train_gene_filter(Y[f.train], min_variance=p.min_variance, median_positive=p.median_positive)
                 rows = f.train
             kept[i] = keep
+            if not keep.all():
+                oof[np.ix_(f.test, np.flatnonzero(~keep))] = np.nan
             if not keep.any():
                 continue
             cols = np.flatnonzero(keep)
+            at = f.test if len(cols) == k else np.ix_(f.test, cols)  # whole rows: a row scatter, not a 2-d one
             if self.sums:
                 sums = self._sums(mean[cols], (len(f.train) - 1) * var[cols])
             heads = self.designs[i].basis.fit(Y, rows=rows, cols=cols,  # Y's rows/genes read in chunks
                                               xty=None if xty is None else xty[:, cols], sums=sums)
             alphas[i, cols] = heads.alpha
             if p.level == "slide":
-                oof[np.ix_(f.test, cols)] = heads.predict(self.X_test[i])
+                oof[at] = heads.predict(self.X_test[i])
             else:
-                oof[np.ix_(f.test, cols)] = _tile_level_predict(self.store, p.extraction_id, data, f.train, f.test,
-                                                                keep, heads.alpha, Y, self.cache)
+                oof[at] = _tile_level_predict(self.store, p.extraction_id, data, f.train, f.test, keep, heads.alpha,
+                                              Y, self.cache)
         return oof, kept, alphas
 
 

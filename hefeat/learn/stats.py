@@ -34,28 +34,105 @@ def transposed_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def _sort_keys(a: np.ndarray) -> np.ndarray:
+    """(g, n) uint64 sort keys of a (n, g) float64, one gene per row: the value rounded to float32 and mapped to an
+    unsigned int of the same order in the high 32 bits, the row position in the low 32 bits. Sorting the keys sorts
+    each gene's values by their float32 rounding (monotone: x < y gives f32(x) <= f32(y)) and yields the positions
+    with them; values that share a float32 are put in order by `_rank`. -0.0 is keyed as +0.0 (they are equal)."""
+    n, g = a.shape
+    f = np.empty((g, n), np.float32)
+    b = TRANSPOSE_BLOCK
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for j in range(0, g, b):
+            for i in range(0, n, b):
+                f[j:j + b, i:i + b] = a[i:i + b, j:j + b].T
+    f += np.float32(0)
+    u = f.view(np.uint32)
+    flip = u >> np.uint32(31)
+    np.subtract(np.uint32(0), flip, out=flip)
+    flip |= np.uint32(0x80000000)
+    u ^= flip  # negatives reversed below the positives
+    key = np.empty((g, n), np.uint64)
+    halves = key.view(np.uint32).reshape(g, n, 2)  # little-endian: [..., 0] the low half, [..., 1] the high half
+    halves[..., 0] = np.arange(n, dtype=np.uint32)
+    halves[..., 1] = u
+    return key
+
+
 def _rank(a: np.ndarray) -> np.ndarray:
     """Average ranks (1-based) down each column, ties averaged, a column with NaN all NaN (scipy's rankdata
-    semantics), from one row-wise argsort of the transposed matrix instead of a rankdata call per column."""
+    semantics). One sort per gene of 64-bit keys (`_sort_keys`: float32 value, position) instead of a float64 argsort
+    and a gather of the sorted values: values whose float32 roundings are equal (a tie, or distinct float64 values
+    one float32 apart) are few and are ordered and compared in float64 afterwards, so the ranks are exact; ties get
+    the mean of their run's first and last position there, the other values their position."""
     a = np.asarray(a, float)
     if a.ndim == 1:
         return _rank(a[:, None])[:, 0]
-    g, n = a.shape[1], a.shape[0]
+    n, g = a.shape
     if n == 0 or g == 0:
         return a.copy()
+    if n >= 1 << 32 or np.little_endian is False:  # positions must fit the keys' low half
+        return _rank_argsort(a)
+    key = _sort_keys(a)
+    key.sort(axis=1)
+    halves = key.view(np.uint32).reshape(g, n, 2)
+    order = halves[..., 0].astype(np.intp)
+    hi = halves[..., 1]
+    same = hi[:, 1:] == hi[:, :-1]  # neighbours with one float32: a tie, or float64 values to put in order
+    del key, halves, hi
+    ranks = np.broadcast_to(np.arange(1, n + 1, dtype=float), (g, n))
+    if same.any():
+        r, k = np.nonzero(same)
+        run_of = np.zeros((g, n), bool)
+        run_of[r, k] = True
+        run_of[r, k + 1] = True
+        rr, kk = np.nonzero(run_of)  # every position in a run of equal float32 keys, by gene then position
+        del run_of
+        first = np.ones(len(rr), bool)  # a run's first position: not linked to the position before it
+        first[1:] = (rr[1:] != rr[:-1]) | ~same[rr[1:], kk[1:] - 1]
+        vals = a[order[rr, kk], rr]
+        o = np.lexsort((vals, np.cumsum(first)))  # each run in float64 order
+        order[rr, kk] = order[rr[o], kk[o]]
+        vals = vals[o]
+        new = first.copy()  # where a group of equal float64 values begins
+        new[1:] |= vals[1:] != vals[:-1]
+        if not new.all():  # ties: each group gets the mean of its first and last position
+            starts = np.flatnonzero(new)
+            ends = np.r_[starts[1:] - 1, len(new) - 1]
+            gid = np.cumsum(new) - 1
+            ranks = np.array(ranks)
+            ranks[rr, kk] = (kk[starts][gid] + kk[ends][gid]) / 2 + 1
+    out = np.empty((g, n))
+    np.put_along_axis(out, order, ranks, 1)
+    out[np.isnan(a).any(0)] = np.nan
+    return out.T
+
+
+def _tie_ranks(start: np.ndarray) -> np.ndarray:
+    """Average ranks by sorted position of rows whose runs of equal values begin where `start` (m, n) is True."""
+    n = start.shape[1]
+    pos = np.arange(n, dtype=np.int64)
+    end = np.ones(start.shape, bool)
+    end[:, :-1] = start[:, 1:]
+    first = np.maximum.accumulate(np.where(start, pos, 0), axis=1)
+    last = np.minimum.accumulate(np.where(end, pos, n)[:, ::-1], axis=1)[:, ::-1]
+    return (first + last) / 2 + 1
+
+
+def _rank_argsort(a: np.ndarray) -> np.ndarray:
+    """`_rank` by one float64 argsort per gene (the reference the key sort is tested against)."""
+    n = a.shape[0]
     t = transposed_copy(a)  # one gene per contiguous row: the sorts run on contiguous memory
     order = np.argsort(t, axis=1)
     v = np.take_along_axis(t, order, 1)
     start = np.ones(v.shape, bool)
     np.not_equal(v[:, 1:], v[:, :-1], out=start[:, 1:])
     ranks = np.broadcast_to(np.arange(1, n + 1, dtype=float), v.shape)
-    if not start.all():  # ties: each run gets the mean of its first and last position
-        pos = np.arange(n, dtype=np.int64)
-        end = np.ones(v.shape, bool)
-        end[:, :-1] = start[:, 1:]
-        first = np.maximum.accumulate(np.where(start, pos, 0), axis=1)
-        last = np.minimum.accumulate(np.where(end, pos, n)[:, ::-1], axis=1)[:, ::-1]
-        ranks = (first + last) / 2 + 1
+    if not start.all():
+        ranks = _tie_ranks(start)
     out = np.empty(t.shape)
     np.put_along_axis(out, order, ranks, 1)
     out[np.isnan(t).any(1)] = np.nan
