@@ -75,9 +75,11 @@ def test_cli_process_freezes_what_it_imported(cli_run):
 
 def test_cli_process_does_not_import_what_extraction_does_not_use(cli_run):
     """scipy (~0.3 s: tissue detection and tile QC, imported by hefeat.slides.tiling's modules) stays out of an
-    extraction of tiled slides."""
+    extraction of tiled slides; so does torch._dynamo (~1 s with sympy: timm's and torchvision's imports and
+    the stage probe's meta-device build would load it, see hefeat.extract.timm_import and encoders._on_meta)."""
     _, rep = cli_run
-    assert not [m for m in rep["modules"] if m == "scipy" or m.startswith("scipy.")]
+    for heavy in ("scipy", "torch._dynamo", "sympy"):
+        assert not [m for m in rep["modules"] if m == heavy or m.startswith(heavy + ".")], heavy
 
 
 def test_quiet_gc_in_a_longer_lived_process_only_pauses(monkeypatch):

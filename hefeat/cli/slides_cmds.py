@@ -214,7 +214,7 @@ def extract(encoder, weights, layer, tiling_id, tile_spec, slides, precision, ba
         from hefeat.extract.pipeline import ExtractOptions, import_runtime, run_extraction
         from hefeat.slides.tiling import TilingParams
 
-        import_runtime()
+        import_runtime(will_compile=compile_)
     opt = ExtractOptions(batch_size=batch_size, workers=workers, device=device, compile=compile_,
                          fail_fast=fail_fast, progress=progress_enabled(as_json))
     kw = dict(tiling_id=tiling_id, encoder=encoder, weights=weights, layer=layer, precision=precision, tta=tta,

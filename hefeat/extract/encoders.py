@@ -8,6 +8,7 @@ transforms come from the preset or the model's own data config.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
@@ -204,7 +205,7 @@ def _create_timm(name: str, *, weights, layer, seed, model_kwargs) -> Encoder:
     fixed_size = bool((getattr(full, "pretrained_cfg", None) or {}).get("fixed_input_size", False))
     truncated = layer is not None
     if truncated:
-        with torch.device("meta"):  # only the stage names are read: no weights allocated or initialised
+        with _on_meta():  # only the stage names are read: no weights allocated or initialised
             probe = timm.create_model(name, pretrained=False, features_only=True, **model_kwargs)
         names = [i["module"] for i in probe.feature_info.info]
         match = [i for i, m in enumerate(names) if m == layer or m.split(".")[-1] == layer]
@@ -234,13 +235,35 @@ def _truncated(name: str, idx: int, model_kwargs: dict):
     and persistent buffer; built on the CPU where it has buffers a state dict does not carry.
     """
     import timm
-    import torch
 
-    with torch.device("meta"):
+    with _on_meta():
         net = timm.create_model(name, pretrained=False, features_only=True, out_indices=(idx,), **model_kwargs)
     if {k for k, _ in net.named_buffers()} <= set(net.state_dict()):
         return net
     return timm.create_model(name, pretrained=False, features_only=True, out_indices=(idx,), **model_kwargs)
+
+
+# In-place initialisers (and the arithmetic of timm's trunc_normal_) that a model's __init__ runs on its weights:
+# on a meta tensor (no storage) they change nothing, but torch runs some of them (normal_, uniform_) through
+# torch._refs, which imports torch._dynamo (~1 s) to decorate them.
+_META_INIT_OPS = frozenset({"normal_", "uniform_", "zero_", "fill_", "erfinv_", "mul_", "add_", "clamp_"})
+
+
+@contextlib.contextmanager
+def _on_meta():
+    """Build modules on the meta device, their weights' in-place initialisation skipped (it has nothing to write)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class SkipMetaInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in _META_INIT_OPS and args and isinstance(args[0], torch.Tensor) \
+                    and args[0].is_meta:
+                return args[0]
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("meta"), SkipMetaInit():
+        yield
 
 
 def _finish(net, *, name, layer, weights, dim, input_size, mean, std, interpolation, crop_pct, fixed, truncated,
