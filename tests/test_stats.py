@@ -92,6 +92,25 @@ def test_ranks_from_float32_keys_are_exact_without_a_float64_argsort(monkeypatch
     assert np.isnan(r[:, 3]).all() and not np.isnan(np.delete(r, 3, axis=1)).any()
 
 
+def test_four_metrics_share_their_terms_and_equal_the_separate_functions(monkeypatch):
+    """gene_metric_columns' block statistic makes the centred targets' and the residuals' sums of squares once
+    (7 column sums, not 9) and gives the separate functions' numbers to the bit, NaN and constant columns included."""
+    rng = np.random.default_rng(5)
+    pred, true = rng.normal(size=(60, 9)), rng.normal(size=(60, 9)) * 3 + 1
+    true[:, 2] = 4.0  # constant target: Pearson r and R² undefined
+    pred[:, 3] = 1.5  # constant prediction
+    pred[7, 5] = np.nan
+    want = np.stack([stats._pearson(pred, true), stats._pearson(stats._rank(pred), stats._rank(true)),
+                     stats.r2_score_cols(pred, true), stats.rmse_cols(pred, true)])
+    calls = []
+    einsum = np.einsum
+    monkeypatch.setattr(stats.np, "einsum", lambda *a, **k: calls.append(1) or einsum(*a, **k))
+    got = stats._four(pred, true)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(got, want)
+    assert len(calls) == 7
+
+
 def test_permutation_null_gives_uniformish_pvalues():
     """On pure-noise targets, refitted predictions give p-values spread over [0, 1]."""
     from hefeat.learn.ridge import fit_ridge_heads
