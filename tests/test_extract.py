@@ -42,8 +42,18 @@ def _all_features(st, eid):
 
 
 @pytest.fixture(scope="module")
-def extracted(tiled):
-    st, tid, _ = tiled
+def own_tiled(tiled, tmp_path_factory):
+    """A copy of the session store for this file: its tests write extractions, which the tests of other files
+    that copy `tiled` (and expect only its tilings) must not find, whichever runs first."""
+    st0, tid, stid = tiled
+    root = tmp_path_factory.mktemp("extract") / "store"
+    shutil.copytree(st0.root, root)
+    return Store(root), tid, stid
+
+
+@pytest.fixture(scope="module")
+def extracted(own_tiled):
+    st, tid, _ = own_tiled
     s = run_extraction(st, tiling_id=tid, precision="fp32", dtype="float32", options=ExtractOptions(batch_size=16), **ENC)
     return st, tid, s
 
@@ -273,11 +283,11 @@ def test_non_finite_batch_fails_its_slide(tmp_path, cohort, monkeypatch):
     assert again.ok == [bad]  # a failed slide is retried, and succeeds when the numbers are finite
 
 
-def test_auto_precision_is_measured_and_recorded(tiled):
+def test_auto_precision_is_measured_and_recorded(own_tiled):
     """--precision auto: the choice, its source and reason are in the summary and the extraction record."""
     import json
 
-    st, tid, _ = tiled
+    st, tid, _ = own_tiled
     # layer1: an extraction no other test makes, so its record is this run's
     s = run_extraction(st, tiling_id=tid, slides=["S01"], encoder="resnet18", weights="none", layer="layer1",
                        options=ExtractOptions(batch_size=8))
@@ -289,13 +299,13 @@ def test_auto_precision_is_measured_and_recorded(tiled):
     assert meta["encoder_mpp"] == 0.5 and meta["transform"]["plan"]["fit"] == "identity"
 
 
-def test_stain_normalisation_is_part_of_the_extraction(tiled, tmp_path):
+def test_stain_normalisation_is_part_of_the_extraction(own_tiled, tmp_path):
     """--stain-norm changes the features and the id; the fitted reference is recorded; shards agree on it."""
     import json
 
     from PIL import Image
 
-    st, tid, _ = tiled
+    st, tid, _ = own_tiled
     kw = dict(tiling_id=tid, precision="fp32", options=ExtractOptions(batch_size=8, workers=0), **ENC)
     plain = run_extraction(st, slides=["S03"], **kw)
     mac = run_extraction(st, slides=["S03"], stain="macenko", **kw)
@@ -316,11 +326,11 @@ def test_stain_normalisation_is_part_of_the_extraction(tiled, tmp_path):
         run_extraction(st, slides=["S03"], stain="reinhard", stain_reference=str(tmp_path / "nope.png"), **kw)
 
 
-def test_device_jpeg_decode_path_gives_the_same_features(tiled, monkeypatch):
+def test_device_jpeg_decode_path_gives_the_same_features(own_tiled, monkeypatch):
     """decode='device' (raw JPEG tiles decoded by torchvision, here on the CPU) = the OpenSlide path."""
     import hefeat.extract.pipeline as p
 
-    st, tid, _ = tiled
+    st, tid, _ = own_tiled
     kw = dict(tiling_id=tid, precision="fp32", dtype="float32", slides=["S01", "S02"], **ENC)
     ref = run_extraction(st, options=ExtractOptions(batch_size=16, decode="cpu"), **kw)
     eid = ref.extra["extraction_id"]
