@@ -17,6 +17,71 @@ DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) a unit of work is a test file, except that
+# every test using the 40-slide `learned` store goes to one worker: it is built once per worker (~50 s), and the
+# tests that write into it (models, a UMAP, an index) see one store as in a serial run. Each worker's
+# pytest_collection_modifyitems writes {nodeid: group} to a folder the controller names (workerinput); the
+# controller's scheduler reads it. (xdist's own loadgroup marks no longer reach the scheduler with pytest >= 9.2:
+# pytest-dev/pytest-xdist#1386.)
+_XDIST_GROUPS: list[Path] = []  # the controller's folder for the workers' {nodeid: group} files
+
+
+def _xdist_group(item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is not None:
+        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    return "learned" if "learned" in item.fixturenames else item.nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    folder = getattr(config, "workerinput", {}).get("hefeat_xdist_groups")
+    if folder:
+        import json
+
+        path = Path(folder) / f"{config.workerinput['workerid']}.json"
+        path.with_suffix(".tmp").write_text(json.dumps({i.nodeid: _xdist_group(i) for i in items}))
+        path.with_suffix(".tmp").replace(path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    if not _XDIST_GROUPS:
+        import tempfile
+
+        _XDIST_GROUPS.append(Path(tempfile.mkdtemp(prefix="hefeat-xdist-groups-")))
+    node.workerinput["hefeat_xdist_groups"] = str(_XDIST_GROUPS[0])
+
+
+def pytest_unconfigure(config):
+    if _XDIST_GROUPS:
+        import shutil
+
+        shutil.rmtree(_XDIST_GROUPS.pop(), ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadgroup" or not _XDIST_GROUPS:
+        return None
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        """Load scheduling by the groups the workers wrote (all workers collect the same tests)."""
+
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = {}
+                for p in sorted(_XDIST_GROUPS[0].glob("*.json")):
+                    self.groups.update(json.loads(p.read_text()))
+            return self.groups.get(nodeid) or nodeid.split("::")[0]
+
+    return ByGroup(config, log)
+
+
 @pytest.fixture(scope="session")
 def cmu_svs() -> Path:
     """OpenSlide's CMU-1-Small-Region.svs (real Aperio H&E, CC0)."""
