@@ -195,13 +195,13 @@ def test_small_factorisations_run_on_one_blas_thread_and_restore_the_pool():
     pools' sizes are restored afterwards (a kept threadpoolctl controller, not one per call)."""
     from threadpoolctl import threadpool_info
 
-    from hefeat.learn import ridge
+    from hefeat.learn import ridge, threads
 
     # numpy's own BLAS (the one np.linalg's eigh/cholesky call); libraries loaded after the controller was made
     # (faiss bundles an OpenBLAS) are not numpy's and keep their pools, so they are not counted here
     numpy_libs = {i["filepath"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]}
     assert numpy_libs, "numpy's BLAS not found by threadpoolctl"
-    assert numpy_libs <= {i["filepath"] for i in ridge._blas_controller().info()}
+    assert numpy_libs <= {i["filepath"] for i in threads._blas_controller().info()}
 
     def sizes():
         return [i["num_threads"] for i in threadpool_info() if i["filepath"] in numpy_libs]
@@ -212,7 +212,7 @@ def test_small_factorisations_run_on_one_blas_thread_and_restore_the_pool():
     assert sizes() == before
     with ridge._one_blas_thread(ridge.SMALL_LAPACK + 1):
         assert sizes() == before
-    assert ridge._blas_controller() is ridge._blas_controller()
+    assert threads._blas_controller() is threads._blas_controller()
 
 
 def test_training_sums_path_matches_the_rows_path():
@@ -247,3 +247,46 @@ def test_training_sums_path_matches_the_rows_path():
     bad[3] = np.nan
     with pytest.raises(HefeatError, match="NaN"):
         basis.fit(Y, rows=rows, cols=cols, xty=xty, sums=TrainingSums(bad, sums.y2, sums.y32, sums.offset))
+
+
+def test_gene_chunks_on_threads_give_the_serial_fit():
+    """A fit whose genes are split over two threads (each chunk on one BLAS thread) returns the serial fit's
+    penalties, LOO MSEs and coefficients, runs its chunks on two threads, counts every gene once, and leaves the
+    BLAS pools as they were."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from hefeat.learn import ridge
+    from hefeat.learn.ridge import RidgeBasis
+
+    rng = np.random.default_rng(21)
+    n, p, g = 600, 40, 2 * ridge.THREAD_MIN_GENES + 37
+    X = rng.normal(size=(n, p))
+    Y = X @ rng.normal(size=(p, g)) * rng.uniform(0, 0.3, g) + rng.normal(size=(n, g))
+    serial_basis, par_basis = RidgeBasis(X), RidgeBasis(X)
+    serial = serial_basis.fit(Y, threads=1)
+    names = set()
+    block = RidgeBasis._fit_block
+
+    def spy(self, *a, **k):
+        names.add(threading.current_thread().name)
+        return block(self, *a, **k)
+
+    def sizes():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = sizes()
+    RidgeBasis._fit_block = spy
+    try:
+        par = par_basis.fit(Y, threads=2)
+    finally:
+        RidgeBasis._fit_block = block
+    assert len(names) == 2
+    assert sizes() == before
+    np.testing.assert_array_equal(par.alpha, serial.alpha)
+    np.testing.assert_allclose(par.loo_mse, serial.loo_mse, rtol=1e-6)
+    np.testing.assert_allclose(par.coef, serial.coef, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(par.intercept, serial.intercept, rtol=1e-6, atol=1e-12)
+    assert par_basis.genes_scored == serial_basis.genes_scored == g
+    assert par_basis.pairs_scored == serial_basis.pairs_scored

@@ -50,6 +50,21 @@ def thread_map(fn: Callable, items: list, workers: int | None = None) -> list:
         return list(ex.map(fn, items))
 
 
+@lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's controller, made once: threadpool_limits() inspects the loaded libraries on every call
+    (0.77 ms, more than a small ridge fit's eigh), a kept controller's limit() costs ~2 µs."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def single_blas_thread():
+    """A context with every BLAS pool on one thread, restored on leaving. Enter it on the thread that starts the
+    workers: OpenBLAS (0.3.31) keeps a size set on another thread for that thread only."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name, "").strip()
     return int(v) if v.isdigit() else None
