@@ -65,3 +65,24 @@ def test_cohort_is_deterministic(tmp_path):
         make_cohort(tmp_path / k, n_slides=2, n_genes=20, seed=5, width_um=400, height_um=300, workers=1)
     assert (tmp_path / "a" / "truth.json").read_text() == (tmp_path / "b" / "truth.json").read_text()
     assert (tmp_path / "a/slides/S01.tiff").read_bytes() == (tmp_path / "b/slides/S01.tiff").read_bytes()
+
+
+
+def test_class_map_and_pyramid_levels_equal_their_plain_numpy_definitions():
+    """render_slide's class map (fields resized one at a time, no stacked argmax) is argmax over the resized fields,
+    ties to the first class; a pyramid level is the floored 2x2 mean of the level above (odd edges dropped)."""
+    from hefeat.slides.synth import _classes_from_fields, _classes_resized, _half, _resize_f
+
+    rng = np.random.default_rng(0)
+    fields = rng.normal(size=(5, 30, 40)).astype(np.float32)
+    fields[2] = fields[1]  # an exact tie everywhere: argmax keeps the first of the two
+    fields[3, :10] = fields[0, :10]
+    want = _classes_from_fields(np.stack([_resize_f(f, 240, 320) for f in fields]))
+    np.testing.assert_array_equal(_classes_resized(fields, 240, 320), want)
+    assert set(np.unique(want)) == {0, 1, 3, 255}
+    for h, w in ((64, 80), (63, 81)):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        rgb[:4, :4] = 255  # the largest sum (1020) and exact halves
+        h2, w2 = h // 2 * 2, w // 2 * 2
+        want = rgb[:h2, :w2].reshape(h2 // 2, 2, w2 // 2, 2, 3).mean((1, 3)).astype(np.uint8)
+        np.testing.assert_array_equal(_half(rgb), want)

@@ -96,6 +96,19 @@ def _classes_from_fields(fields: np.ndarray) -> np.ndarray:
     return cls
 
 
+def _classes_resized(fields: np.ndarray, H: int, W: int) -> np.ndarray:
+    """_classes_from_fields of the fields resized to (H, W), one field at a time (no (k, H, W) stack to argmax:
+    a later field takes a pixel only where strictly greater, so ties go to the first, as argmax does)."""
+    best = _resize_f(fields[0], H, W).copy()
+    cls = np.zeros((H, W), np.uint8)
+    for k in range(1, len(fields) - 1):
+        f = _resize_f(fields[k], H, W)
+        np.copyto(cls, np.uint8(k), where=f > best)
+        np.maximum(best, f, out=best)
+    cls[_resize_f(fields[-1], H, W) <= 0] = 255
+    return cls
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +136,7 @@ def render_slide(spec: SlideSpec, fields: np.ndarray | None = None, gland: np.nd
         _, fields, info = slide_layout(spec)
         gland = info["gland_field"]
     H, W = int(round(spec.height_um / spec.mpp)), int(round(spec.width_um / spec.mpp))
-    cls = _classes_from_fields(np.stack([_resize_f(f, H, W) for f in fields]))
+    cls = _classes_resized(fields, H, W)
     glandular = (cls == 0) & (_resize_f(gland, H, W) > 0)
     tissue = cls != 255
     cls_t = np.where(tissue, cls, 0)
@@ -183,10 +196,21 @@ def render_slide(spec: SlideSpec, fields: np.ndarray | None = None, gland: np.nd
         stamp(k, px, py, scale, shade, (cls == k) & ~glandular if k == 0 else cls == k)
     stamp(0, *gland_nuclei(spec.seed, spec.width_um, spec.height_um), glandular)
     alpha *= tissue
-    img = img * (1 - alpha[..., None]) + colour * alpha[..., None]
-    img[~tissue] = _BACKGROUND
+    a = alpha[..., None]
+    img *= 1 - a  # img * (1 - a) + colour * a, in place
+    colour *= a
+    img += colour
+    np.copyto(img, _BACKGROUND, where=~tissue[..., None])
     img += tex_rng.normal(0, 3.0, (H, W, 1)).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)
+
+
+def _half(level: np.ndarray) -> np.ndarray:
+    """The next pyramid level of a uint8 RGB level: the floored mean of each 2x2 block (odd edges dropped), the
+    same as .mean((1, 3)).astype(np.uint8) of the blocks, in integers (no float64 copy of the level)."""
+    h2, w2 = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+    q = level[:h2, :w2].reshape(h2 // 2, 2, w2 // 2, 2, 3)
+    return ((q[:, 0, :, 0].astype(np.uint16) + q[:, 0, :, 1] + q[:, 1, :, 0] + q[:, 1, :, 1]) >> 2).astype(np.uint8)
 
 
 def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, *, min_size: int = 512, quality: int = 90) -> int:
@@ -215,8 +239,7 @@ def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, *, 
             levels += 1
             if min(level.shape[:2]) // 2 < min_size:
                 break
-            h2, w2 = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-            level = level[:h2, :w2].reshape(h2 // 2, 2, w2 // 2, 2, 3).mean((1, 3)).astype(np.uint8)
+            level = _half(level)
             ds *= 2
     os.replace(tmp, path)
     return levels
