@@ -63,6 +63,30 @@ def test_gene_chunks_give_the_whole_matrix_numbers(monkeypatch, kw):
         _assert_same_fit(_fit(monkeypatch, chunk, **kw), whole, rel=1e-12, abs_summary=1e-15, abs_=1e-14)
 
 
+@pytest.mark.parametrize("kw", [dict(cohort_col="site", permutations=2, median_positive=True),
+                                dict(permutations=2, median_positive=True)])
+def test_gene_chunks_on_threads_give_the_serial_numbers(monkeypatch, kw):
+    """Chunks of 4 genes run on two threads at once (each with its own chunk state, BLAS on one thread) against the
+    same chunks one after the other: the same kept genes, penalties, metrics, null, out-of-fold table and heads,
+    and the chunks did run on two threads. Chunks sharing one CV's chunk state (sums, X'Y, the float32 copy) or
+    writing their metrics into each other's genes fail this."""
+    import threading
+
+    serial = _fit(monkeypatch, 4, **kw)
+    names = set()
+    begin = emo._GeneCV.begin_chunk
+
+    def spy(self, Yc):
+        names.add(threading.current_thread().name)
+        return begin(self, Yc)
+
+    monkeypatch.setattr(emo._GeneCV, "begin_chunk", spy)
+    monkeypatch.setattr(emo, "chunk_threads", lambda g, n: 2)
+    threaded = _fit(monkeypatch, 8, **kw)  # 8 genes of memory per chunk, halved for two threads: chunks of 4
+    assert len(names) == 2 and threading.main_thread().name not in names
+    _assert_same_fit(threaded, serial, rel=1e-12, abs_summary=1e-15, abs_=1e-14)
+
+
 def test_streamed_fit_matches_a_direct_computation(monkeypatch):
     """Independent reference for a 1-gene-chunk fit: per fold, heads from fit_ridge_heads on the copied
     training rows; Spearman of patient means by scipy; the permutation null's first permutation likewise."""
@@ -189,7 +213,7 @@ def test_cv_writes_out_of_fold_predictions_in_place():
     folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
     cv = emo._GeneCV(None, GenesParams(extraction_id="e"), d, folds, None)
     Yc = np.asfortranarray(d.Y)
-    cv.begin_chunk(Yc)
+    cv = cv.begin_chunk(Yc)
     ref, kept, alphas = cv.run(Yc)
     whole = np.full((n, g + 5), 7.0)
     block = whole[:, 2:2 + g]

@@ -8,6 +8,7 @@ proliferation score = mean of the 11 PAM50 proliferation genes.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -150,34 +151,55 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     null = np.full((len(perms), g), np.nan)
     coef = np.zeros((final.basis.p, g))
     intercept, alpha_final = np.zeros(g), np.zeros(g)
-    step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n))))
-    for j0 in range(0, g, step):
+    # Gene chunks run on every core at once (`chunk_threads`), each on one BLAS thread with its ridge fits serial:
+    # every step of a chunk (sums, gathers, patient means, metrics, the fits) then has a core, where one chunk at
+    # a time left the second core idle through its single-threaded steps.
+    workers = 1 if p.level == "tile" else chunk_threads(g, n)
+    step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n) // workers)))
+    fit_threads = None if workers == 1 else 1
+
+    def one(j0: int, data=data, cv=cv, oof=oof) -> tuple:  # (bound here: the names are deleted below)
         # gene-major (Fortran-ordered): the ridge gathers each fold's rows per gene
         Yc = stats.transposed_copy(data.Y[:, j0:j0 + step]).T
-        cv.begin_chunk(Yc)
-        o, keep, al = cv.run(Yc, out=oof[:, j0:j0 + step])  # written in place: no chunk-sized copy
+        ch = cv.begin_chunk(Yc)
+        o, keep, al = ch.run(Yc, out=oof[:, j0:j0 + step], threads=fit_threads)  # in place: no chunk-sized copy
         kept[j0:j0 + step] = keep.all(0)
         alphas[:, j0:j0 + step] = al
         ev = np.flatnonzero(kept[j0:j0 + step] & ~np.isnan(o if len(tested) == n else o[tested]).any(0))
         if not len(ev):
-            continue
+            return ev, {}
         evaluated_mask[j0 + ev] = True
         # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
         Ye = _shift_all(Yc, cohort)
-        for name, v in stats.gene_metric_columns(to_patients(o, ev), to_patients(Ye, ev)).items():
-            cols.setdefault(name, np.full(g, np.nan))[j0 + ev] = v
+        metrics = stats.gene_metric_columns(to_patients(o, ev), to_patients(Ye, ev))
         # The deployed model: refit on every sample (metrics are out-of-fold and stay honest).
-        heads = final.basis.fit(Ye, cols=ev, xty=cv.final_xty(ev), sums=cv.final_sums(ev))
+        heads = final.basis.fit(Ye, cols=ev, xty=ch.final_xty(ev), sums=ch.final_sums(ev), threads=fit_threads)
         coef[:, j0 + ev], intercept[j0 + ev], alpha_final[j0 + ev] = heads.coef, heads.intercept, heads.alpha
         for i, perm in enumerate(perms):
-            if cv.sums:  # the permuted targets are read as rows perm of Yc, never copied whole
-                po, _, _ = cv.run(Yc, perm)
+            if ch.sums:  # the permuted targets are read as rows perm of Yc, never copied whole
+                po, _, _ = ch.run(Yc, perm, threads=fit_threads)
                 true = to_patients(Yc, ev, perm)
             else:
                 Yp = Yc.T.take(perm, axis=1).T  # permuted rows, still gene-major
-                po, _, _ = cv.run(Yp)
+                po, _, _ = ch.run(Yp, threads=fit_threads)
                 true = to_patients(_shift_all(Yp, cohort), ev)
             null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po, ev), true)
+        return j0 + ev, metrics
+
+    starts = list(range(0, g, step))
+    if workers == 1:
+        done = [one(j0) for j0 in starts]
+    else:
+        from hefeat.learn.threads import single_blas_thread, thread_map
+
+        for d in [*cv.designs, final]:  # each basis's shared factors, made here on every BLAS thread
+            _ = d.basis.parts
+        with single_blas_thread():
+            done = thread_map(one, starts, workers)
+    del one
+    for at, metrics in done:  # per-gene metrics of each chunk's evaluated genes
+        for name, v in metrics.items():
+            cols.setdefault(name, np.full(g, np.nan))[at] = v
     if not kept.any():
         raise NotEstimable(f"No gene passes the training-fold filter (variance > {p.min_variance}"
                            f"{', median > 0' if p.median_positive else ''}) in every fold; lower --min-variance")
@@ -233,6 +255,14 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     if p.permutations:  # per-gene r under permuted targets: the null the report draws
         tables["null"] = pd.DataFrame({"spearman_r": null})
     return FitResult(summary=summary, arrays=arrays, tables=tables, extraction_id=p.extraction_id, notes=notes)
+
+
+def chunk_threads(g: int, n: int) -> int:
+    """Gene chunks `fit genes` runs at once: one per core while each keeps >= ridge.THREAD_MIN_GENES genes."""
+    from hefeat.learn.ridge import THREAD_MIN_GENES
+    from hefeat.learn.threads import available_cores
+
+    return max(1, min(available_cores(), g // THREAD_MIN_GENES))
 
 
 def _shift_all(Y: np.ndarray, cohort: np.ndarray | None) -> np.ndarray:
@@ -339,17 +369,20 @@ class _GeneCV:
             self.Xg_test = [self.Xg[f.test] for f in folds]
             self._chunk = None
 
-    def begin_chunk(self, Yc: np.ndarray) -> None:
-        """Whole-chunk sums of targets Yc (n, k) shared by its CV, its final fit and its permuted CVs (sums over all
-        rows do not change under a permutation of the rows); X'Yc is made on first use per row order."""
+    def begin_chunk(self, Yc: np.ndarray) -> _GeneCV:
+        """This CV for the gene chunk Yc (n, k): a shallow copy holding the chunk's state (chunks may run on threads
+        at once). On the sums path, whole-chunk sums shared by its CV, its final fit and its permuted CVs (sums
+        over all rows do not change under a permutation of the rows); X'Yc is made on first use per row order."""
+        ch = copy.copy(self)
         if self.sums:
             from hefeat.learn.ridge import TrainingSums
 
             s1 = Yc.sum(0)
-            self._chunk = (Yc, s1, np.einsum("ij,ij->j", Yc, Yc), {})
+            ch._chunk = (Yc, s1, np.einsum("ij,ij->j", Yc, Yc), {})
             # float32 gene-major copy minus each gene's mean (a permutation does not change it): every fit of the
             # chunk gathers its training rows from it for the float32 residuals
-            self._y32 = TrainingSums.gene_major(Yc, s1 / len(Yc))
+            ch._y32 = TrainingSums.gene_major(Yc, s1 / len(Yc))
+        return ch
 
     def _xty(self, perm: np.ndarray | None) -> np.ndarray:
         """Xg'Y (p, k) of the chunk's targets in row order perm (Y = Yc[perm]: Σ_i x_i y_perm(i) = Xg[perm⁻¹]'Yc)."""
@@ -402,10 +435,12 @@ class _GeneCV:
         xty = self._xty(perm) - self.Xg_test[i].T @ Yt - n_t * np.outer(self.xg_train_mean[i], m)
         return var, err, xty, m
 
-    def run(self, Yc: np.ndarray, perm: np.ndarray | None = None, out: np.ndarray | None = None):
+    def run(self, Yc: np.ndarray, perm: np.ndarray | None = None, out: np.ndarray | None = None,
+            threads: int | None = None):
         """Out-of-fold predictions (n, k), per-fold kept genes (folds, k) and penalties (folds, k) of targets Yc
-        (of Yc[perm] when perm is given: the sums path only, after begin_chunk(Yc)). The predictions are written into
-        `out` (n, k) when given (every element: NaN where no fold tested the row or a fold did not keep the gene)."""
+        (of Yc[perm] when perm is given: the sums path only, on the CV begin_chunk(Yc) returned). The predictions are
+        written into `out` (n, k) when given (every element: NaN where no fold tested the row or a fold did not keep
+        the gene). `threads`: each ridge fit's (RidgeBasis.fit)."""
         from hefeat.learn.data import median_shift, train_gene_filter
 
         p, data = self.p, self.data
@@ -445,7 +480,7 @@ class _GeneCV:
             if self.sums:
                 sums = self._sums(mean[cols], (len(f.train) - 1) * var[cols])
             heads = self.designs[i].basis.fit(Y, rows=rows, cols=cols,  # Y's rows/genes read in chunks
-                                              xty=None if xty is None else xty[:, cols], sums=sums)
+                                              xty=None if xty is None else xty[:, cols], sums=sums, threads=threads)
             alphas[i, cols] = heads.alpha
             if p.level == "slide":
                 oof[at] = heads.predict(self.X_test[i])

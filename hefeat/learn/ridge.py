@@ -180,7 +180,7 @@ class RidgeBasis:
         self._ud = {}  # U∘δ_a per float32 penalty index, made on first use (`_u_dev`)
         self.rank = len(self.s)
         self.pairs_scored = self.genes_scored = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def parts(self) -> tuple | None:
@@ -188,26 +188,31 @@ class RidgeBasis:
         mean(w_a) (float32), [w | |δ|] (n, 2|idx|), E' (|idx|, r), and the transposed Cholesky factors of
         U' diag(w_a) U and of U' diag(|δ_a|) U (|idx|, r, r; `[i].T` is the lower factor in Fortran order for
         BLAS trmm). Built once, on the first fit with many genes."""
-        if self._parts is None and len(self.f32):
-            idx = self.f32
-            U32 = self.U.astype(np.float32)
-            n, r, A = self.n, self.rank, len(idx)
-            W = self.w_all[:, idx]
-            dev = W - W.mean(0)
-            dev32, adev32 = dev.astype(np.float32), np.abs(dev).astype(np.float32)
-            # U' diag(w_a) U = U' diag(δ_a) U + mean(w_a) I (U'U = I), and U' diag(|δ_a|) U for the bound: one n x r
-            # buffer reused per penalty (no n x A x r array)
-            Mw, Md = np.empty((A, r, r)), np.empty((A, r, r))
-            buf = np.empty((n, r), np.float32)
-            for i in range(A):
-                Mw[i] = np.multiply(U32, dev32[:, i:i + 1], out=buf).T @ U32
-                Md[i] = np.multiply(U32, adev32[:, i:i + 1], out=buf).T @ U32
-            Mw += W.mean(0)[:, None, None] * np.eye(r)
-            WB = np.concatenate([W, np.abs(dev)], axis=1).astype(np.float32)
-            self._w_mean, self._dev_max = W.mean(0), np.abs(dev).max(0) * (1 + 1e-6)  # float32 rounding of δ
-            self._parts = (idx, U32, dev32, WB, np.ascontiguousarray(self.E.T[idx], np.float32),
-                           _cholesky_t(Mw, np.float32), _cholesky_t(Md, np.float32, jitter=1e-6))
+        with self._lock:  # fits of gene chunks on threads share the basis
+            if self._parts is None and len(self.f32):
+                self._parts = self._make_parts()
         return self._parts
+
+    def _make_parts(self) -> tuple:
+        """The tuple `parts` describes (made once)."""
+        idx = self.f32
+        U32 = self.U.astype(np.float32)
+        n, r, A = self.n, self.rank, len(idx)
+        W = self.w_all[:, idx]
+        dev = W - W.mean(0)
+        dev32, adev32 = dev.astype(np.float32), np.abs(dev).astype(np.float32)
+        # U' diag(w_a) U = U' diag(δ_a) U + mean(w_a) I (U'U = I), and U' diag(|δ_a|) U for the bound: one n x r
+        # buffer reused per penalty (no n x A x r array)
+        Mw, Md = np.empty((A, r, r)), np.empty((A, r, r))
+        buf = np.empty((n, r), np.float32)
+        for i in range(A):
+            Mw[i] = np.multiply(U32, dev32[:, i:i + 1], out=buf).T @ U32
+            Md[i] = np.multiply(U32, adev32[:, i:i + 1], out=buf).T @ U32
+        Mw += W.mean(0)[:, None, None] * np.eye(r)
+        WB = np.concatenate([W, np.abs(dev)], axis=1).astype(np.float32)
+        self._w_mean, self._dev_max = W.mean(0), np.abs(dev).max(0) * (1 + 1e-6)  # float32 rounding of δ
+        return (idx, U32, dev32, WB, np.ascontiguousarray(self.E.T[idx], np.float32),
+                _cholesky_t(Mw, np.float32), _cholesky_t(Md, np.float32, jitter=1e-6))
 
     def _u_dev(self, i: int) -> np.ndarray:
         """U∘δ_a (n, r) float32 of the i-th float32 penalty, made on the first fit that has a candidate there."""
@@ -290,9 +295,10 @@ class RidgeBasis:
 
     def _u_ones(self) -> np.ndarray:
         """[U | 1] (n, r + 1) float32, for residuals that also remove a mean."""
-        if self._U1 is None:
-            self._U1 = np.hstack([self.parts[1], np.ones((self.n, 1), np.float32)])
-        return self._U1
+        with self._lock:
+            if self._U1 is None:
+                self._U1 = np.hstack([self.parts[1], np.ones((self.n, 1), np.float32)])
+            return self._U1
 
     def _score_bounded(self, Qt: np.ndarray, C: np.ndarray, y2: np.ndarray, mse: np.ndarray,
                        shift: np.ndarray | None = None) -> tuple[int, int]:
@@ -366,8 +372,9 @@ class RidgeBasis:
         else:
             with single_blas_thread():
                 counts = thread_map(one, list(range(0, g, step)), workers)
-        self.pairs_scored += sum(c[0] for c in counts)
-        self.genes_scored += sum(c[1] for c in counts)
+        with self._lock:
+            self.pairs_scored += sum(c[0] for c in counts)
+            self.genes_scored += sum(c[1] for c in counts)
         return out
 
     def _workers(self, g: int, threads: int | None) -> int:
