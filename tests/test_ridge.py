@@ -290,3 +290,20 @@ def test_gene_chunks_on_threads_give_the_serial_fit():
     np.testing.assert_allclose(par.intercept, serial.intercept, rtol=1e-6, atol=1e-12)
     assert par_basis.genes_scored == serial_basis.genes_scored == g
     assert par_basis.pairs_scored == serial_basis.pairs_scored
+
+
+def test_fit_threads_one_per_core_but_one_in_a_worker_process(monkeypatch):
+    """A fit splits its genes over every core, in chunks of >= THREAD_MIN_GENES, but not inside a parallel_map
+    worker process (HEFEAT_WORKER: the processes already take the cores), and an explicit count wins."""
+    from hefeat.learn import emo, ridge, threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    basis = ridge.RidgeBasis(np.random.default_rng(0).normal(size=(20, 3)))
+    monkeypatch.delenv("HEFEAT_WORKER", raising=False)
+    assert basis._workers(10 * ridge.THREAD_MIN_GENES, None) == 4
+    assert basis._workers(3 * ridge.THREAD_MIN_GENES - 1, None) == 2
+    assert emo.chunk_threads(10 * ridge.THREAD_MIN_GENES, 100) == 4
+    monkeypatch.setenv("HEFEAT_WORKER", "1")
+    assert basis._workers(10 * ridge.THREAD_MIN_GENES, None) == 1
+    assert emo.chunk_threads(10 * ridge.THREAD_MIN_GENES, 100) == 1
+    assert basis._workers(10 * ridge.THREAD_MIN_GENES, 3) == 3

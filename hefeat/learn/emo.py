@@ -260,9 +260,9 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
 def chunk_threads(g: int, n: int) -> int:
     """Gene chunks `fit genes` runs at once: one per core while each keeps >= ridge.THREAD_MIN_GENES genes."""
     from hefeat.learn.ridge import THREAD_MIN_GENES
-    from hefeat.learn.threads import available_cores
+    from hefeat.learn.threads import work_threads
 
-    return max(1, min(available_cores(), g // THREAD_MIN_GENES))
+    return max(1, min(work_threads(), g // THREAD_MIN_GENES))
 
 
 def _shift_all(Y: np.ndarray, cohort: np.ndarray | None) -> np.ndarray:

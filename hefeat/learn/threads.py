@@ -37,6 +37,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def work_threads() -> int:
+    """Threads for one unit of numpy work split over cores (ridge gene chunks): every core, but one inside a
+    parallel_map worker process (the processes already use the cores)."""
+    return 1 if os.environ.get("HEFEAT_WORKER") else available_cores()
+
+
 def thread_map(fn: Callable, items: list, workers: int | None = None) -> list:
     """[fn(x) for x in items], in order, on up to `workers` threads (default: every core); serial for one item or
     one worker. For numpy work that releases the GIL (sorts, gathers, ufuncs, copies) on independent blocks; the
