@@ -192,9 +192,9 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     else:
         from hefeat.learn.threads import single_blas_thread, thread_map
 
-        for d in [*cv.designs, final]:  # each basis's shared factors, made here on every BLAS thread
-            _ = d.basis.parts
         with single_blas_thread():
+            # each basis's shared factors first, the bases on threads (a basis builds its own under its lock)
+            thread_map(lambda d: d.basis.parts, [*cv.designs, final], workers)
             done = thread_map(one, starts, workers)
     del one
     for at, metrics in done:  # per-gene metrics of each chunk's evaluated genes
