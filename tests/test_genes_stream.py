@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hefeat.learn import aggregate, emo
 from hefeat.learn import data as data_mod
-from hefeat.learn import emo
 from hefeat.learn.data import SlideLevelData
 from hefeat.learn.emo import GenesParams, fit_genes
 
@@ -186,19 +186,19 @@ def test_patient_means_gather_single_rows_and_sum_the_rest_in_order():
     order = np.argsort(inv, kind="stable")
     counts = np.bincount(inv)
     ref = np.add.reduceat(A[order], np.searchsorted(inv[order], np.arange(len(ug))), axis=0) / counts[:, None]
-    got = emo._patient_means(groups)(A)
+    got = aggregate.patient_means(groups)(A)
     assert (counts > 1).any() and (counts == 1).any()
     np.testing.assert_array_equal(got, ref)
     summed = np.zeros_like(ref)
     np.add.at(summed, inv, A)
     np.testing.assert_allclose(got, summed / counts[:, None], rtol=1e-13)
-    assert emo._patient_means(groups)(A[:, :0]).shape == (len(ug), 0)
+    assert aggregate.patient_means(groups)(A[:, :0]).shape == (len(ug), 0)
     # rows, columns and a row permutation read in the one gather: the same means as on the copied selection
     big = rng.normal(size=(80, 7))
     rows, cols, perm = rng.permutation(80)[:60], np.array([5, 1, 3]), rng.permutation(80)
-    means = emo._patient_means(groups, rows)
-    np.testing.assert_array_equal(means(big, cols), emo._patient_means(groups)(big[np.ix_(rows, cols)]))
-    np.testing.assert_array_equal(means(big, cols, perm), emo._patient_means(groups)(big[perm][np.ix_(rows, cols)]))
+    means = aggregate.patient_means(groups, rows)
+    np.testing.assert_array_equal(means(big, cols), aggregate.patient_means(groups)(big[np.ix_(rows, cols)]))
+    np.testing.assert_array_equal(means(big, cols, perm), aggregate.patient_means(groups)(big[perm][np.ix_(rows, cols)]))
     np.testing.assert_array_equal(means(big)[:, 2], means(big, np.array([2]))[:, 0])
 
 
@@ -224,5 +224,5 @@ def test_cv_writes_out_of_fold_predictions_in_place():
     np.testing.assert_array_equal(alphas2, alphas)
     assert np.isnan(ref[:, 4]).all() and not np.isnan(np.delete(ref, 4, axis=1)).any()
     assert (whole[:, :2] == 7).all() and (whole[:, 2 + g:] == 7).all()
-    means = emo._patient_means(d.groups)
+    means = aggregate.patient_means(d.groups)
     np.testing.assert_array_equal(means(block), means(np.ascontiguousarray(block)))

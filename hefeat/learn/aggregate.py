@@ -1,4 +1,5 @@
-"""Tile -> slide aggregations shared by every method: mean, fraction positive, majority vote, top-k."""
+"""Tile -> slide aggregations shared by every method (mean, fraction positive, majority vote, top-k) and sample ->
+patient means of per-sample arrays (correlations across patients)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,42 @@ def majority_vote(votes: np.ndarray) -> np.ndarray:
     """Per-tile majority of binary votes (n_models, n_tiles) -> (n_tiles,) bool (ties -> False)."""
     votes = np.asarray(votes, bool)
     return votes.sum(0) * 2 > votes.shape[0]
+
+
+def patient_means(groups: np.ndarray, rows: np.ndarray | None = None):
+    """A function mean(A, cols=None, perm=None) averaging the rows `rows` of A (n, g) (all rows if None; each has
+    the patient in `groups`) per patient (patients sorted), columns `cols` only if given; with perm, row r of A is
+    read as A[perm[r]]. Reads the rows and columns it needs from A in one gather: no copy of A's selection first.
+    Every patient with one row: their rows themselves."""
+    ug, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    rows = np.arange(len(inv)) if rows is None else np.asarray(rows)
+    order = np.argsort(inv, kind="stable")  # each patient's rows in their order: the sums np.add.at made
+    starts = np.searchsorted(inv[order], np.arange(len(ug)))
+    counts = np.bincount(inv, minlength=len(ug)).astype(float)
+    # Most patients have one row: that row is their mean (a gather); only the others are summed, row after row
+    # in the same order as over all patients, so the result is the same to the bit.
+    first, multi = order[starts], np.flatnonzero(counts > 1)
+    rows_multi = np.concatenate([order[starts[q]:starts[q] + int(counts[q])] for q in multi]) if len(multi) \
+        else np.zeros(0, np.int64)
+    starts_multi = np.r_[0, np.cumsum(counts[multi][:-1])].astype(np.int64)
+
+    def mean(A: np.ndarray, cols: np.ndarray | None = None, perm: np.ndarray | None = None) -> np.ndarray:
+        A = np.asarray(A)
+        src = rows if perm is None else np.asarray(perm)[rows]
+
+        every = cols is None or (len(cols) == A.shape[1] and (np.asarray(cols) == np.arange(A.shape[1])).all())
+
+        def take(r: np.ndarray) -> np.ndarray:  # whole rows are copied faster than a 2-d gather
+            # rows stored contiguously (a column slice of the out-of-fold array): indexing, as take would copy the view
+            # whole first; a gene-major chunk: take (indexing gathers it element by element)
+            rowwise = A.ndim == 2 and A.strides[1] == A.itemsize
+            got = (A[src[r]] if rowwise else A.take(src[r], axis=0)) if every else A[np.ix_(src[r], cols)]
+            return got if got.dtype == np.float64 else got.astype(float)
+
+        out = take(first)
+        if out.shape[1] == 0 or not len(multi):
+            return out
+        out[multi] = np.add.reduceat(take(rows_multi), starts_multi, axis=0) / counts[multi, None]
+        return out
+
+    return mean

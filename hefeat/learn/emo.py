@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from hefeat.errors import HefeatError
+from hefeat.learn.aggregate import patient_means
 from hefeat.learn.data import SlideLevelData
 from hefeat.learn.genesets import ALIASES, PAM50_PROLIFERATION
 from hefeat.learn.registry import (
@@ -136,7 +137,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     tested = np.flatnonzero(fold_of != "")
     # Correlations are across patients: a patient's samples (all in one test fold) are averaged first,
     # so n counts patients, not samples.
-    to_patients = _patient_means(data.groups[tested], tested)
+    to_patients = patient_means(data.groups[tested], tested)
     n_units = len(np.unique(data.groups[tested]))
     # Null from permuted targets: the whole CV refitted on targets shuffled across samples, scored
     # exactly as the observed statistic (same all-sample median shift, same patient means).
@@ -151,9 +152,8 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     null = np.full((len(perms), g), np.nan)
     coef = np.zeros((final.basis.p, g))
     intercept, alpha_final = np.zeros(g), np.zeros(g)
-    # Gene chunks run on every core at once (`chunk_threads`), each on one BLAS thread with its ridge fits serial:
-    # every step of a chunk (sums, gathers, patient means, metrics, the fits) then has a core, where one chunk at
-    # a time left the second core idle through its single-threaded steps.
+    # Gene chunks on every core at once, each on one BLAS thread with its ridge fits serial: every step of a chunk
+    # (sums, gathers, patient means, metrics, fits) has a core; one chunk at a time left one idle in its serial steps.
     workers = 1 if p.level == "tile" else chunk_threads(g, n)
     step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n) // workers)))
     fit_threads = None if workers == 1 else 1
@@ -259,10 +259,8 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
 
 def chunk_threads(g: int, n: int) -> int:
     """Gene chunks `fit genes` runs at once: one per core while each keeps >= ridge.THREAD_MIN_GENES genes."""
-    from hefeat.learn.ridge import THREAD_MIN_GENES
-    from hefeat.learn.threads import work_threads
-
-    return max(1, min(work_threads(), g // THREAD_MIN_GENES))
+    from hefeat.learn import ridge, threads
+    return threads.split_threads(g, ridge.THREAD_MIN_GENES)
 
 
 def _shift_all(Y: np.ndarray, cohort: np.ndarray | None) -> np.ndarray:
@@ -270,45 +268,6 @@ def _shift_all(Y: np.ndarray, cohort: np.ndarray | None) -> np.ndarray:
     from hefeat.learn.data import median_shift
 
     return Y if cohort is None else median_shift(Y, cohort, np.arange(len(Y)))[0]
-
-
-def _patient_means(groups: np.ndarray, rows: np.ndarray | None = None):
-    """A function mean(A, cols=None, perm=None) averaging the rows `rows` of A (n, g) (all rows if None; each has
-    the patient in `groups`) per patient (patients sorted), columns `cols` only if given; with perm, row r of A is
-    read as A[perm[r]]. Reads the rows and columns it needs from A in one gather: no copy of A's selection first.
-    Every patient with one row: their rows themselves."""
-    ug, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    rows = np.arange(len(inv)) if rows is None else np.asarray(rows)
-    order = np.argsort(inv, kind="stable")  # each patient's rows in their order: the sums np.add.at made
-    starts = np.searchsorted(inv[order], np.arange(len(ug)))
-    counts = np.bincount(inv, minlength=len(ug)).astype(float)
-    # Most patients have one row: that row is their mean (a gather); only the others are summed, row after row
-    # in the same order as over all patients, so the result is the same to the bit.
-    first, multi = order[starts], np.flatnonzero(counts > 1)
-    rows_multi = np.concatenate([order[starts[q]:starts[q] + int(counts[q])] for q in multi]) if len(multi) \
-        else np.zeros(0, np.int64)
-    starts_multi = np.r_[0, np.cumsum(counts[multi][:-1])].astype(np.int64)
-
-    def mean(A: np.ndarray, cols: np.ndarray | None = None, perm: np.ndarray | None = None) -> np.ndarray:
-        A = np.asarray(A)
-        src = rows if perm is None else np.asarray(perm)[rows]
-
-        every = cols is None or (len(cols) == A.shape[1] and (np.asarray(cols) == np.arange(A.shape[1])).all())
-
-        def take(r: np.ndarray) -> np.ndarray:  # whole rows are copied faster than a 2-d gather
-            # rows stored contiguously (a column slice of the out-of-fold array): indexing, as take would copy the view
-            # whole first; a gene-major chunk: take (indexing gathers it element by element)
-            rowwise = A.ndim == 2 and A.strides[1] == A.itemsize
-            got = (A[src[r]] if rowwise else A.take(src[r], axis=0)) if every else A[np.ix_(src[r], cols)]
-            return got if got.dtype == np.float64 else got.astype(float)
-
-        out = take(first)
-        if out.shape[1] == 0 or not len(multi):
-            return out
-        out[multi] = np.add.reduceat(take(rows_multi), starts_multi, axis=0) / counts[multi, None]
-        return out
-
-    return mean
 
 
 @dataclass

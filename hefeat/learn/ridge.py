@@ -46,7 +46,7 @@ from scipy.linalg import blas
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from hefeat.errors import HefeatError
-from hefeat.learn.threads import single_blas_thread, thread_map, work_threads
+from hefeat.learn.threads import single_blas_thread, split_threads, thread_map
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 MEMORY_BYTES = 1 << 30  # working memory of the gene chunks (the design and its decomposition come on top)
@@ -382,8 +382,7 @@ class RidgeBasis:
         so both cores stay busy through the single-threaded steps too: one fold of 4,000 genes x 8,000 samples took
         0.42-0.71 s on two threads against 0.65-0.88 s serially with threaded BLAS on the quiet 2-core machine (and
         the threaded BLAS calls wait on a busy core: 2.5-3.1 s at load 3). At least THREAD_MIN_GENES per chunk."""
-        cap = work_threads() if threads is None else max(1, threads)
-        return max(1, min(cap, g // THREAD_MIN_GENES))
+        return split_threads(g, THREAD_MIN_GENES, threads)
 
     def _fit_block(self, Y: np.ndarray, rows: np.ndarray | None, cj: np.ndarray, sl, xty: np.ndarray | None,
                    sums: TrainingSums | None, sj: tuple | None, direct: bool, out: RidgeFit,

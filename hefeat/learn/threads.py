@@ -43,6 +43,11 @@ def work_threads() -> int:
     return 1 if os.environ.get("HEFEAT_WORKER") else available_cores()
 
 
+def split_threads(items: int, min_items: int, cap: int | None = None) -> int:
+    """Threads for `items` independent items in blocks of >= min_items: one per core (work_threads), or cap."""
+    return max(1, min(work_threads() if cap is None else max(1, cap), items // min_items))
+
+
 def thread_map(fn: Callable, items: list, workers: int | None = None) -> list:
     """[fn(x) for x in items], in order, on up to `workers` threads (default: every core); serial for one item or
     one worker. For numpy work that releases the GIL (sorts, gathers, ufuncs, copies) on independent blocks; the
