@@ -75,10 +75,13 @@ def test_gene_chunks_on_threads_give_the_serial_numbers(monkeypatch, kw):
     serial = _fit(monkeypatch, 4, **kw)
     names = set()
     begin = emo._GeneCV.begin_chunk
+    pair = threading.Barrier(2, timeout=30)  # 8 chunks: each waits for another to begin, so two always overlap
 
     def spy(self, Yc):
         names.add(threading.current_thread().name)
-        return begin(self, Yc)
+        ch = begin(self, Yc)
+        pair.wait()
+        return ch
 
     monkeypatch.setattr(emo._GeneCV, "begin_chunk", spy)
     monkeypatch.setattr(emo, "chunk_threads", lambda g, n: 2)

@@ -268,9 +268,11 @@ def test_gene_chunks_on_threads_give_the_serial_fit():
     serial = serial_basis.fit(Y, threads=1)
     names = set()
     block = RidgeBasis._fit_block
+    both = threading.Barrier(2, timeout=30)  # two chunks: each waits for the other, so they must run at once
 
     def spy(self, *a, **k):
         names.add(threading.current_thread().name)
+        both.wait()
         return block(self, *a, **k)
 
     def sizes():
