@@ -84,7 +84,7 @@ def test_gene_chunks_on_threads_give_the_serial_numbers(monkeypatch, kw):
         return ch
 
     monkeypatch.setattr(emo._GeneCV, "begin_chunk", spy)
-    monkeypatch.setattr(emo, "chunk_threads", lambda g, n: 2)
+    monkeypatch.setattr(emo, "chunk_threads", lambda g: 2)
     threaded = _fit(monkeypatch, 8, **kw)  # 8 genes of memory per chunk, halved for two threads: chunks of 4
     assert len(names) == 2 and threading.main_thread().name not in names
     _assert_same_fit(threaded, serial, rel=1e-12, abs_summary=1e-15, abs_=1e-14)

@@ -304,8 +304,8 @@ def test_fit_threads_one_per_core_but_one_in_a_worker_process(monkeypatch):
     monkeypatch.delenv("HEFEAT_WORKER", raising=False)
     assert basis._workers(10 * ridge.THREAD_MIN_GENES, None) == 4
     assert basis._workers(3 * ridge.THREAD_MIN_GENES - 1, None) == 2
-    assert emo.chunk_threads(10 * ridge.THREAD_MIN_GENES, 100) == 4
+    assert emo.chunk_threads(10 * ridge.THREAD_MIN_GENES) == 4
     monkeypatch.setenv("HEFEAT_WORKER", "1")
     assert basis._workers(10 * ridge.THREAD_MIN_GENES, None) == 1
-    assert emo.chunk_threads(10 * ridge.THREAD_MIN_GENES, 100) == 1
+    assert emo.chunk_threads(10 * ridge.THREAD_MIN_GENES) == 1
     assert basis._workers(10 * ridge.THREAD_MIN_GENES, 3) == 3

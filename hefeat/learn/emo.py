@@ -154,7 +154,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     intercept, alpha_final = np.zeros(g), np.zeros(g)
     # Gene chunks on every core at once, each on one BLAS thread with its ridge fits serial: every step of a chunk
     # (sums, gathers, patient means, metrics, fits) has a core; one chunk at a time left one idle in its serial steps.
-    workers = 1 if p.level == "tile" else chunk_threads(g, n)
+    workers = 1 if p.level == "tile" else chunk_threads(g)
     step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n) // workers)))
     fit_threads = None if workers == 1 else 1
 
@@ -257,7 +257,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     return FitResult(summary=summary, arrays=arrays, tables=tables, extraction_id=p.extraction_id, notes=notes)
 
 
-def chunk_threads(g: int, n: int) -> int:
+def chunk_threads(g: int) -> int:
     """Gene chunks `fit genes` runs at once: one per core while each keeps >= ridge.THREAD_MIN_GENES genes."""
     from hefeat.learn import ridge, threads
     return threads.split_threads(g, ridge.THREAD_MIN_GENES)

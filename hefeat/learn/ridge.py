@@ -357,8 +357,8 @@ class RidgeBasis:
         workers = 1 if direct else self._workers(g, threads)
         step = min(block or _chunk(n, self.rank, A, g, memory // workers), -(-g // workers))
         out = RidgeFit(coef=np.empty((self.p, g)), intercept=np.empty(g), alpha=np.empty(g), loo_mse=np.empty(g))
-        if not direct and len(self.f32):  # shared read-only parts, made before any thread reads them
-            _ = self.parts if sums is None or len(self.f64) else self._u_ones()
+        if not direct:  # the shared factors, made here on every BLAS thread ([U | 1] and U∘δ are made under the lock)
+            _ = self.parts
 
         def one(j0: int) -> tuple[int, int]:
             cj = cols[j0:j0 + step]
