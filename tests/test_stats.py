@@ -92,6 +92,27 @@ def test_ranks_from_float32_keys_are_exact_without_a_float64_argsort(monkeypatch
     assert np.isnan(r[:, 3]).all() and not np.isnan(np.delete(r, 3, axis=1)).any()
 
 
+def test_nan_of_either_sign_anywhere_makes_the_column_nan_and_spearman_sums_are_exact():
+    """A NaN is found from the sorted keys (beyond +inf or, with its sign bit set, below -inf) wherever it sits; the
+    Spearman r from the ranks' raw sums (exact in float64) equals scipy's on ties, float32 collisions and NaN."""
+    rng = np.random.default_rng(11)
+    n = 3000
+    a = np.hstack([rng.integers(0, 40, size=(n, 4)).astype(float),  # heavy ties, like zero counts
+                   2 + rng.integers(0, 3, size=(n, 3)) * 1e-12 + rng.normal(size=(n, 3)) * 1e-5,  # float32 collisions
+                   rng.normal(size=(n, 5))])
+    b = rng.normal(size=a.shape) + a
+    a[0, 8], a[-1, 9], a[17, 10] = np.nan, -np.nan, np.copysign(np.nan, -1.0)
+    a[:, 11] = np.inf
+    a[5, 11] = -np.inf
+    r = stats._rank(a)
+    np.testing.assert_array_equal(r, ss.rankdata(a, axis=0))
+    assert np.isnan(r[:, 8:11]).all() and not np.isnan(np.delete(r, [8, 9, 10], axis=1)).any()
+    with np.errstate(invalid="ignore"):
+        want = [ss.spearmanr(a[:, j], b[:, j])[0] for j in range(a.shape[1])]
+    np.testing.assert_allclose(stats.columnwise_spearman(a, b), want, rtol=1e-14, atol=1e-15)
+    np.testing.assert_array_equal(np.isnan(stats.columnwise_spearman(a, b)), np.isnan(want))
+
+
 def test_four_metrics_share_their_terms_and_equal_the_separate_functions(monkeypatch):
     """gene_metric_columns' block statistic makes the centred targets' and the residuals' sums of squares once
     (7 column sums, not 9) and gives the separate functions' numbers to the bit, NaN and constant columns included."""
@@ -100,7 +121,7 @@ def test_four_metrics_share_their_terms_and_equal_the_separate_functions(monkeyp
     true[:, 2] = 4.0  # constant target: Pearson r and R² undefined
     pred[:, 3] = 1.5  # constant prediction
     pred[7, 5] = np.nan
-    want = np.stack([stats._pearson(pred, true), stats._pearson(stats._rank(pred), stats._rank(true)),
+    want = np.stack([stats._pearson(pred, true), stats._spearman(pred, true),
                      stats.r2_score_cols(pred, true), stats.rmse_cols(pred, true)])
     calls = []
     einsum = np.einsum

@@ -35,6 +35,8 @@ def transposed_copy(a: np.ndarray) -> np.ndarray:
 
 
 _LOW32 = np.uint64(0xFFFFFFFF)
+_POS_INF_KEY = np.uint32(0xFF800000)  # `_sort_keys`' high half of +inf; a positive NaN's lies above it
+_NEG_INF_KEY = np.uint32(0x007FFFFF)  # ... of -inf; a negative NaN's lies below it
 
 
 def _sort_keys(a: np.ndarray) -> np.ndarray:
@@ -64,51 +66,92 @@ def _sort_keys(a: np.ndarray) -> np.ndarray:
 
 def _rank(a: np.ndarray) -> np.ndarray:
     """Average ranks (1-based) down each column, ties averaged, a column with NaN all NaN (scipy's rankdata
-    semantics). One sort per gene of 64-bit keys (`_sort_keys`: float32 value, position) instead of a float64 argsort
-    and a gather of the sorted values: values whose float32 roundings are equal (a tie, or distinct float64 values
-    one float32 apart) are few and are ordered and compared in float64 afterwards, so the ranks are exact; ties get
-    the mean of their run's first and last position there, the other values their position."""
+    semantics). See `_ranks_by_gene`."""
     a = np.asarray(a, float)
     if a.ndim == 1:
         return _rank(a[:, None])[:, 0]
+    return _ranks_by_gene(a).T
+
+
+def _ranks_by_gene(a: np.ndarray) -> np.ndarray:
+    """`_rank` of a (n, g) float64, one gene per row (g, n), C-ordered. One sort per gene of 64-bit keys
+    (`_sort_keys`: float32 value, position) instead of a float64 argsort and a gather of the sorted values: values
+    whose float32 roundings are equal (a tie, or distinct float64 values one float32 apart) are few and are ordered
+    and compared in float64 afterwards, so the ranks are exact; ties get the mean of their run's first and last
+    position there, the other values their position. The ranks are scattered row by row (a gene's positions index
+    one contiguous row: 2.7x faster than np.put_along_axis's broadcast index over the block)."""
     n, g = a.shape
     if n == 0 or g == 0:
-        return a.copy()
+        return np.empty((g, n))
     if n >= 1 << 32 or np.little_endian is False:  # positions must fit the keys' low half
-        return _rank_argsort(a)
+        return _rank_argsort(a).T
     key = _sort_keys(a)
     key.sort(axis=1)
     halves = key.view(np.uint32).reshape(g, n, 2)
-    order = halves[..., 0].astype(np.intp)
+    order = halves[..., 0]
     hi = halves[..., 1]
     same = hi[:, 1:] == hi[:, :-1]  # neighbours with one float32: a tie, or float64 values to put in order
-    del key, halves, hi
-    ranks = np.broadcast_to(np.arange(1, n + 1, dtype=float), (g, n))
-    if same.any():
-        r, k = np.nonzero(same)
-        run_of = np.zeros((g, n), bool)
-        run_of[r, k] = True
-        run_of[r, k + 1] = True
-        rr, kk = np.nonzero(run_of)  # every position in a run of equal float32 keys, by gene then position
-        del run_of
-        first = np.ones(len(rr), bool)  # a run's first position: not linked to the position before it
-        first[1:] = (rr[1:] != rr[:-1]) | ~same[rr[1:], kk[1:] - 1]
-        vals = a[order[rr, kk], rr]
-        o = np.lexsort((vals, np.cumsum(first)))  # each run in float64 order
-        order[rr, kk] = order[rr[o], kk[o]]
-        vals = vals[o]
-        new = first.copy()  # where a group of equal float64 values begins
+    nan = (hi[:, 0] < _NEG_INF_KEY) | (hi[:, -1] > _POS_INF_KEY)  # a NaN (either sign) sorts beyond the infinities
+    ranks = None
+    linked = np.flatnonzero(same)  # (gene, position) pairs linked to the next position, flat in (g, n - 1)
+    if len(linked):
+        order = order.reshape(-1).copy()  # flat (g·n): positions below are flat
+        r, k = np.divmod(linked, n - 1)
+        link = r * n + k  # the same pairs' first position, flat in (g, n)
+        second = np.zeros(g * n, bool)
+        second[link + 1] = True  # linked to the position before it
+        mark = second.copy()
+        mark[link] = True
+        at = np.flatnonzero(mark)  # every position in a run of equal float32 keys, by gene then position
+        del mark
+        first = ~second[at]  # a run's first position
+        del second
+        run = np.cumsum(first) - 1
+        vals = a[order[at], at // n]
+        differs = vals != vals[np.flatnonzero(first)][run]
+        if differs.any():  # runs of distinct float64 values (one float32): put those runs in float64 order
+            bad = np.zeros(run[-1] + 1, bool)
+            bad[run[differs]] = True
+            sub = np.flatnonzero(bad[run])
+            o = sub[np.lexsort((vals[sub], run[sub]))]
+            order[at[sub]] = order[at[o]]
+            vals[sub] = vals[o]
+        new = first  # where a group of equal float64 values begins
         new[1:] |= vals[1:] != vals[:-1]
         if not new.all():  # ties: each group gets the mean of its first and last position
             starts = np.flatnonzero(new)
             ends = np.r_[starts[1:] - 1, len(new) - 1]
             gid = np.cumsum(new) - 1
-            ranks = np.array(ranks)
-            ranks[rr, kk] = (kk[starts][gid] + kk[ends][gid]) / 2 + 1
+            kk = at % n
+            ranks = np.broadcast_to(np.arange(1, n + 1, dtype=float), (g, n)).copy()
+            ranks.reshape(-1)[at] = (kk[starts][gid] + kk[ends][gid]) / 2 + 1
+        order = order.reshape(g, n)
+    del key
     out = np.empty((g, n))
-    np.put_along_axis(out, order, ranks, 1)
-    out[np.isnan(a).any(0)] = np.nan
-    return out.T
+    pos = np.arange(1, n + 1, dtype=float)
+    for j in range(g):
+        out[j][order[j].astype(np.intp)] = pos if ranks is None else ranks[j]
+    out[nan] = np.nan
+    return out
+
+
+def _spearman_ranked(rp: np.ndarray, rt: np.ndarray) -> np.ndarray:
+    """Spearman r per row of the average ranks rp, rt (g, n) (`_ranks_by_gene`). Average ranks always sum to
+    n(n + 1)/2, so with m = (n + 1)/2 the centred sums are Σ rp·rt - n·m² and Σ r² - n·m²: ranks are multiples of
+    1/2, so below n = 2^17 each sum is exact in float64 and only the final quotient rounds (no centred copies)."""
+    n = rp.shape[1]
+    nm2 = n * ((n + 1) / 2) ** 2
+    spp = np.einsum("ij,ij->i", rp, rp) - nm2
+    stt = np.einsum("ij,ij->i", rt, rt) - nm2
+    den = np.sqrt(spp * stt)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (np.einsum("ij,ij->i", rp, rt) - nm2) / den
+    return np.where(den > 0, r, np.nan)
+
+
+def _spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman r per column of pred and true (n, g): Pearson r of their average ranks."""
+    return _spearman_ranked(_ranks_by_gene(np.asarray(pred, float)), _ranks_by_gene(np.asarray(true, float)))
 
 
 def _tie_ranks(start: np.ndarray) -> np.ndarray:
@@ -178,7 +221,7 @@ def columnwise_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 def columnwise_spearman(pred: np.ndarray, true: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
     """Spearman rho per column (Pearson on average ranks), in blocks of genes; `cols`: only these columns
     (without copying them out of pred and true first)."""
-    return _by_columns(lambda p, t: _pearson(_rank(p), _rank(t)), pred, true, cols)
+    return _by_columns(_spearman, pred, true, cols)
 
 
 def r_pvalue(r: np.ndarray, n: int, alternative: str = "greater") -> np.ndarray:
@@ -242,7 +285,7 @@ def _four(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     del e
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(tt > 0, 1 - sse / tt, np.nan)
-    return np.stack([np.where(den > 0, r, np.nan), _pearson(_rank(pred), _rank(true)), r2, np.sqrt(sse / len(pred))])
+    return np.stack([np.where(den > 0, r, np.nan), _spearman(pred, true), r2, np.sqrt(sse / len(pred))])
 
 
 def gene_metric_columns(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
