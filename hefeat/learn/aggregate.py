@@ -51,9 +51,16 @@ def patient_means(groups: np.ndarray, rows: np.ndarray | None = None):
 
         def take(r: np.ndarray) -> np.ndarray:  # whole rows are copied faster than a 2-d gather
             # rows stored contiguously (a column slice of the out-of-fold array): indexing, as take would copy the view
-            # whole first; a gene-major chunk: take (indexing gathers it element by element)
-            rowwise = A.ndim == 2 and A.strides[1] == A.itemsize
-            got = (A[src[r]] if rowwise else A.take(src[r], axis=0)) if every else A[np.ix_(src[r], cols)]
+            # whole first; a gene-major chunk: each column's rows gathered from that column, the result gene-major too
+            # (take along rows copies a Fortran-ordered array C-ordered first: 280 ms against 46 ms for 800 genes)
+            if not every:
+                got = A[np.ix_(src[r], cols)]
+            elif A.ndim == 2 and A.strides[1] == A.itemsize:
+                got = A[src[r]]
+            elif A.ndim == 2 and A.flags.f_contiguous:
+                got = A.T.take(src[r], axis=1).T
+            else:
+                got = A.take(src[r], axis=0)
             return got if got.dtype == np.float64 else got.astype(float)
 
         out = take(first)
