@@ -229,3 +229,31 @@ def test_cv_writes_out_of_fold_predictions_in_place():
     assert (whole[:, :2] == 7).all() and (whole[:, 2 + g:] == 7).all()
     means = aggregate.patient_means(d.groups)
     np.testing.assert_array_equal(means(block), means(np.ascontiguousarray(block)))
+
+
+def test_kfold_cv_sums_its_folds_test_products_into_x_y_and_a_holdout_does_not():
+    """On a k-fold split the folds' test rows partition the samples, so the chunk's X'Y (every fold's training sums
+    and the final fit start from it) is the sum of the folds' test-row products, made without an n x p x k product of
+    its own, for the observed and for a permuted row order; a holdout split (test rows not a partition) computes it."""
+    from hefeat.learn.splits import parse_split
+
+    d = _data()
+    n = len(d.ids)
+    Yc = np.asfortranarray(d.Y)
+    perm = np.random.default_rng(4).permutation(n)
+    folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
+    cv = emo._GeneCV(None, GenesParams(extraction_id="e"), d, folds, None).begin_chunk(Yc)
+    assert cv.partition
+    for order in (None, perm):
+        parts = cv._test_sums(order)
+        key = None if order is None else order.tobytes()
+        Y = Yc if order is None else Yc[order]
+        np.testing.assert_allclose(cv._chunk[3][key], cv.Xg.T @ Y, rtol=1e-12, atol=1e-12)
+        for i, f in enumerate(folds):
+            np.testing.assert_allclose(parts[i][2], cv.Xg[f.test].T @ Y[f.test], rtol=1e-12, atol=1e-12)
+    held = [type(folds[0])(name="holdout", train=folds[0].train, test=folds[0].test)]
+    cv = emo._GeneCV(None, GenesParams(extraction_id="e"), d, held, None).begin_chunk(Yc)
+    assert not cv.partition
+    cv._test_sums(None)
+    assert cv._chunk[3] == {}  # not filled with one fold's rows: _xty computes X'Y of every row when asked
+    np.testing.assert_allclose(cv._xty(None), cv.Xg.T @ Yc, rtol=1e-12)

@@ -326,6 +326,8 @@ class _GeneCV:
             self.xg_mean = self.Xg.mean(0)
             self.xg_train_mean = [self.Xg[f.train].mean(0) for f in folds]
             self.Xg_test = [self.Xg[f.test] for f in folds]
+            # k-fold: the test rows partition the samples, so X'Y is the sum of the folds' test-row products
+            self.partition = np.array_equal(np.sort(np.concatenate([f.test for f in folds])), np.arange(len(X)))
             self._chunk = None
 
     def begin_chunk(self, Yc: np.ndarray) -> _GeneCV:
@@ -377,21 +379,35 @@ class _GeneCV:
         m = s1[cols] / n
         return self._sums(m, np.maximum(s2[cols] - n * m * m, 0))
 
-    def _fold_sums(self, i: int, perm: np.ndarray | None):
+    def _test_sums(self, perm: np.ndarray | None) -> list[tuple]:
+        """Each fold's test-row sums of the chunk (rows in order perm): Σ y, Σ y² and Xg_t'Y_t (p, k). When the folds'
+        test rows partition the samples, X'Y of that row order is their sum (cached for `_xty`): no n x p x k product
+        of its own."""
+        Yc, _, _, xty = self._chunk
+        parts = []
+        for i, f in enumerate(self.folds):
+            Yt = Yc.T.take(f.test if perm is None else perm[f.test], axis=1).T  # the test rows, gathered per gene
+            parts.append((Yt.sum(0), np.einsum("ij,ij->j", Yt, Yt), self.Xg_test[i].T @ Yt))
+        key = None if perm is None else perm.tobytes()
+        if self.partition and key not in xty:
+            total = parts[0][2].copy()
+            for part in parts[1:]:
+                total += part[2]
+            xty[key] = total
+        return parts
+
+    def _fold_sums(self, i: int, perm: np.ndarray | None, part: tuple):
         """Fold i's training variances (ddof 1) and Xc'Yc (p, k) of the chunk (rows in order perm) from the chunk's
-        sums minus those of the fold's test rows: var = (S2 - n_t ȳ_t²)/(n_t - 1), Xc'Yc = X'Y - n_t x̄_t ȳ_t'.
-        Also a bound on the variance's rounding error (the raw sums cancel by ȳ²/var)."""
-        Yc, s1, s2, _ = self._chunk
-        f = self.folds[i]
-        rows = f.test if perm is None else perm[f.test]
-        Yt = Yc.T.take(rows, axis=1).T  # the test rows, gathered per gene
-        n_t = len(f.train)
-        t1 = s1 - Yt.sum(0)
-        t2 = s2 - np.einsum("ij,ij->j", Yt, Yt)
+        sums minus those of the fold's test rows (`part`, from `_test_sums`): var = (S2 - n_t ȳ_t²)/(n_t - 1),
+        Xc'Yc = X'Y - n_t x̄_t ȳ_t'. Also a bound on the variance's rounding error (the raw sums cancel by ȳ²/var)."""
+        _, s1, s2, _ = self._chunk
+        n_t = len(self.folds[i].train)
+        t1 = s1 - part[0]
+        t2 = s2 - part[1]
         m = t1 / n_t
         var = (t2 - n_t * m * m) / (n_t - 1)
         err = 64 * np.finfo(np.float64).eps * (np.abs(t2) + n_t * m * m) / (n_t - 1)
-        xty = self._xty(perm) - self.Xg_test[i].T @ Yt - n_t * np.outer(self.xg_train_mean[i], m)
+        xty = self._xty(perm) - part[2] - n_t * np.outer(self.xg_train_mean[i], m)
         return var, err, xty, m
 
     def run(self, Yc: np.ndarray, perm: np.ndarray | None = None, out: np.ndarray | None = None,
@@ -401,6 +417,7 @@ class _GeneCV:
         written into `out` (n, k) when given (every element: NaN where no fold tested the row or a fold did not keep
         the gene). `threads`: each ridge fit's (RidgeBasis.fit)."""
         from hefeat.learn.data import median_shift, train_gene_filter
+        from hefeat.learn.emo_tiles import tile_level_predict
 
         p, data = self.p, self.data
         n, k = Yc.shape
@@ -411,10 +428,11 @@ class _GeneCV:
         oof[untested] = np.nan  # the folds' test rows are written below, each fold all its row's columns
         kept = np.zeros((len(self.folds), k), bool)
         alphas = np.zeros((len(self.folds), k))
+        parts = self._test_sums(perm) if self.sums else None
         for i, f in enumerate(self.folds):
             xty = sums = None
             if self.sums:
-                var, err, xty, mean = self._fold_sums(i, perm)
+                var, err, xty, mean = self._fold_sums(i, perm, parts[i])
                 train = f.train if perm is None else perm[f.train]
                 keep = var > p.min_variance
                 near = np.flatnonzero(np.abs(var - p.min_variance) <= err)
@@ -444,46 +462,9 @@ class _GeneCV:
             if p.level == "slide":
                 oof[at] = heads.predict(self.X_test[i])
             else:
-                oof[at] = _tile_level_predict(self.store, p.extraction_id, data, f.train, f.test, keep, heads.alpha,
+                oof[at] = tile_level_predict(self.store, p.extraction_id, data, f.train, f.test, keep, heads.alpha,
                                               Y, self.cache)
         return oof, kept, alphas
-
-
-def _tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.ndarray, test: np.ndarray,
-                        keep: np.ndarray, alpha_slide: np.ndarray, Y: np.ndarray, cache: dict) -> np.ndarray:
-    """EMO tile-level variant: heads trained on tiles with their slide's targets, predictions averaged per slide."""
-    from hefeat.learn.data import slide_tiles
-    from hefeat.learn.ridge import fit_ridge_heads
-
-    need = sorted({sid for r in np.concatenate([train, test]) for sid in data.slides[r]} - set(cache))
-    for st in slide_tiles(store, eid, need):  # every fold (and permutation) reuses a slide's tiles
-        cache[st.slide_id] = st.X
-
-    def tiles_of(rows):
-        Xs, Ys, owner = [], [], []
-        for r in rows:
-            for sid in data.slides[r]:
-                f = cache[sid]
-                Xs.append(f)
-                Ys.append(np.repeat(Y[r:r + 1, keep], len(f), 0))
-                owner.append(np.full(len(f), r))
-        return np.concatenate(Xs), np.concatenate(Ys), np.concatenate(owner)
-
-    Xt, Yt, _ = tiles_of(train)
-    per_slide = len(Xt) / max(len(train), 1)
-    # Tile rows repeat each slide's target, so the slide-level LOO penalties scale by tiles per slide.
-    fits = {}
-    for a in np.unique(alpha_slide):
-        cols = np.flatnonzero(alpha_slide == a)
-        fits[a] = (cols, fit_ridge_heads(Xt, Yt[:, cols], alphas=[a * per_slide]))
-    Xe, _, owner = tiles_of(test)
-    out = np.zeros((len(test), keep.sum()))
-    tile_pred = np.zeros((len(Xe), keep.sum()))
-    for cols, f in fits.values():
-        tile_pred[:, cols] = f.predict(Xe)
-    for i, r in enumerate(test):
-        out[i] = tile_pred[owner == r].mean(0)
-    return out
 
 
 def _cohort_labels(store: Store, data: SlideLevelData, col: str) -> np.ndarray:
