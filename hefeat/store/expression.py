@@ -15,7 +15,8 @@ import pandas as pd
 from hefeat.errors import HefeatError
 from hefeat.store.ids import new_hasher
 
-READ_ROWS = 256  # samples per record batch when the matrix is read (20,000 genes: 20 MB)
+READ_ROWS = 1024  # samples per record batch when the matrix is read (20,000 genes: 80 MB; 256 read 10,000 x 20,000
+# in 2.5-3.9 s, 1,024 in 2.6-2.7 s, three runs each in alternation)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hefeat.store.catalog import Store
