@@ -257,3 +257,37 @@ def test_kfold_cv_sums_its_folds_test_products_into_x_y_and_a_holdout_does_not()
     cv._test_sums(None)
     assert cv._chunk[3] == {}  # not filled with one fold's rows: _xty computes X'Y of every row when asked
     np.testing.assert_allclose(cv._xty(None), cv.Xg.T @ Yc, rtol=1e-12)
+
+
+def test_fit_genes_runs_without_numpy_huge_page_advice_and_restores_it(monkeypatch):
+    """numpy's huge-page advice is off while fit genes runs (its chunk-sized temporaries would have whole 2 MiB pages
+    zeroed on every reuse) and is back as it was afterwards, also after an error inside the fit."""
+    from hefeat.learn import hugepages
+
+    setter = hugepages._setter()
+    if setter is None:
+        pytest.skip("this numpy has no switch for the huge-page advice")
+
+    def current() -> bool:
+        v = setter(True)
+        setter(v)
+        return bool(v)
+
+    seen = []
+    run = emo._GeneCV.run
+    monkeypatch.setattr(emo._GeneCV, "run", lambda self, *a, **k: seen.append(current()) or run(self, *a, **k))
+    before = setter(True)
+    try:
+        _fit(monkeypatch, None, permutations=1)
+        assert seen and not any(seen)
+        assert current() is True
+        setter(False)
+        _fit(monkeypatch, None)
+        assert current() is False  # restored to what it was, not switched on
+        setter(True)
+        monkeypatch.setattr(emo, "_shift_all", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            _fit(monkeypatch, None)
+        assert current() is True
+    finally:
+        setter(before)

@@ -110,8 +110,17 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     Everything that scales with samples x genes streams over gene chunks (every statistic is per gene):
     each chunk runs the whole CV, its metrics, the final refit and the permuted-target CVs against
     decompositions built once per fold, so memory holds the targets, the out-of-fold predictions (a
-    result) and a few chunk-sized arrays, never samples x genes copies.
+    result) and a few chunk-sized arrays, never samples x genes copies. numpy's huge-page advice is off
+    meanwhile (learn/hugepages.py: the chunk-sized temporaries' fresh pages are zeroed 4 KiB at a time).
     """
+    from hefeat.learn.hugepages import no_hugepage_advice
+
+    with no_hugepage_advice():
+        return _fit_genes(store, params, model_id)
+
+
+def _fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
+    """`fit_genes` itself."""
     from hefeat.learn import stats
     from hefeat.learn.data import slide_level_data
     from hefeat.learn.splits import parse_split
