@@ -260,8 +260,8 @@ def test_kfold_cv_sums_its_folds_test_products_into_x_y_and_a_holdout_does_not()
 
 
 def test_fit_genes_runs_without_numpy_huge_page_advice_and_restores_it(monkeypatch):
-    """numpy's huge-page advice is off while fit genes runs (its chunk-sized temporaries would have whole 2 MiB pages
-    zeroed on every reuse) and is back as it was afterwards, also after an error inside the fit."""
+    """numpy's huge-page advice is off while fit genes runs its gene chunks (their chunk-sized temporaries would have
+    whole 2 MiB pages zeroed on every reuse) and is back as it was afterwards, also after an error inside a chunk."""
     from hefeat.learn import hugepages
 
     setter = hugepages._setter()

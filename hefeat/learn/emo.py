@@ -110,19 +110,13 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     Everything that scales with samples x genes streams over gene chunks (every statistic is per gene):
     each chunk runs the whole CV, its metrics, the final refit and the permuted-target CVs against
     decompositions built once per fold, so memory holds the targets, the out-of-fold predictions (a
-    result) and a few chunk-sized arrays, never samples x genes copies. numpy's huge-page advice is off
-    meanwhile (learn/hugepages.py: the chunk-sized temporaries' fresh pages are zeroed 4 KiB at a time).
+    result) and a few chunk-sized arrays, never samples x genes copies. The chunks run with numpy's
+    huge-page advice off (learn/hugepages.py: their temporaries' fresh pages are zeroed 4 KiB at a time); the
+    arrays that live through the fit (targets, out-of-fold predictions) keep it.
     """
-    from hefeat.learn.hugepages import no_hugepage_advice
-
-    with no_hugepage_advice():
-        return _fit_genes(store, params, model_id)
-
-
-def _fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
-    """`fit_genes` itself."""
     from hefeat.learn import stats
     from hefeat.learn.data import slide_level_data
+    from hefeat.learn.hugepages import no_hugepage_advice
     from hefeat.learn.splits import parse_split
 
     p = params
@@ -197,11 +191,12 @@ def _fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
 
     starts = list(range(0, g, step))
     if workers == 1:
-        done = [one(j0) for j0 in starts]
+        with no_hugepage_advice():
+            done = [one(j0) for j0 in starts]
     else:
         from hefeat.learn.threads import single_blas_thread, thread_map
 
-        with single_blas_thread():
+        with single_blas_thread(), no_hugepage_advice():
             # each basis's shared factors first, the bases on threads (a basis builds its own under its lock)
             thread_map(lambda d: d.basis.parts, [*cv.designs, final], workers)
             done = thread_map(one, starts, workers)
