@@ -292,7 +292,9 @@ def test_auto_precision_is_measured_and_recorded(own_tiled):
     s = run_extraction(st, tiling_id=tid, slides=["S01"], encoder="resnet18", weights="none", layer="layer1",
                        options=ExtractOptions(batch_size=8))
     pc = s.extra["precision_choice"]
-    assert s.extra["precision"] in ("fp32", "bf16") and pc["source"] in ("measured", "cache", "recorded") and pc["reason"]
+    # which precision wins is this machine's measurement (fp16 can, on a CPU with AVX512-FP16)
+    assert s.extra["precision"] in ("fp32", "bf16", "fp16") and pc["source"] in ("measured", "cache", "recorded")
+    assert pc["reason"]
     meta = json.loads((st.extraction_dir(s.extra["extraction_id"]) / "_extraction.json").read_text())
     assert meta["precision_choice"]["precision"] == s.extra["precision"]
     assert {t["candidate"] for t in meta["precision_choice"]["trials"]} >= {"fp32/cl", "fp32/nchw"}
