@@ -190,16 +190,16 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         return j0 + ev, metrics
 
     starts = list(range(0, g, step))
-    if workers == 1:
-        with no_hugepage_advice():
+    with no_hugepage_advice():
+        if workers == 1:
             done = [one(j0) for j0 in starts]
-    else:
-        from hefeat.learn.threads import single_blas_thread, thread_map
+        else:
+            from hefeat.learn.threads import single_blas_thread, thread_map
 
-        with single_blas_thread(), no_hugepage_advice():
-            # each basis's shared factors first, the bases on threads (a basis builds its own under its lock)
-            thread_map(lambda d: d.basis.parts, [*cv.designs, final], workers)
-            done = thread_map(one, starts, workers)
+            with single_blas_thread():
+                # each basis's shared factors first, the bases on threads (a basis builds its own under its lock)
+                thread_map(lambda d: d.basis.parts, [*cv.designs, final], workers)
+                done = thread_map(one, starts, workers)
     del one
     for at, metrics in done:  # per-gene metrics of each chunk's evaluated genes
         for name, v in metrics.items():
@@ -265,6 +265,11 @@ def chunk_threads(g: int) -> int:
     """Gene chunks `fit genes` runs at once: one per core while each keeps >= ridge.THREAD_MIN_GENES genes."""
     from hefeat.learn import ridge, threads
     return threads.split_threads(g, ridge.THREAD_MIN_GENES)
+
+
+def _order_key(perm: np.ndarray | None):
+    """The key of a row order in a chunk's X'Y cache: by content (an id() can be reused by a later array)."""
+    return None if perm is None else perm.tobytes()
 
 
 def _shift_all(Y: np.ndarray, cohort: np.ndarray | None) -> np.ndarray:
@@ -352,7 +357,7 @@ class _GeneCV:
     def _xty(self, perm: np.ndarray | None) -> np.ndarray:
         """Xg'Y (p, k) of the chunk's targets in row order perm (Y = Yc[perm]: Σ_i x_i y_perm(i) = Xg[perm⁻¹]'Yc)."""
         Yc, _, _, xty = self._chunk
-        key = None if perm is None else perm.tobytes()  # by content: an id() can be reused by a later array
+        key = _order_key(perm)
         if key not in xty:
             Xg = self.Xg if perm is None else self.Xg[np.argsort(perm)]
             xty[key] = Xg.T @ Yc
@@ -392,7 +397,7 @@ class _GeneCV:
         for i, f in enumerate(self.folds):
             Yt = Yc.T.take(f.test if perm is None else perm[f.test], axis=1).T  # the test rows, gathered per gene
             parts.append((Yt.sum(0), np.einsum("ij,ij->j", Yt, Yt), self.Xg_test[i].T @ Yt))
-        key = None if perm is None else perm.tobytes()
+        key = _order_key(perm)
         if self.partition and key not in xty:
             total = parts[0][2].copy()
             for part in parts[1:]:
@@ -467,7 +472,7 @@ class _GeneCV:
                 oof[at] = heads.predict(self.X_test[i])
             else:
                 oof[at] = tile_level_predict(self.store, p.extraction_id, data, f.train, f.test, keep, heads.alpha,
-                                              Y, self.cache)
+                                             Y, self.cache)
         return oof, kept, alphas
 
 

@@ -10,7 +10,7 @@ from hefeat.store.catalog import Store
 
 
 def tile_level_predict(store: Store, eid: str, data: SlideLevelData, train: np.ndarray, test: np.ndarray,
-                        keep: np.ndarray, alpha_slide: np.ndarray, Y: np.ndarray, cache: dict) -> np.ndarray:
+                       keep: np.ndarray, alpha_slide: np.ndarray, Y: np.ndarray, cache: dict) -> np.ndarray:
     """EMO tile-level variant: heads trained on tiles with their slide's targets, predictions averaged per slide."""
     from hefeat.learn.data import slide_tiles
     from hefeat.learn.ridge import fit_ridge_heads

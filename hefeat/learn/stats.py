@@ -34,7 +34,6 @@ def transposed_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
-_LOW32 = np.uint64(0xFFFFFFFF)
 _POS_INF_KEY = np.uint32(0xFF800000)  # `_sort_keys`' high half of +inf; a positive NaN's lies above it
 _NEG_INF_KEY = np.uint32(0x007FFFFF)  # ... of -inf; a negative NaN's lies below it
 
@@ -43,7 +42,7 @@ def _sort_keys(a: np.ndarray) -> np.ndarray:
     """(g, n) uint64 sort keys of a (n, g) float64, one gene per row: the value rounded to float32 and mapped to an
     unsigned int of the same order in the high 32 bits, the row position in the low 32 bits. Sorting the keys sorts
     each gene's values by their float32 rounding (monotone: x < y gives f32(x) <= f32(y)) and yields the positions
-    with them; values that share a float32 are put in order by `_rank`. -0.0 is keyed as +0.0 (they are equal)."""
+    with them; values that share a float32 are put in order by `_ranks_by_gene`. -0.0 is keyed as +0.0 (they are equal)."""
     n, g = a.shape
     f = np.empty((g, n), np.float32)
     b = TRANSPOSE_BLOCK
