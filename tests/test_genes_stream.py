@@ -14,9 +14,11 @@ from hefeat.learn.emo import GenesParams, fit_genes
 PROLIF = ["BIRC5", "CCNB1", "CDC20", "NUF2", "CEP55", "NDC80", "MKI67", "PTTG1", "RRM2", "TYMS", "UBE2C"]
 
 
-def _data(seed=0, n_patients=24, n_genes=31, d=6) -> SlideLevelData:
+def _data(seed=0, n_patients=24, n_genes=31, d=6, singles=False) -> SlideLevelData:
     rng = np.random.default_rng(seed)
     groups = np.repeat([f"P{i:02d}" for i in range(n_patients)], 2)[: 2 * n_patients - 3]  # some patients once
+    if singles:  # every sample its own patient
+        groups = np.array([f"P{i:02d}" for i in range(len(groups))])
     n = len(groups)
     X = rng.normal(size=(n, d))
     Y = X[:, :2] @ rng.uniform(0, 1.5, (2, n_genes)) + 0.7 * rng.normal(size=(n, n_genes)) + 3
@@ -29,8 +31,8 @@ def _data(seed=0, n_patients=24, n_genes=31, d=6) -> SlideLevelData:
                           sites=np.array(["a", "b", "c"] * n)[:n])
 
 
-def _fit(monkeypatch, chunk_genes: int | None, **kw):
-    d = _data()
+def _fit(monkeypatch, chunk_genes: int | None, singles=False, **kw):
+    d = _data(singles=singles)
     monkeypatch.setattr(data_mod, "slide_level_data", lambda *a, **k: d)
     if chunk_genes is not None:  # CHUNK_BYTES counts float64 targets of n samples per chunk
         monkeypatch.setattr(emo, "CHUNK_BYTES", 8 * len(d.ids) * chunk_genes)
@@ -90,16 +92,24 @@ def test_gene_chunks_on_threads_give_the_serial_numbers(monkeypatch, kw):
     _assert_same_fit(threaded, serial, rel=1e-12, abs_summary=1e-15, abs_=1e-14)
 
 
-def test_streamed_fit_matches_a_direct_computation(monkeypatch):
+@pytest.mark.parametrize("singles", [False, True])
+def test_streamed_fit_matches_a_direct_computation(monkeypatch, singles):
     """Independent reference for a 1-gene-chunk fit: per fold, heads from fit_ridge_heads on the copied
-    training rows; Spearman of patient means by scipy; the permutation null's first permutation likewise."""
+    training rows; Spearman of patient means by scipy; the permutation null's first permutation likewise.
+    singles: every sample its own patient, where the null reuses the observed truth's ranks (its predictions
+    re-ordered by the inverse permutation); re-ordering them any other way fails this."""
     from scipy import stats as ss
 
+    from hefeat.learn import stats
     from hefeat.learn.ridge import fit_ridge_heads
     from hefeat.learn.splits import parse_split
 
-    res = _fit(monkeypatch, 1, permutations=1)
-    d = _data()
+    made = []
+    gene_ranks = stats.gene_ranks
+    monkeypatch.setattr(stats, "gene_ranks", lambda a: made.append(a.shape) or gene_ranks(a))
+    res = _fit(monkeypatch, 1, singles=singles, permutations=1)
+    assert bool(made) == singles  # the shortcut runs exactly where it applies
+    d = _data(singles=singles)
     folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
     keep = np.all([d.Y[f.train].var(0, ddof=1) > 0.01 for f in folds], 0)
     genes = np.flatnonzero(keep)

@@ -146,6 +146,11 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     # exactly as the observed statistic (same all-sample median shift, same patient means).
     rng = np.random.default_rng([p.seed, 1])
     perms = [rng.permutation(n) for _ in range(p.permutations)]
+    # Every sample tested and its own unit, no cohort shift: a null's truth (units = rows perm of the targets) is the
+    # observed truth re-ordered, and Spearman r does not change when both sides are re-ordered alike. So each null pairs
+    # the predictions' rows perm⁻¹ with the observed truth, whose ranks are made once per chunk (exactly the same r:
+    # the rank sums are exact in float64, `stats._spearman_ranked`).
+    unpermute = [np.argsort(q) for q in perms] if cohort is None and n_units == len(tested) == n else None
     final = _final_design(data.X, p)
     oof = np.empty((n, g))  # every chunk writes all its rows (NaN where no fold tested them)
     kept = np.zeros(g, bool)
@@ -174,19 +179,24 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         evaluated_mask[j0 + ev] = True
         # Pooled out-of-fold predictions: one all-sample shift (see METHODS.md, emo).
         Ye = _shift_all(Yc, cohort)
-        metrics = stats.gene_metric_columns(to_patients(o, ev), to_patients(Ye, ev))
+        truth = to_patients(Ye, ev)
+        ranks = stats.gene_ranks(truth) if unpermute is not None else None  # ranked once: the nulls reuse them
+        metrics = stats.gene_metric_columns(to_patients(o, ev), truth, true_ranks=ranks)
+        del truth
         # The deployed model: refit on every sample (metrics are out-of-fold and stay honest).
         heads = final.basis.fit(Ye, cols=ev, xty=ch.final_xty(ev), sums=ch.final_sums(ev), threads=fit_threads)
         coef[:, j0 + ev], intercept[j0 + ev], alpha_final[j0 + ev] = heads.coef, heads.intercept, heads.alpha
         for i, perm in enumerate(perms):
             if ch.sums:  # the permuted targets are read as rows perm of Yc, never copied whole
                 po, _, _ = ch.run(Yc, perm, threads=fit_threads)
-                true = to_patients(Yc, ev, perm)
             else:
                 Yp = Yc.T.take(perm, axis=1).T  # permuted rows, still gene-major
                 po, _, _ = ch.run(Yp, threads=fit_threads)
-                true = to_patients(_shift_all(Yp, cohort), ev)
-            null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po, ev), true)
+            if unpermute is not None:  # the pairs (po[i], Yc[perm[i]]) put back in row order: the observed truth
+                null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po, ev, unpermute[i]), None, true_ranks=ranks)
+            else:
+                true = to_patients(Yc, ev, perm) if ch.sums else to_patients(_shift_all(Yp, cohort), ev)
+                null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po, ev), true)
         return j0 + ev, metrics
 
     starts = list(range(0, g, step))
