@@ -301,3 +301,21 @@ def test_fit_genes_runs_without_numpy_huge_page_advice_and_restores_it(monkeypat
         assert current() is True
     finally:
         setter(before)
+
+
+def test_out_of_fold_table_is_saved_from_the_fits_own_array(monkeypatch, tmp_path):
+    """The out-of-fold predictions are made gene-major, so the saved table's float columns are that array's own
+    contiguous columns: the Parquet writer lays out no column-major copy of samples x genes (it did for a
+    sample-major array). Checked with every gene evaluated (the table is then the array itself)."""
+    from hefeat.store import tables
+
+    monkeypatch.setattr(tables, "WIDE", 5)  # the wide-table path a 20,000-gene table takes
+    res = _fit(monkeypatch, 4, min_variance=1e-9, permutations=1)
+    df = res.tables["oof_predictions"]
+    assert res.summary["n_genes"] == 31 and df.shape == (len(_data().ids), 3 + 31)
+    seen = []
+    real = tables._column_major
+    monkeypatch.setattr(tables, "_column_major", lambda block: seen.append(block.flags.f_contiguous) or real(block))
+    tables.write_parquet(df, tmp_path / "oof.parquet")
+    assert seen == [True]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "oof.parquet"), df)

@@ -152,7 +152,9 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     # the rank sums are exact in float64, `stats._spearman_ranked`).
     unpermute = [np.argsort(q) for q in perms] if cohort is None and n_units == len(tested) == n else None
     final = _final_design(data.X, p)
-    oof = np.empty((n, g))  # every chunk writes all its rows (NaN where no fold tested them)
+    # Every chunk writes all its rows (NaN where no fold tested them). Gene-major: a chunk's columns are one
+    # contiguous block, and the saved table's columns are the array's own (no column-major copy of n x g to write it).
+    oof = np.empty((n, g), order="F")
     kept = np.zeros(g, bool)
     evaluated_mask = np.zeros(g, bool)
     alphas = np.zeros((len(folds), g))
@@ -472,18 +474,28 @@ class _GeneCV:
             if not keep.any():
                 continue
             cols = np.flatnonzero(keep)
-            at = f.test if len(cols) == k else np.ix_(f.test, cols)  # whole rows: a row scatter, not a 2-d one
             if self.sums:
                 sums = self._sums(mean[cols], (len(f.train) - 1) * var[cols])
             heads = self.designs[i].basis.fit(Y, rows=rows, cols=cols,  # Y's rows/genes read in chunks
                                               xty=None if xty is None else xty[:, cols], sums=sums, threads=threads)
             alphas[i, cols] = heads.alpha
             if p.level == "slide":
-                oof[at] = heads.predict(self.X_test[i])
+                pred = heads.predict(self.X_test[i])
             else:
-                oof[at] = tile_level_predict(self.store, p.extraction_id, data, f.train, f.test, keep, heads.alpha,
-                                             Y, self.cache)
+                pred = tile_level_predict(self.store, p.extraction_id, data, f.train, f.test, keep, heads.alpha, Y,
+                                          self.cache)
+            _put_rows(oof, f.test, None if len(cols) == k else cols, pred)
         return oof, kept, alphas
+
+
+def _put_rows(out: np.ndarray, rows: np.ndarray, cols: np.ndarray | None, values: np.ndarray) -> None:
+    """out[rows, cols] = values (cols None: every column). A gene-major (Fortran-ordered) `out` is written gene by
+    gene down its contiguous columns: numpy's row scatter would cross every gene's column for each row."""
+    if out.flags.f_contiguous and not out.flags.c_contiguous:
+        for j, c in enumerate(range(out.shape[1]) if cols is None else cols):
+            out[rows, c] = values[:, j]
+    else:
+        out[rows if cols is None else np.ix_(rows, cols)] = values  # whole rows: a row scatter, not a 2-d one
 
 
 def _cohort_labels(store: Store, data: SlideLevelData, col: str) -> np.ndarray:
