@@ -93,3 +93,29 @@ def test_targets_equal_the_copying_path_bit_for_bit(targets_store, monkeypatch, 
     np.testing.assert_allclose(p.Y, ref, rtol=1e-13, atol=0)
     with pytest.raises(HefeatError, match="Unknown transform"):
         sample_targets(st, "e", transform="sqrt")
+
+
+def test_targets_read_as_they_are_and_bad_values_named(targets_store, monkeypatch, tmp_path):
+    """Every sample and the genes in their stored order: the matrix read (float64, transformed batch by batch in
+    batches of 3 rows) is the targets array itself, with the copying transform's bits. A missing value, or a value the
+    log transform cannot take (<= -1), is a one-line error naming the gene, under the transform that meets it."""
+    from hefeat.learn.data import expression_table, sample_targets
+    from hefeat.store import expression
+    from hefeat.store.ingest import ingest_expression
+
+    st, slides = targets_store
+    monkeypatch.setattr(data_mod, "finished_slides", lambda store, eid: slides)
+    monkeypatch.setattr(expression, "READ_ROWS", 3)
+    genes = st.sql("SELECT gene FROM expression_genes WHERE dataset = 'expression' ORDER BY pos")["gene"].tolist()
+    d = sample_targets(st, "e", genes=genes)
+    wide = expression_table(st, genes=genes)
+    assert np.array_equal(d.Y.view(np.int64), transform_values(wide.loc[d.ids].to_numpy(), "log1p").view(np.int64))
+    expr = wide.reset_index()
+    expr.loc[2, genes[4]] = -1.5  # log1p: NaN
+    expr.loc[5, genes[7]] = np.nan  # missing
+    expr.to_parquet(tmp_path / "bad.parquet", index=False)
+    ingest_expression(st, tmp_path / "bad.parquet", dataset="bad")
+    with pytest.raises(HefeatError, match=rf"missing \(NaN\) or invalid under log1p .* 2 genes: .*{genes[4]}"):
+        sample_targets(st, "e", dataset="bad")
+    with pytest.raises(HefeatError, match=rf"under none .* 1 genes: {genes[7]};"):
+        sample_targets(st, "e", dataset="bad", transform="none")  # -1.5 is a fine value untransformed

@@ -90,15 +90,25 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     if dataset not in known:
         raise HefeatError(f"No target table {dataset!r} in the store (have: {', '.join(known) or 'none'}); "
                           "ingest one with hefeat ingest expression")
-    # The stored float32 matrix, read once: no float64 DataFrame, no sorted copy (expression_table's columns).
-    sample_ids, gene_names, values = read_matrix(store, dataset, genes)
+    if transform not in TRANSFORMS:
+        transform_inplace(np.zeros(0), transform)  # the one-line error, before any work
+    # The stored matrix read once into float64 and transformed batch by batch as it lands: no float32 copy of it, no
+    # float64 DataFrame, no sorted copy (expression_table's columns); every sample in sorted gene order (the usual
+    # case) is used as it is.
+    def convert(v: np.ndarray) -> None:
+        with np.errstate(invalid="ignore", divide="ignore"):  # values it cannot take are named below
+            transform_inplace(v, transform)
+
+    sample_ids, gene_names, values = read_matrix(store, dataset, genes, dtype=np.float64, convert=convert)
     order = np.arange(len(gene_names)) if genes is not None else np.argsort(np.array(gene_names, str), kind="stable")
-    nan = np.zeros(len(gene_names), bool)
-    for part in _blocks(len(values), lambda a, b: np.isnan(values[a:b]).any(0)):
-        nan |= part
-    if nan.any():
-        bad = [gene_names[j] for j in order if nan[j]]
-        raise HefeatError(f"Targets contain NaN for genes {bad[:5]} (or samples missing genes); impute or drop them")
+    bad = np.zeros(len(gene_names), bool)
+    for part in _blocks(len(values), lambda a, b: ~np.isfinite(values[a:b]).all(0)):
+        bad |= part
+    if bad.any():  # NaN read (a missing value), or the transform's NaN/-inf (a log of 1 + x <= 0)
+        names = [gene_names[j] for j in order if bad[j]]
+        raise HefeatError(f"Targets of {dataset!r} are missing (NaN) or invalid under {transform} (a value <= -1) for "
+                          f"{len(names)} genes: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}; impute or drop "
+                          "them")
     sample_index = pd.Index(sample_ids)
     smap = store.sql("SELECT s.sample_id, s.slide_id, sl.patient_id, sl.site FROM samples s JOIN slides sl "
                      "USING (slide_id) WHERE s.dataset = ?", [dataset])
@@ -118,19 +128,19 @@ def sample_targets(store: Store, extraction_id: str, *, dataset: str = "expressi
     slides = [a.tolist() for a in np.split(sl["slide_id"].to_numpy(), cut)]
     sm = smap.assign(_g=gpos).drop_duplicates(["_g", "sample_id"]).sort_values("_g", kind="stable")
     rows = sample_index.get_indexer(sm["sample_id"])
-    if transform not in TRANSFORMS:
-        transform_inplace(np.zeros(0), transform)  # the one-line error, before any work
-    Yt = np.empty((len(rows), len(order)))  # float64 targets, filled and transformed in place in row blocks
     sorted_cols = bool((order == np.arange(len(order))).all())
     same_rows = len(rows) == len(values) and bool((rows == np.arange(len(rows))).all())
+    if same_rows and sorted_cols:
+        Yt = values
+    else:  # a subset or another order of samples or genes: gathered into place in row blocks
+        Yt = np.empty((len(rows), len(order)))
 
-    def fill(a: int, b: int) -> None:
-        block = values[a:b] if same_rows else values[rows[a:b]]  # a view when every sample is used, in order
-        np.copyto(Yt[a:b], block if sorted_cols else block[:, order])  # float32 -> float64, into place
-        transform_inplace(Yt[a:b], transform)
+        def fill(a: int, b: int) -> None:
+            block = values[a:b] if same_rows else values[rows[a:b]]
+            Yt[a:b] = block if sorted_cols else block[:, order]
 
-    _blocks(len(rows), fill)
-    values = None  # the float32 matrix is freed here (the closures above read it)
+        _blocks(len(rows), fill)
+    values = None  # the full matrix is freed here when it was gathered (the closures above read it)
     starts = np.searchsorted(sm["_g"].to_numpy(), np.arange(len(ids)))
     sizes = np.diff(np.append(starts, len(Yt)))
     Y = Yt if (sizes == 1).all() else np.add.reduceat(Yt, starts, axis=0) / sizes[:, None]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,11 +67,14 @@ def write_matrix(con, dataset: str, sample_ids: list[str], genes: list[str], val
     return info
 
 
-def read_matrix(store: Store, dataset: str = "expression", genes: list[str] | None = None
+def read_matrix(store: Store, dataset: str = "expression", genes: list[str] | None = None, *,
+                dtype=np.float32, convert: Callable[[np.ndarray], None] | None = None
                 ) -> tuple[list[str], list[str], np.ndarray]:
     """(sample_ids, genes, values float32 of shape (n_samples, n_genes)) of a dataset, samples sorted.
 
     `genes` picks columns in the given order (unknown genes are a one-line error); missing values are NaN.
+    `dtype` (e.g. float64) and `convert` (applied in place to each batch of rows as it lands, e.g. a transform) give
+    the matrix a fit needs in one pass, without a float32 copy of it first.
     """
     import pyarrow.compute as pc
 
@@ -94,7 +98,7 @@ def read_matrix(store: Store, dataset: str = "expression", genes: list[str] | No
     if not where.is_unique:
         raise HefeatError(f"Expression dataset {dataset!r} lists a sample twice; re-ingest it")
     g = len(out_genes)
-    out = np.empty((len(ids), g), np.float32)
+    out = np.empty((len(ids), g), dtype)
     filled = np.zeros(len(ids), bool)
 
     def fill(cur, statement, params):
@@ -107,8 +111,17 @@ def read_matrix(store: Store, dataset: str = "expression", genes: list[str] | No
             if (rows < 0).any() or flat.size != len(rows) * g:
                 raise HefeatError(f"Expression dataset {dataset!r} is inconsistent (rows of different lengths, or "
                                   "changed while read); re-ingest it")
-            run = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all()
-            out[slice(rows[0], rows[-1] + 1) if run else rows] = flat.reshape(len(rows), g)
+            block = flat.reshape(len(rows), g)
+            if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+                dst = out[rows[0]:rows[-1] + 1]  # a run of rows (the usual case): converted where it lands
+                dst[...] = block
+                if convert is not None:
+                    convert(dst)
+            else:
+                if convert is not None:
+                    block = block.astype(dtype)
+                    convert(block)
+                out[rows] = block
             filled[rows] = True
 
     store._run(f'SELECT sample_id, {sel} AS v FROM expression_matrix WHERE dataset = ?', [dataset], None, fill)
