@@ -79,9 +79,9 @@ def test_gene_chunks_on_threads_give_the_serial_numbers(monkeypatch, kw):
     begin = emo._GeneCV.begin_chunk
     pair = threading.Barrier(2, timeout=30)  # 8 chunks: each waits for another to begin, so two always overlap
 
-    def spy(self, Yc):
+    def spy(self, Yc, *a):
         names.add(threading.current_thread().name)
-        ch = begin(self, Yc)
+        ch = begin(self, Yc, *a)
         pair.wait()
         return ch
 
@@ -319,3 +319,34 @@ def test_out_of_fold_table_is_saved_from_the_fits_own_array(monkeypatch, tmp_pat
     tables.write_parquet(df, tmp_path / "oof.parquet")
     assert seen == [True]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "oof.parquet"), df)
+
+
+def test_chunks_reuse_their_threads_buffers(monkeypatch):
+    """The chunk-sized arrays each chunk remakes (targets, float32 copy, a null's predictions) are one buffer per
+    thread, written chunk after chunk (a ragged last chunk uses its first columns): 8 chunks on one thread make one of
+    each, and the fit still equals the whole-matrix pass (test_gene_chunks_give_the_whole_matrix_numbers)."""
+    from hefeat.learn import stats
+
+    seen = {"targets": set(), "float32": set(), "null": set()}
+    copy, begin, run = stats.transposed_copy, emo._GeneCV.begin_chunk, emo._GeneCV.run
+
+    def spy_copy(a, out=None):
+        seen["targets"].add(out.__array_interface__["data"][0])
+        return copy(a, out)
+
+    def spy_begin(self, Yc, y32=None):
+        seen["float32"].add(y32.__array_interface__["data"][0])
+        return begin(self, Yc, y32)
+
+    def spy_run(self, Yc, perm=None, out=None, threads=None):
+        if perm is not None:
+            seen["null"].add(out.__array_interface__["data"][0])
+        return run(self, Yc, perm, out, threads)
+
+    monkeypatch.setattr(stats, "transposed_copy", spy_copy)
+    monkeypatch.setattr(emo._GeneCV, "begin_chunk", spy_begin)
+    monkeypatch.setattr(emo._GeneCV, "run", spy_run)
+    monkeypatch.setattr(emo, "chunk_threads", lambda g: 1)
+    res = _fit(monkeypatch, 4, permutations=2)  # 31 genes: 8 chunks, the last of 3
+    assert res.summary["n_genes"] >= 20
+    assert {k: len(v) for k, v in seen.items()} == {"targets": 1, "float32": 1, "null": 1}

@@ -9,6 +9,7 @@ proliferation score = mean of the 11 PAM50 proliferation genes.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -168,10 +169,18 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     step = g if p.level == "tile" else int(max(1, min(g, CHUNK_BYTES // (8 * n) // workers)))
     fit_threads = None if workers == 1 else 1
 
+    scratch = threading.local()  # each chunk thread's buffers, reused chunk after chunk (below)
+
     def one(j0: int, data=data, cv=cv, oof=oof) -> tuple:  # (bound here: the names are deleted below)
+        k = min(step, g - j0)
+        if not hasattr(scratch, "buffers"):
+            # The chunk-sized arrays every chunk remakes (targets, their float32 copy, a null's predictions), made once
+            # per thread: fresh pages cost a fault each to zero, 1.2 GB per 10,000 x 20,000 pass of each.
+            scratch.buffers = (np.empty((step, n)), np.empty((step, n), np.float32), np.empty((n, step)))
+        yt, y32, pred = scratch.buffers
         # gene-major (Fortran-ordered): the ridge gathers each fold's rows per gene
-        Yc = stats.transposed_copy(data.Y[:, j0:j0 + step]).T
-        ch = cv.begin_chunk(Yc)
+        Yc = stats.transposed_copy(data.Y[:, j0:j0 + k], yt[:k]).T
+        ch = cv.begin_chunk(Yc, y32[:k])
         o, keep, al = ch.run(Yc, out=oof[:, j0:j0 + step], threads=fit_threads)  # in place: no chunk-sized copy
         kept[j0:j0 + step] = keep.all(0)
         alphas[:, j0:j0 + step] = al
@@ -190,10 +199,10 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         coef[:, j0 + ev], intercept[j0 + ev], alpha_final[j0 + ev] = heads.coef, heads.intercept, heads.alpha
         for i, perm in enumerate(perms):
             if ch.sums:  # the permuted targets are read as rows perm of Yc, never copied whole
-                po, _, _ = ch.run(Yc, perm, threads=fit_threads)
+                po, _, _ = ch.run(Yc, perm, out=pred[:, :k], threads=fit_threads)
             else:
                 Yp = Yc.T.take(perm, axis=1).T  # permuted rows, still gene-major
-                po, _, _ = ch.run(Yp, threads=fit_threads)
+                po, _, _ = ch.run(Yp, out=pred[:, :k], threads=fit_threads)
             if unpermute is not None:  # the pairs (po[i], Yc[perm[i]]) put back in row order: the observed truth
                 null[i, j0 + ev] = stats.columnwise_spearman(to_patients(po, ev, unpermute[i]), None, true_ranks=ranks)
             else:
@@ -351,10 +360,11 @@ class _GeneCV:
             self.partition = np.array_equal(np.sort(np.concatenate([f.test for f in folds])), np.arange(len(X)))
             self._chunk = None
 
-    def begin_chunk(self, Yc: np.ndarray) -> _GeneCV:
+    def begin_chunk(self, Yc: np.ndarray, y32: np.ndarray | None = None) -> _GeneCV:
         """This CV for the gene chunk Yc (n, k): a shallow copy holding the chunk's state (chunks may run on threads
         at once). On the sums path, whole-chunk sums shared by its CV, its final fit and its permuted CVs (sums
-        over all rows do not change under a permutation of the rows); X'Yc is made on first use per row order."""
+        over all rows do not change under a permutation of the rows); X'Yc is made on first use per row order. `y32`: a
+        (k, n) float32 buffer for the chunk's float32 copy (a new array if None)."""
         ch = copy.copy(self)
         if self.sums:
             from hefeat.learn.ridge import TrainingSums
@@ -363,7 +373,7 @@ class _GeneCV:
             ch._chunk = (Yc, s1, np.einsum("ij,ij->j", Yc, Yc), {})
             # float32 gene-major copy minus each gene's mean (a permutation does not change it): every fit of the
             # chunk gathers its training rows from it for the float32 residuals
-            ch._y32 = TrainingSums.gene_major(Yc, s1 / len(Yc))
+            ch._y32 = TrainingSums.gene_major(Yc, s1 / len(Yc), y32)
         return ch
 
     def _xty(self, perm: np.ndarray | None) -> np.ndarray:

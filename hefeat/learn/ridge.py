@@ -471,9 +471,9 @@ class TrainingSums:
         return self.y32[np.ix_(cols, rows)]  # one gather, not the columns' copy and then its rows
 
     @staticmethod
-    def gene_major(Y: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        """(g, n) float32 copy of Y (n, g) minus offset (g,) per column, as TrainingSums.y32."""
-        out = np.empty(Y.shape[::-1], np.float32)
+    def gene_major(Y: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(g, n) float32 copy of Y (n, g) minus offset (g,) per column, as TrainingSums.y32 (into `out` when given)."""
+        out = np.empty(Y.shape[::-1], np.float32) if out is None else out
         np.subtract(Y.T, offset[:, None], out=out, casting="same_kind")
         return out
 

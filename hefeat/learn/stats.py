@@ -21,12 +21,12 @@ CORRECTIONS = {"bh": "fdr_bh", "bonferroni": "bonferroni", "holm": "holm", "holm
 TRANSPOSE_BLOCK = 128  # rows and columns per tile of transposed_copy: a 128 x 128 float64 tile pair stays in L2
 
 
-def transposed_copy(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of a.T (a 2-d), copied tile by tile. numpy's own transposing copy walks one side with a
-    large stride: measured 449 ms for a 10,000 x 1,677 float64 chunk (np.asfortranarray) and 32 ms for an
-    8,968 x 256 block of ranks against 59 ms and ~3 ms tiled; the values are the same."""
+def transposed_copy(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A C-contiguous copy of a.T (a 2-d), copied tile by tile (into `out` (g, n) when given). numpy's own transposing
+    copy walks one side with a large stride: measured 449 ms for a 10,000 x 1,677 float64 chunk (np.asfortranarray)
+    and 32 ms for an 8,968 x 256 block of ranks against 59 ms and ~3 ms tiled; the values are the same."""
     n, g = a.shape
-    out = np.empty((g, n), a.dtype)
+    out = np.empty((g, n), a.dtype) if out is None else out
     b = TRANSPOSE_BLOCK
     for j in range(0, g, b):
         for i in range(0, n, b):
