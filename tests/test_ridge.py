@@ -115,6 +115,16 @@ def test_bounded_scores_and_shared_basis_match_sklearn():
     again, fresh = basis.fit(Y[::-1][rows], cols=np.arange(0, g, 3)), fit_ridge_heads(X, Y[:, ::3], alphas=alphas)
     np.testing.assert_array_equal(again.alpha, fresh.alpha)
     np.testing.assert_allclose(again.coef, fresh.coef, rtol=1e-10, atol=1e-14)
+    # Two rounds (each gene's likeliest penalty, then the candidates reaching its exact score) score fewer pairs than
+    # every candidate of the bounds in one round, with the penalties above.
+    Yc = Y - Y.mean(0)
+    y2 = np.einsum("ij,ij->j", Yc, Yc)
+    _, _, est, bnd = RidgeBasis(X, alphas)._bracket(np.ascontiguousarray(Yc.T, np.float32), basis.U.T @ Yc, None, y2)
+    top = (est + bnd).min(0)
+    one_round = int((est - bnd <= top + basis._slack(top, y2)).sum())
+    counted = RidgeBasis(X, alphas)
+    counted.fit(Y, block=50)
+    assert g <= counted.pairs_scored < one_round
 
 
 @pytest.mark.parametrize("seed", [10, 11])
