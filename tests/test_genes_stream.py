@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hefeat.learn import aggregate, emo
+from hefeat.learn import aggregate, emo, emo_cv
 from hefeat.learn import data as data_mod
 from hefeat.learn.data import SlideLevelData
 from hefeat.learn.emo import GenesParams, fit_genes
@@ -76,7 +76,7 @@ def test_gene_chunks_on_threads_give_the_serial_numbers(monkeypatch, kw):
 
     serial = _fit(monkeypatch, 4, **kw)
     names = set()
-    begin = emo._GeneCV.begin_chunk
+    begin = emo_cv.GeneCV.begin_chunk
     pair = threading.Barrier(2, timeout=30)  # 8 chunks: each waits for another to begin, so two always overlap
 
     def spy(self, Yc, *a):
@@ -85,7 +85,7 @@ def test_gene_chunks_on_threads_give_the_serial_numbers(monkeypatch, kw):
         pair.wait()
         return ch
 
-    monkeypatch.setattr(emo._GeneCV, "begin_chunk", spy)
+    monkeypatch.setattr(emo_cv.GeneCV, "begin_chunk", spy)
     monkeypatch.setattr(emo, "chunk_threads", lambda g: 2)
     threaded = _fit(monkeypatch, 8, **kw)  # 8 genes of memory per chunk, halved for two threads: chunks of 4
     assert len(names) == 2 and threading.main_thread().name not in names
@@ -137,14 +137,14 @@ def test_streamed_fit_matches_a_direct_computation(monkeypatch, singles):
 
 
 def _rows_path(monkeypatch):
-    """Force the per-fold row path of _GeneCV (training rows gathered, c = U'y) where the sums path would run."""
-    init = emo._GeneCV.__init__
+    """Force the per-fold row path of GeneCV (training rows gathered, c = U'y) where the sums path would run."""
+    init = emo_cv.GeneCV.__init__
 
     def rows_init(self, *a, **k):
         init(self, *a, **k)
         self.sums = False
 
-    monkeypatch.setattr(emo._GeneCV, "__init__", rows_init)
+    monkeypatch.setattr(emo_cv.GeneCV, "__init__", rows_init)
 
 
 @pytest.mark.parametrize("kw", [dict(permutations=2), dict(permutations=1, median_positive=True,
@@ -216,7 +216,7 @@ def test_patient_means_gather_single_rows_and_sum_the_rest_in_order():
 
 
 def test_cv_writes_out_of_fold_predictions_in_place():
-    """_GeneCV.run writes every element of the block it is given (a column slice of the whole out-of-fold array, as
+    """GeneCV.run writes every element of the block it is given (a column slice of the whole out-of-fold array, as
     fit genes passes it, holding other values before): the predictions run() returns without it, NaN where a fold
     dropped the gene, nothing outside the slice touched; and patient means read the strided slice as a copy would."""
     from hefeat.learn.splits import parse_split
@@ -224,7 +224,7 @@ def test_cv_writes_out_of_fold_predictions_in_place():
     d = _data()
     n, g = d.Y.shape
     folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
-    cv = emo._GeneCV(None, GenesParams(extraction_id="e"), d, folds, None)
+    cv = emo_cv.GeneCV(None, GenesParams(extraction_id="e"), d, folds, None)
     Yc = np.asfortranarray(d.Y)
     cv = cv.begin_chunk(Yc)
     ref, kept, alphas = cv.run(Yc)
@@ -252,7 +252,7 @@ def test_kfold_cv_sums_its_folds_test_products_into_x_y_and_a_holdout_does_not()
     Yc = np.asfortranarray(d.Y)
     perm = np.random.default_rng(4).permutation(n)
     folds = parse_split("patient-kfold:5", d.ids, d.groups, seed=0)
-    cv = emo._GeneCV(None, GenesParams(extraction_id="e"), d, folds, None).begin_chunk(Yc)
+    cv = emo_cv.GeneCV(None, GenesParams(extraction_id="e"), d, folds, None).begin_chunk(Yc)
     assert cv.partition
     for order in (None, perm):
         parts = cv._test_sums(order)
@@ -262,7 +262,7 @@ def test_kfold_cv_sums_its_folds_test_products_into_x_y_and_a_holdout_does_not()
         for i, f in enumerate(folds):
             np.testing.assert_allclose(parts[i][2], cv.Xg[f.test].T @ Y[f.test], rtol=1e-12, atol=1e-12)
     held = [type(folds[0])(name="holdout", train=folds[0].train, test=folds[0].test)]
-    cv = emo._GeneCV(None, GenesParams(extraction_id="e"), d, held, None).begin_chunk(Yc)
+    cv = emo_cv.GeneCV(None, GenesParams(extraction_id="e"), d, held, None).begin_chunk(Yc)
     assert not cv.partition
     cv._test_sums(None)
     assert cv._chunk[3] == {}  # not filled with one fold's rows: _xty computes X'Y of every row when asked
@@ -284,8 +284,8 @@ def test_fit_genes_runs_without_numpy_huge_page_advice_and_restores_it(monkeypat
         return bool(v)
 
     seen = []
-    run = emo._GeneCV.run
-    monkeypatch.setattr(emo._GeneCV, "run", lambda self, *a, **k: seen.append(current()) or run(self, *a, **k))
+    run = emo_cv.GeneCV.run
+    monkeypatch.setattr(emo_cv.GeneCV, "run", lambda self, *a, **k: seen.append(current()) or run(self, *a, **k))
     before = setter(True)
     try:
         _fit(monkeypatch, None, permutations=1)
@@ -295,7 +295,7 @@ def test_fit_genes_runs_without_numpy_huge_page_advice_and_restores_it(monkeypat
         _fit(monkeypatch, None)
         assert current() is False  # restored to what it was, not switched on
         setter(True)
-        monkeypatch.setattr(emo, "_shift_all", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        monkeypatch.setattr(emo, "shift_all", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(RuntimeError, match="boom"):
             _fit(monkeypatch, None)
         assert current() is True
@@ -328,7 +328,7 @@ def test_chunks_reuse_their_threads_buffers(monkeypatch):
     from hefeat.learn import stats
 
     seen = {"targets": set(), "float32": set(), "null": set()}
-    copy, begin, run = stats.transposed_copy, emo._GeneCV.begin_chunk, emo._GeneCV.run
+    copy, begin, run = stats.transposed_copy, emo_cv.GeneCV.begin_chunk, emo_cv.GeneCV.run
 
     def spy_copy(a, out=None):
         seen["targets"].add(out.__array_interface__["data"][0])
@@ -344,8 +344,8 @@ def test_chunks_reuse_their_threads_buffers(monkeypatch):
         return run(self, Yc, perm, out, threads)
 
     monkeypatch.setattr(stats, "transposed_copy", spy_copy)
-    monkeypatch.setattr(emo._GeneCV, "begin_chunk", spy_begin)
-    monkeypatch.setattr(emo._GeneCV, "run", spy_run)
+    monkeypatch.setattr(emo_cv.GeneCV, "begin_chunk", spy_begin)
+    monkeypatch.setattr(emo_cv.GeneCV, "run", spy_run)
     monkeypatch.setattr(emo, "chunk_threads", lambda g: 1)
     res = _fit(monkeypatch, 4, permutations=2)  # 31 genes: 8 chunks, the last of 3
     assert res.summary["n_genes"] >= 20

@@ -26,7 +26,8 @@ float32 margin) cannot be the gene's LOO-best; only the others get their cross t
 (e∘c)·((U∘δ)'q) for the genes where that penalty is a candidate, in two rounds: each gene's most likely
 penalty first, then the candidates whose lower end still reaches that exact score (1.6 per gene of 15 on
 the fabricated store's features, where δ spans ~0.08; 2.1 in one round). The best penalty always is one,
-so every gene's reported LOO MSE is exact. No weight approximation is involved: the chosen penalties are those of the exact scores.
+so every gene's reported LOO MSE is exact. No weight approximation is involved: the chosen penalties are
+those of the exact scores.
 
 Genes stream in chunks sized to memory. The big GEMMs run in float32; the decomposition, c and the final
 coefficients are float64, and genes whose best two penalties are within float32 error of each other are
@@ -316,7 +317,7 @@ class RidgeBasis:
         # Two rounds: each gene's most likely penalty (the middle of its interval lowest) first, then only the
         # candidates whose lower end still reaches that exact score. The best penalty's score is at most any score, so
         # it stays a candidate; a penalty dropped here scores above the first by more than the float32 margin, so the
-        # near-tie re-scoring in `_fit_block` meets the same penalties. ~2/3 of the second-round pairs go.
+        # near-tie re-scoring in `_fit_block` meets the same penalties. About half the other candidates go.
         first = np.zeros((A, k), bool)
         first[np.where(cand, est, np.inf).argmin(0), np.arange(k)] = True
         for todo in (first, None):

@@ -73,12 +73,12 @@ def _rank(a: np.ndarray) -> np.ndarray:
 
 
 def _ranks_by_gene(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """`_rank` of a (n, g) float64, one gene per row (g, n), C-ordered (written into `out` when given). One sort per gene of 64-bit keys
-    (`_sort_keys`: float32 value, position) instead of a float64 argsort and a gather of the sorted values: values
-    whose float32 roundings are equal (a tie, or distinct float64 values one float32 apart) are few and are ordered
-    and compared in float64 afterwards, so the ranks are exact; ties get the mean of their run's first and last
-    position there, the other values their position. The ranks are scattered row by row (a gene's positions index
-    one contiguous row: 2.7x faster than np.put_along_axis's broadcast index over the block)."""
+    """`_rank` of a (n, g) float64, one gene per row (g, n), C-ordered (written into `out` when given). One sort
+    per gene of 64-bit keys (`_sort_keys`: float32 value, position) instead of a float64 argsort and a gather of the
+    sorted values: values whose float32 roundings are equal (a tie, or distinct float64 values one float32 apart) are
+    few and are ordered and compared in float64 afterwards, so the ranks are exact; ties get the mean of their run's
+    first and last position there, the other values their position. The ranks are scattered row by row (a gene's
+    positions index one contiguous row: 2.7x faster than np.put_along_axis's broadcast index over the block)."""
     n, g = a.shape
     out = np.empty((g, n)) if out is None else out
     if n == 0 or g == 0:
@@ -314,7 +314,7 @@ def gene_metric_columns(pred: np.ndarray, true: np.ndarray, *, true_ranks: np.nd
                         ) -> dict[str, np.ndarray]:
     """Per-column Pearson r, Spearman r, R² and RMSE of pred (n, g) against true (n, g), in blocks of genes (each
     block's columns read once for all four); `true_ranks`: true's ranks (`gene_ranks`), when made already."""
-    out = _by_columns(_four, pred, true, ranks=true_ranks)
+    out = _by_columns(_four, pred, true, None, true_ranks)
     return dict(zip(("pearson_r", "spearman_r", "r2", "rmse"), out, strict=True))
 
 
