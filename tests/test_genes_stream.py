@@ -350,3 +350,20 @@ def test_chunks_reuse_their_threads_buffers(monkeypatch):
     res = _fit(monkeypatch, 4, permutations=2)  # 31 genes: 8 chunks, the last of 3
     assert res.summary["n_genes"] >= 20
     assert {k: len(v) for k, v in seen.items()} == {"targets": 1, "float32": 1, "null": 1}
+
+
+def test_too_few_samples_and_constant_targets_are_one_line_errors(monkeypatch):
+    """Fewer than 6 samples, or every gene constant, is a NotEstimable naming why, before any fold is made."""
+    from hefeat.learn.registry import NotEstimable
+
+    d = _data()
+    small = SlideLevelData(ids=d.ids[:5], groups=d.groups[:5], slides=d.slides[:5], X=d.X[:5], Y=d.Y[:5],
+                           genes=d.genes, sites=d.sites[:5])
+    monkeypatch.setattr(data_mod, "slide_level_data", lambda *a, **k: small)
+    with pytest.raises(NotEstimable, match="Only 5 samples have both targets and features"):
+        fit_genes(None, GenesParams(extraction_id="e", split="patient-kfold:9"), "gen-x")
+    flat = SlideLevelData(ids=d.ids, groups=d.groups, slides=d.slides, X=d.X, Y=np.full_like(d.Y, 2.5), genes=d.genes,
+                          sites=d.sites)
+    monkeypatch.setattr(data_mod, "slide_level_data", lambda *a, **k: flat)
+    with pytest.raises(NotEstimable, match="Every gene is constant"):
+        fit_genes(None, GenesParams(extraction_id="e"), "gen-x")
