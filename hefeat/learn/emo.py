@@ -181,10 +181,10 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         # gene-major (Fortran-ordered): the ridge gathers each fold's rows per gene
         Yc = stats.transposed_copy(data.Y[:, j0:j0 + k], yt[:k]).T
         ch = cv.begin_chunk(Yc, y32[:k])
-        o, keep, al = ch.run(Yc, out=oof[:, j0:j0 + step], threads=fit_threads)  # in place: no chunk-sized copy
-        kept[j0:j0 + step] = keep.all(0)
-        alphas[:, j0:j0 + step] = al
-        ev = np.flatnonzero(kept[j0:j0 + step] & ~np.isnan(o if len(tested) == n else o[tested]).any(0))
+        o, keep, al = ch.run(Yc, out=oof[:, j0:j0 + k], threads=fit_threads)  # in place: no chunk-sized copy
+        kept[j0:j0 + k] = keep.all(0)
+        alphas[:, j0:j0 + k] = al
+        ev = np.flatnonzero(kept[j0:j0 + k] & ~np.isnan(o if len(tested) == n else o[tested]).any(0))
         if not len(ev):
             return ev, {}
         evaluated_mask[j0 + ev] = True

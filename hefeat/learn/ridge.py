@@ -318,13 +318,8 @@ class RidgeBasis:
         # candidates whose lower end still reaches that exact score. The best penalty's score is at most any score, so
         # it stays a candidate; a penalty dropped here scores above the first by more than the float32 margin, so the
         # near-tie re-scoring in `_fit_block` meets the same penalties. About half the other candidates go.
-        first = np.zeros((A, k), bool)
-        first[np.where(cand, est, np.inf).argmin(0), np.arange(k)] = True
-        for todo in (first, None):
-            if todo is None:
-                top = out.min(0)
-                todo = cand & ~first & (est - bnd <= top + self._slack(top, y2))
-                scored = int(first.sum() + todo.sum())
+        def score(todo: np.ndarray) -> int:
+            """Exact scores of the (penalty, gene) pairs in `todo` into `out`; returns how many."""
             for i in range(A):
                 sel = np.flatnonzero(todo[i])
                 if not len(sel):
@@ -335,6 +330,13 @@ class RidgeBasis:
                 Z = Qt @ UDi if len(sel) == k else Qt[sel] @ UDi
                 cross = np.einsum("kr,rk->k", Z, Et[i][:, None] * Cd[:, sel], dtype=np.float64)
                 out[i, sel] = est[i, sel] + 2 * cross
+            return int(todo.sum())
+
+        first = np.zeros((A, k), bool)
+        first[np.where(cand, est, np.inf).argmin(0), np.arange(k)] = True
+        scored = score(first)
+        top = out.min(0)
+        scored += score(cand & ~first & (est - bnd <= top + self._slack(top, y2)))
         mse[idx] = out / n
         return scored, k
 

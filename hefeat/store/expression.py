@@ -70,7 +70,7 @@ def write_matrix(con, dataset: str, sample_ids: list[str], genes: list[str], val
 def read_matrix(store: Store, dataset: str = "expression", genes: list[str] | None = None, *,
                 dtype=np.float32, convert: Callable[[np.ndarray], None] | None = None
                 ) -> tuple[list[str], list[str], np.ndarray]:
-    """(sample_ids, genes, values float32 of shape (n_samples, n_genes)) of a dataset, samples sorted.
+    """(sample_ids, genes, values (n_samples, n_genes), float32 unless `dtype` says) of a dataset, samples sorted.
 
     `genes` picks columns in the given order (unknown genes are a one-line error); missing values are NaN.
     `dtype` (e.g. float64) and `convert` (applied in place to each batch of rows as it lands, e.g. a transform) give
