@@ -12,7 +12,9 @@ Fabricates (once per --workdir, reused after) two synthetic cohorts through hefe
   transform, forward, checks, HDF5 writes and commits);
 - bare: the same tiles pre-decoded in memory, the encoder alone (device transform included) at
   the precision, memory format and batch size the first run used, timed after the first run and
-  after the last (their mean is the reference, both are printed, with CPU ms per tile).
+  after the last (their mean is the reference, both are printed, with CPU ms per tile). The bare
+  pass keeps freed memory for reuse as the extraction does (hefeat.heap); with --plain-bare it is
+  also timed under glibc's default malloc, what a plain script gets (loop / that is printed too).
 Ratios printed: loop / bare and whole / bare, each from figures of this one run, with the load
 average next to each; and loop / bare in CPU time per tile (the run's `loop_cpu_s`, its process and
 DataLoader workers, against the bare pass's process time): what the wall-clock ratio comes to where
@@ -83,23 +85,28 @@ def decoded_tiles(store: Path) -> np.ndarray:
 
 
 def bare_rate(encoder: str, layer: str | None, imgs: np.ndarray, precision: str, channels_last: bool,
-              batch: int) -> tuple[float, float]:
+              batch: int, keep_freed: bool = True) -> tuple[float, float]:
     """Tiles/s of the encoder alone (device transform included) over all of `imgs` once, after a warm-up batch,
-    and its CPU ms per tile (all threads)."""
+    and its CPU ms per tile (all threads). keep_freed: inside hefeat.heap.reuse_freed_memory, as the extraction
+    runs (else glibc's defaults: what a plain script gets)."""
+    import contextlib
+
     import torch
 
     from hefeat.extract.compute import DeviceTransform, embed_batch
     from hefeat.extract.encoders import create_encoder
+    from hefeat.heap import reuse_freed_memory
 
     enc = create_encoder(encoder, weights="none", layer=layer)
     enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tr = DeviceTransform(enc.config, "cpu", channels_last=channels_last)
     x = torch.from_numpy(imgs)
-    embed_batch(enc, tr, x[:batch], device="cpu", precision=precision)  # warm-up (oneDNN primitive creation)
-    t, c = time.perf_counter(), time.process_time()
-    for i in range(0, len(x), batch):
-        embed_batch(enc, tr, x[i:i + batch], device="cpu", precision=precision).numpy()
-    return len(x) / (time.perf_counter() - t), (time.process_time() - c) / len(x) * 1000
+    with reuse_freed_memory() if keep_freed else contextlib.nullcontext():
+        embed_batch(enc, tr, x[:batch], device="cpu", precision=precision)  # warm-up (oneDNN primitive creation)
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(0, len(x), batch):
+            embed_batch(enc, tr, x[i:i + batch], device="cpu", precision=precision).numpy()
+        return len(x) / (time.perf_counter() - t), (time.process_time() - c) / len(x) * 1000
 
 
 def whole_process(store: Path, run_root: Path, cache: Path, a) -> dict:
@@ -142,29 +149,42 @@ def cohort_run(work: Path, cache: Path, name: str, n_slides: int, w: float, h: f
     imgs = decoded_tiles(store)
     name_, _, layer = a.encoder.partition(":")
 
-    def bare_pass(prec: str, cl: bool, batch: int) -> dict:
+    def bare_pass(prec: str, cl: bool, batch: int, keep_freed: bool = True) -> dict:
         load = _load()
-        rate, cpu = bare_rate(name_, layer or None, imgs, prec, cl, batch)
+        rate, cpu = bare_rate(name_, layer or None, imgs, prec, cl, batch, keep_freed)
         return {"tiles_per_s": round(rate, 2), "cpu_ms_per_tile": round(cpu, 1), "load_before": load, "load_after": _load()}
+
+    def bare_passes(r0: dict) -> tuple[dict, dict | None]:
+        """The reference (freed memory kept, as the extraction runs) and, with --plain-bare, glibc's defaults."""
+        args = (r0["precision"], r0["channels_last"], r0["batch_size"])
+        return bare_pass(*args), (bare_pass(*args, keep_freed=False) if a.plain_bare else None)
 
     runs = [whole_process(store, work / f"{name}-run", cache, a)]  # learns (or reads) what `auto` chooses
     r0 = runs[0]
-    bare = [bare_pass(r0["precision"], r0["channels_last"], r0["batch_size"])]  # before and after the measured
-    runs += [whole_process(store, work / f"{name}-run", cache, a) for _ in range(a.repeat - 1)]  # runs: drift shows
-    bare.append(bare_pass(r0["precision"], r0["channels_last"], r0["batch_size"]))
+    passes = [bare_passes(r0)]  # before and after the measured runs: drift shows
+    runs += [whole_process(store, work / f"{name}-run", cache, a) for _ in range(a.repeat - 1)]
+    passes.append(bare_passes(r0))
+    bare = [p[0] for p in passes]
     ref = float(np.mean([b["tiles_per_s"] for b in bare]))
     ref_cpu = float(np.mean([b["cpu_ms_per_tile"] for b in bare]))
     out = {"cohort": name, "slides": n_slides, "tiles": len(imgs), "bare": bare, "bare_mean_tiles_per_s": round(ref, 2),
            "runs": runs}
+    plain = [p[1] for p in passes if p[1]]
+    ref_plain = float(np.mean([b["tiles_per_s"] for b in plain])) if plain else None
+    if plain:
+        out.update({"bare_plain_malloc": plain, "bare_plain_malloc_mean_tiles_per_s": round(ref_plain, 2)})
     for i, r in enumerate(runs):
         r["loop_over_bare"] = round(r["loop_tiles_per_s"] / ref, 3)
         r["whole_over_bare"] = round(r["whole_tiles_per_s"] / ref, 3)
         # CPU per tile, bare over loop: what loop/bare is where nothing else wants the cores (load-robust)
         r["loop_over_bare_cpu"] = round(ref_cpu / r["loop_cpu_ms_per_tile"], 3) if r["loop_cpu_ms_per_tile"] else None
-        print(json.dumps({"cohort": name, "run": i, "calibration": r["calibration"], "loop/bare": r["loop_over_bare"],
-                          "whole/bare": r["whole_over_bare"], "loop/bare (CPU)": r["loop_over_bare_cpu"],
-                          "loop": r["loop_tiles_per_s"], "bare": round(ref, 2),
-                          "timings": r["timings"], "load": r["load_before"]}), flush=True)
+        line = {"cohort": name, "run": i, "calibration": r["calibration"], "loop/bare": r["loop_over_bare"],
+                "whole/bare": r["whole_over_bare"], "loop/bare (CPU)": r["loop_over_bare_cpu"],
+                "loop": r["loop_tiles_per_s"], "bare": round(ref, 2)}
+        if plain:
+            r["loop_over_bare_plain_malloc"] = round(r["loop_tiles_per_s"] / ref_plain, 3)
+            line.update({"loop/bare plain malloc": r["loop_over_bare_plain_malloc"], "bare plain malloc": round(ref_plain, 2)})
+        print(json.dumps({**line, "timings": r["timings"], "load": r["load_before"]}), flush=True)
     return out
 
 
@@ -181,6 +201,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="whole-process runs per cohort (the first may calibrate)")
     ap.add_argument("--only", choices=("large", "small"), default=None)
     ap.add_argument("--workdir", default=None, help="keep the fabricated cohorts here (reused on a re-run)")
+    ap.add_argument("--plain-bare", action="store_true",
+                    help="also time the bare encoder under glibc's default malloc (no hefeat.heap), before and after")
     a = ap.parse_args()
     import torch
 

@@ -142,6 +142,29 @@ def test_same_folds_as_the_frozen_fit(ft_store, tmp_path):
         assert set(data.unit_of[p.test]) == set(f.test) and set(data.unit_of[p.train]) == set(f.train)
 
 
+def test_training_and_prediction_keep_freed_memory(ft_store, tmp_path, monkeypatch):
+    """Each fold trains and predicts inside hefeat.heap's block (activations and gradients reuse the last step's
+    memory); the block is over when the job returns."""
+    import hefeat.finetune.train as train
+    from hefeat import heap
+
+    monkeypatch.delenv("HEFEAT_HEAP", raising=False)
+    seen = []
+    for name in ("train_fold", "predict_fold"):
+        real = getattr(train, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            seen.append((_name, heap.active()))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(train, name, spy)
+    st = _copy(ft_store, tmp_path)
+    r = _recipe("spots", tiling_id=ft_store[1], split="patient-kfold:2", folds=["fold1"], epochs=1, val_share=0.0,
+                genes="all")
+    run_job(st, r, RunOptions(workers=0, threads=1, checkpoint_every=0))
+    assert seen == [("train_fold", True), ("predict_fold", True)] and not heap.active()
+
+
 def test_kill9_mid_epoch_then_resume_is_bitwise_identical(ft_store, tmp_path):
     """SIGKILL mid-epoch 2 (steps after the last checkpoint are lost); the same command resumes from the
     checkpoint and ends with exactly the weights, losses and predictions of an uninterrupted run (that one

@@ -54,6 +54,7 @@ from hefeat.extract.plan import (  # noqa: F401  (re-exported: the plan side liv
     resolve_device,
 )
 from hefeat.extract.writer import FeatureSink, SlideFeatures
+from hefeat.heap import reuse_freed_memory
 from hefeat.runner import RunSummary, SlideRunner
 from hefeat.store import layout
 from hefeat.store.atomic import clean_stale_tmp, write_json
@@ -265,7 +266,8 @@ def run_plan(store: Store, ep: ExtractionPlan) -> RunSummary:
     info = {"dim": cfg.dim, "batch_size": opt.batch_size, "precision": prec, "device": device}
     if todo or (once and once.fused):
         _prepare_net(enc, device, transform, opt)
-    with SlideRunner(store, "extraction", eid, fail_fast=opt.fail_fast, input_digest=tiles_digest.get) as runner:
+    with SlideRunner(store, "extraction", eid, fail_fast=opt.fail_fast, input_digest=tiles_digest.get) as runner, \
+            reuse_freed_memory():  # the forward's activations reuse the last batch's memory (hefeat.heap)
         timings = _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, device=device, precision=prec,
                                 tta=s["tta"], dtype=s["dtype"], opt=opt, info=info, transform=transform,
                                 expected=int(tiled_rows.set_index("slide_id").loc[todo, "n_tiles"].sum()) if todo else 0)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hefeat.errors import HefeatError
+from hefeat.heap import reuse_freed_memory
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHOICES = ("auto", *PRECISIONS)
@@ -40,7 +41,9 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 0.05, "fp16": 0.02}  # fp32: other kernels (N
 MARGIN = 0.03
 # A candidate whose first (warm-up) pass is this many times slower than the best is not timed further.
 PROBE_DROP = 4.0
-CACHE_VERSION = 2  # 2: drops choices cached from a single timed round on a busy machine (decisive_lead)
+# 2: drops choices cached from a single timed round on a busy machine (decisive_lead); 3: drops choices measured
+# while every batch page-faulted its activations afresh (before hefeat.heap): fp32 and bf16 paid it unequally
+CACHE_VERSION = 3
 # Rounds differing by more than this (slowest / fastest), or a load average above the core count,
 # mean the machine was busy while measuring: the choice is used but not cached (re-measured next run),
 # unless it is decisive: the winner leads every other candidate by more than the rounds varied
@@ -504,7 +507,8 @@ def select_precision(
             choice = _cached_choice(hit, device)
             apply_memory_format(model, sample, choice.channels_last)
             return choice
-        trials = measure(model, sample, cands, device=device, step=step)
+        with reuse_freed_memory():  # timed as the loops run (hefeat.heap)
+            trials = measure(model, sample, cands, device=device, step=step)
         best, reason = decide(trials)
         busy = busy_machine(trials) if device == "cpu" else None
         lead = decisive_lead(trials, best) if busy else None

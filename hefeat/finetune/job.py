@@ -35,6 +35,7 @@ from hefeat.finetune.heads import fold_targets, output_bias
 from hefeat.finetune.recipe import Recipe, RunOptions
 from hefeat.finetune.targets import TaskData
 from hefeat.finetune.tasks import get_task
+from hefeat.heap import reuse_freed_memory
 from hefeat.runner import SlideRunner
 from hefeat.store import layout
 from hefeat.store.atomic import atomic_path, clean_stale_tmp, read_json, write_json
@@ -242,7 +243,8 @@ def _run(store: Store, r: Recipe, opts: RunOptions, d: ddp.Dist) -> dict:
     base = FoldSetup(recipe=r, kind=data.kind, n_out=n_out, targets=data.train_targets, slide_of=source.slide_of,
                      dataset=dataset, fold_dir=jdir, job_id=jid, precision=precision, dist=d,
                      options=opts, workers=workers, input_plan=input_plan, channels_last=choice.channels_last)
-    _train_folds(store, plans, jdir, base, data, source, opts)
+    with reuse_freed_memory():  # each step's activations and gradients reuse the last step's memory (hefeat.heap)
+        _train_folds(store, plans, jdir, base, data, source, opts)
     oof = np.full((len(data.samples), n_out), np.nan)
     fold_of = np.full(len(data.samples), "", object)
     kept = np.ones(n_out, bool)
