@@ -303,6 +303,25 @@ def test_fit_genes_runs_without_numpy_huge_page_advice_and_restores_it(monkeypat
         setter(before)
 
 
+def test_fit_genes_chunks_keep_freed_memory_and_the_block_ends_with_the_fit(monkeypatch):
+    """Every gene chunk's CV runs inside hefeat.heap's block (chunk-sized temporaries reuse freed memory); the block is
+    over when the fit returns, and when a chunk raises."""
+    from hefeat import heap
+
+    if not heap.enabled():
+        pytest.skip("hefeat.heap does not act here (not glibc)")
+    monkeypatch.delenv("HEFEAT_HEAP", raising=False)
+    seen = []
+    run = emo_cv.GeneCV.run
+    monkeypatch.setattr(emo_cv.GeneCV, "run", lambda self, *a, **k: seen.append(heap.active()) or run(self, *a, **k))
+    _fit(monkeypatch, None, permutations=1)
+    assert seen and all(seen) and not heap.active()
+    monkeypatch.setattr(emo, "shift_all", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(monkeypatch, None)
+    assert not heap.active()
+
+
 def test_out_of_fold_table_is_saved_from_the_fits_own_array(monkeypatch, tmp_path):
     """The out-of-fold predictions are made gene-major, so the saved table's float columns are that array's own
     contiguous columns: the Parquet writer lays out no column-major copy of samples x genes (it did for a

@@ -113,8 +113,11 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
     decompositions built once per fold, so memory holds the targets, the out-of-fold predictions (a
     result) and a few chunk-sized arrays, never samples x genes copies. The chunks run with numpy's
     huge-page advice off (learn/hugepages.py: their temporaries' fresh pages are zeroed 4 KiB at a time); the
-    arrays that live through the fit (targets, out-of-fold predictions) keep it.
+    arrays that live through the fit (targets, out-of-fold predictions) keep it. They also run with freed memory
+    kept for reuse (hefeat.heap): in-process on the 10,000-slide store, 38.9-42.1 s against 40.5-44.0 s without,
+    half the kernel time, peak RSS +0.15 GB; outputs bit-identical.
     """
+    from hefeat.heap import reuse_freed_memory
     from hefeat.learn import stats
     from hefeat.learn.data import slide_level_data
     from hefeat.learn.hugepages import no_hugepage_advice
@@ -211,7 +214,7 @@ def fit_genes(store: Store, params: GenesParams, model_id: str) -> FitResult:
         return j0 + ev, metrics
 
     starts = list(range(0, g, step))
-    with no_hugepage_advice():
+    with no_hugepage_advice(), reuse_freed_memory():
         if workers == 1:
             done = [one(j0) for j0 in starts]
         else:
