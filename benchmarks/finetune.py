@@ -54,11 +54,13 @@ def _sync(device: str) -> None:
 
 
 def bare_rates(recipe, n_out: int, precision: str, channels_last: bool, imgs, steps: int) -> dict:
-    """Images/s of forward + backward (and + optimiser step) of the job's network on in-memory tensors."""
+    """Images/s of forward + backward (and + optimiser step) of the job's network on in-memory tensors, with freed
+    memory kept for reuse as the job trains (hefeat.heap; HEFEAT_HEAP=system times both under glibc's defaults)."""
     import torch
 
     from hefeat.extract.compute import DeviceTransform
     from hefeat.finetune.train import autocast, build_net, make_optimizer
+    from hefeat.heap import reuse_freed_memory
 
     dev = _device()
     net, cfg = build_net(recipe, n_out)
@@ -80,8 +82,9 @@ def bare_rates(recipe, n_out: int, precision: str, channels_last: bool, imgs, st
         _sync(dev)
         return n * len(x) / (time.perf_counter() - t)
 
-    run(1, True)  # warm-up
-    return {"fwd_bwd": run(steps, False), "fwd_bwd_step": run(steps, True)}
+    with reuse_freed_memory():
+        run(1, True)  # warm-up
+        return {"fwd_bwd": run(steps, False), "fwd_bwd_step": run(steps, True)}
 
 
 class GpuUtilisation:
