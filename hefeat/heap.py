@@ -5,9 +5,10 @@ kernel on free. A CNN forward on the CPU frees and re-allocates its activations 
 batch 64 in bf16: ~2 GB), so every batch page-faults ~500,000 fresh 4 KiB pages that the kernel zeroes first.
 Measured on a 2-core Xeon VM (benchmarks/extract_slides.py, bare encoder, 1,000 tiles): 13 s of kernel time per
 28 s of user time, 47.6 tiles/s; with large blocks served from the heap and the heap never trimmed, 0.3 s of
-kernel time and 72.3 tiles/s (fp32: 23.3 -> 37.6 tiles/s); peak RSS 1.40 -> 1.53 GB. CPU tuning guides suggest preloading a caching allocator
-(jemalloc, TCMalloc) for the same reason; this needs no preload (and jemalloc preloaded here slowed the bare
-encoder 28 %, benchmarks/README.md).
+kernel time and 72.3 tiles/s (fp32: 23.3 -> 37.6 tiles/s); peak RSS 1.40 -> 1.53 GB (benchmarks/README.md,
+round 14; also fine-tuning steps and fit genes' chunks). CPU tuning guides suggest preloading a caching
+allocator (jemalloc, TCMalloc) for the same reason; this needs no preload (jemalloc preloaded here slowed the
+bare encoder 28 %).
 
 `reuse_freed_memory()` switches that on for a block (mallopt: no mmap for large blocks, no trimming), and
 afterwards restores glibc's defaults and hands the freed memory back (malloc_trim). It does nothing where the C
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.cache
 def _glibc():
     """The process's C library if it is glibc with mallopt and malloc_trim, else None."""
     try:
