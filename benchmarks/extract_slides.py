@@ -170,8 +170,8 @@ def cohort_run(work: Path, cache: Path, name: str, n_slides: int, w: float, h: f
     out = {"cohort": name, "slides": n_slides, "tiles": len(imgs), "bare": bare, "bare_mean_tiles_per_s": round(ref, 2),
            "runs": runs}
     plain = [p[1] for p in passes if p[1]]
-    ref_plain = float(np.mean([b["tiles_per_s"] for b in plain])) if plain else None
     if plain:
+        ref_plain = float(np.mean([b["tiles_per_s"] for b in plain]))
         out.update({"bare_plain_malloc": plain, "bare_plain_malloc_mean_tiles_per_s": round(ref_plain, 2)})
     for i, r in enumerate(runs):
         r["loop_over_bare"] = round(r["loop_tiles_per_s"] / ref, 3)

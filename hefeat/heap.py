@@ -47,9 +47,14 @@ def _glibc():
         return None
 
 
+def _libc_to_use():
+    """glibc to call mallopt on, or None: not glibc, or HEFEAT_HEAP=system."""
+    return None if os.environ.get("HEFEAT_HEAP", "reuse").strip().lower() == "system" else _glibc()
+
+
 def enabled() -> bool:
     """Whether `reuse_freed_memory` acts here: glibc, and HEFEAT_HEAP is not 'system'."""
-    return os.environ.get("HEFEAT_HEAP", "reuse").strip().lower() != "system" and _glibc() is not None
+    return _libc_to_use() is not None
 
 
 def active() -> bool:
@@ -62,7 +67,7 @@ def reuse_freed_memory() -> Iterator[bool]:
     """Inside the block glibc keeps freed memory for reuse instead of unmapping it (module docstring); yields whether
     that applies here. glibc's defaults are restored and the kept memory trimmed when the last block exits."""
     global _depth
-    libc = _glibc() if enabled() else None
+    libc = _libc_to_use()
     if libc is None:
         yield False
         return
