@@ -13,8 +13,10 @@ Fabricates (once per --workdir, reused after) two synthetic cohorts through hefe
 - bare: the same tiles pre-decoded in memory, the encoder alone (device transform included) at
   the precision, memory format and batch size the first run used, timed after the first run and
   after the last (their mean is the reference, both are printed, with CPU ms per tile). The bare
-  pass keeps freed memory for reuse as the extraction does (hefeat.heap); with --plain-bare it is
-  also timed under glibc's default malloc, what a plain script gets (loop / that is printed too).
+  pass runs the run's own network (BatchNorms folded where `auto` folded them, hefeat.extract.fold)
+  and keeps freed memory for reuse as the extraction does (hefeat.heap): the strict comparison.
+  Where the run folded, the network as timm builds it is timed too ("as built": what a plain
+  script runs); with --plain-bare that one also under glibc's default malloc.
 Ratios printed: loop / bare and whole / bare, each from figures of this one run, with the load
 average next to each; and loop / bare in CPU time per tile (the run's `loop_cpu_s`, its process and
 DataLoader workers, against the bare pass's process time): what the wall-clock ratio comes to where
@@ -85,19 +87,23 @@ def decoded_tiles(store: Path) -> np.ndarray:
 
 
 def bare_rate(encoder: str, layer: str | None, imgs: np.ndarray, precision: str, channels_last: bool,
-              batch: int, keep_freed: bool = True) -> tuple[float, float]:
+              batch: int, keep_freed: bool = True, fold: bool = False) -> tuple[float, float]:
     """Tiles/s of the encoder alone (device transform included) over all of `imgs` once, after a warm-up batch,
     and its CPU ms per tile (all threads). keep_freed: inside hefeat.heap.reuse_freed_memory, as the extraction
-    runs (else glibc's defaults: what a plain script gets)."""
+    runs (else glibc's defaults: what a plain script gets). fold: its BatchNorms folded (hefeat.extract.fold),
+    as an `auto` extraction runs it (else the network as timm builds it)."""
     import contextlib
 
     import torch
 
     from hefeat.extract.compute import DeviceTransform, embed_batch
     from hefeat.extract.encoders import create_encoder
+    from hefeat.extract.fold import fold_batchnorm
     from hefeat.heap import reuse_freed_memory
 
     enc = create_encoder(encoder, weights="none", layer=layer)
+    if fold:
+        fold_batchnorm(enc.net.eval())
     enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tr = DeviceTransform(enc.config, "cpu", channels_last=channels_last)
     x = torch.from_numpy(imgs)
@@ -137,7 +143,8 @@ def whole_process(store: Path, run_root: Path, cache: Path, a) -> dict:
     tm = s["timings"]
     return {"tiles": s["tiles"], "slides": s["ok"], "wall_s": round(wall, 2), "whole_tiles_per_s": round(s["tiles"] / wall, 2),
             "loop_tiles_per_s": round(s["tiles"] / tm["loop_s"], 2), "precision": s["precision"],
-            "channels_last": s["precision_choice"]["channels_last"], "calibration": s["precision_choice"]["source"],
+            "channels_last": s["precision_choice"]["channels_last"], "fold_bn": s["precision_choice"].get("fold_bn", False),
+            "calibration": s["precision_choice"]["source"],
             "calibration_reason": s["precision_choice"]["reason"],
             "batch_size": s["batch_size"], "cpu_ms_per_tile": round(cpu / s["tiles"] * 1000, 1),
             "loop_cpu_ms_per_tile": round(tm.get("loop_cpu_s", 0.0) / s["tiles"] * 1000, 1), "timings": tm,
@@ -149,15 +156,17 @@ def cohort_run(work: Path, cache: Path, name: str, n_slides: int, w: float, h: f
     imgs = decoded_tiles(store)
     name_, _, layer = a.encoder.partition(":")
 
-    def bare_pass(prec: str, cl: bool, batch: int, keep_freed: bool = True) -> dict:
+    def bare_pass(prec: str, cl: bool, batch: int, keep_freed: bool = True, fold: bool = False) -> dict:
         load = _load()
-        rate, cpu = bare_rate(name_, layer or None, imgs, prec, cl, batch, keep_freed)
+        rate, cpu = bare_rate(name_, layer or None, imgs, prec, cl, batch, keep_freed, fold)
         return {"tiles_per_s": round(rate, 2), "cpu_ms_per_tile": round(cpu, 1), "load_before": load, "load_after": _load()}
 
-    def bare_passes(r0: dict) -> tuple[dict, dict | None]:
-        """The reference (freed memory kept, as the extraction runs) and, with --plain-bare, glibc's defaults."""
+    def bare_passes(r0: dict) -> tuple[dict, dict | None, dict | None]:
+        """The reference (the run's own network, freed memory kept, as the extraction runs); the network as timm
+        builds it where the run folded its BatchNorms; with --plain-bare, that one under glibc's defaults too."""
         args = (r0["precision"], r0["channels_last"], r0["batch_size"])
-        return bare_pass(*args), (bare_pass(*args, keep_freed=False) if a.plain_bare else None)
+        return (bare_pass(*args, fold=r0["fold_bn"]), bare_pass(*args) if r0["fold_bn"] else None,
+                bare_pass(*args, keep_freed=False) if a.plain_bare else None)
 
     runs = [whole_process(store, work / f"{name}-run", cache, a)]  # learns (or reads) what `auto` chooses
     r0 = runs[0]
@@ -169,7 +178,11 @@ def cohort_run(work: Path, cache: Path, name: str, n_slides: int, w: float, h: f
     ref_cpu = float(np.mean([b["cpu_ms_per_tile"] for b in bare]))
     out = {"cohort": name, "slides": n_slides, "tiles": len(imgs), "bare": bare, "bare_mean_tiles_per_s": round(ref, 2),
            "runs": runs}
-    plain = [p[1] for p in passes if p[1]]
+    built = [p[1] for p in passes if p[1]]
+    if built:
+        ref_built = float(np.mean([b["tiles_per_s"] for b in built]))
+        out.update({"bare_as_built": built, "bare_as_built_mean_tiles_per_s": round(ref_built, 2)})
+    plain = [p[2] for p in passes if p[2]]
     if plain:
         ref_plain = float(np.mean([b["tiles_per_s"] for b in plain]))
         out.update({"bare_plain_malloc": plain, "bare_plain_malloc_mean_tiles_per_s": round(ref_plain, 2)})
@@ -181,6 +194,11 @@ def cohort_run(work: Path, cache: Path, name: str, n_slides: int, w: float, h: f
         line = {"cohort": name, "run": i, "calibration": r["calibration"], "loop/bare": r["loop_over_bare"],
                 "whole/bare": r["whole_over_bare"], "loop/bare (CPU)": r["loop_over_bare_cpu"],
                 "loop": r["loop_tiles_per_s"], "bare": round(ref, 2)}
+        if built:  # what the run gains over the network as timm builds it (BatchNorms unfolded)
+            r["loop_over_bare_as_built"] = round(r["loop_tiles_per_s"] / ref_built, 3)
+            r["whole_over_bare_as_built"] = round(r["whole_tiles_per_s"] / ref_built, 3)
+            line.update({"loop/bare as built": r["loop_over_bare_as_built"],
+                         "whole/bare as built": r["whole_over_bare_as_built"], "bare as built": round(ref_built, 2)})
         if plain:
             r["loop_over_bare_plain_malloc"] = round(r["loop_tiles_per_s"] / ref_plain, 3)
             line.update({"loop/bare plain malloc": r["loop_over_bare_plain_malloc"], "bare plain malloc": round(ref_plain, 2)})

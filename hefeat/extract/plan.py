@@ -281,16 +281,19 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
 
     enc.to(device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    if requested == "auto" and decision_path is not None:
-        rec = read_precision_decision(decision_path)
-        if rec is not None:
-            choice = recorded_choice(rec, device)
-            transform.channels_last = choice.channels_last
-            return choice
+    rec = read_precision_decision(decision_path) if requested == "auto" and decision_path is not None else None
+    # 'auto' also runs the network with its BatchNorms folded (hefeat.extract.fold), decided with the precision:
+    # an extraction recorded before folding existed says nothing of it and keeps running unfolded.
+    folded = apply_fold(enc, bool(rec.get("fold_bn", False)) if rec is not None else requested == "auto")
+    if rec is not None:
+        choice = recorded_choice(rec, device)
+        transform.channels_last = choice.channels_last
+        return choice
     n = CALIBRATION_TILES.get(kind, 8)
     size = transform.plan.tile_px if transform.plan else transform.size[0]
     ladder = GPU_BATCH_LADDER if kind == "cuda" and batch_size is None else (None,)
-    model_key = {**enc.config.to_dict(), "plan": transform.plan.to_dict() if transform.plan else None}
+    model_key = {**enc.config.to_dict(), "plan": transform.plan.to_dict() if transform.plan else None,
+                 "fold_bn": folded}
     choice = None
     if requested == "auto":  # this machine's cached calibration, if any, needs no tiles read (only their shape)
         noise = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
@@ -309,6 +312,7 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
         sample_tiles = int(len(imgs))
         choice = select_precision(enc, sample, device=device, requested=requested, batch_sizes=ladder,
                                   model_key=model_key)
+    choice = dataclasses.replace(choice, fold_bn=folded)
     if requested == "auto" and decision_path is not None:
         from hefeat.store.atomic import write_json_once
 
@@ -316,6 +320,10 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
                                                     "device_kind": kind, "sample_tiles": sample_tiles})
         if not mine:  # another worker decided first: its decision is the extraction's
             choice = recorded_choice(rec, device)
+            if choice.fold_bn != folded:  # only a worker of an older hefeat records no folding for a new extraction
+                raise HefeatError(f"this extraction's first worker recorded fold_bn={choice.fold_bn} while this one "
+                                  f"folded={folded}; run this worker again (it follows the record) with the same "
+                                  "hefeat version on every worker")
     transform.channels_last = choice.channels_last
     return choice
 
@@ -348,7 +356,17 @@ def recorded_choice(rec: dict, device: str) -> PrecisionChoice:
     return PrecisionChoice(prec, bool(rec.get("channels_last", True)), rec.get("batch_size") if same_kind else None,
                            device, "recorded", f"decided once for this extraction ({rec.get('reason', '')})",
                            rec.get("machine", ""), tuple(rec.get("trials", ())), rec.get("excluded", {}),
-                           rec.get("key", ""))
+                           rec.get("key", ""), bool(rec.get("fold_bn", False)))
+
+
+def apply_fold(enc: Encoder, fold: bool) -> bool:
+    """Fold the encoder's BatchNorms into its convolutions when `fold` (hefeat.extract.fold); True if any were."""
+    if not fold:
+        return False
+    from hefeat.extract.fold import fold_batchnorm
+
+    enc.net.eval()
+    return fold_batchnorm(enc.net) > 0
 
 
 def _default_tiling(store: Store) -> str:

@@ -92,6 +92,7 @@ class PrecisionChoice:
     trials: tuple[dict, ...] = ()
     excluded: dict = field(default_factory=dict)
     key: str = ""
+    fold_bn: bool = False  # BatchNorms folded into the convolutions (hefeat.extract.fold), decided with 'auto'
 
     def to_dict(self) -> dict:
         """Plain-dict form for provenance and --json."""

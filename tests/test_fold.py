@@ -1,0 +1,191 @@
+"""BatchNorm folding: the same function, only where it is exact, decided and recorded once per extraction."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hefeat.extract.fold import fold_batchnorm
+from hefeat.extract.pipeline import ExtractOptions, run_extraction
+from hefeat.slides.run import ingest_slides, run_tiling
+from hefeat.slides.tiling import TilingParams
+from hefeat.store import layout
+from hefeat.store.catalog import Store
+from hefeat.store.features import read_features
+
+ENC = dict(encoder="resnet18", weights="none", layer="layer1")
+
+
+def _norms(net) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def _random_stats(net, seed: int = 0) -> None:
+    """Running statistics and affine parameters far from the identity, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.25)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+
+
+@pytest.mark.parametrize("name,kwargs,n_folds", [
+    ("resnet18", {}, 20),  # every conv → BatchNorm2d, the downsample branches' included
+    ("tf_efficientnet_lite0", {}, 49),  # timm's BatchNormAct2d after Conv2dSame: the activation must stay
+])
+def test_folding_computes_the_same_function(name, kwargs, n_folds):
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    _random_stats(net)
+    acts = sum(isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6)) for m in net.modules())
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = net(x)
+    assert fold_batchnorm(net) == n_folds
+    assert _norms(net) == 0
+    assert sum(isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6)) for m in net.modules()) == acts
+    with torch.no_grad():
+        got = net(x)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert fold_batchnorm(net) == 0  # nothing left to fold
+
+
+class _TwoUsers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # the conv's output is used twice: folding would change the second use
+
+
+class _SharedNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.bn(self.b(x))  # one norm after two convs
+
+
+class _Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.mean() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def _std_conv():
+    from timm.layers import StdConv2d
+
+    return torch.nn.Sequential(StdConv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3))
+
+
+@pytest.mark.parametrize("make,train", [
+    (_TwoUsers, False), (_SharedNorm, False), (_Untraceable, False),
+    (_std_conv, False),  # StdConv2d standardises its weight: a folded scale would be normalised away
+    (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)), True),  # batch statistics
+])
+def test_what_cannot_fold_exactly_is_left_alone(make, train):
+    torch.manual_seed(0)
+    net = make()
+    _random_stats(net)
+    net.train(train)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert fold_batchnorm(net) == 0
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert _norms(net) == len([k for k in before if k.endswith("running_mean")])
+    net.eval()
+    with torch.no_grad():
+        net(x)  # still runs as built
+
+
+def _one_slide_store(root, cohort):
+    st = Store.init(root)
+    ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2])
+    return st, run_tiling(st, TilingParams()).extra["tiling_id"]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """BatchNorm modules the encoder has at each embedding call of the extraction loop and of query-by-image."""
+    import hefeat.extract.compute as compute
+    import hefeat.extract.pipeline as pipeline
+
+    seen: list[int] = []
+    real = compute.embed_batch
+
+    def spying(enc, *a, **k):
+        seen.append(_norms(enc.net))
+        return real(enc, *a, **k)
+
+    monkeypatch.setattr(pipeline, "embed_batch", spying)
+    monkeypatch.setattr(compute, "embed_batch", spying)
+    return seen
+
+
+def test_auto_extraction_folds_records_it_and_query_by_image_follows(tmp_path, cohort, spy):
+    from PIL import Image
+
+    from hefeat.explore.embed import embed_image
+    from hefeat.explore.tiles import tile_image
+
+    st, tid = _one_slide_store(tmp_path / "st", cohort)
+    sid = st.sql("SELECT min(slide_id) AS s FROM slides")["s"][0]
+    s = run_extraction(st, tiling_id=tid, slides=[sid], options=ExtractOptions(batch_size=8), **ENC)
+    eid = s.extra["extraction_id"]
+    assert s.ok == [sid] and s.extra["precision_choice"]["fold_bn"] is True
+    assert spy and set(spy) == {0}  # every batch ran the folded network
+    decision = json.loads(layout.precision_decision_path(st.root, eid).read_text())
+    assert decision["fold_bn"] is True
+    meta = json.loads((st.extraction_dir(eid) / "_extraction.json").read_text())
+    assert meta["precision_choice"]["fold_bn"] is True
+    # a tile's own pixels embedded for a query run the extraction's network: folded too
+    spy.clear()
+    Image.fromarray(tile_image(st, sid, 2, extraction_id=eid)).save(tmp_path / "t.png")
+    q = embed_image(st, eid, str(tmp_path / "t.png"))
+    assert spy == [0]
+    stored = read_features(st.features_path(eid, sid))[2]
+    tol = 1e-4 if s.extra["precision"] == "fp32" else 3e-2
+    assert float(np.linalg.norm(q - stored) / np.linalg.norm(stored)) < tol
+
+
+def test_an_extraction_recorded_before_folding_keeps_running_unfolded(tmp_path, cohort, spy):
+    """A decision without fold_bn (written by an older hefeat) runs its remaining slides as built: one extraction,
+    one network; and a fixed --precision never folds."""
+    st, tid = _one_slide_store(tmp_path / "st", cohort)
+    first, second = st.sql("SELECT slide_id FROM slides ORDER BY 1")["slide_id"].tolist()
+    s = run_extraction(st, tiling_id=tid, slides=[first], options=ExtractOptions(batch_size=8), **ENC)
+    eid = s.extra["extraction_id"]
+    path = layout.precision_decision_path(st.root, eid)
+    old = json.loads(path.read_text())
+    old.pop("fold_bn")
+    path.write_text(json.dumps(old))  # as an extraction begun before folding existed recorded it
+    spy.clear()
+    again = run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
+    assert again.extra["extraction_id"] == eid and again.ok == [second]
+    assert again.extra["precision_choice"]["fold_bn"] is False
+    assert spy and min(spy) > 0  # every batch ran the network with its BatchNorms
+    spy.clear()
+    fixed = run_extraction(st, tiling_id=tid, slides=[first], precision="fp32", options=ExtractOptions(batch_size=8),
+                           **ENC)
+    assert fixed.extra["extraction_id"] != eid and fixed.extra["precision_choice"]["fold_bn"] is False
+    assert spy and min(spy) > 0
