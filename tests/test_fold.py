@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -126,15 +127,16 @@ def _one_slide_store(root, cohort):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """BatchNorm modules the encoder has at each embedding call of the extraction loop and of query-by-image."""
+    """(BatchNorm modules, fused conv+ReLU modules) of the encoder at each embedding call of the extraction loop
+    and of query-by-image."""
     import hefeat.extract.compute as compute
     import hefeat.extract.pipeline as pipeline
 
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
     real = compute.embed_batch
 
     def spying(enc, *a, **k):
-        seen.append(_norms(enc.net))
+        seen.append((_norms(enc.net), sum(hasattr(m, "fused_ok") for m in enc.net.modules())))
         return real(enc, *a, **k)
 
     monkeypatch.setattr(pipeline, "embed_batch", spying)
@@ -153,7 +155,7 @@ def test_auto_extraction_folds_records_it_and_query_by_image_follows(tmp_path, c
     s = run_extraction(st, tiling_id=tid, slides=[sid], options=ExtractOptions(batch_size=8), **ENC)
     eid = s.extra["extraction_id"]
     assert s.ok == [sid] and s.extra["precision_choice"]["fold_bn"] is True
-    assert spy and set(spy) == {0}  # every batch ran the folded network
+    assert spy and set(spy) == {(0, 3)}  # every batch ran the folded network, stem + layer1 blocks' first convs fused
     decision = json.loads(layout.precision_decision_path(st.root, eid).read_text())
     assert decision["fold_bn"] is True
     meta = json.loads((st.extraction_dir(eid) / "_extraction.json").read_text())
@@ -162,7 +164,7 @@ def test_auto_extraction_folds_records_it_and_query_by_image_follows(tmp_path, c
     spy.clear()
     Image.fromarray(tile_image(st, sid, 2, extraction_id=eid)).save(tmp_path / "t.png")
     q = embed_image(st, eid, str(tmp_path / "t.png"))
-    assert spy == [0]
+    assert spy == [(0, 3)]
     stored = read_features(st.features_path(eid, sid))[2]
     tol = 1e-4 if s.extra["precision"] == "fp32" else 3e-2
     assert float(np.linalg.norm(q - stored) / np.linalg.norm(stored)) < tol
@@ -183,9 +185,58 @@ def test_an_extraction_recorded_before_folding_keeps_running_unfolded(tmp_path, 
     again = run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
     assert again.extra["extraction_id"] == eid and again.ok == [second]
     assert again.extra["precision_choice"]["fold_bn"] is False
-    assert spy and min(spy) > 0  # every batch ran the network with its BatchNorms
+    assert spy and all(n > 0 and f == 0 for n, f in spy)  # every batch ran the network with its BatchNorms
     spy.clear()
     fixed = run_extraction(st, tiling_id=tid, slides=[first], precision="fp32", options=ExtractOptions(batch_size=8),
                            **ENC)
     assert fixed.extra["extraction_id"] != eid and fixed.extra["precision_choice"]["fold_bn"] is False
-    assert spy and min(spy) > 0
+    assert spy and all(n > 0 and f == 0 for n, f in spy)
+
+
+def _folded_resnet18():
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    _random_stats(net)
+    fold_batchnorm(net)
+    return net
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_conv_relu_fusion_changes_no_bit(precision):
+    import copy
+
+    from hefeat.extract.fold import fuse_conv_relu
+    from hefeat.extract.precision import autocast
+
+    net = _folded_resnet18()
+    fused = copy.deepcopy(net)
+    assert fuse_conv_relu(fused) == 9  # the stem and each BasicBlock's first conv; the second feeds the residual add
+    assert fused.state_dict().keys() == net.state_dict().keys()
+    g = torch.Generator().manual_seed(2)
+    for batch in (4, 3, 4):  # a new shape is checked again; a known one runs fused
+        x = torch.randn(batch, 3, 64, 64, generator=g).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast("cpu", precision):
+            assert torch.equal(fused(x), net(x))
+    convs = [m for m in fused.modules() if hasattr(m, "fused_ok")]
+    assert len(convs) == 9 and all(m.fused_ok and len(m.checked) == 2 for m in convs)
+    with torch.inference_mode():
+        assert torch.equal(pickle.loads(pickle.dumps(fused))(x), net(x))  # saves and loads as any model
+
+
+def test_a_fused_call_that_differs_is_dropped_for_that_layer(monkeypatch):
+    import copy
+
+    from hefeat.extract.fold import ConvReLU2d, fuse_conv_relu
+
+    net = _folded_resnet18()
+    fused = copy.deepcopy(net)
+    fuse_conv_relu(fused)
+    real = ConvReLU2d._fused
+    monkeypatch.setattr(ConvReLU2d, "_fused", lambda self, x: real(self, x) + 1e-3)  # an op that rounds otherwise
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.equal(fused(x), net(x))
+        assert torch.equal(fused(x), net(x))  # and stays on the two calls
+    assert not any(m.fused_ok for m in fused.modules() if hasattr(m, "fused_ok"))

@@ -16,16 +16,22 @@ Only pairs that are exactly a torch Conv2d (or timm's Conv2dSame) whose output f
 BatchNormAct2d, whose dropout and activation stay) are folded, found on a torch.fx trace. Convolutions
 with their own forward (timm's StdConv2d standardises its weight; scaling it first would be wrong) and
 modules called at more than one place are left alone; a network fx cannot trace is not folded.
+
+On the CPU a folded convolution followed only by a ReLU then runs as one oneDNN call with the ReLU as
+its post-op (`fuse_conv_relu`): another memory pass saved. Unlike folding this changes no bit, and that
+is checked rather than assumed: the first batch of every new input shape runs both ways and the fused
+call is kept only where the two are equal (else that layer runs as two calls from then on).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import torch
+
 
 def _types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(convolutions, norms) whose pairs fold: exact types, each a leaf of the trace."""
-    import torch
     from timm.layers import BatchNormAct2d, Conv2dSame
 
     # Conv2dSame pads, then convolves with its weight and bias: folding into it is exact as for Conv2d
@@ -37,6 +43,25 @@ def _foldable_norm(m) -> bool:
             and m.running_mean is not None and m.running_var is not None)
 
 
+def _trace(net, leaves: tuple[type, ...]):
+    """The torch.fx graph of `net` with `leaves` kept as single calls, or None where fx cannot trace it."""
+    from torch import fx
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname: str) -> bool:
+            return type(m) in leaves or super().is_leaf_module(m, qualname)
+
+    try:
+        return _Tracer().trace(net)
+    except Exception:  # noqa: BLE001  (data-dependent control flow etc.: such a network runs as built)
+        return None
+
+
+def _replace(net, mods: dict, name: str, new) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(mods[parent_name] if parent_name else net, attr, new)
+
+
 def foldable_pairs(net) -> list[tuple[str, str]]:
     """(conv, norm) module names of `net` whose eval-mode norm can be folded into the conv, in graph order."""
     from torch import fx
@@ -45,14 +70,8 @@ def foldable_pairs(net) -> list[tuple[str, str]]:
     if not any(_foldable_norm(m) for m in mods.values()):
         return []
     convs, norms = _types()
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m, qualname: str) -> bool:  # timm's BatchNormAct2d and Conv2dSame stay one call
-            return type(m) in convs + norms or super().is_leaf_module(m, qualname)
-
-    try:
-        graph = _Tracer().trace(net)
-    except Exception:  # noqa: BLE001  (data-dependent control flow etc.: such a network runs as built)
+    graph = _trace(net, convs + norms)  # timm's BatchNormAct2d and Conv2dSame stay one call
+    if graph is None:
         return []
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
@@ -70,8 +89,6 @@ def foldable_pairs(net) -> list[tuple[str, str]]:
 
 def fold_batchnorm(net) -> int:
     """Fold every foldable BatchNorm of an eval-mode `net` into its convolution, in place; returns how many."""
-    import torch
-
     mods = dict(net.named_modules())
     pairs = foldable_pairs(net)
     with torch.no_grad():
@@ -90,8 +107,77 @@ def fold_batchnorm(net) -> int:
                 conv.bias = torch.nn.Parameter(bias.to(w.dtype), requires_grad=False)
             else:
                 conv.bias.copy_(bias.to(w.dtype))
-            parent_name, _, attr = norm_name.rpartition(".")
-            parent = mods[parent_name] if parent_name else net
             rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
-            setattr(parent, attr, torch.nn.Sequential(*rest) if rest else torch.nn.Identity())
+            _replace(net, mods, norm_name, torch.nn.Sequential(*rest) if rest else torch.nn.Identity())
     return len(pairs)
+
+
+def _autocast_dtype():
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
+class ConvReLU2d(torch.nn.Conv2d):
+    """Conv2d then ReLU as one oneDNN call on the CPU; per new input shape checked equal to the two calls."""
+
+    fused_ok = True  # False once a fused call differed: the layer runs as two calls from then on
+
+    def forward(self, x):
+        key = (tuple(x.shape), x.dtype, x.stride(), _autocast_dtype())
+        if self.fused_ok and key in self.checked:
+            return self._fused(x)
+        plain = torch.nn.functional.relu(self._conv_forward(x, self.weight, self.bias))
+        if self.fused_ok:
+            try:
+                same = torch.equal(self._fused(x), plain)
+            except RuntimeError:  # the op refuses this input: run as two calls
+                same = False
+            if same:
+                self.checked.add(key)
+            else:
+                self.fused_ok = False
+        return plain
+
+    def _fused(self, x):
+        w, b, dt = self.weight, self.bias, _autocast_dtype()
+        if dt is not None:  # what autocast does for conv2d; the oneDNN op is outside its lists
+            x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, list(self.padding), list(self.stride),
+                                                       list(self.dilation), self.groups, "relu", [], "")
+
+
+def fuse_conv_relu(net) -> int:
+    """On the CPU, run each Conv2d whose output only feeds a ReLU (through identities) as one call; returns how many."""
+    from torch import fx
+
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return 0
+    mods = dict(net.named_modules())
+    graph = _trace(net, ())
+    if graph is None:
+        return 0
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+    def single(node, types) -> bool:
+        return (isinstance(node, fx.Node) and node.op == "call_module" and type(mods.get(node.target)) in types
+                and calls[node.target] == 1)
+
+    n = 0
+    for node in graph.nodes:
+        if not single(node, (torch.nn.ReLU,)) or len(node.args) != 1:
+            continue
+        prev = node.args[0]
+        while single(prev, (torch.nn.Identity,)) and len(prev.users) == 1:
+            prev = prev.args[0]
+        if not single(prev, (torch.nn.Conv2d,)) or len(prev.users) != 1:
+            continue
+        conv = mods[prev.target]
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.weight.device.type != "cpu":
+            continue
+        fused = ConvReLU2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, device="meta")
+        fused.weight, fused.bias, fused.checked = conv.weight, conv.bias, set()
+        fused.eval()
+        _replace(net, mods, prev.target, fused)
+        _replace(net, mods, node.target, torch.nn.Identity())
+        n += 1
+    return n
