@@ -240,3 +240,25 @@ def test_a_fused_call_that_differs_is_dropped_for_that_layer(monkeypatch):
         assert torch.equal(fused(x), net(x))
         assert torch.equal(fused(x), net(x))  # and stays on the two calls
     assert not any(m.fused_ok for m in fused.modules() if hasattr(m, "fused_ok"))
+
+
+def test_a_worker_that_loses_the_decision_to_an_unfolding_one_embeds_nothing(tmp_path, cohort, monkeypatch):
+    """Two workers decide at once and the other one (an older hefeat) records no folding: this one, folded already,
+    stops before embedding a tile; run again, it follows the record."""
+    import hefeat.store.atomic as atomic
+    from hefeat.errors import HefeatError
+
+    st, tid = _one_slide_store(tmp_path / "st", cohort)
+    real = atomic.write_json_once
+
+    def lose(path, rec):
+        real(path, {k: v for k, v in rec.items() if k != "fold_bn"})  # the other worker's record lands first
+        return real(path, rec)
+
+    monkeypatch.setattr(atomic, "write_json_once", lose)
+    with pytest.raises(HefeatError, match="fold_bn=False .*run it again"):
+        run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
+    assert st.sql("SELECT count(*) AS n FROM features_index")["n"][0] == 0
+    monkeypatch.setattr(atomic, "write_json_once", real)
+    again = run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
+    assert len(again.ok) == 2 and again.extra["precision_choice"]["fold_bn"] is False

@@ -182,3 +182,14 @@ def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatc
     b = select_precision(_tiny(), x, device="cpu", model_key={"m": "near tie"})
     assert b.source == "measured" and "not cached: load average 6.5" in b.reason
     assert select_precision(_tiny(), x, device="cpu", model_key={"m": "near tie"}).source == "measured"
+
+
+def test_measure_never_times_the_first_pass_of_a_shape():
+    """Every candidate runs the timed batch shape once untimed first: oneDNN makes its primitives per shape and
+    hefeat.extract.fold checks its fused calls per shape, and a timed first pass read as a busy machine (the
+    calibration of a folded network was never cached)."""
+    calls: list[int] = []
+    P.measure(_tiny(), torch.rand(8, 3, 16, 16), [Candidate("fp32", False), Candidate("fp32", True)], device="cpu",
+              step=lambda model, x: calls.append(len(x)) or model(x), rounds=2, budget_s=60)
+    # the fp32 reference and the two warm-ups on 4 rows, then per candidate one untimed + 2 timed passes of 8
+    assert calls == [4, 4, 4] + [8, 8, 8, 8, 8, 8]

@@ -320,10 +320,10 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
                                                     "device_kind": kind, "sample_tiles": sample_tiles})
         if not mine:  # another worker decided first: its decision is the extraction's
             choice = recorded_choice(rec, device)
-            if choice.fold_bn != folded:  # only a worker of an older hefeat records no folding for a new extraction
-                raise HefeatError(f"this extraction's first worker recorded fold_bn={choice.fold_bn} while this one "
-                                  f"folded={folded}; run this worker again (it follows the record) with the same "
-                                  "hefeat version on every worker")
+            if choice.fold_bn != folded:  # a worker of an older hefeat (which never folds) decided first
+                raise HefeatError(f"this extraction's first worker recorded fold_bn={choice.fold_bn} (an older "
+                                  f"hefeat?) while this worker decided fold_bn={folded}; nothing was embedded: run it "
+                                  "again and it follows the record (and run one hefeat version on every worker)")
     transform.channels_last = choice.channels_last
     return choice
 
