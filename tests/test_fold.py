@@ -262,3 +262,18 @@ def test_a_worker_that_loses_the_decision_to_an_unfolding_one_embeds_nothing(tmp
     monkeypatch.setattr(atomic, "write_json_once", real)
     again = run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
     assert len(again.ok) == 2 and again.extra["precision_choice"]["fold_bn"] is False
+
+
+def test_unfused_layers_run_as_two_calls_for_torch_compile(monkeypatch):
+    import copy
+
+    from hefeat.extract.fold import ConvReLU2d, fuse_conv_relu, unfuse_conv_relu
+
+    net = _folded_resnet18()
+    fused = copy.deepcopy(net)
+    fuse_conv_relu(fused)
+    assert unfuse_conv_relu(fused) == 9
+    monkeypatch.setattr(ConvReLU2d, "_fused", lambda self, x: pytest.fail("a fused call after unfuse_conv_relu"))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert torch.equal(fused(x), net(x))

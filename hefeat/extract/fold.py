@@ -181,3 +181,11 @@ def fuse_conv_relu(net) -> int:
         _replace(net, mods, node.target, torch.nn.Identity())
         n += 1
     return n
+
+
+def unfuse_conv_relu(net) -> int:
+    """Run every fused conv+ReLU of `net` as two calls again (before torch.compile, which fuses by itself)."""
+    convs = [m for m in net.modules() if isinstance(m, ConvReLU2d)]
+    for m in convs:
+        m.fused_ok = False
+    return len(convs)

@@ -315,6 +315,9 @@ def _prepare_net(enc: Encoder, device: str, transform: DeviceTransform, opt: Ext
         torch.backends.cudnn.benchmark = True
     enc.net.to(device).to(memory_format=torch.channels_last if transform.channels_last else torch.contiguous_format)
     if opt.compile:
+        from hefeat.extract.fold import unfuse_conv_relu
+
+        unfuse_conv_relu(enc.net)  # plain Python for dynamo to trace; inductor fuses by itself
         enc.net = torch.compile(enc.net)
 
 
