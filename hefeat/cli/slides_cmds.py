@@ -178,7 +178,8 @@ def encoders(store_path, as_json):
 @click.option("--slides", default=None, help="Comma-separated slide ids (default: all tiled slides).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: the fastest numerically sound precision, measured once per extraction by its first worker on a "
-                   "seeded sample of the cohort and recorded in the store (every shard and node then uses it).")
+                   "seeded sample of the cohort and recorded in the store (every shard and node then uses it); auto also "
+                   "folds BatchNorms into their convolutions (recorded with it). A fixed precision runs the network as built.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 64; on GPUs with auto: measured).")
 @click.option("--fit", type=click.Choice(["auto", "identity", "crop", "resize", "native"]), default="auto", show_default=True,
               help="How tiles become the encoder's input size; auto refuses resizes that change µm/px by > 10 %.")
