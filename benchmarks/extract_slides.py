@@ -90,20 +90,19 @@ def bare_rate(encoder: str, layer: str | None, imgs: np.ndarray, precision: str,
               batch: int, keep_freed: bool = True, fold: bool = False) -> tuple[float, float]:
     """Tiles/s of the encoder alone (device transform included) over all of `imgs` once, after a warm-up batch,
     and its CPU ms per tile (all threads). keep_freed: inside hefeat.heap.reuse_freed_memory, as the extraction
-    runs (else glibc's defaults: what a plain script gets). fold: its BatchNorms folded (hefeat.extract.fold),
-    as an `auto` extraction runs it (else the network as timm builds it)."""
+    runs (else glibc's defaults: what a plain script gets). fold: its BatchNorms folded and conv+ReLU fused
+    (hefeat.extract.fold), as an `auto` extraction runs it (else the network as timm builds it)."""
     import contextlib
 
     import torch
 
     from hefeat.extract.compute import DeviceTransform, embed_batch
     from hefeat.extract.encoders import create_encoder
-    from hefeat.extract.fold import fold_batchnorm
+    from hefeat.extract.plan import apply_fold
     from hefeat.heap import reuse_freed_memory
 
     enc = create_encoder(encoder, weights="none", layer=layer)
-    if fold:
-        fold_batchnorm(enc.net.eval())
+    apply_fold(enc, fold)  # folded and, on the CPU, conv+ReLU fused: the network the run embeds with
     enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tr = DeviceTransform(enc.config, "cpu", channels_last=channels_last)
     x = torch.from_numpy(imgs)

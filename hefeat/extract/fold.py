@@ -12,10 +12,11 @@ Because the rounding changes, folding is part of what an extraction is: `--preci
 once per extraction with the precision and records it (hefeat.extract.plan.choose_precision); an
 extraction recorded before folding existed keeps running unfolded.
 
-Only pairs that are exactly a torch Conv2d (or timm's Conv2dSame) whose output feeds nothing but a BatchNorm2d (or timm's
-BatchNormAct2d, whose dropout and activation stay) are folded, found on a torch.fx trace. Convolutions
-with their own forward (timm's StdConv2d standardises its weight; scaling it first would be wrong) and
-modules called at more than one place are left alone; a network fx cannot trace is not folded.
+Only pairs that are exactly a torch Conv2d (or timm's Conv2dSame) whose output feeds nothing but a
+BatchNorm2d (or timm's BatchNormAct2d, whose dropout and activation stay) are folded, found on a torch.fx
+trace. Convolutions with their own forward (timm's StdConv2d standardises its weight; scaling it first
+would be wrong) and modules called at more than one place are left alone; a network fx cannot trace is
+not folded.
 
 On the CPU a folded convolution followed only by a ReLU then runs as one oneDNN call with the ReLU as
 its post-op (`fuse_conv_relu`): another memory pass saved. Unlike folding this changes no bit, and that
@@ -173,8 +174,9 @@ def fuse_conv_relu(net) -> int:
         conv = mods[prev.target]
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.weight.device.type != "cpu":
             continue
-        fused = ConvReLU2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, device="meta")
+        fused = ConvReLU2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                           bias=conv.bias is not None, device="meta")  # takes the conv's own tensors below
         fused.weight, fused.bias, fused.checked = conv.weight, conv.bias, set()
         fused.eval()
         _replace(net, mods, prev.target, fused)
