@@ -215,10 +215,10 @@ def test_conv_relu_fusion_changes_no_bit(precision):
     assert fuse_conv_relu(fused) == 9  # the stem and each BasicBlock's first conv; the second feeds the residual add
     assert fused.state_dict().keys() == net.state_dict().keys()
     g = torch.Generator().manual_seed(2)
-    for batch in (4, 3, 4):  # a new shape is checked again; a known one runs fused
-        x = torch.randn(batch, 3, 64, 64, generator=g).contiguous(memory_format=torch.channels_last)
+    for batch, size in ((6, 64), (3, 64), (6, 96)):  # a new tile shape is checked again; a known one runs fused
+        x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast("cpu", precision):
-            assert torch.equal(fused(x), net(x))
+            assert torch.equal(fused(x), net(x))  # every row, not only the checked ones
     convs = [m for m in fused.modules() if hasattr(m, "fused_ok")]
     assert len(convs) == 9 and all(m.fused_ok and len(m.checked) == 2 for m in convs)
     with torch.inference_mode():
