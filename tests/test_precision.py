@@ -185,9 +185,8 @@ def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatc
 
 
 def test_measure_never_times_the_first_pass_of_a_shape():
-    """Every candidate runs the timed batch shape once untimed first: oneDNN makes its primitives per shape and
-    hefeat.extract.fold checks its fused calls per shape, and a timed first pass read as a busy machine (the
-    calibration of a folded network was never cached)."""
+    """Every candidate runs the timed batch shape once untimed first: oneDNN makes its primitives per shape, and a
+    timed first pass read as a busy machine (the calibration of a folded and fused network was never cached)."""
     calls: list[int] = []
     P.measure(_tiny(), torch.rand(8, 3, 16, 16), [Candidate("fp32", False), Candidate("fp32", True)], device="cpu",
               step=lambda model, x: calls.append(len(x)) or model(x), rounds=2, budget_s=60)

@@ -286,8 +286,8 @@ def measure(
     for r in range(rounds):
         for c in alive:
             x = apply_memory_format(model, _batch(sample, c.batch_size), c.channels_last)
-            if r == 0 and len(x) != probe_n:  # a shape the warm-up did not run: warm it up untimed (oneDNN
-                # primitives are made per shape, and hefeat.extract.fold checks its fused calls per shape)
+            if r == 0 and len(x) != probe_n:  # a batch shape the warm-up did not run: warm it up untimed (oneDNN
+                # makes its primitives per shape; a timed first pass reads as a busy machine and is never cached)
                 with autocast(device, c.precision):
                     step(model, x)
             _sync(device)
