@@ -98,11 +98,12 @@ def bare_rate(encoder: str, layer: str | None, imgs: np.ndarray, precision: str,
 
     from hefeat.extract.compute import DeviceTransform, embed_batch
     from hefeat.extract.encoders import create_encoder
-    from hefeat.extract.plan import apply_fold
+    from hefeat.extract.fold import fold_for_inference
     from hefeat.heap import reuse_freed_memory
 
     enc = create_encoder(encoder, weights="none", layer=layer)
-    apply_fold(enc, fold)  # folded and, on the CPU, conv+ReLU fused: the network the run embeds with
+    if fold:  # folded and, on the CPU, conv+ReLU fused: the network the run embeds with
+        fold_for_inference(enc.net)
     enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tr = DeviceTransform(enc.config, "cpu", channels_last=channels_last)
     x = torch.from_numpy(imgs)

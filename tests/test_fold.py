@@ -119,7 +119,7 @@ def test_what_cannot_fold_exactly_is_left_alone(make, train):
         net(x)  # still runs as built
 
 
-def _one_slide_store(root, cohort):
+def _two_slide_store(root, cohort):
     st = Store.init(root)
     ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2])
     return st, run_tiling(st, TilingParams()).extra["tiling_id"]
@@ -150,7 +150,7 @@ def test_auto_extraction_folds_records_it_and_query_by_image_follows(tmp_path, c
     from hefeat.explore.embed import embed_image
     from hefeat.explore.tiles import tile_image
 
-    st, tid = _one_slide_store(tmp_path / "st", cohort)
+    st, tid = _two_slide_store(tmp_path / "st", cohort)
     sid = st.sql("SELECT min(slide_id) AS s FROM slides")["s"][0]
     s = run_extraction(st, tiling_id=tid, slides=[sid], options=ExtractOptions(batch_size=8), **ENC)
     eid = s.extra["extraction_id"]
@@ -173,7 +173,7 @@ def test_auto_extraction_folds_records_it_and_query_by_image_follows(tmp_path, c
 def test_an_extraction_recorded_before_folding_keeps_running_unfolded(tmp_path, cohort, spy):
     """A decision without fold_bn (written by an older hefeat) runs its remaining slides as built: one extraction,
     one network; and a fixed --precision never folds."""
-    st, tid = _one_slide_store(tmp_path / "st", cohort)
+    st, tid = _two_slide_store(tmp_path / "st", cohort)
     first, second = st.sql("SELECT slide_id FROM slides ORDER BY 1")["slide_id"].tolist()
     s = run_extraction(st, tiling_id=tid, slides=[first], options=ExtractOptions(batch_size=8), **ENC)
     eid = s.extra["extraction_id"]
@@ -248,7 +248,7 @@ def test_a_worker_that_loses_the_decision_to_an_unfolding_one_embeds_nothing(tmp
     import hefeat.store.atomic as atomic
     from hefeat.errors import HefeatError
 
-    st, tid = _one_slide_store(tmp_path / "st", cohort)
+    st, tid = _two_slide_store(tmp_path / "st", cohort)
     real = atomic.write_json_once
 
     def lose(path, rec):

@@ -30,11 +30,13 @@ features do not depend on its batch (tests/test_extract.py, batches across slide
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
 
 
+@functools.cache
 def _types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(convolutions, norms) whose pairs fold: exact types, each a leaf of the trace."""
     from timm.layers import BatchNormAct2d, Conv2dSame
@@ -62,6 +64,11 @@ def _trace(net, leaves: tuple[type, ...]):
         return None
 
 
+def _module_calls(graph) -> Counter:
+    """How many times the graph calls each submodule (one called twice cannot be rewritten for one call site)."""
+    return Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+
 def _replace(net, mods: dict, name: str, new) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(mods[parent_name] if parent_name else net, attr, new)
@@ -78,7 +85,7 @@ def foldable_pairs(net) -> list[tuple[str, str]]:
     graph = _trace(net, convs + norms)  # timm's BatchNormAct2d and Conv2dSame stay one call
     if graph is None:
         return []
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    calls = _module_calls(graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not _foldable_norm(mods.get(node.target)) or len(node.args) != 1:
@@ -115,6 +122,16 @@ def fold_batchnorm(net) -> int:
             rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
             _replace(net, mods, norm_name, torch.nn.Sequential(*rest) if rest else torch.nn.Identity())
     return len(pairs)
+
+
+def fold_for_inference(net) -> bool:
+    """Fold `net`'s BatchNorms (eval mode, in place) and, on the CPU, fuse the folded conv+ReLU pairs; True if any
+    BatchNorm was folded (what an extraction records as fold_bn)."""
+    net.eval()
+    folded = fold_batchnorm(net) > 0
+    if folded:
+        fuse_conv_relu(net)
+    return folded
 
 
 def _autocast_dtype():
@@ -167,7 +184,7 @@ def fuse_conv_relu(net) -> int:
     graph = _trace(net, ())
     if graph is None:
         return 0
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    calls = _module_calls(graph)
 
     def single(node, types) -> bool:
         return (isinstance(node, fx.Node) and node.op == "call_module" and type(mods.get(node.target)) in types

@@ -279,16 +279,18 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
     """
     import torch
 
+    from hefeat.extract.fold import fold_for_inference
+
     enc.to(device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     rec = read_precision_decision(decision_path) if requested == "auto" and decision_path is not None else None
+    recorded = recorded_choice(rec, device) if rec is not None else None
     # 'auto' also runs the network with its BatchNorms folded (hefeat.extract.fold), decided with the precision:
     # an extraction recorded before folding existed says nothing of it and keeps running unfolded.
-    folded = apply_fold(enc, bool(rec.get("fold_bn", False)) if rec is not None else requested == "auto")
-    if rec is not None:
-        choice = recorded_choice(rec, device)
-        transform.channels_last = choice.channels_last
-        return choice
+    folded = fold_for_inference(enc.net) if (recorded.fold_bn if recorded else requested == "auto") else False
+    if recorded is not None:
+        transform.channels_last = recorded.channels_last
+        return recorded
     n = CALIBRATION_TILES.get(kind, 8)
     size = transform.plan.tile_px if transform.plan else transform.size[0]
     ladder = GPU_BATCH_LADDER if kind == "cuda" and batch_size is None else (None,)
@@ -357,22 +359,6 @@ def recorded_choice(rec: dict, device: str) -> PrecisionChoice:
                            device, "recorded", f"decided once for this extraction ({rec.get('reason', '')})",
                            rec.get("machine", ""), tuple(rec.get("trials", ())), rec.get("excluded", {}),
                            rec.get("key", ""), bool(rec.get("fold_bn", False)))
-
-
-def apply_fold(enc: Encoder, fold: bool) -> bool:
-    """Fold the encoder's BatchNorms into its convolutions when `fold` (hefeat.extract.fold); True if any were.
-
-    On the CPU the folded convolutions that feed a ReLU then run fused with it (bit-identical, checked as it runs).
-    """
-    if not fold:
-        return False
-    from hefeat.extract.fold import fold_batchnorm, fuse_conv_relu
-
-    enc.net.eval()
-    folded = fold_batchnorm(enc.net) > 0
-    if folded:
-        fuse_conv_relu(enc.net)
-    return folded
 
 
 def _default_tiling(store: Store) -> str:
