@@ -87,8 +87,7 @@ class JpegTiles:
 
     def raw(self, level: Level, index: int) -> bytes:
         """The tile's bytes as stored (an abbreviated JPEG stream when the level has JPEGTables)."""
-        self._fh.seek(level.offsets[index])
-        return self._fh.read(level.counts[index])
+        return os.pread(self._fh.fileno(), level.counts[index], level.offsets[index])  # no shared file position
 
     def stream(self, level: Level, index: int) -> bytes:
         """A complete JPEG stream for tile `index` of `level` (tables merged, RGB marked)."""

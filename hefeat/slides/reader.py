@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from hefeat.errors import HefeatError
+from hefeat.slides import direct_read
 
 # Ordered places where a slide may state its resolution.
 MPP_KEYS = (
@@ -112,6 +114,8 @@ class Slide:
         self.level_dimensions = self._osr.level_dimensions
         self.level_downsamples = self._osr.level_downsamples
         self.vendor = self.properties.get("openslide.vendor", "unknown")
+        self._direct = None if (self.plain or not direct_read.enabled()) else False  # False: not opened yet
+        self._direct_lock = threading.Lock()
         op = self.properties.get("openslide.objective-power")
         self.objective_power = float(op) if op else None
 
@@ -127,6 +131,9 @@ class Slide:
         if getattr(self, "_osr", None) is not None:
             self._osr.close()
             self._osr = None
+        if getattr(self, "_direct", None):
+            self._direct.close()
+            self._direct = None
 
     # -- geometry --------------------------------------------------------------------------
     def level0_size(self, size_px: int, mpp: float) -> float:
@@ -152,11 +159,45 @@ class Slide:
         ds = self.level_downsamples[level]
         size0 = self.level0_size(size_px, mpp)
         n = max(1, int(round(size0 / ds)))
-        region = self._osr.read_region((int(round(x)), int(round(y))), level, (n, n))
-        img = _rgba_to_rgb(region)
+        x0, y0 = int(round(x)), int(round(y))
+        rgb = self._read_direct(x0, y0, n) if level == 0 and self._direct is not None else None
+        if rgb is not None and n == size_px:
+            return rgb
+        img = Image.fromarray(rgb) if rgb is not None else _rgba_to_rgb(self._osr.read_region((x0, y0), level, (n, n)))
         if n != size_px:
             img = img.resize((size_px, size_px), Image.Resampling.LANCZOS if n > size_px else Image.Resampling.BILINEAR)
         return np.array(img)
+
+    def _read_direct(self, x: int, y: int, n: int) -> np.ndarray | None:
+        """The level-0 region from the JPEG tiles (hefeat.slides.direct_read), or None: read it through OpenSlide."""
+        if self._direct is False:  # first direct read: open, and keep only if it gives OpenSlide's bytes
+            with self._direct_lock:
+                if self._direct is False:
+                    return self._open_direct(x, y, n)
+        d = self._direct
+        if d is None:
+            return None
+        try:
+            return d.read(x, y, n)
+        except Exception:  # a tile that does not decode: OpenSlide's pixels or OpenSlide's error
+            return None
+
+    def _open_direct(self, x: int, y: int, n: int) -> np.ndarray | None:
+        """Open the direct reader; keep it only if this region's bytes equal OpenSlide's (returned either way)."""
+        d = direct_read.DirectRegions.open(str(self.path), self.vendor, self.dimensions)
+        self._direct = None
+        if d is None:
+            return None
+        want = np.array(_rgba_to_rgb(self._osr.read_region((x, y), 0, (n, n))))
+        try:
+            same = np.array_equal(d.read(x, y, n), want)
+        except Exception:
+            same = False
+        if same:
+            self._direct = d
+        else:
+            d.close()
+        return want
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide as an RGB uint8 array at roughly `mpp` µm/px (exact scale: self.mpp.x * w0 / w)."""

@@ -1,0 +1,163 @@
+"""Level-0 regions decoded from the JPEG tiles on the CPU: OpenSlide's bytes, or OpenSlide itself."""
+
+from __future__ import annotations
+
+import threading
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+from hefeat.slides import direct_read
+from hefeat.slides.reader import Slide
+
+
+def _regions(slide: Slide, k: int, seed: int) -> list[tuple[int, int, int, float]]:
+    """(x, y, size_px, mpp): inside, across tile seams, off every edge, wholly outside, and resized (n = 2 size_px)."""
+    w, h = slide.dimensions
+    rng = np.random.default_rng(seed)
+    xs, ys = rng.integers(-150, w, k), rng.integers(-150, h, k)
+    out = [(int(x), int(y), 224, slide.mpp.x) for x, y in zip(xs, ys, strict=True)]
+    out += [(w - 100, h - 100, 224, slide.mpp.x), (-50, -70, 224, slide.mpp.x), (w + 10, 5, 64, slide.mpp.x)]
+    xs, ys = rng.integers(0, w, 4), rng.integers(0, h, 4)
+    out += [(int(x), int(y), 112, slide.mpp.x * 2) for x, y in zip(xs, ys, strict=True)]
+    return out
+
+
+def _openslide_reads(path, regions, monkeypatch) -> list[np.ndarray]:
+    monkeypatch.setenv("HEFEAT_DIRECT_JPEG", "0")
+    with Slide(path) as s:
+        assert s._direct is None
+        out = [s.read(x, y, n, m) for x, y, n, m in regions]
+    monkeypatch.delenv("HEFEAT_DIRECT_JPEG")
+    return out
+
+
+@pytest.mark.parametrize("which", ["cmu", "synthetic"])
+def test_direct_reads_are_openslides_bytes(which, cmu_svs, cohort, monkeypatch):
+    """Aperio RGB JPEG with JPEGTables (CMU-1) and YCbCr JPEG (synthetic): every byte equal, edges and resizes too."""
+    path = cmu_svs if which == "cmu" else cohort / "slides" / "S01.tiff"
+    with Slide(path) as s:
+        regions = _regions(s, 40, seed=3)
+    want = _openslide_reads(path, regions, monkeypatch)
+    with Slide(path) as s:
+        got = [s.read(x, y, n, m) for x, y, n, m in regions]
+        assert isinstance(s._direct, direct_read.DirectRegions)  # the fast path ran, not a silent fallback
+        assert s._direct.decoded > 0
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == np.uint8 and g.shape == w.shape and g.flags.writeable
+        np.testing.assert_array_equal(g, w)
+
+
+def test_each_jpeg_tile_is_decoded_once_while_cached(cohort):
+    with Slide(cohort / "slides" / "S01.tiff") as s:
+        regions = [(300 + 50 * i, 400, 224) for i in range(6)]  # overlapping: they share JPEG tiles
+        s.read(0, 0, 8, s.mpp.x)  # opens and checks the direct reader
+        d = s._direct
+        before = d.decoded
+        for x, y, n in regions:
+            s.read(x, y, n, s.mpp.x)
+        need = {i for x, y, n in regions for i in d.src.covering(d.level, x, y, n, n)} - {0}
+        assert d.decoded - before == len(need)
+
+
+def test_the_tile_cache_is_bounded(cohort, monkeypatch):
+    monkeypatch.setattr(direct_read, "CACHE_BYTES", 3 * 256 * 256 * 3)
+    path = cohort / "slides" / "S01.tiff"
+    with Slide(path) as s:
+        regions = _regions(s, 30, seed=5)
+    want = _openslide_reads(path, regions, monkeypatch)
+    with Slide(path) as s:
+        got = [s.read(x, y, n, m) for x, y, n, m in regions]
+        d = s._direct
+        assert len(d._tiles) <= 3 and d._held <= d.cache_bytes
+        assert d.decoded > len(d._tiles)  # tiles were evicted and decoded again
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_a_decoder_that_disagrees_is_never_used(cmu_svs, monkeypatch):
+    """One differing byte on the first region: that slide reads through OpenSlide from then on."""
+    with Slide(cmu_svs) as s:
+        regions = _regions(s, 10, seed=7)
+    want = _openslide_reads(cmu_svs, regions, monkeypatch)
+    real, calls = imagecodecs.jpeg8_decode, []
+
+    def off_by_one(data, *a, **k):
+        calls.append(1)
+        t = real(data, *a, **k).copy()
+        t[0, 0, 0] ^= 1
+        return t
+
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", off_by_one)
+    with Slide(cmu_svs) as s:
+        x, y = 0, 0  # covers tile 0's first pixel
+        first = s.read(x, y, 224, s.mpp.x)
+        assert s._direct is None and calls
+        n_calls = len(calls)
+        got = [s.read(x, y, n, m) for x, y, n, m in regions]
+    assert len(calls) == n_calls
+    np.testing.assert_array_equal(first, _openslide_reads(cmu_svs, [(0, 0, 224, s.mpp.x)], monkeypatch)[0])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_a_tile_that_fails_to_decode_is_read_by_openslide(cmu_svs, monkeypatch):
+    with Slide(cmu_svs) as s:
+        regions = _regions(s, 10, seed=9)
+    want = _openslide_reads(cmu_svs, regions, monkeypatch)
+    with Slide(cmu_svs) as s:
+        s.read(0, 0, 8, s.mpp.x)
+        assert isinstance(s._direct, direct_read.DirectRegions)
+        s._direct._tiles.clear()
+
+        def broken(data, *a, **k):
+            raise imagecodecs.JpegError("corrupt JPEG data")
+
+        monkeypatch.setattr(imagecodecs, "jpeg8_decode", broken)
+        got = [s.read(x, y, n, m) for x, y, n, m in regions]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_layouts_openslide_composes_stay_with_openslide(tmp_path, cmu_svs):
+    """Other vendors' grids (overlaps, sparse tiles) and non-JPEG tiles never take the direct path."""
+    with Slide(cmu_svs) as s:
+        for vendor in ("philips", "ventana", "hamamatsu", "leica", "mirax"):
+            assert direct_read.DirectRegions.open(str(cmu_svs), vendor, s.dimensions) is None
+        assert direct_read.DirectRegions.open(str(cmu_svs), "aperio", (s.dimensions[0] + 1, s.dimensions[1])) is None
+    p = tmp_path / "zlib.tiff"
+    img = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    tifffile.imwrite(p, img, tile=(256, 256), compression="zlib", resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with Slide(p) as s:
+        np.testing.assert_array_equal(s.read(100, 100, 224, s.mpp.x), img[100:324, 100:324])
+        assert s._direct is None
+
+
+def test_off_switch(cohort, monkeypatch):
+    monkeypatch.setenv("HEFEAT_DIRECT_JPEG", "0")
+    with Slide(cohort / "slides" / "S01.tiff") as s:
+        s.read(100, 100, 224, s.mpp.x)
+        assert s._direct is None
+
+
+def test_threads_reading_one_slide_get_openslides_bytes(cmu_svs, monkeypatch):
+    with Slide(cmu_svs) as s:
+        regions = _regions(s, 60, seed=11)
+    want = _openslide_reads(cmu_svs, regions, monkeypatch)
+    got: dict[int, np.ndarray] = {}
+    with Slide(cmu_svs) as s:
+        def work(part):
+            for i in part:
+                x, y, n, m = regions[i]
+                got[i] = s.read(x, y, n, m)
+
+        threads = [threading.Thread(target=work, args=(range(j, len(regions), 4),)) for j in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert isinstance(s._direct, direct_read.DirectRegions)
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got[i], w)
