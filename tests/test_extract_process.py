@@ -126,7 +126,7 @@ def test_cached_calibration_reads_no_tiles(tmp_path, cohort, monkeypatch):
     monkeypatch.setattr(P, "measure", lambda model, sample, cands, **kw: [  # injected timings: bf16/cl wins
         Trial(c, 30.0 if c.precision == "bf16" and c.channels_last else 10.0, 0.004 if c.precision == "bf16" else 0.0)
         for c in cands])
-    monkeypatch.setattr(P, "busy_machine", lambda trials: None)
+    monkeypatch.setattr(P, "busy_machine", lambda trials, others=None: None)
     monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
     kw = dict(encoder="resnet18", weights="none", layer="layer2", precision="auto", options=ExtractOptions(batch_size=4))
     first = _tiny_store(tmp_path / "a", cohort)

@@ -87,7 +87,7 @@ def test_auto_decides_from_measurements_and_caches(tmp_path, monkeypatch):
                       0.004 if c.precision == "bf16" else 0.0) for c in cands]
 
     monkeypatch.setattr(P, "measure", fake_measure)
-    monkeypatch.setattr(P, "busy_machine", lambda trials: None)
+    monkeypatch.setattr(P, "busy_machine", lambda trials, others=None: None)
     monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
     x = torch.rand(4, 3, 16, 16)
     a = select_precision(_tiny(), x, device="cpu", model_key={"m": "tiny"})
@@ -108,7 +108,7 @@ def test_real_calibration_checks_numerics_against_fp32(tmp_path, monkeypatch):
     of the timed candidates. Which one wins is the machine's measurement (fp16 can, on a CPU with AVX512-FP16), so
     the test does not name it."""
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(P, "busy_machine", lambda trials: None)
+    monkeypatch.setattr(P, "busy_machine", lambda trials, others=None: None)
     ch = select_precision(_tiny(), torch.rand(8, 3, 32, 32), device="cpu", model_key={"m": "tiny-real"})
     assert ch.source == "measured"
     labels = {t["candidate"] for t in ch.trials}
@@ -142,12 +142,49 @@ def test_measurements_on_a_busy_machine_are_used_but_not_cached(tmp_path, monkey
     """Noisy rounds or a load above the core count: this run uses the choice, the next one measures again."""
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
     assert P.busy_machine([Trial(Candidate("fp32"), 10.0, 0.0, spread=1.6)]) == "timed rounds differed by 1.60x"
-    monkeypatch.setattr(P, "busy_machine", lambda trials: "load average 9.0 on 2 cores")
+    monkeypatch.setattr(P, "busy_machine", lambda trials, others=None: "load average 9.0 on 2 cores")
     monkeypatch.setattr(P, "decisive_lead", lambda trials, chosen: None)  # a near tie (see the test below)
     a = select_precision(_tiny(), torch.rand(4, 3, 16, 16), device="cpu", model_key={"m": "busy"})
     assert a.source == "measured" and "not cached: load average" in a.reason
     b = select_precision(_tiny(), torch.rand(4, 3, 16, 16), device="cpu", model_key={"m": "busy"})
     assert b.source == "measured"
+
+
+def test_busy_means_other_processes_not_this_one(monkeypatch):
+    """The load average counts this process's own threads (and the run that just ended): a 2-core machine running
+    extractions back to back read as busy and never cached its calibration. Busy is other processes' CPU share."""
+    fp32 = [Trial(Candidate("fp32"), 10.0, 0.0, spread=1.1, rounds=3)]
+    monkeypatch.setattr(P.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert P.busy_machine(fp32, others=0.05) is None  # the load average is ignored where others are measured
+    assert P.busy_machine(fp32, others=0.6) == "other processes used 60% of the CPUs"
+    assert P.busy_machine(fp32, others=None).startswith("load average 9.0")  # no /proc: the old fallback
+    a, b = P.CpuSample(0.0, 100.0, 5.0), P.CpuSample(2.0, 103.0, 7.0)  # 3 busy CPU-s in 2 s on 2 CPUs, 2 of them ours
+    assert P.others_share(a, b, cpus=2) == 0.25
+    assert P.others_share(a, P.CpuSample(2.0, 101.0, 7.0), cpus=2) == 0.0  # tick rounding never goes negative
+    assert P.others_share(None, b) is None and P.others_share(b, a) is None
+
+
+@pytest.mark.skipif(P.cpu_sample() is None, reason="needs /proc/stat")
+def test_cpu_samples_tell_this_process_from_others():
+    """Measured, not assumed: CPU burnt here counts as ours, CPU burnt by a child process as the machine's, not ours."""
+    import subprocess
+    import sys
+    import time
+
+    def burn(seconds: float) -> None:
+        t = time.process_time()
+        while time.process_time() - t < seconds:
+            pass
+
+    a = P.cpu_sample()
+    burn(0.5)
+    b = P.cpu_sample()
+    assert b.ours - a.ours >= 0.45 and b.busy - a.busy >= 0.45
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                    "while time.process_time() - t < 0.5: pass"], check=True)
+    c = P.cpu_sample()
+    assert c.ours - b.ours < 0.3  # the child's CPU is not this process's
+    assert (c.busy - b.busy) - (c.ours - b.ours) >= 0.45  # it is other processes' (plus whatever else ran)
 
 
 def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatch):
@@ -168,7 +205,7 @@ def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatc
     assert [t.rounds for t in one] == [1, 1, 1] and lead(one, Candidate("fp32")) is None
 
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(P, "busy_machine", lambda trials: "load average 6.5 on 2 cores")
+    monkeypatch.setattr(P, "busy_machine", lambda trials, others=None: "load average 6.5 on 2 cores")
     monkeypatch.setattr(P, "device_capabilities", lambda d: {"kind": "cpu", "name": "fake", "bf16": "native", "fp16": "slow"})
     rates = {("bf16", True): 30.0, ("bf16", False): 20.0, ("fp32", True): 10.0, ("fp32", False): 8.0}
     monkeypatch.setattr(P, "measure", lambda model, sample, cands, **kw: [

@@ -44,11 +44,16 @@ PROBE_DROP = 4.0
 # 2: drops choices cached from a single timed round on a busy machine (decisive_lead); 3: drops choices measured
 # while every batch page-faulted its activations afresh (before hefeat.heap): fp32 and bf16 paid it unequally
 CACHE_VERSION = 3
-# Rounds differing by more than this (slowest / fastest), or a load average above the core count,
+# Rounds differing by more than this (slowest / fastest), or other processes using more than OTHERS_BUSY
+# of the CPUs (where /proc is absent: a load average above the core count),
 # mean the machine was busy while measuring: the choice is used but not cached (re-measured next run),
 # unless it is decisive: the winner leads every other candidate by more than the rounds varied
 # (see `decisive_lead`), so no amount of that noise could have changed it.
 NOISY = 1.25
+# Other processes' share of all CPUs while measuring (/proc/stat minus this process) that counts as busy.
+# Not the load average: the one-minute average counts this process's own threads and the extraction that
+# just ended, so on a 2-core machine back-to-back runs never cached their calibration.
+OTHERS_BUSY = 0.25
 
 
 @dataclass(frozen=True)
@@ -315,11 +320,48 @@ def measure(
             for c in cands]
 
 
-def busy_machine(trials: Sequence[Trial]) -> str | None:
-    """Why these measurements should not be trusted for later runs (noisy rounds, loaded CPUs), or None."""
+@dataclass(frozen=True)
+class CpuSample:
+    """The machine's busy CPU-seconds (all CPUs) and this process's own, at one moment."""
+
+    wall: float
+    busy: float
+    ours: float
+
+
+def cpu_sample() -> CpuSample | None:
+    """/proc/stat's busy time (not idle, not iowait; steal included) and this process's CPU time, or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(ticks) < 4:
+        return None
+    t = os.times()
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return CpuSample(time.monotonic(), (sum(ticks) - idle) / hz, t.user + t.system)
+
+
+def others_share(a: CpuSample | None, b: CpuSample | None, cpus: int | None = None) -> float | None:
+    """The share of all CPUs that other processes used between samples a and b (None if unknown)."""
+    if a is None or b is None or b.wall <= a.wall:
+        return None
+    others = (b.busy - a.busy) - (b.ours - a.ours)
+    return max(0.0, others) / ((b.wall - a.wall) * (cpus or os.cpu_count() or 1))
+
+
+def busy_machine(trials: Sequence[Trial], others: float | None = None) -> str | None:
+    """Why these measurements should not be trusted for later runs (noisy rounds, other processes), or None.
+
+    others: other processes' share of the CPUs while measuring (`others_share`); None falls back to the
+    load average, which also counts this process."""
     worst = max((t.spread for t in trials if t.tiles_per_s > 0), default=1.0)
     if worst > NOISY:
         return f"timed rounds differed by {worst:.2f}x"
+    if others is not None:
+        return f"other processes used {others:.0%} of the CPUs" if others > OTHERS_BUSY else None
     with contextlib.suppress(OSError, AttributeError):
         load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
         if load > cores:
@@ -509,10 +551,12 @@ def select_precision(
             choice = _cached_choice(hit, device)
             apply_memory_format(model, sample, choice.channels_last)
             return choice
+        before = cpu_sample()
         with reuse_freed_memory():  # timed as the loops run (hefeat.heap)
             trials = measure(model, sample, cands, device=device, step=step)
+        others = others_share(before, cpu_sample())
         best, reason = decide(trials)
-        busy = busy_machine(trials) if device == "cpu" else None
+        busy = busy_machine(trials, others) if device == "cpu" else None
         lead = decisive_lead(trials, best) if busy else None
         if busy and lead:
             reason += f"; measured while busy ({busy}) but cached: it leads the next candidate {lead:.2f}x"
