@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-import imagecodecs
 import numpy as np
 import pytest
+import simplejpeg
 import tifffile
 
 from hefeat.slides import direct_read
@@ -82,7 +82,7 @@ def test_a_decoder_that_disagrees_is_never_used(cmu_svs, monkeypatch):
     with Slide(cmu_svs) as s:
         regions = _regions(s, 10, seed=7)
     want = _openslide_reads(cmu_svs, regions, monkeypatch)
-    real, calls = imagecodecs.jpeg8_decode, []
+    real, calls = simplejpeg.decode_jpeg, []
 
     def off_by_one(data, *a, **k):
         calls.append(1)
@@ -90,7 +90,7 @@ def test_a_decoder_that_disagrees_is_never_used(cmu_svs, monkeypatch):
         t[0, 0, 0] ^= 1
         return t
 
-    monkeypatch.setattr(imagecodecs, "jpeg8_decode", off_by_one)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", off_by_one)
     with Slide(cmu_svs) as s:
         x, y = 0, 0  # covers tile 0's first pixel
         first = s.read(x, y, 224, s.mpp.x)
@@ -113,12 +113,45 @@ def test_a_tile_that_fails_to_decode_is_read_by_openslide(cmu_svs, monkeypatch):
         s._direct._tiles.clear()
 
         def broken(data, *a, **k):
-            raise imagecodecs.JpegError("corrupt JPEG data")
+            raise ValueError("corrupt JPEG data")
 
-        monkeypatch.setattr(imagecodecs, "jpeg8_decode", broken)
+        monkeypatch.setattr(simplejpeg, "decode_jpeg", broken)
         got = [s.read(x, y, n, m) for x, y, n, m in regions]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("damage", ["zeroed tail", "no end marker"])
+def test_a_damaged_tile_fails_as_it_does_in_openslide(damage, cohort, tmp_path, monkeypatch):
+    """libjpeg only warns about corrupt entropy data (a decoder may fill the rest grey); OpenSlide makes that an
+    error, and so does the direct path: the slide fails instead of embedding grey."""
+    import shutil
+
+    from hefeat.slides.jpeg_tiles import JpegTiles
+
+    path = tmp_path / "damaged.tiff"
+    shutil.copy(cohort / "slides" / "S01.tiff", path)
+    with JpegTiles(path) as src:
+        lv = src.levels[0]
+        r, c = (lv.height // lv.tile_h) // 2, lv.cols // 2
+        off, cnt = lv.offsets[r * lv.cols + c], lv.counts[r * lv.cols + c]
+    with open(path, "r+b") as f:
+        f.seek(off)
+        data = bytearray(f.read(cnt))
+        if damage == "zeroed tail":
+            data[cnt // 2:cnt - 2] = bytes(cnt - 2 - cnt // 2)
+        else:
+            data[cnt - 2:] = b"\0\0"
+        f.seek(off)
+        f.write(bytes(data))
+    x, y = c * lv.tile_w + 8, r * lv.tile_h + 8
+    for direct in ("0", "1"):
+        monkeypatch.setenv("HEFEAT_DIRECT_JPEG", direct)
+        with Slide(path) as s:
+            s.read(0, 0, 64, s.mpp.x)  # an undamaged tile first: the direct reader is open and checked
+            assert isinstance(s._direct, direct_read.DirectRegions) == (direct == "1")
+            with pytest.raises(Exception, match="(?i)jpeg"):
+                s.read(x, y, 224, s.mpp.x)
 
 
 def test_layouts_openslide_composes_stay_with_openslide(tmp_path, cmu_svs):

@@ -298,7 +298,7 @@ def _prepared(store: Store, runner: SlideRunner, todo: list[str], slide_rows, ti
         try:
             row = slide_rows.loc[task.slide_id]
             with open_catalog_slide(row) as s:
-                s.read(0, 0, 8, s.mpp.x)  # the file opens and decodes
+                s.check_decodes()
             tiles = store.tiles(tid, task.slide_id)
         except Exception as e:
             runner.fail(task, e)

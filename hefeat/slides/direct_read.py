@@ -2,10 +2,12 @@
 
 OpenSlide's `read_region` decodes the same JPEG tiles with libjpeg-turbo, then composites them on a
 premultiplied ARGB canvas that openslide-python converts to RGBA and hefeat to RGB: on 224 px tiles
-that costs ~1.26 CPU-s per 1,000 tiles where decoding the tiles (each once) with imagecodecs'
-libjpeg-turbo and pasting them costs ~0.34 (benchmarks/README, round 16). Same decoder, same pixels,
-but that is checked, not assumed: the first region a `Slide` reads this way is also read through
-OpenSlide and the direct path is used only if every byte is equal (otherwise never again for that
+that costs ~1.2 CPU-s per 1,000 tiles where decoding the tiles (each once) with libjpeg-turbo through
+simplejpeg and pasting them costs ~0.3 (benchmarks/read_regions.py). Same decoder, same settings
+(accurate DCT, fancy upsampling), and like OpenSlide it treats libjpeg's warnings (corrupt or truncated
+entropy data) as errors (`strict`): a decoder that fills a damaged tile with grey instead, as
+imagecodecs' does, would embed it where OpenSlide fails the slide. Same pixels, but that is checked,
+not assumed: the first region a `Slide` reads this way is also read through OpenSlide and the direct path is used only if every byte is equal (otherwise never again for that
 slide). Only Aperio SVS and generic tiled TIFFs qualify (their TIFF tile grid is the image; Philips'
 sparse tiles, Ventana's overlaps, NDPI and Leica layouts go through OpenSlide), and a tile that fails
 to decode sends that read to OpenSlide, so a slide's pixels, errors and extraction id never depend
@@ -63,14 +65,15 @@ class DirectRegions:
         self._tiles.clear()
 
     def _tile(self, i: int) -> np.ndarray:
-        import imagecodecs
+        import simplejpeg
 
         with self._lock:
             t = self._tiles.get(i)
             if t is not None:
                 self._tiles.move_to_end(i)
                 return t
-        t = imagecodecs.jpeg8_decode(self.src.stream(self.level, i))
+        t = simplejpeg.decode_jpeg(self.src.stream(self.level, i), colorspace="RGB", fastdct=False,
+                                   fastupsample=False, strict=True)
         if t.ndim != 3 or t.shape[2] != 3:
             raise ValueError(f"JPEG tile {i} decodes to shape {t.shape}, not RGB")
         with self._lock:

@@ -168,6 +168,10 @@ class Slide:
             img = img.resize((size_px, size_px), Image.Resampling.LANCZOS if n > size_px else Image.Resampling.BILINEAR)
         return np.array(img)
 
+    def check_decodes(self) -> None:
+        """Raise if the file's first pixels do not decode (through OpenSlide: no direct reader is opened for this)."""
+        self._osr.read_region((0, 0), 0, (8, 8))
+
     def _read_direct(self, x: int, y: int, n: int) -> np.ndarray | None:
         """The level-0 region from the JPEG tiles (hefeat.slides.direct_read), or None: read it through OpenSlide."""
         if self._direct is False:  # first direct read: open, and keep only if it gives OpenSlide's bytes
