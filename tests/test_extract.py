@@ -383,3 +383,32 @@ def test_batches_span_slides_and_features_equal_per_slide_runs(tmp_path, cohort,
     assert a.keys() == b.keys() and len(a) == 8
     for k in a:
         assert a[k].shape == (5, 128) and a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_the_loop_freezes_the_gc_for_its_workers_and_always_unfreezes(tmp_path, cohort, monkeypatch):
+    """Objects alive when the DataLoader workers fork are frozen during the loop (hefeat.fork_gc), and thawed after
+    it, whether it ends or fails."""
+    import gc
+
+    import hefeat.extract.pipeline as p
+
+    st, tid = _store(tmp_path, cohort, n=2)
+    real, seen = p.embed_batch, []
+
+    def record(*a, **k):
+        seen.append(gc.get_freeze_count())
+        return real(*a, **k)
+
+    monkeypatch.setattr(p, "embed_batch", record)
+    s = run_extraction(st, precision="fp32", options=ExtractOptions(batch_size=8, workers=1), **ENC)
+    assert len(s.ok) == 2 and seen and min(seen) > 10_000  # torch & co. frozen while the worker runs
+    assert gc.get_freeze_count() == 0
+
+    def fail(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(p, "embed_batch", fail)
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction(st, precision="fp32", options=ExtractOptions(batch_size=8, workers=1), encoder="resnet18",
+                       weights="none", layer="layer1")
+    assert gc.get_freeze_count() == 0

@@ -3,6 +3,7 @@ checkpoints and RNG state, losses and target scaling, the EMO cost formula."""
 
 from __future__ import annotations
 
+import gc
 import random
 
 import numpy as np
@@ -188,10 +189,13 @@ def test_fold_loader_workers_persist_across_epochs_and_serve_each_epochs_batches
         it = loader.batches([np.array([1]), np.array([2]), np.array([3])])
         next(it)  # an epoch left unfinished (a stop) does not leak its batches into the next one
         assert [b[1].tolist() for b in loader.batches([np.array([4])])] == [[4]]
+        assert gc.get_freeze_count() > 0  # what was alive at the fork stays out of the collector (hefeat.fork_gc)
     finally:
         loader.close()
+    assert gc.get_freeze_count() == 0
     inline = FoldLoader(_PidSamples(), workers=0, pin=False, seed=0)
     assert [b[1].tolist() for b in inline.batches([np.array([6, 0])])] == [[6, 0]]
+    assert gc.get_freeze_count() == 0  # no workers, nothing frozen
 
 
 def test_no_task_ladder_in_finetune():

@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hefeat import __version__  # noqa: F401  (read by tests and benchmarks)
+from hefeat import (
+    __version__,  # noqa: F401  (read by tests and benchmarks)
+    fork_gc,
+)
 from hefeat.errors import HefeatError, NonFiniteError
 from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute side lives in compute.py)
     DeviceTransform,
@@ -365,6 +368,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
 
     bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
     t_loop, cpu_loop = time.perf_counter(), _cpu_seconds()
+    fork_gc.freeze()  # before the workers fork: their GC would copy the parent's heap (hefeat.fork_gc)
     try:
         paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
         it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info) \
@@ -407,6 +411,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         timings["loop_s"] = time.perf_counter() - t_loop
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             FeatureSink.abort(j)
+        fork_gc.unfreeze()
     if writer.error:
         raise _writer_error(writer.error)
     timings["write_s"] = writer.seconds

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from hefeat import fork_gc
 from hefeat.errors import HefeatError
 
 
@@ -185,6 +186,7 @@ class FoldLoader:
         from torch.utils.data import DataLoader
 
         self.sampler = SwappableBatches()
+        self._frozen = False
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin,
                                  worker_init_fn=_worker_init if workers else None,
                                  prefetch_factor=4 if workers else None,
@@ -193,6 +195,9 @@ class FoldLoader:
     def batches(self, batches: list[np.ndarray]):
         """An iterator over these batches, served by the fold's workers."""
         self.sampler.batches = [np.asarray(b).tolist() for b in batches]
+        if self.loader.num_workers and not self._frozen:  # the workers fork now (hefeat.fork_gc)
+            fork_gc.freeze()
+            self._frozen = True
         return iter(self.loader)
 
     def close(self) -> None:
@@ -201,3 +206,6 @@ class FoldLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self.loader._iterator = None
+        if self._frozen:
+            fork_gc.unfreeze()
+            self._frozen = False
