@@ -34,13 +34,18 @@ def _openslide_reads(path, regions, monkeypatch) -> list[np.ndarray]:
     return out
 
 
+def _reference(path, k: int, seed: int, monkeypatch) -> tuple[list, list[np.ndarray]]:
+    """`_regions` of the slide and what OpenSlide reads there."""
+    with Slide(path) as s:
+        regions = _regions(s, k, seed)
+    return regions, _openslide_reads(path, regions, monkeypatch)
+
+
 @pytest.mark.parametrize("which", ["cmu", "synthetic"])
 def test_direct_reads_are_openslides_bytes(which, cmu_svs, cohort, monkeypatch):
     """Aperio RGB JPEG with JPEGTables (CMU-1) and YCbCr JPEG (synthetic): every byte equal, edges and resizes too."""
     path = cmu_svs if which == "cmu" else cohort / "slides" / "S01.tiff"
-    with Slide(path) as s:
-        regions = _regions(s, 40, seed=3)
-    want = _openslide_reads(path, regions, monkeypatch)
+    regions, want = _reference(path, 40, 3, monkeypatch)
     with Slide(path) as s:
         got = [s.read(x, y, n, m) for x, y, n, m in regions]
         assert isinstance(s._direct, direct_read.DirectRegions)  # the fast path ran, not a silent fallback
@@ -65,9 +70,7 @@ def test_each_jpeg_tile_is_decoded_once_while_cached(cohort):
 def test_the_tile_cache_is_bounded(cohort, monkeypatch):
     monkeypatch.setattr(direct_read, "CACHE_BYTES", 3 * 256 * 256 * 3)
     path = cohort / "slides" / "S01.tiff"
-    with Slide(path) as s:
-        regions = _regions(s, 30, seed=5)
-    want = _openslide_reads(path, regions, monkeypatch)
+    regions, want = _reference(path, 30, 5, monkeypatch)
     with Slide(path) as s:
         got = [s.read(x, y, n, m) for x, y, n, m in regions]
         d = s._direct
@@ -79,9 +82,7 @@ def test_the_tile_cache_is_bounded(cohort, monkeypatch):
 
 def test_a_decoder_that_disagrees_is_never_used(cmu_svs, monkeypatch):
     """One differing byte on the first region: that slide reads through OpenSlide from then on."""
-    with Slide(cmu_svs) as s:
-        regions = _regions(s, 10, seed=7)
-    want = _openslide_reads(cmu_svs, regions, monkeypatch)
+    regions, want = _reference(cmu_svs, 10, 7, monkeypatch)
     real, calls = simplejpeg.decode_jpeg, []
 
     def off_by_one(data, *a, **k):
@@ -104,9 +105,7 @@ def test_a_decoder_that_disagrees_is_never_used(cmu_svs, monkeypatch):
 
 
 def test_a_tile_that_fails_to_decode_is_read_by_openslide(cmu_svs, monkeypatch):
-    with Slide(cmu_svs) as s:
-        regions = _regions(s, 10, seed=9)
-    want = _openslide_reads(cmu_svs, regions, monkeypatch)
+    regions, want = _reference(cmu_svs, 10, 9, monkeypatch)
     with Slide(cmu_svs) as s:
         s.read(0, 0, 8, s.mpp.x)
         assert isinstance(s._direct, direct_read.DirectRegions)
@@ -176,9 +175,7 @@ def test_off_switch(cohort, monkeypatch):
 
 
 def test_threads_reading_one_slide_get_openslides_bytes(cmu_svs, monkeypatch):
-    with Slide(cmu_svs) as s:
-        regions = _regions(s, 60, seed=11)
-    want = _openslide_reads(cmu_svs, regions, monkeypatch)
+    regions, want = _reference(cmu_svs, 60, 11, monkeypatch)
     got: dict[int, np.ndarray] = {}
     with Slide(cmu_svs) as s:
         def work(part):
