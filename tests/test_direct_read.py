@@ -34,6 +34,23 @@ def _openslide_reads(path, regions, monkeypatch) -> list[np.ndarray]:
     return out
 
 
+def _read_in_threads(slide: Slide, regions, n_threads: int) -> dict[int, np.ndarray]:
+    """Every region read from one Slide by `n_threads` threads at once, by index."""
+    got: dict[int, np.ndarray] = {}
+
+    def work(part):
+        for i in part:
+            x, y, n, m = regions[i]
+            got[i] = slide.read(x, y, n, m)
+
+    threads = [threading.Thread(target=work, args=(range(j, len(regions), n_threads),)) for j in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
 def _reference(path, k: int, seed: int, monkeypatch) -> tuple[list, list[np.ndarray]]:
     """`_regions` of the slide and what OpenSlide reads there."""
     with Slide(path) as s:
@@ -176,18 +193,21 @@ def test_off_switch(cohort, monkeypatch):
 
 def test_threads_reading_one_slide_get_openslides_bytes(cmu_svs, monkeypatch):
     regions, want = _reference(cmu_svs, 60, 11, monkeypatch)
-    got: dict[int, np.ndarray] = {}
     with Slide(cmu_svs) as s:
-        def work(part):
-            for i in part:
-                x, y, n, m = regions[i]
-                got[i] = s.read(x, y, n, m)
+        got = _read_in_threads(s, regions, 4)
+        assert isinstance(s._direct, direct_read.DirectRegions)
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got[i], w)
 
-        threads = [threading.Thread(target=work, args=(range(j, len(regions), 4),)) for j in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+
+def test_reads_without_pread_give_the_same_bytes(cmu_svs, monkeypatch):
+    """Where the OS has no pread (Windows), tile bytes are read under a lock: same pixels, threads included."""
+    from hefeat.slides import jpeg_tiles
+
+    regions, want = _reference(cmu_svs, 30, 13, monkeypatch)
+    monkeypatch.setattr(jpeg_tiles, "_PREAD", False)
+    with Slide(cmu_svs) as s:
+        got = _read_in_threads(s, regions, 3)
         assert isinstance(s._direct, direct_read.DirectRegions)
     for i, w in enumerate(want):
         np.testing.assert_array_equal(got[i], w)

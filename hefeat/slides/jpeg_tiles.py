@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from hefeat.errors import HefeatError
 
 JPEG = 7
+_PREAD = hasattr(os, "pread")
 # Adobe APP14: version 100, flags 0/0, transform 0 = components are RGB (no YCbCr conversion).
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
@@ -74,6 +76,7 @@ class JpegTiles:
         if not self.levels:
             raise HefeatError(f"{path} has no JPEG-tiled level: device decode needs a tiled JPEG TIFF/SVS")
         self._fh = open(self.path, "rb")  # noqa: SIM115  (closed in close())
+        self._seek_lock = threading.Lock()
 
     def close(self) -> None:
         """Close the file."""
@@ -87,7 +90,11 @@ class JpegTiles:
 
     def raw(self, level: Level, index: int) -> bytes:
         """The tile's bytes as stored (an abbreviated JPEG stream when the level has JPEGTables)."""
-        return os.pread(self._fh.fileno(), level.counts[index], level.offsets[index])  # no shared file position
+        if _PREAD:  # no shared file position: threads may read one slide at once
+            return os.pread(self._fh.fileno(), level.counts[index], level.offsets[index])
+        with self._seek_lock:  # Windows has no pread
+            self._fh.seek(level.offsets[index])
+            return self._fh.read(level.counts[index])
 
     def stream(self, level: Level, index: int) -> bytes:
         """A complete JPEG stream for tile `index` of `level` (tables merged, RGB marked)."""
