@@ -203,6 +203,16 @@ def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatc
     # 1.3x lead of fp32 over a reduced precision that AMX should make faster proves nothing.
     one = [Trial(Candidate("fp32"), 3.2, 0.0), Trial(win, 2.1, 0.003), Trial(Candidate("fp16"), 2.45, 0.0004)]
     assert [t.rounds for t in one] == [1, 1, 1] and lead(one, Candidate("fp32")) is None
+    # What a first calibration on this VM measured (ResNet-50 layer3, 8 tiles): the fast winner's short rounds varied
+    # 1.53x, and fp16, under half the best after one round, was not timed again. That round does not make a 2.7x
+    # lead over the runner-up indecisive (it did: every first extraction calibrated twice).
+    first = [Trial(Candidate("fp32"), 50.9, 0.0, spread=1.29, rounds=3), Trial(Candidate("fp32", False), 39.0, 0.0,
+             spread=1.30, rounds=3), Trial(win, 153.1, 0.0033, spread=1.53, rounds=3),
+             Trial(cl, 56.2, 0.0033, spread=1.05, rounds=3), Trial(Candidate("fp16"), 32.4, 0.0004, rounds=1)]
+    assert lead(first, win) == round(153.1 / 56.2, 3)
+    # ...but a runner-up timed once (or a winner timed once) still proves nothing
+    assert lead([*first[:3], Trial(cl, 56.2, 0.0033, rounds=1)], win) is None
+    assert lead([Trial(win, 153.1, 0.0033, rounds=1), *first[3:4]], win) is None
 
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(P, "busy_machine", lambda trials, others=None: "load average 6.5 on 2 cores")

@@ -371,22 +371,24 @@ def busy_machine(trials: Sequence[Trial], others: float | None = None) -> str | 
 
 def decisive_lead(trials: Sequence[Trial], chosen: Candidate) -> float | None:
     """The chosen candidate's lead (its tiles/s over the fastest other timed candidate's) when that lead
-    exceeds both NOISY and the largest spread of any timed candidate's rounds, else None.
+    exceeds both NOISY and the largest spread of any candidate's timed rounds, else None.
 
     A busy machine slows the round-robin rounds of every candidate alike; a lead larger than any
-    round-to-round variation was not made by the load, so such a measurement is worth caching. A
-    candidate timed in one round only (the time budget ran out) shows no variation to compare with:
-    then nothing is decisive.
+    round-to-round variation was not made by the load, so such a measurement is worth caching. The
+    chosen candidate and the fastest other must each have been timed in two rounds or more (one round
+    shows no variation: then nothing is decisive). Slower ones that `measure` stopped after one round
+    as hopeless (under half the best rate) do not block it: the lead over the fastest other covers them.
     """
     timed = [t for t in trials if t.tiles_per_s > 0]
-    if any(t.rounds < 2 for t in timed):
-        return None
     win = [t for t in timed if t.candidate == chosen]
     others = [t for t in timed if t.candidate != chosen]
     if not win or not others:
         return None
-    lead = win[0].tiles_per_s / max(t.tiles_per_s for t in others)
-    noise = max([NOISY, *(t.spread for t in timed)])
+    runner_up = max(others, key=lambda t: t.tiles_per_s)
+    if win[0].rounds < 2 or runner_up.rounds < 2:
+        return None
+    lead = win[0].tiles_per_s / runner_up.tiles_per_s
+    noise = max([NOISY, *(t.spread for t in timed if t.rounds >= 2)])
     return round(lead, 3) if lead > noise else None
 
 
