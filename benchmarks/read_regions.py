@@ -26,6 +26,7 @@ CMU = Path(__file__).resolve().parents[1] / "tests" / "data" / "CMU-1-Small-Regi
 
 def read_all(path: Path, xy: list[tuple[int, int]], direct: bool) -> tuple[float, list[np.ndarray], bool]:
     """CPU s for reading every tile through a freshly opened Slide, the tiles, and whether the direct path ran."""
+    from hefeat.slides.direct_read import DirectRegions
     from hefeat.slides.reader import Slide
 
     os.environ["HEFEAT_DIRECT_JPEG"] = "1" if direct else "0"
@@ -33,7 +34,7 @@ def read_all(path: Path, xy: list[tuple[int, int]], direct: bool) -> tuple[float
         c = time.process_time()
         out = [s.read(x, y, 224, s.mpp.x) for x, y in xy]
         cpu = time.process_time() - c
-        used = s._direct is not None and s._direct is not False
+        used = isinstance(s._direct, DirectRegions)
     return cpu, out, used
 
 

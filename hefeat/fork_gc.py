@@ -5,19 +5,18 @@ tracked object it traverses, so the worker's first collection copies every page 
 (torch, timm, the store's tables...): measured on the development VM with `run_extraction` called from Python,
 the first tile the worker read took 226 ms instead of 26 and the loop waited 0.34-0.52 s for its first batch
 instead of 0.14 (benchmarks/README, round 16). The CLI already froze its imports (hefeat.cli.common.quiet_gc);
-notebooks, scripts and the tests do not. `gc.freeze()` right before the fork moves everything alive into a permanent generation that no
-collection visits, in the worker or in the parent (the CPython documentation's advice for pre-fork servers);
-objects made afterwards are collected as usual. Nested and concurrent blocks share one freeze: the last one out
-unfreezes, unless something was frozen before the first one (the CLI freezes its imports for good,
+notebooks, scripts and the tests do not. `gc.freeze()` right before the fork moves everything alive into a
+permanent generation that no collection visits, in the worker or in the parent (the CPython documentation's
+advice for pre-fork servers); objects made afterwards are collected as usual. Callers pair `freeze()` before
+the workers start with `unfreeze()` once they are gone. Nested and concurrent holders share one freeze: the
+last one out unfreezes, unless something was frozen before the first one (the CLI freezes its imports for good,
 hefeat.cli.common.quiet_gc): then everything stays frozen, as that owner meant.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import threading
-from collections.abc import Iterator
 
 _lock = threading.Lock()
 _depth = 0
@@ -43,13 +42,3 @@ def unfreeze() -> None:
         _depth -= 1
         if _depth == 0 and _thaw:
             gc.unfreeze()
-
-
-@contextlib.contextmanager
-def frozen_for_fork() -> Iterator[None]:
-    """A block in which workers are forked and run: what is alive at its start is never traversed by a collection."""
-    freeze()
-    try:
-        yield
-    finally:
-        unfreeze()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import resource
@@ -15,7 +14,9 @@ from hefeat import fork_gc
 def _child_faults_on_collect(frozen: bool) -> int:
     """Minor page faults a forked child takes on one full gc.collect() (the parent's heap shared copy-on-write)."""
     r, w = os.pipe()
-    with fork_gc.frozen_for_fork() if frozen else contextlib.nullcontext():
+    if frozen:
+        fork_gc.freeze()
+    try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
             try:
@@ -24,6 +25,9 @@ def _child_faults_on_collect(frozen: bool) -> int:
                 os.write(w, str(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before).encode())
             finally:
                 os._exit(0)
+    finally:
+        if frozen:
+            fork_gc.unfreeze()
     os.close(w)
     os.waitpid(pid, 0)
     with os.fdopen(r) as f:
@@ -46,14 +50,16 @@ def _frozen(obj) -> bool:
 def test_nested_blocks_share_one_freeze_and_the_last_unfreezes():
     assert gc.get_freeze_count() == 0
     early = [[]]
-    with fork_gc.frozen_for_fork():
-        assert _frozen(early)
-        late = [[]]
-        fork_gc.freeze()  # a second holder (a fine-tuning fold's loader inside an extraction, say)
-        with fork_gc.frozen_for_fork():
-            assert not _frozen(late)  # nothing re-frozen by the inner holders
-        fork_gc.unfreeze()
-        assert _frozen(early)  # still held by the outer block
+    fork_gc.freeze()
+    assert _frozen(early)
+    late = [[]]
+    fork_gc.freeze()  # a second holder (a fine-tuning fold's loader inside an extraction, say)
+    fork_gc.freeze()
+    assert not _frozen(late)  # nothing re-frozen by the inner holders
+    fork_gc.unfreeze()
+    fork_gc.unfreeze()
+    assert _frozen(early)  # still held by the outer one
+    fork_gc.unfreeze()
     assert not _frozen(early) and gc.get_freeze_count() == 0
     fork_gc.unfreeze()  # an unmatched unfreeze is harmless
     assert gc.get_freeze_count() == 0
@@ -64,8 +70,8 @@ def test_a_freeze_made_before_stays():
     kept = [[]]
     gc.freeze()
     try:
-        with fork_gc.frozen_for_fork():
-            pass
+        fork_gc.freeze()
+        fork_gc.unfreeze()
         assert _frozen(kept)
     finally:
         gc.unfreeze()

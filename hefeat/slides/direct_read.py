@@ -7,11 +7,11 @@ simplejpeg and pasting them costs ~0.3 (benchmarks/read_regions.py). Same decode
 (accurate DCT, fancy upsampling), and like OpenSlide it treats libjpeg's warnings (corrupt or truncated
 entropy data) as errors (`strict`): a decoder that fills a damaged tile with grey instead, as
 imagecodecs' does, would embed it where OpenSlide fails the slide. Same pixels, but that is checked,
-not assumed: the first region a `Slide` reads this way is also read through OpenSlide and the direct path is used only if every byte is equal (otherwise never again for that
-slide). Only Aperio SVS and generic tiled TIFFs qualify (their TIFF tile grid is the image; Philips'
-sparse tiles, Ventana's overlaps, NDPI and Leica layouts go through OpenSlide), and a tile that fails
-to decode sends that read to OpenSlide, so a slide's pixels, errors and extraction id never depend
-on which path ran. `HEFEAT_DIRECT_JPEG=0` turns it off.
+not assumed: the first region a `Slide` reads this way is also read through OpenSlide and the direct
+path is used only if every byte is equal (otherwise never again for that slide). Only Aperio SVS and
+generic tiled TIFFs qualify (their TIFF tile grid is the image; Philips' sparse tiles, Ventana's
+overlaps, NDPI and Leica layouts go through OpenSlide), and a tile that fails to decode sends that read
+to OpenSlide, so a slide's pixels, errors and extraction id never depend on which path ran. `HEFEAT_DIRECT_JPEG=0` turns it off.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import simplejpeg
 
 from hefeat.slides.jpeg_tiles import JpegTiles, Level
 
@@ -65,8 +66,6 @@ class DirectRegions:
         self._tiles.clear()
 
     def _tile(self, i: int) -> np.ndarray:
-        import simplejpeg
-
         with self._lock:
             t = self._tiles.get(i)
             if t is not None:
@@ -87,12 +86,7 @@ class DirectRegions:
 
     def read(self, x: int, y: int, n: int) -> np.ndarray:
         """uint8 (n, n, 3) region at level-0 (x, y); outside the image is white, as OpenSlide composites it."""
-        lv = self.level
         out = np.full((n, n, 3), 255, np.uint8)
-        for i in self.src.covering(lv, x, y, n, n):
-            tx, ty = (i % lv.cols) * lv.tile_w, (i // lv.cols) * lv.tile_h
-            x0, y0 = max(x, tx), max(y, ty)
-            x1, y1 = min(x + n, tx + lv.tile_w, lv.width), min(y + n, ty + lv.tile_h, lv.height)
-            if x1 > x0 and y1 > y0:  # edge tiles are stored padded: paste only the part inside the image
-                out[y0 - y:y1 - y, x0 - x:x1 - x] = self._tile(i)[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+        for i, dst, src in self.src.pieces(self.level, x, y, n):
+            out[dst] = self._tile(i)[src]
         return out

@@ -115,6 +115,19 @@ class JpegTiles:
         rs = range(y0 // level.tile_h, (y1 - 1) // level.tile_h + 1)
         return [r * level.cols + c for r in rs for c in cs]
 
+    def pieces(self, level: Level, x: int, y: int, n: int) -> list[tuple[int, tuple[slice, slice], tuple[slice, slice]]]:
+        """(tile index, rows/cols in the n x n region, rows/cols in the decoded tile) for each tile overlapping the
+        square region at (x, y): only the part inside both the region and the image (edge tiles are stored padded)."""
+        out = []
+        for i in self.covering(level, x, y, n, n):
+            tx, ty = (i % level.cols) * level.tile_w, (i // level.cols) * level.tile_h
+            x0, y0 = max(x, tx), max(y, ty)
+            x1, y1 = min(x + n, tx + level.tile_w, level.width), min(y + n, ty + level.tile_h, level.height)
+            if x1 > x0 and y1 > y0:
+                out.append((i, (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x)),
+                            (slice(y0 - ty, y1 - ty), slice(x0 - tx, x1 - tx))))
+        return out
+
 
 def decode(streams: list[bytes], device: str):
     """Decode JPEG streams to uint8 (3, h, w) tensors on `device` (batched nvJPEG on CUDA)."""
@@ -140,15 +153,8 @@ def read_regions(src: JpegTiles, level: Level, regions: list[tuple[int, int, int
     out = []
     for x, y, n in regions:
         canvas = torch.full((3, n, n), 255, dtype=torch.uint8, device=device)
-        for i in src.covering(level, x, y, n, n):
-            tx, ty = (i % level.cols) * level.tile_w, (i // level.cols) * level.tile_h
-            t = tiles[i]
-            # the part of this tile inside both the region and the image (edge tiles are padded)
-            ax0, ay0 = max(x, tx), max(y, ty)
-            ax1 = min(x + n, tx + level.tile_w, level.width)
-            ay1 = min(y + n, ty + level.tile_h, level.height)
-            if ax1 > ax0 and ay1 > ay0:
-                canvas[:, ay0 - y:ay1 - y, ax0 - x:ax1 - x] = t[:, ay0 - ty:ay1 - ty, ax0 - tx:ax1 - tx]
+        for i, (rows, cols), (trows, tcols) in src.pieces(level, x, y, n):
+            canvas[:, rows, cols] = tiles[i][:, trows, tcols]
         if n != size_px:
             c = canvas[None].float()
             c = F.interpolate(c, size=(size_px, size_px), mode="bilinear", antialias=n > size_px, align_corners=False)
