@@ -14,7 +14,9 @@ from hefeat.slides.reader import Slide
 
 
 def _regions(slide: Slide, k: int, seed: int) -> list[tuple[int, int, int, float]]:
-    """(x, y, size_px, mpp): inside, across tile seams, off every edge, wholly outside, and resized (n = 2 size_px)."""
+    """(x, y, size_px, mpp): inside, across tile seams, off every edge, wholly outside, resized (n = 2 size_px), and
+    at 2x and 4x the mpp: on a pyramid, from levels 1 and 2 (at even and odd level-0 origins: whole and half pixels
+    there) and resized from level 1 (3x)."""
     w, h = slide.dimensions
     rng = np.random.default_rng(seed)
     xs, ys = rng.integers(-150, w, k), rng.integers(-150, h, k)
@@ -22,6 +24,10 @@ def _regions(slide: Slide, k: int, seed: int) -> list[tuple[int, int, int, float
     out += [(w - 100, h - 100, 224, slide.mpp.x), (-50, -70, 224, slide.mpp.x), (w + 10, 5, 64, slide.mpp.x)]
     xs, ys = rng.integers(0, w, 4), rng.integers(0, h, 4)
     out += [(int(x), int(y), 112, slide.mpp.x * 2) for x, y in zip(xs, ys, strict=True)]
+    xs, ys = rng.integers(-100, w, 6), rng.integers(-100, h, 6)
+    out += [(int(x) * 4, int(y) * 4, 96, slide.mpp.x * 4) for x, y in zip(xs // 4, ys // 4, strict=True)]
+    out += [(int(x) + 1, int(y), 64, slide.mpp.x * 2) for x, y in zip(xs, ys, strict=True)]
+    out += [(int(x) * 2, int(y) * 2, 100, slide.mpp.x * 3) for x, y in zip(xs // 2, ys // 2, strict=True)]
     return out
 
 
@@ -67,6 +73,8 @@ def test_direct_reads_are_openslides_bytes(which, cmu_svs, cohort, monkeypatch):
         got = [s.read(x, y, n, m) for x, y, n, m in regions]
         assert isinstance(s._direct, direct_read.DirectRegions)  # the fast path ran, not a silent fallback
         assert s._direct.decoded > 0
+        levels = s.level_count
+    assert s._direct_same == {i: True for i in range(min(levels, 3))}  # every level read, each checked equal
     for g, w in zip(got, want, strict=True):
         assert g.dtype == np.uint8 and g.shape == w.shape and g.flags.writeable
         np.testing.assert_array_equal(g, w)
@@ -80,7 +88,7 @@ def test_each_jpeg_tile_is_decoded_once_while_cached(cohort):
         before = d.decoded
         for x, y, n in regions:
             s.read(x, y, n, s.mpp.x)
-        need = {i for x, y, n in regions for i in d.src.covering(d.level, x, y, n, n)} - {0}
+        need = {i for x, y, n in regions for i in d.src.covering(d.levels[0], x, y, n, n)} - {0}
         assert d.decoded - before == len(need)
 
 
@@ -112,7 +120,7 @@ def test_a_decoder_that_disagrees_is_never_used(cmu_svs, monkeypatch):
     with Slide(cmu_svs) as s:
         x, y = 0, 0  # covers tile 0's first pixel
         first = s.read(x, y, 224, s.mpp.x)
-        assert s._direct is None and calls
+        assert s._direct_same == {0: False} and calls
         n_calls = len(calls)
         got = [s.read(x, y, n, m) for x, y, n, m in regions]
     assert len(calls) == n_calls
@@ -174,14 +182,52 @@ def test_layouts_openslide_composes_stay_with_openslide(tmp_path, cmu_svs):
     """Other vendors' grids (overlaps, sparse tiles) and non-JPEG tiles never take the direct path."""
     with Slide(cmu_svs) as s:
         for vendor in ("philips", "ventana", "hamamatsu", "leica", "mirax"):
-            assert direct_read.DirectRegions.open(str(cmu_svs), vendor, s.dimensions) is None
-        assert direct_read.DirectRegions.open(str(cmu_svs), "aperio", (s.dimensions[0] + 1, s.dimensions[1])) is None
+            assert direct_read.DirectRegions.open(str(cmu_svs), vendor, s.level_dimensions) is None
+        assert direct_read.DirectRegions.open(str(cmu_svs), "aperio", [(s.dimensions[0] + 1, s.dimensions[1])]) is None
     p = tmp_path / "zlib.tiff"
     img = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
     tifffile.imwrite(p, img, tile=(256, 256), compression="zlib", resolution=(40000, 40000), resolutionunit="CENTIMETER")
     with Slide(p) as s:
         np.testing.assert_array_equal(s.read(100, 100, 224, s.mpp.x), img[100:324, 100:324])
         assert s._direct is None
+
+
+def test_each_level_is_checked_on_its_own(cohort, monkeypatch):
+    """A decoder that differs on level 1 only: level 1 reads through OpenSlide from then on, level 0 stays direct;
+    a level whose size OpenSlide sees differently, and a half-pixel origin, are never read directly."""
+    path = cohort / "slides" / "S01.tiff"
+    regions = [(400, 600, 224, 1), (2000, 300, 128, 1), (900, 900, 100, 2), (1000, 1200, 100, 2), (1001, 1200, 100, 2)]
+    with Slide(path) as s:
+        mpp = s.mpp.x
+    regions = [(x, y, n, mpp * m) for x, y, n, m in regions]
+    want = _openslide_reads(path, regions, monkeypatch)
+    real = simplejpeg.decode_jpeg
+    with Slide(path) as s:
+        assert s.level_count >= 2
+        s.read(0, 0, 8, mpp)  # level 0 checked with the real decoder
+        monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda data, *a, **k: real(data, *a, **k) ^ np.uint8(1))
+        s._direct._tiles.clear()
+        with pytest.raises(AssertionError):  # level 0 was kept: now it reads the broken decoder's bytes
+            np.testing.assert_array_equal(s.read(*regions[0][:2], 224, mpp), want[0])
+        monkeypatch.setattr(simplejpeg, "decode_jpeg", real)
+        s._direct._tiles.clear()
+        got0 = [s.read(x, y, n, m) for x, y, n, m in regions[:2]]
+        monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda data, *a, **k: real(data, *a, **k) ^ np.uint8(1))
+        got1 = [s.read(x, y, n, m) for x, y, n, m in regions[2:]]  # level 1 checked with the broken decoder
+        assert s._direct_same == {0: True, 1: False}
+    for g, w in zip(got0 + got1, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    with Slide(path) as s:
+        s.read(0, 0, 8, mpp)
+        d = s._direct
+        before = d.decoded
+        np.testing.assert_array_equal(s.read(1001, 1200, 100, mpp * 2), want[4])  # x / 2 = 500.5: OpenSlide's
+        assert d.decoded == before and 1 not in s._direct_same
+        dims = list(s.level_dimensions)
+    dims[1] = (dims[1][0] + 1, dims[1][1])
+    d = direct_read.DirectRegions.open(str(path), "generic-tiff", dims)
+    assert set(d.levels) == set(range(len(dims))) - {1}
+    d.close()
 
 
 def test_off_switch(cohort, monkeypatch):

@@ -116,6 +116,7 @@ class Slide:
         self.vendor = self.properties.get("openslide.vendor", "unknown")
         self._direct = None if (self.plain or not direct_read.enabled()) else False  # False: not opened yet
         self._direct_lock = threading.Lock()
+        self._direct_same: dict[int, bool] = {}  # level -> its first direct read gave OpenSlide's bytes
         op = self.properties.get("openslide.objective-power")
         self.objective_power = float(op) if op else None
 
@@ -160,7 +161,7 @@ class Slide:
         size0 = self.level0_size(size_px, mpp)
         n = max(1, int(round(size0 / ds)))
         x0, y0 = int(round(x)), int(round(y))
-        rgb = self._read_direct(x0, y0, n) if level == 0 and self._direct is not None else None
+        rgb = self._read_direct(level, x0, y0, n) if self._direct is not None else None
         if rgb is not None and n == size_px:
             return rgb
         img = Image.fromarray(rgb) if rgb is not None else _rgba_to_rgb(self._osr.read_region((x0, y0), level, (n, n)))
@@ -172,35 +173,38 @@ class Slide:
         """Raise if the file's first pixels do not decode (through OpenSlide: no direct reader is opened for this)."""
         self._osr.read_region((0, 0), 0, (8, 8))
 
-    def _read_direct(self, x: int, y: int, n: int) -> np.ndarray | None:
-        """The level-0 region from the JPEG tiles (hefeat.slides.direct_read), or None: read it through OpenSlide."""
-        if self._direct is False:  # first direct read: open, and keep only if it gives OpenSlide's bytes
+    def _read_direct(self, level: int, x: int, y: int, n: int) -> np.ndarray | None:
+        """The region (level-0 origin, n level pixels) from the JPEG tiles (hefeat.slides.direct_read), or None:
+        read it through OpenSlide."""
+        ds = self.level_downsamples[level]
+        lx, ly = x / ds, y / ds  # as OpenSlide divides: a fractional pixel is a sub-pixel shift, not a crop
+        if lx != int(lx) or ly != int(ly):
+            return None
+        if self._direct is False or level not in self._direct_same:  # first direct read of the slide or level
             with self._direct_lock:
                 if self._direct is False:
-                    return self._open_direct(x, y, n)
+                    self._direct = direct_read.DirectRegions.open(str(self.path), self.vendor, self.level_dimensions)
+                d = self._direct
+                if d is None or level not in d.levels:
+                    return None
+                if level not in self._direct_same:
+                    return self._check_direct(d, level, x, y, int(lx), int(ly), n)
         d = self._direct
-        if d is None:
+        if d is None or not self._direct_same.get(level):
             return None
         try:
-            return d.read(x, y, n)
+            return d.read(level, int(lx), int(ly), n)
         except Exception:  # a tile that does not decode: OpenSlide's pixels or OpenSlide's error
             return None
 
-    def _open_direct(self, x: int, y: int, n: int) -> np.ndarray | None:
-        """Open the direct reader; keep it only if this region's bytes equal OpenSlide's (returned either way)."""
-        d = direct_read.DirectRegions.open(str(self.path), self.vendor, self.dimensions)
-        self._direct = None
-        if d is None:
-            return None
-        want = np.array(_rgba_to_rgb(self._osr.read_region((x, y), 0, (n, n))))
+    def _check_direct(self, d, level: int, x: int, y: int, lx: int, ly: int, n: int) -> np.ndarray:
+        """OpenSlide's region; the level is read directly from now on only if the direct read gave the same bytes."""
+        want = np.array(_rgba_to_rgb(self._osr.read_region((x, y), level, (n, n))))
         try:
-            same = np.array_equal(d.read(x, y, n), want)
+            same = np.array_equal(d.read(level, lx, ly, n), want)
         except Exception:
             same = False
-        if same:
-            self._direct = d
-        else:
-            d.close()
+        self._direct_same[level] = same
         return want
 
     def thumbnail(self, mpp: float) -> np.ndarray:
