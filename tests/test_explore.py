@@ -207,13 +207,13 @@ def test_tile_show_and_heatmap_resolve_the_tiling(learned):
 
 def test_bad_queries(learned, clustered):
     st, eid, _, _ = learned
+    other = build_index(st, eid)["index_id"]  # this test's own index: it runs in any order
     with pytest.raises(HefeatError, match="does not exist"):
         query(st, extraction_id=eid, tile=("S01", 99999))
     vst, veid, _ = clustered
     idx = build_index(vst, veid, index="flat")["index_id"]
     with pytest.raises(HefeatError, match="No index"):
         query(st, extraction_id=eid, index_id=idx, tile=("S01", 0))
-    other = build_index(st, eid)["index_id"]
     with pytest.raises(HefeatError, match="was built for extraction"):
         query(st, extraction_id="eother", index_id=other, tile=("S01", 0))
     with pytest.raises(HefeatError, match="2 tilings"):

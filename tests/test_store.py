@@ -36,6 +36,18 @@ def test_store_path_that_is_a_file(tmp_path):
         Store(tmp_path / "none").require()
 
 
+def test_an_empty_store_answers_every_view_with_the_columns_code_orders_by(tmp_path):
+    """The views of families with no record yet have the columns the code selects and orders by (`indexes` had no
+    `created`: asking for neighbours before any index was built failed with DuckDB's binder error)."""
+    from hefeat.store.schema import EMPTY_VIEWS
+
+    st = Store.init(tmp_path / "s")
+    for view, order in (("indexes", "created DESC"), ("extractions", "created"), ("models", "created"),
+                        ("tilings", "created"), ("jobs", "created")):
+        assert st.sql(f"SELECT * FROM {view} ORDER BY {order}").empty
+    assert set(EMPTY_VIEWS) >= {"indexes", "extractions", "models", "tilings", "jobs"}
+
+
 def test_tiles_view_joins_across_slides_and_tilings(tiled):
     st, tid, sid = tiled
     n = st.sql("SELECT count(*) n, count(DISTINCT slide_id) s, count(DISTINCT tiling_id) t FROM tiles").iloc[0]

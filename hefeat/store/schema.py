@@ -111,7 +111,7 @@ EMPTY_VIEWS = {
     "NULL::VARCHAR AS backbone, NULL::VARCHAR AS created WHERE false",
     "runs": "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS command, NULL::DOUBLE AS seconds WHERE false",
     "indexes": "SELECT NULL::VARCHAR AS index_id, NULL::VARCHAR AS extraction_id, NULL::VARCHAR AS type, "
-    "NULL::BIGINT AS n_vectors, NULL::DOUBLE AS recall_at_10 WHERE false",
+    "NULL::BIGINT AS n_vectors, NULL::DOUBLE AS recall_at_10, NULL::VARCHAR AS created WHERE false",
     "umap": "SELECT NULL::VARCHAR AS umap_id, NULL::VARCHAR AS slide_id, NULL::BIGINT AS tile_id, "
     "NULL::FLOAT AS umap_x, NULL::FLOAT AS umap_y WHERE false",
     "neighbors": "SELECT NULL::VARCHAR AS query_id, NULL::VARCHAR AS index_id, NULL::INTEGER AS rank, "
