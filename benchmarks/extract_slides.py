@@ -13,8 +13,9 @@ Fabricates (once per --workdir, reused after) two synthetic cohorts through hefe
 - bare: the same tiles pre-decoded in memory, the encoder alone (device transform included) at
   the precision, memory format and batch size the first run used, timed after the first run and
   after the last (their mean is the reference, both are printed, with CPU ms per tile). The bare
-  pass runs the run's own network (BatchNorms folded where `auto` folded them, hefeat.extract.fold)
-  and keeps freed memory for reuse as the extraction does (hefeat.heap): the strict comparison.
+  pass runs the run's own network (BatchNorms folded and residual blocks fused where `auto` did,
+  hefeat.extract.fold) and keeps freed memory for reuse as the extraction does (hefeat.heap): the
+  strict comparison.
   Where the run folded, the network as timm builds it is timed too ("as built": what a plain
   script runs); with --plain-bare that one also under glibc's default malloc.
 Ratios printed: loop / bare and whole / bare, each from figures of this one run, with the load
@@ -87,23 +88,26 @@ def decoded_tiles(store: Path) -> np.ndarray:
 
 
 def bare_rate(encoder: str, layer: str | None, imgs: np.ndarray, precision: str, channels_last: bool,
-              batch: int, keep_freed: bool = True, fold: bool = False) -> tuple[float, float]:
+              batch: int, keep_freed: bool = True, fold: bool = False, residual: bool = False) -> tuple[float, float]:
     """Tiles/s of the encoder alone (device transform included) over all of `imgs` once, after a warm-up batch,
     and its CPU ms per tile (all threads). keep_freed: inside hefeat.heap.reuse_freed_memory, as the extraction
     runs (else glibc's defaults: what a plain script gets). fold: its BatchNorms folded and conv+ReLU fused
-    (hefeat.extract.fold), as an `auto` extraction runs it (else the network as timm builds it)."""
+    (hefeat.extract.fold), as an `auto` extraction runs it (else the network as timm builds it); residual: its ResNet
+    blocks' last conv, add and ReLU fused too, where the run recorded fuse_residual."""
     import contextlib
 
     import torch
 
     from hefeat.extract.compute import DeviceTransform, embed_batch
     from hefeat.extract.encoders import create_encoder
-    from hefeat.extract.fold import fold_for_inference
+    from hefeat.extract.fold import fold_for_inference, fuse_residual_relu
     from hefeat.heap import reuse_freed_memory
 
     enc = create_encoder(encoder, weights="none", layer=layer)
     if fold:  # folded and, on the CPU, conv+ReLU fused: the network the run embeds with
         fold_for_inference(enc.net)
+        if residual:
+            fuse_residual_relu(enc.net)
     enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tr = DeviceTransform(enc.config, "cpu", channels_last=channels_last)
     x = torch.from_numpy(imgs)
@@ -144,6 +148,7 @@ def whole_process(store: Path, run_root: Path, cache: Path, a) -> dict:
     return {"tiles": s["tiles"], "slides": s["ok"], "wall_s": round(wall, 2), "whole_tiles_per_s": round(s["tiles"] / wall, 2),
             "loop_tiles_per_s": round(s["tiles"] / tm["loop_s"], 2), "precision": s["precision"],
             "channels_last": s["precision_choice"]["channels_last"], "fold_bn": s["precision_choice"].get("fold_bn", False),
+            "fuse_residual": s["precision_choice"].get("fuse_residual", False),
             "calibration": s["precision_choice"]["source"],
             "calibration_reason": s["precision_choice"]["reason"],
             "batch_size": s["batch_size"], "cpu_ms_per_tile": round(cpu / s["tiles"] * 1000, 1),
@@ -156,16 +161,17 @@ def cohort_run(work: Path, cache: Path, name: str, n_slides: int, w: float, h: f
     imgs = decoded_tiles(store)
     name_, _, layer = a.encoder.partition(":")
 
-    def bare_pass(prec: str, cl: bool, batch: int, keep_freed: bool = True, fold: bool = False) -> dict:
+    def bare_pass(prec: str, cl: bool, batch: int, keep_freed: bool = True, fold: bool = False,
+                  residual: bool = False) -> dict:
         load = _load()
-        rate, cpu = bare_rate(name_, layer or None, imgs, prec, cl, batch, keep_freed, fold)
+        rate, cpu = bare_rate(name_, layer or None, imgs, prec, cl, batch, keep_freed, fold, residual)
         return {"tiles_per_s": round(rate, 2), "cpu_ms_per_tile": round(cpu, 1), "load_before": load, "load_after": _load()}
 
     def bare_passes(r0: dict) -> tuple[dict, dict | None, dict | None]:
         """The reference (the run's own network, freed memory kept, as the extraction runs); the network as timm
         builds it where the run folded its BatchNorms; with --plain-bare, that one under glibc's defaults too."""
         args = (r0["precision"], r0["channels_last"], r0["batch_size"])
-        return (bare_pass(*args, fold=r0["fold_bn"]), bare_pass(*args) if r0["fold_bn"] else None,
+        return (bare_pass(*args, fold=r0["fold_bn"], residual=r0["fuse_residual"]), bare_pass(*args) if r0["fold_bn"] else None,
                 bare_pass(*args, keep_freed=False) if a.plain_bare else None)
 
     runs = [whole_process(store, work / f"{name}-run", cache, a)]  # learns (or reads) what `auto` chooses

@@ -127,7 +127,7 @@ def _two_slide_store(root, cohort):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """(BatchNorm modules, fused conv+ReLU modules) of the encoder at each embedding call of the extraction loop
+    """(BatchNorm modules, fused conv+ReLU modules and residual blocks) of the encoder at each embedding call of the extraction loop
     and of query-by-image."""
     import hefeat.extract.compute as compute
     import hefeat.extract.pipeline as pipeline
@@ -155,16 +155,18 @@ def test_auto_extraction_folds_records_it_and_query_by_image_follows(tmp_path, c
     s = run_extraction(st, tiling_id=tid, slides=[sid], options=ExtractOptions(batch_size=8), **ENC)
     eid = s.extra["extraction_id"]
     assert s.ok == [sid] and s.extra["precision_choice"]["fold_bn"] is True
-    assert spy and set(spy) == {(0, 3)}  # every batch ran the folded network, stem + layer1 blocks' first convs fused
+    assert s.extra["precision_choice"]["fuse_residual"] is True
+    # every batch ran the folded network: the stem's and layer1 blocks' first convs fused, and the blocks' residuals
+    assert spy and set(spy) == {(0, 5)}
     decision = json.loads(layout.precision_decision_path(st.root, eid).read_text())
-    assert decision["fold_bn"] is True
+    assert decision["fold_bn"] is True and decision["fuse_residual"] is True
     meta = json.loads((st.extraction_dir(eid) / "_extraction.json").read_text())
-    assert meta["precision_choice"]["fold_bn"] is True
+    assert meta["precision_choice"]["fold_bn"] is True and meta["precision_choice"]["fuse_residual"] is True
     # a tile's own pixels embedded for a query run the extraction's network: folded too
     spy.clear()
     Image.fromarray(tile_image(st, sid, 2, extraction_id=eid)).save(tmp_path / "t.png")
     q = embed_image(st, eid, str(tmp_path / "t.png"))
-    assert spy == [(0, 3)]
+    assert spy == [(0, 5)]
     stored = read_features(st.features_path(eid, sid))[2]
     tol = 1e-4 if s.extra["precision"] == "fp32" else 3e-2
     assert float(np.linalg.norm(q - stored) / np.linalg.norm(stored)) < tol
@@ -180,6 +182,7 @@ def test_an_extraction_recorded_before_folding_keeps_running_unfolded(tmp_path, 
     path = layout.precision_decision_path(st.root, eid)
     old = json.loads(path.read_text())
     old.pop("fold_bn")
+    old.pop("fuse_residual")
     path.write_text(json.dumps(old))  # as an extraction begun before folding existed recorded it
     spy.clear()
     again = run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
@@ -242,9 +245,10 @@ def test_a_fused_call_that_differs_is_dropped_for_that_layer(monkeypatch):
     assert not any(m.fused_ok for m in fused.modules() if hasattr(m, "fused_ok"))
 
 
-def test_a_worker_that_loses_the_decision_to_an_unfolding_one_embeds_nothing(tmp_path, cohort, monkeypatch):
-    """Two workers decide at once and the other one (an older hefeat) records no folding: this one, folded already,
-    stops before embedding a tile; run again, it follows the record."""
+@pytest.mark.parametrize("missing", [["fold_bn", "fuse_residual"], ["fuse_residual"]])
+def test_a_worker_that_loses_the_decision_to_an_unfolding_one_embeds_nothing(tmp_path, cohort, monkeypatch, missing):
+    """Two workers decide at once and the other one (an older hefeat) records no folding, or folding without fused
+    residuals: this one, folded and fused already, stops before embedding a tile; run again, it follows the record."""
     import hefeat.store.atomic as atomic
     from hefeat.errors import HefeatError
 
@@ -252,16 +256,17 @@ def test_a_worker_that_loses_the_decision_to_an_unfolding_one_embeds_nothing(tmp
     real = atomic.write_json_once
 
     def lose(path, rec):
-        real(path, {k: v for k, v in rec.items() if k != "fold_bn"})  # the other worker's record lands first
+        real(path, {k: v for k, v in rec.items() if k not in missing})  # the other worker's record lands first
         return real(path, rec)
 
     monkeypatch.setattr(atomic, "write_json_once", lose)
-    with pytest.raises(HefeatError, match="fold_bn=False .*run it again"):
+    with pytest.raises(HefeatError, match=f"{missing[0]}=False.* while .*run it again"):
         run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
     assert st.sql("SELECT count(*) AS n FROM features_index")["n"][0] == 0
     monkeypatch.setattr(atomic, "write_json_once", real)
     again = run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
-    assert len(again.ok) == 2 and again.extra["precision_choice"]["fold_bn"] is False
+    pc = again.extra["precision_choice"]
+    assert len(again.ok) == 2 and pc["fuse_residual"] is False and pc["fold_bn"] is (missing == ["fuse_residual"])
 
 
 def test_unfused_layers_run_as_two_calls_for_torch_compile(monkeypatch):
@@ -275,5 +280,127 @@ def test_unfused_layers_run_as_two_calls_for_torch_compile(monkeypatch):
     assert unfuse_conv_relu(fused) == 9
     monkeypatch.setattr(ConvReLU2d, "_fused", lambda self, x: pytest.fail("a fused call after unfuse_conv_relu"))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert torch.equal(fused(x), net(x))
+
+
+def test_an_extraction_recorded_before_residual_fusion_keeps_its_blocks_as_built(tmp_path, cohort, spy):
+    """A decision with fold_bn but without fuse_residual (an earlier hefeat) runs its remaining slides folded, with the
+    residual blocks as built: one extraction, one network."""
+    st, tid = _two_slide_store(tmp_path / "st", cohort)
+    first, second = st.sql("SELECT slide_id FROM slides ORDER BY 1")["slide_id"].tolist()
+    s = run_extraction(st, tiling_id=tid, slides=[first], options=ExtractOptions(batch_size=8), **ENC)
+    path = layout.precision_decision_path(st.root, s.extra["extraction_id"])
+    old = json.loads(path.read_text())
+    assert old.pop("fuse_residual") is True and old["fold_bn"] is True
+    path.write_text(json.dumps(old))
+    spy.clear()
+    again = run_extraction(st, tiling_id=tid, options=ExtractOptions(batch_size=8), **ENC)
+    assert again.ok == [second] and again.extra["precision_choice"]["fuse_residual"] is False
+    assert spy and set(spy) == {(0, 3)}  # folded, conv+ReLU fused, residual blocks as built
+
+
+def _folded(name: str, **kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    _random_stats(net)
+    fold_batchnorm(net)
+    return net
+
+
+@pytest.mark.parametrize("name,blocks", [("resnet18", 8), ("resnet26", 8)])  # BasicBlock, Bottleneck
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_fused_residual_blocks_compute_the_block_rounded_once(name, blocks, precision, tol):
+    import copy
+
+    from hefeat.extract.fold import _ResidualReLU, fuse_conv_relu, fuse_residual_relu
+    from hefeat.extract.precision import autocast
+
+    net = _folded(name)
+    fuse_conv_relu(net)
+    fused = copy.deepcopy(net)
+    assert fuse_residual_relu(fused) == blocks
+    assert fused.state_dict().keys() == net.state_dict().keys()
+    g = torch.Generator().manual_seed(5)
+    for batch, size in ((6, 64), (3, 64), (5, 96)):  # a new tile shape is checked again; a known one runs fused
+        x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast("cpu", precision):
+            got, want = fused(x).float(), net(x).float()
+        assert float((got - want).norm() / want.norm()) < tol  # every row, not only the checked ones
+    res = [m for m in fused.modules() if isinstance(m, _ResidualReLU)]
+    assert len(res) == blocks and all(m.fused_ok and len(m.checked) == 2 for m in res)  # fused, never fell back
+    with torch.inference_mode(), autocast("cpu", precision):
+        again = pickle.loads(pickle.dumps(fused))  # saves and loads as any model
+        assert torch.equal(again(x), fused(x))
+
+
+def test_a_fused_block_the_op_refuses_runs_as_built():
+    """oneDNN's fused op refuses bf16 in the NCHW layout (PyTorch's add_relu fallback has no bf16): the block's own
+    forward runs, every bit of it."""
+    import copy
+
+    from hefeat.extract.fold import _ResidualReLU, fuse_residual_relu
+    from hefeat.extract.precision import autocast
+
+    net = _folded("resnet18")
+    fused = copy.deepcopy(net)
+    fuse_residual_relu(fused)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode(), autocast("cpu", "bf16"):
+        assert torch.equal(fused(x), net(x))
+    assert not any(m.fused_ok for m in fused.modules() if isinstance(m, _ResidualReLU))
+
+
+def test_a_fused_block_that_is_not_its_own_forward_runs_as_built(monkeypatch):
+    import copy
+
+    from hefeat.extract.fold import _ResidualReLU, fuse_residual_relu
+
+    net = _folded("resnet18")
+    fused = copy.deepcopy(net)
+    assert fuse_residual_relu(fused) == 8
+    real = _ResidualReLU._last
+    monkeypatch.setattr(_ResidualReLU, "_last", lambda self, *a: real(self, *a) * 1.1)  # a wrong op, not rounding
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        assert torch.equal(fused(x), net(x))
+        assert torch.equal(fused(x), net(x))  # and stays on the block's own forward
+    assert not any(m.fused_ok for m in fused.modules() if isinstance(m, _ResidualReLU))
+
+
+@pytest.mark.parametrize("name,kwargs,fold", [
+    ("resnet18", {}, False),  # its last norm not folded away
+    ("resnet18", {"drop_path_rate": 0.2}, True),  # drop path between the conv and the add (all blocks but the first)
+    ("seresnet18", {}, True),  # squeeze-excitation between them
+])
+def test_blocks_with_more_than_conv_add_relu_are_left_alone(name, kwargs, fold):
+    import timm
+
+    from hefeat.extract.fold import fuse_residual_relu
+
+    net = _folded(name, **kwargs) if fold else timm.create_model(name, pretrained=False, num_classes=0).eval()
+    plain = [m for m in net.modules() if type(m).__name__ == "BasicBlock" and m.drop_path is None and m.se is None]
+    assert fuse_residual_relu(net) == (len(plain) if fold else 0)
+    assert len(plain) == {"drop_path_rate": 1}.get(next(iter(kwargs), None), 0 if name == "seresnet18" else 8)
+
+
+def test_fused_blocks_run_as_built_for_torch_compile(monkeypatch):
+    import copy
+
+    from hefeat.extract.fold import (
+        _ResidualReLU,
+        fuse_conv_relu,
+        fuse_residual_relu,
+        unfuse_conv_relu,
+    )
+
+    net = _folded("resnet18")
+    fused = copy.deepcopy(net)
+    assert fuse_conv_relu(fused) == 9 and fuse_residual_relu(fused) == 8
+    assert unfuse_conv_relu(fused) == 9 + 8
+    monkeypatch.setattr(_ResidualReLU, "_last", lambda self, *a: pytest.fail("a fused call after unfuse_conv_relu"))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         assert torch.equal(fused(x), net(x))

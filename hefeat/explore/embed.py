@@ -17,7 +17,7 @@ def embed_image(store: Store, extraction_id: str, path: str) -> np.ndarray:
 
     from hefeat.extract.compute import DeviceTransform, InputPlan, embed_batch
     from hefeat.extract.encoders import create_encoder
-    from hefeat.extract.fold import fold_for_inference
+    from hefeat.extract.fold import fold_for_inference, fuse_residual_relu
 
     ext = store.extraction(extraction_id)
     if ext.get("imported"):
@@ -44,8 +44,11 @@ def embed_image(store: Store, extraction_id: str, path: str) -> np.ndarray:
     if enc.config.weights_digest != ext["weights_digest"]:
         raise HefeatError(f"The encoder re-created for {extraction_id} has other weights than the extraction "
                           f"(digest {enc.config.weights_digest} != {ext['weights_digest']}); is the weights file changed?")
-    if (ext.get("precision_choice") or {}).get("fold_bn", False):  # as its tiles ran
+    choice = ext.get("precision_choice") or {}
+    if choice.get("fold_bn", False):  # as its tiles ran
         fold_for_inference(enc.net)
+        if choice.get("fuse_residual", False):
+            fuse_residual_relu(enc.net)
     x = torch.from_numpy(arr[None])
     f = embed_batch(enc, DeviceTransform(enc.config, "cpu", plan=plan, stain=stain), x, device="cpu", precision=ext["precision"],
                     tta=bool(ext.get("tta")))

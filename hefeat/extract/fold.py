@@ -20,7 +20,19 @@ not folded.
 
 On the CPU a folded convolution followed only by a ReLU then runs as one oneDNN call with the ReLU as
 its post-op (`fuse_conv_relu`): another memory pass saved. Unlike folding this changes no bit, and that
-is checked rather than assumed: when a layer meets a new tile shape (channels, size, dtype, memory
+is checked rather than assumed (below).
+
+The last convolution of a plain timm ResNet block, its residual add and its ReLU run as one oneDNN call too
+(`fuse_residual_relu`: the add and the ReLU as post-ops). At bf16, PyTorch's separate add and ReLU over the
+block's full-size output were a third of a ResNet-50 forward on the CPU: fused, ResNet-50 up to layer3 runs
+1.4-1.6x the tiles/s (benchmarks/README, round 17; no change at fp32, where those passes are cheap). This one
+rounds once where the separate calls round the convolution's output and then the sum (at bf16, one unit in
+the last place of a block's output), so like folding it is part of what an extraction is: decided by
+`--precision auto` and recorded (fuse_residual). Each block checks its fused output against its own forward
+on the first rows of every new tile shape, within RESIDUAL_TOL of the largest value (rounding, not a wrong
+op), and runs as built where it is not.
+
+The conv+ReLU fusion's check: when a layer meets a new tile shape (channels, size, dtype, memory
 format, autocast), the first CHECK_ROWS rows also run as two calls, and the fused call is kept only
 where the two are equal (else that layer runs as two calls from then on). Checking a few rows rather
 than the batch keeps the check at ~0.2 CPU-s per process instead of a second forward of the first batch
@@ -214,8 +226,113 @@ def fuse_conv_relu(net) -> int:
 
 
 def unfuse_conv_relu(net) -> int:
-    """Run every fused conv+ReLU of `net` as two calls again (before torch.compile, which fuses by itself)."""
-    convs = [m for m in net.modules() if isinstance(m, ConvReLU2d)]
-    for m in convs:
+    """Run every fused conv+ReLU (and residual block) of `net` as separate calls again (before torch.compile, which
+    fuses by itself); returns how many."""
+    fused = [m for m in net.modules() if isinstance(m, (ConvReLU2d, _ResidualReLU))]
+    for m in fused:
         m.fused_ok = False
-    return len(convs)
+    return len(fused)
+
+
+RESIDUAL_TOL = 2.0 ** -6  # of a block's largest output value: a few bf16 roundings, far below any wrong operation
+
+
+def _close(out, ref) -> bool:
+    """Whether a fused block's output is its own forward's up to rounding (same shape and dtype, all finite)."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return False
+    a, b = out.float(), ref.float()
+    if not bool(torch.isfinite(a).all()):
+        return False
+    return float((a - b).abs().max()) <= RESIDUAL_TOL * float(b.abs().max())
+
+
+class _ResidualReLU:
+    """A timm ResNet block whose last conv, residual add and ReLU run as one oneDNN call (the add and the ReLU as
+    post-ops), checked against the block's own forward on the first rows of each new tile shape."""
+
+    fused_ok = True  # False once a fused output was not the block's own: it runs as built from then on
+
+    def forward(self, x):
+        if not self.fused_ok:
+            return super().forward(x)
+        key = (tuple(x.shape[1:]), x.dtype, x.stride()[1:], _autocast_dtype())
+        if key in self.checked:
+            return self._fused(x)
+        try:
+            out = self._fused(x)
+        except RuntimeError:  # the op refuses this input: the block's own forward
+            out = None
+        r = min(len(x), CHECK_ROWS)
+        if out is not None and _close(out[:r], super().forward(x[:r])):
+            self.checked.add(key)
+            return out
+        self.fused_ok = False
+        return super().forward(x)
+
+    def _last(self, conv, y, x):
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        w, b, dt = conv.weight, conv.bias, _autocast_dtype()
+        if dt is not None:  # what autocast does for conv2d and the add; the oneDNN op is outside its lists
+            y, w, b, shortcut = y.to(dt), w.to(dt), None if b is None else b.to(dt), shortcut.to(dt)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            y, shortcut, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            "add", 1.0, "relu", [], "")
+
+
+def _bottleneck_fused(self, x):
+    y = self.act1(self.bn1(self.conv1(x)))
+    y = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(y)))))
+    return self._last(self.conv3, y, x)
+
+
+def _basic_fused(self, x):
+    y = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+    return self._last(self.conv2, y, x)
+
+
+# timm block class -> (its last conv, the norm after it, its final activation), and its forward with those fused
+_RESIDUAL = {"Bottleneck": (("conv3", "bn3", "act3"), _bottleneck_fused),
+             "BasicBlock": (("conv2", "bn2", "act2"), _basic_fused)}
+
+
+@functools.cache
+def _residual_class(name: str) -> type:
+    """The fused subclass of timm's block `name`, found by pickle as this module's attribute (PEP 562 below)."""
+    import timm.models.resnet as resnet
+
+    cls = type(f"ResidualReLU{name}", (_ResidualReLU, getattr(resnet, name)),
+               {"_fused": _RESIDUAL[name][1], "__module__": __name__})
+    cls.__qualname__ = cls.__name__
+    return cls
+
+
+def __getattr__(attr: str):
+    base = attr.removeprefix("ResidualReLU")
+    if base != attr and base in _RESIDUAL:
+        return _residual_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def fuse_residual_relu(net) -> int:
+    """On the CPU, run the last conv, residual add and ReLU of each plain timm ResNet block (its last norm folded
+    away, no squeeze-excitation, no drop path) as one call, in place; returns how many blocks."""
+    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    if not torch.backends.mkldnn.is_available() or op is None or not hasattr(op, "binary"):
+        return 0
+    import timm.models.resnet as resnet
+
+    n = 0
+    for m in net.modules():
+        name = type(m).__name__
+        if name not in _RESIDUAL or type(m) is not getattr(resnet, name, None):
+            continue
+        conv, norm, act = (getattr(m, a) for a in _RESIDUAL[name][0])
+        if (type(conv) is not torch.nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+                or conv.weight.device.type != "cpu" or type(norm) is not torch.nn.Identity
+                or type(act) is not torch.nn.ReLU or m.se is not None or m.drop_path is not None):
+            continue
+        m.__class__ = _residual_class(name)
+        m.checked = set()
+        n += 1
+    return n

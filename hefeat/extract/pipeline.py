@@ -282,7 +282,8 @@ def run_plan(store: Store, ep: ExtractionPlan) -> RunSummary:
         refresh_aggregates(store, eid)  # the consolidated slide table reads in one go
     summary.extra.update({"extraction_id": eid, "tiling_id": tid, "encoder": cfg.name, "layer": cfg.layer,
                           "dim": cfg.dim, "precision": prec, "device": device, "batch_size": opt.batch_size,
-                          "precision_choice": {k: ep.choice.to_dict()[k] for k in ("source", "reason", "channels_last", "fold_bn")},
+                          "precision_choice": {k: ep.choice.to_dict()[k] for k in (
+                              "source", "reason", "channels_last", "fold_bn", "fuse_residual")},
                           "encoder_mpp": ep.input.encoder_mpp, "fit": ep.input.fit,
                           "decode": info.get("decode"), "timings": {**timings, "calibrate_s": round(ep.calibrate_s, 3)}})
     if once:

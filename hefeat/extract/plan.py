@@ -279,7 +279,7 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
     """
     import torch
 
-    from hefeat.extract.fold import fold_for_inference
+    from hefeat.extract.fold import fold_for_inference, fuse_residual_relu
 
     enc.to(device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -288,14 +288,16 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
     # 'auto' also runs the network with its BatchNorms folded (hefeat.extract.fold), decided with the precision:
     # an extraction recorded before folding existed says nothing of it and keeps running unfolded.
     folded = fold_for_inference(enc.net) if (recorded.fold_bn if recorded else requested == "auto") else False
+    # and, folded, with its ResNet blocks' last conv, add and ReLU as one call (also recorded: it rounds once)
+    residual = folded and (recorded.fuse_residual if recorded else True) and fuse_residual_relu(enc.net) > 0
     if recorded is not None:
         transform.channels_last = recorded.channels_last
-        return recorded
+        return dataclasses.replace(recorded, fuse_residual=residual)  # what this worker runs (none on a GPU)
     n = CALIBRATION_TILES.get(kind, 8)
     size = transform.plan.tile_px if transform.plan else transform.size[0]
     ladder = GPU_BATCH_LADDER if kind == "cuda" and batch_size is None else (None,)
     model_key = {**enc.config.to_dict(), "plan": transform.plan.to_dict() if transform.plan else None,
-                 "fold_bn": folded}
+                 "fold_bn": folded, "fuse_residual": residual}
     choice = None
     if requested == "auto":  # this machine's cached calibration, if any, needs no tiles read (only their shape)
         noise = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
@@ -314,7 +316,7 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
         sample_tiles = int(len(imgs))
         choice = select_precision(enc, sample, device=device, requested=requested, batch_sizes=ladder,
                                   model_key=model_key)
-    choice = dataclasses.replace(choice, fold_bn=folded)
+    choice = dataclasses.replace(choice, fold_bn=folded, fuse_residual=residual)
     if requested == "auto" and decision_path is not None:
         from hefeat.store.atomic import write_json_once
 
@@ -322,10 +324,11 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
                                                     "device_kind": kind, "sample_tiles": sample_tiles})
         if not mine:  # another worker decided first: its decision is the extraction's
             choice = recorded_choice(rec, device)
-            if choice.fold_bn != folded:  # a worker of an older hefeat (which never folds) decided first
-                raise HefeatError(f"this extraction's first worker recorded fold_bn={choice.fold_bn} (an older "
-                                  f"hefeat?) while this worker decided fold_bn={folded}; nothing was embedded: run it "
-                                  "again and it follows the record (and run one hefeat version on every worker)")
+            if (choice.fold_bn, choice.fuse_residual) != (folded, residual):  # an older hefeat's worker decided first
+                raise HefeatError(f"this extraction's first worker recorded fold_bn={choice.fold_bn}, fuse_residual="
+                                  f"{choice.fuse_residual} (an older hefeat?) while this worker decided fold_bn={folded}, "
+                                  f"fuse_residual={residual}; nothing was embedded: run it again and it follows the "
+                                  "record (and run one hefeat version on every worker)")
     transform.channels_last = choice.channels_last
     return choice
 
@@ -358,7 +361,7 @@ def recorded_choice(rec: dict, device: str) -> PrecisionChoice:
     return PrecisionChoice(prec, bool(rec.get("channels_last", True)), rec.get("batch_size") if same_kind else None,
                            device, "recorded", f"decided once for this extraction ({rec.get('reason', '')})",
                            rec.get("machine", ""), tuple(rec.get("trials", ())), rec.get("excluded", {}),
-                           rec.get("key", ""), bool(rec.get("fold_bn", False)))
+                           rec.get("key", ""), bool(rec.get("fold_bn", False)), bool(rec.get("fuse_residual", False)))
 
 
 def _default_tiling(store: Store) -> str:

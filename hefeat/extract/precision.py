@@ -98,6 +98,7 @@ class PrecisionChoice:
     excluded: dict = field(default_factory=dict)
     key: str = ""
     fold_bn: bool = False  # BatchNorms folded into the convolutions (hefeat.extract.fold), decided with 'auto'
+    fuse_residual: bool = False  # ResNet blocks' last conv + add + ReLU as one call (hefeat.extract.fold), likewise
 
     def to_dict(self) -> dict:
         """Plain-dict form for provenance and --json."""
