@@ -223,7 +223,7 @@ def test_conv_relu_fusion_changes_no_bit(precision):
         with torch.inference_mode(), autocast("cpu", precision):
             assert torch.equal(fused(x), net(x))  # every row, not only the checked ones
     convs = [m for m in fused.modules() if hasattr(m, "fused_ok")]
-    assert len(convs) == 9 and all(m.fused_ok and len(m.checked) == 2 for m in convs)
+    assert len(convs) == 9 and all(len(m.checked) == 2 and all(m.checked.values()) for m in convs)
     with torch.inference_mode():
         assert torch.equal(pickle.loads(pickle.dumps(fused))(x), net(x))  # saves and loads as any model
 
@@ -242,7 +242,7 @@ def test_a_fused_call_that_differs_is_dropped_for_that_layer(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(fused(x), net(x))
         assert torch.equal(fused(x), net(x))  # and stays on the two calls
-    assert not any(m.fused_ok for m in fused.modules() if hasattr(m, "fused_ok"))
+    assert not any(any(m.checked.values()) for m in fused.modules() if hasattr(m, "fused_ok"))
 
 
 @pytest.mark.parametrize("missing", [["fold_bn", "fuse_residual"], ["fuse_residual"]])
@@ -330,7 +330,7 @@ def test_fused_residual_blocks_compute_the_block_rounded_once(name, blocks, prec
             got, want = fused(x).float(), net(x).float()
         assert float((got - want).norm() / want.norm()) < tol  # every row, not only the checked ones
     res = [m for m in fused.modules() if isinstance(m, _ResidualReLU)]
-    assert len(res) == blocks and all(m.fused_ok and len(m.checked) == 2 for m in res)  # fused, never fell back
+    assert len(res) == blocks and all(len(m.checked) == 2 and all(m.checked.values()) for m in res)  # fused throughout
     with torch.inference_mode(), autocast("cpu", precision):
         again = pickle.loads(pickle.dumps(fused))  # saves and loads as any model
         assert torch.equal(again(x), fused(x))
@@ -350,7 +350,30 @@ def test_a_fused_block_the_op_refuses_runs_as_built():
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     with torch.inference_mode(), autocast("cpu", "bf16"):
         assert torch.equal(fused(x), net(x))
-    assert not any(m.fused_ok for m in fused.modules() if isinstance(m, _ResidualReLU))
+    assert not any(any(m.checked.values()) for m in fused.modules() if isinstance(m, _ResidualReLU))
+
+
+def test_a_shape_the_op_refuses_leaves_the_others_fused():
+    """Calibration runs the network in layouts and dtypes the fused op may refuse (bf16 NCHW) before the extraction
+    runs the chosen one: the refusal holds for that shape only."""
+    import copy
+
+    from hefeat.extract.fold import ConvReLU2d, _ResidualReLU, fuse_conv_relu, fuse_residual_relu
+    from hefeat.extract.precision import autocast
+
+    net = _folded("resnet18")
+    fuse_conv_relu(net)
+    fused = copy.deepcopy(net)
+    fuse_residual_relu(fused)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode(), autocast("cpu", "bf16"):
+        fused(x)  # NCHW: refused
+        cl = x.contiguous(memory_format=torch.channels_last)
+        got, want = fused(cl).float(), net(cl).float()
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    blocks = [m for m in fused.modules() if isinstance(m, _ResidualReLU)]
+    assert blocks and all(sorted(m.checked.values()) == [False, True] for m in blocks)
+    assert all(all(m.checked.values()) for m in fused.modules() if isinstance(m, ConvReLU2d))
 
 
 def test_a_fused_block_that_is_not_its_own_forward_runs_as_built(monkeypatch):
@@ -367,7 +390,7 @@ def test_a_fused_block_that_is_not_its_own_forward_runs_as_built(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(fused(x), net(x))
         assert torch.equal(fused(x), net(x))  # and stays on the block's own forward
-    assert not any(m.fused_ok for m in fused.modules() if isinstance(m, _ResidualReLU))
+    assert not any(any(m.checked.values()) for m in fused.modules() if isinstance(m, _ResidualReLU))
 
 
 @pytest.mark.parametrize("name,kwargs,fold", [

@@ -30,11 +30,11 @@ rounds once where the separate calls round the convolution's output and then the
 the last place of a block's output), so like folding it is part of what an extraction is: decided by
 `--precision auto` and recorded (fuse_residual). Each block checks its fused output against its own forward
 on the first rows of every new tile shape, within RESIDUAL_TOL of the largest value (rounding, not a wrong
-op), and runs as built where it is not.
+op), and runs as built for that shape where it is not.
 
 The conv+ReLU fusion's check: when a layer meets a new tile shape (channels, size, dtype, memory
 format, autocast), the first CHECK_ROWS rows also run as two calls, and the fused call is kept only
-where the two are equal (else that layer runs as two calls from then on). Checking a few rows rather
+where the two are equal (else that layer runs as two calls for that shape). Checking a few rows rather
 than the batch keeps the check at ~0.2 CPU-s per process instead of a second forward of the first batch
 (~1 CPU-s at ResNet-50 layer3, batch 64), and it relies on what the extraction already relies on: a row's
 features do not depend on its batch (tests/test_extract.py, batches across slides).
@@ -153,27 +153,35 @@ def _autocast_dtype():
 CHECK_ROWS = 4  # rows of a batch that also run as two calls when their shape is new to a fused layer
 
 
+def _run_checked(m, x, plain, same):
+    """m._fused(x) where it was checked against `plain` for this tile shape (its first CHECK_ROWS rows, compared by
+    `same`); `plain` where it differed or the op refused, for that shape only (calibration tries layouts and dtypes
+    the op may refuse: the one chosen still runs fused); `plain` always once m.fused_ok is False."""
+    if not m.fused_ok:
+        return plain(x)
+    key = (tuple(x.shape[1:]), x.dtype, x.stride()[1:], _autocast_dtype())  # per tile: any batch size
+    ok = m.checked.get(key)
+    if ok:
+        return m._fused(x)
+    if ok is None:
+        try:
+            out = m._fused(x)
+        except RuntimeError:  # the op refuses this input
+            out = None
+        r = min(len(x), CHECK_ROWS)
+        ok = m.checked[key] = out is not None and bool(same(out[:r], plain(x[:r])))
+        if ok:
+            return out
+    return plain(x)
+
+
 class ConvReLU2d(torch.nn.Conv2d):
     """Conv2d then ReLU as one oneDNN call on the CPU, checked equal to the two calls for each new tile shape."""
 
-    fused_ok = True  # False once a fused call differed: the layer runs as two calls from then on
+    fused_ok = True  # False: the layer runs as two calls (unfuse_conv_relu)
 
     def forward(self, x):
-        if not self.fused_ok:
-            return self._plain(x)
-        key = (tuple(x.shape[1:]), x.dtype, x.stride()[1:], _autocast_dtype())  # per tile: any batch size
-        if key in self.checked:
-            return self._fused(x)
-        try:
-            out = self._fused(x)
-        except RuntimeError:  # the op refuses this input: run as two calls
-            out = None
-        r = min(len(x), CHECK_ROWS)
-        if out is not None and torch.equal(out[:r], self._plain(x[:r])):
-            self.checked.add(key)
-            return out
-        self.fused_ok = False
-        return self._plain(x)
+        return _run_checked(self, x, self._plain, torch.equal)
 
     def _plain(self, x):
         return torch.nn.functional.relu(self._conv_forward(x, self.weight, self.bias))
@@ -217,7 +225,7 @@ def fuse_conv_relu(net) -> int:
         fused = ConvReLU2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                            bias=conv.bias is not None, device="meta")  # takes the conv's own tensors below
-        fused.weight, fused.bias, fused.checked = conv.weight, conv.bias, set()
+        fused.weight, fused.bias, fused.checked = conv.weight, conv.bias, {}
         fused.eval()
         _replace(net, mods, prev.target, fused)
         _replace(net, mods, node.target, torch.nn.Identity())
@@ -251,24 +259,10 @@ class _ResidualReLU:
     """A timm ResNet block whose last conv, residual add and ReLU run as one oneDNN call (the add and the ReLU as
     post-ops), checked against the block's own forward on the first rows of each new tile shape."""
 
-    fused_ok = True  # False once a fused output was not the block's own: it runs as built from then on
+    fused_ok = True  # False: the block runs as built (unfuse_conv_relu)
 
     def forward(self, x):
-        if not self.fused_ok:
-            return super().forward(x)
-        key = (tuple(x.shape[1:]), x.dtype, x.stride()[1:], _autocast_dtype())
-        if key in self.checked:
-            return self._fused(x)
-        try:
-            out = self._fused(x)
-        except RuntimeError:  # the op refuses this input: the block's own forward
-            out = None
-        r = min(len(x), CHECK_ROWS)
-        if out is not None and _close(out[:r], super().forward(x[:r])):
-            self.checked.add(key)
-            return out
-        self.fused_ok = False
-        return super().forward(x)
+        return _run_checked(self, x, super().forward, _close)
 
     def _last(self, conv, y, x):
         shortcut = self.downsample(x) if self.downsample is not None else x
@@ -333,6 +327,6 @@ def fuse_residual_relu(net) -> int:
                 or type(act) is not torch.nn.ReLU or m.se is not None or m.drop_path is not None):
             continue
         m.__class__ = _residual_class(name)
-        m.checked = set()
+        m.checked = {}  # tile shape -> fused output checked equal (True) or not (False)
         n += 1
     return n
