@@ -231,11 +231,31 @@ def test_a_decisive_measurement_on_a_busy_machine_is_cached(tmp_path, monkeypatc
     assert select_precision(_tiny(), x, device="cpu", model_key={"m": "near tie"}).source == "measured"
 
 
-def test_measure_never_times_the_first_pass_of_a_shape():
+def test_measure_never_times_the_first_pass_of_a_shape(monkeypatch):
     """Every candidate runs the timed batch shape once untimed first: oneDNN makes its primitives per shape, and a
     timed first pass read as a busy machine (the calibration of a folded and fused network was never cached)."""
+    monkeypatch.setattr(P, "MIN_ROUND_S", 0.0)  # one pass per timed round
     calls: list[int] = []
     P.measure(_tiny(), torch.rand(8, 3, 16, 16), [Candidate("fp32", False), Candidate("fp32", True)], device="cpu",
               step=lambda model, x: calls.append(len(x)) or model(x), rounds=2, budget_s=60)
     # the fp32 reference and the two warm-ups on 4 rows, then per candidate one untimed + 2 timed passes of 8
     assert calls == [4, 4, 4] + [8, 8, 8, 8, 8, 8]
+
+
+def test_a_timed_round_repeats_its_pass_until_it_lasts_min_round_s(monkeypatch):
+    """A fast candidate's round is several passes (rows over their time), not one pass too short to time steadily."""
+    import types
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(P, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def step(model, x):
+        clock[0] += 0.0625 * len(x) / 8  # 62.5 ms per 8 rows (exact in binary: no rounding in the elapsed times)
+        calls.append(len(x))
+        return model(x)
+
+    trials = P.measure(_tiny(), torch.rand(8, 3, 16, 16), [Candidate("fp32", True)], device="cpu", step=step, rounds=2,
+                       budget_s=60)
+    # the fp32 reference and the warm-up on 4 rows, the untimed first pass of 8, then 2 rounds of 3 passes (0.1875 s)
+    assert P.MIN_ROUND_S == 0.15 and calls == [4, 4, 8] + [8] * 6
+    assert trials[0].rounds == 2 and trials[0].tiles_per_s == pytest.approx(128.0)

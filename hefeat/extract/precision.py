@@ -49,6 +49,9 @@ CACHE_VERSION = 3
 # mean the machine was busy while measuring: the choice is used but not cached (re-measured next run),
 # unless it is decisive: the winner leads every other candidate by more than the rounds varied
 # (see `decisive_lead`), so no amount of that noise could have changed it.
+# A timed round repeats its pass until it lasts this long: one 8-tile pass of a fast candidate took ~50 ms on the
+# development VM, and its rounds varied 1.5-1.8x on a first calibration, which kept a decisive choice out of the cache.
+MIN_ROUND_S = 0.15
 NOISY = 1.25
 # Other processes' share of all CPUs while measuring (/proc/stat minus this process) that counts as busy.
 # Not the load average: the one-minute average counts this process's own threads and the extraction that
@@ -297,16 +300,20 @@ def measure(
                 with autocast(device, c.precision):
                     step(model, x)
             _sync(device)
-            t = time.perf_counter()
+            t, rows = time.perf_counter(), 0
             try:
-                with autocast(device, c.precision):
-                    step(model, x)
-                _sync(device)
+                while True:  # passes until the round lasts MIN_ROUND_S: one fast pass is too short to time steadily
+                    with autocast(device, c.precision):
+                        step(model, x)
+                    _sync(device)
+                    rows += len(x)
+                    if time.perf_counter() - t >= MIN_ROUND_S:
+                        break
             except torch.OutOfMemoryError:
                 notes[c] = "out of memory"
                 best[c] = 0.0
                 continue
-            rate = len(x) / (time.perf_counter() - t)
+            rate = rows / (time.perf_counter() - t)
             best[c] = max(best.get(c, 0.0), rate)
             rates.setdefault(c, []).append(rate)
         if r == 0 and best:  # hopeless candidates stop here
