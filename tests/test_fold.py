@@ -168,7 +168,9 @@ def test_auto_extraction_folds_records_it_and_query_by_image_follows(tmp_path, c
     q = embed_image(st, eid, str(tmp_path / "t.png"))
     assert spy == [(0, 5)]
     stored = read_features(st.features_path(eid, sid))[2]
-    tol = 1e-4 if s.extra["precision"] == "fp32" else 3e-2
+    # stored as float16 (up to 2^-11 relative per value); bf16 rounds at 2^-8. auto decides fp32 or bf16 by measuring
+    # (fp32 where the machine is busy enough: CI under two pytest workers)
+    tol = 1e-3 if s.extra["precision"] == "fp32" else 3e-2
     assert float(np.linalg.norm(q - stored) / np.linalg.norm(stored)) < tol
 
 
