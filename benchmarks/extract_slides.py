@@ -100,14 +100,11 @@ def bare_rate(encoder: str, layer: str | None, imgs: np.ndarray, precision: str,
 
     from hefeat.extract.compute import DeviceTransform, embed_batch
     from hefeat.extract.encoders import create_encoder
-    from hefeat.extract.fold import fold_for_inference, fuse_residual_relu
+    from hefeat.extract.fold import prepare_network
     from hefeat.heap import reuse_freed_memory
 
     enc = create_encoder(encoder, weights="none", layer=layer)
-    if fold:  # folded and, on the CPU, conv+ReLU fused: the network the run embeds with
-        fold_for_inference(enc.net)
-        if residual:
-            fuse_residual_relu(enc.net)
+    prepare_network(enc.net, fold_bn=fold, fuse_residual=residual)  # the network the run embeds with
     enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tr = DeviceTransform(enc.config, "cpu", channels_last=channels_last)
     x = torch.from_numpy(imgs)

@@ -17,7 +17,7 @@ def embed_image(store: Store, extraction_id: str, path: str) -> np.ndarray:
 
     from hefeat.extract.compute import DeviceTransform, InputPlan, embed_batch
     from hefeat.extract.encoders import create_encoder
-    from hefeat.extract.fold import fold_for_inference, fuse_residual_relu
+    from hefeat.extract.fold import prepare_network
 
     ext = store.extraction(extraction_id)
     if ext.get("imported"):
@@ -45,10 +45,7 @@ def embed_image(store: Store, extraction_id: str, path: str) -> np.ndarray:
         raise HefeatError(f"The encoder re-created for {extraction_id} has other weights than the extraction "
                           f"(digest {enc.config.weights_digest} != {ext['weights_digest']}); is the weights file changed?")
     choice = ext.get("precision_choice") or {}
-    if choice.get("fold_bn", False):  # as its tiles ran
-        fold_for_inference(enc.net)
-        if choice.get("fuse_residual", False):
-            fuse_residual_relu(enc.net)
+    prepare_network(enc.net, fold_bn=bool(choice.get("fold_bn")), fuse_residual=bool(choice.get("fuse_residual")))
     x = torch.from_numpy(arr[None])
     f = embed_batch(enc, DeviceTransform(enc.config, "cpu", plan=plan, stain=stain), x, device="cpu", precision=ext["precision"],
                     tta=bool(ext.get("tta")))

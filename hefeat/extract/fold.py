@@ -146,6 +146,13 @@ def fold_for_inference(net) -> bool:
     return folded
 
 
+def prepare_network(net, *, fold_bn: bool, fuse_residual: bool) -> tuple[bool, bool]:
+    """`net` as an extraction decided to run it: BatchNorms folded and conv+ReLU fused where fold_bn, its ResNet
+    blocks' residuals fused too where fuse_residual (only on a folded network); returns what was applied."""
+    folded = fold_for_inference(net) if fold_bn else False
+    return folded, folded and fuse_residual and fuse_residual_relu(net) > 0
+
+
 def _autocast_dtype():
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 

@@ -279,17 +279,17 @@ def choose_precision(enc: Encoder, transform: DeviceTransform, store: Store, til
     """
     import torch
 
-    from hefeat.extract.fold import fold_for_inference, fuse_residual_relu
+    from hefeat.extract.fold import prepare_network
 
     enc.to(device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     rec = read_precision_decision(decision_path) if requested == "auto" and decision_path is not None else None
     recorded = recorded_choice(rec, device) if rec is not None else None
-    # 'auto' also runs the network with its BatchNorms folded (hefeat.extract.fold), decided with the precision:
-    # an extraction recorded before folding existed says nothing of it and keeps running unfolded.
-    folded = fold_for_inference(enc.net) if (recorded.fold_bn if recorded else requested == "auto") else False
-    # and, folded, with its ResNet blocks' last conv, add and ReLU as one call (also recorded: it rounds once)
-    residual = folded and (recorded.fuse_residual if recorded else True) and fuse_residual_relu(enc.net) > 0
+    # 'auto' also runs the network with its BatchNorms folded and its ResNet blocks' last conv, add and ReLU as one
+    # call (hefeat.extract.fold), decided with the precision: an extraction recorded before either existed says
+    # nothing of it and keeps running without it.
+    folded, residual = prepare_network(enc.net, fold_bn=recorded.fold_bn if recorded else requested == "auto",
+                                       fuse_residual=recorded.fuse_residual if recorded else True)
     if recorded is not None:
         transform.channels_last = recorded.channels_last
         return dataclasses.replace(recorded, fuse_residual=residual)  # what this worker runs (none on a GPU)

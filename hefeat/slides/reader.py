@@ -180,20 +180,24 @@ class Slide:
         lx, ly = x / ds, y / ds  # as OpenSlide divides: a fractional pixel is a sub-pixel shift, not a crop
         if lx != int(lx) or ly != int(ly):
             return None
-        if self._direct is False or level not in self._direct_same:  # first direct read of the slide or level
+        same = self._direct_same.get(level)
+        if same is None:  # the first direct read of this level (and of the slide): open, then check it
             with self._direct_lock:
                 if self._direct is False:
                     self._direct = direct_read.DirectRegions.open(str(self.path), self.vendor, self.level_dimensions)
                 d = self._direct
-                if d is None or level not in d.levels:
+                if d is None:
                     return None
                 if level not in self._direct_same:
+                    if level not in d.levels:  # a level the file lays out otherwise: OpenSlide, without asking again
+                        self._direct_same[level] = False
+                        return None
                     return self._check_direct(d, level, x, y, int(lx), int(ly), n)
-        d = self._direct
-        if d is None or not self._direct_same.get(level):
+            same = self._direct_same[level]
+        if not same:
             return None
         try:
-            return d.read(level, int(lx), int(ly), n)
+            return self._direct.read(level, int(lx), int(ly), n)
         except Exception:  # a tile that does not decode: OpenSlide's pixels or OpenSlide's error
             return None
 
