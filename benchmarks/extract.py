@@ -5,7 +5,7 @@ weights: speed does not depend on them):
 - bare: the encoder alone on pre-decoded tiles already in memory (device transform included), for
   every precision the device can run and both memory formats; the best per precision is reported;
 - hefeat: `run_extraction(precision="auto")` over >= 1,000 tiles of a synthetic cohort through the
-  real store (read + decode in DataLoader workers, transform, forward, write), with an empty
+  real store (read + decode, transform, forward, write), with an empty
   calibration cache, so the run pays its calibration; tiles/s of the extraction loop, and with the
   calibration and model build included;
 - baseline: what CLAM's extract_features_fp does, serially in one process: read a tile (OpenSlide),

@@ -8,7 +8,7 @@ Fabricates (once per --workdir, reused after) two synthetic cohorts through hefe
   calibration or its cache, the loop, the run record), timed from outside; run twice on fresh
   copies of the tiled store, the first with whatever the calibration cache holds, the second
   with the calibration the first one cached (reported: the calibration's source per run);
-- the extraction loop: tiles / the run's own `loop_s` (read + decode in DataLoader workers,
+- the extraction loop: tiles / the run's own `loop_s` (read + decode: on the CPU between forwards in the main process,
   transform, forward, checks, HDF5 writes and commits);
 - bare: the same tiles pre-decoded in memory, the encoder alone (device transform included) at
   the precision, memory format and batch size the first run used, timed after the first run and
@@ -19,8 +19,8 @@ Fabricates (once per --workdir, reused after) two synthetic cohorts through hefe
   Where the run folded, the network as timm builds it is timed too ("as built": what a plain
   script runs); with --plain-bare that one also under glibc's default malloc.
 Ratios printed: loop / bare and whole / bare, each from figures of this one run, with the load
-average next to each; and loop / bare in CPU time per tile (the run's `loop_cpu_s`, its process and
-DataLoader workers, against the bare pass's process time): what the wall-clock ratio comes to where
+average next to each; and loop / bare in CPU time per tile (the run's `loop_cpu_s`, its process
+and any DataLoader workers, against the bare pass's process time): what the wall-clock ratio comes to where
 nothing else wants the cores, so it holds up on a shared machine where the wall-clock ones do not.
 Run: python benchmarks/extract_slides.py                       # ~1,000 tiles per cohort (~8 min on 2 quiet cores)
      python benchmarks/extract_slides.py --tiles 192           # quick (~1-2 min once fabricated)
@@ -136,7 +136,7 @@ def whole_process(store: Path, run_root: Path, cache: Path, a) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime  # the process and its DataLoader workers
+    cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime  # the process and any DataLoader workers
     if p.returncode:
         raise SystemExit(f"hefeat extract failed ({p.returncode}):\n{p.stderr[-3000:]}")
     s = json.loads(p.stdout[p.stdout.index("{"):])

@@ -8,8 +8,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Precision calibrations cached per test session, never in the user's ~/.cache.
-os.environ.setdefault("HEFEAT_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="hefeat-test-cache-"))
+# Precision calibrations cached per test session, never in the user's ~/.cache. The process that makes the folder
+# (the xdist controller: its workers inherit the variable) removes it when it exits.
+if "HEFEAT_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HEFEAT_CACHE_DIR"] = tempfile.mkdtemp(prefix="hefeat-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["HEFEAT_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 

@@ -183,7 +183,9 @@ def encoders(store_path, as_json):
 @click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 64; on GPUs with auto: measured).")
 @click.option("--fit", type=click.Choice(["auto", "identity", "crop", "resize", "native"]), default="auto", show_default=True,
               help="How tiles become the encoder's input size; auto refuses resizes that change µm/px by > 10 %.")
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: available CPUs - 1).")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader worker processes reading tiles (default: none on the CPU, where the main process reads "
+                   "between forwards; available CPUs - 1 on a GPU).")
 @click.option("--shard", default=None, help="I/N: this process embeds its share of the slides (SLURM arrays).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--tta", is_flag=True, help="Average over the 8 rotations/reflections (ST-Net).")

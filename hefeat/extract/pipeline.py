@@ -1,6 +1,8 @@
 """The extraction pipeline: tiles of many slides -> embeddings, one HDF5 file per slide.
 
-DataLoader workers read tiles (OpenSlide) in tile-aligned scan order; uint8 batches go to the
+Tiles are read (OpenSlide, or the direct JPEG reader) in tile-aligned scan order: on the CPU by the
+main process's threads between forwards (InProcessTiles), on a GPU by DataLoader workers while the device
+computes (or decoded on the device itself); uint8 batches go to the
 device, where the encoder's own transform runs; autocast; optional 8-fold dihedral TTA; a
 background thread writes each batch while the next one computes.
 
@@ -56,6 +58,13 @@ from hefeat.extract.plan import (  # noqa: F401  (re-exported: the plan side liv
     recorded_choice,
     resolve_device,
 )
+from hefeat.extract.reading import (
+    ClaimingBatches,
+    InProcessTiles,
+    TileDataset,
+    segments,
+    worker_init,
+)
 from hefeat.extract.writer import FeatureSink, SlideFeatures
 from hefeat.heap import reuse_freed_memory
 from hefeat.runner import RunSummary, SlideRunner
@@ -93,97 +102,11 @@ def default_workers() -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading
+# Reading (hefeat.extract.reading) and writing
 # ----------------------------------------------------------------------------------------------
 _SlideJob = SlideFeatures  # a claimed slide being embedded and written (hefeat.extract.writer)
 
 
-class TileDataset:
-    """Map-style dataset whose indices are tile references (k, t, path, mpp, x, y); each worker keeps one slide open.
-
-    The references come from the batch sampler, which claims slides lazily in the main process, so
-    the dataset needs no list of slides up front.
-    """
-
-    def __init__(self, size: int, mpp: float):
-        self.size, self.mpp = size, mpp
-        self._open: dict[int, object] = {}
-
-    def _slide(self, k: int, path: str, mpp: float):
-        from hefeat.slides.reader import Slide
-
-        s = self._open.get(k)
-        if s is None:
-            for old in list(self._open):  # keep one slide open per worker
-                self._open.pop(old).close()
-            s = self._open[k] = Slide(path, mpp=mpp)
-        return s
-
-    def __getitem__(self, ref):
-        import torch
-
-        k, t, path, mpp, x, y = ref
-        try:
-            img = self._slide(k, path, mpp).read(float(x), float(y), self.size, self.mpp)
-            err = ""
-        except Exception as e:  # a broken region fails its slide, not the batch
-            img = np.zeros((self.size, self.size, 3), np.uint8)
-            err = f"{type(e).__name__}: {e}"
-        return torch.from_numpy(np.ascontiguousarray(img)), k, t, err
-
-
-class _ClaimingBatches:
-    """The DataLoader's batch sampler: claims the next slide only when the loader asks for more tiles.
-
-    Batches are full across slide boundaries (a slide's last tiles and the next slide's first share a
-    batch); only the run's last batch may be short. Each reference carries its slide (k) and tile (t),
-    so the loop splits a batch's rows back per slide.
-    """
-
-    def __init__(self, jobs: list[_SlideJob], source, batch_size: int):
-        self.jobs, self.source, self.batch_size = jobs, source, batch_size
-
-    def __iter__(self):
-        batch: list[tuple] = []
-        for job in self.source:
-            self.jobs.append(job)
-            k = len(self.jobs) - 1
-            xy = job.coords.tolist()
-            t = 0
-            while t < len(xy):
-                take = min(self.batch_size - len(batch), len(xy) - t)
-                batch.extend((k, i, job.path, job.mpp, xy[i][0], xy[i][1]) for i in range(t, t + take))
-                t += take
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
-
-
-def _segments(ks) -> list[tuple[int, int, int]]:
-    """(slide k, first row, end row) of each run of equal slide indices in a batch, in order."""
-    ks = ks.tolist() if hasattr(ks, "tolist") else [int(k) for k in ks]
-    out, a = [], 0
-    for i in range(1, len(ks) + 1):
-        if i == len(ks) or ks[i] != ks[a]:
-            out.append((ks[a], a, i))
-            a = i
-    return out
-
-
-def _worker_init(_):
-    import torch
-
-    torch.set_num_threads(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Compute
-# ----------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------------------------
 class _Writer(threading.Thread):
     """Background writer: hands each batch's rows to the FeatureSink (hefeat.extract.writer), which commits a
     finished slide through the runner."""
@@ -327,6 +250,7 @@ def _prepare_net(enc: Encoder, device: str, transform: DeviceTransform, opt: Ext
 
 def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, precision, tta, dtype, opt, info,
                   expected, transform: DeviceTransform) -> dict:
+    import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -336,11 +260,17 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     eid = runner.key
     ds = TileDataset(int(tiling["size"]), float(tiling["mpp"]))
     jobs: list[_SlideJob] = []
-    sampler = _ClaimingBatches(jobs, _prepared(store, runner, todo, slide_rows, tiling["tiling_id"]), opt.batch_size)
-    workers = default_workers() if opt.workers is None else opt.workers
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                        pin_memory=device.startswith("cuda"), worker_init_fn=_worker_init if workers else None,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    sampler = ClaimingBatches(jobs, _prepared(store, runner, todo, slide_rows, tiling["tiling_id"]), opt.batch_size)
+    # On the CPU the forward uses every core, so by default the main process reads between forwards (InProcessTiles)
+    workers = (default_workers() if device.startswith("cuda") else 0) if opt.workers is None else opt.workers
+    if workers:
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=device.startswith("cuda"),
+                            worker_init_fn=worker_init, prefetch_factor=4, persistent_workers=False)
+        reader = f"{workers} DataLoader worker{'s' if workers > 1 else ''}"
+    else:
+        threads = torch.get_num_threads()  # the forward's threads: the cores this process computes on
+        loader = InProcessTiles(sampler, ds.size, ds.mpp, threads)
+        reader = f"in-process, {threads} thread{'s' if threads > 1 else ''} between forwards"
 
     def open_writer(job: _SlideJob) -> FeatureFileWriter:
         return FeatureFileWriter(store.features_path(eid, job.slide_id), len(job.coords), cfg.dim, dtype=dtype,
@@ -372,8 +302,10 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     fork_gc.freeze()  # before the workers fork: their GC would copy the parent's heap (hefeat.fork_gc)
     try:
         paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
-        it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info) \
-            or iter(loader)
+        it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info)
+        if it is None:
+            it = iter(loader)
+            info["decode"] = f"{info['decode']}; {reader}"
         while True:
             t = time.perf_counter()
             try:
@@ -382,7 +314,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
                 break
             timings["read_wait_s"] += time.perf_counter() - t
             segs = []
-            for k, a, b in _segments(ks):  # the slides in this batch, in order
+            for k, a, b in segments(ks):  # the slides in this batch, in order
                 bad = [i for i in range(a, b) if errs[i]]
                 if bad and not jobs[k].failed:  # a tile that failed to read fails its slide, not the batch
                     jobs[k].failed = "pending"
@@ -445,7 +377,7 @@ def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: 
     if decode not in ("auto", "cpu", "device"):
         raise HefeatError(f"decode must be auto, cpu or device, got {decode!r}")
     if decode == "cpu" or (decode == "auto" and not device.startswith("cuda")):
-        info["decode"] = "cpu (DataLoader workers, OpenSlide)"
+        info["decode"] = "cpu (OpenSlide or the direct JPEG reader)"
         return None
     try:
         for path in paths:

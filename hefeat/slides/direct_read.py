@@ -38,7 +38,10 @@ def enabled() -> bool:
 
 
 class DirectRegions:
-    """RGB regions of a JPEG-tiled TIFF/SVS's pyramid levels, each JPEG tile decoded once while it stays cached."""
+    """RGB regions of a JPEG-tiled TIFF/SVS's pyramid levels, each JPEG tile decoded once while it stays cached.
+
+    Safe to read from several threads: a JPEG tile one thread is decoding, the others wait for instead of decoding
+    it again (the in-process reader splits a batch's neighbouring tiles across threads)."""
 
     def __init__(self, src: JpegTiles, levels: dict[int, Level], cache_bytes: int | None = None):
         self.src, self.levels = src, levels  # OpenSlide's level index -> that level's JPEG tile grid
@@ -46,6 +49,7 @@ class DirectRegions:
         self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
+        self._busy: dict[tuple[int, int], threading.Event] = {}  # JPEG tiles being decoded now, by key
         self.decoded = 0  # JPEG tiles decoded so far (tests and benchmarks read it)
 
     @classmethod
@@ -73,16 +77,28 @@ class DirectRegions:
 
     def _tile(self, level: Level, i: int) -> np.ndarray:
         key = (level.index, i)
+        while True:
+            with self._lock:
+                t = self._tiles.get(key)
+                if t is not None:
+                    self._tiles.move_to_end(key)
+                    return t
+                busy = self._busy.get(key)
+                if busy is None:
+                    self._busy[key] = threading.Event()
+                    break
+            busy.wait()  # another thread decodes this tile: take it from the cache (or decode it, if that failed)
+        try:
+            t = simplejpeg.decode_jpeg(self.src.stream(level, i), colorspace="RGB", fastdct=False,
+                                       fastupsample=False, strict=True)
+            if t.ndim != 3 or t.shape[2] != 3:
+                raise ValueError(f"JPEG tile {i} decodes to shape {t.shape}, not RGB")
+        except BaseException:
+            with self._lock:
+                self._busy.pop(key).set()
+            raise
         with self._lock:
-            t = self._tiles.get(key)
-            if t is not None:
-                self._tiles.move_to_end(key)
-                return t
-        t = simplejpeg.decode_jpeg(self.src.stream(level, i), colorspace="RGB", fastdct=False,
-                                   fastupsample=False, strict=True)
-        if t.ndim != 3 or t.shape[2] != 3:
-            raise ValueError(f"JPEG tile {i} decodes to shape {t.shape}, not RGB")
-        with self._lock:
+            self._busy.pop(key).set()
             self.decoded += 1
             if key not in self._tiles:
                 self._tiles[key] = t

@@ -1,0 +1,152 @@
+"""The CPU reader (hefeat.extract.pipeline.InProcessTiles): the DataLoader's batches, read by the main process's threads."""
+
+from __future__ import annotations
+
+import glob
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from hefeat.extract import pipeline as p
+from hefeat.slides import direct_read
+from hefeat.slides.reader import Slide
+from hefeat.slides.run import ingest_slides, run_tiling
+from hefeat.slides.tiling import TilingParams
+from hefeat.store.catalog import Store
+from hefeat.store.features import read_features
+
+ENC = dict(encoder="resnet18", weights="none", layer="layer2")
+
+
+def _jobs(cohort, tmp_path) -> list[SimpleNamespace]:
+    """Three slides' tile grids (scan order, 7 / 5 / 9 tiles) with a slide that does not open between them."""
+    paths = sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:3]
+    broken = tmp_path / "broken.tiff"
+    broken.write_bytes(b"II*\0" + b"\0" * 4000)
+    jobs = []
+    for path, n in zip([paths[0], str(broken), paths[1], paths[2]], (7, 4, 5, 9), strict=True):
+        xy = np.array([(300 + 224 * (i % 4), 200 + 224 * (i // 4)) for i in range(n)], np.int64)
+        jobs.append(SimpleNamespace(path=path, mpp=0.5, coords=xy))
+    return jobs
+
+
+def _batches(loader) -> list[tuple]:
+    return [(imgs.numpy().copy(), ks.tolist(), ts.tolist(), list(errs)) for imgs, ks, ts, errs in loader]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batches_equal_the_dataloaders(threads, cohort, tmp_path, monkeypatch):
+    """Same pixels, slides, tiles and errors in the same order as DataLoader(TileDataset): across slide boundaries,
+    for a slide that does not open (each of its tiles fails) and a region that fails to read."""
+    from torch.utils.data import DataLoader
+
+    jobs = _jobs(cohort, tmp_path)
+    real_read = Slide.read
+
+    def read(self, x, y, size, mpp):
+        if (x, y) == (300 + 224, 200) and self.path.name == "S02.tiff":
+            raise OSError("sector unreadable")
+        return real_read(self, x, y, size, mpp)
+
+    monkeypatch.setattr(Slide, "read", read)
+    ds = p.TileDataset(224, 0.5)
+    want = _batches(DataLoader(ds, batch_sampler=p.ClaimingBatches([], iter(jobs), 8), num_workers=0))
+    got = _batches(p.InProcessTiles(p.ClaimingBatches([], iter(jobs), 8), 224, 0.5, threads))
+    assert [len(b[1]) for b in got] == [8, 8, 8, 1]  # full batches across slides
+    assert len(got) == len(want)
+    for (gi, gk, gt, ge), (wi, wk, wt, we) in zip(got, want, strict=True):
+        assert gi.dtype == np.uint8 and gi.tobytes() == wi.tobytes()
+        assert (gk, gt, ge) == (wk, wt, we)
+    errs = [e for b in got for e in b[3]]
+    ks = [k for b in got for k in b[1]]
+    assert all(e for e, k in zip(errs, ks, strict=True) if k == 1)  # the broken slide: every tile an error
+    assert [e for e, k in zip(errs, ks, strict=True) if k == 2] == ["", "OSError: sector unreadable", "", "", ""]
+    assert sum(bool(e) for e in errs) == 4 + 1
+    assert not any(b[0][[i for i, k in enumerate(b[1]) if k == 0]].max() == 0 for b in got if 0 in b[1])
+
+
+def test_slides_are_closed_when_passed_and_when_the_loop_stops(cohort, tmp_path, monkeypatch):
+    jobs = [j for j in _jobs(cohort, tmp_path) if not j.path.endswith("broken.tiff")]
+    live: set[int] = set()
+    real_init, real_close = Slide.__init__, Slide.close
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        live.add(id(self))
+
+    def close(self):
+        live.discard(id(self))
+        real_close(self)
+
+    monkeypatch.setattr(Slide, "__init__", init)
+    monkeypatch.setattr(Slide, "close", close)
+    seen = []
+    it = iter(p.InProcessTiles(p.ClaimingBatches([], iter(jobs), 4), 224, 0.5, 2))
+    for _ in range(4):  # 7 + 5 + 9 tiles: batch 4 (tiles 12-15) holds the third slide only
+        seen.append(len(live))
+        next(it)
+    assert seen[:3] == [0, 1, 2] and len(live) == 1  # the first two were closed once the batches moved past them
+    it.close()  # the loop stops early (an error, Ctrl-C): the open slide is closed too
+    assert live == set()
+
+
+def test_threads_decode_each_jpeg_tile_once(cohort):
+    """A JPEG tile another thread is decoding is waited for, not decoded twice (the reader splits neighbouring tiles
+    across threads)."""
+    calls, started, second = [], threading.Event(), threading.Event()
+    real = direct_read.simplejpeg.decode_jpeg
+
+    def decode(data, **kw):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            started.set()
+            second.wait(2.0)  # released at once if another thread decodes it too; else after 2 s
+        else:
+            second.set()
+        return real(data, **kw)
+
+    with Slide(cohort / "slides" / "S01.tiff") as s:
+        s.read(0, 0, 8, s.mpp.x)  # opens and checks the direct reader
+        d = s._direct
+        d._tiles.clear()
+        calls.clear()
+        direct_read.simplejpeg.decode_jpeg, saved = decode, real
+        try:
+            x, y = 300, 300  # one JPEG tile (256 px grid) holds this 64 px region
+            a = threading.Thread(target=s.read, args=(x, y, 64, s.mpp.x), name="a")
+            a.start()
+            assert started.wait(5)
+            b_out = {}
+            b = threading.Thread(target=lambda: b_out.update(img=s.read(x + 8, y + 8, 64, s.mpp.x)), name="b")
+            b.start()
+            a.join()
+            b.join()
+        finally:
+            direct_read.simplejpeg.decode_jpeg = saved
+        assert calls == ["a"]
+        np.testing.assert_array_equal(b_out["img"], s.read(x + 8, y + 8, 64, s.mpp.x))
+
+
+def test_cpu_extraction_reads_in_process_and_equals_a_worker_run(tmp_path, cohort):
+    """By default a CPU run reads between forwards in the main process (recorded in its summary), and its features
+    are byte-identical to a run with a DataLoader worker."""
+    paths = sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:3]
+    got = {}
+    for name, workers in (("threads", None), ("worker", 1)):
+        st = Store.init(tmp_path / name)
+        ingest_slides(st, paths)
+        tid = run_tiling(st, TilingParams(max_tiles=12)).extra["tiling_id"]
+        s = p.run_extraction(st, tiling_id=tid, precision="fp32", dtype="float32",
+                             options=p.ExtractOptions(batch_size=8, workers=workers), **ENC)
+        assert sorted(s.ok) == ["S01", "S02", "S03"]
+        got[name] = (s.extra["decode"], {sid: read_features(st.features_path(s.extra["extraction_id"], sid))
+                                         for sid in s.ok})
+    assert "in-process" in got["threads"][0] and f"{torch.get_num_threads()} thread" in got["threads"][0]
+    assert "1 DataLoader worker" in got["worker"][0]
+    a, b = got["threads"][1], got["worker"][1]
+    assert a.keys() == b.keys()
+    for sid in a:
+        assert a[sid].shape[0] == 12 and a[sid].tobytes() == b[sid].tobytes(), sid
