@@ -25,8 +25,7 @@ CMU = DATA / "CMU-1-Small-Region.svs"
 
 
 # Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) a unit of work is a test file, except that
-# every test using the 40-slide `learned` store goes to one worker: it is built once per worker (~50 s), and the
-# tests that write into it (models, a UMAP, an index) see one store as in a serial run. Each worker's
+# every test using the 40-slide `learned_base` store goes to one worker: it is built once per worker (~50 s). Each worker's
 # pytest_collection_modifyitems writes {nodeid: group} to a folder the controller names (workerinput); the
 # controller's scheduler reads it. (xdist's own loadgroup marks no longer reach the scheduler with pytest >= 9.2:
 # pytest-dev/pytest-xdist#1386.)
@@ -37,7 +36,7 @@ def _xdist_group(item) -> str:
     mark = item.get_closest_marker("xdist_group")
     if mark is not None:
         return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-    return "learned" if "learned" in item.fixturenames else item.nodeid.split("::")[0]
+    return "learned" if "learned_base" in item.fixturenames else item.nodeid.split("::")[0]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -140,8 +139,11 @@ def cohort40(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def learned(tmp_path_factory, cohort40):
-    """(store, extraction_id, spot_extraction_id, truth path) over cohort40, features from a truncated ResNet-18."""
+def learned_base(tmp_path_factory, cohort40):
+    """(store, extraction_id, spot_extraction_id, truth path) over cohort40, features from a truncated ResNet-18.
+
+    Built once per session and never written after: a test that writes (models, indexes, UMAPs) takes `learned`,
+    its own copy, so no test sees another's results (or passes only because another ran first)."""
     from hefeat.extract.pipeline import run_extraction
 
     st, tid, stid = build_store(tmp_path_factory.mktemp("store40"), cohort40)
@@ -149,6 +151,23 @@ def learned(tmp_path_factory, cohort40):
     eid = run_extraction(st, tiling_id=tid, **enc).extra["extraction_id"]
     seid = run_extraction(st, tiling_id=stid, **enc).extra["extraction_id"]
     return st, eid, seid, cohort40 / "truth.json"
+
+
+def copy_store(src, dest: Path, *, ignore=()):
+    """A Store at `dest` holding a copy of `src`'s files (`ignore`: top-level folders left out)."""
+    import shutil
+
+    from hefeat.store.catalog import Store
+
+    shutil.copytree(src.root, dest, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
+    return Store(dest)
+
+
+@pytest.fixture
+def learned(learned_base, tmp_path):
+    """This test's own copy of `learned_base`: (store, extraction_id, spot_extraction_id, truth path)."""
+    st0, eid, seid, truth = learned_base
+    return copy_store(st0, tmp_path / "store40"), eid, seid, truth
 
 
 def _store_files(root) -> dict[str, tuple[int, int]]:

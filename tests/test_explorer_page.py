@@ -19,6 +19,7 @@ import urllib.parse
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import copy_store
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -35,15 +36,16 @@ def _cli(*args) -> dict:
 
 
 @pytest.fixture(scope="module")
-def explorer(learned):
-    """The session store plus what the page shows: a genes model with tile predictions, a UMAP, an index."""
+def explorer(learned_base, tmp_path_factory):
+    """A copy of the session store plus what the page shows: a genes model with tile predictions, a UMAP, an index."""
     from hefeat.explore.neighbors import build_index
     from hefeat.explore.umap_map import run_umap
 
-    st, eid, seid, _ = learned
+    st0, eid, seid, _ = learned_base
+    st = copy_store(st0, tmp_path_factory.mktemp("explorer") / "store40")
     g = _cli("fit", "genes", "--extraction", eid, "--store", st.root)
     p = _cli("predict", g["model_id"], "--top", "2", "--store", st.root)
-    u = run_umap(st, eid, sample=600, pca=20)  # the same map and index as test_explore's (computed once per session)
+    u = run_umap(st, eid, sample=600, pca=20)
     build_index(st, eid)
     return {"store": st, "eid": eid, "seid": seid, "model": g["model_id"], "gene": p["tile_genes"][0], "umap": u["umap_id"]}
 

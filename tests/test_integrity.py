@@ -291,10 +291,10 @@ def test_ivfpq_training_prints_no_code_word_warnings(capfd):
     assert idx.is_trained and "WARNING clustering" not in capfd.readouterr().err
 
 
-def test_every_float_stored_in_the_test_stores_is_finite(learned, tiled):
+def test_every_float_stored_in_the_test_stores_is_finite(learned_base, tiled):
     """A raw scan (h5py, not the readers that refuse non-finite rows) of every .h5 the shared test stores hold."""
     scanned = 0
-    for root in (learned[0].root, tiled[0].root):
+    for root in (learned_base[0].root, tiled[0].root):
         for path in sorted(glob.glob(str(root / "**" / "*.h5"), recursive=True)):
             with h5py.File(path, "r") as f:
                 def check(name, obj, path=path):

@@ -100,11 +100,11 @@ def add_focal_extraction(st, tid: str, truth_path):
 
 
 @pytest.fixture(scope="module")
-def focal_store(learned, tmp_path_factory):
+def focal_store(learned_base, tmp_path_factory):
     """A copy of the 40-slide store with `add_focal_extraction`: (store, extraction, truth, per-tile truth)."""
     from hefeat.store.catalog import Store
 
-    st0, eid0, _, truth_path = learned
+    st0, eid0, _, truth_path = learned_base
     root = tmp_path_factory.mktemp("mil") / "st"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
     st = Store(root)

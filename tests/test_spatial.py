@@ -19,9 +19,9 @@ from hefeat.store.models import newest_model
 
 
 @pytest.fixture(scope="module")
-def regions(learned, tmp_path_factory):
+def regions(learned_base, tmp_path_factory):
     """Tumour/normal spot labels from the generator's truth (the region-label baseline)."""
-    _, _, _, truth = learned
+    _, _, _, truth = learned_base
     t = pd.read_parquet(truth.parent / "truth" / "spots.parquet")
     t["label"] = np.where(t["frac_tumour"] > 0.5, "tumour", "normal")
     p = tmp_path_factory.mktemp("regions") / "regions.csv"
@@ -64,9 +64,9 @@ def test_spot_heads_beat_region_baseline_and_ignore_nulls(learned, regions, tmp_
 
 
 @pytest.fixture(scope="module")
-def traits_store(learned, tmp_path_factory):
+def traits_store(learned_base, tmp_path_factory):
     """A copy of the 40-slide store with a traits model (MKI67, miR-17; 30-70 band, 20 % test patients)."""
-    st0, eid, _, _ = learned
+    st0, eid, _, _ = learned_base
     root = tmp_path_factory.mktemp("traits") / "st"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
     st = Store(root)
