@@ -152,3 +152,23 @@ def test_readme_package_layout_matches_the_contracts_and_the_packages():
     assert readme_layout_problems(readme, pyproject, pkg) == []
     swapped = readme.replace("->  learn  ->  extract", "->  extract  ->  learn")
     assert readme_layout_problems(swapped, pyproject, pkg) == ["layer 'hefeat.extract' drawn out of order"]
+
+
+def test_one_answer_for_the_cores(monkeypatch):
+    """Every module that sizes work by the cores asks hefeat.cpus (one copy of the affinity fallback), with the
+    fallback where the OS has no affinity API."""
+    import hefeat
+    from hefeat import cpus
+    from hefeat.extract import pipeline, precision
+    from hefeat.learn import threads
+    from hefeat.store import tables
+
+    pkg = Path(hefeat.__file__).resolve().parent
+    asking = sorted(p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py") if "sched_getaffinity" in p.read_text())
+    assert asking == ["cpus.py"]
+    assert tables.available_cores is threads.available_cores is pipeline.available_cores is precision.available_cores \
+        is cpus.available_cores
+    assert cpus.available_cores() >= 1
+    monkeypatch.delattr(cpus.os, "sched_getaffinity")  # macOS, Windows
+    monkeypatch.setattr(cpus.os, "cpu_count", lambda: 3)
+    assert cpus.available_cores() == 3

@@ -40,7 +40,7 @@ def test_wide_fit_table_is_read_back_bit_for_bit_by_pandas_and_duckdb(tmp_path, 
     from hefeat.store import tables
 
     monkeypatch.setattr(tables, "SLAB", 7)
-    monkeypatch.setattr(tables, "_cores", lambda: 2)
+    monkeypatch.setattr(tables, "available_cores", lambda: 2)
     df, a = _fit_like_frame(11, WIDE + 9)
     write_parquet(df, tmp_path / "w.parquet")
     back = pd.read_parquet(tmp_path / "w.parquet")

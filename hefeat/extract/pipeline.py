@@ -16,7 +16,6 @@ tests check that resume and single-slide runs give byte-identical features on th
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from hefeat import (
     __version__,  # noqa: F401  (read by tests and benchmarks)
     fork_gc,
 )
+from hefeat.cpus import available_cores
 from hefeat.errors import HefeatError, NonFiniteError
 from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute side lives in compute.py)
     DeviceTransform,
@@ -94,11 +94,7 @@ def import_runtime(*, will_compile: bool = False) -> None:
 
 def default_workers() -> int:
     """DataLoader workers: the CPUs this process may use, minus one for the main process."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        n = os.cpu_count() or 1
-    return max(1, min(n - 1, 16))
+    return max(1, min(available_cores() - 1, 16))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hefeat.cpus import available_cores
 from hefeat.errors import HefeatError
 from hefeat.heap import reuse_freed_memory
 
@@ -371,7 +372,7 @@ def busy_machine(trials: Sequence[Trial], others: float | None = None) -> str | 
     if others is not None:
         return f"other processes used {others:.0%} of the CPUs" if others > OTHERS_BUSY else None
     with contextlib.suppress(OSError, AttributeError):
-        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+        load, cores = os.getloadavg()[0], available_cores()
         if load > cores:
             return f"load average {load:.1f} on {cores} cores"
     return None

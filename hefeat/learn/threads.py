@@ -26,15 +26,9 @@ import os
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 
+from hefeat.cpus import available_cores  # noqa: F401  (re-exported: callers and tests use threads.available_cores)
+
 PARALLEL_MIN_FLOPS = 1e9  # per training step (forward + backward): ~0.1 s on one core
-
-
-def available_cores() -> int:
-    """Cores this process may run on (CPU affinity, else the CPU count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def work_threads() -> int:

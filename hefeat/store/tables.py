@@ -7,17 +7,11 @@ import os
 import numpy as np
 import pandas as pd
 
+from hefeat.cpus import available_cores
 from hefeat.store.atomic import atomic_path
 
 WIDE = 1000  # columns above which a frame is converted column by column from numpy
 SLAB = 256  # tile side (rows and columns) when a wide float block is laid out column by column
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _float_runs(df: pd.DataFrame, floats: set[str]) -> list[tuple[int, int, np.dtype]]:
@@ -64,7 +58,7 @@ def _column_major(block: np.ndarray) -> np.ndarray:
             out[i:i + SLAB, j:j + SLAB] = block[i:i + SLAB, j:j + SLAB]
 
     groups = range(0, k, SLAB)
-    workers = min(_cores(), len(groups))
+    workers = min(available_cores(), len(groups))
     if workers > 1:
         from concurrent.futures import ThreadPoolExecutor
 
