@@ -130,14 +130,17 @@ KILLED_EXTRACT = textwrap.dedent("""
         return real(*a, **k)
     p.embed_batch = embed_then_die
     p.run_extraction(Store(sys.argv[1]), encoder="resnet18", weights="none", layer="layer2", precision="fp32",
-                     dtype="float32", options=p.ExtractOptions(batch_size=16, workers=1))
+                     dtype="float32", options=p.ExtractOptions(batch_size=16, workers=int(sys.argv[2]) or None))
 """)
 
 
-def test_kill_mid_run_then_resume_is_byte_identical(extracted, tmp_path, cohort):
-    """SIGKILL inside a slide's forward passes, then a re-run: the uninterrupted extraction, byte for byte."""
+@pytest.mark.parametrize("workers", [1, 0], ids=["dataloader-worker", "in-process-reader"])
+def test_kill_mid_run_then_resume_is_byte_identical(workers, extracted, tmp_path, cohort):
+    """SIGKILL inside a slide's forward passes, then a re-run: the uninterrupted extraction, byte for byte (killed
+    while a DataLoader worker reads, and while the main process's threads read)."""
     st, tid = _store(tmp_path, cohort)
-    assert subprocess.run([sys.executable, "-c", KILLED_EXTRACT, str(st.root)], timeout=300).returncode == -9
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXTRACT, str(st.root), str(workers)], timeout=300)
+    assert killed.returncode == -9
     n_files = len(glob.glob(str(st.root / "features" / "*" / "*.h5")))
     eid = next(p.name.split("=", 1)[1] for p in (st.root / "features").iterdir())
     n_before = len(st.finished("extraction", eid))  # committed; a file renamed just before the kill is not

@@ -37,12 +37,15 @@ def _batches(loader) -> list[tuple]:
     return [(imgs.numpy().copy(), ks.tolist(), ts.tolist(), list(errs)) for imgs, ks, ts, errs in loader]
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_batches_equal_the_dataloaders(threads, cohort, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("threads", "direct"), [(1, True), (2, True), (3, True), (2, False)])
+def test_batches_equal_the_dataloaders(threads, direct, cohort, tmp_path, monkeypatch):
     """Same pixels, slides, tiles and errors in the same order as DataLoader(TileDataset): across slide boundaries,
-    for a slide that does not open (each of its tiles fails) and a region that fails to read."""
+    for a slide that does not open (each of its tiles fails) and a region that fails to read; threads sharing a slide
+    read through the direct JPEG reader and through OpenSlide."""
     from torch.utils.data import DataLoader
 
+    if not direct:
+        monkeypatch.setenv("HEFEAT_DIRECT_JPEG", "0")
     jobs = _jobs(cohort, tmp_path)
     real_read = Slide.read
 
