@@ -185,7 +185,7 @@ def encoders(store_path, as_json):
               help="How tiles become the encoder's input size; auto refuses resizes that change µm/px by > 10 %.")
 @click.option("--workers", type=int, default=None,
               help="DataLoader worker processes reading tiles (default: none on the CPU, where the main process reads "
-                   "between forwards; available CPUs - 1 on a GPU).")
+                   "between forwards; available CPUs - 1 on a GPU). On slow (network) storage, workers read ahead.")
 @click.option("--shard", default=None, help="I/N: this process embeds its share of the slides (SLURM arrays).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--tta", is_flag=True, help="Average over the 8 rotations/reflections (ST-Net).")
