@@ -153,3 +153,37 @@ def test_cpu_extraction_reads_in_process_and_equals_a_worker_run(tmp_path, cohor
     assert a.keys() == b.keys()
     for sid in a:
         assert a[sid].shape[0] == 12 and a[sid].tobytes() == b[sid].tobytes(), sid
+
+
+def test_storage_note_rule():
+    """A note only where reads took over 15 % of the loop and the reading threads were mostly idle (waiting)."""
+    from hefeat.extract.reading import storage_note
+
+    note = storage_note(2.0, 0.2, 6.0)
+    assert note and "2.0 s of the 6.0 s loop (33%)" in note and "--workers N" in note
+    assert storage_note(0.8, 0.1, 6.0) is None  # 13 % of the loop
+    assert storage_note(2.0, 1.0, 6.0) is None  # the threads were busy decoding: CPU-bound, workers would not help
+    assert storage_note(2.0, 0.2, 0.0) is None
+
+
+def test_reads_waiting_on_storage_are_noted(tmp_path, cohort, monkeypatch):
+    """Slides on slow storage (each region read waits 50 ms, using no CPU): the summary says so and names --workers."""
+    import time
+
+    paths = sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2]
+    st = Store.init(tmp_path / "st")
+    ingest_slides(st, paths)
+    tid = run_tiling(st, TilingParams(max_tiles=8)).extra["tiling_id"]
+    real_read = Slide.read
+
+    def slow(self, *a, **k):
+        time.sleep(0.05)
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(Slide, "read", slow)
+    s = p.run_extraction(st, tiling_id=tid, precision="fp32", dtype="float32",
+                         options=p.ExtractOptions(batch_size=8), **ENC)
+    assert sorted(s.ok) == ["S01", "S02"]
+    tm = s.extra["timings"]
+    assert tm["read_wait_s"] >= 16 * 0.05 / torch.get_num_threads() * 0.9 and tm["read_cpu_s"] < tm["read_wait_s"]
+    assert "waited on storage" in s.extra["read_note"] and "--workers N" in s.extra["read_note"]

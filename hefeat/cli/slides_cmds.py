@@ -237,6 +237,8 @@ def extract(encoder, weights, layer, tiling_id, tile_spec, slides, precision, ba
         text += (f"\nDecode once: {d.get('tiles_read_once', 0)} tiles read once (QC + embedding), "
                  f"{d.get('tiles_read_twice', 0)} read again after tiling; ~{d.get('read_s_saved_est', 0)} s of reads saved"
                  if d["used"] else f"\nDecode once not used: {d['why']}")
+    if s.get("read_note"):
+        text += f"\nNote: {s['read_note']}"
     emit(s, as_json, text)
     if s["exit_code"]:  # every slide failed or was busy
         sys.exit(s["exit_code"])

@@ -63,6 +63,7 @@ from hefeat.extract.reading import (
     InProcessTiles,
     TileDataset,
     segments,
+    storage_note,
     worker_init,
 )
 from hefeat.extract.writer import FeatureSink, SlideFeatures
@@ -204,7 +205,7 @@ def run_plan(store: Store, ep: ExtractionPlan) -> RunSummary:
                           "precision_choice": {k: ep.choice.to_dict()[k] for k in (
                               "source", "reason", "channels_last", "fold_bn", "fuse_residual")},
                           "encoder_mpp": ep.input.encoder_mpp, "fit": ep.input.fit,
-                          "decode": info.get("decode"), "timings": {**timings, "calibrate_s": round(ep.calibrate_s, 3)}})
+                          "decode": info.get("decode"), "read_note": info.get("read_note"), "timings": {**timings, "calibrate_s": round(ep.calibrate_s, 3)}})
     if once:
         summary.extra["decode_once"] = once.report()
     summary.extra["run_id"] = record_run(store, "extract", summary.to_dict(), params={
@@ -338,6 +339,9 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         bar.close()
         _stop(writer)
         timings["loop_s"] = time.perf_counter() - t_loop
+        if isinstance(loader, InProcessTiles):
+            timings["read_cpu_s"] = loader.read_cpu_s
+            info["read_note"] = storage_note(loader.read_s, loader.read_cpu_s, timings["loop_s"])
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             FeatureSink.abort(j)
         fork_gc.unfreeze()

@@ -8,7 +8,23 @@ process with a few threads between forwards (the CPU reader); `TileDataset` is t
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+
+# Reads that took more than this share of the loop while the reading threads together used the CPU for less than
+# half that time are waiting on storage: the in-process reader does not read ahead, DataLoader workers do. (Counted
+# against one thread, not all: a slide's checks and opens run on one.)
+IO_BOUND_SHARE = 0.15
+
+
+def storage_note(read_s: float, read_cpu_s: float, loop_s: float) -> str | None:
+    """A note for the run's summary when in-process reads waited on storage (see IO_BOUND_SHARE), else None."""
+    if loop_s <= 0 or read_s <= IO_BOUND_SHARE * loop_s or read_cpu_s >= 0.5 * read_s:
+        return None
+    return (f"reading tiles took {read_s:.1f} s of the {loop_s:.1f} s loop ({read_s / loop_s:.0%}) with "
+            f"{read_cpu_s:.1f} CPU-s of decoding: the reads waited on storage. On slow (network) storage, "
+            f"--workers N reads ahead while the forward runs.")
 
 
 def _read_tile(slide, x: float, y: float, size: int, mpp: float) -> tuple[np.ndarray, str]:
@@ -71,11 +87,14 @@ class InProcessTiles:
     its decode time divided by the threads (simplejpeg and OpenSlide decode without the GIL) and nothing more.
     A slide is opened once for all threads (hefeat.slides.reader.Slide reads from several threads; the direct
     reader decodes each JPEG tile once for all of them) and closed when the batches have moved past it.
-    Same tiles, same errors, same order as the DataLoader's.
+    Same tiles, same errors, same order as the DataLoader's. It does not read ahead: `read_s` (wall) against
+    `read_cpu_s` (the threads' CPU) says whether the reads waited on storage (see storage_note).
     """
 
     def __init__(self, batches, size: int, mpp: float, threads: int):
         self.batches, self.size, self.mpp, self.threads = batches, size, mpp, max(1, int(threads))
+        self.read_s = 0.0  # wall seconds spent reading batches (slide opens included)
+        self.read_cpu_s = 0.0  # CPU seconds the reading threads used for it
 
     def __iter__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +105,7 @@ class InProcessTiles:
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hefeat-read") if self.threads > 1 else None
         try:
             for batch in self.batches:
+                t0, c0 = time.perf_counter(), time.thread_time()
                 ks = [r[0] for r in batch]
                 for k in [k for k in opened if k not in set(ks)]:  # slides come in order: one left behind is done
                     _close(opened.pop(k))
@@ -95,19 +115,22 @@ class InProcessTiles:
                 out = np.empty((len(batch), self.size, self.size, 3), np.uint8)
                 errs = [""] * len(batch)
 
-                def read(a: int, b: int, out=out, errs=errs, batch=batch) -> None:
+                def read(a: int, b: int, out=out, errs=errs, batch=batch) -> float:
+                    c = time.thread_time()
                     for i in range(a, b):
                         k, _t, _p, _m, x, y = batch[i]
                         out[i], errs[i] = _read_tile(opened[k], x, y, self.size, self.mpp)
+                    return time.thread_time() - c
 
                 # contiguous runs of the scan order, so neighbouring tiles (which share JPEG tiles) stay on one thread
                 step = -(-len(batch) // self.threads)
                 spans = [(a, min(a + step, len(batch))) for a in range(0, len(batch), step)]
                 if pool is None or len(spans) == 1:
-                    read(0, len(batch))
+                    self.read_cpu_s += read(0, len(batch))
                 else:
-                    for f in [pool.submit(read, a, b) for a, b in spans]:
-                        f.result()
+                    self.read_cpu_s += sum(f.result() for f in [pool.submit(read, a, b) for a, b in spans])
+                self.read_s += time.perf_counter() - t0
+                self.read_cpu_s += time.thread_time() - c0
                 yield (torch.from_numpy(out), torch.tensor(ks, dtype=torch.int64),
                        torch.tensor([r[1] for r in batch], dtype=torch.int64), errs)
         finally:
