@@ -83,7 +83,7 @@ class InProcessTiles:
 
     On the CPU the forward's threads already use every core. A DataLoader worker decoding at the same time
     preempts one of them, and the others wait for it at the forward's next barrier: on two cores the loop ran at
-    0.82-0.88 of the bare encoder that way (benchmarks/README.md, round 18). Read between forwards, a batch costs
+    0.82-0.88 of the bare encoder that way (benchmarks/README.md, rounds 17-18). Read between forwards, a batch costs
     its decode time divided by the threads (simplejpeg and OpenSlide decode without the GIL) and nothing more.
     A slide is opened once for all threads (hefeat.slides.reader.Slide reads from several threads; the direct
     reader decodes each JPEG tile once for all of them) and closed when the batches have moved past it.
