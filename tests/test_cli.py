@@ -93,7 +93,9 @@ def test_cli_extract_export_import(tmp_path, tiled, cohort):
     e = js("extract", "--encoder", "resnet18", "--layer", "layer2", "--weights", "none", "--tiling", tid,
            "--precision", "fp32", "--batch-size", "32", "--slides", "S02,S05", "--store", st)
     assert e["ok"] == 2 and e["dim"] == 128 and e["failed"] == {}
-    assert set(e["timings"]) == {"read_wait_s", "compute_s", "write_s", "loop_s", "loop_cpu_s", "calibrate_s"}
+    assert set(e["timings"]) == {"read_wait_s", "compute_s", "write_s", "loop_s", "loop_cpu_s", "calibrate_s",
+                                 "read_cpu_s"}  # read_cpu_s: the main process read the tiles (the CPU default)
+    assert "in-process" in e["decode"]
     x = js("export", "h5", tmp_path / "h5", "--extraction", e["extraction_id"], "--store", st)
     assert x["slides"] == 2 and sorted(p.name for p in (tmp_path / "h5").glob("*.h5")) == ["S02.h5", "S05.h5"]
     r = run("extract", "--encoder", "nosuchnet", "--weights", "none", "--tiling", tid, "--store", st, ok=False)

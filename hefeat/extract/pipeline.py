@@ -58,6 +58,7 @@ from hefeat.extract.plan import (  # noqa: F401  (re-exported: the plan side liv
     recorded_choice,
     resolve_device,
 )
+from hefeat.extract.precision import OTHERS_BUSY, cpu_sample, others_share
 from hefeat.extract.reading import (
     ClaimingBatches,
     InProcessTiles,
@@ -295,7 +296,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         bar.update(n)
 
     bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
-    t_loop, cpu_loop = time.perf_counter(), _cpu_seconds()
+    t_loop, cpu_loop, machine_loop = time.perf_counter(), _cpu_seconds(), cpu_sample()
     fork_gc.freeze()  # before the workers fork: their GC would copy the parent's heap (hefeat.fork_gc)
     try:
         paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
@@ -341,7 +342,9 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         timings["loop_s"] = time.perf_counter() - t_loop
         if isinstance(loader, InProcessTiles):
             timings["read_cpu_s"] = loader.read_cpu_s
-            info["read_note"] = storage_note(loader.read_s, loader.read_cpu_s, timings["loop_s"])
+            others = others_share(machine_loop, cpu_sample())  # other processes' share of the CPUs meanwhile
+            info["read_note"] = storage_note(loader.read_s, loader.read_cpu_s, timings["loop_s"],
+                                             busy=others is not None and others > OTHERS_BUSY)
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             FeatureSink.abort(j)
         fork_gc.unfreeze()

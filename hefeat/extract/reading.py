@@ -18,9 +18,12 @@ import numpy as np
 IO_BOUND_SHARE = 0.15
 
 
-def storage_note(read_s: float, read_cpu_s: float, loop_s: float) -> str | None:
-    """A note for the run's summary when in-process reads waited on storage (see IO_BOUND_SHARE), else None."""
-    if loop_s <= 0 or read_s <= IO_BOUND_SHARE * loop_s or read_cpu_s >= 0.5 * read_s:
+def storage_note(read_s: float, read_cpu_s: float, loop_s: float, *, busy: bool = False) -> str | None:
+    """A note for the run's summary when in-process reads waited on storage (see IO_BOUND_SHARE), else None.
+
+    `busy`: other processes used the CPUs meanwhile, so the readers may have waited for a core, not for storage:
+    no note (it could not say which)."""
+    if busy or loop_s <= 0 or read_s <= IO_BOUND_SHARE * loop_s or read_cpu_s >= 0.5 * read_s:
         return None
     return (f"reading tiles took {read_s:.1f} s of the {loop_s:.1f} s loop ({read_s / loop_s:.0%}) with "
             f"{read_cpu_s:.1f} CPU-s of decoding: the reads waited on storage. On slow (network) storage, "
