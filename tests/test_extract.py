@@ -238,15 +238,25 @@ def test_bad_requests_write_nothing(tmp_path, cohort):
     assert not list((st.root / "features").iterdir())
 
 
-def test_ray_engine_matches_local(extracted, tmp_path, cohort):
-    pytest.importorskip("ray")
+def test_ray_engine_matches_local(extracted, tmp_path, cohort, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import tempfile
+
     from hefeat.extract.ray_engine import run_extraction_ray
 
     st, tid = _store(tmp_path, cohort, n=4)  # 4 of the 8 slides: two shards of two
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        s = run_extraction_ray(st, shards=2, precision="fp32", dtype="float32",
-                               options=ExtractOptions(workers=0, batch_size=16), **ENC)
+    # Ray's session folder (sockets, logs) in a short folder of its own, removed after: not in /tmp/ray for good
+    # (and not under tmp_path, whose length would pass the 107-byte limit of a Unix socket path).
+    ray_tmp = tempfile.mkdtemp(prefix="hefeat-ray-")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            s = run_extraction_ray(st, shards=2, precision="fp32", dtype="float32",
+                                   options=ExtractOptions(workers=0, batch_size=16), **ENC)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not [w for w in seen if issubclass(w.category, DeprecationWarning) and "/ray/" in w.filename]  # issue 23
     assert sorted(s.ok) == [f"S0{i}" for i in range(1, 5)] and s.extra["n_shards"] == 2
     ref_st, _, ref = extracted

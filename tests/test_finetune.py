@@ -344,7 +344,8 @@ def test_ddp_two_processes_gloo_shard_by_slide(ft_store, tmp_path):
     cfg.write_text(yaml.safe_dump({"task": "spots", "params": {
         **TINY, "tiling_id": ft_store[1], "split": "patient-kfold:2", "folds": ["fold2"], "epochs": 2,
         "val_share": 0.0, "batch_size": 8, "genes": "top:20", "baseline": "none"}}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* folder goes with the test's, not into /tmp for good
     if Path("/sys/class/net/lo").exists():  # gloo on loopback: no guessing an interface from the host name
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hefeat.cli",
