@@ -298,12 +298,14 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
     t_loop, cpu_loop, machine_loop = time.perf_counter(), _cpu_seconds(), cpu_sample()
     fork_gc.freeze()  # before the workers fork: their GC would copy the parent's heap (hefeat.fork_gc)
+    in_process = None  # the InProcessTiles reader, where it is the one that runs (not the device decode)
     try:
         paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
         it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info)
         if it is None:
             it = iter(loader)
             info["decode"] = f"{info['decode']}; {reader}"
+            in_process = loader if isinstance(loader, InProcessTiles) else None
         while True:
             t = time.perf_counter()
             try:
@@ -340,10 +342,10 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         bar.close()
         _stop(writer)
         timings["loop_s"] = time.perf_counter() - t_loop
-        if isinstance(loader, InProcessTiles):
-            timings["read_cpu_s"] = loader.read_cpu_s
+        if in_process is not None:
+            timings["read_cpu_s"] = in_process.read_cpu_s
             others = others_share(machine_loop, cpu_sample())  # other processes' share of the CPUs meanwhile
-            info["read_note"] = storage_note(loader.read_s, loader.read_cpu_s, timings["loop_s"],
+            info["read_note"] = storage_note(in_process.read_s, in_process.read_cpu_s, timings["loop_s"],
                                              busy=others is not None and others > OTHERS_BUSY)
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             FeatureSink.abort(j)

@@ -56,9 +56,7 @@ class TileDataset:
         s = self._open.get(k)
         if s is None:
             for old in list(self._open):  # keep one slide open per worker
-                old_slide = self._open.pop(old)
-                if not isinstance(old_slide, BaseException):
-                    old_slide.close()
+                _close(self._open.pop(old))
             s = self._open[k] = _open_slide(path, mpp)
         return s
 
@@ -110,7 +108,8 @@ class InProcessTiles:
             for batch in self.batches:
                 t0, c0 = time.perf_counter(), time.thread_time()
                 ks = [r[0] for r in batch]
-                for k in [k for k in opened if k not in set(ks)]:  # slides come in order: one left behind is done
+                here = set(ks)
+                for k in [k for k in opened if k not in here]:  # slides come in order: one left behind is done
                     _close(opened.pop(k))
                 for k, _t, path, mpp, _x, _y in batch:
                     if k not in opened:
@@ -129,7 +128,7 @@ class InProcessTiles:
                 step = -(-len(batch) // self.threads)
                 spans = [(a, min(a + step, len(batch))) for a in range(0, len(batch), step)]
                 if pool is None or len(spans) == 1:
-                    self.read_cpu_s += read(0, len(batch))
+                    read(0, len(batch))  # on this thread: counted below with the opens
                 else:
                     self.read_cpu_s += sum(f.result() for f in [pool.submit(read, a, b) for a, b in spans])
                 self.read_s += time.perf_counter() - t0
