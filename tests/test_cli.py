@@ -131,14 +131,14 @@ FAST = {
 }
 
 
-def test_every_recipe_runs_end_to_end(learned, tmp_path, monkeypatch):
+def test_every_recipe_runs_end_to_end(learned_base, tmp_path, monkeypatch):
     """Each configs/*.yaml through `hefeat run` (tiling + extraction reused, method fitted), from any directory."""
     import shutil
 
     from hefeat.learn.recipes import list_recipes
     from hefeat.learn.registry import get_method
 
-    st0, eid, seid, _ = learned
+    st0, eid, seid, _ = learned_base
     root = tmp_path / "st"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
     names = sorted(p.stem for p in pathlib.Path("configs").glob("*.yaml") if not p.stem.endswith("-finetune"))

@@ -38,9 +38,9 @@ def _no_fault_left():
 
 
 @pytest.fixture
-def st40(learned, tmp_path):
+def st40(learned_base, tmp_path):
     """A writable copy of the 40-slide store without its models, and its extraction."""
-    st0, eid, _, _ = learned
+    st0, eid, _, _ = learned_base
     root = tmp_path / "st"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
     return Store(root), eid

@@ -45,14 +45,14 @@ def test_tile_level_variant_and_predictions(learned):
     np.testing.assert_allclose(sp.loc[mean_tiles.index, g], mean_tiles, rtol=1e-4)
 
 
-def test_holdout_model_ignores_test_targets(learned, tmp_path):
+def test_holdout_model_ignores_test_targets(learned_base, tmp_path):
     """Gene filters and fitted heads use training data only: changing test targets changes nothing fitted."""
     import shutil
 
     from hefeat.learn.models import load_model
     from hefeat.store.catalog import Store
 
-    st0, eid, _, _ = learned
+    st0, eid, _, _ = learned_base
     root = tmp_path / "copy"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
     st = Store(root)

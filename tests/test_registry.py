@@ -97,11 +97,11 @@ def toy():
 
 
 @pytest.fixture
-def store_copy(learned, tmp_path):
+def store_copy(learned_base, tmp_path):
     """(a copy of the 40-slide store, its extraction, the cohort folder)."""
     from hefeat.store.catalog import Store
 
-    st0, eid, _, truth = learned
+    st0, eid, _, truth = learned_base
     root = tmp_path / "st"
     shutil.copytree(st0.root, root, ignore=shutil.ignore_patterns("models", "predictions"))
     return Store(root), eid, truth.parent

@@ -309,7 +309,7 @@ def test_finetuned_traits_agree_with_fit_traits_on_labels_ood_and_test_patients(
 # ---------------------------------------------------------------------------------------------
 # (c) HTI survival over cross-fitted maps: every patient, each map from models that never saw it
 # ---------------------------------------------------------------------------------------------
-def test_crossfitted_trait_maps_never_come_from_a_model_that_saw_the_patient(learned, tmp_path, monkeypatch):
+def test_crossfitted_trait_maps_never_come_from_a_model_that_saw_the_patient(learned_base, tmp_path, monkeypatch):
     """Old main: maps from one model; survival only on the few held-out patients (no crossfit option)."""
     import shutil
 
@@ -320,7 +320,7 @@ def test_crossfitted_trait_maps_never_come_from_a_model_that_saw_the_patient(lea
     from hefeat.learn.traits import TraitsParams, survival
     from hefeat.store.catalog import Store
 
-    st0, eid, _, _ = learned
+    st0, eid, _, _ = learned_base
     shutil.copytree(st0.root, tmp_path / "st", ignore=shutil.ignore_patterns("models", "predictions"))
     st = Store(tmp_path / "st")
     calls = []

@@ -145,12 +145,12 @@ def test_trained_slides_cannot_produce_a_significant_logrank(traits_store, tmp_p
     assert capped["n_censored_at_cap"] == capped["n_high"] + capped["n_low"] and capped["max_follow_up"] == 120
 
 
-def test_cartography_with_many_traits_and_a_wrong_model_kind(learned, tmp_path):
+def test_cartography_with_many_traits_and_a_wrong_model_kind(learned_base, tmp_path):
     """11 traits (2,047 combinations): only the combinations present get colours; a non-traits id is refused."""
     from hefeat.learn.models import save_model
     from hefeat.store.tables import write_parquet
 
-    st0, eid, _, _ = learned
+    st0, eid, _, _ = learned_base
     st = Store(tmp_path / "st")
     shutil.copytree(st0.root, st.root, ignore=shutil.ignore_patterns("models", "predictions"))
     traits = [f"T{i}" for i in range(11)]

@@ -88,7 +88,7 @@ def test_a_fit_frames_float_block_is_laid_out_once_not_selected_first(monkeypatc
     assert seen == [True]
 
 
-def test_fit_genes_tables_written_wide_read_the_same_everywhere(learned, tmp_path, monkeypatch):
+def test_fit_genes_tables_written_wide_read_the_same_everywhere(learned_base, tmp_path, monkeypatch):
     """The 40-slide cohort's 80-gene fit with every table forced through the wide path (WIDE = 5): its
     tables read back equal to the narrow path's, and the report and `hefeat report` read them (the report
     only the out-of-fold columns it draws)."""
@@ -104,7 +104,7 @@ def test_fit_genes_tables_written_wide_read_the_same_everywhere(learned, tmp_pat
     from hefeat.store.catalog import Store
     from hefeat.store.models import load_table
 
-    st0, eid, _, _ = learned
+    st0, eid, _, _ = learned_base
     stores = {}
     for name, wide in (("narrow", WIDE), ("wide", 5)):
         root = tmp_path / name
