@@ -138,6 +138,36 @@ def test_measure_drops_a_hopeless_candidate_after_one_pass(monkeypatch):
     assert c.precision == "fp32"
 
 
+def test_a_slow_first_pass_is_not_the_probe_where_first_passes_load_kernels(monkeypatch):
+    """On CUDA the first pass of a precision loads kernels and picks cuDNN algorithms: it must not decide the probe
+    (an H200 timed it and dropped bf16 as 4x slower). Where the first pass counts (CPU) the same step is dropped."""
+    import time
+
+    real = P.first_pass_untimed
+
+    def run(untimed: bool):
+        seen = set()
+
+        def step(model, x):
+            key = torch.is_autocast_enabled("cpu")
+            if key and key not in seen:  # bf16's first pass only: one-time set-up cost
+                seen.add(key)
+                time.sleep(0.5)
+            return model(x)
+
+        monkeypatch.setattr(P, "first_pass_untimed", lambda device: untimed)
+        return {t.candidate.precision: t for t in P.measure(
+            _tiny(), torch.rand(8, 3, 16, 16), [Candidate("fp32", False), Candidate("bf16", False)],
+            device="cpu", step=step)}
+
+    timed = run(True)
+    assert timed["bf16"].tiles_per_s > 0 and timed["bf16"].rounds == 3
+    dropped = run(False)
+    assert dropped["bf16"].tiles_per_s == 0.0 and "not timed" in dropped["bf16"].note
+    assert "bf16/nchw warm-up" in decide(list(dropped.values()))[1]  # the reason names the candidate left untimed
+    assert real("cuda:0") and not real("cpu")
+
+
 def test_measurements_on_a_busy_machine_are_used_but_not_cached(tmp_path, monkeypatch):
     """Noisy rounds or a load above the core count: this run uses the choice, the next one measures again."""
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path))
@@ -155,6 +185,7 @@ def test_busy_means_other_processes_not_this_one(monkeypatch):
     extractions back to back read as busy and never cached its calibration. Busy is other processes' CPU share."""
     fp32 = [Trial(Candidate("fp32"), 10.0, 0.0, spread=1.1, rounds=3)]
     monkeypatch.setattr(P.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(P, "available_cores", lambda: 2)  # a load of 9 is busy on 2 cores (not on the 16 of a GPU box)
     assert P.busy_machine(fp32, others=0.05) is None  # the load average is ignored where others are measured
     assert P.busy_machine(fp32, others=0.6) == "other processes used 60% of the CPUs"
     assert P.busy_machine(fp32, others=None).startswith("load average 9.0")  # no /proc: the old fallback

@@ -210,6 +210,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_pass_untimed(device: str) -> bool:
+    """Whether a precision/format's first pass runs untimed before its probe: on CUDA it loads kernels and picks
+    cuDNN algorithms (tens of ms vs a few warm), so bf16 read PROBE_DROP x slower than warm fp32 (an H200 kept fp32)."""
+    return device.startswith("cuda")
+
+
 def _forward_step(model, x):
     import torch
 
@@ -274,6 +280,10 @@ def measure(
         k = (c.precision, c.channels_last)
         if k not in done_keys:
             x = apply_memory_format(model, sample[:probe_n], c.channels_last)
+            if first_pass_untimed(device):
+                with autocast(device, c.precision):
+                    step(model, x)
+                _sync(device)
             t = time.perf_counter()
             with autocast(device, c.precision):
                 y = step(model, x)
@@ -433,6 +443,9 @@ def decide(trials: Sequence[Trial], *, margin: float = MARGIN, tolerance: dict |
             f = max(faster, key=lambda t: t.tiles_per_s)
             parts.append(f"reduced precision not faster by > {margin:.0%} (best {f.candidate.label} "
                          f"{f.tiles_per_s:.1f} tiles/s)")
+    for t in trials:
+        if t.tiles_per_s == 0 and t.note and t.finite:
+            parts.append(f"{t.candidate.label} {t.note}")
     for t in rejected:
         why = "non-finite output" if not t.finite else f"relative error {t.rel_err:.2%} > {tol[t.candidate.precision]:.0%}"
         parts.append(f"{t.candidate.label} rejected: {why}")
