@@ -20,7 +20,7 @@ def test_raw_jpeg_tiles_match_openslide(which, cmu_svs, cohort, monkeypatch):
     path = cmu_svs if which == "cmu" else cohort / "slides" / "S01.tiff"
     calls = []
     real = J.decode
-    monkeypatch.setattr(J, "decode", lambda streams, device: calls.append(len(streams)) or real(streams, device))
+    monkeypatch.setattr(J, "decode", lambda streams, device, rgb=False: calls.append(len(streams)) or real(streams, device, rgb))
     with J.JpegTiles(path) as src, Slide(path) as s:
         lv = src.levels[0]
         assert J.check_device_decode(src, "cpu")
@@ -40,6 +40,37 @@ def test_resized_regions_match_openslide_within_tolerance(cmu_svs):
     # The decode is exact (test above); what differs is the filter: antialiased bilinear vs PIL Lanczos.
     assert np.abs(got.astype(int) - want.astype(int)).mean() < 4.0
     assert np.corrcoef(got.mean(2).ravel(), want.mean(2).ravel())[0, 1] > 0.97
+
+
+def test_regions_cut_by_block_gather_equal_the_tiles_pasted_one_by_one(cmu_svs, monkeypatch):
+    """The GPU's cut (one gather of whole tiles per region block) gives the CPU's pasted pixels exactly: regions off
+    the top-left, inside, off the right and bottom edges, two sizes in one call, one resized."""
+    regions = [(-50, -30, 224), (1000, 1000, 224), (2100, 1400, 300), (5, 7, 100), (2000, 2900, 224)]
+    with J.JpegTiles(cmu_svs) as src:
+        lv = src.levels[0]
+        pasted = J.read_regions(src, lv, regions, 224, "cpu").numpy()
+        used = []
+        monkeypatch.setattr(J, "_cut_paste", lambda *a: used.append(len(a[3])) or J._cut_blocks(*a))
+        blocks = J.read_regions(src, lv, regions, 224, "cpu").numpy()
+    assert sorted(used) == [1, 1, 3]  # every region went through the block cut (grouped by size)
+    assert pasted.shape == (5, 224, 224, 3) and np.array_equal(blocks, pasted)
+    assert (pasted[0, :30] == 255).all() and (pasted[4, :, 220:] == 255).all()  # outside the image: white
+    assert (pasted[4, :60] != 255).any()  # and inside it, tissue
+
+
+def test_rgb_jpeg_tiles_are_decoded_without_colour_conversion(cmu_svs, cohort, monkeypatch):
+    """Aperio's RGB JPEG tiles are asked for as stored (UNCHANGED: nvJPEG's hardware decoder ignored the Adobe
+    marker and converted them as YCbCr on an H200); YCbCr tiles (the synthetic slides) are asked for as RGB."""
+    import torchvision.io as tio
+
+    modes, real = [], tio.decode_jpeg
+    monkeypatch.setattr(tio, "decode_jpeg", lambda data, mode, device: modes.append(mode) or real(data, mode=mode,
+                                                                                                  device=device))
+    for path in (cmu_svs, cohort / "slides" / "S01.tiff"):
+        with J.JpegTiles(path) as src:
+            assert J.check_device_decode(src, "cpu")
+            J.read_regions(src, src.levels[0], REGIONS[:1], 224, "cpu")
+    assert modes == [tio.ImageReadMode.UNCHANGED] * 2 + [tio.ImageReadMode.RGB] * 2
 
 
 def test_non_jpeg_tiff_is_refused_clearly(tmp_path):

@@ -29,6 +29,10 @@ _PREAD = hasattr(os, "pread")
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
+class NotJpegTiled(HefeatError):
+    """The file reads, but has no JPEG-tiled level: device decode does not apply to it."""
+
+
 @dataclass(frozen=True)
 class Level:
     """One pyramid level's JPEG tile grid."""
@@ -74,7 +78,7 @@ class JpegTiles:
         finally:
             tf.close()
         if not self.levels:
-            raise HefeatError(f"{path} has no JPEG-tiled level: device decode needs a tiled JPEG TIFF/SVS")
+            raise NotJpegTiled(f"{path} has no JPEG-tiled level: device decode needs a tiled JPEG TIFF/SVS")
         self._fh = open(self.path, "rb")  # noqa: SIM115  (closed in close())
         self._seek_lock = threading.Lock()
 
@@ -129,38 +133,109 @@ class JpegTiles:
         return out
 
 
-def decode(streams: list[bytes], device: str):
-    """Decode JPEG streams to uint8 (3, h, w) tensors on `device` (batched nvJPEG on CUDA)."""
+def decode(streams: list[bytes], device: str, rgb: bool = False):
+    """Decode JPEG streams to uint8 (3, h, w) tensors on `device` (batched nvJPEG on CUDA).
+
+    rgb: the streams hold RGB components (photometric RGB, Aperio), not YCbCr. libjpeg honours their Adobe
+    marker; nvJPEG's hardware decoder converted them as YCbCr anyway (an H200 gave CMU-1 wrong colours), so
+    they are decoded without any colour conversion (ImageReadMode.UNCHANGED: the components as stored).
+    """
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
     if not data:
         return []
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    out = decode_jpeg(data, mode=ImageReadMode.UNCHANGED if rgb else ImageReadMode.RGB, device=device)
+    return [t[:3] for t in out] if rgb else out
 
 
 def read_regions(src: JpegTiles, level: Level, regions: list[tuple[int, int, int]], size_px: int, device: str):
     """uint8 (B, size_px, size_px, 3) tensor on `device`: square regions (x, y, n) in `level` pixels, resized.
 
     Each JPEG tile is decoded once per call even when several regions share it; outside the image is white.
+    On a GPU each region is cut from the block of tiles around it, the blocks made by one gather of whole
+    tiles (`_cut_blocks`): pasting each tile's overlap was ~1,300 small launches and ~30 ms of Python per
+    batch of 256. On the CPU pasting is the faster of the two (`_cut_paste`, ~120 vs ~300 ms per 256).
     """
     import torch
     import torch.nn.functional as F
 
+    if not regions:
+        return torch.empty((0, size_px, size_px, 3), dtype=torch.uint8, device=device)
     need = sorted({i for x, y, n in regions for i in src.covering(level, x, y, n, n)})
-    tiles = dict(zip(need, decode([src.stream(level, i) for i in need], device), strict=True))
-    out = []
-    for x, y, n in regions:
-        canvas = torch.full((3, n, n), 255, dtype=torch.uint8, device=device)
-        for i, (rows, cols), (trows, tcols) in src.pieces(level, x, y, n):
-            canvas[:, rows, cols] = tiles[i][:, trows, tcols]
+    decoded = dict(zip(need, decode([src.stream(level, i) for i in need], device, level.rgb), strict=True))
+    cut = _cut_paste if device == "cpu" else _cut_blocks
+    out = torch.empty((len(regions), size_px, size_px, 3), dtype=torch.uint8, device=device)
+    for n in sorted({r[2] for r in regions}):
+        idx = [i for i, r in enumerate(regions) if r[2] == n]
+        img = cut(src, level, decoded, [regions[i] for i in idx], n, device)  # (B, n, n, 3)
         if n != size_px:
-            c = canvas[None].float()
-            c = F.interpolate(c, size=(size_px, size_px), mode="bilinear", antialias=n > size_px, align_corners=False)
-            canvas = c[0].round().clamp(0, 255).to(torch.uint8)
-        out.append(canvas)
-    return torch.stack(out).permute(0, 2, 3, 1)
+            c = F.interpolate(img.permute(0, 3, 1, 2).float(), size=(size_px, size_px), mode="bilinear",
+                              antialias=n > size_px, align_corners=False)
+            img = c.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        out[torch.as_tensor(idx, device=device)] = img
+    return out
+
+
+def _cut_paste(src: JpegTiles, level: Level, decoded: dict, regions: list[tuple[int, int, int]], n: int, device: str):
+    """(B, n, n, 3): each region a white canvas with each decoded tile's overlap pasted in."""
+    import torch
+
+    out = torch.full((len(regions), n, n, 3), 255, dtype=torch.uint8, device=device)
+    for j, (x, y, _) in enumerate(regions):
+        for i, (rows, cols), (trows, tcols) in src.pieces(level, x, y, n):
+            out[j, rows, cols] = decoded[i][:, trows, tcols].permute(1, 2, 0)
+    return out
+
+
+def _cut_blocks(src: JpegTiles, level: Level, decoded: dict, regions: list[tuple[int, int, int]], n: int,
+                device: str):
+    """(B, n, n, 3): the same pixels as `_cut_paste`, by a gather of whole tiles into each region's block."""
+    import torch
+
+    need = list(decoded)
+    tiles = _tile_stack([decoded[i] for i in need], level, device)  # (T + 1, th, tw, 3); T is white
+    th, tw, rows = level.tile_h, level.tile_w, math.ceil(level.height / level.tile_h)
+    slot = {t: k for k, t in enumerate(need)}
+    white = len(need)
+    kr, kc = -(-n // th) + 1, -(-n // tw) + 1  # tile rows/cols a region of n px can touch
+    blocks, offsets = [], []
+    for x, y, _ in regions:
+        r0, c0 = y // th, x // tw
+        blocks.append([slot.get(r * level.cols + c, white) if 0 <= r < rows and 0 <= c < level.cols else white
+                       for r in range(r0, r0 + kr) for c in range(c0, c0 + kc)])
+        offsets.append((y - r0 * th, x - c0 * tw))
+    # whole tiles by index_select (rows of th * tw * 3 bytes): ~7x faster on a CPU than tiles[index]
+    b = tiles.view(len(tiles), -1).index_select(0, torch.as_tensor(blocks, device=device).view(-1))
+    b = b.view(len(regions), kr, kc, th, tw, 3).permute(0, 1, 3, 2, 4, 5).reshape(len(regions), kr * th, kc * tw, 3)
+    img = torch.stack([b[j, oy:oy + n, ox:ox + n] for j, (oy, ox) in enumerate(offsets)])
+    edge = [j for j, (x, y, _) in enumerate(regions) if min(x, y) < 0 or x + n > level.width or y + n > level.height]
+    if edge:  # edge tiles are stored padded: what lies outside the image is white
+        ar = torch.arange(n, device=device)
+        xs = torch.as_tensor([regions[j][0] for j in edge], device=device)[:, None] + ar
+        ys = torch.as_tensor([regions[j][1] for j in edge], device=device)[:, None] + ar
+        inside = ((ys >= 0) & (ys < level.height))[:, :, None] & ((xs >= 0) & (xs < level.width))[:, None, :]
+        e = torch.as_tensor(edge, device=device)
+        img[e] = img[e].masked_fill(~inside[..., None], 255)
+    return img
+
+
+def _tile_stack(decoded, level: Level, device: str):
+    """(T + 1, tile_h, tile_w, 3) uint8: the decoded tiles (channels last) and a white tile at index T."""
+    import torch
+
+    th, tw = level.tile_h, level.tile_w
+    white = torch.full((1, th, tw, 3), 255, dtype=torch.uint8, device=device)
+    if not len(decoded):
+        return white
+    if all(tuple(t.shape) == (3, th, tw) for t in decoded):  # TIFF stores every tile at the full tile size
+        return torch.cat([torch.stack(list(decoded)).permute(0, 2, 3, 1), white])
+    buf = torch.full((len(decoded) + 1, th, tw, 3), 255, dtype=torch.uint8, device=device)
+    for k, t in enumerate(decoded):  # a stream of another size: what overlaps the tile's place, white beyond
+        h, w = min(int(t.shape[1]), th), min(int(t.shape[2]), tw)
+        buf[k, :h, :w] = t[:3, :h, :w].permute(1, 2, 0)
+    return buf
 
 
 def check_device_decode(src: JpegTiles, device: str, tolerance: float = 2.0) -> bool:
@@ -171,7 +246,7 @@ def check_device_decode(src: JpegTiles, device: str, tolerance: float = 2.0) -> 
     with tifffile.TiffFile(src.path) as tf:
         page = tf.series[0].levels[0].keyframe
         ref, _, _ = page.decode(src.raw(level, 0), 0, jpegtables=page.jpegtables)
-    got = decode([src.stream(level, 0)], device)[0].permute(1, 2, 0).cpu().numpy()
+    got = decode([src.stream(level, 0)], device, level.rgb)[0].permute(1, 2, 0).cpu().numpy()
     ref = np.asarray(ref).reshape(got.shape[0], got.shape[1], -1)[..., :3]
     return float(np.abs(got.astype(np.int16) - ref.astype(np.int16)).mean()) <= tolerance
 
