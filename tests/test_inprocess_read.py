@@ -193,3 +193,39 @@ def test_reads_waiting_on_storage_are_noted(tmp_path, cohort, monkeypatch):
     again = p.run_extraction(st, tiling_id=tid, precision="fp32", dtype="float16",
                              options=p.ExtractOptions(batch_size=8), **ENC)
     assert sorted(again.ok) == ["S01", "S02"] and again.extra["read_note"] is None
+
+
+def test_prefetched_keeps_order_raises_the_threads_error_and_closes_its_source():
+    """Items in order, read ahead by at most `depth`; an error in the thread is raised to the consumer after the
+    items before it; close() mid-way stops the thread and closes the generator (its `with` blocks run)."""
+    from hefeat.extract.reading import Prefetched
+
+    made, closed = [], threading.Event()
+
+    def gen(n, fail_at=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise ValueError(f"tile {i} unreadable")
+                made.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    assert list(Prefetched(gen(7))) == list(range(7)) and closed.is_set()
+    made.clear()
+    closed.clear()
+    it = Prefetched(gen(5, fail_at=3))
+    got = [next(it), next(it), next(it)]
+    with pytest.raises(ValueError, match="tile 3 unreadable"):
+        next(it)
+    assert got == [0, 1, 2] and closed.is_set()
+    with pytest.raises(StopIteration):
+        next(it)
+    made.clear()
+    closed.clear()
+    it = Prefetched(gen(1000), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert closed.is_set() and not it._thread.is_alive()
+    assert len(made) <= 1 + 2 + 1  # the one consumed, `depth` queued, one being put when stopped: no read-through

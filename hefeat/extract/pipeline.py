@@ -62,6 +62,7 @@ from hefeat.extract.precision import OTHERS_BUSY, cpu_sample, others_share
 from hefeat.extract.reading import (
     ClaimingBatches,
     InProcessTiles,
+    Prefetched,
     TileDataset,
     segments,
     storage_note,
@@ -299,10 +300,13 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     t_loop, cpu_loop, machine_loop = time.perf_counter(), _cpu_seconds(), cpu_sample()
     fork_gc.freeze()  # before the workers fork: their GC would copy the parent's heap (hefeat.fork_gc)
     in_process = None  # the InProcessTiles reader, where it is the one that runs (not the device decode)
+    it = None
     try:
         paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
         it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info)
-        if it is None:
+        if it is not None:
+            it = Prefetched(it)
+        else:
             it = iter(loader)
             info["decode"] = f"{info['decode']}; {reader}"
             in_process = loader if isinstance(loader, InProcessTiles) else None
@@ -339,6 +343,8 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
             pending = None
             timings["compute_s"] += time.perf_counter() - t
     finally:
+        if isinstance(it, Prefetched):
+            it.close()  # before the files are aborted below: the thread may be claiming the next slide
         bar.close()
         _stop(writer)
         timings["loop_s"] = time.perf_counter() - t_loop
@@ -376,7 +382,7 @@ def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: 
     """
     import torch
 
-    from hefeat.slides.jpeg_tiles import JpegTiles, check_device_decode, read_regions
+    from hefeat.slides.jpeg_tiles import JpegTiles, NotJpegTiled, check_device_decode, read_regions
     from hefeat.slides.reader import Slide
 
     if decode not in ("auto", "cpu", "device"):
@@ -384,41 +390,55 @@ def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: 
     if decode == "cpu" or (decode == "auto" and not device.startswith("cuda")):
         info["decode"] = "cpu (OpenSlide or the direct JPEG reader)"
         return None
-    try:
-        for path in paths:
+    for path in paths:
+        name = Path(path).name
+        try:
             with JpegTiles(path) as src:
-                if not check_device_decode(src, device):
-                    raise HefeatError(f"device decode of {Path(path).name} differs from tifffile's")
-    except HefeatError as e:
-        if decode == "device":
-            raise
-        info["decode"] = f"cpu ({e})"
-        return None
-    info["decode"] = f"device ({device}, torchvision decode_jpeg)"
+                same = check_device_decode(src, device)
+        except NotJpegTiled as e:
+            same, why = False, str(e)
+        except Exception as e:  # noqa: BLE001  (a slide that cannot be read: it fails alone when its tiles are read)
+            if decode == "device":
+                continue
+            same, why = False, f"{name} unreadable ({type(e).__name__}: {e})"
+        else:
+            why = f"device decode of {name} differs from tifffile's"
+        if not same:
+            if decode == "device":
+                raise HefeatError(why)
+            info["decode"] = f"cpu ({why})"
+            return None
+    info["decode"] = f"device ({device}, torchvision decode_jpeg; read and decoded by a thread ahead of the forward)"
 
     def batches():
-        """Full batches across slide boundaries, as the CPU path's sampler makes them (only the last is short)."""
-        chunks: list[tuple] = []  # (imgs, k, first tile) read so far for the next batch
+        """Full batches across slide boundaries, as the CPU path's sampler makes them (only the last is short).
+        A slide that cannot be opened or decoded contributes one white row carrying the error: it fails alone."""
+        chunks: list[tuple] = []  # (imgs, k, first tile, error) read so far for the next batch
         have = 0
         for j in source:
             jobs.append(j)
-            k = len(jobs) - 1
-            with Slide(j.path, mpp=j.mpp) as s, JpegTiles(j.path) as src:
-                lv_i = s.best_level(ds.mpp)
-                if lv_i >= len(src.levels):
-                    lv_i = len(src.levels) - 1
-                level = src.levels[lv_i]
-                down = s.dimensions[0] / level.width
-                n = max(1, int(round(s.level0_size(ds.size, ds.mpp) / down)))
-                a = 0
-                while a < len(j.coords):
-                    xy = j.coords[a:a + batch_size - have]
-                    regions = [(int(round(x / down)), int(round(y / down)), n) for x, y in xy]
-                    chunks.append((read_regions(src, level, regions, ds.size, device), k, a))
-                    have, a = have + len(xy), a + len(xy)
-                    if have == batch_size:
-                        yield _joined(chunks)
-                        chunks, have = [], 0
+            k, a = len(jobs) - 1, 0
+            try:
+                with Slide(j.path, mpp=j.mpp) as s, JpegTiles(j.path) as src:
+                    lv_i = min(s.best_level(ds.mpp), len(src.levels) - 1)
+                    level = src.levels[lv_i]
+                    down = s.dimensions[0] / level.width
+                    n = max(1, int(round(s.level0_size(ds.size, ds.mpp) / down)))
+                    while a < len(j.coords):
+                        xy = j.coords[a:a + batch_size - have]
+                        regions = [(int(round(x / down)), int(round(y / down)), n) for x, y in xy]
+                        chunks.append((read_regions(src, level, regions, ds.size, device), k, a, ""))
+                        have, a = have + len(xy), a + len(xy)
+                        if have == batch_size:
+                            yield _joined(chunks)
+                            chunks, have = [], 0
+            except Exception as e:  # noqa: BLE001  (the slide fails through the main loop, the others go on)
+                white = torch.full((1, ds.size, ds.size, 3), 255, dtype=torch.uint8, device=device)
+                chunks.append((white, k, min(a, max(len(j.coords) - 1, 0)), f"{type(e).__name__}: {e}"))
+                have += 1
+                if have == batch_size:
+                    yield _joined(chunks)
+                    chunks, have = [], 0
         if chunks:
             yield _joined(chunks)
 
@@ -426,7 +446,7 @@ def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: 
         imgs = chunks[0][0] if len(chunks) == 1 else torch.cat([c[0] for c in chunks])
         ks = torch.cat([torch.full((len(c[0]),), c[1]) for c in chunks])
         ts = torch.cat([torch.arange(c[2], c[2] + len(c[0])) for c in chunks])
-        return imgs, ks, ts, [""] * len(ks)
+        return imgs, ks, ts, [c[3] for c in chunks for _ in range(len(c[0]))]
 
     return batches()
 

@@ -191,3 +191,69 @@ def worker_init(_):
     import torch
 
     torch.set_num_threads(1)
+
+
+class Prefetched:
+    """Iterates `items` in a background thread up to `depth` items ahead, in order; re-raises its error here.
+
+    For device-decoded batches: the thread reads the next batch's JPEG bytes and queues its decode and cut
+    while this thread waits for the forward on the device (the wait releases the GIL), so the CPU side of the
+    decode overlaps the forward instead of adding to it. `close` stops the thread (and closes `items`).
+    """
+
+    _END = object()
+
+    def __init__(self, items, depth: int = 2):
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="hefeat-prefetch")
+        self._thread.start()
+
+    def _run(self, items) -> None:
+        try:
+            for x in items:
+                if not self._put((x, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
+            self._put((None, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator stopped early leaves its `with` blocks (open slides) now, in its own thread
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetched:
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        x, err = self._q.get()
+        if err is not None:
+            self._done = True
+            self.close()
+            raise err
+        if x is self._END:
+            self._done = True
+            raise StopIteration
+        return x
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (it finishes the item it is on)."""
+        self._stop.set()
+        self._thread.join()
