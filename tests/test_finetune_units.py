@@ -266,3 +266,17 @@ def test_a_task_is_one_registration(tmp_path):
     finally:
         tasks._TASKS.pop("toy", None)
         unregister("finetune-toy")
+
+
+def test_training_calibration_times_the_jobs_micro_batch_on_a_gpu():
+    """On a GPU the 2-16 sampled tiles are repeated to the job's micro-batch (a small step is launch-bound and
+    cannot tell the precisions apart); on a CPU the sample is timed as it is."""
+    import torch
+
+    from hefeat.extract.precision import _batch
+    from hefeat.finetune.job import calibration_batches
+
+    assert calibration_batches("cuda:1", 64) == (64,) and calibration_batches("cuda", 8) == (8,)
+    assert calibration_batches("cpu", 64) == (None,)
+    x = torch.arange(5.0)[:, None]
+    assert _batch(x, 64).shape == (64, 1) and torch.equal(_batch(x, 64)[5:10], x)
