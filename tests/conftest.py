@@ -138,6 +138,19 @@ def cohort40(tmp_path_factory) -> Path:
     return out
 
 
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU runs bf16 (oneDNN bf16 kernels: AVX-512 BF16/AMX or emulated on AVX-512); an AVX2-only CPU
+    does not, and hefeat refuses an explicit bf16 request there (it would run ~20x slower than fp32)."""
+    from hefeat.extract.precision import device_capabilities
+
+    return device_capabilities("cpu")["bf16"] != "no"
+
+
+def fast_precision() -> str:
+    """The precision test stores extract at: bf16 where the CPU runs it (faster there), else fp32."""
+    return "bf16" if cpu_runs_bf16() else "fp32"
+
+
 @pytest.fixture(scope="session")
 def learned_base(tmp_path_factory, cohort40):
     """(store, extraction_id, spot_extraction_id, truth path) over cohort40, features from a truncated ResNet-18.
@@ -147,7 +160,7 @@ def learned_base(tmp_path_factory, cohort40):
     from hefeat.extract.pipeline import run_extraction
 
     st, tid, stid = build_store(tmp_path_factory.mktemp("store40"), cohort40)
-    enc = dict(encoder="resnet18", layer="layer3", weights="none", precision="bf16")
+    enc = dict(encoder="resnet18", layer="layer3", weights="none", precision=fast_precision())
     eid = run_extraction(st, tiling_id=tid, **enc).extra["extraction_id"]
     seid = run_extraction(st, tiling_id=stid, **enc).extra["extraction_id"]
     return st, eid, seid, cohort40 / "truth.json"

@@ -26,9 +26,12 @@ SCRIPT = textwrap.dedent("""
 
     WITNESS = Teardown()
     sys.stdout.write("BEFORE\t")
-    if sys.argv[1] == "thread":  # a non-daemon thread whose work the process must wait for
-        done = threading.Event()
-        threading.Thread(target=lambda: (done.wait(0.5), sys.stderr.write("THREAD DONE\\n"))).start()
+    if sys.argv[1] == "thread":  # a non-daemon thread whose work the process must wait for: it is still waiting
+        # when the command ends, however long that takes, and is released by the interpreter's shutdown itself
+        # (threading's own pre-join hook), so only an exit that waits for threads lets it write
+        release = threading.Event()
+        threading._register_atexit(release.set)
+        threading.Thread(target=lambda: (release.wait(), sys.stderr.write("THREAD DONE\\n"))).start()
     sys.argv = ["hefeat", *sys.argv[2:]]
     from hefeat.cli import main
     main(prog_name="hefeat")

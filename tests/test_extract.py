@@ -111,8 +111,16 @@ def test_rerun_does_nothing_and_precision_changes_id(extracted):
     st, tid, s = extracted
     again = run_extraction(st, tiling_id=tid, precision="fp32", dtype="float32", **ENC)
     assert again.ok == [] and len(again.done) == 8 and again.extra["extraction_id"] == s.extra["extraction_id"]
+    from conftest import cpu_runs_bf16
+
+    from hefeat.extract.plan import plan_extraction
+
+    ids = {p: plan_extraction(st, tiling_id=tid, precision=p, dtype="float32", **ENC).extraction_id for p in ("fp32", "fp16")}
+    assert ids["fp32"] == s.extra["extraction_id"] != ids["fp16"]  # fp16 only planned: it runs slowly on CPUs
+    if not cpu_runs_bf16():
+        pytest.skip("this CPU cannot run bf16 (no oneDNN bf16): the bf16 extraction below needs it")
     other = run_extraction(st, tiling_id=tid, precision="bf16", slides=["S01"], **ENC)
-    assert other.extra["extraction_id"] != s.extra["extraction_id"]
+    assert other.extra["extraction_id"] not in (s.extra["extraction_id"], ids["fp16"])
     bf = read_features(st.features_path(other.extra["extraction_id"], "S01"))
     fp = read_features(st.features_path(s.extra["extraction_id"], "S01"))
     assert np.corrcoef(bf.ravel(), fp.ravel())[0, 1] > 0.99
@@ -223,6 +231,45 @@ def test_corrupt_slide_among_good_ones(tmp_path, cohort):
     assert row.state == "failed" and row.reason
     with pytest.raises(HefeatError, match="S02"):
         run_extraction(st, precision="fp32", options=ExtractOptions(fail_fast=True), **ENC)
+
+
+def test_device_decode_fails_a_slide_with_an_undecodable_tile_alone(tmp_path, cohort, monkeypatch):
+    """decode='device' (here on the CPU), faults injected: S03's second batch of regions does not decode, so S03
+    fails alone with the decoder's reason and the other slides are extracted; the pre-flight check cannot decode
+    S02's first JPEG tile (background), which leaves S02 to be extracted: its tissue decodes. (On CUDA the
+    pre-flight check raised imagecodecs' error and stopped the whole run; a bad tile stopped it too.)"""
+    import hefeat.slides.jpeg_tiles as J
+
+    st, tid = _store(tmp_path, cohort, n=3)
+    real_read, real_check, calls = J.read_regions, J.check_device_decode, []
+
+    def read(src, *a, **k):
+        calls.append(src.path)
+        if src.path.endswith("S03.tiff") and calls.count(src.path) == 2:
+            raise RuntimeError("Error while decoding JPEG images: injected")
+        return real_read(src, *a, **k)
+
+    def check(src, device):
+        if src.path.endswith("S02.tiff"):
+            raise ValueError("JPEG datastream contains no image")
+        return real_check(src, device)
+
+    monkeypatch.setattr(J, "read_regions", read)
+    monkeypatch.setattr(J, "check_device_decode", check)
+    s = run_extraction(st, precision="fp32", options=ExtractOptions(batch_size=8, decode="device", workers=0), **ENC)
+    assert s.extra["decode"].startswith("device")
+    assert calls.count(str(st.slides().set_index("slide_id").loc["S03", "path"])) == 2
+    assert list(s.failed) == ["S03"] and sorted(s.ok) == ["S01", "S02"]
+    reason = st.sql("SELECT reason FROM status WHERE stage = 'extraction' AND slide_id = 'S03'")["reason"].iloc[0]
+    assert "RuntimeError: Error while decoding JPEG images: injected" in reason
+    eid = s.extra["extraction_id"]
+    assert read_features(st.features_path(eid, "S02")).shape[0] == len(st.tiles(tid, "S02"))
+    assert not st.features_path(eid, "S03").exists()
+    from hefeat.extract.pipeline import device_decoded_batches
+
+    info = {}  # under auto, a slide the check cannot decode sends the run to the CPU decode
+    assert device_decoded_batches([], iter(()), [str(st.slides()["path"].iloc[1])], None, 8, "cuda", "auto", info) is None
+    assert info["decode"].startswith("cpu (S02.tiff unreadable (ValueError: JPEG datastream contains no image")
 
 
 def test_bad_requests_write_nothing(tmp_path, cohort):
