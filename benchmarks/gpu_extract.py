@@ -51,12 +51,11 @@ def _cohort(d: Path, tiles: int, seed: int):
     return st, tid
 
 
-def _bare(encoder: str, layer: str | None, imgs, *, device: str, precision: str, channels_last: bool, batch: int,
-          seconds: float) -> float:
-    """Tiles/s of the encoder alone on uint8 NHWC tiles already on the device (transform included)."""
+def _encoder(encoder: str, layer: str | None, device: str, channels_last: bool = False):
+    """(encoder, device transform) for the seeded random-weight network on `device`, in the given memory format."""
     import torch
 
-    from hefeat.extract.compute import DeviceTransform, embed_batch
+    from hefeat.extract.compute import DeviceTransform
     from hefeat.extract.encoders import create_encoder
 
     enc = create_encoder(encoder, weights="none", layer=layer)
@@ -64,6 +63,17 @@ def _bare(encoder: str, layer: str | None, imgs, *, device: str, precision: str,
     enc.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tf = DeviceTransform(enc.config, device)
     tf.channels_last = channels_last
+    return enc, tf
+
+
+def _bare(encoder: str, layer: str | None, imgs, *, device: str, precision: str, channels_last: bool, batch: int,
+          seconds: float) -> float:
+    """Tiles/s of the encoder alone on uint8 NHWC tiles already on the device (transform included)."""
+    import torch
+
+    from hefeat.extract.compute import embed_batch
+
+    enc, tf = _encoder(encoder, layer, device, channels_last)
     x = torch.from_numpy(imgs).to(device)
     reps = -(-batch // len(x))
     x = torch.cat([x] * reps)[:batch]
@@ -85,8 +95,7 @@ def _reference_error(st, eid: str, tid: str, encoder: str, layer: str | None, de
     """||stored - fp32 reference|| / ||reference|| over the first `n` tiles of the first slide."""
     import torch
 
-    from hefeat.extract.compute import DeviceTransform, embed_batch
-    from hefeat.extract.encoders import create_encoder
+    from hefeat.extract.compute import embed_batch
     from hefeat.slides.reader import Slide
     from hefeat.store.features import read_features
 
@@ -94,11 +103,10 @@ def _reference_error(st, eid: str, tid: str, encoder: str, layer: str | None, de
     tiles = st.tiles(tid, sid).head(n)
     with Slide(st.slides().set_index("slide_id").loc[sid, "path"]) as sl:
         imgs = np.stack([sl.read(x, y, 224, 0.5) for x, y in tiles[["x", "y"]].to_numpy()])
-    enc = create_encoder(encoder, weights="none", layer=layer)
-    enc.to(device)
+    enc, tf = _encoder(encoder, layer, device)
     with torch.no_grad():
-        ref = embed_batch(enc, DeviceTransform(enc.config, device), torch.from_numpy(imgs).to(device),
-                          device=device, precision="fp32").float().cpu().numpy()
+        ref = embed_batch(enc, tf, torch.from_numpy(imgs).to(device), device=device,
+                          precision="fp32").float().cpu().numpy()
     got = read_features(st.features_path(eid, sid), tiles["tile_id"].to_numpy())
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 

@@ -229,3 +229,5 @@ def test_prefetched_keeps_order_raises_the_threads_error_and_closes_its_source()
     it.close()
     assert closed.is_set() and not it._thread.is_alive()
     assert len(made) <= 1 + 2 + 1  # the one consumed, `depth` queued, one being put when stopped: no read-through
+    rest = list(it)  # what was queued before close, then the end: a closed reader does not hang its consumer
+    assert rest == list(range(1, 1 + len(rest))) and len(rest) <= 2

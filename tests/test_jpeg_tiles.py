@@ -58,6 +58,16 @@ def test_regions_cut_by_block_gather_equal_the_tiles_pasted_one_by_one(cmu_svs, 
     assert (pasted[4, :60] != 255).any()  # and inside it, tissue
 
 
+def test_a_tile_decoded_at_another_size_is_refused_not_pasted(cmu_svs, monkeypatch):
+    """TIFF tiles are stored full-size; one that decodes smaller is damage, refused by the block cut with its size."""
+    real = J.decode
+    monkeypatch.setattr(J, "decode", lambda s, d, rgb=False: [t[:, :200, :] if k == 1 else t
+                                                              for k, t in enumerate(real(s, d, rgb))])
+    monkeypatch.setattr(J, "_cut_paste", J._cut_blocks)
+    with J.JpegTiles(cmu_svs) as src, pytest.raises(ValueError, match=r"decoded to 200 x 240 px .* 240 x 240"):
+        J.read_regions(src, src.levels[0], REGIONS[:1], 224, "cpu")
+
+
 def test_rgb_jpeg_tiles_are_decoded_without_colour_conversion(cmu_svs, cohort, monkeypatch):
     """Aperio's RGB JPEG tiles are asked for as stored (UNCHANGED: nvJPEG's hardware decoder ignored the Adobe
     marker and converted them as YCbCr on an H200); YCbCr tiles (the synthetic slides) are asked for as RGB."""

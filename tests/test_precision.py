@@ -293,3 +293,24 @@ def test_a_timed_round_repeats_its_pass_until_it_lasts_min_round_s(monkeypatch):
     # the fp32 reference and the warm-up on 4 rows, the untimed first pass of 8, then 2 rounds of 3 passes (0.1875 s)
     assert P.MIN_ROUND_S == 0.15 and calls == [4, 4, 8] + [8] * 6
     assert trials[0].rounds == 2 and trials[0].tiles_per_s == pytest.approx(128.0)
+
+
+def test_fp32_on_cuda_is_ieee_fp32_not_tf32():
+    """PyTorch's default runs CUDA convolutions in TF32; a run (and the calibration's reference) called fp32 turns
+    it off for the block and restores the caller's flags after; the CPU's fp32 and the GPU's fp16 touch nothing."""
+    import torch
+
+    from hefeat.extract.precision import autocast
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        with autocast("cuda:0", "fp32"):
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+        for device, precision in (("cpu", "fp32"), ("cuda", "fp16")):
+            with autocast(device, precision):
+                assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from hefeat.cpus import available_cores
 from hefeat.errors import HefeatError
+from hefeat.extract.numerics import PRECISIONS, apply_memory_format, autocast, ieee_fp32  # noqa: F401  (re-exported)
 from hefeat.heap import reuse_freed_memory
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 CHOICES = ("auto", *PRECISIONS)
 # Largest relative L2 error of an output row vs fp32 that still counts as numerically sound.
 TOLERANCE = {"fp32": 1e-3, "bf16": 0.05, "fp16": 0.02}  # fp32: other kernels (NHWC) reorder sums
@@ -43,8 +43,9 @@ MARGIN = 0.03
 # A candidate whose first (warm-up) pass is this many times slower than the best is not timed further.
 PROBE_DROP = 4.0
 # 2: drops choices cached from a single timed round on a busy machine (decisive_lead); 3: drops choices measured
-# while every batch page-faulted its activations afresh (before hefeat.heap): fp32 and bf16 paid it unequally
-CACHE_VERSION = 3
+# while every batch page-faulted its activations afresh (before hefeat.heap): fp32 and bf16 paid it unequally;
+# 4: fp32 on CUDA is IEEE fp32 (was TF32 convolutions): its cached speeds and errors measured something else
+CACHE_VERSION = 4
 # Rounds differing by more than this (slowest / fastest), or other processes using more than OTHERS_BUSY
 # of the CPUs (where /proc is absent: a load average above the core count),
 # mean the machine was busy while measuring: the choice is used but not cached (re-measured next run),
@@ -182,27 +183,6 @@ def candidates(caps: dict, *, batch_sizes: Sequence[int | None] = (None,)) -> tu
 # ----------------------------------------------------------------------------------------------
 # Running one candidate
 # ----------------------------------------------------------------------------------------------
-def autocast(device: str, precision: str):
-    """torch.autocast for bf16/fp16 on the device's type; a null context for fp32."""
-    import torch
-
-    if precision not in PRECISIONS:
-        raise HefeatError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
-def apply_memory_format(model, x, channels_last: bool):
-    """Model and 4-D input in channels-last (NHWC) or contiguous (NCHW) memory format."""
-    import torch
-
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
-    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
-
-
 def _sync(device: str) -> None:
     import torch
 

@@ -204,11 +204,13 @@ class Prefetched:
     _END = object()
 
     def __init__(self, items, depth: int = 2):
-        import queue
+        import collections
         import threading
 
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._items: collections.deque = collections.deque()
+        self._depth = depth
+        self._cv = threading.Condition()
+        self._stop = False
         self._done = False
         self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="hefeat-prefetch")
         self._thread.start()
@@ -227,15 +229,14 @@ class Prefetched:
                 close()  # a generator stopped early leaves its `with` blocks (open slides) now, in its own thread
 
     def _put(self, item) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+        """Queue `item` once there is room; False if `close` came first."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._stop or len(self._items) < self._depth)
+            if self._stop:
+                return False
+            self._items.append(item)
+            self._cv.notify_all()
+            return True
 
     def __iter__(self) -> Prefetched:
         return self
@@ -243,7 +244,13 @@ class Prefetched:
     def __next__(self):
         if self._done:
             raise StopIteration
-        x, err = self._q.get()
+        with self._cv:
+            self._cv.wait_for(lambda: self._items or self._stop)
+            if not self._items:  # closed: nothing more will come
+                self._done = True
+                raise StopIteration
+            x, err = self._items.popleft()
+            self._cv.notify_all()
         if err is not None:
             self._done = True
             self.close()
@@ -255,5 +262,7 @@ class Prefetched:
 
     def close(self) -> None:
         """Stop the thread and wait for it (it finishes the item it is on)."""
-        self._stop.set()
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
         self._thread.join()

@@ -222,20 +222,22 @@ def _cut_blocks(src: JpegTiles, level: Level, decoded: dict, regions: list[tuple
 
 
 def _tile_stack(decoded, level: Level, device: str):
-    """(T + 1, tile_h, tile_w, 3) uint8: the decoded tiles (channels last) and a white tile at index T."""
+    """(T + 1, tile_h, tile_w, 3) uint8: the decoded tiles (channels last) and a white tile at index T.
+
+    TIFF stores every tile at the full tile size (edge tiles padded); a stream of another size is a damaged
+    slide, refused as OpenSlide refuses it, not cropped or padded into place.
+    """
     import torch
 
     th, tw = level.tile_h, level.tile_w
     white = torch.full((1, th, tw, 3), 255, dtype=torch.uint8, device=device)
     if not len(decoded):
         return white
-    if all(tuple(t.shape) == (3, th, tw) for t in decoded):  # TIFF stores every tile at the full tile size
-        return torch.cat([torch.stack(list(decoded)).permute(0, 2, 3, 1), white])
-    buf = torch.full((len(decoded) + 1, th, tw, 3), 255, dtype=torch.uint8, device=device)
-    for k, t in enumerate(decoded):  # a stream of another size: what overlaps the tile's place, white beyond
-        h, w = min(int(t.shape[1]), th), min(int(t.shape[2]), tw)
-        buf[k, :h, :w] = t[:3, :h, :w].permute(1, 2, 0)
-    return buf
+    wrong = [tuple(t.shape[1:]) for t in decoded if tuple(t.shape) != (3, th, tw)]
+    if wrong:
+        raise ValueError(f"a JPEG tile decoded to {wrong[0][0]} x {wrong[0][1]} px where the level's tiles are "
+                         f"{th} x {tw}: the slide's tile data is damaged")
+    return torch.cat([torch.stack(list(decoded)).permute(0, 2, 3, 1), white])
 
 
 def check_device_decode(src: JpegTiles, device: str, tolerance: float = 2.0) -> bool:
