@@ -6,7 +6,8 @@
 #   3. the test files that exercise CUDA (nvJPEG decode, precision choice, extraction and fine-tuning with the
 #      device left to `auto`, i.e. CUDA).
 # Results in $OUT (default ./device-out): smi.txt, dmon.txt (utilisation each second), gpu_extract.json,
-# finetune.json, pytest.txt, and the two benchmarks' stderr. Packages the machine lacks can travel as wheels in
+# finetune.json, pytest.txt, profile.txt (torch.profiler's op tables of one more extraction: where the loop's
+# time goes), and the two benchmarks' stderr. Packages the machine lacks can travel as wheels in
 # .whl/ (installed into /tmp/site first).
 set -u
 OUT=${OUT:-$PWD/device-out}
@@ -26,7 +27,7 @@ python3 -c "import torch, timm, torchvision, os; print('torch', torch.__version_
 nvidia-smi dmon -s u -d 1 > "$OUT/dmon.txt" 2>&1 &
 dmon=$!
 t0=$SECONDS
-timeout "${GPU_EXTRACT_S:-200}" python3 benchmarks/gpu_extract.py --cpu-decode "$@" \
+timeout "${GPU_EXTRACT_S:-240}" python3 benchmarks/gpu_extract.py --cpu-decode --profile "$OUT/profile.txt" "$@" \
   > "$OUT/gpu_extract.json" 2> "$OUT/gpu_extract.err"
 echo "gpu_extract rc $? in $((SECONDS - t0)) s"
 grep -v "Warning\|return _create" "$OUT/gpu_extract.err" | tail -n 15

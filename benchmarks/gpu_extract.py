@@ -145,6 +145,32 @@ def _decode_breakdown(path: str, device: str, batch: int, stride: int = 112) -> 
     return out
 
 
+def _profiled(st, tiling_id: str, encoder: str, layer: str | None, opt, out: Path) -> dict:
+    """One more extraction (cached calibration) under torch.profiler: where the loop's time goes, per op and per
+    thread, on the device and on the host; the op tables go to `out` (the profiler slows the run: shares only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hefeat.extract.pipeline import run_extraction
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if opt.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        s = run_extraction(st, tiling_id=tiling_id, encoder=encoder, weights="none", layer=layer, precision="auto",
+                           options=opt)
+    ka = prof.key_averages()
+    tables = []
+    for key in ("self_device_time_total", "self_cuda_time_total"):  # torch versions name the device column apart
+        try:
+            tables.append(f"== by {key}\n" + ka.table(sort_by=key, row_limit=40))
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    tables.append("== by self_cpu_time_total\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40))
+    out.write_text("\n\n".join(tables))
+    tm = s.extra["timings"]
+    return {"tiles": s.tiles, "loop_tiles_per_s": round(s.tiles / tm["loop_s"], 1), "timings": tm,
+            "tables": str(out)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", default="resnet50", help="name[:layer] (timm), random weights")
@@ -154,6 +180,8 @@ def main() -> None:
     ap.add_argument("--decode", default="auto", choices=("auto", "device", "cpu"))
     ap.add_argument("--bare-seconds", type=float, default=10.0)
     ap.add_argument("--cpu-decode", action="store_true", help="also a run decoding on the CPU (DataLoader workers)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also a run under torch.profiler (CPU + CUDA), its op tables written to this file")
     a = ap.parse_args()
     import torch
 
@@ -210,6 +238,10 @@ def main() -> None:
             res["hefeat_cpu_decode"] = {"tiles": s3.tiles, "decode": s3.extra.get("decode"),
                                         "loop_tiles_per_s": round(s3.tiles / s3.extra["timings"]["loop_s"], 1),
                                         "timings": s3.extra["timings"]}
+        if a.profile:
+            tid4 = run_tiling(st, TilingParams(stride=115, max_tiles=s.tiles // max(1, len(st.slides())),
+                                               tissue_threshold=0.25)).extra["tiling_id"]
+            res["hefeat_profiled"] = _profiled(st, tid4, name, layer, opt, a.profile)
         tiles = st.tiles(tid, st.slides()["slide_id"].iloc[0]).head(64)
         with Slide(st.slides()["path"].iloc[0]) as sl:
             imgs = np.stack([sl.read(x, y, 224, 0.5) for x, y in tiles[["x", "y"]].to_numpy()])
