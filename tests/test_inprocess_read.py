@@ -229,5 +229,9 @@ def test_prefetched_keeps_order_raises_the_threads_error_and_closes_its_source()
     it.close()
     assert closed.is_set() and not it._thread.is_alive()
     assert len(made) <= 1 + 2 + 1  # the one consumed, `depth` queued, one being put when stopped: no read-through
-    rest = list(it)  # what was queued before close, then the end: a closed reader does not hang its consumer
+    rest: list = []  # what was queued before close, then the end: a closed reader does not hang its consumer
+    drain = threading.Thread(target=lambda: rest.extend(it), daemon=True)
+    drain.start()
+    drain.join(5)
+    assert not drain.is_alive(), "next() on a closed Prefetched blocked"
     assert rest == list(range(1, 1 + len(rest))) and len(rest) <= 2
