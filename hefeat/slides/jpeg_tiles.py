@@ -52,6 +52,11 @@ class Level:
         """Tiles per row."""
         return math.ceil(self.width / self.tile_w)
 
+    @property
+    def rows(self) -> int:
+        """Tile rows."""
+        return math.ceil(self.height / self.tile_h)
+
 
 class JpegTiles:
     """The JPEG-compressed tile levels of a tiled TIFF/SVS, as raw bytes (no decode on the CPU)."""
@@ -196,14 +201,14 @@ def _cut_blocks(src: JpegTiles, level: Level, decoded: dict, regions: list[tuple
 
     need = list(decoded)
     tiles = _tile_stack([decoded[i] for i in need], level, device)  # (T + 1, th, tw, 3); T is white
-    th, tw, rows = level.tile_h, level.tile_w, math.ceil(level.height / level.tile_h)
+    th, tw = level.tile_h, level.tile_w
     slot = {t: k for k, t in enumerate(need)}
     white = len(need)
     kr, kc = -(-n // th) + 1, -(-n // tw) + 1  # tile rows/cols a region of n px can touch
     blocks, offsets = [], []
     for x, y, _ in regions:
         r0, c0 = y // th, x // tw
-        blocks.append([slot.get(r * level.cols + c, white) if 0 <= r < rows and 0 <= c < level.cols else white
+        blocks.append([slot.get(r * level.cols + c, white) if 0 <= r < level.rows and 0 <= c < level.cols else white
                        for r in range(r0, r0 + kr) for c in range(c0, c0 + kc)])
         offsets.append((y - r0 * th, x - c0 * tw))
     # whole tiles by index_select (rows of th * tw * 3 bytes): ~7x faster on a CPU than tiles[index]
