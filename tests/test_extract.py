@@ -235,9 +235,10 @@ def test_corrupt_slide_among_good_ones(tmp_path, cohort):
 
 def test_device_decode_fails_a_slide_with_an_undecodable_tile_alone(tmp_path, cohort, monkeypatch):
     """decode='device' (here on the CPU), faults injected: S03's second batch of regions does not decode, so S03
-    fails alone with the decoder's reason and the other slides are extracted; the pre-flight check cannot decode
-    S02's first JPEG tile (background), which leaves S02 to be extracted: its tissue decodes. (On CUDA the
-    pre-flight check raised imagecodecs' error and stopped the whole run; a bad tile stopped it too.)"""
+    fails alone with the decoder's reason and the other slides are extracted; the decode check cannot decode
+    S02's first JPEG tile (background), which leaves S02 to be extracted: its tissue decodes, and its encoding (the
+    cohort's) was checked on S01 anyway. (On CUDA the pre-flight check raised imagecodecs' error and stopped the
+    whole run; a bad tile stopped it too.)"""
     import hefeat.slides.jpeg_tiles as J
 
     st, tid = _store(tmp_path, cohort, n=3)
@@ -249,10 +250,10 @@ def test_device_decode_fails_a_slide_with_an_undecodable_tile_alone(tmp_path, co
             raise RuntimeError("Error while decoding JPEG images: injected")
         return real_read(src, *a, **k)
 
-    def check(src, device):
+    def check(src, device, level=None):
         if src.path.endswith("S02.tiff"):
             raise ValueError("JPEG datastream contains no image")
-        return real_check(src, device)
+        return real_check(src, device, level)
 
     monkeypatch.setattr(J, "read_regions", read)
     monkeypatch.setattr(J, "check_device_decode", check)
@@ -265,11 +266,12 @@ def test_device_decode_fails_a_slide_with_an_undecodable_tile_alone(tmp_path, co
     eid = s.extra["extraction_id"]
     assert read_features(st.features_path(eid, "S02")).shape[0] == len(st.tiles(tid, "S02"))
     assert not st.features_path(eid, "S03").exists()
-    from hefeat.extract.pipeline import device_decoded_batches
+    from hefeat.extract.device_decode import device_decoded_batches
 
-    info = {}  # under auto, a slide the check cannot decode sends the run to the CPU decode
+    info = {}  # under auto, a first slide the check cannot decode leaves the decision to the next one
     assert device_decoded_batches([], iter(()), [str(st.slides()["path"].iloc[1])], None, 8, "cuda", "auto", info) is None
-    assert info["decode"].startswith("cpu (S02.tiff unreadable (ValueError: JPEG datastream contains no image")
+    assert info["decode"].startswith("cpu (none of the first 1 slides could be checked: S02.tiff (ValueError: JPEG "
+                                     "datastream contains no image")
 
 
 def test_bad_requests_write_nothing(tmp_path, cohort):

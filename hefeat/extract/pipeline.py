@@ -19,7 +19,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,6 +38,7 @@ from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute si
     feature_attrs,
     plan_input,
 )
+from hefeat.extract.device_decode import PROBE_SLIDES, device_decoded_batches
 from hefeat.extract.encoders import Encoder
 from hefeat.extract.plan import (  # noqa: F401  (re-exported: the plan side lives in plan.py)
     CALIBRATION_SEED,
@@ -302,7 +302,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     in_process = None  # the InProcessTiles reader, where it is the one that runs (not the device decode)
     it = None
     try:
-        paths = [str(slide_rows.loc[sid, "path"]) for sid in todo]
+        paths = [str(slide_rows.loc[sid, "path"]) for sid in todo[:PROBE_SLIDES]]  # the first ones decide the decode
         it = device_decoded_batches(jobs, sampler.source, paths, ds, opt.batch_size, device, opt.decode, info)
         if it is not None:
             it = Prefetched(it)
@@ -356,6 +356,10 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             FeatureSink.abort(j)
         fork_gc.unfreeze()
+        on_cpu = [j for j in jobs if j.decode]  # slides the device-decode run read on the CPU (their rows say why)
+        if on_cpu:
+            info["decode"] = (f"{info['decode']}; {len(on_cpu)} slide{'s' if len(on_cpu) > 1 else ''} read on the CPU "
+                              f"instead (first: {on_cpu[0].slide_id}, {on_cpu[0].decode})")
     if writer.error:
         raise _writer_error(writer.error)
     timings["write_s"] = writer.seconds
@@ -370,85 +374,6 @@ def _cpu_seconds() -> float:
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def device_decoded_batches(jobs: list[_SlideJob], source, paths: list[str], ds: TileDataset, batch_size: int,
-                           device: str, decode: str, info: dict):
-    """Batches (imgs on `device`, slide ks, tile ts, errors) decoded by hefeat.slides.jpeg_tiles, or None.
-
-    Used when `decode` is 'device', or 'auto' on CUDA, and every slide (`paths`) is a JPEG-tiled TIFF/SVS
-    whose device decode matches tifffile's; the reason for using or not using it goes into `info["decode"]`.
-    Slides come from `source` (claimed one at a time by the runner) and are appended to `jobs`.
-    """
-    import torch
-
-    from hefeat.slides.jpeg_tiles import JpegTiles, NotJpegTiled, check_device_decode, read_regions
-    from hefeat.slides.reader import Slide
-
-    if decode not in ("auto", "cpu", "device"):
-        raise HefeatError(f"decode must be auto, cpu or device, got {decode!r}")
-    if decode == "cpu" or (decode == "auto" and not device.startswith("cuda")):
-        info["decode"] = "cpu (OpenSlide or the direct JPEG reader)"
-        return None
-    for path in paths:
-        name = Path(path).name
-        try:
-            with JpegTiles(path) as src:
-                same = check_device_decode(src, device)
-        except NotJpegTiled as e:
-            same, why = False, str(e)
-        except Exception as e:  # noqa: BLE001  (a slide that cannot be read: it fails alone when its tiles are read)
-            if decode == "device":
-                continue
-            same, why = False, f"{name} unreadable ({type(e).__name__}: {e})"
-        else:
-            why = f"device decode of {name} differs from tifffile's"
-        if not same:
-            if decode == "device":
-                raise HefeatError(why)
-            info["decode"] = f"cpu ({why})"
-            return None
-    info["decode"] = f"device ({device}, torchvision decode_jpeg; read and decoded by a thread ahead of the forward)"
-
-    def batches():
-        """Full batches across slide boundaries, as the CPU path's sampler makes them (only the last is short).
-        A slide that cannot be opened or decoded contributes one white row carrying the error: it fails alone."""
-        chunks: list[tuple] = []  # (imgs, k, first tile, error) read so far for the next batch
-        have = 0
-        for j in source:
-            jobs.append(j)
-            k, a = len(jobs) - 1, 0
-            try:
-                with Slide(j.path, mpp=j.mpp) as s, JpegTiles(j.path) as src:
-                    lv_i = min(s.best_level(ds.mpp), len(src.levels) - 1)
-                    level = src.levels[lv_i]
-                    down = s.dimensions[0] / level.width
-                    n = max(1, int(round(s.level0_size(ds.size, ds.mpp) / down)))
-                    while a < len(j.coords):
-                        xy = j.coords[a:a + batch_size - have]
-                        regions = [(int(round(x / down)), int(round(y / down)), n) for x, y in xy]
-                        chunks.append((read_regions(src, level, regions, ds.size, device), k, a, ""))
-                        have, a = have + len(xy), a + len(xy)
-                        if have == batch_size:
-                            yield _joined(chunks)
-                            chunks, have = [], 0
-            except Exception as e:  # noqa: BLE001  (the slide fails through the main loop, the others go on)
-                white = torch.full((1, ds.size, ds.size, 3), 255, dtype=torch.uint8, device=device)
-                chunks.append((white, k, min(a, max(len(j.coords) - 1, 0)), f"{type(e).__name__}: {e}"))
-                have += 1
-                if have == batch_size:
-                    yield _joined(chunks)
-                    chunks, have = [], 0
-        if chunks:
-            yield _joined(chunks)
-
-    def _joined(chunks):
-        imgs = chunks[0][0] if len(chunks) == 1 else torch.cat([c[0] for c in chunks])
-        ks = torch.cat([torch.full((len(c[0]),), c[1]) for c in chunks])
-        ts = torch.cat([torch.arange(c[2], c[2] + len(c[0])) for c in chunks])
-        return imgs, ks, ts, [c[3] for c in chunks for _ in range(len(c[0]))]
-
-    return batches()
 
 
 class _HostCopies:

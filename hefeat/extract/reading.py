@@ -30,7 +30,7 @@ def storage_note(read_s: float, read_cpu_s: float, loop_s: float, *, busy: bool 
             f"--workers N reads ahead while the forward runs.")
 
 
-def _read_tile(slide, x: float, y: float, size: int, mpp: float) -> tuple[np.ndarray, str]:
+def read_tile(slide, x: float, y: float, size: int, mpp: float) -> tuple[np.ndarray, str]:
     """One tile's pixels and "", or (where the slide did not open: `slide` is that exception; or the region did not
     read) a black tile and the error: a broken region fails its slide, not the batch."""
     if isinstance(slide, BaseException):
@@ -64,7 +64,7 @@ class TileDataset:
         import torch
 
         k, t, path, mpp, x, y = ref
-        img, err = _read_tile(self._slide(k, path, mpp), x, y, self.size, self.mpp)
+        img, err = read_tile(self._slide(k, path, mpp), x, y, self.size, self.mpp)
         return torch.from_numpy(img), k, t, err
 
 
@@ -121,7 +121,7 @@ class InProcessTiles:
                     c = time.thread_time()
                     for i in range(a, b):
                         k, _t, _p, _m, x, y = batch[i]
-                        out[i], errs[i] = _read_tile(opened[k], x, y, self.size, self.mpp)
+                        out[i], errs[i] = read_tile(opened[k], x, y, self.size, self.mpp)
                     return time.thread_time() - c
 
                 # contiguous runs of the scan order, so neighbouring tiles (which share JPEG tiles) stay on one thread

@@ -34,6 +34,7 @@ class SlideFeatures:
     coords: np.ndarray  # (n, 2) level-0 x, y
     size0: float
     failed: str | None = None
+    decode: str | None = None  # how its tiles were decoded where that differs from the run's (its status row)
     writer: FeatureFileWriter | None = None
     digest: object = field(default_factory=ids.new_hasher)
 
@@ -72,7 +73,8 @@ class FeatureSink:
         except (OSError, NonFiniteError) as e:  # a full disk (or a failing one), or values the stored dtype
             self.fail(job, e)                    # cannot hold, fail the slide; the runner decides whether to stop
             return
-        self.runner.ok(job.task, n_tiles=len(job.coords), digest=job.digest.hexdigest(), **self.info)
+        info = self.info if job.decode is None else {**self.info, "decode": job.decode}
+        self.runner.ok(job.task, n_tiles=len(job.coords), digest=job.digest.hexdigest(), **info)
 
     def fail(self, job: SlideFeatures, err: str | BaseException) -> None:
         """Drop the slide's temporary file and record it failed (a string: a tile that could not be read)."""

@@ -245,15 +245,41 @@ def _tile_stack(decoded, level: Level, device: str):
     return torch.cat([torch.stack(list(decoded)).permute(0, 2, 3, 1), white])
 
 
-def check_device_decode(src: JpegTiles, device: str, tolerance: float = 2.0) -> bool:
-    """True if the device decodes the first tile like tifffile/imagecodecs does (mean abs difference)."""
+def check_device_decode(src: JpegTiles, device: str, level: Level | None = None, tolerance: float = 2.0) -> bool:
+    """True if the device decodes the level's first tile (default: level 0's) like tifffile/imagecodecs does
+    (mean abs difference)."""
     import tifffile
 
-    level = src.levels[0]
+    level = level or src.levels[0]
     with tifffile.TiffFile(src.path) as tf:
-        page = tf.series[0].levels[0].keyframe
+        page = tf.series[0].levels[level.index].keyframe
         ref, _, _ = page.decode(src.raw(level, 0), 0, jpegtables=page.jpegtables)
     got = decode([src.stream(level, 0)], device, level.rgb)[0].permute(1, 2, 0).cpu().numpy()
     ref = np.asarray(ref).reshape(got.shape[0], got.shape[1], -1)[..., :3]
     return float(np.abs(got.astype(np.int16) - ref.astype(np.int16)).mean()) <= tolerance
 
+
+
+def encoding_key(src: JpegTiles, level: Level) -> tuple:
+    """What decides how a level's tiles decode: photometric, the level's JPEG tables and its first tile's frame
+    header (sample precision, components and their subsampling). One scanner's slides share it, so a decode
+    check made for one of them holds for all (hefeat.extract.device_decode checks once per key)."""
+    return level.rgb, level.tables, frame_header(src.raw(level, 0))
+
+
+def frame_header(data: bytes) -> bytes:
+    """The SOFn marker and segment of a JPEG stream, less the image height and width (b"" if none before the scan)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: no frame header in the stream (abbreviated beyond the standard)
+            break
+        n = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..15, not DHT, JPG, DAC
+            seg = data[i + 4:i + 2 + n]
+            return bytes([marker]) + seg[:1] + seg[5:]
+        i += 2 + n
+    return b""
