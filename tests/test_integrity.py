@@ -22,10 +22,10 @@ ENC = dict(encoder="resnet18", weights="none", layer="layer1")
 OPT = ExtractOptions(batch_size=16, workers=0)
 
 
-def _store(root, cohort, n=4):
+def _store(root, cohort, n=4, params: TilingParams | None = None):
     st = Store.init(root)
     ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:n])
-    return st, run_tiling(st, TilingParams()).extra["tiling_id"]
+    return st, run_tiling(st, params or TilingParams()).extra["tiling_id"]
 
 
 def test_write_json_once_keeps_the_first_writer(tmp_path):
@@ -43,7 +43,10 @@ def test_auto_precision_is_decided_once_per_extraction(tmp_path, cohort, monkeyp
     """
     import hefeat.extract.precision as P
 
-    st, tid = _store(tmp_path / "st", cohort, n=3)
+    # small tiles fed as they are: the decision is under test, and the bf16 it makes runs ~50x slower than fp32 on
+    # a CPU without bf16 kernels (40 s of this test at 224 px on an AVX2 VM)
+    st, tid = _store(tmp_path / "st", cohort, n=3, params=TilingParams(size=64, mpp=1.0))
+    enc = {**ENC, "fit": "native"}
     calls = []
 
     def noisy_measure(model, sample, cands, *, device, step=None, **_):
@@ -58,7 +61,7 @@ def test_auto_precision_is_decided_once_per_extraction(tmp_path, cohort, monkeyp
     runs = []
     for i, kw in enumerate([dict(slides=["S03"]), dict(slides=["S01"]), dict(shard="1/2"), dict(shard="2/2")]):
         monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path / f"cache{i}"))  # separate nodes, separate caches
-        runs.append(run_extraction(st, tiling_id=tid, options=OPT, **ENC, **kw))
+        runs.append(run_extraction(st, tiling_id=tid, options=OPT, **enc, **kw))
     assert len({r.extra["extraction_id"] for r in runs}) == 1
     assert len(calls) == 1 and {r.extra["precision"] for r in runs} == {"bf16"}
     assert [r.extra["precision_choice"]["source"] for r in runs[1:]] == ["recorded"] * 3
@@ -67,7 +70,7 @@ def test_auto_precision_is_decided_once_per_extraction(tmp_path, cohort, monkeyp
     meta = json.loads(layout.extraction_meta_path(st.root, eid).read_text())
     assert rec["precision"] == meta["precision"] == "bf16" and meta["precision_spec"] == "auto"
     monkeypatch.setenv("HEFEAT_CACHE_DIR", str(tmp_path / "cache-new"))
-    again = run_extraction(st, tiling_id=tid, options=OPT, **ENC)
+    again = run_extraction(st, tiling_id=tid, options=OPT, **enc)
     assert again.extra["extraction_id"] == eid and again.ok == [] and len(again.done) == 3 and len(calls) == 1
 
 
