@@ -164,6 +164,24 @@ def test_kill_mid_run_then_resume_is_byte_identical(workers, extracted, tmp_path
     assert not list((st.root / "features").glob("*/.*tmp-*"))
 
 
+def test_short_batch_is_padded_where_a_new_shape_costs_an_autotune(extracted, tmp_path, cohort, monkeypatch):
+    """On CUDA every forward gets the full batch shape (cuDNN autotunes each new one): the run's short last batch is
+    padded and the padding dropped. Forced on here: no forward saw a short batch, and the features are the
+    unpadded run's, byte for byte."""
+    import hefeat.extract.pipeline as P
+
+    assert P.padded_batch("cuda:0", 256) == 256 and P.padded_batch("cpu", 256) is None
+    st, tid = _store(tmp_path, cohort, n=2)
+    real, seen = P.embed_batch, []
+    monkeypatch.setattr(P, "padded_batch", lambda device, batch_size: batch_size)
+    monkeypatch.setattr(P, "embed_batch", lambda enc, tr, x, **k: seen.append(len(x)) or real(enc, tr, x, **k))
+    s = run_extraction(st, precision="fp32", dtype="float32", options=ExtractOptions(batch_size=16), **ENC)
+    assert set(seen) == {16} and 0 < 16 * len(seen) - s.tiles < 16  # the last batch was short, and padded
+    ref_st, _, ref = extracted
+    a, b = _all_features(st, s.extra["extraction_id"]), _all_features(ref_st, ref.extra["extraction_id"])
+    assert sorted(a) == ["S01", "S02"] and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
 def test_shards_together_equal_unsharded(extracted, tmp_path, cohort):
     st, tid = _store(tmp_path, cohort)
     parts = [run_extraction(st, shard=f"{i}/3", precision="fp32", dtype="float32", **ENC) for i in (1, 2, 3)]

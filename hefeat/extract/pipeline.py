@@ -297,6 +297,7 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         bar.update(n)
 
     bar = tqdm(total=expected, disable=not opt.progress, desc=f"extract {eid}", unit="tile")
+    pad_to = padded_batch(device, opt.batch_size)
     t_loop, cpu_loop, machine_loop = time.perf_counter(), _cpu_seconds(), cpu_sample()
     fork_gc.freeze()  # before the workers fork: their GC would copy the parent's heap (hefeat.fork_gc)
     in_process = None  # the InProcessTiles reader, where it is the one that runs (not the device decode)
@@ -329,7 +330,8 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
                 bar.update(len(ks))
                 continue
             t = time.perf_counter()
-            feats = embed_batch(enc, transform, imgs, device=device, precision=precision, tta=tta)
+            feats = embed_batch(enc, transform, pad_rows(imgs, pad_to), device=device, precision=precision,
+                                tta=tta)[:len(ks)]
             # One batch in flight: this batch's features copy back (asynchronously on a GPU) while the
             # previous batch is checked and handed to the writer, so the device never waits on the host.
             current = (segs, len(ks), copies.start(feats))
@@ -366,6 +368,24 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
     del it, loader  # DataLoader workers exit and are reaped: their CPU time counts below
     timings["loop_cpu_s"] = _cpu_seconds() - cpu_loop
     return {k: round(v, 3) for k, v in timings.items()}
+
+
+def padded_batch(device: str, batch_size: int) -> int | None:
+    """The rows every forward gets on `device` (a short batch padded), or None where batches may be short.
+
+    cuDNN's autotuner (cudnn.benchmark, on for extraction) times every convolution's algorithms again for each new
+    input shape: the run's short last batch would pay a ResNet-50's autotune inside the loop, for a few rows.
+    Padding it to the batch shape already tuned costs at most one batch of compute. (The CPU has no such cost.)"""
+    return batch_size if device.startswith("cuda") else None
+
+
+def pad_rows(x, rows: int | None):
+    """`x` with its last row repeated up to `rows` rows (as is when it has as many, or `rows` is None)."""
+    if rows is None or len(x) >= rows or not len(x):
+        return x
+    import torch
+
+    return torch.cat([x, x[-1:].expand(rows - len(x), *x.shape[1:])])
 
 
 def _cpu_seconds() -> float:
