@@ -21,7 +21,6 @@ from hefeat.errors import HefeatError
 from hefeat.extract.reading import TileDataset, read_tile
 from hefeat.extract.writer import SlideFeatures
 
-DEVICE_NOTE = "read and decoded by a thread ahead of the forward"
 PROBE_SLIDES = 8  # slides tried in order for the run's decision when the first ones cannot be opened or checked
 
 
@@ -31,7 +30,6 @@ class DecodeGate:
     def __init__(self, device: str, strict: bool):
         self.device, self.strict = device, strict
         self.same: dict[tuple, bool] = {}
-        self.checks = 0  # device decodes compared with tifffile's (tests count them)
 
     def same_decode(self, src, level) -> bool:
         """Whether `level` of `src` (a JpegTiles) decodes on the device as tifffile decodes it (raises where its
@@ -40,7 +38,6 @@ class DecodeGate:
 
         key = encoding_key(src, level)
         if key not in self.same:
-            self.checks += 1
             self.same[key] = check_device_decode(src, self.device, level)
         return self.same[key]
 
@@ -98,8 +95,17 @@ def device_decoded_batches(jobs: list[SlideFeatures], source, paths: list[str], 
     if why is not None:
         info["decode"] = f"cpu ({why})"
         return None
-    info["decode"] = f"device ({device}, torchvision decode_jpeg; {DEVICE_NOTE})"
+    info["decode"] = f"device ({device}, torchvision decode_jpeg; read and decoded by a thread ahead of the forward)"
     return batches(jobs, source, ds, batch_size, device, gate)
+
+
+def cpu_read_note(jobs: list[SlideFeatures]) -> str | None:
+    """What the run's `decode` adds for the slides a device-decode run read on the CPU (each row says why), or None."""
+    on_cpu = [j for j in jobs if j.decode]
+    if not on_cpu:
+        return None
+    return (f"{len(on_cpu)} slide{'s' if len(on_cpu) > 1 else ''} read on the CPU instead (first: {on_cpu[0].slide_id}, "
+            f"{on_cpu[0].decode})")
 
 
 def batches(jobs: list[SlideFeatures], source, ds: TileDataset, batch_size: int, device: str, gate: DecodeGate):

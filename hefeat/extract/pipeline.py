@@ -38,7 +38,7 @@ from hefeat.extract.compute import (  # noqa: F401  (re-exported: the compute si
     feature_attrs,
     plan_input,
 )
-from hefeat.extract.device_decode import PROBE_SLIDES, device_decoded_batches
+from hefeat.extract.device_decode import PROBE_SLIDES, cpu_read_note, device_decoded_batches
 from hefeat.extract.encoders import Encoder
 from hefeat.extract.plan import (  # noqa: F401  (re-exported: the plan side lives in plan.py)
     CALIBRATION_SEED,
@@ -358,10 +358,9 @@ def _extract_jobs(store, runner, todo, slide_rows, enc, tiling, cfg, *, device, 
         for j in jobs:  # a crash or Ctrl-C leaves no half-written file behind
             FeatureSink.abort(j)
         fork_gc.unfreeze()
-        on_cpu = [j for j in jobs if j.decode]  # slides the device-decode run read on the CPU (their rows say why)
-        if on_cpu:
-            info["decode"] = (f"{info['decode']}; {len(on_cpu)} slide{'s' if len(on_cpu) > 1 else ''} read on the CPU "
-                              f"instead (first: {on_cpu[0].slide_id}, {on_cpu[0].decode})")
+        note = cpu_read_note(jobs)  # after the writer stopped: each slide's row already has its own decode
+        if note:
+            info["decode"] = f"{info['decode']}; {note}"
     if writer.error:
         raise _writer_error(writer.error)
     timings["write_s"] = writer.seconds

@@ -259,7 +259,6 @@ def check_device_decode(src: JpegTiles, device: str, level: Level | None = None,
     return float(np.abs(got.astype(np.int16) - ref.astype(np.int16)).mean()) <= tolerance
 
 
-
 def encoding_key(src: JpegTiles, level: Level) -> tuple:
     """What decides how a level's tiles decode: photometric, the level's JPEG tables and its first tile's frame
     header (sample precision, components and their subsampling). One scanner's slides share it, so a decode
