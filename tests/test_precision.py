@@ -153,6 +153,9 @@ def test_a_slow_first_pass_is_not_the_probe_where_first_passes_load_kernels(monk
             if key and key not in seen:  # bf16's first pass only: one-time set-up cost
                 seen.add(key)
                 time.sleep(0.5)
+            # every pass takes >= 20 ms: a bare pass of the tiny net (~0.1 ms) is one preemption away from reading
+            # PROBE_DROP x slower on a loaded machine (a CI run dropped bf16's warm pass as 55x slower)
+            time.sleep(0.02)
             with torch.autocast("cpu", enabled=False):  # otherwise as fast as fp32 (CPUs without bf16 run it ~50x slower)
                 return model(x.float())
 
