@@ -19,7 +19,7 @@ from hefeat.store import layout
 from hefeat.store.catalog import Store
 from hefeat.store.features import read_features
 
-ENC = dict(encoder="resnet18", weights="none", layer="layer1")
+ENC = dict(encoder="resnet18", weights="none", layer="layer1", fit="native")  # on 64 px tiles (_two_slide_store)
 # oneDNN's bf16 kernels (AVX-512 BF16 / AMX, or AVX-512 emulation): an AVX2-only CPU refuses every fused bf16 call
 NEEDS_BF16 = pytest.mark.skipif(not cpu_runs_bf16(), reason="this CPU has no oneDNN bf16 kernels")
 
@@ -125,7 +125,7 @@ def test_what_cannot_fold_exactly_is_left_alone(make, train):
 def _two_slide_store(root, cohort):
     st = Store.init(root)
     ingest_slides(st, sorted(glob.glob(str(cohort / "slides" / "*.tiff")))[:2])
-    return st, run_tiling(st, TilingParams()).extra["tiling_id"]
+    return st, run_tiling(st, TilingParams(size=64, mpp=2.0)).extra["tiling_id"]  # small tiles: folding is under test
 
 
 @pytest.fixture
