@@ -41,7 +41,7 @@ kill "$dmon" 2>/dev/null
 # One pytest process per test file or node (PYTEST_NODES, space-separated), each under its own time limit, so
 # one slow or hanging test cannot take the others' tracebacks with it.
 : > "$OUT/pytest.txt"
-for node in ${PYTEST_NODES:-tests/test_jpeg_tiles.py tests/test_precision.py tests/test_extract.py tests/test_finetune.py}; do
+for node in ${PYTEST_NODES:-tests/test_jpeg_tiles.py tests/test_resample.py tests/test_precision.py tests/test_extract.py tests/test_finetune.py}; do
   t0=$SECONDS
   timeout "${PYTEST_S:-120}" python3 -m pytest -q -p no:cacheprovider --tb=short -W ignore "$node" > "$OUT/one.txt" 2>&1
   rc=$?

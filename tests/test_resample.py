@@ -75,3 +75,23 @@ def test_device_read_of_a_shrunk_level_equals_the_cpu_reader(cohort):
             want = np.stack([s.read(x, y, size, mpp) for x, y in xy])
             assert (n != size) == (mpp != 1.0)  # 2.0 and 0.75 resize, 1.0 reads level 1 as it is
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_read_of_a_shrunk_level_is_the_cpu_readers_within_the_decoders_difference(cohort):
+    """On a GPU: float32 products and nvJPEG (which differs from libjpeg-turbo by a level here and there)."""
+    import hefeat.slides.jpeg_tiles as J
+    from hefeat.slides.reader import Slide
+
+    img = _images(448)
+    diff = np.abs(resize(torch.from_numpy(img).cuda(), 224).cpu().numpy().astype(int) - _pil(img, 224))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    path = str(cohort / "slides" / "S01.tiff")
+    with Slide(path) as s, J.JpegTiles(path) as src:
+        level = src.levels[s.best_level(2.0)]
+        down = s.dimensions[0] / level.width
+        n = int(round(s.level0_size(64, 2.0) / down))
+        xy = [(512, 256), (1024, 768), (300, 900)]
+        got = J.read_regions(src, level, [(int(round(x / down)), int(round(y / down)), n) for x, y in xy], 64, "cuda")
+        want = np.stack([s.read(x, y, 64, 2.0) for x, y in xy]).astype(int)
+    assert n == 128 and np.abs(got.cpu().numpy().astype(int) - want).mean() < 1.5
