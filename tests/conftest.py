@@ -160,7 +160,7 @@ def learned_base(tmp_path_factory, cohort40):
     from hefeat.extract.pipeline import run_extraction
 
     st, tid, stid = build_store(tmp_path_factory.mktemp("store40"), cohort40)
-    enc = dict(encoder="resnet18", layer="layer3", weights="none", precision=fast_precision())
+    enc = dict(encoder="resnet18", layer="layer2", weights="none", precision=fast_precision())
     eid = run_extraction(st, tiling_id=tid, **enc).extra["extraction_id"]
     seid = run_extraction(st, tiling_id=stid, **enc).extra["extraction_id"]
     return st, eid, seid, cohort40 / "truth.json"

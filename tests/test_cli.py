@@ -120,7 +120,7 @@ def test_cli_fit_predict_report(learned, tmp_path):
 
 # Overrides that make every recipe run on the 40-slide synthetic store in seconds: the store's tiling
 # and tiny encoder (so both are reused), and smaller numbers where a recipe's would take minutes.
-TINY_ENCODER = f"encoder={{name: resnet18, layer: layer3, weights: none, precision: {fast_precision()}}}"
+TINY_ENCODER = f"encoder={{name: resnet18, layer: layer2, weights: none, precision: {fast_precision()}}}"
 FAST = {
     "abmil": ["params.epochs=2", "params.n_boot=50", "params.hidden=16", "params.split=patient-kfold:3"],
     "he2rna": ["params.epochs=5", "params.folds=3", "params.n_untrained=1", "params.supertiles=10"],

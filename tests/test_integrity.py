@@ -307,4 +307,4 @@ def test_every_float_stored_in_the_test_stores_is_finite(learned_base, tiled):
                             assert np.isfinite(obj[i:i + 65536]).all(), f"{path}:{name}"
                         scanned += obj.size
                 f.visititems(check)
-    assert scanned > 400_000  # the features of the stores (453,888 values), not an empty walk
+    assert scanned > 200_000  # the features of the stores (235,008 values), not an empty walk
