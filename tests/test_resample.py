@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hefeat.slides.resample import reader_filter, resize, weights
+from hefeat.slides.resample import product_dtype, reader_filter, resize, weights
 
 SIZES = [(128, 64), (448, 224), (96, 64), (300, 224), (512, 64), (65, 64), (50, 64), (64, 224)]
 
@@ -42,6 +42,13 @@ def test_float32_shrinking_is_within_one_level_rarely(n, m):
     got = resize(torch.from_numpy(img), m, dtype=torch.float32).numpy().astype(int)
     diff = np.abs(got - _pil(img, m))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_float32_only_to_shrink_on_a_gpu_without_tf32():
+    assert product_dtype("cuda", True, False) == torch.float32
+    assert product_dtype("cuda", True, True) == torch.float64  # TF32 would round the sums to 10 bits
+    assert product_dtype("cuda", False, False) == torch.float64  # enlarging: many sums on a rounding step
+    assert product_dtype("cpu", True, False) == torch.float64
 
 
 def test_weights_are_pillows_filters():

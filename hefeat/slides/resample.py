@@ -7,9 +7,10 @@ horizontal pass runs first and is rounded to uint8 before the vertical one (Pill
 `precompute_coeffs`, `normalize_coeffs_8bpc`). Those weights as an (out, in) matrix per axis make the same resize
 a pair of batched matrix products on the GPU. Sums in float32 (not Pillow's integers) can land on the other side
 of a rounding step: a pixel then differs by one level, in about 1 of 50,000 (tests/test_resample.py); so float32
-runs only where it is needed and enough: shrinking on a GPU (float64 GEMMs are slow on most GPUs). On the CPU and
-when enlarging (weights with small denominators put many sums exactly on a rounding step) the products are float64,
-where Pillow's fixed-point sums are exact: the result is Pillow's, byte for byte.
+runs only where it is needed and enough (`product_dtype`): shrinking on a GPU (float64 GEMMs are slow on most GPUs)
+where TF32 is not allowed for matrix products. On the CPU, when enlarging (weights with small denominators put many
+sums exactly on a rounding step) and under TF32 the products are float64, where Pillow's fixed-point sums are exact:
+the result is Pillow's, byte for byte.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def weights(n_in: int, n_out: int, kind: str) -> np.ndarray:
     return W
 
 
+def product_dtype(device_type: str, shrinking: bool, tf32: bool):
+    """float32 to shrink on a GPU, else float64 (module docstring). With TF32 allowed (a user's global switch) float32
+    GEMMs round the pixels to TF32's 10-bit mantissa: several levels off."""
+    import torch
+
+    return torch.float32 if device_type == "cuda" and shrinking and not tf32 else torch.float64
+
+
 def resize(img, size_px: int, dtype=None):
     """uint8 (B, n, n, 3) torch tensor -> uint8 (B, size_px, size_px, 3) on its device, resized as `Slide.read` does
     (Pillow's Lanczos to shrink, bilinear to enlarge): horizontal pass, rounded to uint8, then vertical. `dtype` of
@@ -76,7 +85,7 @@ def resize(img, size_px: int, dtype=None):
     n = img.shape[1]
     if n == size_px:
         return img
-    dt = dtype or (torch.float32 if img.device.type != "cpu" and n > size_px else torch.float64)
+    dt = dtype or product_dtype(img.device.type, n > size_px, torch.backends.cuda.matmul.allow_tf32)
     W = torch.from_numpy(np.array(weights(n, size_px, reader_filter(n, size_px)))).to(img.device, dt)
     x = img.permute(0, 3, 1, 2).to(dt)  # (B, 3, n, n)
     x = torch.floor(torch.matmul(x, W.T) + 0.5).clamp_(0, 255)  # rows resized: (B, 3, n, size)
