@@ -63,6 +63,18 @@ def test_weights_are_pillows_filters():
     assert not W.flags.writeable  # cached: nobody may change them
 
 
+def _device_read(s, src, xy, size: int, mpp: float, device: str):
+    """read_regions of level-0 origins `xy` at (size, mpp), the level chosen as the device-decode reader chooses it;
+    returns (tiles as a numpy array, n: the level pixels each region spans)."""
+    import hefeat.slides.jpeg_tiles as J
+
+    level = src.levels[s.best_level(mpp)]
+    down = s.dimensions[0] / level.width
+    n = int(round(s.level0_size(size, mpp) / down))
+    got = J.read_regions(src, level, [(int(round(x / down)), int(round(y / down)), n) for x, y in xy], size, device)
+    return got.cpu().numpy(), n
+
+
 def test_device_read_of_a_shrunk_level_equals_the_cpu_reader(cohort):
     """read_regions (the device-decode reader, on the CPU here) at a size its level must shrink equals Slide.read;
     it resized with torch's antialiased bilinear until now: 3.7 levels off on average, features 0.1 apart."""
@@ -72,13 +84,9 @@ def test_device_read_of_a_shrunk_level_equals_the_cpu_reader(cohort):
     path = str(cohort / "slides" / "S01.tiff")
     with Slide(path) as s, J.JpegTiles(path) as src:
         for size, mpp in [(64, 2.0), (96, 0.75), (224, 1.0)]:
-            lv = s.best_level(mpp)
-            level = src.levels[lv]
-            down = s.dimensions[0] / level.width
-            n = int(round(s.level0_size(size, mpp) / down))
+            # the last two reach past the slide's edge: white there
             xy = [(512, 256), (1024, 768), (300, 900), (s.dimensions[0] - 100, 200), (-50, s.dimensions[1] - 60)]
-            got = J.read_regions(src, level, [(int(round(x / down)), int(round(y / down)), n) for x, y in xy], size,
-                                 "cpu").numpy()  # the last two reach past the slide's edge: white there
+            got, n = _device_read(s, src, xy, size, mpp, "cpu")
             want = np.stack([s.read(x, y, size, mpp) for x, y in xy])
             assert (n != size) == (mpp != 1.0)  # 2.0 and 0.75 resize, 1.0 reads level 1 as it is
             np.testing.assert_array_equal(got, want)
@@ -95,10 +103,7 @@ def test_cuda_read_of_a_shrunk_level_is_the_cpu_readers_within_the_decoders_diff
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     path = str(cohort / "slides" / "S01.tiff")
     with Slide(path) as s, J.JpegTiles(path) as src:
-        level = src.levels[s.best_level(2.0)]
-        down = s.dimensions[0] / level.width
-        n = int(round(s.level0_size(64, 2.0) / down))
         xy = [(512, 256), (1024, 768), (300, 900)]
-        got = J.read_regions(src, level, [(int(round(x / down)), int(round(y / down)), n) for x, y in xy], 64, "cuda")
+        got, n = _device_read(s, src, xy, 64, 2.0, "cuda")
         want = np.stack([s.read(x, y, 64, 2.0) for x, y in xy]).astype(int)
-    assert n == 128 and np.abs(got.cpu().numpy().astype(int) - want).mean() < 1.5
+    assert n == 128 and np.abs(got.astype(int) - want).mean() < 1.5

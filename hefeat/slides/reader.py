@@ -18,6 +18,9 @@ from PIL import Image
 
 from hefeat.errors import HefeatError
 from hefeat.slides import direct_read
+from hefeat.slides.resample import reader_filter
+
+_PIL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
 
 # Ordered places where a slide may state its resolution.
 MPP_KEYS = (
@@ -166,7 +169,7 @@ class Slide:
             return rgb
         img = Image.fromarray(rgb) if rgb is not None else _rgba_to_rgb(self._osr.read_region((x0, y0), level, (n, n)))
         if n != size_px:
-            img = img.resize((size_px, size_px), Image.Resampling.LANCZOS if n > size_px else Image.Resampling.BILINEAR)
+            img = img.resize((size_px, size_px), _PIL_FILTERS[reader_filter(n, size_px)])
         return np.array(img)
 
     def check_decodes(self) -> None:

@@ -76,6 +76,14 @@ def product_dtype(device_type: str, shrinking: bool, tf32: bool):
     return torch.float32 if device_type == "cuda" and shrinking and not tf32 else torch.float64
 
 
+@lru_cache(maxsize=16)
+def _device_weights(n_in: int, n_out: int, device: str, dtype):
+    """`weights` for the reader's filter as a tensor on `device`, uploaded once (resize runs every batch)."""
+    import torch
+
+    return torch.tensor(weights(n_in, n_out, reader_filter(n_in, n_out)), dtype=dtype, device=device)
+
+
 def resize(img, size_px: int, dtype=None):
     """uint8 (B, n, n, 3) torch tensor -> uint8 (B, size_px, size_px, 3) on its device, resized as `Slide.read` does
     (Pillow's Lanczos to shrink, bilinear to enlarge): horizontal pass, rounded to uint8, then vertical. `dtype` of
@@ -86,7 +94,7 @@ def resize(img, size_px: int, dtype=None):
     if n == size_px:
         return img
     dt = dtype or product_dtype(img.device.type, n > size_px, torch.backends.cuda.matmul.allow_tf32)
-    W = torch.from_numpy(np.array(weights(n, size_px, reader_filter(n, size_px)))).to(img.device, dt)
+    W = _device_weights(n, size_px, str(img.device), dt)
     x = img.permute(0, 3, 1, 2).to(dt)  # (B, 3, n, n)
     x = torch.floor(torch.matmul(x, W.T) + 0.5).clamp_(0, 255)  # rows resized: (B, 3, n, size)
     x = torch.floor(torch.matmul(W, x) + 0.5).clamp_(0, 255)  # then columns: (B, 3, size, size)
