@@ -101,16 +101,16 @@ def run_umap(store: Store, extraction_id: str, *, sample: int | None = 100_000, 
         from sklearn.decomposition import PCA
 
         X = PCA(n_components=min(pca, len(X) - 1), random_state=seed).fit_transform(X)
-    import umap
     from sklearn.cluster import KMeans
 
-    # n_jobs=1: a seeded UMAP runs single-threaded anyway (umap-learn warns when asked for more)
-    emb = umap.UMAP(n_neighbors=min(n_neighbors, len(X) - 1), min_dist=min_dist, random_state=seed,
-                    n_jobs=1).fit_transform(X)
+    from hefeat.explore.umap_embed import umap_layout
+
+    emb, knn = umap_layout(X, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed)
     rows["umap_x"], rows["umap_y"] = emb[:, 0].astype(np.float32), emb[:, 1].astype(np.float32)
     rows["cluster"] = KMeans(n_clusters=min(clusters, len(X)), n_init=3, random_state=seed).fit_predict(X).astype(np.int16)
     ext = store.extraction(extraction_id)
     meta = {"umap_id": uid, **params, "fingerprint": fp, "n": len(rows), "n_slides": int(rows["slide_id"].nunique()),
+            "neighbours": knn,
             "tiling_id": ext["tiling_id"], "encoder": ext.get("encoder"), "layer": ext.get("layer"),
             "seconds": round(time.perf_counter() - t0, 2), "created": timestamp()}
     write_umap(store, uid, rows, meta)
