@@ -41,11 +41,14 @@ def cache_umap_compiles() -> None:
     from numba.core.caching import NullCache
     from numba.core.registry import CPUDispatcher
 
+    _CACHED.append(True)
     for mod in (umap.umap_, umap.layouts, umap.utils):
         for f in vars(mod).values():
             if isinstance(f, CPUDispatcher) and f.py_func.__module__ == mod.__name__ and isinstance(f._cache, NullCache):
-                f.enable_caching()
-    _CACHED.append(True)
+                try:
+                    f.enable_caching()
+                except RuntimeError:  # numba found no writable cache folder: compiled per process, as before
+                    return
 
 
 def umap_layout(X: np.ndarray, *, n_neighbors: int, min_dist: float, seed: int) -> tuple[np.ndarray, str]:
