@@ -507,6 +507,8 @@ def test_cox_hessian_and_newton_fit_reach_the_ridge_cox_minimum():
     from scipy.optimize import minimize
 
     from hefeat.learn.mil.survival import (
+        NEWTON_MAX_ROWS,
+        _cox_newton,
         _fit_cox,
         _row_space,
         cox_hessian,
@@ -531,6 +533,11 @@ def test_cox_hessian_and_newton_fit_reach_the_ridge_cox_minimum():
                        options={"maxiter": 5000, "gtol": 1e-10, "ftol": 1e-15})
         assert np.abs(grad).max() < 1e-8 and f <= ref.fun + 1e-12, (l2, f, ref.fun)
         assert np.linalg.norm(V.T @ beta - ref.x) <= 1e-4 * np.linalg.norm(ref.x)
+    # Above NEWTON_MAX_ROWS rows the fit is L-BFGS's: the same minimum as Newton's.
+    X, t, e = _risk_in_3_of_200(5, n=NEWTON_MAX_ROWS + 20, d=40)
+    beta, V = _fit_cox(X, t, e, 1.0), _row_space(X)
+    g = _cox_newton(X @ V, t, e, 1.0, np.zeros(V.shape[1]))
+    assert np.linalg.norm(V.T @ beta - g) <= 1e-5 * np.linalg.norm(g)
 
 
 def test_baseline_inner_folds_never_split_a_patient(monkeypatch):
