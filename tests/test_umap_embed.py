@@ -13,13 +13,13 @@ def _blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (centres[label] + rng.normal(size=(n, 12))).astype(np.float32), label
 
 
-def test_exact_knn_equals_brute_force_neighbours():
+def test_knn_graph_equals_brute_force_neighbours():
     from sklearn.neighbors import NearestNeighbors
 
-    from hefeat.explore.umap_embed import exact_knn
+    from hefeat.explore.umap_embed import knn_graph
 
     X, _ = _blobs(700)
-    idx, dist = exact_knn(X, 9)
+    idx, dist = knn_graph(X, 9)
     d_ref, i_ref = NearestNeighbors(n_neighbors=9, algorithm="brute").fit(X.astype(np.float64)).kneighbors(X)
     assert idx.shape == (700, 9) and idx.dtype == np.int64 and dist.dtype == np.float32
     assert (idx[:, 0] == np.arange(700)).all()  # no duplicate rows here: each row is its own nearest
@@ -46,7 +46,7 @@ def test_layout_uses_the_exact_graph_below_umaps_small_data_size_and_separates_c
     assert how == "exact" and emb.shape == (400, 2) and np.isfinite(emb).all()
     # Below 4,096 rows umap-learn ignores given neighbours unless forced; the given ones are faiss's exact graph.
     assert seen["force_approximation_algorithm"] is True
-    assert (seen["precomputed_knn"][0] == umap_embed.exact_knn(X, 10)[0]).all()
+    assert (seen["precomputed_knn"][0] == umap_embed.knn_graph(X, 10)[0]).all()
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 

@@ -11,14 +11,17 @@ not ask for). Above EXACT_MAX points (an O(n^2) search), umap-learn's approximat
 from __future__ import annotations
 
 import warnings
+from functools import cache
 
 import numpy as np
 
 EXACT_MAX = 100_000  # exact kNN costs ~40 s at 100,000 x 50 on 2 cores; NNDescent's compile alone is ~55 s
 
 
-def exact_knn(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k nearest rows by Euclidean distance, itself among them: (indices int64, distances float32)."""
+def knn_graph(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest rows of X by Euclidean distance, itself among them: (indices int64, distances float32).
+
+    All rows against all rows of an array in memory (neighbors.exact_knn searches a store's files for queries)."""
     import faiss
 
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -28,20 +31,15 @@ def exact_knn(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int64), np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
 
 
-_CACHED: list[bool] = []
-
-
+@cache
 def cache_umap_compiles() -> None:
     """Let umap-learn's numba functions use numba's on-disk cache (compiled once per machine, not per process)."""
-    if _CACHED:
-        return
     import umap.layouts
     import umap.umap_
     import umap.utils
     from numba.core.caching import NullCache
     from numba.core.registry import CPUDispatcher
 
-    _CACHED.append(True)
     for mod in (umap.umap_, umap.layouts, umap.utils):
         for f in vars(mod).values():
             if isinstance(f, CPUDispatcher) and f.py_func.__module__ == mod.__name__ and isinstance(f._cache, NullCache):
@@ -61,7 +59,7 @@ def umap_layout(X: np.ndarray, *, n_neighbors: int, min_dist: float, seed: int) 
     kw = dict(n_neighbors=k, min_dist=min_dist, random_state=seed, n_jobs=1)
     if len(X) > EXACT_MAX:
         return umap.UMAP(**kw).fit_transform(X), "nndescent"
-    idx, dist = exact_knn(X, k)
+    idx, dist = knn_graph(X, k)
     with warnings.catch_warnings():  # no NNDescent index comes with it: `transform` is unavailable, not used here
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
         # force_approximation_algorithm: below 4,096 rows umap-learn would otherwise ignore the given neighbours

@@ -128,8 +128,8 @@ def _cox_newton(Z: np.ndarray, t: np.ndarray, e: np.ndarray, l2: float, g0: np.n
                 gtol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
     """Minimiser of `cox_objective` by damped Newton steps (Armijo backtracking); strictly convex for l2 > 0.
 
-    At most n coordinates (`_fit_cox`): on small folds the r x r Hessian is cheap, ~4x fewer seconds than L-BFGS
-    over the baseline's penalty grid, and a lower objective where L-BFGS stops on its iteration cap.
+    At most n coordinates (`_fit_cox`), so on small folds the r x r Hessian is cheap; it reaches a lower objective
+    where L-BFGS stops on its iteration cap.
     """
     n = len(Z)
     E = max(float(np.sum(e)), 1.0)
